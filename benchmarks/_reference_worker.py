@@ -1,0 +1,60 @@
+"""Measurements of the reference package, run in a process of its own.
+
+The reference's import name ``ofa`` clashes with ours, so the benchmarks start this
+file with the reference folder first on ``sys.path`` and read one JSON line back.
+Usage: python _reference_worker.py REF_DIR TASK ARGS_JSON
+"""
+import json
+import sys
+import time
+
+ref_dir, task, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, ref_dir)
+
+import ofa  # noqa: E402
+import torch  # noqa: E402
+
+if not ofa.__file__.startswith(ref_dir):
+    sys.exit(f"expected the reference ofa from {ref_dir}, imported {ofa.__file__}")
+from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3  # noqa: E402
+
+torch.set_num_threads(args.get("threads", 2))
+torch.manual_seed(0)
+net = OFAMobileNetV3(ks_list=[3, 5, 7], expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
+
+
+def train_step() -> dict:
+    """Forward+backward+SGD with a new arch each step, batch at one resolution."""
+    channels_last = args.get("channels_last", False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    batch, r = args["batch"], args["resolution"]
+    x = torch.randn(batch, 3, r, r)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,))
+    net.train()
+    times = []
+    for cfg in args["archs"]:
+        net.set_active_subnet(ks=cfg["ks"], e=cfg["e"], d=cfg["d"])
+        t = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return {"times": times}
+
+
+def extract() -> dict:
+    """get_active_subnet(preserve_weight=True) for each arch."""
+    times = []
+    for cfg in args["archs"]:
+        t = time.perf_counter()
+        net.set_active_subnet(ks=cfg["ks"], e=cfg["e"], d=cfg["d"])
+        net.get_active_subnet(preserve_weight=True)
+        times.append(time.perf_counter() - t)
+    return {"times": times}
+
+
+print(json.dumps({"train_step": train_step, "extract": extract}[task]()))

@@ -1,0 +1,79 @@
+"""Train-step throughput: our supernet vs the reference supernet vs static subnets.
+
+Forward + backward + SGD, a new random arch every step (the same sequence for all
+three), batch 32 at 128 px on ``mbv3-imagenet``, 2 threads. Goal (issue 2): ours
+>= 1.5x the reference and >= 0.8x the same archs as static networks.
+
+    python benchmarks/train_step.py [--steps 30] [--batch 32] [--resolution 128]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import run_reference, summary
+from ofa.space import get_space
+from ofa.supernet import Supernet, extract
+
+
+def step(model, opt, x, y, *fwd_args) -> float:
+    t = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(x, *fwd_args), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    space = get_space("mbv3-imagenet")
+    archs = space.sample(0, n=a.warmup + a.steps, resolution=a.resolution)
+    ref_archs = [space.arch_to_reference(x) for x in archs]
+    n = a.batch * a.steps
+
+    ref = run_reference("train_step", archs=ref_archs, batch=a.batch, resolution=a.resolution,
+                        threads=a.threads)["times"][a.warmup:]
+    ref_cl = run_reference("train_step", archs=ref_archs, batch=a.batch, resolution=a.resolution,
+                           threads=a.threads, channels_last=True)["times"][a.warmup:]
+
+    torch.manual_seed(0)
+    net = Supernet(space).train().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(a.batch, 3, a.resolution, a.resolution).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (a.batch,))
+    ours = [step(net, opt, x, y, arch) for arch in archs][a.warmup:]
+
+    static = []
+    for arch in archs:
+        sub = extract(net, arch).train().to(memory_format=torch.channels_last)
+        sopt = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
+        step(sub, sopt, x, y)  # a static net trains one arch: time it warm
+        static.append(step(sub, sopt, x, y))
+    static = static[a.warmup:]
+
+    rows = [("reference (as shipped, NCHW)", ref), ("reference, channels_last", ref_cl),
+            ("ours (supernet, channels_last)", ours), ("static subnets, channels_last", static)]
+    print(f"train step, mbv3-imagenet, batch {a.batch} @ {a.resolution}px, {a.threads} threads, "
+          f"{a.steps} random archs (after {a.warmup} warm-up)")
+    for name, times in rows:
+        print(f"  {name:34s} {n / sum(times):7.1f} img/s   {summary(times)}")
+    print(f"  ours / reference          = {sum(ref) / sum(ours):.2f}x   (goal >= 1.5)")
+    print(f"  ours / reference NHWC     = {sum(ref_cl) / sum(ours):.2f}x")
+    print(f"  ours / static subnets     = {sum(static) / sum(ours):.2f}x   (goal >= 0.8)")
+    per_arch = [s / o for s, o in zip(static, ours)]
+    print(f"  per-arch ours/static: min {min(per_arch):.2f} median {statistics.median(per_arch):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The ``ofa`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+__all__ = ["main"]
+
+DEFAULT_SPACE = "mbv3-small-images"
+
+
+def _cmd_spaces(args: argparse.Namespace) -> int:
+    from .space import get_space, space_names
+
+    spaces = [get_space(n) for n in space_names()]
+    if args.json:
+        print(json.dumps([s.to_dict() for s in spaces], indent=2))
+        return 0
+    for s in spaces:
+        print(f"{s.name}: {s.description}")
+        print(f"  input {s.in_channels}x{{{','.join(map(str, s.resolutions))}}}px, "
+              f"{s.num_classes} classes, {s.size():.3g} subnets")
+        print(f"  kernel {list(s.kernel_choices)}, expand {list(s.expand_choices)}, "
+              f"depth {list(s.depth_choices)}")
+        for i, st in enumerate(s.stages):
+            print(f"  stage {i + 1}: width {st.width:4d}  stride {st.stride}  {st.act:7s} "
+                  f"{'SE' if st.se else ''}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Build a supernet, extract three subnets, print and check their cost and outputs."""
+    import torch
+
+    from .predict import CostModel, count_macs_params
+    from .space import get_space
+    from .supernet import Supernet, extract
+
+    torch.manual_seed(args.seed)
+    space = get_space(args.space)
+    cost = CostModel(space)
+    t0 = time.perf_counter()
+    net = Supernet(space).eval()
+    print(f"supernet for {space.name}: {sum(p.numel() for p in net.parameters()):,} parameters, "
+          f"{space.size():.3g} subnets ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+    archs = {"smallest": space.smallest(), "random": space.sample(args.seed), "largest": space.largest()}
+    print(f"{'subnet':9s} {'arch id':16s} {'res':>4s} {'MACs':>12s} {'params':>10s} "
+          f"{'extract':>8s} {'max |Δlogit|':>12s}  arch")
+    failures = 0
+    for label, arch in archs.items():
+        t = time.perf_counter()
+        sub = extract(net, arch)
+        t_extract = time.perf_counter() - t
+        shape = (space.in_channels, arch.resolution, arch.resolution)
+        macs, params = cost.arch_macs(arch), cost.arch_params(arch)
+        counted = count_macs_params(sub, shape)
+        x = torch.randn(4, *shape)
+        with torch.no_grad():
+            diff = (net(x, arch) - sub(x)).abs().max().item()
+        ok = counted == (macs, params) and diff <= 1e-5
+        failures += not ok
+        print(f"{label:9s} {arch.id:16s} {arch.resolution:4d} {macs:12,d} {params:10,d} "
+              f"{t_extract * 1000:6.1f}ms {diff:12.2e}  {arch}{'' if ok else '  MISMATCH'}")
+    print("all checks passed: analytic MACs/params equal counted ones, subnet logits equal "
+          "the supernet's" if not failures else f"{failures} subnet(s) failed their checks")
+    return 1 if failures else 0
+
+
+def _cmd_import_reference(args: argparse.Namespace) -> int:
+    """Convert a reference OFAMobileNetV3 checkpoint into our safetensors layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .reference import load_reference_state_dict
+    from .space import get_space
+    from .supernet import Supernet
+
+    # weights_only=True: tensors and containers only, no arbitrary objects are built.
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        ckpt = ckpt["state_dict"]
+    net = load_reference_state_dict(Supernet(get_space(args.space)), ckpt)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, args.out, metadata={"space": args.space})
+    print(f"wrote {args.out}: {len(state)} tensors for space {args.space}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .space import space_names
+
+    p = argparse.ArgumentParser(prog="ofa", description="Once-for-All supernets: train, predict, search, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("spaces", help="list the registered search spaces")
+    s.add_argument("--json", action="store_true", help="print the full space descriptions as JSON")
+    s.set_defaults(func=_cmd_spaces)
+
+    s = sub.add_parser("demo", help="build a supernet, extract three subnets, check them")
+    s.add_argument("--space", default=DEFAULT_SPACE, choices=space_names())
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("import-reference",
+                       help="convert a reference OFAMobileNetV3 checkpoint (.pth) to safetensors")
+    s.add_argument("--checkpoint", required=True, help="the reference checkpoint (state_dict .pth)")
+    s.add_argument("--out", required=True, help="where to write the safetensors file")
+    s.add_argument("--space", default="mbv3-imagenet", choices=space_names())
+    s.set_defaults(func=_cmd_import_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"ofa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Run inside a process whose ``ofa`` is the reference package (PyPI ``ofa``).
+
+Builds a random-initialised ``OFAMobileNetV3`` (k 3/5/7, e 3/4/6, d 2/3/4), makes its
+BN statistics and kernel-transform matrices non-trivial so that every part of the
+mapping is exercised, and writes its state dict, some archs, inputs and its logits.
+Usage: python reference_dump.py REF_DIR OUT_DIR N_ARCHS
+"""
+import json
+import random
+import sys
+
+ref_dir, out_dir, n_archs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, ref_dir)
+
+import ofa  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+if not ofa.__file__.startswith(ref_dir):
+    sys.exit(f"expected the reference ofa from {ref_dir}, imported {ofa.__file__}")
+
+from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3  # noqa: E402
+
+torch.manual_seed(0)
+random.seed(0)
+net = OFAMobileNetV3(ks_list=[3, 5, 7], expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
+with torch.no_grad():
+    for name, t in net.state_dict().items():
+        if name.endswith("running_mean"):
+            t.copy_(torch.randn_like(t) * 0.1)
+        elif name.endswith("running_var"):
+            t.copy_(torch.rand_like(t) + 0.5)
+        elif name.endswith("_matrix"):
+            t.add_(torch.randn_like(t) * 0.05)
+        elif name.endswith("bn.weight") or name.endswith("bn.bn.weight"):
+            t.copy_(torch.rand_like(t) + 0.5)
+net.eval()
+
+records = []
+resolutions = list(range(128, 225, 4))
+tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+for i in range(n_archs):
+    if i == 0:
+        cfg = {"ks": [7] * 20, "e": [6] * 20, "d": [4] * 5}
+    elif i == 1:
+        cfg = {"ks": [3] * 20, "e": [3] * 20, "d": [2] * 5}
+    else:
+        cfg = net.sample_active_subnet()
+    r = [224, 128][i] if i < 2 else random.choice(resolutions)
+    net.set_active_subnet(ks=cfg["ks"], e=cfg["e"], d=cfg["d"])
+    x = torch.randn(2, 3, r, r)
+    with torch.no_grad():
+        y = net(x)
+    tensors[f"__input_{i}"] = x
+    tensors[f"__logits_{i}"] = y
+    records.append({"ks": cfg["ks"], "e": cfg["e"], "d": cfg["d"], "r": r})
+save_file(tensors, f"{out_dir}/reference.safetensors")
+with open(f"{out_dir}/archs.json", "w") as f:
+    json.dump(records, f)
