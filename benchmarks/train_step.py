@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (per-arch minimum kept)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     space = get_space("mbv3-imagenet")
@@ -42,37 +43,46 @@ def main() -> None:
     ref_archs = [space.arch_to_reference(x) for x in archs]
     n = a.batch * a.steps
 
-    ref = run_reference("train_step", archs=ref_archs, batch=a.batch, resolution=a.resolution,
-                        threads=a.threads)["times"][a.warmup:]
-    ref_cl = run_reference("train_step", archs=ref_archs, batch=a.batch, resolution=a.resolution,
-                           threads=a.threads, channels_last=True)["times"][a.warmup:]
-
     torch.manual_seed(0)
     net = Supernet(space).train().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(a.batch, 3, a.resolution, a.resolution).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (a.batch,))
-    ours = [step(net, opt, x, y, arch) for arch in archs][a.warmup:]
 
-    static = []
-    for arch in archs:
-        sub = extract(net, arch).train().to(memory_format=torch.channels_last)
-        sopt = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
-        step(sub, sopt, x, y)  # a static net trains one arch: time it warm
-        static.append(step(sub, sopt, x, y))
-    static = static[a.warmup:]
+    def static_steps() -> list[float]:
+        times = []
+        for arch in archs:
+            sub = extract(net, arch).train().to(memory_format=torch.channels_last)
+            sopt = torch.optim.SGD(sub.parameters(), lr=0.01, momentum=0.9)
+            step(sub, sopt, x, y)  # a static net trains one arch: time it warm
+            times.append(step(sub, sopt, x, y))
+        return times
+
+    # The machine is noisy: run every variant in each of several interleaved rounds
+    # and keep, per arch, the fastest of the rounds.
+    runs: dict[str, list[list[float]]] = {k: [] for k in ("ref", "ref_cl", "ours", "static")}
+    common = dict(archs=ref_archs, batch=a.batch, resolution=a.resolution, threads=a.threads)
+    for _ in range(a.rounds):
+        runs["ref"].append(run_reference("train_step", **common)["times"])
+        runs["ref_cl"].append(run_reference("train_step", channels_last=True, **common)["times"])
+        runs["ours"].append([step(net, opt, x, y, arch) for arch in archs])
+        runs["static"].append(static_steps())
+    ref, ref_cl, ours, static = ([min(ts) for ts in zip(*runs[k])][a.warmup:]
+                                 for k in ("ref", "ref_cl", "ours", "static"))
 
     rows = [("reference (as shipped, NCHW)", ref), ("reference, channels_last", ref_cl),
             ("ours (supernet, channels_last)", ours), ("static subnets, channels_last", static)]
     print(f"train step, mbv3-imagenet, batch {a.batch} @ {a.resolution}px, {a.threads} threads, "
-          f"{a.steps} random archs (after {a.warmup} warm-up)")
+          f"{a.steps} random archs (after {a.warmup} warm-up), best of {a.rounds} interleaved rounds")
     for name, times in rows:
         print(f"  {name:34s} {n / sum(times):7.1f} img/s   {summary(times)}")
     print(f"  ours / reference          = {sum(ref) / sum(ours):.2f}x   (goal >= 1.5)")
     print(f"  ours / reference NHWC     = {sum(ref_cl) / sum(ours):.2f}x")
     print(f"  ours / static subnets     = {sum(static) / sum(ours):.2f}x   (goal >= 0.8)")
-    per_arch = [s / o for s, o in zip(static, ours)]
-    print(f"  per-arch ours/static: min {min(per_arch):.2f} median {statistics.median(per_arch):.2f}")
+    for name, base in (("reference", ref), ("static", static)):
+        per_arch = [b / o for b, o in zip(base, ours)]
+        print(f"  per-arch speed-up vs {name}: min {min(per_arch):.2f} "
+              f"median {statistics.median(per_arch):.2f} max {max(per_arch):.2f}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,28 @@ def _cmd_import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Progressive shrinking into an artifact directory."""
+    import logging
+
+    from .train import load_config, train
+
+    assignments = list(args.set or [])
+    for flag in ("space", "dataset", "data_dir", "seed", "device", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            assignments.append(f"{flag}={value}")
+    config = load_config(args.preset, args.config, assignments)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    results = train(config, args.out, resume=args.resume, only_phase=args.phase,
+                    progress=not args.no_progress)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": args.out, "seconds": round(time.perf_counter() - t0, 1),
+                          "val_accuracy": results}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .space import space_names
 
@@ -103,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
 
+    from .train.config import PRESETS
+
+    s = sub.add_parser("train", help="train a supernet with progressive shrinking",
+                       description="Train one supernet (full net, then elastic kernel, depth and "
+                       "expand ratio with distillation) and write the artifact into --out. Runs "
+                       "on one CPU or GPU, or under `torchrun --nproc_per_node N -m ofa train ...`.")
+    s.add_argument("--out", required=True, help="artifact folder (checkpoints and metrics.jsonl go there too)")
+    s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (~1 h); "
+                   "cifar10; imagenet: the reference recipe (GPUs). Default: quick")
+    s.add_argument("--config", help="JSON file of config keys to override (same keys as --set)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    s.add_argument("--phase", help="run only this phase (full, kernel, depth-1, depth-2, expand-1, expand-2)")
+    s.add_argument("--dataset", help="fashion-mnist (default), cifar10 or imagefolder")
+    s.add_argument("--data-dir", dest="data_dir", help="where the dataset lies (default: Debian's Fashion-MNIST)")
+    s.add_argument("--space", help="search space (default mbv3-small-images; see `ofa spaces`)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_train)
+
     s = sub.add_parser("import-reference",
                        help="convert a reference OFAMobileNetV3 checkpoint (.pth) to safetensors")
     s.add_argument("--checkpoint", required=True, help="the reference checkpoint (state_dict .pth)")
@@ -116,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         print(f"ofa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

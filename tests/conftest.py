@@ -47,3 +47,39 @@ def reference_dir() -> Path:
         pytest.fail(f"reference package missing in {path}: run `make reference` "
                     "(make test does it); this check is never skipped")
     return path
+
+
+def write_idx_dataset(folder: Path, n_train: int = 640, n_test: int = 160, seed: int = 0) -> Path:
+    """A tiny dataset in Fashion-MNIST's on-disk format (gzipped idx files).
+
+    Each class is a bright bar at a class-specific position plus noise, so a few
+    steps of training learn something; the real loading code reads it via --data-dir.
+    """
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 220
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_idx_dataset(tmp_path_factory.mktemp("tiny-fmnist"))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Derived dataset files go to a per-session cache, not the user's ~/.cache."""
+    monkeypatch.setenv("OFA_CACHE", str(tmp_path_factory.getbasetemp() / "ofa-cache"))

@@ -1,0 +1,122 @@
+"""The supernet artifact: one directory that ``ofa serve`` reads and nothing in it is a pickle.
+
+    manifest.json            format version, versions, sha256 of every file, training config, metrics
+    space.json               the search space (SearchSpace.to_json)
+    data.json                the data description (channels, size, classes, mean/std, class names)
+    supernet.safetensors     the supernet weights
+    calibration.safetensors  uint8 training images for BN re-calibration (the server needs no dataset)
+
+Later stages add files (the accuracy predictor, latency tables) and record them in
+the manifest the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import DataSpec
+from .space import SearchSpace
+from .supernet import Supernet
+from .train.checkpoint import atomic_write_text
+
+__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "load_artifact", "write_artifact"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A directory that is not a complete, intact artifact; the message says what is wrong."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+    space: SearchSpace
+    data: DataSpec
+    supernet: Supernet
+    calibration: torch.Tensor
+
+    @property
+    def digest(self) -> str:
+        """The artifact's identity: sha256 over the digests of its files."""
+        return self.manifest["digest"]
+
+
+def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor,
+                   config: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
+    out.mkdir(parents=True, exist_ok=True)
+    space = supernet.space
+    files = {
+        "space.json": space.to_json(),
+        "data.json": json.dumps(data.to_dict(), sort_keys=True),
+    }
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
+    save_file(state, str(out / "supernet.safetensors"), metadata={"space": space.name})
+    save_file({"images": calibration.contiguous().to(torch.uint8)}, str(out / "calibration.safetensors"))
+    names = sorted(list(files) + ["supernet.safetensors", "calibration.safetensors"])
+    digests = {n: sha256_file(out / n) for n in names}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ofa_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "space": space.name,
+        "dataset": data.name,
+        "files": digests,
+        "digest": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(),
+        "training": config,
+        "metrics": metrics,
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return out
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read an artifact; with ``verify`` every file's sha256 must match the manifest."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                            f"supported (this build reads {FORMAT_VERSION})")
+    for name, digest in manifest.get("files", {}).items():
+        if not (path / name).exists():
+            raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
+        if verify and sha256_file(path / name) != digest:
+            raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest")
+    try:
+        space = SearchSpace.from_dict(json.loads((path / "space.json").read_text()))
+        data = DataSpec.from_dict(json.loads((path / "data.json").read_text()))
+        supernet = Supernet(space)
+        supernet.load_state_dict(load_file(str(path / "supernet.safetensors")))
+        calibration = load_file(str(path / "calibration.safetensors"))["images"]
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    return Artifact(path, manifest, space, data, supernet.eval(), calibration)

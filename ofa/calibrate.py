@@ -1,0 +1,46 @@
+"""BatchNorm re-calibration of an extracted subnet.
+
+A subnet's BN statistics inside the supernet are those of whatever mix of subnets
+trained it; before evaluation or serving they are re-estimated on a few thousand
+training images at the subnet's own resolution. The estimate is the average of the
+per-batch means and variances (a cumulative average, ``momentum=None``), so it does
+not depend on an EMA rate and is the same for the same images in the same order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import DataSpec, prepare_batch
+
+__all__ = ["calibrate_bn"]
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, images: torch.Tensor, spec: DataSpec, resolution: int,
+                 batch_size: int = 500, device: torch.device | str = "cpu") -> nn.Module:
+    """Re-estimate every BN's running statistics of ``model`` on ``images`` (uint8, N×C×S×S).
+
+    Only BN buffers change (parameters are untouched); the model is returned in eval
+    mode. Operates in place, so pass a copy (``extract`` returns one).
+    """
+    if len(images) == 0:
+        raise ValueError("calibration needs at least one image")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    was_training = model.training
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average of the batch statistics
+            bn.train()
+        for start in range(0, len(images), batch_size):
+            x = prepare_batch(images[start : start + batch_size], resolution, spec, device)
+            model(x)
+    finally:
+        for bn, (momentum, training) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.train(training)
+        model.train(was_training)
+    return model.eval()

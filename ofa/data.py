@@ -1,0 +1,268 @@
+"""Datasets for training and evaluation: Fashion-MNIST (default), CIFAR-10, ImageFolder.
+
+Images are kept as uint8 tensors (N, C, S, S) at the dataset's stored size ``S``; the
+trainer resizes each batch to the resolution it draws and normalises it there, so
+the same batches serve every resolution. Small datasets live in memory; an
+ImageFolder tree streams through a torchvision ``DataLoader``.
+
+Nothing here downloads while local files exist: Fashion-MNIST is read from Debian's
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or ``--data-dir``;
+torchvision's download is the fallback only when no local copy is found.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataSpec",
+    "ImageSet",
+    "augment",
+    "load_dataset",
+    "prepare_batch",
+]
+
+log = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataError(ValueError):
+    """A dataset that is missing or malformed; the message says where we looked."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model trained on this data expects: stored size, channels, classes, normalisation."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, S, S) with int64 labels, in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None,
+                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in ``order`` (default: as stored), beginning with batch number ``start``."""
+        order = torch.arange(len(self)) if order is None else order
+        for b in range(start, (len(order) + batch_size - 1) // batch_size):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("OFA_CACHE", Path.home() / ".cache" / "ofa"))
+
+
+def _cache_dir(source: Path) -> Path:
+    """A cache folder of our own for files derived from ``source``."""
+    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+    return _cache_root() / "datasets" / key
+
+
+def _fashion_root(data_dir: Path | None) -> tuple[Path, bool]:
+    """A torchvision root holding FashionMNIST/raw/*, made from local files if possible.
+
+    Returns (root, found_locally). Accepts a folder of the four (optionally gzipped)
+    idx files, as Debian ships them, or a torchvision-style root.
+    """
+    from torchvision.datasets.utils import extract_archive
+
+    candidates = [data_dir] if data_dir is not None else [DEBIAN_FASHION_MNIST]
+    for src in candidates:
+        for folder in (src, src / "FashionMNIST" / "raw"):
+            if all((folder / f).exists() for f in _FMNIST_FILES):
+                return folder.parent.parent if folder != src else _link_raw(folder), True
+            if all((folder / f"{f}.gz").exists() for f in _FMNIST_FILES):
+                raw = _cache_dir(folder) / "FashionMNIST" / "raw"
+                raw.mkdir(parents=True, exist_ok=True)
+                for f in _FMNIST_FILES:
+                    if not (raw / f).exists():
+                        tmp = raw / f".tmp-{os.getpid()}"
+                        tmp.mkdir(exist_ok=True)
+                        try:
+                            extract_archive(str(folder / f"{f}.gz"), str(tmp))
+                        except (OSError, EOFError) as e:
+                            raise DataError(f"could not decompress {folder / f'{f}.gz'}: {e}") from None
+                        os.replace(tmp / f, raw / f)
+                        tmp.rmdir()
+                return raw.parent.parent, True
+    return _cache_root() / "datasets", False
+
+
+def _link_raw(folder: Path) -> Path:
+    """Expose a flat folder of idx files under the layout torchvision expects."""
+    raw = _cache_dir(folder) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in _FMNIST_FILES:
+        if not (raw / f).exists():
+            (raw / f).symlink_to((folder / f).resolve())
+    return raw.parent.parent
+
+
+def _load_fashion(data_dir: Path | None, train: bool) -> ImageSet:
+    from torchvision.datasets import FashionMNIST
+
+    root, local = _fashion_root(data_dir)
+    if not local:
+        if data_dir is not None:
+            raise DataError(
+                f"Fashion-MNIST not found in {data_dir}: expected {', '.join(_FMNIST_FILES)} "
+                f"(optionally .gz) there or under {data_dir}/FashionMNIST/raw/")
+        log.warning("Fashion-MNIST not found in %s (install Debian's dataset-fashion-mnist); "
+                    "falling back to torchvision's download into %s", DEBIAN_FASHION_MNIST, root)
+    try:
+        ds = FashionMNIST(str(root), train=train, download=not local)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"could not read Fashion-MNIST from {root}: {e}") from None
+    return ImageSet(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+
+
+def _load_cifar10(data_dir: Path | None, train: bool) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    root = data_dir or (_cache_root() / "datasets")
+    local = (Path(root) / "cifar-10-batches-py").exists()
+    if not local and data_dir is not None:
+        raise DataError(f"CIFAR-10 not found: expected {root}/cifar-10-batches-py/ "
+                        "(torchvision's on-disk format)")
+    try:
+        ds = CIFAR10(str(root), train=train, download=not local)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"could not read CIFAR-10 from {root}: {e}") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long))
+
+
+def _load_folder(data_dir: Path | None, train: bool, image_size: int) -> tuple[ImageSet, tuple[str, ...]]:
+    """An ImageFolder tree (``train/CLASS/*.jpg``, ``val/CLASS/*.jpg``), decoded once to uint8."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    if data_dir is None:
+        raise DataError("the imagefolder dataset needs --data-dir (a folder with train/ and val/)")
+    split = Path(data_dir) / ("train" if train else "val")
+    if not split.is_dir():
+        raise DataError(f"ImageFolder split not found: {split} (expected {data_dir}/train/CLASS/*.jpg "
+                        f"and {data_dir}/val/CLASS/*.jpg)")
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                     v2.RGB()])
+    try:
+        ds = ImageFolder(str(split), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"could not read ImageFolder {split}: {e}") from None
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(4, os.cpu_count() or 1))
+    xs, ys = zip(*loader)
+    return ImageSet(torch.cat(xs), torch.cat(ys)), tuple(ds.classes)
+
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = True,
+                 image_size: int = 224) -> tuple[ImageSet, DataSpec]:
+    """Load a dataset split as uint8 images plus the description a served model needs."""
+    data_dir = Path(data_dir) if data_dir else None
+    if data_dir is not None and not data_dir.exists():
+        raise DataError(f"--data-dir {data_dir} does not exist")
+    if name == "fashion-mnist":
+        ds = _load_fashion(data_dir, train)
+        spec = DataSpec(name, 1, 28, 10, (0.2860,), (0.3530,), FASHION_CLASSES)
+    elif name == "cifar10":
+        ds = _load_cifar10(data_dir, train)
+        spec = DataSpec(name, 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10_CLASSES)
+    elif name == "imagefolder":
+        ds, classes = _load_folder(data_dir, train, image_size)
+        spec = DataSpec(name, 3, image_size, len(classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                        classes)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} in {data_dir or 'the default location'} has no images")
+    return ds, spec
+
+
+def augment(images: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Per-image random crop (with zero padding) and horizontal flip, torchvision v2."""
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomCrop(images.shape[-1], padding=padding)] if padding else []
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if not ops:
+        return images
+    tf = v2.Compose(ops)
+    return torch.stack([tf(img) for img in images])
+
+
+def prepare_batch(images: torch.Tensor, resolution: int, spec: DataSpec,
+                  device: torch.device | str = "cpu", channels_last: bool = True) -> torch.Tensor:
+    """uint8 (N, C, S, S) → float, resized to ``resolution``, normalised, on ``device``."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    if x.shape[-1] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                          antialias=resolution < x.shape[-1])
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def split_validation(ds: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A fixed, seeded hold-out of ``size`` training images: (train, validation)."""
+    if not 0 < size < len(ds):
+        raise DataError(f"validation size must be in 1..{len(ds) - 1}, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(ds), generator=g)
+    return ds.subset(perm[size:].sort().values), ds.subset(perm[:size].sort().values)
+
+
+def calibration_images(ds: ImageSet, count: int, seed: int) -> torch.Tensor:
+    """``count`` training images (uint8) chosen with a seed, for BN re-calibration."""
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(len(ds), generator=g)[: min(count, len(ds))]
+    return ds.images[idx.sort().values].contiguous()
+
+
+def class_balance(labels: Sequence[int], num_classes: int) -> list[int]:
+    return torch.bincount(torch.as_tensor(labels), minlength=num_classes).tolist()

@@ -1,0 +1,77 @@
+"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for the rest.
+
+A checkpoint is a pair of files named by global step (``model-STEP.safetensors``
+holding the supernet and the optimizer's momentum buffers) plus ``checkpoint.json``,
+which names the current pair and is replaced last (temp file + ``os.replace``). A kill
+at any moment leaves either the previous checkpoint or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["Checkpoint", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+
+INDEX = "checkpoint.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """What a resumed run needs: where it was, the weights, the optimizer's buffers."""
+
+    state: dict[str, Any]                   # phase, step_in_phase, global_step, metrics, config
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]      # momentum buffer per parameter name
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any], model: dict[str, torch.Tensor],
+                    optimizer: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = int(state["global_step"])
+    name = f"model-{step:08d}.safetensors"
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"optim.{k}": v for k, v in optimizer.items()})
+    _atomic_save_tensors(tensors, folder / name, {"global_step": str(step)})
+    atomic_write_text(folder / INDEX, json.dumps({**state, "file": name}, indent=1, sort_keys=True))
+    for old in folder.glob("model-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return folder / name
+
+
+def load_checkpoint(folder: Path) -> Checkpoint | None:
+    """The latest complete checkpoint in ``folder``, or None if there is none."""
+    index = folder / INDEX
+    if not index.exists():
+        return None
+    try:
+        state = json.loads(index.read_text())
+        tensors = load_file(str(folder / state["file"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint in {folder} is unreadable: {e}") from None
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+    return Checkpoint(state, model, optim)

@@ -1,0 +1,235 @@
+"""Typed training configuration: phases of progressive shrinking and the named presets.
+
+Every value can be overridden from the command line (``--set key=value``, with
+``phases.NAME.key`` for a phase) or a JSON file (``--config FILE``) holding the same
+keys; unknown keys and values of the wrong type are refused with the allowed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "load_config",
+           "parse_assignments"]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not allowed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of progressive shrinking.
+
+    ``kernels``/``expands``/``depths`` restrict the choices sampled in this phase
+    (empty: all of the space's choices). ``reorder`` sorts the middle channels by
+    importance before the phase starts (the expand-ratio phases).
+    """
+
+    name: str
+    epochs: float
+    lr: float
+    warmup_epochs: float = 0.0
+    subnets_per_step: int = 1
+    kd_ratio: float = 1.0
+    kernels: tuple[int, ...] = ()
+    expands: tuple[int, ...] = ()
+    depths: tuple[int, ...] = ()
+    reorder: bool = False
+
+
+def progressive_shrinking(epochs: tuple[float, float, float, float, float, float], lr: float,
+                          warmup: float = 0.0, kd_ratio: float = 1.0,
+                          subnets: tuple[int, int, int] = (1, 2, 4)) -> tuple[Phase, ...]:
+    """The six OFA phases with ``epochs`` = (full, kernel, depth-1, depth-2, expand-1, expand-2).
+
+    The reference trains them for 180, 120, 25, 120, 25 and 120 epochs; learning rates
+    keep the reference's ratios to the full network's. ``subnets`` is how many subnets
+    each step trains in the kernel, depth and expand phases.
+    """
+    e, (k, d, x) = epochs, subnets
+    return (
+        Phase("full", e[0], lr, warmup, 1, 0.0, (7,), (6,), (4,)),
+        Phase("kernel", e[1], lr * 0.3, warmup, k, kd_ratio, (), (6,), (4,)),
+        Phase("depth-1", e[2], lr * 0.08, 0.0, d, kd_ratio, (), (6,), (3, 4)),
+        Phase("depth-2", e[3], lr * 0.24, warmup, d, kd_ratio, (), (6,), ()),
+        Phase("expand-1", e[4], lr * 0.08, 0.0, x, kd_ratio, (), (4, 6), (), True),
+        Phase("expand-2", e[5], lr * 0.24, warmup, x, kd_ratio, (), (), (), True),
+    )
+
+
+# The demo's schedule: about 6 minutes of training on a 2-core CPU.
+QUICK_PHASES = progressive_shrinking((0.55, 0.2, 0.05, 0.15, 0.05, 0.15), lr=0.1, warmup=0.02,
+                                     subnets=(1, 2, 2))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; the run is a function of this value (and the data)."""
+
+    space: str = "mbv3-small-images"
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    batch_size: int = 128              # per process
+    val_size: int = 5000               # held out of the training set, seeded
+    calib_size: int = 2000             # training images stored in the artifact for BN re-calibration
+    train_subset: int = 0              # use only this many training images (0: all); for tests
+    weight_decay: float = 3e-5         # not applied to BN, biases and kernel transforms
+    momentum: float = 0.9
+    nesterov: bool = True
+    label_smoothing: float = 0.1
+    sandwich: bool = False             # BigNAS: largest + smallest + random, in-place distillation
+    augment_padding: int = 2
+    augment_flip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 200        # steps; a checkpoint is also written at every phase end
+    log_every: int = 20                # steps between metrics lines
+    eval_batch_size: int = 1000
+    image_size: int = 224              # stored size for ImageFolder data
+    threads: int = 0                   # torch CPU threads (0: leave torch's default)
+    device: str = "auto"               # auto, cpu, cuda, cuda:N
+    amp: bool = True                   # bf16/fp16 autocast on CUDA; ignored on CPU
+    trace: bool = False                # each rank logs its subnets and batch digest per step
+    phases: tuple[Phase, ...] = QUICK_PHASES
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ConfigError(f"unknown phase {name!r}; this config has {[p.name for p in self.phases]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # The demo: about 6 minutes of training on a 2-core CPU (Fashion-MNIST).
+    "quick": TrainConfig(val_size=2000, calib_size=1000, checkpoint_every=100),
+    # The quality run on Fashion-MNIST: under an hour on a 2-core CPU.
+    "fashion": TrainConfig(
+        val_size=5000, calib_size=2000, checkpoint_every=200,
+        phases=progressive_shrinking((5.0, 1.2, 0.25, 1.2, 0.25, 1.2), lr=0.1, warmup=0.1, subnets=(1, 2, 2)),
+    ),
+    "cifar10": TrainConfig(
+        dataset="cifar10", val_size=5000, calib_size=2000,
+        phases=progressive_shrinking((60, 40, 8, 40, 8, 40), lr=0.1, warmup=1.0),
+    ),
+    # The reference's ImageNet recipe (for GPUs; lr for a global batch of 2048).
+    "imagenet": TrainConfig(
+        space="mbv3-imagenet", dataset="imagefolder", batch_size=256, val_size=10000,
+        augment_padding=0, image_size=224, checkpoint_every=1000, log_every=100,
+        phases=progressive_shrinking((180, 120, 25, 120, 25, 120), lr=2.6, warmup=5.0),
+    ),
+}
+
+
+# ---- overrides ------------------------------------------------------------------
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if annotation is int else 'a number'}, "
+                              f"got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != number:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if number < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of integers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, int) for i, v in enumerate(value))
+    raise ConfigError(f"{key} cannot be set")  # pragma: no cover
+
+
+def _replace_fields(obj: Any, updates: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in updates.items():
+        if key not in hints or key == "phases":
+            allowed = sorted(k for k in hints if k != "phases")
+            raise ConfigError(f"unknown key {where}{key!r}; allowed: {allowed}"
+                              + (" and phases.NAME.KEY" if isinstance(obj, TrainConfig) else ""))
+        changes[key] = _coerce(f"{where}{key}", value, hints[key])
+    return replace(obj, **changes)
+
+
+def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Apply ``{"key": value, "phases": {"NAME": {"key": value}}}`` (or dotted keys) to a config."""
+    flat: dict[str, Any] = {}
+    phase_updates: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "phases":
+            if len(parts) == 1 and isinstance(value, Mapping):
+                for name, upd in value.items():
+                    if not isinstance(upd, Mapping):
+                        raise ConfigError(f"phases.{name} must be an object of phase keys")
+                    phase_updates.setdefault(name, {}).update(upd)
+            elif len(parts) == 3:
+                phase_updates.setdefault(parts[1], {})[parts[2]] = value
+            else:
+                raise ConfigError(f"phase keys are written phases.NAME.KEY, got {key!r}")
+        elif len(parts) == 1:
+            flat[key] = value
+        else:
+            raise ConfigError(f"unknown key {key!r}")
+    config = _replace_fields(config, flat, "")
+    phases = list(config.phases)
+    for name, upd in phase_updates.items():
+        idx = [p.name for p in phases].index(name) if name in [p.name for p in phases] else None
+        if idx is None:
+            raise ConfigError(f"unknown phase {name!r}; phases are {[p.name for p in phases]}")
+        if "name" in upd:
+            raise ConfigError(f"phases.{name}.name cannot be changed")
+        phases[idx] = _replace_fields(phases[idx], upd, f"phases.{name}.")
+    return replace(config, phases=tuple(phases))
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["a=1", "phases.full.epochs=2"]`` → a dict (values stay strings until coerced)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(preset: str, config_file: str | None = None, assignments: list[str] = ()) -> TrainConfig:
+    """A preset, then the JSON file's values, then ``--set`` assignments, in that order."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    config = PRESETS[preset]
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"config file {config_file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file} must hold a JSON object")
+        config = apply_overrides(config, data)
+    return apply_overrides(config, parse_assignments(list(assignments)))

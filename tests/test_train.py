@@ -1,0 +1,198 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_idx_dataset
+from ofa.artifact import load_artifact
+from ofa.data import DataError, load_dataset
+from ofa.train import ConfigError, PRESETS, load_config, train
+from ofa.train.config import apply_overrides
+
+PHASES = ["full", "kernel", "depth-1", "depth-2", "expand-1", "expand-2"]
+
+
+def tiny_args(data_dir: Path) -> list[str]:
+    """--set assignments for a run of a few steps per phase on the tiny dataset."""
+    args = [f"data_dir={data_dir}", "val_size=100", "calib_size=64", "batch_size=32",
+            "eval_batch_size=200", "log_every=2", "threads=2", "checkpoint_every=3"]
+    steps = {"full": 0.4, "kernel": 0.2, "depth-1": 0.1, "depth-2": 0.2, "expand-1": 0.1, "expand-2": 0.2}
+    return args + [f"phases.{p}.epochs={e}" for p, e in steps.items()]
+
+
+def tiny_config(data_dir: Path, *extra: str):
+    return load_config("quick", None, tiny_args(data_dir) + list(extra))
+
+
+def test_every_phase_runs_and_writes_an_artifact(tiny_data, tmp_path):
+    results = train(tiny_config(tiny_data), tmp_path, progress=False)
+    assert list(results) == PHASES
+    for phase in PHASES:
+        assert set(results[phase]) == {"smallest", "largest", "middle-1", "middle-2"}
+        assert all(0 <= v <= 100 for v in results[phase].values())
+    ends = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in ends if r.get("event") == "phase_end"] == PHASES
+    steps = [r for r in ends if "img_per_s" in r]
+    assert steps and all(r["img_per_s"] > 0 and r["loss"] > 0 for r in steps)
+    art = load_artifact(tmp_path)
+    assert art.space.name == "mbv3-small-images" and art.data.num_classes == 10
+    assert art.calibration.dtype == torch.uint8 and art.calibration.shape == (64, 1, 28, 28)
+    assert art.manifest["training"]["batch_size"] == 32
+    assert art.data.class_names[0] == "T-shirt/top"
+    # the channel re-ordering of the expand phases left the largest subnet sorted
+    block = art.supernet.blocks[0]
+    imp = block.project.weight.abs().sum(dim=(0, 2, 3))
+    assert imp.shape[0] == block.expand.weight.shape[0]
+
+
+def test_artifact_tampering_is_detected(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, "phases.full.epochs=0.1", "phases.kernel.epochs=0.05",
+                      "phases.depth-1.epochs=0.05", "phases.depth-2.epochs=0.05",
+                      "phases.expand-1.epochs=0.05", "phases.expand-2.epochs=0.05"), tmp_path, progress=False)
+    with open(tmp_path / "space.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match="space.json does not match its sha256"):
+        load_artifact(tmp_path)
+
+
+def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "supernet.safetensors"))
+
+
+def test_resume_after_sigkill_is_bitwise_equal(tiny_data, tmp_path):
+    cfg_args = tiny_args(tiny_data) + ["checkpoint_every=2"]
+    ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ofa", "train", "--no-progress", "--out"]
+    sets = [x for a in cfg_args for x in ("--set", a)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(cmd + [str(ref_dir)] + sets, check=True, env=env, capture_output=True)
+
+    # Kill the second run once it is well into the run (mid-phase), at whatever moment that is.
+    proc = subprocess.Popen(cmd + [str(killed_dir)] + sets, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= 9:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((killed_dir / "checkpoints" / "checkpoint.json").read_text())
+    assert state["global_step"] > 0
+    assert not (killed_dir / "manifest.json").exists()
+
+    subprocess.run(cmd + [str(killed_dir), "--resume"] + sets, check=True, env=env, capture_output=True)
+    want, got = _final_weights(ref_dir), _final_weights(killed_dir)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    steps = lambda d: json.loads((d / "checkpoints" / "checkpoint.json").read_text())["global_step"]  # noqa: E731
+    assert steps(ref_dir) == steps(killed_dir)
+
+
+def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data)
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        train(cfg, tmp_path, only_phase="kernel", progress=False)
+    train(cfg, tmp_path, only_phase="full", progress=False)
+    assert (tmp_path / "checkpoints" / "teacher.safetensors").exists()
+    out = train(cfg, tmp_path, only_phase="kernel", progress=False)
+    assert list(out) == ["full", "kernel"]
+
+
+def test_sandwich_rule_runs(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, "sandwich=true", "trace=true", "phases.kernel.subnets_per_step=3")
+    train(cfg, tmp_path, progress=False)
+    trace = [json.loads(line) for line in (tmp_path / "trace-rank0.jsonl").read_text().splitlines()]
+    from ofa.space import get_space
+    from ofa.train.loop import phase_space
+    space = phase_space(get_space("mbv3-small-images"), cfg.phase("depth-2"))
+    depth_steps = [t for t in trace if t["phase"] == "depth-2"]
+    assert depth_steps and all(t["archs"][0] == space.largest(t["resolution"]).id for t in depth_steps)
+    assert all(t["archs"][1] == space.smallest(t["resolution"]).id for t in depth_steps)
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    sets = [x for a in tiny_args(tiny_data) + ["trace=true", "threads=1"] for x in ("--set", a)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ofa", "train", "--no-progress", "--out", str(tmp_path)] + sets
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    traces = [[json.loads(line) for line in (tmp_path / f"trace-rank{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)]
+    assert len(traces[0]) == len(traces[1]) >= 6
+    for a, b in zip(*traces):
+        assert (a["phase"], a["step"]) == (b["phase"], b["step"])
+        assert a["archs"] == b["archs"] and a["resolution"] == b["resolution"]
+        assert a["batch"] != b["batch"]
+    load_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("batch_sise=3", r"unknown key 'batch_sise'; allowed: \[.*'batch_size'"),
+    ("batch_size=abc", "batch_size must be an integer, got 'abc'"),
+    ("batch_size=-4", "batch_size must be >= 0"),
+    ("sandwich=maybe", "sandwich must be true or false"),
+    ("phases.kernal.epochs=1", r"unknown phase 'kernal'; phases are \['full', 'kernel'"),
+    ("phases.kernel.speed=1", r"unknown key phases.kernel.'speed'"),
+    ("phases.kernel.kernels=3,4", None),
+    ("phases=1", "phase keys are written phases.NAME.KEY"),
+    ("nonsense", "--set takes KEY=VALUE"),
+])
+def test_bad_config_values_are_refused(assignment, message, tiny_data, tmp_path):
+    if message is None:  # type-correct but outside the space: refused when the run starts
+        cfg = load_config("quick", None, [assignment, f"data_dir={tiny_data}", "val_size=100"])
+        with pytest.raises(ConfigError, match=r"phases.kernel.kernels has \[4\], not in the space's choices \[3, 5, 7\]"):
+            train(cfg, tmp_path, progress=False)
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config("quick", None, [assignment])
+
+
+def test_config_file_and_presets(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"batch_size": 64, "phases": {"full": {"epochs": 2}}}))
+    cfg = load_config("fashion", str(f), ["seed=3"])
+    assert cfg.batch_size == 64 and cfg.phase("full").epochs == 2 and cfg.seed == 3
+    assert cfg.phase("kernel") == PRESETS["fashion"].phase("kernel")
+    f.write_text("[1]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_config("quick", str(f))
+    with pytest.raises(ConfigError, match="unknown preset 'fast'; choose from"):
+        load_config("fast")
+    assert set(PRESETS) == {"quick", "fashion", "cifar10", "imagenet"}
+    assert apply_overrides(PRESETS["quick"], {}) == PRESETS["quick"]
+
+
+def test_missing_and_malformed_data_say_where_they_looked(tmp_path):
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'nope'} does not exist"):
+        load_dataset("fashion-mnist", tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"Fashion-MNIST not found in {empty}: expected train-images-idx3-ubyte"):
+        load_dataset("fashion-mnist", empty)
+    bad = write_idx_dataset(tmp_path / "bad", n_train=10, n_test=10)
+    (bad / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="could not read|Not a gzipped file|Fashion-MNIST"):
+        load_dataset("fashion-mnist", bad)
+    with pytest.raises(DataError, match=r"unknown dataset 'mnist'; choose from \['fashion-mnist'"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(DataError, match="CIFAR-10 not found: expected"):
+        load_dataset("cifar10", empty)
+    with pytest.raises(DataError, match="ImageFolder split not found"):
+        load_dataset("imagefolder", empty)
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ofa", "train", "--out", str(tmp_path), "--set", "lr=1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "unknown key 'lr'" in r.stderr and "Traceback" not in r.stderr
