@@ -13,7 +13,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 demo: install dataset
 	$(VENV)/bin/ofa demo
 
-test: install reference
+test: install dataset reference
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
