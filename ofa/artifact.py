@@ -28,7 +28,7 @@ from .space import SearchSpace
 from .supernet import Supernet
 from .train.checkpoint import atomic_write_text
 
-__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "load_artifact", "write_artifact"]
+__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "write_artifact"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,6 +77,7 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     save_file({"images": calibration.contiguous().to(torch.uint8)}, str(out / "calibration.safetensors"))
     names = sorted(list(files) + ["supernet.safetensors", "calibration.safetensors"])
     digests = {n: sha256_file(out / n) for n in names}
+    # The identity covers what decides the served weights; tables added later do not change it.
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,6 +93,21 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return out
+
+
+def add_file(artifact_dir: Path, name: str, text: str) -> Path:
+    """Write ``name`` (e.g. ``latency/laptop.json``) into an artifact and record its sha256."""
+    artifact_dir = Path(artifact_dir)
+    manifest_path = artifact_dir / MANIFEST
+    if not manifest_path.exists():
+        raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing")
+    path = artifact_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][name] = sha256_file(path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    return path
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -110,6 +111,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    """Time every distinct block on this machine into a latency table."""
+    from .predict.profile import profile_space
+    from .space import SearchSpace, get_space
+
+    if bool(args.artifact) == bool(args.space):
+        raise ValueError("give exactly one of --artifact DIR or --space NAME")
+    if args.artifact:
+        manifest = Path(args.artifact) / "manifest.json"
+        if not manifest.exists():
+            raise ValueError(f"{args.artifact} is not an artifact: manifest.json is missing")
+        space = SearchSpace.from_dict(json.loads((Path(args.artifact) / "space.json").read_text()))
+    else:
+        space = get_space(args.space)
+    from .predict.latency import check_target_name
+
+    check_target_name(args.target)
+    if min(args.threads, args.batch, args.rounds) < 1 or args.min_run_time <= 0:
+        raise ValueError(f"--threads, --batch and --rounds must be >= 1 and --min-run-time > 0, got "
+                         f"{args.threads}, {args.batch}, {args.rounds} and {args.min_run_time}")
+    table = profile_space(space, args.target, threads=args.threads, batch=args.batch, seed=args.seed,
+                          min_run_time=args.min_run_time, channels_last=args.channels_last,
+                          calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress)
+    from .predict.latency import validate_table
+
+    text = json.dumps(validate_table(table, space), indent=1, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    if args.artifact:
+        from .artifact import add_file
+
+        print(f"wrote {add_file(Path(args.artifact), f'latency/{args.target}.json', text)}")
+    cal = table.get("calibration", {})
+    print(f"{len(table['entries'])} blocks in {table['profile_seconds']} s; end-to-end check on "
+          f"{cal.get('archs', 0)} subnets: mean |error| {cal.get('mean_abs_rel_error_raw', float('nan')):.1%} "
+          f"raw, {cal.get('mean_abs_rel_error_corrected', float('nan')):.1%} corrected "
+          f"({'kept' if cal.get('kept') else 'not kept'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .space import space_names
 
@@ -148,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("profile", help="measure this machine's latency per block into a latency table",
+                       description="Time every distinct block configuration of a space (every kernel, "
+                       "expand ratio, stage and resolution) on this machine, plus stem and head, and "
+                       "write a latency table (JSON, format ofa-latency-table v1).")
+    s.add_argument("--artifact", help="artifact folder: its space is profiled and the table is stored "
+                   "as latency/TARGET.json in it")
+    s.add_argument("--space", help="profile a registered space instead (see `ofa spaces`)")
+    s.add_argument("--target", required=True, help="name of this hardware target (letters, digits, -_.)")
+    s.add_argument("--out", help="also write the table to this file")
+    s.add_argument("--threads", type=int, default=2, help="torch threads while timing (default 2)")
+    s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
+    s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format")
+    s.add_argument("--min-run-time", type=float, default=0.05,
+                   help="seconds of timing per block and pass (default 0.05)")
+    s.add_argument("--rounds", type=int, default=3, help="passes over all blocks, median kept (default 3)")
+    s.add_argument("--calibrate", type=int, default=10,
+                   help="time 2N random subnets end to end to fit and check a correction (default 10)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_profile)
 
     s = sub.add_parser("import-reference",
                        help="convert a reference OFAMobileNetV3 checkpoint (.pth) to safetensors")

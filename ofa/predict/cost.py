@@ -13,7 +13,23 @@ import numpy as np
 
 from ..space import Arch, SearchSpace
 
-__all__ = ["CostModel", "count_macs_params"]
+__all__ = ["CostModel", "count_macs_params", "gather_slots"]
+
+
+def gather_slots(space: SearchSpace, codes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Sum a per-slot table over the active blocks of each encoded arch.
+
+    ``table`` is (resolutions, slots, kernels, expands) or (slots, kernels, expands);
+    slots past a stage's depth contribute nothing, whatever their code says.
+    """
+    codes = np.asarray(codes)
+    s = space.num_slots
+    active = space.active_mask(codes)
+    k = np.clip(codes[:, :s], 0, None)
+    e = np.clip(codes[:, s : 2 * s], 0, None)
+    slots = np.arange(s)[None, :]
+    values = table[codes[:, -1][:, None], slots, k, e] if table.ndim == 4 else table[slots, k, e]
+    return np.where(active, values, 0).sum(axis=1)
 
 
 def _out_size(size: int, stride: int) -> int:
@@ -72,27 +88,14 @@ class CostModel:
         fixed += sp.final_expand_width * sp.head_width + sp.head_width * sp.num_classes
         return fixed
 
-    def _gather(self, codes: np.ndarray, table: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        s = self.space.num_slots
-        active = self.space.active_mask(codes)
-        k = np.clip(codes[:, :s], 0, None)
-        e = np.clip(codes[:, s : 2 * s], 0, None)
-        slots = np.arange(s)[None, :]
-        if table.ndim == 4:
-            values = table[codes[:, -1][:, None], slots, k, e]
-        else:
-            values = table[slots, k, e]
-        return np.where(active, values, 0).sum(axis=1)
-
     def macs(self, codes: np.ndarray) -> np.ndarray:
         """MACs of each encoded arch (int64, shape (N,))."""
         codes = np.asarray(codes)
-        return self.fixed_macs[codes[:, -1]] + self._gather(codes, self.slot_macs)
+        return self.fixed_macs[codes[:, -1]] + gather_slots(self.space, codes, self.slot_macs)
 
     def params(self, codes: np.ndarray) -> np.ndarray:
         """Parameter count of each encoded arch (int64, shape (N,))."""
-        return self.fixed_params + self._gather(codes, self.slot_params)
+        return self.fixed_params + gather_slots(self.space, codes, self.slot_params)
 
     def arch_macs(self, arch: Arch) -> int:
         return int(self.macs(self.space.encode([arch]))[0])

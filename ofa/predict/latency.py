@@ -1,0 +1,203 @@
+"""Per-device latency tables: profile every distinct block once, predict any arch by a sum.
+
+A table is JSON (format ``ofa-latency-table``, version 1)::
+
+    {"format": "ofa-latency-table", "version": 1, "target": "my-laptop",
+     "space": {"name": ..., "digest": sha256 of the space JSON},
+     "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "torch", "backend_version": ...},
+     "entries": {"<block key>": milliseconds, ...},
+     "correction": {"scale": 1.0, "offset_ms": 0.0}}
+
+Block keys name everything that decides a block's cost — kind, channels, kernel,
+stride, activation, SE width and input size — so a table covers every resolution and
+every stage of its space. The predictor turns the table into an array indexed like
+the arch encoding and sums it for N archs in one gather (see :class:`CostModel`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from ..space import BlockSpec, SearchSpace
+from .cost import gather_slots
+
+__all__ = ["LatencyPredictor", "LatencyTableError", "check_target_name", "TABLE_FORMAT", "TABLE_VERSION", "block_plan",
+           "space_digest", "validate_table"]
+
+TABLE_FORMAT = "ofa-latency-table"
+TABLE_VERSION = 1
+
+
+class LatencyTableError(ValueError):
+    """A latency table that is malformed or does not fit the space; the message says why."""
+
+
+def space_digest(space: SearchSpace) -> str:
+    return hashlib.sha256(space.to_json().encode()).hexdigest()
+
+
+def _out(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1
+
+
+def _block_key(b: BlockSpec, h: int) -> str:
+    return (f"mb:i{b.in_ch}:m{b.mid_ch}:o{b.out_ch}:k{b.kernel}:s{b.stride}:{b.act}:se{b.se_ch}"
+            f":x{int(b.expand_conv)}:h{h}")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One distinct thing to time: its key, what builds it, and its input shape (C, H, W)."""
+
+    key: str
+    kind: str  # "stem", "block", "head"
+    block: BlockSpec | None
+    in_shape: tuple[int, int, int]
+
+
+def block_plan(space: SearchSpace) -> tuple[dict[str, PlanEntry], dict[int, tuple[str, ...]], dict[tuple, str]]:
+    """Everything to profile for ``space``.
+
+    Returns (entries by key, the fixed keys (stem, first block, head) by resolution,
+    slot keys by (resolution, slot, kernel index, expand index)).
+    """
+    entries: dict[str, PlanEntry] = {}
+    fixed: dict[int, tuple[str, ...]] = {}
+    slots: dict[tuple, str] = {}
+
+    def add(key: str, kind: str, block: BlockSpec | None, shape: tuple[int, int, int]) -> str:
+        entries.setdefault(key, PlanEntry(key, kind, block, shape))
+        return key
+
+    for r in space.resolutions:
+        h = _out(r, space.stem_stride)
+        stem = add(f"stem:i{space.in_channels}:o{space.stem_width}:s{space.stem_stride}:h{r}", "stem", None,
+                   (space.in_channels, r, r))
+        fb = space.first_block()
+        first = add(_block_key(fb, h), "block", fb, (fb.in_ch, h, h))
+        for s, (stage, stage_in) in enumerate(zip(space.stages, space.stage_in_channels())):
+            for j in range(space.max_depth):
+                in_ch = stage_in if j == 0 else stage.width
+                stride = stage.stride if j == 0 else 1
+                for ki, k in enumerate(space.kernel_choices):
+                    for ei, e in enumerate(space.expand_choices):
+                        mid = space.mid_channels(in_ch, e)
+                        b = BlockSpec(in_ch, mid, stage.width, k, stride, stage.act, stage.se,
+                                      space.se_channels(mid) if stage.se else 0, True)
+                        slots[(r, s * space.max_depth + j, ki, ei)] = add(_block_key(b, h), "block", b, (in_ch, h, h))
+                if j == 0:
+                    h = _out(h, stage.stride)
+        last = space.stages[-1].width
+        head = add(f"head:i{last}:f{space.final_expand_width}:w{space.head_width}:c{space.num_classes}:h{h}",
+                   "head", None, (last, h, h))
+        fixed[r] = (stem, first, head)
+    return entries, fixed, slots
+
+
+def check_target_name(target: Any) -> str:
+    """A target name is also a file name: 1-64 of letters, digits, '-', '_', '.' (not leading '.')."""
+    if (not isinstance(target, str) or not 0 < len(target) <= 64 or target.startswith(".")
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in target)):
+        raise LatencyTableError("target must be 1-64 characters of letters, digits, '-', '_' or '.' "
+                                f"(not starting with '.'); got {target!r}")
+    return target
+
+
+def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, Any]:
+    """Check a table's structure (and, given a space, that it covers the space); return it."""
+    if not isinstance(table, Mapping):
+        raise LatencyTableError(f"a latency table must be a JSON object, got {type(table).__name__}")
+    if table.get("format") != TABLE_FORMAT:
+        raise LatencyTableError(f"format must be {TABLE_FORMAT!r}, got {table.get('format')!r}")
+    if table.get("version") != TABLE_VERSION:
+        raise LatencyTableError(f"version must be {TABLE_VERSION}, got {table.get('version')!r}")
+    check_target_name(table.get("target"))
+    for key in ("space", "device"):
+        if not isinstance(table.get(key), Mapping):
+            raise LatencyTableError(f"{key} must be an object")
+    entries = table.get("entries")
+    if not isinstance(entries, Mapping) or not entries:
+        raise LatencyTableError("entries must be a non-empty object of block key -> milliseconds")
+    for k, v in entries.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds >= 0, got {v!r}")
+    corr = table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
+    if (not isinstance(corr, Mapping) or set(corr) != {"scale", "offset_ms"}
+            or not all(isinstance(corr[k], (int, float)) and math.isfinite(corr[k]) for k in corr)
+            or corr["scale"] <= 0):
+        raise LatencyTableError("correction must be {\"scale\": > 0, \"offset_ms\": number}")
+    if space is not None:
+        if table["space"].get("digest") != space_digest(space):
+            raise LatencyTableError(
+                f"the table was profiled for space {table['space'].get('name')!r} with a different "
+                f"definition (digest mismatch); profile this artifact's space {space.name!r}")
+        needed, _, _ = block_plan(space)
+        missing = sorted(set(needed) - set(entries))
+        if missing:
+            raise LatencyTableError(f"entries lack {len(missing)} block keys of space {space.name!r}, "
+                                    f"e.g. {missing[:2]}")
+    return dict(table)
+
+
+class LatencyPredictor:
+    """Predicted latency (ms) of N encoded archs on one target: table sum, then correction."""
+
+    def __init__(self, space: SearchSpace, table: Mapping[str, Any]) -> None:
+        self.space = space
+        self.table = validate_table(table, space)
+        self.target = self.table["target"]
+        entries, fixed, slots = block_plan(space)
+        ms = self.table["entries"]
+        n_res, n_k, n_e = len(space.resolutions), len(space.kernel_choices), len(space.expand_choices)
+        self.slot_ms = np.zeros((n_res, space.num_slots, n_k, n_e))
+        for (r, slot, ki, ei), key in slots.items():
+            self.slot_ms[space.resolutions.index(r), slot, ki, ei] = ms[key]
+        self.fixed_ms = np.array([sum(ms[k] for k in fixed[r]) for r in space.resolutions])
+        corr = self.table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
+        self.scale, self.offset = float(corr["scale"]), float(corr["offset_ms"])
+
+    def raw(self, codes: np.ndarray) -> np.ndarray:
+        """The uncorrected table sum (ms) of each encoded arch."""
+        codes = np.asarray(codes)
+        return self.fixed_ms[codes[:, -1]] + gather_slots(self.space, codes, self.slot_ms)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        return self.raw(codes) * self.scale + self.offset
+
+
+def fit_correction(raw_ms: np.ndarray, measured_ms: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``measured ≈ scale · raw + offset`` in relative error (weights 1/measured)."""
+    raw_ms, measured_ms = np.asarray(raw_ms, float), np.asarray(measured_ms, float)
+    w = 1.0 / measured_ms
+    a = np.stack([raw_ms * w, w], axis=1)
+    (scale, offset), *_ = np.linalg.lstsq(a, measured_ms * w, rcond=None)
+    if scale <= 0:
+        return 1.0, 0.0
+    return float(scale), float(offset)
+
+
+def describe_cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def iter_plan(space: SearchSpace, seed: int = 0) -> Iterator[PlanEntry]:
+    """The plan's entries in a seeded random order (interleaves kinds and sizes while timing)."""
+    entries, _, _ = block_plan(space)
+    order = np.random.default_rng(seed).permutation(len(entries))
+    values = list(entries.values())
+    for i in order:
+        yield values[i]
+

@@ -1,0 +1,118 @@
+"""Profile the machine this runs on into a latency table (``ofa profile``).
+
+Needs torch and the static-subnet code only, so it runs on a deployment device.
+Each distinct block is timed on its own with ``torch.utils.benchmark`` (fixed thread
+count, warm-up, repeated blocks, median), in a seeded random order so slow drifts of
+the machine spread over all entries instead of biasing one stage.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+# torch.utils.benchmark imports cpp_extension, which warns about a missing CUDA
+# toolkit on CPU-only machines; that warning is noise for timing Python modules.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
+from tqdm import tqdm
+
+from ..space import Arch, SearchSpace
+from ..subnet import Head, InvertedResidual, build_subnet, make_stem
+from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
+                      iter_plan, space_digest)
+
+__all__ = ["measure_latency", "profile_space"]
+
+
+def _entry_module(space: SearchSpace, entry: PlanEntry) -> nn.Module:
+    if entry.kind == "stem":
+        return make_stem(space)
+    if entry.kind == "head":
+        return Head(space)
+    return InvertedResidual(entry.block, space.bn_momentum, space.bn_eps)
+
+
+@torch.inference_mode()
+def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
+                    min_run_time: float = 0.2, channels_last: bool = False) -> float:
+    """Median wall time (ms) of one forward of ``module`` on a (batch, *shape) input."""
+    module = module.eval()
+    x = torch.randn(batch, *shape)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    for _ in range(3):
+        module(x)
+    timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+
+
+def arch_latency(space: SearchSpace, arch: Arch, batch: int = 1, threads: int = 2,
+                 min_run_time: float = 0.3, channels_last: bool = False) -> float:
+    """End-to-end latency (ms) of the static subnet of ``arch`` (weights do not matter)."""
+    torch.manual_seed(0)
+    net = build_subnet(space, arch)
+    return measure_latency(net, (space.in_channels, arch.resolution, arch.resolution), batch, threads,
+                           min_run_time, channels_last)
+
+
+def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int = 1, seed: int = 0,
+                  min_run_time: float = 0.05, channels_last: bool = False, calibrate: int = 10,
+                  rounds: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Time every distinct block of ``space`` and return a validated latency table.
+
+    With ``calibrate`` > 0, that many seeded random subnets are also timed end to end
+    and a correction ``scale · sum + offset`` is fitted; it is kept only if it lowers
+    the error on as many other subnets.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    plan = list(iter_plan(space, seed))
+    modules = {entry.key: _entry_module(space, entry) for entry in plan}
+    samples: dict[str, list[float]] = {entry.key: [] for entry in plan}
+    # Several passes, each in its own random order: a burst of load on the machine
+    # spoils one sample of some entries, and the median over passes drops it.
+    bar = tqdm(total=rounds * len(plan), desc=f"profile {target}", unit="block", disable=not progress)
+    for r in range(rounds):
+        order = plan if r == 0 else [plan[i] for i in np.random.default_rng(seed + 100 + r).permutation(len(plan))]
+        for entry in order:
+            samples[entry.key].append(measure_latency(modules[entry.key], entry.in_shape, batch, threads,
+                                                      min_run_time, channels_last))
+            bar.update(1)
+    bar.close()
+    entries = {k: round(float(np.median(v)), 6) for k, v in samples.items()}
+    table = {
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "target": target,
+        "space": {"name": space.name, "digest": space_digest(space)},
+        "device": {
+            "cpu": describe_cpu(), "threads": threads, "batch": batch, "backend": "torch",
+            "backend_version": torch.__version__, "memory_format": "channels_last" if channels_last else "nchw",
+            "rounds": rounds, "min_run_time_s": min_run_time,
+        },
+        "entries": entries,
+        "correction": {"scale": 1.0, "offset_ms": 0.0},
+    }
+    if calibrate:
+        archs = space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
+        measured = np.array([arch_latency(space, a, batch, threads, channels_last=channels_last)
+                             for a in tqdm(archs, desc="end-to-end", disable=not progress)])
+        raw = LatencyPredictor(space, table).raw(space.encode(archs))
+        fit, check = slice(0, calibrate), slice(calibrate, None)
+        scale, offset = fit_correction(raw[fit], measured[fit])
+        err_raw = np.abs(raw[check] / measured[check] - 1).mean()
+        err_fit = np.abs((raw[check] * scale + offset) / measured[check] - 1).mean()
+        if err_fit < err_raw:
+            table["correction"] = {"scale": round(scale, 6), "offset_ms": round(offset, 6)}
+        table["calibration"] = {"archs": 2 * calibrate, "mean_abs_rel_error_raw": round(float(err_raw), 4),
+                                "mean_abs_rel_error_corrected": round(float(err_fit), 4),
+                                "kept": bool(err_fit < err_raw)}
+    table["profile_seconds"] = round(time.perf_counter() - t0, 1)
+    return table

@@ -1,0 +1,77 @@
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from ofa.predict.latency import LatencyPredictor, LatencyTableError, block_plan, validate_table
+from ofa.predict.profile import profile_space
+from ofa.space import SearchSpace, StageSpec
+
+TINY = SearchSpace(
+    name="tiny-test", in_channels=1, num_classes=4, resolutions=(12, 16), stem_width=8, stem_stride=1,
+    first_block_width=8, stages=(StageSpec(8, 2, "relu", False), StageSpec(16, 1, "h_swish", True)),
+    final_expand_width=32, head_width=32, kernel_choices=(3, 5), expand_choices=(3, 4), depth_choices=(1, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return profile_space(TINY, "test-cpu", threads=1, min_run_time=0.002, calibrate=3, progress=False)
+
+
+def test_profiling_a_tiny_space_end_to_end(table):
+    entries, _, _ = block_plan(TINY)
+    assert set(table["entries"]) == set(entries)
+    assert all(v > 0 for v in table["entries"].values())
+    assert table["device"]["threads"] == 1 and table["device"]["backend"] == "torch"
+    assert table["calibration"]["archs"] == 6
+    back = json.loads(json.dumps(table))
+    pred = LatencyPredictor(TINY, back)
+    archs = TINY.sample(0, n=50)
+    ms = pred(TINY.encode(archs))
+    assert ms.shape == (50,) and np.all(ms > 0)
+
+
+def test_prediction_is_the_sum_of_the_arch_blocks(table):
+    pred = LatencyPredictor(TINY, {**table, "correction": {"scale": 2.0, "offset_ms": 1.0}})
+    entries, fixed, slots = block_plan(TINY)
+    for arch in TINY.sample(1, n=20):
+        code = TINY.encode([arch])
+        want = sum(table["entries"][k] for k in fixed[arch.resolution])
+        active = TINY.active_mask(code)[0]
+        for slot in np.flatnonzero(active):
+            ki = code[0, slot]
+            ei = code[0, TINY.num_slots + slot]
+            want += table["entries"][slots[(arch.resolution, int(slot), int(ki), int(ei))]]
+        assert pred.raw(code)[0] == pytest.approx(want)
+        assert pred(code)[0] == pytest.approx(2 * want + 1)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update(format="csv"), "format must be 'ofa-latency-table'"),
+    (lambda t: t.update(version=2), "version must be 1"),
+    (lambda t: t.update(target="my laptop!"), "target must be 1-64 characters"),
+    (lambda t: t.update(target=""), "target must be 1-64 characters"),
+    (lambda t: t.update(device="cpu"), "device must be an object"),
+    (lambda t: t.update(entries={}), "entries must be a non-empty object"),
+    (lambda t: t["entries"].update({next(iter(t["entries"])): -1.0}), "must be a finite number of milliseconds >= 0"),
+    (lambda t: t["entries"].update({next(iter(t["entries"])): float("nan")}), "finite number"),
+    (lambda t: t["entries"].update({next(iter(t["entries"])): "fast"}), "finite number"),
+    (lambda t: t["entries"].pop(next(iter(t["entries"]))), "entries lack 1 block keys"),
+    (lambda t: t["space"].update(digest="0" * 64), "digest mismatch"),
+    (lambda t: t.update(correction={"scale": 0, "offset_ms": 0}), "correction must be"),
+    (lambda t: t.update(correction={"scale": 1}), "correction must be"),
+])
+def test_malformed_tables_are_refused(table, edit, message):
+    bad = copy.deepcopy(table)
+    edit(bad)
+    with pytest.raises(LatencyTableError, match=message):
+        validate_table(bad, TINY)
+    with pytest.raises(LatencyTableError):
+        LatencyPredictor(TINY, bad)
+
+
+def test_a_table_that_is_not_an_object_is_refused():
+    with pytest.raises(LatencyTableError, match="must be a JSON object, got list"):
+        validate_table([1, 2])
