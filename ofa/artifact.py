@@ -20,30 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import __version__
 from .data import DataSpec
 from .space import SearchSpace
 from .supernet import Supernet
-from .train.checkpoint import atomic_write_text
+from ._io import atomic_save_tensors, atomic_write_text, sha256_file
 
 __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "write_artifact"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
 
 
 class ArtifactError(ValueError):
     """A directory that is not a complete, intact artifact; the message says what is wrong."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -61,11 +55,21 @@ class Artifact:
         return self.manifest["digest"]
 
 
+def _identity(digests: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps({n: digests[n] for n in CORE_FILES}, sort_keys=True).encode()).hexdigest()
+
+
 def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor,
                    config: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
     out.mkdir(parents=True, exist_ok=True)
     space = supernet.space
+    old_files: dict[str, str] = {}
+    if (out / MANIFEST).exists():  # tables profiled earlier stay listed
+        try:
+            old_files = json.loads((out / MANIFEST).read_text()).get("files", {})
+        except ValueError:
+            old_files = {}
     files = {
         "space.json": space.to_json(),
         "data.json": json.dumps(data.to_dict(), sort_keys=True),
@@ -73,11 +77,12 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     for name, text in files.items():
         atomic_write_text(out / name, text)
     state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
-    save_file(state, str(out / "supernet.safetensors"), metadata={"space": space.name})
-    save_file({"images": calibration.contiguous().to(torch.uint8)}, str(out / "calibration.safetensors"))
-    names = sorted(list(files) + ["supernet.safetensors", "calibration.safetensors"])
-    digests = {n: sha256_file(out / n) for n in names}
+    atomic_save_tensors(state, out / "supernet.safetensors", metadata={"space": space.name})
+    atomic_save_tensors({"images": calibration.to(torch.uint8)}, out / "calibration.safetensors")
+    digests = {n: sha256_file(out / n) for n in CORE_FILES}
     # The identity covers what decides the served weights; tables added later do not change it.
+    identity = _identity(digests)
+    digests.update({n: d for n, d in old_files.items() if n not in CORE_FILES and (out / n).exists()})
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -87,7 +92,7 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
         "space": space.name,
         "dataset": data.name,
         "files": digests,
-        "digest": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(),
+        "digest": identity,
         "training": config,
         "metrics": metrics,
     }
@@ -119,20 +124,32 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         manifest = json.loads((path / MANIFEST).read_text())
     except ValueError as e:
         raise ArtifactError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path / MANIFEST} must be an object with a 'files' object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not "
                             f"supported (this build reads {FORMAT_VERSION})")
-    for name, digest in manifest.get("files", {}).items():
-        if not (path / name).exists():
+    files = manifest["files"]
+    missing = [n for n in CORE_FILES if n not in files]
+    if missing:
+        raise ArtifactError(f"{path}: the manifest does not list {missing}")
+    root = path.resolve()
+    for name, digest in files.items():
+        file = (path / name).resolve()
+        if root not in file.parents:
+            raise ArtifactError(f"{path}: manifest entry {name!r} points outside the artifact")
+        if not file.is_file():
             raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
-        if verify and sha256_file(path / name) != digest:
+        if verify and sha256_file(file) != digest:
             raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest")
+    if verify and manifest.get("digest") != _identity(files):
+        raise ArtifactError(f"{path}: the manifest's digest does not match its files")
     try:
         space = SearchSpace.from_dict(json.loads((path / "space.json").read_text()))
         data = DataSpec.from_dict(json.loads((path / "data.json").read_text()))
         supernet = Supernet(space)
         supernet.load_state_dict(load_file(str(path / "supernet.safetensors")))
         calibration = load_file(str(path / "calibration.safetensors"))["images"]
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
         raise ArtifactError(f"{path}: {e}") from None
     return Artifact(path, manifest, space, data, supernet.eval(), calibration)

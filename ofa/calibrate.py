@@ -35,9 +35,11 @@ def calibrate_bn(model: nn.Module, images: torch.Tensor, spec: DataSpec, resolut
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average of the batch statistics
             bn.train()
-        for start in range(0, len(images), batch_size):
-            x = prepare_batch(images[start : start + batch_size], resolution, spec, device)
-            model(x)
+        # nearly equal batches (sizes differ by at most one): the cumulative average
+        # weighs batches equally, so a small last batch must not count as much as a full one
+        n_batches = -(-len(images) // batch_size)
+        for chunk in torch.tensor_split(images, n_batches):
+            model(prepare_batch(chunk, resolution, spec, device))
     finally:
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum

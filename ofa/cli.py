@@ -128,9 +128,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .predict.latency import check_target_name
 
     check_target_name(args.target)
-    if min(args.threads, args.batch, args.rounds) < 1 or args.min_run_time <= 0:
-        raise ValueError(f"--threads, --batch and --rounds must be >= 1 and --min-run-time > 0, got "
-                         f"{args.threads}, {args.batch}, {args.rounds} and {args.min_run_time}")
+    if min(args.threads, args.batch, args.rounds) < 1 or args.min_run_time <= 0 or args.calibrate < 0:
+        raise ValueError(f"--threads, --batch and --rounds must be >= 1, --min-run-time > 0 and "
+                         f"--calibrate >= 0, got {args.threads}, {args.batch}, {args.rounds}, "
+                         f"{args.min_run_time} and {args.calibrate}")
     table = profile_space(space, args.target, threads=args.threads, batch=args.batch, seed=args.seed,
                           min_run_time=args.min_run_time, channels_last=args.channels_last,
                           calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress)
@@ -149,6 +150,47 @@ def _cmd_profile(args: argparse.Namespace) -> int:
           f"{cal.get('archs', 0)} subnets: mean |error| {cal.get('mean_abs_rel_error_raw', float('nan')):.1%} "
           f"raw, {cal.get('mean_abs_rel_error_corrected', float('nan')):.1%} corrected "
           f"({'kept' if cal.get('kept') else 'not kept'})")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    """What an artifact holds: space, data, training figures, latency targets."""
+    from .predict.latency import validate_table
+
+    root = Path(args.artifact)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except OSError:
+        raise ValueError(f"{root} is not an artifact: manifest.json is missing") from None
+    targets = {}
+    for name in sorted(manifest.get("files", {})):
+        if name.startswith("latency/") and name.endswith(".json"):
+            try:
+                table = validate_table(json.loads((root / name).read_text()))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{root / name} is not a valid latency table: {e}") from None
+            targets[table["target"]] = {"device": table["device"], "blocks": len(table["entries"]),
+                                        "correction": table.get("correction"),
+                                        "calibration": table.get("calibration")}
+    info = {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
+            "dataset": manifest["dataset"], "created": manifest["created"],
+            "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets}
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+        return 0
+    print(f"artifact {root}  (digest {info['digest'][:16]}, created {info['created']})")
+    print(f"space {info['space']}, trained on {info['dataset']}")
+    order = [p["name"] for p in manifest.get("training", {}).get("phases", [])]
+    for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
+        accs = info["val_accuracy"][phase]
+        print(f"  val. accuracy after {phase:9s} " + "  ".join(
+            f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
+    print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
+    for name, t in targets.items():
+        cal = t.get("calibration") or {}
+        print(f"  {name}: {t['blocks']} blocks, {t['device'].get('cpu')}, {t['device'].get('threads')} threads, "
+              f"{t['device'].get('backend')}; end-to-end mean |error| "
+              f"{cal.get('mean_abs_rel_error_corrected', float('nan')):.1%}")
     return 0
 
 
@@ -212,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_profile)
 
+    s = sub.add_parser("info", help="show what an artifact holds and how good its predictors are")
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--json", action="store_true", help="print the same as JSON")
+    s.set_defaults(func=_cmd_info)
+
     s = sub.add_parser("import-reference",
                        help="convert a reference OFAMobileNetV3 checkpoint (.pth) to safetensors")
     s.add_argument("--checkpoint", required=True, help="the reference checkpoint (state_dict .pth)")
@@ -222,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except (ValueError, KeyError, OSError, SafetensorError) as e:
         print(f"ofa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

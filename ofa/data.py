@@ -251,7 +251,7 @@ def prepare_batch(images: torch.Tensor, resolution: int, spec: DataSpec,
 def split_validation(ds: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """A fixed, seeded hold-out of ``size`` training images: (train, validation)."""
     if not 0 < size < len(ds):
-        raise DataError(f"validation size must be in 1..{len(ds) - 1}, got {size}")
+        raise DataError(f"val_size must be in 1..{len(ds) - 1} (the training set has {len(ds)} images), got {size}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(ds), generator=g)
     return ds.subset(perm[size:].sort().values), ds.subset(perm[:size].sort().values)

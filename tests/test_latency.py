@@ -62,6 +62,9 @@ def test_prediction_is_the_sum_of_the_arch_blocks(table):
     (lambda t: t["space"].update(digest="0" * 64), "digest mismatch"),
     (lambda t: t.update(correction={"scale": 0, "offset_ms": 0}), "correction must be"),
     (lambda t: t.update(correction={"scale": 1}), "correction must be"),
+    (lambda t: t.update(correction={"scale": True, "offset_ms": 0}), "correction must be"),
+    (lambda t: t["entries"].update({next(iter(t["entries"])): 10 ** 400}), "finite number"),
+    (lambda t: t["entries"].update({"x" * 300: 1.0}), "at most 200 characters"),
 ])
 def test_malformed_tables_are_refused(table, edit, message):
     bad = copy.deepcopy(table)
@@ -75,3 +78,30 @@ def test_malformed_tables_are_refused(table, edit, message):
 def test_a_table_that_is_not_an_object_is_refused():
     with pytest.raises(LatencyTableError, match="must be a JSON object, got list"):
         validate_table([1, 2])
+
+
+def test_profile_command_writes_into_an_artifact(tmp_path, capsys):
+    import torch
+
+    from ofa.artifact import load_artifact, write_artifact
+    from ofa.cli import main
+    from ofa.data import DataSpec
+    from ofa.supernet import Supernet
+
+    spec = DataSpec("tiny", 1, 16, 4, (0.5,), (0.5,), ("a", "b", "c", "d"))
+    write_artifact(tmp_path, Supernet(TINY), spec, torch.zeros(4, 1, 16, 16, dtype=torch.uint8), {}, {})
+    digest = load_artifact(tmp_path).digest
+    args = ["profile", "--artifact", str(tmp_path), "--target", "ci-cpu", "--threads", "1",
+            "--min-run-time", "0.002", "--rounds", "1", "--calibrate", "2", "--no-progress"]
+    assert main(args) == 0
+    table = json.loads((tmp_path / "latency" / "ci-cpu.json").read_text())
+    validate_table(table, TINY)
+    art = load_artifact(tmp_path)  # the manifest records the new file's sha256
+    assert "latency/ci-cpu.json" in art.manifest["files"] and art.digest == digest
+    capsys.readouterr()
+    assert main(["info", "--artifact", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["targets"]["ci-cpu"]["blocks"] == len(table["entries"])
+    assert main(["profile", "--artifact", str(tmp_path), "--target", "../escape"]) == 2
+    assert "target must be 1-64 characters" in capsys.readouterr().err
+    assert main(["profile", "--space", "tiny-test", "--artifact", str(tmp_path), "--target", "x"]) == 2

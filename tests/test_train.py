@@ -140,7 +140,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
 @pytest.mark.parametrize("assignment, message", [
     ("batch_sise=3", r"unknown key 'batch_sise'; allowed: \[.*'batch_size'"),
     ("batch_size=abc", "batch_size must be an integer, got 'abc'"),
-    ("batch_size=-4", "batch_size must be >= 0"),
+    ("batch_size=-4", "batch_size must be a finite number >= 0"),
     ("sandwich=maybe", "sandwich must be true or false"),
     ("phases.kernal.epochs=1", r"unknown phase 'kernal'; phases are \['full', 'kernel'"),
     ("phases.kernel.speed=1", r"unknown key phases.kernel.'speed'"),
@@ -196,3 +196,48 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ofa", "train", "--out", str(tmp_path), "--set", "lr=1"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown key 'lr'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_refuses_a_changed_configuration(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data)
+    train(cfg, tmp_path, only_phase="full", progress=False)
+    changed = apply_overrides(cfg, {"batch_size": 16})
+    with pytest.raises(ConfigError, match=r"different values of \['batch_size'\]"):
+        train(changed, tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="starts from the weights that the 2 phase"):
+        train(cfg, tmp_path, only_phase="depth-1", progress=False)
+    (tmp_path / "checkpoints" / "teacher.safetensors").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="is not the teacher this run's full phase wrote"):
+        train(cfg, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("phases.full.lr=nan", "must be a finite number"),
+    ("phases.full.epochs=inf", "must be a finite number"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("label_smoothing=1.5", r"label_smoothing must be in \[0, 1\)"),
+    ("phases.depth-2.depths=2,5", r"phases.depth-2.depths has \[5\]"),
+])
+def test_bad_values_fail_before_training_starts(assignment, message, tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(load_config("quick", None, [f"data_dir={tiny_data}", assignment]), tmp_path, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_manifest_digest_and_paths_are_checked(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, "phases.full.epochs=0.1", "phases.kernel.epochs=0.05",
+                      "phases.depth-1.epochs=0.05", "phases.depth-2.epochs=0.05",
+                      "phases.expand-1.epochs=0.05", "phases.expand-2.epochs=0.05"), tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    forged = {**manifest, "digest": "0" * 64}
+    (tmp_path / "manifest.json").write_text(json.dumps(forged))
+    with pytest.raises(ValueError, match="digest does not match"):
+        load_artifact(tmp_path)
+    escape = {**manifest, "files": {**manifest["files"], "../outside.json": "0" * 64}}
+    (tmp_path / "manifest.json").write_text(json.dumps(escape))
+    with pytest.raises(ValueError, match="points outside the artifact"):
+        load_artifact(tmp_path)
+    dropped = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "supernet.safetensors"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(dropped))
+    with pytest.raises(ValueError, match=r"does not list \['supernet.safetensors'\]"):
+        load_artifact(tmp_path)

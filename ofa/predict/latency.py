@@ -100,6 +100,20 @@ def block_plan(space: SearchSpace) -> tuple[dict[str, PlanEntry], dict[int, tupl
     return entries, fixed, slots
 
 
+MAX_ENTRIES = 100_000
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bools, strings, NaN, ±inf, huge integers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def check_target_name(target: Any) -> str:
     """A target name is also a file name: 1-64 of letters, digits, '-', '_', '.' (not leading '.')."""
     if (not isinstance(target, str) or not 0 < len(target) <= 64 or target.startswith(".")
@@ -124,14 +138,17 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     entries = table.get("entries")
     if not isinstance(entries, Mapping) or not entries:
         raise LatencyTableError("entries must be a non-empty object of block key -> milliseconds")
+    if len(entries) > MAX_ENTRIES:
+        raise LatencyTableError(f"entries has {len(entries)} keys; at most {MAX_ENTRIES} are accepted")
     for k, v in entries.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not isinstance(k, str) or len(k) > 200:
+            raise LatencyTableError(f"entry keys must be strings of at most 200 characters, got {str(k)[:40]!r}")
+        if _number(v) is None or v < 0:
             raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds >= 0, got {v!r}")
     corr = table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
     if (not isinstance(corr, Mapping) or set(corr) != {"scale", "offset_ms"}
-            or not all(isinstance(corr[k], (int, float)) and math.isfinite(corr[k]) for k in corr)
-            or corr["scale"] <= 0):
-        raise LatencyTableError("correction must be {\"scale\": > 0, \"offset_ms\": number}")
+            or any(_number(corr[k]) is None for k in corr) or corr["scale"] <= 0):
+        raise LatencyTableError("correction must be {\"scale\": number > 0, \"offset_ms\": number}")
     if space is not None:
         if table["space"].get("digest") != space_digest(space):
             raise LatencyTableError(
@@ -168,7 +185,9 @@ class LatencyPredictor:
         return self.fixed_ms[codes[:, -1]] + gather_slots(self.space, codes, self.slot_ms)
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
-        return self.raw(codes) * self.scale + self.offset
+        # a negative offset must not make a subnet look free: never below a tenth of the sum
+        raw = self.raw(codes)
+        return np.maximum(raw * self.scale + self.offset, 0.1 * raw)
 
 
 def fit_correction(raw_ms: np.ndarray, measured_ms: np.ndarray) -> tuple[float, float]:

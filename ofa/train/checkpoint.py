@@ -8,34 +8,19 @@ at any moment leaves either the previous checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-__all__ = ["Checkpoint", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+from .._io import atomic_save_tensors, atomic_write_text
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 INDEX = "checkpoint.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -54,7 +39,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], model: dict[str, torch.
     name = f"model-{step:08d}.safetensors"
     tensors = {f"model.{k}": v for k, v in model.items()}
     tensors.update({f"optim.{k}": v for k, v in optimizer.items()})
-    _atomic_save_tensors(tensors, folder / name, {"global_step": str(step)})
+    atomic_save_tensors(tensors, folder / name, {"global_step": str(step)})
     atomic_write_text(folder / INDEX, json.dumps({**state, "file": name}, indent=1, sort_keys=True))
     for old in folder.glob("model-*.safetensors"):
         if old.name != name:
@@ -70,7 +55,7 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
     try:
         state = json.loads(index.read_text())
         tensors = load_file(str(folder / state["file"]))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"checkpoint in {folder} is unreadable: {e}") from None
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}

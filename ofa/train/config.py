@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,8 +147,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                               f"got {value!r}") from None
         if annotation is int and isinstance(value, float) and value != number:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if number < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
         return number
     if annotation is str:
         if not isinstance(value, str):

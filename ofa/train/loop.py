@@ -2,8 +2,11 @@
 
 Every random choice of a step (data order, subnets, resolution, augmentation,
 dropout) is derived from ``(seed, phase, step)`` — and the rank, where ranks must
-differ — so a run resumed from a checkpoint continues bit for bit, and every rank of
-a ``torchrun`` job samples the same subnets without communicating.
+differ — so a run resumed from a checkpoint continues bit for bit on CPU (on CUDA,
+non-deterministic kernels make it equal only up to float rounding), and every rank
+of a ``torchrun`` job samples the same subnets without communicating. Checkpoints
+and the teacher are read from ``--out`` by every rank: a multi-node job needs it on
+shared storage.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from .._io import atomic_save_tensors, sha256_file
 from ..data import DataSpec, augment, calibration_images, load_dataset, prepare_batch, split_validation
 from ..evaluate import subnet_accuracy
 from ..space import Arch, SearchSpace, get_space
@@ -115,6 +120,22 @@ def _check_config(config: TrainConfig) -> None:
             raise ConfigError(f"phases.{p.name}.subnets_per_step must be >= 1, got {p.subnets_per_step}")
         if config.sandwich and p.subnets_per_step < 2 and p.name != config.phases[0].name:
             raise ConfigError(f"phases.{p.name}: the sandwich rule needs subnets_per_step >= 2")
+        phase_space(get_space(config.space), p)  # choices outside the space fail now, not hours later
+    for key in ("checkpoint_every", "log_every", "calib_size", "eval_batch_size", "val_size"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+# Keys that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "data_dir", "trace",
+                      "eval_batch_size"}
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
 
 
 class Trainer:
@@ -131,7 +152,11 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         base = get_space(config.space)
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()  # rank 0 prepares (decompresses, or downloads) the dataset first
         full, self.spec = load_dataset(config.dataset, config.data_dir or None, True, config.image_size)
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
         self.space = self._fit_space(base, self.spec)
         self.train_set, self.val_set = split_validation(full, config.val_size, config.seed)
         if config.train_subset:
@@ -146,6 +171,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self.teacher: nn.Module | None = None
+        self._teacher_digest: str | None = None
 
     # ---- set-up helpers ----------------------------------------------------
     def _device(self) -> torch.device:
@@ -201,7 +227,13 @@ class Trainer:
             if not path.exists():
                 raise ConfigError("distillation needs the teacher that the 'full' phase writes "
                                   f"({path} is missing): run the full phase first")
-            state = load_file(str(path), device=str(self.device))
+            want = self._teacher_digest
+            if want is not None and sha256_file(path) != want:
+                raise ConfigError(f"{path} is not the teacher this run's full phase wrote (sha256 differs)")
+            try:
+                state = load_file(str(path), device=str(self.device))
+            except SafetensorError as e:
+                raise ConfigError(f"{path} is unreadable: {e}") from None
             self.teacher = load_subnet(self.space, self.space.largest(), state).to(
                 memory_format=torch.channels_last).eval()
         return self.teacher
@@ -211,9 +243,10 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in
                      self.supernet.subnet_state_dict(self.space.largest()).items()}
-            tmp = self.ckpt_dir / ".teacher.tmp"
-            save_file(state, str(tmp))
-            os.replace(tmp, self.ckpt_dir / "teacher.safetensors")
+            atomic_save_tensors(state, self.ckpt_dir / "teacher.safetensors")
+        if self.world > 1:
+            dist.barrier()
+        self._teacher_digest = sha256_file(self.ckpt_dir / "teacher.safetensors")
         self.teacher = None
 
     # ---- the run -------------------------------------------------------------
@@ -225,8 +258,16 @@ class Trainer:
         start_phase, start_step, global_step, buffers = 0, 0, 0, {}
         results: dict[str, Any] = {}
         if ckpt is not None:
+            diff = _config_differences(ckpt.state.get("config", {}), self.config.to_dict())
+            if diff:
+                raise ConfigError(f"the checkpoint in {self.ckpt_dir} was written with different values of "
+                                  f"{diff}; resume with the same configuration or use another --out")
+            if ckpt.state.get("world_size", 1) != self.world:
+                raise ConfigError(f"the checkpoint was written by {ckpt.state.get('world_size', 1)} processes, "
+                                  f"this run has {self.world}; the data order would change")
             self.supernet.load_state_dict(ckpt.model)
             global_step, results = ckpt.state["global_step"], ckpt.state.get("results", {})
+            self._teacher_digest = ckpt.state.get("teacher_sha256")
             if resume:
                 start_phase, start_step = ckpt.state["phase_index"], ckpt.state["step_in_phase"]
                 buffers = ckpt.optimizer
@@ -234,11 +275,16 @@ class Trainer:
         stop_phase = len(phases)
         if only_phase is not None:
             idx = phases.index(self.config.phase(only_phase))
-            if not (resume and start_phase == idx):
-                start_phase, start_step, buffers = idx, 0, {}
-            if idx > 0 and ckpt is None:
-                raise ConfigError(f"phase {only_phase!r} starts from the weights of the phases before it, "
-                                  f"but {self.ckpt_dir} holds no checkpoint")
+            done = ckpt.state["phase_index"] if ckpt is not None else 0
+            if resume and done != idx:
+                raise ConfigError(f"--resume --phase {only_phase}: the checkpoint is in phase "
+                                  f"{phases[min(done, len(phases) - 1)].name!r}")
+            if not resume and (done != idx or (ckpt is not None and ckpt.state["step_in_phase"] != 0)):
+                have = (f"the checkpoint in {self.ckpt_dir} ends after {done} complete phase(s)"
+                        if ckpt is not None else f"{self.ckpt_dir} holds no checkpoint")
+                raise ConfigError(f"phase {only_phase!r} starts from the weights that the {idx} phase(s) "
+                                  f"before it leave, but {have}; run the phases in order (or --resume)")
+            start_phase, start_step = idx, start_step if resume else 0
             stop_phase = idx + 1
         for pi in range(start_phase, stop_phase):
             global_step, results[phases[pi].name] = self._run_phase(
@@ -266,6 +312,7 @@ class Trainer:
         teacher = self._teacher() if use_teacher else None
         amp = self.device.type == "cuda" and cfg.amp
         amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
         bar = tqdm(total=total, initial=start, desc=f"{phase.name:8s}", unit="step",
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         self.supernet.train()
@@ -294,8 +341,9 @@ class Trainer:
                         soft = teacher(x)
                 loss = model(x, y, archs, phase.kd_ratio, soft, cfg.sandwich)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             global_step += 1
             loss_sum += loss.item()
             n_last += len(idx)
@@ -311,6 +359,7 @@ class Trainer:
             if global_step % cfg.checkpoint_every == 0 and step + 1 < total:
                 self._checkpoint(pi, step + 1, global_step, opt, results)
         bar.close()
+        del model  # releases the DDP reducer's hooks before the next phase wraps the net again
         if phase.name == "full":
             self._save_teacher()
         phase_results = self.evaluate_corners(sub) if self.rank == 0 else {}
@@ -340,7 +389,8 @@ class Trainer:
                     opt: torch.optim.SGD | None, results: dict[str, Any]) -> None:
         if self.rank == 0:
             state = {"phase_index": phase_index, "step_in_phase": step, "global_step": global_step,
-                     "results": results, "config": self.config.to_dict()}
+                     "results": results, "config": self.config.to_dict(), "world_size": self.world,
+                     "teacher_sha256": self._teacher_digest}
             save_checkpoint(self.ckpt_dir, state, self.supernet.state_dict(),
                             self._optimizer_state(opt) if opt is not None else {})
         if self.world > 1:
