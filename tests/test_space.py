@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ofa.space import Arch, ArchError, SearchSpace, get_space, register_space, space_names
+from ofa.space import ArchError, SearchSpace, get_space, register_space, space_names
 
 
 def test_registry_has_both_spaces_and_refuses_duplicates():

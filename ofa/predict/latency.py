@@ -16,7 +16,6 @@ the arch encoding and sums it for N archs in one gather (see :class:`CostModel`)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 from dataclasses import dataclass
