@@ -33,9 +33,10 @@ dataset:
 
 # The reference implementation (PyPI `ofa`) in a folder of its own: its import name
 # clashes with ours, so tests and benchmarks run it in a separate process.
+# the reference package and PyYAML (which its efficiency predictors import), in a folder of their own
 reference: install
-	@test -f $(REF_DIR)/ofa/__init__.py || \
-		$(PY) -m pip install --quiet --no-deps --target $(REF_DIR) '$(REF_PKG)'
+	@test -f $(REF_DIR)/yaml/__init__.py || \
+		$(PY) -m pip install --quiet --no-deps --target $(REF_DIR) '$(REF_PKG)' 'pyyaml==6.0.3'
 
 bench: install reference
 	cd benchmarks && ../$(PY) train_step.py && ../$(PY) extract.py

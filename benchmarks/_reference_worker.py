@@ -57,4 +57,37 @@ def extract() -> dict:
     return {"times": times}
 
 
-print(json.dumps({"train_step": train_step, "extract": extract}[task]()))
+def search() -> dict:
+    """EvolutionFinder with a 3x400 MLP accuracy predictor (weights from a file) and a MACs bound."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+    from ofa.nas.accuracy_predictor import AccuracyPredictor, MobileNetArchEncoder
+    from ofa.nas.efficiency_predictor import Mbv3FLOPsModel
+    from ofa.nas.search_algorithm import EvolutionFinder
+
+    encoder = MobileNetArchEncoder(image_size_list=args["resolutions"], ks_list=[3, 5, 7],
+                                   expand_list=[3, 4, 6], depth_list=[2, 3, 4])
+    predictor = AccuracyPredictor(encoder, hidden_size=400, n_layers=3, device="cpu")
+    predictor.load_state_dict(load_file(args["weights"]))
+    efficiency = Mbv3FLOPsModel(net)
+    finder = EvolutionFinder(efficiency, predictor, population_size=args["population"],
+                             max_time_budget=args["generations"])
+    with torch.no_grad():
+        check = [{k: list(v) if isinstance(v, list) else v for k, v in a.items()} for a in args["check_archs"]]
+        check_acc = predictor.predict_acc(check).tolist()
+        check_macs = [efficiency.get_efficiency(a) for a in check]
+        runs = []
+        for seed in args["seeds"]:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            t = time.perf_counter()
+            _, best = finder.run_evolution_search(args["constraint_mflops"], verbose=False)
+            runs.append({"seed": seed, "seconds": time.perf_counter() - t, "accuracy": best[0],
+                         "arch": best[1], "mflops": best[2]})
+    return {"runs": runs, "check_accuracy": check_acc, "check_mflops": check_macs}
+
+
+print(json.dumps({"train_step": train_step, "extract": extract, "search": search}[task]()))

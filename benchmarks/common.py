@@ -27,8 +27,10 @@ def run_reference(task: str, **args) -> dict:
     worker = Path(__file__).with_name("_reference_worker.py")
     out = subprocess.run(
         [sys.executable, str(worker), str(reference_dir()), task, json.dumps(args)],
-        check=True, capture_output=True, text=True, cwd="/",
+        capture_output=True, text=True, cwd="/",
     )
+    if out.returncode != 0:
+        sys.exit(f"the reference worker failed on task {task!r}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -100,7 +100,7 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     return out
 
 
-def add_file(artifact_dir: Path, name: str, text: str) -> Path:
+def add_file(artifact_dir: Path, name: str, text: str | bytes) -> Path:
     """Write ``name`` (e.g. ``latency/laptop.json``) into an artifact and record its sha256."""
     artifact_dir = Path(artifact_dir)
     manifest_path = artifact_dir / MANIFEST

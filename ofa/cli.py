@@ -172,9 +172,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
             targets[table["target"]] = {"device": table["device"], "blocks": len(table["entries"]),
                                         "correction": table.get("correction"),
                                         "calibration": table.get("calibration")}
+    accuracy = None
+    if "accuracy_predictor.safetensors" in manifest.get("files", {}):
+        from .predict.accuracy import AccuracyPredictor
+
+        pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes())
+        accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
+                                              ("test", "train_samples", "test_samples", "learning_curve",
+                                               "calib_images")}}
     info = {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
             "dataset": manifest["dataset"], "created": manifest["created"],
-            "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets}
+            "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets,
+            "accuracy_predictor": accuracy}
     if args.json:
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
@@ -185,6 +194,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         accs = info["val_accuracy"][phase]
         print(f"  val. accuracy after {phase:9s} " + "  ".join(
             f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
+    if accuracy is None:
+        print("accuracy predictor: none (run ofa predictors --artifact ...)")
+    else:
+        test = accuracy["test"] or {}
+        print(f"accuracy predictor: {accuracy['family']}, fitted on {accuracy['train_samples']} measured "
+              f"subnets; on {accuracy['test_samples']} held out: Kendall tau {test.get('kendall_tau', float('nan')):.3f}, "
+              f"RMSE {test.get('rmse', float('nan')):.3f} points")
     print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
     for name, t in targets.items():
         cal = t.get("calibration") or {}
@@ -192,6 +208,109 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"{t['device'].get('backend')}; end-to-end mean |error| "
               f"{cal.get('mean_abs_rel_error_corrected', float('nan')):.1%}")
     return 0
+
+
+def _cmd_predictors(args: argparse.Namespace) -> int:
+    """Measure subnets of an artifact, pick and fit the accuracy predictor, store both in it."""
+    import torch
+
+    from .predict.measure import build_accuracy_predictor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = build_accuracy_predictor(args.artifact, samples=args.samples, seed=args.seed,
+                                      test_fraction=args.test_fraction, calib_images=args.calib_images,
+                                      data_dir=args.data_dir, progress=not args.no_progress,
+                                      log=(lambda s: None) if args.json else print)
+    if args.plot:
+        from .plots import plot_predicted_vs_measured
+
+        held = report["held_out"]
+        plot_predicted_vs_measured(held["measured"], held["predicted"], args.plot,
+                                   f"accuracy predictor ({report['selected']}), held-out subnets: "
+                                   f"tau {report['test']['kendall_tau']:.3f}, RMSE {report['test']['rmse']:.2f}")
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "held_out"}, indent=1, sort_keys=True))
+    else:
+        for row in report["learning_curve"]:
+            print(f"  fitted on {row['train_samples']:4d}: held-out tau {row['kendall_tau']:.3f}, "
+                  f"RMSE {row['rmse']:.3f}")
+        print(f"measured in {report['measure_seconds']} s; stored accuracy/measurements.json and "
+              f"accuracy_predictor.safetensors in {args.artifact}")
+    return 0
+
+
+def _constraints(args: argparse.Namespace):
+    from .search import Constraints
+
+    return Constraints(max_latency_ms=args.max_latency_ms, max_macs=args.max_macs, max_params=args.max_params,
+                       resolutions=tuple(args.resolution or ()), min_accuracy=args.min_accuracy)
+
+
+def _settings(args: argparse.Namespace):
+    from .search import SearchSettings
+
+    return SearchSettings(population=args.population, generations=args.generations, seed=args.seed)
+
+
+def _describe(c) -> str:
+    lat = f"{c.latency_ms:.3f} ms, " if c.latency_ms is not None else ""
+    return f"{c.arch.id}  accuracy {c.accuracy:.2f}%  {lat}{c.macs / 1e6:.2f} MMACs  {c.params / 1e6:.3f} M params"
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Evolutionary search over the artifact's predictors."""
+    from .search import search
+    from .search.load import load_scorer
+
+    scorer = load_scorer(args.artifact)
+    result = search(scorer, _constraints(args), args.target, _settings(args))
+    if args.json:
+        print(json.dumps({**result.best.to_dict(), "search_seconds": round(result.seconds, 4),
+                          "generations": result.generations, "evaluated": result.evaluated}, sort_keys=True))
+        return 0
+    print(_describe(result.best))
+    print(f"  arch {result.best.arch}")
+    print(f"  found in {result.seconds:.3f} s ({result.generations} generations, {result.evaluated} archs scored)")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    """The accuracy-latency (or -MACs) front."""
+    from .search import SearchSettings, pareto_front
+    from .search.load import load_scorer
+
+    scorer = load_scorer(args.artifact)
+    t0 = time.perf_counter()
+    front = pareto_front(scorer, args.k, args.target, _constraints(args),
+                         SearchSettings(population=args.population, generations=args.generations, seed=args.seed))
+    seconds = time.perf_counter() - t0
+    if args.plot:
+        from .plots import plot_pareto
+
+        plot_pareto(front, args.plot, args.target, Path(args.artifact))
+    if args.json:
+        print(json.dumps({"front": [c.to_dict() for c in front], "seconds": round(seconds, 4)}, sort_keys=True))
+        return 0
+    for c in front:
+        print(_describe(c))
+    print(f"{len(front)} points in {seconds:.2f} s" + (f"; plot written to {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _search_arguments(s: argparse.ArgumentParser, generations: int) -> None:
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--target", help="hardware target with a latency table in the artifact (see `ofa info`)")
+    s.add_argument("--max-latency-ms", type=float, help="upper bound on predicted latency on --target")
+    s.add_argument("--max-macs", type=int, help="upper bound on multiply-accumulates")
+    s.add_argument("--max-params", type=int, help="upper bound on parameters")
+    s.add_argument("--resolution", type=int, action="append", help="allowed input resolution (repeatable)")
+    s.add_argument("--min-accuracy", type=float,
+                   help="floor on predicted accuracy: then minimise latency (MACs without --target)")
+    s.add_argument("--population", type=int, default=100)
+    s.add_argument("--generations", type=int, default=generations)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +373,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_profile)
 
+    s = sub.add_parser("predictors", help="measure subnets and fit the accuracy predictor into an artifact",
+                       description="Sample subnets stratified over MACs (corners included), re-calibrate "
+                       "BN, measure validation accuracy, pick the predictor family by cross-validated "
+                       "Kendall tau and store measurements and predictor in the artifact. Measurements "
+                       "are kept: a later run measures only subnets not measured yet and fits on all.")
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--samples", type=int, default=300, help="subnets to measure (default 300)")
+    s.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of subnets held out for the reported quality (default 0.2)")
+    s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")
+    s.add_argument("--data-dir", help="where the training dataset lies, if not where training found it")
+    s.add_argument("--plot", help="write a predicted-vs-measured plot (PNG) of the held-out subnets here")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the quality report as JSON")
+    s.set_defaults(func=_cmd_predictors)
+
+    s = sub.add_parser("search", help="find the most accurate subnet under constraints",
+                       description="Regularised evolution over the artifact's predictors. Exit code 3 "
+                       "when the constraints cannot be met (the message gives the smallest achievable value).")
+    _search_arguments(s, generations=500)
+    s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("pareto", help="the accuracy-latency (or -MACs) front of an artifact")
+    _search_arguments(s, generations=100)
+    s.add_argument("-k", type=int, default=10, help="number of budgets along the front (default 10)")
+    s.add_argument("--plot", help="write the front and the measured subnets as a PNG here")
+    s.set_defaults(func=_cmd_pareto)
+
+    s = sub.add_parser("serve", help="serve artifacts over gRPC (search, Pareto fronts, weights)",
+                       description="Serve one or more supernet artifacts over gRPC (ofa.v1.SubnetService, "
+                       "health and reflection). SIGTERM stops it after in-flight calls finish.")
+    from ofa_server.main import add_arguments, serve
+
+    add_arguments(s)
+    s.set_defaults(func=serve)
+
     s = sub.add_parser("info", help="show what an artifact holds and how good its predictors are")
     s.add_argument("--artifact", required=True)
     s.add_argument("--json", action="store_true", help="print the same as JSON")
@@ -271,10 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
+    from .search import Infeasible
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError, SafetensorError) as e:
+    except Infeasible as e:
+        print(f"ofa {args.command}: infeasible: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, LookupError, OSError, SafetensorError) as e:
         print(f"ofa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

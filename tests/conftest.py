@@ -79,7 +79,67 @@ def tiny_data(tmp_path_factory):
     return write_idx_dataset(tmp_path_factory.mktemp("tiny-fmnist"))
 
 
+def tiny_args(data_dir: Path) -> list[str]:
+    """--set assignments for a run of a few steps per phase on the tiny dataset."""
+    args = [f"data_dir={data_dir}", "val_size=100", "calib_size=64", "batch_size=32",
+            "eval_batch_size=200", "log_every=2", "threads=2", "checkpoint_every=3"]
+    steps = {"full": 0.4, "kernel": 0.2, "depth-1": 0.1, "depth-2": 0.2, "expand-1": 0.1, "expand-2": 0.2}
+    return args + [f"phases.{p}.epochs={e}" for p, e in steps.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_data, tmp_path_factory):
+    """A supernet trained for a few steps on the tiny dataset (read-only: copy it to change it)."""
+    from ofa.train import load_config, train
+
+    out = tmp_path_factory.mktemp("tiny-artifact")
+    train(load_config("quick", None, tiny_args(tiny_data)), out, progress=False)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Derived dataset files go to a per-session cache, not the user's ~/.cache."""
     monkeypatch.setenv("OFA_CACHE", str(tmp_path_factory.getbasetemp() / "ofa-cache"))
+
+
+def synthetic_table(space, target: str = "synthetic-cpu", seed: int = 0) -> dict:
+    """A latency table in the real format whose per-block values are seeded numbers (not timings)."""
+    import numpy as np
+
+    from ofa.predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, space_digest
+
+    entries, _, _ = block_plan(space)
+    rng = np.random.default_rng(seed)
+    return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "target": target,
+            "space": {"name": space.name, "digest": space_digest(space)},
+            "device": {"cpu": "synthetic", "threads": 1, "backend": "none"},
+            "entries": {k: float(rng.uniform(0.01, 0.2)) for k in sorted(entries)}}
+
+
+def synthetic_predictor(space):
+    """A ridge accuracy predictor fitted to 'accuracy grows with log-MACs' (not to measurements)."""
+    import numpy as np
+
+    from ofa.predict.accuracy import arch_features, fit_family
+    from ofa.predict.cost import CostModel
+    from ofa.predict.latency import space_digest
+
+    codes = space.sample_codes(0, 400)
+    macs = CostModel(space).macs(codes)
+    y = 80 + 4 * np.log(macs / macs.min()) + np.random.default_rng(0).normal(0, 0.3, len(codes))
+    return fit_family("ridge-3", arch_features(space, codes), y, space_digest(space))
+
+
+def served_copy(artifact, dest, target: str = "synthetic-cpu"):
+    """A copy of ``artifact`` at ``dest`` with the synthetic accuracy predictor and latency table added."""
+    import json
+    import shutil
+
+    from ofa.artifact import add_file, load_artifact
+
+    shutil.copytree(artifact, dest)
+    space = load_artifact(dest).space
+    add_file(dest, "accuracy_predictor.safetensors", synthetic_predictor(space).to_bytes())
+    add_file(dest, f"latency/{target}.json", json.dumps(synthetic_table(space, target)))
+    return dest

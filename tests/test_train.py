@@ -10,21 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_idx_dataset
+from conftest import ROOT, tiny_args, write_idx_dataset
 from ofa.artifact import load_artifact
 from ofa.data import DataError, load_dataset
 from ofa.train import ConfigError, PRESETS, load_config, train
 from ofa.train.config import apply_overrides
 
 PHASES = ["full", "kernel", "depth-1", "depth-2", "expand-1", "expand-2"]
-
-
-def tiny_args(data_dir: Path) -> list[str]:
-    """--set assignments for a run of a few steps per phase on the tiny dataset."""
-    args = [f"data_dir={data_dir}", "val_size=100", "calib_size=64", "batch_size=32",
-            "eval_batch_size=200", "log_every=2", "threads=2", "checkpoint_every=3"]
-    steps = {"full": 0.4, "kernel": 0.2, "depth-1": 0.1, "depth-2": 0.2, "expand-1": 0.1, "expand-2": 0.2}
-    return args + [f"phases.{p}.epochs={e}" for p, e in steps.items()]
 
 
 def tiny_config(data_dir: Path, *extra: str):
@@ -42,7 +34,8 @@ def test_every_phase_runs_and_writes_an_artifact(tiny_data, tmp_path):
     steps = [r for r in ends if "img_per_s" in r]
     assert steps and all(r["img_per_s"] > 0 and r["loss"] > 0 for r in steps)
     art = load_artifact(tmp_path)
-    assert art.space.name == "mbv3-small-images" and art.data.num_classes == 10
+    assert art.space.name == "mbv3-small-images@24-28px" and art.space.resolutions == (24, 28)
+    assert art.data.num_classes == 10
     assert art.calibration.dtype == torch.uint8 and art.calibration.shape == (64, 1, 28, 28)
     assert art.manifest["training"]["batch_size"] == 32
     assert art.data.class_names[0] == "T-shirt/top"

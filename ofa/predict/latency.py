@@ -183,10 +183,13 @@ class LatencyPredictor:
         codes = np.asarray(codes)
         return self.fixed_ms[codes[:, -1]] + gather_slots(self.space, codes, self.slot_ms)
 
-    def __call__(self, codes: np.ndarray) -> np.ndarray:
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """The correction applied to table sums (monotone increasing, so it keeps their order)."""
         # a negative offset must not make a subnet look free: never below a tenth of the sum
-        raw = self.raw(codes)
         return np.maximum(raw * self.scale + self.offset, 0.1 * raw)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        return self.finish(self.raw(codes))
 
 
 def fit_correction(raw_ms: np.ndarray, measured_ms: np.ndarray) -> tuple[float, float]:

@@ -121,6 +121,11 @@ def _check_config(config: TrainConfig) -> None:
         if config.sandwich and p.subnets_per_step < 2 and p.name != config.phases[0].name:
             raise ConfigError(f"phases.{p.name}: the sandwich rule needs subnets_per_step >= 2")
         phase_space(get_space(config.space), p)  # choices outside the space fail now, not hours later
+    allowed = get_space(config.space).resolutions
+    bad = sorted(set(config.resolutions) - set(allowed))
+    if bad or len(set(config.resolutions)) != len(config.resolutions):
+        raise ConfigError(f"resolutions must be distinct values from the space's {list(allowed)}, "
+                          f"got {list(config.resolutions)}")
     for key in ("checkpoint_every", "log_every", "calib_size", "eval_batch_size", "val_size"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
@@ -157,7 +162,7 @@ class Trainer:
         full, self.spec = load_dataset(config.dataset, config.data_dir or None, True, config.image_size)
         if self.world > 1 and self.rank == 0:
             dist.barrier()
-        self.space = self._fit_space(base, self.spec)
+        self.space = self._fit_space(base, self.spec, config.resolutions)
         self.train_set, self.val_set = split_validation(full, config.val_size, config.seed)
         if config.train_subset:
             self.train_set = self.train_set.subset(torch.arange(min(config.train_subset, len(self.train_set))))
@@ -189,7 +194,10 @@ class Trainer:
         return torch.device(want)
 
     @staticmethod
-    def _fit_space(space: SearchSpace, spec: DataSpec) -> SearchSpace:
+    def _fit_space(space: SearchSpace, spec: DataSpec, resolutions: tuple[int, ...]) -> SearchSpace:
+        if resolutions and tuple(sorted(resolutions)) != space.resolutions:
+            space = dataclasses.replace(space, name=f"{space.name}@{'-'.join(map(str, sorted(resolutions)))}px",
+                                        resolutions=tuple(sorted(resolutions)))
         if (space.in_channels, space.num_classes) == (spec.channels, spec.num_classes):
             return space
         log.info("adapting space %s to %d channels and %d classes of %s", space.name, spec.channels,

@@ -1,0 +1,190 @@
+"""``ofa-client``: the server from a shell script or a deployment pipeline.
+
+Exit codes: 0 success, 1 other error, 2 invalid argument, 3 infeasible constraints,
+4 unknown supernet/target/subnet (or target exists), 5 server busy, unavailable or too
+slow (retry), 6 not authenticated, 7 download failed verification.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .client import Client, ClientError
+
+__all__ = ["main"]
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    elif os.environ.get("OFA_TOKEN"):
+        token = os.environ["OFA_TOKEN"]
+    tls: bool | str = args.ca_cert or bool(args.tls)
+    return Client(args.address, token=token, tls=tls, timeout=args.timeout, supernet=args.supernet or "")
+
+
+def _constraint_kwargs(args: argparse.Namespace) -> dict:
+    return {"max_latency_ms": args.max_latency_ms, "max_macs": args.max_macs, "max_params": args.max_params,
+            "resolutions": args.resolution or (), "seed": args.seed, "population": args.population,
+            "generations": args.generations}
+
+
+def _line(s) -> str:
+    lat = f"{s.predicted_latency_ms:.3f} ms  " if s.predicted_latency_ms is not None else ""
+    return (f"{s.id}  accuracy {s.predicted_accuracy:.2f}%  {lat}{s.macs / 1e6:.2f} MMACs  "
+            f"{s.params / 1e6:.3f} M params  res {s.arch['resolution']}")
+
+
+def _search(c: Client, args: argparse.Namespace) -> int:
+    s = c.search(args.target, min_accuracy=args.min_accuracy, **_constraint_kwargs(args))
+    if args.json:
+        print(json.dumps(s.to_dict(), sort_keys=True))
+    else:
+        print(_line(s))
+        print(f"  arch {json.dumps(s.arch)}\n  search took {s.search_seconds:.3f} s on the server")
+    return 0
+
+
+def _pareto(c: Client, args: argparse.Namespace) -> int:
+    front = c.pareto(args.target, args.points, **_constraint_kwargs(args))
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ClientError("USAGE", "--plot needs matplotlib (pip install matplotlib)") from None
+        key = "predicted_latency_ms" if args.target else "macs"
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([getattr(s, key) for s in front], [s.predicted_accuracy for s in front], "o-")
+        ax.set_xlabel(f"predicted latency on {args.target} (ms)" if args.target else "MACs")
+        ax.set_ylabel("predicted accuracy (%)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in front], sort_keys=True))
+    else:
+        for s in front:
+            print(_line(s))
+    return 0
+
+
+def _fetch(c: Client, args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.arch):
+        raise ClientError("USAGE", "give exactly one of --id or --arch")
+    subnet = args.id or json.loads(Path(args.arch[1:]).read_text() if args.arch.startswith("@") else args.arch)
+    w = c.fetch(subnet, args.format)
+    w.save(args.out)
+    info = {"out": args.out, "bytes": len(w.data), "sha256": w.sha256, "subnet_id": w.subnet_id,
+            "format": w.format, "input_shape": list(w.input_shape), "mean": list(w.mean), "std": list(w.std)}
+    print(json.dumps(info, sort_keys=True) if args.json else
+          f"wrote {args.out}: {len(w.data)} bytes, sha256 {w.sha256} (verified), input {list(w.input_shape)}")
+    return 0
+
+
+def _targets(c: Client, args: argparse.Namespace) -> int:
+    targets = c.targets()
+    if args.json:
+        print(json.dumps(targets, sort_keys=True))
+    for t in [] if args.json else targets:
+        print(f"{t['name']:24s} {t['source']:10s} {t['cpu']}, {t['threads']} threads, {t['backend']} "
+              f"{t['backend_version']}, {t['blocks']} blocks, mean |error| {t['mean_abs_rel_error']:.1%}")
+    return 0
+
+
+def _supernets(c: Client, args: argparse.Namespace) -> int:
+    sns = c.supernets()
+    if args.json:
+        print(json.dumps(sns, sort_keys=True))
+    for s in [] if args.json else sns:
+        q = s.get("accuracy_predictor")
+        print(f"{s['name']}: space {s['space']['name']}, data {s['data']['dataset']}, digest {s['digest'][:16]}, "
+              f"targets {s.get('targets', [])}" + (f", predictor tau {q.get('kendall_tau', 0):.3f}" if q else ""))
+    return 0
+
+
+def _register(c: Client, args: argparse.Namespace) -> int:
+    t = c.register_target(Path(args.table), replace=args.replace)
+    print(json.dumps(t, sort_keys=True) if args.json else f"registered target {t['name']} for {t['supernet']}")
+    return 0
+
+
+def _health(c: Client, args: argparse.Namespace) -> int:
+    status = c.health()
+    print(json.dumps({"status": status}) if args.json else status)
+    return 0 if status == "SERVING" else 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ofa-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=os.environ.get("OFA_SERVER", "127.0.0.1:50051"),
+                   help="server host:port (default $OFA_SERVER or 127.0.0.1:50051)")
+    p.add_argument("--supernet", help="which supernet (needed when the server holds several)")
+    p.add_argument("--token-file", help="file with the bearer token (default: $OFA_TOKEN if set)")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--ca-cert", help="use TLS trusting this PEM root certificate")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def constraint_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--target", help="hardware target (see `ofa-client targets`)")
+        s.add_argument("--max-latency-ms", type=float)
+        s.add_argument("--max-macs", type=int)
+        s.add_argument("--max-params", type=int)
+        s.add_argument("--resolution", type=int, action="append", help="allowed resolution (repeatable)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--population", type=int, default=0, help="0: the server's default")
+        s.add_argument("--generations", type=int, default=0, help="0: the server's default")
+
+    s = sub.add_parser("search", help="the most accurate subnet meeting the constraints")
+    constraint_args(s)
+    s.add_argument("--min-accuracy", type=float, help="instead: the fastest subnet at least this accurate")
+    s.set_defaults(func=_search)
+    s = sub.add_parser("pareto", help="the accuracy-latency front")
+    constraint_args(s)
+    s.add_argument("--points", type=int, default=10)
+    s.add_argument("--plot", help="write the front as a PNG (needs matplotlib)")
+    s.set_defaults(func=_pareto)
+    s = sub.add_parser("fetch", help="download a subnet's weights, verified by sha256")
+    s.add_argument("--id", help="subnet id from search or pareto")
+    s.add_argument("--arch", help="arch as JSON, or @FILE")
+    s.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torchscript"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_fetch)
+    s = sub.add_parser("targets", help="the hardware targets of the supernet")
+    s.set_defaults(func=_targets)
+    s = sub.add_parser("supernets", help="what the server holds")
+    s.set_defaults(func=_supernets)
+    s = sub.add_parser("register", help="upload a latency table made by `ofa profile` as a new target")
+    s.add_argument("table", help="the table's JSON file")
+    s.add_argument("--replace", action="store_true")
+    s.set_defaults(func=_register)
+    s = sub.add_parser("health", help="SERVING or not (exit 0 when serving)")
+    s.set_defaults(func=_health)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with _client(args) as c:
+            return args.func(c, args)
+    except ClientError as e:
+        code = 2 if e.code == "USAGE" else e.exit_code
+        print(f"ofa-client {args.command}: {e}", file=sys.stderr)
+        return code
+    except (OSError, ValueError) as e:
+        print(f"ofa-client {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

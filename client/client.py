@@ -1,0 +1,306 @@
+"""The client library: search, Pareto fronts, verified weight downloads, targets.
+
+Needs only grpcio and protobuf (and the standard library); ``load_module`` imports
+torch when called.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grpc
+
+from .v1 import subnet_service_pb2 as pb
+from .v1 import subnet_service_pb2_grpc as pb_grpc
+
+__all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError",
+           "InvalidArgument", "NotFound", "ResourceExhausted", "SubnetInfo", "Unauthenticated", "Unavailable",
+           "Weights", "FORMATS"]
+
+FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
+           "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
+
+
+# ---- errors ------------------------------------------------------------------------
+class ClientError(Exception):
+    """A call that did not succeed; ``code`` is the gRPC status name, ``details`` the server's message."""
+
+    exit_code = 1
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+
+class InvalidArgument(ClientError):
+    exit_code = 2
+
+
+class Infeasible(ClientError):
+    """No subnet meets the constraints; the message gives the smallest achievable value."""
+    exit_code = 3
+
+
+class NotFound(ClientError):
+    exit_code = 4
+
+
+class AlreadyExists(ClientError):
+    exit_code = 4
+
+
+class Unavailable(ClientError):
+    exit_code = 5
+
+
+class ResourceExhausted(ClientError):
+    """The server is at its limit of concurrent searches: retry with backoff."""
+    exit_code = 5
+
+
+class DeadlineExceeded(ClientError):
+    exit_code = 5
+
+
+class Unauthenticated(ClientError):
+    exit_code = 6
+
+
+class IntegrityError(ClientError):
+    """Downloaded bytes that do not match the header's size or sha256."""
+    exit_code = 7
+
+
+_BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.FAILED_PRECONDITION: Infeasible,
+            grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+            grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated}
+
+
+def _error(e: grpc.RpcError) -> ClientError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    return _BY_CODE.get(code, ClientError)(code.name, e.details() if hasattr(e, "details") else str(e))
+
+
+# ---- values ------------------------------------------------------------------------
+def _arch_dict(a: pb.Arch) -> dict[str, Any]:
+    return {"kernel": list(a.kernel), "expand": list(a.expand), "depth": list(a.depth), "resolution": a.resolution}
+
+
+@dataclass(frozen=True)
+class SubnetInfo:
+    id: str
+    arch: dict[str, Any]
+    predicted_accuracy: float
+    predicted_latency_ms: float | None
+    macs: int
+    params: int
+    search_seconds: float
+    supernet: str
+    target: str
+
+    @classmethod
+    def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
+        return cls(m.id, _arch_dict(m.arch), m.predicted_accuracy,
+                   m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A verified download: the bytes and what the header said about them."""
+
+    data: bytes = field(repr=False)
+    format: str
+    sha256: str
+    subnet_id: str
+    arch: dict[str, Any]
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    supernet_digest: str
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(self.data)
+        tmp.replace(path)
+        return path
+
+    def load_module(self):
+        """The subnet as a ready ``torch.nn.Module`` in eval mode (safetensors or TorchScript; needs torch)."""
+        import io
+
+        import torch
+
+        if self.format == "torchscript":
+            return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
+        if self.format != "safetensors":
+            raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
+        from safetensors.torch import load as load_tensors
+
+        from ofa.space import Arch, SearchSpace
+        from ofa.subnet import load_subnet
+
+        header_len = int.from_bytes(self.data[:8], "little")
+        meta = json.loads(json.loads(self.data[8 : 8 + header_len])["__metadata__"]["ofa"])
+        space = SearchSpace.from_dict(meta["space"])
+        return load_subnet(space, Arch.from_dict(meta["arch"]), load_tensors(self.data)).eval()
+
+
+# ---- the client --------------------------------------------------------------------
+class Client:
+    """A connection to an ``ofa serve`` server.
+
+    ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
+    certificates. ``token``: the bearer token, if the server requires one.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls: bool | str = False,
+                 timeout: float = 60.0, supernet: str = "") -> None:
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        if tls:
+            roots = Path(tls).read_bytes() if isinstance(tls, (str, Path)) and tls is not True else None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = pb_grpc.SubnetServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout, self.supernet, self.address = timeout, supernet, address
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    @staticmethod
+    def _constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy) -> pb.Constraints:
+        c = pb.Constraints(resolutions=list(resolutions or ()))
+        for name, value in (("max_latency_ms", max_latency_ms), ("max_macs", max_macs),
+                            ("max_params", max_params), ("min_accuracy", min_accuracy)):
+            if value is not None:
+                setattr(c, name, value)
+        return c
+
+    def supernets(self) -> list[dict[str, Any]]:
+        from google.protobuf.json_format import MessageToDict
+
+        resp = self._call("ListSupernets", pb.ListSupernetsRequest())
+        return [MessageToDict(s, preserving_proto_field_name=True) for s in resp.supernets]
+
+    def targets(self, supernet: str | None = None) -> list[dict[str, Any]]:
+        from google.protobuf.json_format import MessageToDict
+
+        resp = self._call("ListTargets", pb.ListTargetsRequest(supernet=supernet or self.supernet))
+        return [MessageToDict(t, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                for t in resp.targets]
+
+    def register_target(self, table: Mapping[str, Any] | str | Path, replace: bool = False,
+                        supernet: str | None = None) -> dict[str, Any]:
+        """Upload a latency table (a dict, JSON text, or the path of a JSON file made by ``ofa profile``)."""
+        from google.protobuf.json_format import MessageToDict
+
+        if isinstance(table, Path) or (isinstance(table, str) and not table.lstrip().startswith("{")):
+            text = Path(table).read_text()
+        elif isinstance(table, str):
+            text = table
+        else:
+            text = json.dumps(table)
+        resp = self._call("RegisterTarget", pb.RegisterTargetRequest(supernet=supernet or self.supernet,
+                                                                     table_json=text, replace=replace))
+        return MessageToDict(resp, preserving_proto_field_name=True)
+
+    def search(self, target: str | None = None, *, max_latency_ms: float | None = None, max_macs: int | None = None,
+               max_params: int | None = None, resolutions: Sequence[int] = (), min_accuracy: float | None = None,
+               seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
+               timeout: float | None = None) -> SubnetInfo:
+        req = pb.SearchSubnetRequest(
+            supernet=supernet or self.supernet, target=target or "", seed=seed,
+            constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy),
+            options=pb.SearchOptions(population=population, generations=generations))
+        return SubnetInfo.from_pb(self._call("SearchSubnet", req, timeout))
+
+    def pareto(self, target: str | None = None, points: int = 10, *, max_latency_ms: float | None = None,
+               max_macs: int | None = None, max_params: int | None = None, resolutions: Sequence[int] = (),
+               seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
+               timeout: float | None = None) -> list[SubnetInfo]:
+        req = pb.GetParetoFrontRequest(
+            supernet=supernet or self.supernet, target=target or "", points=points, seed=seed,
+            constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, None),
+            options=pb.SearchOptions(population=population, generations=generations))
+        return [SubnetInfo.from_pb(p) for p in self._call("GetParetoFront", req, timeout).points]
+
+    def fetch(self, subnet: str | SubnetInfo | Mapping[str, Any], format: str = "safetensors",
+              supernet: str | None = None, timeout: float | None = None) -> Weights:
+        """Download a subnet's weights (by id, by a search result, or by an arch dict), verified by sha256."""
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        req = pb.GetSubnetWeightsRequest(supernet=supernet or (subnet.supernet if isinstance(subnet, SubnetInfo)
+                                                                  else self.supernet), format=FORMATS[format])
+        if isinstance(subnet, str):
+            req.subnet_id = subnet
+        else:
+            arch = subnet.arch if isinstance(subnet, SubnetInfo) else subnet
+            req.arch.CopyFrom(pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"],
+                                      resolution=arch["resolution"]))
+            if isinstance(subnet, SubnetInfo):
+                req.subnet_id = subnet.id
+        try:
+            stream = self._stub.GetSubnetWeights(req, timeout=timeout or self.timeout, metadata=self._metadata)
+            header, chunks, size = None, [], 0
+            for msg in stream:
+                if msg.HasField("header"):
+                    header = msg.header
+                    continue
+                if header is None:
+                    raise IntegrityError("DATA_LOSS", "the stream sent data before its header")
+                size += len(msg.chunk)
+                if size > header.total_bytes:
+                    raise IntegrityError("DATA_LOSS", f"the stream sent more than the {header.total_bytes} "
+                                         "bytes its header announced")
+                chunks.append(msg.chunk)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        if header is None:
+            raise IntegrityError("DATA_LOSS", "the stream ended without a header")
+        data = b"".join(chunks)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header.total_bytes or digest != header.sha256:
+            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
+                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        return Weights(data, format, header.sha256, header.subnet_id, _arch_dict(header.arch),
+                       tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health status name (``SERVING``, ``NOT_SERVING`` …) from ``grpc.health.v1``.
+
+        The two tiny messages are encoded here, so the client needs no extra package.
+        """
+        name = service.encode()
+        if len(name) > 127:
+            raise ValueError("service name too long")
+        check = self._channel.unary_unary("/grpc.health.v1.Health/Check",
+                                          request_serializer=lambda n: (b"\n" + bytes([len(n)]) + n) if n else b"",
+                                          response_deserializer=lambda b: b)
+        try:
+            raw = check(name, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        status = raw[1] if len(raw) >= 2 and raw[0] == 0x08 else 0  # field 1, varint (values < 128)
+        return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(status, "UNKNOWN")

@@ -1,0 +1,1 @@
+"""Generated gRPC modules of the ofa.v1 API (see proto/generate.py)."""

@@ -1,0 +1,295 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WeightsFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHTS_FORMAT_UNSPECIFIED: _ClassVar[WeightsFormat]
+    WEIGHTS_FORMAT_SAFETENSORS: _ClassVar[WeightsFormat]
+    WEIGHTS_FORMAT_ONNX: _ClassVar[WeightsFormat]
+    WEIGHTS_FORMAT_TORCHSCRIPT: _ClassVar[WeightsFormat]
+WEIGHTS_FORMAT_UNSPECIFIED: WeightsFormat
+WEIGHTS_FORMAT_SAFETENSORS: WeightsFormat
+WEIGHTS_FORMAT_ONNX: WeightsFormat
+WEIGHTS_FORMAT_TORCHSCRIPT: WeightsFormat
+
+class Arch(_message.Message):
+    __slots__ = ("kernel", "expand", "depth", "resolution")
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    kernel: _containers.RepeatedScalarFieldContainer[int]
+    expand: _containers.RepeatedScalarFieldContainer[int]
+    depth: _containers.RepeatedScalarFieldContainer[int]
+    resolution: int
+    def __init__(self, kernel: _Optional[_Iterable[int]] = ..., expand: _Optional[_Iterable[int]] = ..., depth: _Optional[_Iterable[int]] = ..., resolution: _Optional[int] = ...) -> None: ...
+
+class Stage(_message.Message):
+    __slots__ = ("width", "stride", "activation", "squeeze_excite")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    SQUEEZE_EXCITE_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    stride: int
+    activation: str
+    squeeze_excite: bool
+    def __init__(self, width: _Optional[int] = ..., stride: _Optional[int] = ..., activation: _Optional[str] = ..., squeeze_excite: _Optional[bool] = ...) -> None: ...
+
+class SearchSpace(_message.Message):
+    __slots__ = ("name", "kernel_choices", "expand_choices", "depth_choices", "resolutions", "stages", "in_channels", "num_classes", "definition_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kernel_choices: _containers.RepeatedScalarFieldContainer[int]
+    expand_choices: _containers.RepeatedScalarFieldContainer[int]
+    depth_choices: _containers.RepeatedScalarFieldContainer[int]
+    resolutions: _containers.RepeatedScalarFieldContainer[int]
+    stages: _containers.RepeatedCompositeFieldContainer[Stage]
+    in_channels: int
+    num_classes: int
+    definition_json: str
+    def __init__(self, name: _Optional[str] = ..., kernel_choices: _Optional[_Iterable[int]] = ..., expand_choices: _Optional[_Iterable[int]] = ..., depth_choices: _Optional[_Iterable[int]] = ..., resolutions: _Optional[_Iterable[int]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., definition_json: _Optional[str] = ...) -> None: ...
+
+class DataDescription(_message.Message):
+    __slots__ = ("dataset", "channels", "image_size", "num_classes", "mean", "std", "class_names")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dataset: _Optional[str] = ..., channels: _Optional[int] = ..., image_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PredictorQuality(_message.Message):
+    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    KENDALL_TAU_FIELD_NUMBER: _ClassVar[int]
+    RMSE_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    train_samples: int
+    test_samples: int
+    kendall_tau: float
+    rmse: float
+    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ...) -> None: ...
+
+class Supernet(_message.Message):
+    __slots__ = ("name", "digest", "space", "data", "accuracy_predictor", "targets")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    space: SearchSpace
+    data: DataDescription
+    accuracy_predictor: PredictorQuality
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., space: _Optional[_Union[SearchSpace, _Mapping]] = ..., data: _Optional[_Union[DataDescription, _Mapping]] = ..., accuracy_predictor: _Optional[_Union[PredictorQuality, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListSupernetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSupernetsResponse(_message.Message):
+    __slots__ = ("supernets",)
+    SUPERNETS_FIELD_NUMBER: _ClassVar[int]
+    supernets: _containers.RepeatedCompositeFieldContainer[Supernet]
+    def __init__(self, supernets: _Optional[_Iterable[_Union[Supernet, _Mapping]]] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    supernet: str
+    cpu: str
+    threads: int
+    backend: str
+    backend_version: str
+    batch: int
+    blocks: int
+    mean_abs_rel_error: float
+    source: str
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListTargetsRequest(_message.Message):
+    __slots__ = ("supernet",)
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    def __init__(self, supernet: _Optional[str] = ...) -> None: ...
+
+class ListTargetsResponse(_message.Message):
+    __slots__ = ("targets",)
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[Target]
+    def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
+
+class RegisterTargetRequest(_message.Message):
+    __slots__ = ("supernet", "table_json", "replace")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    TABLE_JSON_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    table_json: str
+    replace: bool
+    def __init__(self, supernet: _Optional[str] = ..., table_json: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class Constraints(_message.Message):
+    __slots__ = ("max_latency_ms", "max_macs", "max_params", "resolutions", "min_accuracy")
+    MAX_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MACS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    max_latency_ms: float
+    max_macs: int
+    max_params: int
+    resolutions: _containers.RepeatedScalarFieldContainer[int]
+    min_accuracy: float
+    def __init__(self, max_latency_ms: _Optional[float] = ..., max_macs: _Optional[int] = ..., max_params: _Optional[int] = ..., resolutions: _Optional[_Iterable[int]] = ..., min_accuracy: _Optional[float] = ...) -> None: ...
+
+class SearchOptions(_message.Message):
+    __slots__ = ("population", "generations")
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    population: int
+    generations: int
+    def __init__(self, population: _Optional[int] = ..., generations: _Optional[int] = ...) -> None: ...
+
+class SearchSubnetRequest(_message.Message):
+    __slots__ = ("supernet", "target", "constraints", "seed", "options")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    target: str
+    constraints: Constraints
+    seed: int
+    options: SearchOptions
+    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+
+class Subnet(_message.Message):
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MACS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    arch: Arch
+    predicted_accuracy: float
+    predicted_latency_ms: float
+    macs: int
+    params: int
+    search_seconds: float
+    supernet: str
+    target: str
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class GetParetoFrontRequest(_message.Message):
+    __slots__ = ("supernet", "target", "points", "constraints", "seed", "options")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    target: str
+    points: int
+    constraints: Constraints
+    seed: int
+    options: SearchOptions
+    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., points: _Optional[int] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+
+class ParetoFront(_message.Message):
+    __slots__ = ("points", "search_seconds")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[Subnet]
+    search_seconds: float
+    def __init__(self, points: _Optional[_Iterable[_Union[Subnet, _Mapping]]] = ..., search_seconds: _Optional[float] = ...) -> None: ...
+
+class GetSubnetWeightsRequest(_message.Message):
+    __slots__ = ("supernet", "subnet_id", "arch", "format")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    subnet_id: str
+    arch: Arch
+    format: WeightsFormat
+    def __init__(self, supernet: _Optional[str] = ..., subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., format: _Optional[_Union[WeightsFormat, str]] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("format", "total_bytes", "sha256", "subnet_id", "arch", "input_shape", "mean", "std", "supernet_digest", "calibration_images")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    SUPERNET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    format: WeightsFormat
+    total_bytes: int
+    sha256: str
+    subnet_id: str
+    arch: Arch
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    supernet_digest: str
+    calibration_images: int
+    def __init__(self, format: _Optional[_Union[WeightsFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., supernet_digest: _Optional[str] = ..., calibration_images: _Optional[int] = ...) -> None: ...
+
+class GetSubnetWeightsResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

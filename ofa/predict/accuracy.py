@@ -1,0 +1,237 @@
+"""Accuracy predictor: measured subnets → a model that scores 10,000 encoded archs in one call.
+
+Features are the reference's arch encoding, built vectorised from the integer codes:
+``[resolution one-hot | kernel one-hot per block slot | expand one-hot per block slot]``
+with all-zero one-hots for the slots a stage's depth leaves out. Every model family is
+stored as the same thing — members, each a stack of dense layers with ReLU between —
+whose prediction is the members' mean plus a base accuracy. Scoring needs numpy only;
+fitting the MLPs imports torch lazily.
+
+The file (``accuracy_predictor.safetensors``) holds the layer tensors and one metadata
+key, ``ofa``, with canonical JSON (one key: safetensors writes several in a
+per-process order, which would change the file's sha256 from run to run).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..space import SearchSpace
+
+__all__ = ["AccuracyPredictor", "PredictorError", "arch_features", "fit_family", "kendall_tau",
+           "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
+
+PREDICTOR_FORMAT = "ofa-accuracy-predictor"
+PREDICTOR_VERSION = 1
+
+
+class PredictorError(ValueError):
+    """A predictor file that cannot be used; the message says why."""
+
+
+def feature_length(space: SearchSpace) -> int:
+    return len(space.resolutions) + space.num_slots * (len(space.kernel_choices) + len(space.expand_choices))
+
+
+def arch_features(space: SearchSpace, codes: np.ndarray) -> np.ndarray:
+    """(N, F) float32 one-hot features of N encoded archs (latent slots give zeros)."""
+    codes = np.asarray(codes)
+    n, s = len(codes), space.num_slots
+    n_r, n_k, n_e = len(space.resolutions), len(space.kernel_choices), len(space.expand_choices)
+    x = np.zeros((n, feature_length(space)), dtype=np.float32)
+    x[np.arange(n), codes[:, -1]] = 1.0
+    rows, slots = np.nonzero(space.active_mask(codes))
+    x[rows, n_r + slots * n_k + codes[rows, slots]] = 1.0
+    x[rows, n_r + s * n_k + slots * n_e + codes[rows, s + slots]] = 1.0
+    return x
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b between two score vectors (ties counted as in scipy)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError("kendall_tau needs two 1-D arrays of the same length >= 2")
+    i, j = np.triu_indices(len(a), 1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    concordant = float((da * db).sum())
+    n_a, n_b = float((da != 0).sum()), float((db != 0).sum())
+    if n_a == 0 or n_b == 0:
+        return 0.0
+    return concordant / np.sqrt(n_a * n_b)
+
+
+Layers = tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+@dataclass(frozen=True)
+class AccuracyPredictor:
+    """Predicted top-1 accuracy (%) of encoded archs: mean of the members, plus ``base``."""
+
+    space_digest: str
+    family: str
+    members: tuple[Layers, ...]
+    base: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        """(N,) predictions from (N, F) features."""
+        total = np.zeros(len(x), dtype=np.float64)
+        for layers in self.members:
+            h = x
+            for i, (w, b) in enumerate(layers):
+                h = h @ w + b
+                if i + 1 < len(layers):
+                    np.maximum(h, 0, out=h)
+            total += h[:, 0]
+        return total / len(self.members) + self.base
+
+    def predict(self, space: SearchSpace, codes: np.ndarray) -> np.ndarray:
+        """(N,) predicted accuracies (%) of N encoded archs of ``space``."""
+        return self.predict_features(arch_features(space, codes))
+
+    # ---- file format -----------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        tensors = {f"m{m}.l{i}.{kind}": np.ascontiguousarray(t, dtype=np.float32)
+                   for m, layers in enumerate(self.members) for i, (w, b) in enumerate(layers)
+                   for kind, t in (("weight", w), ("bias", b))}
+        meta = {"format": PREDICTOR_FORMAT, "version": PREDICTOR_VERSION, "space_digest": self.space_digest,
+                "family": self.family, "members": len(self.members),
+                "layers": [len(layers) for layers in self.members], "base": self.base, "info": self.info}
+        return save(tensors, metadata={"ofa": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, space: SearchSpace | None = None, where: str = "predictor") -> "AccuracyPredictor":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        try:
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
+        except (SafetensorError, ValueError, KeyError, TypeError) as e:
+            raise PredictorError(f"{where} is not an accuracy predictor file: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != PREDICTOR_FORMAT:
+            raise PredictorError(f"{where}: metadata format must be {PREDICTOR_FORMAT!r}")
+        if meta.get("version") != PREDICTOR_VERSION:
+            raise PredictorError(f"{where}: version {meta.get('version')!r} is not supported "
+                                 f"(this build reads {PREDICTOR_VERSION})")
+        try:
+            members = tuple(
+                tuple((tensors[f"m{m}.l{i}.weight"].astype(np.float32), tensors[f"m{m}.l{i}.bias"].astype(np.float32))
+                      for i in range(int(n)))
+                for m, n in enumerate(meta["layers"]))
+            pred = cls(str(meta["space_digest"]), str(meta["family"]), members, float(meta["base"]),
+                       dict(meta.get("info", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PredictorError(f"{where}: incomplete predictor ({e})") from None
+        for layers in members:
+            for (w, b), (w2, _) in zip(layers, layers[1:] + ((np.zeros((1, 1)), None),)):
+                if w.ndim != 2 or b.shape != (w.shape[1],) or (w2.shape[0] != w.shape[1] and w2.size > 1):
+                    raise PredictorError(f"{where}: layer shapes do not chain")
+            if layers[-1][0].shape[1] != 1:
+                raise PredictorError(f"{where}: the last layer must have one output")
+        if space is not None:
+            from .latency import space_digest
+
+            if pred.space_digest != space_digest(space):
+                raise PredictorError(f"{where} was fitted on another search space "
+                                     f"(digest {pred.space_digest[:12]}, this space {space_digest(space)[:12]})")
+            want = feature_length(space)
+            if any(layers[0][0].shape[0] != want for layers in members):
+                raise PredictorError(f"{where}: input width must be {want} for this space")
+        return pred
+
+
+# ---- fitting (offline; torch for the MLPs) ---------------------------------------
+def _fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float, seed: int) -> tuple[Layers, ...]:
+    x1 = np.concatenate([x, np.ones((len(x), 1), np.float32)], 1).astype(np.float64)
+    reg = alpha * np.eye(x1.shape[1])
+    reg[-1, -1] = 0.0  # the intercept is not shrunk
+    coef = np.linalg.solve(x1.T @ x1 + reg, x1.T @ y)
+    return (((coef[:-1, None].astype(np.float32), np.array([coef[-1]], np.float32)),),)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, depth: int, seed: int, members: int = 1,
+             steps: int = 1500, lr: float = 3e-3, weight_decay: float = 1e-4) -> tuple[Layers, ...]:
+    import torch
+    from torch import nn
+
+    out = []
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
+    for m in range(members):
+        torch.manual_seed(seed * 1000 + m)
+        dims = [x.shape[1]] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        net = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(net(xt)[:, 0], yt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        linears = [mod for mod in net if isinstance(mod, nn.Linear)]
+        out.append(tuple((lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy())
+                         for lin in linears))
+    return tuple(out)
+
+
+# name -> fit(x, y_centred, seed) -> members
+FAMILIES: dict[str, Callable[[np.ndarray, np.ndarray, int], tuple[Layers, ...]]] = {
+    "ridge-0.3": lambda x, y, s: _fit_ridge(x, y, 0.3, s),
+    "ridge-3": lambda x, y, s: _fit_ridge(x, y, 3.0, s),
+    "mlp-3x400": lambda x, y, s: _fit_mlp(x, y, 400, 3, s),          # the reference's predictor
+    "mlp-ensemble-5x2x64": lambda x, y, s: _fit_mlp(x, y, 64, 2, s, members=5),
+}
+
+
+def fit_family(family: str, x: np.ndarray, y: np.ndarray, space_digest: str, seed: int = 0,
+               info: dict[str, Any] | None = None) -> AccuracyPredictor:
+    if family not in FAMILIES:
+        raise PredictorError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    base = float(np.mean(y))
+    members = FAMILIES[family](np.asarray(x, np.float32), np.asarray(y, float) - base, seed)
+    return AccuracyPredictor(space_digest, family, members, base, dict(info or {}))
+
+
+def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {"kendall_tau": round(kendall_tau(pred, y), 4),
+            "rmse": round(float(np.sqrt(np.mean((pred - y) ** 2))), 4),
+            "mae": round(float(np.mean(np.abs(pred - y))), 4)}
+
+
+def select_and_fit(x: np.ndarray, y: np.ndarray, space_digest: str, families: Sequence[str] | None = None,
+                   folds: int = 5, seed: int = 0, log: Callable[[str], None] = lambda s: None
+                   ) -> tuple[AccuracyPredictor, dict[str, dict[str, float]]]:
+    """Pick the family with the best ``folds``-fold cross-validated Kendall τ (then RMSE), fit it on all.
+
+    Returns the fitted predictor and each family's cross-validated scores.
+    """
+    x, y = np.asarray(x, np.float32), np.asarray(y, float)
+    if len(y) < 2 * folds:
+        raise PredictorError(f"need at least {2 * folds} measured subnets to select a model, got {len(y)}")
+    families = list(families or FAMILIES)
+    fold = np.random.default_rng(seed).permutation(len(y)) % folds
+    results: dict[str, dict[str, float]] = {}
+    for fam in families:
+        pred = np.zeros_like(y)
+        for f in range(folds):
+            tr, te = fold != f, fold == f
+            pred[te] = fit_family(fam, x[tr], y[tr], space_digest, seed).predict_features(x[te])
+        results[fam] = _scores(pred, y)
+        log(f"  {fam:22s} cross-validated: tau {results[fam]['kendall_tau']:.3f}  rmse {results[fam]['rmse']:.3f}")
+    best = max(families, key=lambda f: (results[f]["kendall_tau"], -results[f]["rmse"]))
+    return fit_family(best, x, y, space_digest, seed, {"cv": results, "selected": best}), results
+
+
+def evaluate(pred: AccuracyPredictor, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Kendall τ, RMSE and MAE (points) of ``pred`` on measured (features, accuracy)."""
+    return _scores(pred.predict_features(np.asarray(x, np.float32)), np.asarray(y, float))

@@ -1,0 +1,152 @@
+"""The accuracy dataset: measured validation accuracy of subnets taken out of a supernet.
+
+Subnets are sampled stratified over MACs (so both ends of the space are covered) with
+the corners of every resolution included; each is extracted, BN re-calibrated on the
+artifact's calibration images and evaluated on the held-out validation split that
+training set aside (never the test set). Measurements are keyed by arch id and kept
+in the artifact (``accuracy/measurements.json``), so adding samples later measures only
+the new ones.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import DataSpec, ImageSet, load_dataset, split_validation
+from ..evaluate import subnet_accuracy
+from ..space import Arch, SearchSpace
+from ..supernet import Supernet
+from .cost import CostModel
+
+__all__ = ["MEASUREMENTS", "measure_accuracies", "stratified_archs", "validation_set"]
+
+MEASUREMENTS = "accuracy/measurements.json"
+
+
+def stratified_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
+    """``n`` distinct archs: the smallest and largest at every resolution, the rest one per MACs stratum."""
+    corners = [f(r) for r in space.resolutions for f in (space.smallest, space.largest)]
+    chosen: dict[str, Arch] = {}
+    for arch in corners[:n]:
+        chosen.setdefault(arch.id, arch)
+    rest = n - len(chosen)
+    if rest <= 0:
+        return list(chosen.values())
+    rng = np.random.default_rng(seed)
+    pool = space.sample_codes(rng, 20 * rest)
+    order = np.argsort(CostModel(space).macs(pool), kind="stable")
+    for stratum in np.array_split(order, rest):
+        for i in rng.permutation(stratum):
+            arch = space.decode(pool[i : i + 1])[0]
+            if arch.id not in chosen:
+                chosen[arch.id] = arch
+                break
+    return list(chosen.values())
+
+
+def validation_set(training: dict[str, Any], data_dir: str | None = None) -> tuple[ImageSet, DataSpec]:
+    """The validation split a training run held out, rebuilt from its recorded config."""
+    full, spec = load_dataset(training["dataset"], data_dir or training.get("data_dir") or None, True,
+                              training.get("image_size", 224))
+    _, val = split_validation(full, training["val_size"], training["seed"])
+    return val, spec
+
+
+def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.Tensor, val: ImageSet,
+                       spec: DataSpec, known: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+                       on_result: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+                       batch_size: int = 1000) -> dict[str, dict[str, Any]]:
+    """{arch id: {arch, accuracy, macs, params}} for ``archs``; ids already in ``known`` are kept."""
+    out = dict(known or {})
+    cost = CostModel(supernet.space)
+    todo = [a for a in archs if a.id not in out]
+    t_last = time.monotonic()
+    for arch in tqdm(todo, desc="measuring subnets", unit="subnet", disable=not progress, dynamic_ncols=True):
+        acc = subnet_accuracy(supernet, arch, calib, val, spec, batch_size)
+        out[arch.id] = {"arch": json.loads(arch.to_json()), "accuracy": round(acc, 4),
+                        "macs": cost.arch_macs(arch), "params": cost.arch_params(arch)}
+        if on_result is not None and time.monotonic() - t_last > 30:
+            on_result(out)  # a crash loses at most half a minute of measurements
+            t_last = time.monotonic()
+    return out
+
+
+def _split(ids: Sequence[str], test_fraction: float) -> np.ndarray:
+    """True for the held-out ids: decided by each id alone, so the split is stable as samples grow."""
+    return np.array([int(i[:8], 16) % 10_000 < test_fraction * 10_000 for i in ids], dtype=bool)
+
+
+def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
+                             calib_images: int | None = None, data_dir: str | None = None,
+                             families: Sequence[str] | None = None, progress: bool = True,
+                             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure ``samples`` subnets of the artifact at ``root``, pick and fit a predictor, store both.
+
+    The held-out subnets (``test_fraction``, chosen by arch id) are used for nothing but
+    the reported quality; the family is chosen by cross-validation on the others. The
+    stored predictor is the one whose held-out figures are reported.
+    """
+    from pathlib import Path
+
+    from ..artifact import add_file, load_artifact
+    from .accuracy import arch_features, evaluate, fit_family, select_and_fit
+    from .latency import space_digest
+
+    if samples < 10:
+        raise ValueError(f"--samples must be >= 10, got {samples}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    root = Path(root)
+    art = load_artifact(root)
+    calib = art.calibration if calib_images is None else art.calibration[:calib_images]
+    if len(calib) < 1:
+        raise ValueError(f"--calib-images must be in 1..{len(art.calibration)}, got {calib_images}")
+    val, spec = validation_set(art.manifest["training"], data_dir)
+    header = {"artifact": art.digest, "calib_images": len(calib), "split": "validation", "val_images": len(val)}
+    known: dict[str, dict[str, Any]] = {}
+    if MEASUREMENTS in art.manifest["files"]:
+        old = json.loads((root / MEASUREMENTS).read_text())
+        if all(old.get(k) == v for k, v in header.items()):
+            known = old["subnets"]
+        else:
+            log("existing measurements were made differently (artifact, calibration or split); measuring anew")
+
+    def save(measured: dict[str, dict[str, Any]]) -> None:
+        add_file(root, MEASUREMENTS, json.dumps({**header, "subnets": measured}, sort_keys=True, indent=0))
+
+    t0 = time.perf_counter()
+    archs = stratified_archs(art.space, samples, seed)
+    measured = measure_accuracies(art.supernet, archs, calib, val, spec, known, progress, save)
+    save(measured)
+    measure_s = time.perf_counter() - t0
+    ids = sorted(measured)
+    codes = art.space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids])
+    x = arch_features(art.space, codes)
+    y = np.array([measured[i]["accuracy"] for i in ids])
+    held = _split(ids, test_fraction)
+    x_tr, y_tr, x_te, y_te = x[~held], y[~held], x[held], y[held]
+    log(f"{len(ids)} measured subnets ({len(y_tr)} to fit, {len(y_te)} held out); "
+        f"accuracy {y.min():.2f}-{y.max():.2f}%")
+    digest = space_digest(art.space)
+    pred, cv = select_and_fit(x_tr, y_tr, digest, families, seed=seed, log=log)
+    test = evaluate(pred, x_te, y_te)
+    curve = []
+    order = np.random.default_rng(seed).permutation(len(y_tr))
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        k = max(10, int(round(frac * len(y_tr))))
+        fitted = pred if k == len(y_tr) else fit_family(pred.family, x_tr[order[:k]], y_tr[order[:k]], digest, seed)
+        curve.append({"train_samples": k, **evaluate(fitted, x_te, y_te)})
+    info = {"selected": pred.family, "cv": cv, "test": test, "train_samples": int(len(y_tr)),
+            "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(calib),
+            "seed": seed, "artifact": art.digest}
+    log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
+    pred = type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
+    add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
+    return {**info, "measure_seconds": round(measure_s, 1),
+            "held_out": {"ids": [i for i, h in zip(ids, held) if h], "measured": y_te.tolist(),
+                         "predicted": pred.predict_features(x_te).tolist()}}

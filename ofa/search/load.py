@@ -1,0 +1,48 @@
+"""The predictors of an artifact, read without building the supernet (numpy only)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .._io import sha256_file
+from ..predict.accuracy import AccuracyPredictor
+from ..predict.latency import LatencyPredictor
+from ..space import SearchSpace
+from .evolution import Scorer
+
+__all__ = ["ACCURACY_PREDICTOR", "load_scorer"]
+
+ACCURACY_PREDICTOR = "accuracy_predictor.safetensors"
+
+
+def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
+    """A :class:`Scorer` from an artifact's space, accuracy predictor and latency tables.
+
+    Every file used must match its sha256 in the manifest (with ``verify``); a table or
+    predictor made for another space is refused with the reason.
+    """
+    from ..artifact import ArtifactError
+
+    root = Path(root)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{root} is not an artifact: manifest.json is missing or invalid") from None
+
+    def read(name: str) -> bytes:
+        path = root / name
+        if verify and sha256_file(path) != files[name]:
+            raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest")
+        return path.read_bytes()
+
+    space = SearchSpace.from_dict(json.loads(read("space.json")))
+    accuracy = None
+    if ACCURACY_PREDICTOR in files:
+        accuracy = AccuracyPredictor.from_bytes(read(ACCURACY_PREDICTOR), space, str(root / ACCURACY_PREDICTOR))
+    latency = {}
+    for name in sorted(files):
+        if name.startswith("latency/") and name.endswith(".json"):
+            pred = LatencyPredictor(space, json.loads(read(name)))
+            latency[pred.target] = pred
+    return Scorer(space, accuracy, latency)

@@ -1,0 +1,1 @@
+"""The gRPC service behind ``ofa serve`` (installed as ``ofa_server``)."""

@@ -1,0 +1,157 @@
+"""``ofa serve``: the gRPC server process (service, health, reflection, optional TLS and token)."""
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ofa_client.v1 import subnet_service_pb2 as pb
+from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+from .registry import Registry
+from .service import SubnetService
+
+__all__ = ["Server", "add_arguments", "main", "serve"]
+
+log = logging.getLogger("ofa_server")
+SERVICE = pb.DESCRIPTOR.services_by_name["SubnetService"].full_name
+OPEN_METHODS = ("/grpc.health.v1.Health/",)  # load balancers probe health without a token
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required "
+                          "(metadata 'authorization: Bearer <token>')")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
+
+    def intercept_service(self, continuation, details):
+        method = details.method
+        if method.startswith(OPEN_METHODS):
+            return continuation(details)
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), b"Bearer " + self._token):
+            return continuation(details)
+        if method.startswith("/grpc.reflection."):
+            return self._deny_bidi
+        return self._deny_stream if method.endswith("/GetSubnetWeights") else self._deny_unary
+
+
+class Server:
+    """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds."""
+
+    def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
+                 max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        interceptors = [_TokenAuth(token)] if token else []
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
+                                interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
+                                options=[("grpc.max_receive_message_length", 16 << 20)])
+        self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes)
+        pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        address = f"{host}:{port}"
+        if tls:
+            self.port = self.grpc.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.host = host
+
+    def start(self) -> "Server":
+        self.grpc.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 30.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", action="append", required=True,
+                   help="a supernet artifact folder (repeat for several); served under its folder name")
+    p.add_argument("--name", action="append", help="serve the n-th artifact under this name instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port, printed)")
+    p.add_argument("--targets-dir", help="folder where registered targets are kept (shared by replicas); "
+                   "without it registrations last until the server stops")
+    p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
+    p.add_argument("--max-searches", type=int, default=2,
+                   help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")
+    p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--token-file", help="file holding the bearer token every call must carry")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM (default 30)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for weight builds (0: default)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag in ("workers", "max_searches", "cache_mb"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.token_file and not token:
+        raise ValueError(f"--token-file {args.token_file} is empty")
+    if token and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
+    registry = Registry(args.artifact, args.targets_dir, args.name)
+    server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
+                    token, tls).start()
+    print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
+          f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
+          flush=True)
+    done = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: finishing in-flight calls (up to %.0f s)", signum, args.grace)
+        threading.Thread(target=lambda: (server.stop(args.grace), done.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    server.wait()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ofa serve", description="Serve supernet artifacts over gRPC.")
+    add_arguments(p)
+    return serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

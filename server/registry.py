@@ -1,0 +1,185 @@
+"""What a server holds: the supernet artifacts, their predictors and the hardware targets.
+
+Targets come from two places: the latency tables shipped in an artifact
+(``latency/NAME.json``) and the ones registered through the API, kept as validated
+JSON files in a targets folder (``DIR/<space digest[:16]>/NAME.json``). The folder is
+re-read when it changes, so replicas that share it answer alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ofa._io import atomic_write_text
+from ofa.artifact import Artifact, load_artifact
+from ofa.predict.latency import LatencyPredictor, LatencyTableError, space_digest, validate_table
+from ofa.search import Scorer
+from ofa.search.load import load_scorer
+from ofa.space import Arch
+
+__all__ = ["Registry", "ServedSupernet", "TargetExists"]
+
+log = logging.getLogger("ofa_server")
+
+
+class TargetExists(ValueError):
+    """A registration that would overwrite a target without ``replace`` (or one shipped in the artifact)."""
+
+
+@dataclass
+class ServedSupernet:
+    name: str
+    artifact: Artifact
+    scorer: Scorer  # with the artifact's own targets only; registered ones are added per request
+    artifact_targets: dict[str, dict[str, Any]]
+    digest16: str = field(init=False)
+    known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.digest16 = space_digest(self.artifact.space)[:16]
+
+    def remember(self, arch: Arch, limit: int = 100_000) -> None:
+        with self.lock:
+            self.known[arch.id] = arch
+            self.known.move_to_end(arch.id)
+            while len(self.known) > limit:
+                self.known.popitem(last=False)
+
+    def lookup(self, subnet_id: str) -> Arch | None:
+        with self.lock:
+            return self.known.get(subnet_id)
+
+
+class Registry:
+    def __init__(self, artifact_dirs: list[str], targets_dir: str | None = None,
+                 names: list[str] | None = None) -> None:
+        self.supernets: dict[str, ServedSupernet] = {}
+        self.targets_dir = Path(targets_dir) if targets_dir else None
+        self._memory_tables: dict[tuple[str, str], dict[str, Any]] = {}  # without a targets folder
+        self._disk_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+        self._predictors: dict[tuple[str, str, int], LatencyPredictor] = {}  # keyed by the cached table object
+        self._lock = threading.Lock()
+        for i, d in enumerate(artifact_dirs):
+            name = (names[i] if names and i < len(names) else None) or Path(d).resolve().name
+            if name in self.supernets:
+                raise ValueError(f"two artifacts are both named {name!r}; give --name for each")
+            art = load_artifact(d)
+            scorer = load_scorer(d)
+            tables = {}
+            for file in art.manifest["files"]:
+                if file.startswith("latency/") and file.endswith(".json"):
+                    table = json.loads((Path(d) / file).read_text())
+                    tables[table["target"]] = table
+            served = ServedSupernet(name, art, scorer, tables)
+            for arch in (art.space.smallest(), art.space.largest()):
+                served.remember(arch)
+            meas = Path(d) / "accuracy" / "measurements.json"
+            if meas.exists():
+                for item in json.loads(meas.read_text())["subnets"].values():
+                    served.remember(Arch.from_dict(item["arch"]))
+            self.supernets[name] = served
+            log.info("serving %s from %s (digest %s, %d targets, accuracy predictor: %s)", name, d,
+                     art.digest[:12], len(tables), "yes" if scorer.accuracy is not None else "no")
+
+    # ---- targets -----------------------------------------------------------------
+    def _folder(self, sn: ServedSupernet) -> Path | None:
+        return self.targets_dir / sn.digest16 if self.targets_dir else None
+
+    def registered_tables(self, sn: ServedSupernet) -> dict[str, dict[str, Any]]:
+        """Registered tables for this supernet's space, re-read from disk when a file changed."""
+        folder = self._folder(sn)
+        if folder is None:
+            with self._lock:
+                return {t: tab for (d, t), tab in self._memory_tables.items() if d == sn.digest16}
+        out = {}
+        try:
+            files = sorted(folder.glob("*.json"))
+        except OSError:
+            return out
+        for path in files:
+            try:
+                mtime = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            with self._lock:
+                cached = self._disk_cache.get(path)
+            if cached is None or cached[0] != mtime:
+                try:
+                    table = validate_table(json.loads(path.read_text()), sn.artifact.space)
+                except (OSError, ValueError) as e:
+                    log.warning("ignoring target file %s: %s", path, e)
+                    continue
+                cached = (mtime, table)
+                with self._lock:
+                    self._disk_cache[path] = cached
+            out[cached[1]["target"]] = cached[1]
+        return out
+
+    def tables(self, sn: ServedSupernet) -> dict[str, tuple[dict[str, Any], str]]:
+        """Every target of a supernet: name -> (table, "artifact" | "registered")."""
+        out = {name: (t, "registered") for name, t in self.registered_tables(sn).items()}
+        out.update({name: (t, "artifact") for name, t in sn.artifact_targets.items()})
+        return out
+
+    def scorer(self, sn: ServedSupernet, target: str | None) -> Scorer:
+        """The artifact's scorer, with ``target``'s table if it is a registered one."""
+        if not target or target in sn.scorer.latency:
+            return sn.scorer
+        registered = self.registered_tables(sn)
+        if target not in registered:
+            return sn.scorer  # the search reports the unknown target with the known ones
+        latency = {**sn.scorer.latency, target: self._predictor(sn, registered[target])}
+        return Scorer(sn.scorer.space, sn.scorer.accuracy, latency)
+
+    def _predictor(self, sn: ServedSupernet, table: dict[str, Any]) -> LatencyPredictor:
+        key = (sn.digest16, table["target"], id(table))
+        with self._lock:
+            if key not in self._predictors:
+                if len(self._predictors) > 256:
+                    self._predictors.clear()
+                self._predictors[key] = LatencyPredictor(sn.artifact.space, table)
+            return self._predictors[key]
+
+    def known_targets(self, sn: ServedSupernet) -> list[str]:
+        return sorted(self.tables(sn))
+
+    def register(self, sn: ServedSupernet, table_json: str, replace: bool) -> dict[str, Any]:
+        """Validate a table against the supernet's space and keep it; returns the table."""
+        try:
+            table = json.loads(table_json)
+        except ValueError as e:
+            raise LatencyTableError(f"table_json is not valid JSON: {e}") from None
+        table = validate_table(table, sn.artifact.space)
+        name = table["target"]
+        if name in sn.artifact_targets:
+            raise TargetExists(f"target {name!r} ships with the supernet and cannot be replaced; "
+                               f"register the table under another target name")
+        folder = self._folder(sn)
+        with self._lock:
+            exists = (folder / f"{name}.json").exists() if folder else (sn.digest16, name) in self._memory_tables
+            if exists and not replace:
+                raise TargetExists(f"target {name!r} is already registered; set replace to overwrite it")
+            if folder is None:
+                self._memory_tables[(sn.digest16, name)] = table
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / f"{name}.json", json.dumps(table, sort_keys=True))
+        log.info("registered target %s for %s%s", name, sn.name, f" in {folder}" if folder else " (in memory)")
+        return table
+
+
+def target_summary(name: str, supernet: str, table: dict[str, Any], source: str) -> dict[str, Any]:
+    dev = table.get("device", {})
+    cal = table.get("calibration") or {}
+    err = cal.get("mean_abs_rel_error_corrected" if cal.get("kept") else "mean_abs_rel_error_raw", 0.0)
+    return {"name": name, "supernet": supernet, "cpu": str(dev.get("cpu", "")), "threads": int(dev.get("threads", 0) or 0),
+            "backend": str(dev.get("backend", "")), "backend_version": str(dev.get("backend_version", "")),
+            "batch": int(dev.get("batch", 1) or 1), "blocks": len(table["entries"]),
+            "mean_abs_rel_error": float(err or 0.0), "source": source}
+

@@ -1,0 +1,222 @@
+"""The ``ofa.v1.SubnetService`` servicer: validation → registry → search or weights → response.
+
+A client's mistake ends as a status with a message (and one INFO log line, no
+traceback); only a server bug logs a traceback, as INTERNAL, and the server goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from ofa.predict.latency import LatencyTableError
+from ofa.search import Candidate, Infeasible, SearchCancelled, UnknownTarget, pareto_front, search
+from ofa.space import Arch
+from ofa_client.v1 import subnet_service_pb2 as pb
+from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+from . import validation as v
+from .registry import Registry, ServedSupernet, TargetExists, target_summary
+from .weights import WeightsCache, build_payload
+
+__all__ = ["CHUNK_BYTES", "SubnetService"]
+
+log = logging.getLogger("ofa_server")
+CHUNK_BYTES = 1 << 20
+
+
+def _handled(method: Callable) -> Callable:
+    """Map the outcome of a handler to a status; never let an exception kill the server."""
+
+    @functools.wraps(method)
+    def wrapper(self: "SubnetService", request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return method(self, request, context)
+        except v.RequestError as e:
+            code, msg = e.code, e.message
+        except Infeasible as e:
+            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except UnknownTarget as e:
+            code, msg = grpc.StatusCode.NOT_FOUND, str(e)
+        except SearchCancelled:
+            expired = context.time_remaining() is not None and context.time_remaining() <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            msg = "the deadline passed during the search" if expired else "the request was cancelled"
+        except Exception:  # a bug of ours: keep serving, say so, keep the traceback for us
+            log.exception("%s failed", method.__name__)
+            code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; the server log has details"
+        log.info("%s -> %s (%.1f ms): %s", method.__name__, code.name, 1000 * (time.perf_counter() - t0), msg)
+        context.abort(code, msg)
+
+    return wrapper
+
+
+class SubnetService(pb_grpc.SubnetServiceServicer):
+    def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
+                 max_builds: int | None = None) -> None:
+        self.registry = registry
+        self.cache = WeightsCache(cache_bytes)
+        self.max_searches = max_searches
+        self._searches = threading.BoundedSemaphore(max_searches)
+        self._builds = threading.BoundedSemaphore(max_builds or max_searches)
+
+    # ---- helpers -----------------------------------------------------------------
+    def _supernet(self, name: str) -> ServedSupernet:
+        sns = self.registry.supernets
+        if not name:
+            if len(sns) == 1:
+                return next(iter(sns.values()))
+            raise v.invalid(f"supernet is required: this server holds {sorted(sns)}")
+        if name not in sns:
+            raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"supernet {name[:80]!r} is not served here; "
+                                 f"known: {sorted(sns)}")
+        return sns[name]
+
+    def _check_target(self, sn: ServedSupernet, target: str | None) -> None:
+        if target is not None and target not in self.registry.tables(sn):
+            raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"target {target!r} is not known for supernet "
+                                 f"{sn.name!r}; known targets: {self.registry.known_targets(sn)}")
+
+    @contextlib.contextmanager
+    def _slot(self, sem: threading.BoundedSemaphore, what: str) -> Iterator[None]:
+        """Hold one of ``sem``'s slots, or refuse at once with RESOURCE_EXHAUSTED (no queueing)."""
+        if not sem.acquire(blocking=False):
+            raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"the server is running its limit of {self.max_searches} concurrent {what}; "
+                                 f"retry with backoff")
+        try:
+            yield
+        finally:
+            sem.release()
+
+    @staticmethod
+    def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None) -> pb.Subnet:
+        a = c.arch
+        msg = pb.Subnet(id=a.id, arch=pb.Arch(kernel=a.kernel, expand=a.expand, depth=a.depth, resolution=a.resolution),
+                        predicted_accuracy=c.accuracy, macs=c.macs, params=c.params, search_seconds=seconds,
+                        supernet=sn.name, target=target or "")
+        if c.latency_ms is not None:
+            msg.predicted_latency_ms = c.latency_ms
+        return msg
+
+    # ---- RPCs --------------------------------------------------------------------
+    @_handled
+    def ListSupernets(self, request: pb.ListSupernetsRequest, context) -> pb.ListSupernetsResponse:
+        out = []
+        for name, sn in sorted(self.registry.supernets.items()):
+            sp, data = sn.artifact.space, sn.artifact.data
+            space = pb.SearchSpace(name=sp.name, kernel_choices=sp.kernel_choices, expand_choices=sp.expand_choices,
+                                   depth_choices=sp.depth_choices, resolutions=sp.resolutions,
+                                   stages=[pb.Stage(width=s.width, stride=s.stride, activation=s.act,
+                                                    squeeze_excite=s.se) for s in sp.stages],
+                                   in_channels=sp.in_channels, num_classes=sp.num_classes,
+                                   definition_json=sp.to_json())
+            msg = pb.Supernet(name=name, digest=sn.artifact.digest, space=space,
+                              data=pb.DataDescription(dataset=data.name, channels=data.channels,
+                                                      image_size=data.image_size, num_classes=data.num_classes,
+                                                      mean=data.mean, std=data.std, class_names=data.class_names),
+                              targets=self.registry.known_targets(sn))
+            acc = sn.scorer.accuracy
+            if acc is not None:
+                test = acc.info.get("test", {})
+                msg.accuracy_predictor.CopyFrom(pb.PredictorQuality(
+                    family=acc.family, train_samples=int(acc.info.get("train_samples", 0)),
+                    test_samples=int(acc.info.get("test_samples", 0)),
+                    kendall_tau=float(test.get("kendall_tau", 0.0)), rmse=float(test.get("rmse", 0.0))))
+            out.append(msg)
+        return pb.ListSupernetsResponse(supernets=out)
+
+    @_handled
+    def ListTargets(self, request: pb.ListTargetsRequest, context) -> pb.ListTargetsResponse:
+        sn = self._supernet(request.supernet)
+        return pb.ListTargetsResponse(targets=[pb.Target(**target_summary(name, sn.name, table, source))
+                                               for name, (table, source) in sorted(self.registry.tables(sn).items())])
+
+    @_handled
+    def RegisterTarget(self, request: pb.RegisterTargetRequest, context) -> pb.Target:
+        sn = self._supernet(request.supernet)
+        if len(request.table_json) > v.LIMITS["table_bytes"]:
+            raise v.invalid(f"table_json must be at most {v.LIMITS['table_bytes']} bytes")
+        try:
+            table = self.registry.register(sn, request.table_json, request.replace)
+        except TargetExists as e:
+            raise v.RequestError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        except LatencyTableError as e:
+            raise v.invalid(f"table_json: {e}") from None
+        return pb.Target(**target_summary(table["target"], sn.name, table, "registered"))
+
+    def _search_inputs(self, request, front: bool):
+        sn = self._supernet(request.supernet)
+        target = v.target_of(request.target)
+        constraints = v.constraints_of(request.constraints, sn.artifact.space, target)
+        settings = v.settings_of(request.options, request.seed, front)
+        self._check_target(sn, target)
+        if sn.scorer.accuracy is None:
+            raise v.RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"supernet {sn.name!r} has no accuracy predictor; run `ofa predictors` on it")
+        return sn, target, constraints, settings
+
+    @_handled
+    def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
+        sn, target, constraints, settings = self._search_inputs(request, front=False)
+        with self._slot(self._searches, "searches"):
+            result = search(self.registry.scorer(sn, target), constraints, target, settings,
+                            should_stop=lambda: not context.is_active())
+        sn.remember(result.best.arch)
+        return self._subnet(sn, result.best, result.seconds, target)
+
+    @_handled
+    def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
+        sn, target, constraints, settings = self._search_inputs(request, front=True)
+        points = v.points_of(request.points)
+        t0 = time.perf_counter()
+        with self._slot(self._searches, "searches"):
+            front = pareto_front(self.registry.scorer(sn, target), points, target, constraints, settings,
+                                 should_stop=lambda: not context.is_active())
+        seconds = time.perf_counter() - t0
+        for c in front:
+            sn.remember(c.arch)
+        return pb.ParetoFront(points=[self._subnet(sn, c, seconds, target) for c in front], search_seconds=seconds)
+
+    def _weights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
+        sn = self._supernet(request.supernet)
+        fmt = v.format_of(request.format)
+        arch: Arch | None = v.arch_of(request.arch, sn.artifact.space) if request.HasField("arch") else None
+        if request.subnet_id:
+            sid = v.subnet_id_of(request.subnet_id)
+            if arch is not None and arch.id != sid:
+                raise v.invalid(f"subnet_id {sid} is not the id of the arch given ({arch.id})")
+            arch = arch or sn.lookup(sid)
+            if arch is None:
+                raise v.RequestError(grpc.StatusCode.NOT_FOUND,
+                                     f"subnet {sid} is not known to this server; send its arch instead")
+        if arch is None:
+            raise v.invalid("give subnet_id or arch")
+        key = (sn.artifact.digest, arch.id, fmt)
+        payload = self.cache.get(key)
+        if payload is None:
+            with self._slot(self._builds, "weight builds"):
+                payload = self.cache.get_or_build(key, lambda: build_payload(sn.artifact, arch, fmt))
+        data = sn.artifact.data
+        header = pb.WeightsHeader(
+            format=request.format, total_bytes=len(payload.data), sha256=payload.sha256, subnet_id=arch.id,
+            arch=pb.Arch(kernel=arch.kernel, expand=arch.expand, depth=arch.depth, resolution=arch.resolution),
+            input_shape=[1, data.channels, arch.resolution, arch.resolution], mean=data.mean, std=data.std,
+            supernet_digest=sn.artifact.digest, calibration_images=payload.calibration_images)
+        return [pb.GetSubnetWeightsResponse(header=header)] + [
+            pb.GetSubnetWeightsResponse(chunk=payload.data[i : i + CHUNK_BYTES])
+            for i in range(0, len(payload.data), CHUNK_BYTES)]
+
+    def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
+        # all checks and the build happen before the first message, so every refusal is a clean status
+        messages = _handled(SubnetService._weights)(self, request, context)
+        for msg in messages:
+            if not context.is_active():
+                return
+            yield msg

