@@ -71,7 +71,7 @@ def main() -> None:
         weights = str(Path(tmp) / "mlp.safetensors")
         save_file(state, weights)
         print(f"reference EvolutionFinder: population {a.population}, {a.generations} generations, "
-              f"{len(seeds)} seeds (about 95 s each on this machine)...", flush=True)
+              f"{len(seeds)} seeds (40-95 s each on this machine)...", flush=True)
         ref = run_reference("search", weights=weights, resolutions=list(space.resolutions),
                             population=a.population, generations=a.generations, seeds=seeds,
                             constraint_mflops=a.max_mmacs, check_archs=check_ref, threads=a.threads)

@@ -86,6 +86,7 @@ class Server:
     def stop(self, grace: float = 30.0) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
+        self.service.pool.close()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

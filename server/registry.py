@@ -127,6 +127,12 @@ class Registry:
         out.update({name: (t, "artifact") for name, t in sn.artifact_targets.items()})
         return out
 
+    def extra_table(self, sn: ServedSupernet, target: str | None) -> dict[str, Any] | None:
+        """The registered table of ``target`` when the artifact does not ship one (else None)."""
+        if not target or target in sn.scorer.latency:
+            return None
+        return self.registered_tables(sn).get(target)
+
     def scorer(self, sn: ServedSupernet, target: str | None) -> Scorer:
         """The artifact's scorer, with ``target``'s table if it is a registered one."""
         if not target or target in sn.scorer.latency:

@@ -15,13 +15,14 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from ofa.predict.latency import LatencyTableError
-from ofa.search import Candidate, Infeasible, SearchCancelled, UnknownTarget, pareto_front, search
+from ofa.search import Candidate, Infeasible, SearchCancelled, UnknownTarget
 from ofa.space import Arch
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from . import validation as v
 from .registry import Registry, ServedSupernet, TargetExists, target_summary
+from .searcher import SearchPool
 from .weights import WeightsCache, build_payload
 
 __all__ = ["CHUNK_BYTES", "SubnetService"]
@@ -65,6 +66,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self.max_searches = max_searches
         self._searches = threading.BoundedSemaphore(max_searches)
         self._builds = threading.BoundedSemaphore(max_builds or max_searches)
+        self.pool = SearchPool(max_searches)
 
     # ---- helpers -----------------------------------------------------------------
     def _supernet(self, name: str) -> ServedSupernet:
@@ -166,8 +168,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
         sn, target, constraints, settings = self._search_inputs(request, front=False)
         with self._slot(self._searches, "searches"):
-            result = search(self.registry.scorer(sn, target), constraints, target, settings,
-                            should_stop=lambda: not context.is_active())
+            result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target),
+                                   (constraints, target, settings), lambda: not context.is_active())
         sn.remember(result.best.arch)
         return self._subnet(sn, result.best, result.seconds, target)
 
@@ -177,8 +179,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         points = v.points_of(request.points)
         t0 = time.perf_counter()
         with self._slot(self._searches, "searches"):
-            front = pareto_front(self.registry.scorer(sn, target), points, target, constraints, settings,
-                                 should_stop=lambda: not context.is_active())
+            front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target),
+                                  (points, target, constraints, settings), lambda: not context.is_active())
         seconds = time.perf_counter() - t0
         for c in front:
             sn.remember(c.arch)

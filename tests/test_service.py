@@ -276,3 +276,8 @@ def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artif
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+def test_generated_modules_are_up_to_date():
+    proc = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

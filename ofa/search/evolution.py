@@ -34,6 +34,9 @@ class Infeasible(ValueError):
         super().__init__(message)
         self.field, self.achievable = field, achievable
 
+    def __reduce__(self):  # crosses process boundaries (the server searches in worker processes)
+        return (type(self), (str(self), self.field, self.achievable))
+
 
 class UnknownTarget(LookupError):
     """A target with no latency table in the artifact."""
