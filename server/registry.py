@@ -17,7 +17,7 @@ from typing import Any
 
 from ofa._io import atomic_write_text
 from ofa.artifact import Artifact, load_artifact
-from ofa.predict.latency import LatencyPredictor, LatencyTableError, space_digest, validate_table
+from ofa.predict.latency import LatencyTableError, space_digest, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
 from ofa.space import Arch
@@ -35,7 +35,7 @@ class TargetExists(ValueError):
 class ServedSupernet:
     name: str
     artifact: Artifact
-    scorer: Scorer  # with the artifact's own targets only; registered ones are added per request
+    scorer: Scorer  # the artifact's own targets; a registered one is added by the search worker
     artifact_targets: dict[str, dict[str, Any]]
     digest16: str = field(init=False)
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
@@ -63,7 +63,6 @@ class Registry:
         self.targets_dir = Path(targets_dir) if targets_dir else None
         self._memory_tables: dict[tuple[str, str], dict[str, Any]] = {}  # without a targets folder
         self._disk_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
-        self._predictors: dict[tuple[str, str, int], LatencyPredictor] = {}  # keyed by the cached table object
         self._lock = threading.Lock()
         for i, d in enumerate(artifact_dirs):
             name = (names[i] if names and i < len(names) else None) or Path(d).resolve().name
@@ -132,25 +131,6 @@ class Registry:
         if not target or target in sn.scorer.latency:
             return None
         return self.registered_tables(sn).get(target)
-
-    def scorer(self, sn: ServedSupernet, target: str | None) -> Scorer:
-        """The artifact's scorer, with ``target``'s table if it is a registered one."""
-        if not target or target in sn.scorer.latency:
-            return sn.scorer
-        registered = self.registered_tables(sn)
-        if target not in registered:
-            return sn.scorer  # the search reports the unknown target with the known ones
-        latency = {**sn.scorer.latency, target: self._predictor(sn, registered[target])}
-        return Scorer(sn.scorer.space, sn.scorer.accuracy, latency)
-
-    def _predictor(self, sn: ServedSupernet, table: dict[str, Any]) -> LatencyPredictor:
-        key = (sn.digest16, table["target"], id(table))
-        with self._lock:
-            if key not in self._predictors:
-                if len(self._predictors) > 256:
-                    self._predictors.clear()
-                self._predictors[key] = LatencyPredictor(sn.artifact.space, table)
-            return self._predictors[key]
 
     def known_targets(self, sn: ServedSupernet) -> list[str]:
         return sorted(self.tables(sn))
