@@ -6,6 +6,7 @@ slot lets the server stop a search whose call was cancelled or timed out.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
 from typing import Any, Callable
@@ -19,6 +20,10 @@ _flags = None
 def _init(flags) -> None:
     global _flags
     _flags = flags
+    # one BLAS thread per worker: the workers already run one search per core, and
+    # oversubscribed BLAS threads spin against each other (before numpy is imported here)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
 
 
 def _job(kind: str, artifact_dir: str, table: dict | None, slot: int, args: tuple) -> Any:
