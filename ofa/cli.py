@@ -298,6 +298,12 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ofa_server.main import serve  # grpc, torch and the artifacts load only for this command
+
+    return serve(args)
+
+
 def _search_arguments(s: argparse.ArgumentParser, generations: int) -> None:
     s.add_argument("--artifact", required=True)
     s.add_argument("--target", help="hardware target with a latency table in the artifact (see `ofa info`)")
@@ -406,10 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve artifacts over gRPC (search, Pareto fronts, weights)",
                        description="Serve one or more supernet artifacts over gRPC (ofa.v1.SubnetService, "
                        "health and reflection). SIGTERM stops it after in-flight calls finish.")
-    from ofa_server.main import add_arguments, serve
+    from ofa_server.args import add_arguments
 
     add_arguments(s)
-    s.set_defaults(func=serve)
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="show what an artifact holds and how good its predictors are")
     s.add_argument("--artifact", required=True)

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
+from .args import add_arguments
 from .registry import Registry
 from .service import SubnetService
 
@@ -90,25 +91,6 @@ class Server:
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact", action="append", required=True,
-                   help="a supernet artifact folder (repeat for several); served under its folder name")
-    p.add_argument("--name", action="append", help="serve the n-th artifact under this name instead")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port, printed)")
-    p.add_argument("--targets-dir", help="folder where registered targets are kept (shared by replicas); "
-                   "without it registrations last until the server stops")
-    p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
-    p.add_argument("--max-searches", type=int, default=2,
-                   help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")
-    p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
-    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--token-file", help="file holding the bearer token every call must carry")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM (default 30)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for weight builds (0: default)")
 
 
 def serve(args: argparse.Namespace) -> int:

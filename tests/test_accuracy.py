@@ -159,3 +159,14 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     assert main(["info", "--artifact", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["accuracy_predictor"]
     assert info["train_samples"] + info["test_samples"] == len(after) and "kendall_tau" in info["test"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--samples", "5"], "--samples must be >= 10, got 5"),
+    (["--test-fraction", "1.5"], r"--test-fraction must be in \(0, 1\), got 1.5"),
+])
+def test_predictors_command_refuses_bad_options(tmp_path, capsys, args, message):
+    from ofa.cli import main
+
+    assert main(["predictors", "--artifact", str(tmp_path), *args]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
