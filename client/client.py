@@ -143,15 +143,9 @@ class Weights:
             return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
         if self.format != "safetensors":
             raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
-        from safetensors.torch import load as load_tensors
+        from ofa.subnet import load_subnet_safetensors
 
-        from ofa.space import Arch, SearchSpace
-        from ofa.subnet import load_subnet
-
-        header_len = int.from_bytes(self.data[:8], "little")
-        meta = json.loads(json.loads(self.data[8 : 8 + header_len])["__metadata__"]["ofa"])
-        space = SearchSpace.from_dict(meta["space"])
-        return load_subnet(space, Arch.from_dict(meta["arch"]), load_tensors(self.data)).eval()
+        return load_subnet_safetensors(self.data)[0]
 
 
 # ---- the client --------------------------------------------------------------------

@@ -31,7 +31,7 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_check(args: argparse.Namespace) -> int:
     """Build a supernet, extract three subnets, print and check their cost and outputs."""
     import torch
 
@@ -67,6 +67,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("all checks passed: analytic MACs/params equal counted ones, subnet logits equal "
           "the supernet's" if not failures else f"{failures} subnet(s) failed their checks")
     return 1 if failures else 0
+
+
+def _print_table(report: dict) -> None:
+    from .report import table_rows
+
+    print("\n".join(table_rows(report)))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Train, fit predictors, profile, serve, specialise through ofa-client, measure, report."""
+    from .demo import run_demo
+
+    t0 = time.perf_counter()
+    profile = {"rounds": args.profile_rounds, "min_run_time": args.profile_min_run_time,
+               "calibrate": args.profile_calibrate}
+    report = run_demo(args.out, args.preset, args.set or [], args.samples, args.target, profile, args.budgets,
+                      args.latency_runs, args.min_run_time, progress=not args.no_progress)
+    print()
+    _print_table(report)
+    print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "
+          f"total {(time.perf_counter() - t0) / 60:.1f} min")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Serve an artifact, specialise it for latency budgets through ofa-client, measure, report."""
+    from .report import render_markdown, run_report
+
+    report = run_report(args.artifact, args.target, args.out, args.budgets, args.budget_ms or (),
+                        args.baseline or (), args.baseline_epochs, args.data_dir, args.latency_runs,
+                        args.min_run_time, progress=not args.no_progress)
+    command = "ofa report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
+    (Path(args.out) / "report.md").write_text(render_markdown(report, command))
+    print()
+    _print_table(report)
+    print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}")
+    return 0
 
 
 def _cmd_import_reference(args: argparse.Namespace) -> int:
@@ -329,12 +366,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the full space descriptions as JSON")
     s.set_defaults(func=_cmd_spaces)
 
-    s = sub.add_parser("demo", help="build a supernet, extract three subnets, check them")
-    s.add_argument("--space", default=DEFAULT_SPACE, choices=space_names())
-    s.add_argument("--seed", type=int, default=0)
+    from .train.config import PRESETS
+
+    s = sub.add_parser("demo", help="the whole story: train, predict, profile, serve, specialise for 3 budgets",
+                       description="Train the quick supernet into OUT/supernet, measure subnets and fit the "
+                       "accuracy predictor, profile this machine, start `ofa serve` on 127.0.0.1, request and "
+                       "fetch the best subnet for a tight, a middle and a loose latency budget with "
+                       "`ofa-client`, stop the server, measure the subnets here and write OUT/report.md, "
+                       "OUT/report.json and OUT/pareto.png. Finished steps are reused when run again.")
+    s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    s.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="training preset (default quick)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config value")
+    s.add_argument("--samples", type=int, default=60, help="subnets measured for the accuracy predictor (default 60)")
+    s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
+    s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
+    s.add_argument("--profile-rounds", type=int, default=3, help="profiling passes over all blocks (default 3)")
+    s.add_argument("--profile-min-run-time", type=float, default=0.05,
+                   help="seconds of timing per block and pass (default 0.05)")
+    s.add_argument("--profile-calibrate", type=int, default=10,
+                   help="subnets timed end to end to fit and check the table's correction (default 10)")
+    s.add_argument("--latency-runs", type=int, default=3,
+                   help="interleaved timing runs per served subnet, median kept (default 3)")
+    s.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing run (default 0.5)")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
-    from .train.config import PRESETS
+    s = sub.add_parser("report", help="serve an artifact, specialise it for latency budgets, measure, report",
+                       description="Start `ofa serve` on 127.0.0.1 for --artifact, ask it through `ofa-client` "
+                       "for the Pareto front and the best subnet under each latency budget, fetch them, stop "
+                       "the server, measure test accuracy and latency here, and write report.md, report.json "
+                       "and pareto.png into --out. --baseline W trains torchvision's mobilenet_v3_small xW from "
+                       "scratch on the same data for the same epochs and compares at its measured latency.")
+    s.add_argument("--artifact", required=True, help="artifact with an accuracy predictor and --target's table")
+    s.add_argument("--target", required=True, help="latency target of the artifact, profiled on this machine")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--budgets", type=int, default=3, help="latency budgets spread along the front (default 3)")
+    s.add_argument("--budget-ms", type=float, action="append", help="an explicit latency budget (repeatable)")
+    s.add_argument("--baseline", type=float, action="append", metavar="WIDTH",
+                   help="also train mobilenet_v3_small with this width multiplier as a baseline (repeatable)")
+    s.add_argument("--baseline-epochs", type=float, help="default: all of the artifact's training epochs")
+    s.add_argument("--data-dir", help="where the dataset lies, if not where training found it")
+    s.add_argument("--latency-runs", type=int, default=3, help="interleaved timing runs, median kept (default 3)")
+    s.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing run (default 0.5)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("check", help="build a supernet, extract three subnets, check costs and outputs")
+    s.add_argument("--space", default=DEFAULT_SPACE, choices=space_names())
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("train", help="train a supernet with progressive shrinking",
                        description="Train one supernet (full net, then elastic kernel, depth and "

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_pareto", "plot_predicted_vs_measured"]
+__all__ = ["plot_pareto", "plot_predicted_vs_measured", "plot_report"]
 
 
 def _pyplot():
@@ -66,6 +66,38 @@ def plot_pareto(front, out: str | Path, target: str | None, artifact: Path | Non
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_report(report: dict, out: str | Path) -> Path:
+    """The searched front (predicted) with the served subnets and baselines as measured (``ofa report``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    front = sorted(report["front"], key=lambda s: s["predicted_latency_ms"])
+    ax.plot([s["predicted_latency_ms"] for s in front], [s["predicted_accuracy"] for s in front], "-",
+            color="tab:red", alpha=0.6, label="searched front (predicted, validation)")
+    for i, s in enumerate(report["served"]):
+        px, py = s["predicted_latency_ms"], s["predicted_accuracy"]
+        mx, my = s["measured_latency_ms"], s["test_accuracy"]
+        ax.plot([px, mx], [py, my], color="0.6", lw=0.8)
+        ax.scatter([px], [py], s=28, facecolors="none", edgecolors="tab:red", zorder=3,
+                   label="served subnet, predicted" if i == 0 else None)
+        ax.scatter([mx], [my], s=30, color="tab:blue", zorder=4,
+                   label="served subnet, measured (test)" if i == 0 else None)
+        ax.annotate(s["label"], (mx, my), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for i, b in enumerate(report.get("baselines") or []):
+        ax.scatter([b["latency_ms"]], [b["test_accuracy"]], marker="s", s=34, color="tab:green", zorder=4,
+                   label="mobilenet_v3_small from scratch (test)" if i == 0 else None)
+        ax.annotate(b["name"].replace("mobilenet_v3_small ", ""), (b["latency_ms"], b["test_accuracy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"latency on {report['target']} (ms)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{report['space']} on {report['dataset']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ head) from here so that both share one definition and one state-dict layout.
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Mapping
 
@@ -22,6 +23,7 @@ __all__ = [
     "SubNet",
     "build_subnet",
     "load_subnet",
+    "load_subnet_safetensors",
     "make_activation",
 ]
 
@@ -157,3 +159,21 @@ def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.T
         is_param = isinstance(table[name], nn.Parameter)
         table[name] = nn.Parameter(value) if is_param else value
     return net.eval()
+
+
+def load_subnet_safetensors(data: bytes) -> tuple[SubNet, dict]:
+    """The subnet in a served safetensors file (its bytes) and the file's ``ofa`` metadata.
+
+    The metadata (one canonical JSON value under the key ``ofa``) carries the arch and
+    the search space, so the file alone rebuilds the network.
+    """
+    from safetensors.torch import load
+
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
+        space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
+                         ) from None
+    return load_subnet(space, arch, load(data)).eval(), meta

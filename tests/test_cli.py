@@ -5,8 +5,8 @@ import sys
 from ofa.cli import main
 
 
-def test_demo_passes_its_checks(capsys):
-    assert main(["demo"]) == 0
+def test_check_passes(capsys):
+    assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out
     for label in ("smallest", "random", "largest"):
@@ -20,7 +20,7 @@ def test_spaces_json(capsys):
 
 
 def test_bad_arguments_name_the_allowed_values():
-    r = subprocess.run([sys.executable, "-m", "ofa", "demo", "--space", "nope"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ofa", "check", "--space", "nope"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "invalid choice: 'nope'" in r.stderr and "mbv3-imagenet" in r.stderr
 

@@ -1,0 +1,85 @@
+"""``ofa demo``: the whole story on this machine, from nothing to three specialised subnets.
+
+1. train the ``quick`` supernet (progressive shrinking with distillation) into OUT/supernet;
+2. measure subnets and fit the accuracy predictor into it;
+3. profile this machine as a latency target;
+4. start ``ofa serve`` on loopback and, with ``ofa-client``, request and fetch the best
+   subnet for a tight, a middle and a loose latency budget; stop the server;
+5. measure the served subnets (test accuracy, latency here) and write OUT/report.md,
+   OUT/report.json and OUT/pareto.png.
+
+Every step that has finished before is reused when the demo runs again into the same
+folder (training resumes from its last checkpoint; measured subnets are kept).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["run_demo"]
+
+
+def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 60,
+             target: str = "this-machine", profile: dict[str, Any] | None = None, budgets: int = 3,
+             latency_runs: int = 3, min_run_time: float = 0.5, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the five steps into ``out``; returns the report (also written as OUT/report.json)."""
+    from .artifact import add_file, load_artifact
+    from .predict.latency import check_target_name, validate_table
+    from .predict.measure import build_accuracy_predictor
+    from .predict.profile import profile_space
+    from .report import render_markdown, run_report
+    from .train import load_config, train
+
+    check_target_name(target)
+    out = Path(out)
+    art_dir = out / "supernet"
+    config = load_config(preset, None, list(assignments))  # bad keys fail here, before any work
+    steps: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    log(f"[1/5] train the {preset!r} supernet into {art_dir}")
+    t = time.perf_counter()
+    if (art_dir / "manifest.json").exists():
+        log("  already trained: reusing it (delete the folder to train again)")
+    else:
+        resume = (art_dir / "checkpoints" / "checkpoint.json").exists()
+        if resume:
+            log("  resuming from its last checkpoint")
+        results = train(config, art_dir, resume=resume, progress=progress)
+        last = results[config.phases[-1].name]
+        log("  validation accuracy after the last phase: " +
+            ", ".join(f"{k} {v:.2f}%" for k, v in sorted(last.items())))
+    steps["train"] = time.perf_counter() - t
+
+    log(f"[2/5] measure {samples} subnets and fit the accuracy predictor")
+    t = time.perf_counter()
+    rep = build_accuracy_predictor(art_dir, samples=samples, progress=progress, log=lambda s: log("  " + s))
+    steps["predictors"] = time.perf_counter() - t
+
+    log(f"[3/5] profile this machine as target {target!r}")
+    t = time.perf_counter()
+    space = load_artifact(art_dir).space
+    table = profile_space(space, target, progress=progress, **(profile or {}))
+    add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, space), indent=1, sort_keys=True))
+    cal = table.get("calibration") or {}
+    log(f"  {len(table['entries'])} blocks timed in {table['profile_seconds']} s"
+        + (f"; end-to-end check on {cal['archs'] // 2} subnets: mean |error| "
+           f"{cal['mean_abs_rel_error_corrected' if cal['kept'] else 'mean_abs_rel_error_raw']:.1%}" if cal else ""))
+    steps["profile"] = time.perf_counter() - t
+
+    log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
+    t = time.perf_counter()
+    report = run_report(art_dir, target, out, budgets=budgets, latency_runs=latency_runs,
+                        min_run_time=min_run_time, progress=progress, log=log)
+    steps["serve, search, fetch and measure"] = time.perf_counter() - t
+    steps["total"] = time.perf_counter() - t_all
+
+    log("[5/5] report")
+    report["steps_seconds"] = {k: round(v, 1) for k, v in steps.items()}
+    report["predictor_fit"] = {k: rep[k] for k in ("selected", "test", "train_samples", "test_samples")}
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    (out / "report.md").write_text(render_markdown(report, command=f"ofa demo --out {out}"))
+    return report

@@ -1,0 +1,87 @@
+"""Training a fixed network from scratch: the baselines OFA is measured against.
+
+Two comparisons use it: a subnet's arch trained alone vs the same arch taken out of
+the supernet (``benchmarks/from_scratch.py``), and torchvision's hand-designed
+``mobilenet_v3_small`` vs the served subnets at equal latency (``ofa report
+--baselines``). Both train on the supernet's training split (its validation split
+held out) with its batch size, optimiser, augmentation and label smoothing, for the
+same total number of epochs as all of its phases together, with a cosine schedule.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import DataSpec, ImageSet, augment, prepare_batch
+
+__all__ = ["mobilenet_v3_small_baseline", "train_from_scratch"]
+
+
+def train_from_scratch(net: nn.Module, resolution: int, train_set: ImageSet, spec: DataSpec,
+                       training: Mapping[str, Any], epochs: float, seed: int = 0, progress: bool = True,
+                       desc: str = "from scratch") -> tuple[nn.Module, dict[str, float]]:
+    """Train ``net`` in place on ``train_set`` at ``resolution`` with the recipe in ``training``.
+
+    ``training`` is an artifact's recorded training config (batch size, weight decay,
+    momentum, augmentation, label smoothing, and the first phase's lr and warm-up).
+    Returns the net in eval mode and {steps, seconds, img_per_s}.
+    """
+    torch.manual_seed(seed)
+    net = net.to(memory_format=torch.channels_last).train()
+    first = training["phases"][0]
+    decay = [p for p in net.parameters() if p.dim() > 1]
+    no_decay = [p for p in net.parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": training["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=first["lr"],
+                          momentum=training["momentum"], nesterov=training["nesterov"])
+    bs = training["batch_size"]
+    per_epoch = len(train_set) // bs
+    if per_epoch < 1:
+        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {bs}")
+    total = max(1, round(epochs * per_epoch))
+    warmup = min(total - 1, round(first.get("warmup_epochs", 0.0) * per_epoch))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_set), generator=g)
+    t0 = time.perf_counter()
+    for step in tqdm(range(total), desc=desc, unit="step", disable=not progress, dynamic_ncols=True):
+        b = step % per_epoch
+        if b == 0 and step:
+            order = torch.randperm(len(train_set), generator=g)
+        idx = order[b * bs : (b + 1) * bs]
+        x = prepare_batch(augment(train_set.images[idx], training["augment_padding"], training["augment_flip"]),
+                          resolution, spec)
+        if step < warmup:
+            lr = first["lr"] * (step + 1) / warmup
+        else:
+            lr = 0.5 * first["lr"] * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(net(x), train_set.labels[idx], label_smoothing=training["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    return net.eval(), {"steps": total, "seconds": round(seconds, 1), "img_per_s": round(total * bs / seconds, 1)}
+
+
+def mobilenet_v3_small_baseline(width_mult: float, in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ``mobilenet_v3_small`` as shipped (random init), with ``in_channels`` inputs.
+
+    Only the first convolution changes, to take grey images; the rest (strides, widths
+    times ``width_mult``, SE, the 1024-wide classifier) is the hand-designed network.
+    """
+    from torchvision.models import mobilenet_v3_small
+
+    net = mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width_mult)
+    first = net.features[0][0]
+    if in_channels != first.in_channels:
+        net.features[0][0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride,
+                                       first.padding, bias=False)
+        nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
+    return net
