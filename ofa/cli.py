@@ -153,9 +153,14 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .predict.profile import profile_space
     from .space import SearchSpace, get_space
 
-    if bool(args.artifact) == bool(args.space):
-        raise ValueError("give exactly one of --artifact DIR or --space NAME")
-    if args.artifact:
+    if sum(map(bool, (args.artifact, args.space, args.space_file))) != 1:
+        raise ValueError("give exactly one of --artifact DIR, --space NAME or --space-file FILE")
+    if args.space_file:
+        try:
+            space = SearchSpace.from_dict(json.loads(Path(args.space_file).read_text()))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--space-file {args.space_file} is not a search-space definition: {e}") from None
+    elif args.artifact:
         manifest = Path(args.artifact) / "manifest.json"
         if not manifest.exists():
             raise ValueError(f"{args.artifact} is not an artifact: manifest.json is missing")
@@ -445,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact", help="artifact folder: its space is profiled and the table is stored "
                    "as latency/TARGET.json in it")
     s.add_argument("--space", help="profile a registered space instead (see `ofa spaces`)")
+    s.add_argument("--space-file", help="profile the space defined in this JSON file instead (on a device: "
+                   "`ofa-client supernets --json` gives it as space.definition_json)")
     s.add_argument("--target", required=True, help="name of this hardware target (letters, digits, -_.)")
     s.add_argument("--out", help="also write the table to this file")
     s.add_argument("--threads", type=int, default=2, help="torch threads while timing (default 2)")

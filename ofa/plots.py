@@ -87,7 +87,7 @@ def plot_report(report: dict, out: str | Path) -> Path:
                    label="served subnet, predicted" if i == 0 else None)
         ax.scatter([mx], [my], s=30, color="tab:blue", zorder=4,
                    label="served subnet, measured (test)" if i == 0 else None)
-        ax.annotate(s["label"], (mx, my), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.annotate(s["label"].replace("mobilenet_v3_small ", ""), (mx, my), textcoords="offset points", xytext=(4, -10), fontsize=7)
     for i, b in enumerate(report.get("baselines") or []):
         ax.scatter([b["latency_ms"]], [b["test_accuracy"]], marker="s", s=34, color="tab:green", zorder=4,
                    label="mobilenet_v3_small from scratch (test)" if i == 0 else None)

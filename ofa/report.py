@@ -39,6 +39,10 @@ _LABELS = {1: ("middle",), 2: ("tight", "loose"), 3: ("tight", "middle", "loose"
 class ReportError(RuntimeError):
     """A step of the report failed; the message says which and where its log is."""
 
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 class ServerProcess:
     """``ofa serve`` in a child process on 127.0.0.1 and an OS-chosen port; SIGTERM on exit."""
@@ -94,7 +98,7 @@ def ofa_client(address: str, *args: str, log: Callable[[str], None] = print) -> 
     r = subprocess.run([*_client_command(), "--address", address, "--json", *args], capture_output=True,
                        text=True, stdin=subprocess.DEVNULL)
     if r.returncode:
-        raise ReportError(f"ofa-client {args[0]} exited with code {r.returncode}: {r.stderr.strip()}")
+        raise ReportError(f"ofa-client {args[0]} exited with code {r.returncode}: {r.stderr.strip()}", r.returncode)
     return json.loads(r.stdout)
 
 
@@ -180,9 +184,9 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     from .data import load_dataset
     from .evaluate import accuracy
     from .predict.cost import count_macs_params
-    from .predict.latency import validate_table
+    from .predict.latency import LatencyPredictor, validate_table
     from .predict.measure import validation_set
-    from .subnet import load_subnet_safetensors
+    from .subnet import build_subnet, load_subnet_safetensors
 
     artifact, out = Path(artifact), Path(out)
     art = load_artifact(artifact)
@@ -225,9 +229,17 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         spread = ([(f"budget-{i + 1}", float(b)) for i, b in enumerate(budget_ms)] if budget_ms else
                   budgets_from_front([s["predicted_latency_ms"] for s in front], budgets))
         plan = spread + [(f"={r['name']}", round(r["latency_ms"], 3)) for r in base_rows]
-        served = []
+        served, unmet = [], []
         for label, budget in plan:
-            s = ofa_client(server.address, "search", "--target", target, "--max-latency-ms", f"{budget}", log=log)
+            try:
+                s = ofa_client(server.address, "search", "--target", target, "--max-latency-ms", f"{budget}",
+                               log=log)
+            except ReportError as e:
+                if e.exit_code != 3 or not label.startswith("="):  # 3: infeasible, expected only for baselines
+                    raise
+                log(f"  no subnet meets {budget} ms: {e}")
+                unmet.append({"label": label, "budget_ms": budget, "reason": str(e).split(": ", 1)[-1]})
+                continue
             path = out / "subnets" / f"{s['id']}.safetensors"
             fetched = ofa_client(server.address, "fetch", "--id", s["id"], "--format", "safetensors",
                                  "--out", str(path), log=log)
@@ -248,16 +260,27 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         s["test_accuracy"] = round(accuracy(m, test, spec, res), 3)
         s["val_accuracy"] = round(accuracy(m, val, spec, res), 3)
     shapes = [(spec.channels, s["arch"]["resolution"], s["arch"]["resolution"]) for s in served]
-    for s, lat in zip(served, _latencies(modules, shapes, timing)):
+    reference = None
+    ref = LatencyPredictor(art.space, table).reference
+    if ref is not None:  # timed with the served subnets: how fast the machine runs now vs when profiled
+        modules.append(build_subnet(art.space, ref[0]))
+        shapes.append((spec.channels, ref[0].resolution, ref[0].resolution))
+    lats = _latencies(modules, shapes, timing)
+    if ref is not None:
+        reference = {"arch_id": ref[0].id, "profiled_ms": ref[1], "now_ms": round(lats[-1], 4),
+                     "speed_ratio": round(lats[-1] / ref[1], 4)}
+    for s, lat in zip(served, lats):
         s["measured_latency_ms"] = round(lat, 4)
+        if reference is not None:
+            s["drift_adjusted_error"] = round(lat / (s["predicted_latency_ms"] * reference["speed_ratio"]) - 1, 4)
     for row in base_rows:
         row["test_accuracy"] = round(accuracy(row.pop("module"), test, spec, row["resolution"]), 3)
 
     report = {
         "artifact": str(artifact), "digest": art.digest, "space": art.space.name, "dataset": training["dataset"],
-        "target": target, "device": device, "table_check": table.get("calibration"),
+        "target": target, "device": device, "table_check": table.get("calibration"), "reference": reference,
         "accuracy_predictor": _predictor_quality(artifact), "health": health,
-        "front": front, "served": served, "baselines": base_rows, "baseline_epochs": epochs if base_rows else None,
+        "front": front, "served": served, "unmet": unmet, "baselines": base_rows, "baseline_epochs": epochs if base_rows else None,
         "test_images": len(test), "val_images": len(val),
         "tolerances": {"accuracy_points": ACCURACY_TOLERANCE, "latency_relative": LATENCY_TOLERANCE},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -310,6 +333,15 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"measured/predicted - 1 ranges {min(errs):+.1%} to {max(errs):+.1%}. A sign shared by all rows is "
             f"the machine running at another speed than when it was profiled (shared cores; ±30% drifts were "
             f"measured on this machine); a spread is what blocks timed alone miss (cache, allocator, dispatch).")
+    ref = report.get("reference")
+    if ref:
+        adj = [s["drift_adjusted_error"] for s in served]
+        within = sum(abs(a) <= tol["latency_relative"] for a in adj)
+        lat.append(
+            f"Drift, measured: the table's reference subnet `{ref['arch_id']}` took {ref['profiled_ms']:.3f} ms "
+            f"when profiled and {ref['now_ms']:.3f} ms now (×{ref['speed_ratio']:.3f}). Scaled by that, the "
+            f"errors range {min(adj):+.1%} to {max(adj):+.1%} ({within} of {len(adj)} within "
+            f"{tol['latency_relative']:.0%}); what remains is the table's own error.")
     return acc, lat
 
 
@@ -332,7 +364,8 @@ def table_rows(report: dict[str, Any]) -> list[str]:
                      f"| {s['macs'] / 1e6:.2f} | {s['params'] / 1e6:.3f} M | {_fmt_bytes(s['size_bytes'])} "
                      f"| {s['search_seconds']:.2f} s |")
         if bases:
-            fits = [b for b in bases if b["latency_ms"] <= s["budget_ms"] * (1 + 1e-9)]
+            named = [b for b in bases if s["label"] == "=" + b["name"]]  # the baseline whose latency this is
+            fits = named or [b for b in bases if b["latency_ms"] <= s["budget_ms"]]
             b = max(fits, key=lambda b: b["test_accuracy"]) if fits else min(bases, key=lambda b: b["latency_ms"])
             note = "" if fits else " (none fits: fastest)"
             lines.append(f"| ↳ baseline | | {b['name']}{note} | {b['resolution']} | — | {b['test_accuracy']:.2f}% | "
@@ -375,13 +408,18 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
                   "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
                   "measured the same way. Budgets named `=…` are a baseline's measured latency, so that "
                   "baseline and subnet meet at equal latency.", ""]
+        for u in report.get("unmet") or []:
+            parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
+                         f"predicted to be this fast ({u['reason']}).")
         for s in report["served"]:
             if s["label"].startswith("="):
                 b = next(b for b in report["baselines"] if b["name"] == s["label"][1:])
                 verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
                 parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
                              f"({s['measured_latency_ms']:.3f} ms measured) {verdict} it, "
-                             f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split.")
+                             f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
+                             f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
+                             f"{b['params'] / 1e6:.3f} M parameters).")
         parts.append("")
     parts += ["![Pareto front](pareto.png)", "",
               "The line is the front the service searched (predicted validation accuracy vs predicted latency); "

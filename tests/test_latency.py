@@ -26,6 +26,8 @@ def test_profiling_a_tiny_space_end_to_end(table):
     assert all(v > 0 for v in table["entries"].values())
     assert table["device"]["threads"] == 1 and table["device"]["backend"] == "torch"
     assert table["calibration"]["archs"] == 6
+    ref_arch, ref_ms = LatencyPredictor(TINY, table).reference  # the drift reference, timed end to end
+    assert ref_arch.resolution == 16 and ref_ms > 0
     back = json.loads(json.dumps(table))
     pred = LatencyPredictor(TINY, back)
     archs = TINY.sample(0, n=50)
@@ -65,6 +67,9 @@ def test_prediction_is_the_sum_of_the_arch_blocks(table):
     (lambda t: t.update(correction={"scale": True, "offset_ms": 0}), "correction must be"),
     (lambda t: t["entries"].update({next(iter(t["entries"])): 10 ** 400}), "finite number"),
     (lambda t: t["entries"].update({"x" * 300: 1.0}), "at most 200 characters"),
+    (lambda t: t["reference"].update(ms=0), "reference must be"),
+    (lambda t: t.update(reference={"arch": {}}), "reference must be"),
+    (lambda t: t["reference"]["arch"].update(resolution=13), "reference.arch: resolution"),
 ])
 def test_malformed_tables_are_refused(table, edit, message):
     bad = copy.deepcopy(table)
@@ -105,3 +110,17 @@ def test_profile_command_writes_into_an_artifact(tmp_path, capsys):
     assert main(["profile", "--artifact", str(tmp_path), "--target", "../escape"]) == 2
     assert "target must be 1-64 characters" in capsys.readouterr().err
     assert main(["profile", "--space", "tiny-test", "--artifact", str(tmp_path), "--target", "x"]) == 2
+
+
+def test_profile_from_a_space_file_as_a_device_would(tmp_path, capsys):
+    from ofa.cli import main
+
+    (tmp_path / "space.json").write_text(TINY.to_json())
+    out = tmp_path / "dev.json"
+    assert main(["profile", "--space-file", str(tmp_path / "space.json"), "--target", "dev", "--out", str(out),
+                 "--threads", "1", "--min-run-time", "0.002", "--rounds", "1", "--calibrate", "0",
+                 "--no-progress"]) == 0
+    validate_table(json.loads(out.read_text()), TINY)
+    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    assert main(["profile", "--space-file", str(tmp_path / "bad.json"), "--target", "dev"]) == 2
+    assert "is not a search-space definition" in capsys.readouterr().err

@@ -6,7 +6,12 @@ A table is JSON (format ``ofa-latency-table``, version 1)::
      "space": {"name": ..., "digest": sha256 of the space JSON},
      "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "torch", "backend_version": ...},
      "entries": {"<block key>": milliseconds, ...},
-     "correction": {"scale": 1.0, "offset_ms": 0.0}}
+     "correction": {"scale": 1.0, "offset_ms": 0.0},
+     "reference": {"arch": {...}, "ms": 4.2}}
+
+``reference`` (optional) is one subnet timed end to end while the table was profiled:
+timing it again later measures how much faster or slower the device runs now, so
+that drift of the device shows up as drift and not as an error of the table.
 
 Block keys name everything that decides a block's cost — kind, channels, kernel,
 stride, activation, SE width and input size — so a table covers every resolution and
@@ -148,7 +153,18 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     if (not isinstance(corr, Mapping) or set(corr) != {"scale", "offset_ms"}
             or any(_number(corr[k]) is None for k in corr) or corr["scale"] <= 0):
         raise LatencyTableError("correction must be {\"scale\": number > 0, \"offset_ms\": number}")
+    ref = table.get("reference")
+    if ref is not None and (not isinstance(ref, Mapping) or set(ref) != {"arch", "ms"}
+                            or _number(ref["ms"]) is None or ref["ms"] <= 0):
+        raise LatencyTableError("reference must be {\"arch\": an arch object, \"ms\": number > 0}")
     if space is not None:
+        if ref is not None:
+            from ..space import Arch
+
+            try:
+                space.validate(Arch.from_dict(ref["arch"]))
+            except ValueError as e:
+                raise LatencyTableError(f"reference.arch: {e}") from None
         if table["space"].get("digest") != space_digest(space):
             raise LatencyTableError(
                 f"the table was profiled for space {table['space'].get('name')!r} with a different "
@@ -177,6 +193,14 @@ class LatencyPredictor:
         self.fixed_ms = np.array([sum(ms[k] for k in fixed[r]) for r in space.resolutions])
         corr = self.table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
         self.scale, self.offset = float(corr["scale"]), float(corr["offset_ms"])
+
+    @property
+    def reference(self):
+        """(Arch, ms) of the subnet timed end to end at profile time, or None for older tables."""
+        from ..space import Arch
+
+        ref = self.table.get("reference")
+        return None if ref is None else (Arch.from_dict(ref["arch"]), float(ref["ms"]))
 
     def raw(self, codes: np.ndarray) -> np.ndarray:
         """The uncorrected table sum (ms) of each encoded arch."""

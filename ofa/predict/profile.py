@@ -27,7 +27,7 @@ from ..subnet import Head, InvertedResidual, build_subnet, make_stem
 from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
                       iter_plan, space_digest)
 
-__all__ = ["measure_latency", "profile_space"]
+__all__ = ["arch_latency", "measure_latency", "profile_space", "reference_arch"]
 
 
 def _entry_module(space: SearchSpace, entry: PlanEntry) -> nn.Module:
@@ -51,6 +51,11 @@ def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, thr
         module(x)
     timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+
+
+def reference_arch(space: SearchSpace) -> Arch:
+    """The subnet a table times end to end as its speed reference: a fixed middle one at the top resolution."""
+    return space.sample(20201, resolution=max(space.resolutions))
 
 
 def arch_latency(space: SearchSpace, arch: Arch, batch: int = 1, threads: int = 2,
@@ -78,8 +83,15 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
     samples: dict[str, list[float]] = {entry.key: [] for entry in plan}
     # Several passes, each in its own random order: a burst of load on the machine
     # spoils one sample of some entries, and the median over passes drops it.
+    # The reference subnet, timed end to end before each pass: later re-timings tell how
+    # much faster or slower the device runs than while it was profiled.
+    ref_arch = reference_arch(space)
+    ref_net = build_subnet(space, ref_arch)
+    ref_shape = (space.in_channels, ref_arch.resolution, ref_arch.resolution)
+    ref_ms: list[float] = []
     bar = tqdm(total=rounds * len(plan), desc=f"profile {target}", unit="block", disable=not progress)
     for r in range(rounds):
+        ref_ms.append(measure_latency(ref_net, ref_shape, batch, threads, 0.3, channels_last))
         order = plan if r == 0 else [plan[i] for i in np.random.default_rng(seed + 100 + r).permutation(len(plan))]
         for entry in order:
             samples[entry.key].append(measure_latency(modules[entry.key], entry.in_shape, batch, threads,
@@ -104,6 +116,7 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
         archs = space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
         measured = np.array([arch_latency(space, a, batch, threads, channels_last=channels_last)
                              for a in tqdm(archs, desc="end-to-end", disable=not progress)])
+        ref_ms.append(measure_latency(ref_net, ref_shape, batch, threads, 0.3, channels_last))
         raw = LatencyPredictor(space, table).raw(space.encode(archs))
         fit, check = slice(0, calibrate), slice(calibrate, None)
         scale, offset = fit_correction(raw[fit], measured[fit])
@@ -114,5 +127,6 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
         table["calibration"] = {"archs": 2 * calibrate, "mean_abs_rel_error_raw": round(float(err_raw), 4),
                                 "mean_abs_rel_error_corrected": round(float(err_fit), 4),
                                 "kept": bool(err_fit < err_raw)}
+    table["reference"] = {"arch": ref_arch.to_dict(), "ms": round(float(np.median(ref_ms)), 6)}
     table["profile_seconds"] = round(time.perf_counter() - t0, 1)
     return table

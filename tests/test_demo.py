@@ -1,0 +1,88 @@
+"""The README's main command on a tiny budget, and `ofa report` with a baseline.
+
+Both run the real path: training, predictor fitting, profiling, an `ofa serve` child
+process on 127.0.0.1 with an OS-chosen port, the `ofa-client` CLI, measurement.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from conftest import served_copy, tiny_args
+
+from ofa.cli import main
+
+_FAST_TIMING = ["--latency-runs", "1", "--min-run-time", "0.01", "--no-progress"]
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "OFA_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "ofa", *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
+    out = tmp_path / "demo"
+    sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--profile-rounds", "1",
+              "--profile-min-run-time", "0.001", "--profile-calibrate", "0", *_FAST_TIMING], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for step in ("[1/5] train", "[2/5] measure", "[3/5] profile", "[4/5] serve", "[5/5] report"):
+        assert step in r.stdout
+    assert "$ ofa-client search --target this-machine --max-latency-ms" in r.stdout
+    assert "server stopped (exit code 0)" in r.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    served = report["served"]
+    assert [s["label"] for s in served] == ["tight", "middle", "loose"]
+    budgets = [s["budget_ms"] for s in served]
+    assert budgets == sorted(budgets) and len(set(budgets)) == 3
+    for s in served:
+        assert s["predicted_latency_ms"] <= s["budget_ms"]
+        data = (out / s["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["size_bytes"]
+        assert 0 <= s["test_accuracy"] <= 100 and s["measured_latency_ms"] > 0
+    assert report["health"] == "SERVING"
+    assert set(report["steps_seconds"]) >= {"train", "predictors", "profile", "total"}
+    md = (out / "report.md").read_text()
+    assert md.count("| `") == 3 and "![Pareto front](pareto.png)" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "stopped" in (out / "server.log").read_text()  # SIGTERM, graceful
+
+    # a second run reuses the trained supernet and the measured subnets
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--profile-rounds", "1",
+              "--profile-min-run-time", "0.001", "--profile-calibrate", "0", *_FAST_TIMING], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already trained: reusing it" in r.stdout
+
+
+def test_report_with_a_baseline(tiny_artifact, tmp_path):
+    art = served_copy(tiny_artifact, tmp_path / "art")
+    out = tmp_path / "report"
+    r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
+              "--baseline", "0.5", "--baseline-epochs", "0.1", *_FAST_TIMING], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    (base,) = report["baselines"]
+    assert base["name"] == "mobilenet_v3_small x0.5" and base["latency_ms"] > 0 and base["training"]["steps"] >= 1
+    # the baseline's latency is a budget of its own: served or, if no subnet is that fast, said so
+    labels = [s["label"] for s in report["served"]] + [u["label"] for u in report["unmet"]]
+    assert labels == ["tight", "loose", "=mobilenet_v3_small x0.5"]
+    md = (out / "report.md").read_text()
+    assert "↳ baseline" in md and "mobilenet_v3_small x0.5's latency" in md
+    # the synthetic table's numbers are not timings: the report must say the latency is off, and why
+    assert "Not within" in md and "per-block sum" in md
+
+
+def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
+    assert main(["report", "--artifact", str(tiny_artifact), "--target", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--target 'nope' has no latency table" in err and "ofa profile" in err
+    art = served_copy(tiny_artifact, tmp_path / "art")
+    (art / "accuracy_predictor.safetensors").unlink()
+    manifest = json.loads((art / "manifest.json").read_text())
+    del manifest["files"]["accuracy_predictor.safetensors"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(tmp_path)]) == 2
+    assert "ofa predictors" in capsys.readouterr().err
