@@ -7,6 +7,11 @@ compares with the prediction: share within ±10%, Spearman's rank correlation, m
 a phone CPU; the goal here is >= 95% and Spearman >= 0.95.
 
     python benchmarks/latency_accuracy.py --space mbv3-small-images [--table FILE] [--archs 50]
+        [--backend torch|onnxruntime] [--passes 3]
+
+End-to-end timings are the median of ``--passes`` interleaved passes over all subnets,
+and the table's reference subnet is re-timed in every pass, so a machine that runs
+faster or slower than when it was profiled shows up as a measured speed ratio.
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ import numpy as np
 import torch
 
 from ofa.predict.latency import LatencyPredictor
-from ofa.predict.profile import arch_latency, profile_space
+from ofa.predict.profile import prepare_run, profile_space, time_run
 from ofa.space import SearchSpace, get_space
+from ofa.subnet import build_subnet
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -35,6 +41,9 @@ def main() -> None:
     p.add_argument("--save-table", help="write the freshly profiled table here")
     p.add_argument("--archs", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="when profiling now (a --table brings its own backend)")
+    p.add_argument("--passes", type=int, default=3, help="interleaved end-to-end passes, median kept")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--plot", help="PNG of predicted vs measured")
     p.add_argument("--json", help="write the figures here")
@@ -45,27 +54,30 @@ def main() -> None:
         table = json.load(open(a.table))
     else:
         t = time.perf_counter()
-        table = profile_space(space, "bench", threads=a.threads)
+        table = profile_space(space, "bench", threads=a.threads, backend=a.backend)
         print(f"profiled {len(table['entries'])} blocks in {time.perf_counter() - t:.0f} s "
               f"(correction kept: {table['calibration']['kept']})")
         if a.save_table:
             json.dump(table, open(a.save_table, "w"), indent=1)
+    backend = table["device"].get("backend", "torch")
     pred = LatencyPredictor(space, table)
     archs = space.sample(np.random.default_rng(a.seed), n=a.archs)
-    torch.manual_seed(0)
-    measured, ref_now = [], []
     ref = pred.reference
-    for i, x in enumerate(archs):
-        if ref is not None and i % 5 == 0:  # the table's reference subnet, re-timed through the run
-            ref_now.append(arch_latency(space, ref[0], threads=a.threads))
-        measured.append(arch_latency(space, x, threads=a.threads))
-    measured = np.array(measured)
+    torch.manual_seed(0)
+    nets = [build_subnet(space, x) for x in archs] + ([build_subnet(space, ref[0])] if ref is not None else [])
+    runs = [prepare_run(net, (space.in_channels, net.arch.resolution, net.arch.resolution), 1, a.threads,
+                        backend=backend) for net in nets]
+    t = time.perf_counter()
+    times = np.array([[time_run(run, a.threads, 0.2) for run in runs] for _ in range(a.passes)])
+    print(f"timed {len(runs)} subnets end to end in {a.passes} interleaved passes, {time.perf_counter() - t:.0f} s")
+    measured = np.median(times[:, : len(archs)], axis=0)
+    ref_now = times[:, len(archs)] if ref is not None else None
     predicted = pred(space.encode(archs))
     raw = pred.raw(space.encode(archs))
     rel = predicted / measured - 1
     within = float(np.mean(np.abs(rel) <= 0.10))
     rho = spearman(predicted, measured)
-    print(f"{a.archs} random subnets of {space.name}, {a.threads} threads, batch 1, torch eager CPU")
+    print(f"{a.archs} random subnets of {space.name}, {a.threads} threads, batch 1, {backend} on the CPU")
     print(f"  measured {measured.min():.2f}-{measured.max():.2f} ms; predicted {predicted.min():.2f}-{predicted.max():.2f} ms")
     print(f"  within ±10%: {within:.0%} (goal >= 95%)   Spearman: {rho:.3f} (goal >= 0.95)")
     print(f"  mean |error| {np.abs(rel).mean():.1%}, worst {np.abs(rel).max():.1%}; "
@@ -94,7 +106,7 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(a.plot, dpi=120)
     if a.json:
-        json.dump({"within_10pct": within, "spearman": rho, "measured_ms": measured.tolist(),
+        json.dump({"backend": backend, "within_10pct": within, "spearman": rho, "measured_ms": measured.tolist(),
                    "predicted_ms": predicted.tolist(), "speed_ratio": drift, "archs": [x.to_dict() for x in archs]},
                   open(a.json, "w"), indent=1)
 

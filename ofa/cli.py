@@ -176,7 +176,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                          f"{args.min_run_time} and {args.calibrate}")
     table = profile_space(space, args.target, threads=args.threads, batch=args.batch, seed=args.seed,
                           min_run_time=args.min_run_time, channels_last=args.channels_last,
-                          calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress)
+                          calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress,
+                          backend=args.backend)
     from .predict.latency import validate_table
 
     text = json.dumps(validate_table(table, space), indent=1, sort_keys=True)
@@ -456,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also write the table to this file")
     s.add_argument("--threads", type=int, default=2, help="torch threads while timing (default 2)")
     s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
-    s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format")
+    s.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="run the blocks in torch eager (default) or as ONNX in onnxruntime (CPU), which is "
+                   "how a subnet fetched with --format onnx runs")
+    s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format (torch only)")
     s.add_argument("--min-run-time", type=float, default=0.05,
                    help="seconds of timing per block and pass (default 0.05)")
     s.add_argument("--rounds", type=int, default=3, help="passes over all blocks, median kept (default 3)")

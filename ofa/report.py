@@ -119,16 +119,18 @@ class _Timing:
     channels_last: bool
     runs: int
     min_run_time: float
+    backend: str = "torch"
 
 
 def _latencies(modules: Sequence[Any], shapes: Sequence[tuple[int, ...]], t: _Timing) -> list[float]:
     """Median over ``t.runs`` interleaved passes (every module once per pass), so drift hits all alike."""
-    from .predict.profile import measure_latency
+    from .predict.profile import prepare_run, time_run
 
+    runs = [prepare_run(m, shape, t.batch, t.threads, t.channels_last, t.backend) for m, shape in zip(modules, shapes)]
     samples = [[] for _ in modules]
     for _ in range(t.runs):
-        for i, (m, shape) in enumerate(zip(modules, shapes)):
-            samples[i].append(measure_latency(m, shape, t.batch, t.threads, t.min_run_time, t.channels_last))
+        for i, run in enumerate(runs):
+            samples[i].append(time_run(run, t.threads, t.min_run_time))
     return [float(np.median(s)) for s in samples]
 
 
@@ -204,7 +206,14 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     table = validate_table(json.loads((artifact / table_file).read_text()), art.space)
     device = table["device"]
     timing = _Timing(int(device.get("threads", 2)), int(device.get("batch", 1)),
-                     device.get("memory_format") == "channels_last", latency_runs, min_run_time)
+                     device.get("memory_format") == "channels_last", latency_runs, min_run_time,
+                     str(device.get("backend", "torch")))
+    from .predict.profile import BACKENDS, check_backend
+
+    if timing.backend not in BACKENDS:
+        raise ValueError(f"the {target} table was made with backend {timing.backend!r}; this machine can "
+                         f"measure {list(BACKENDS)}: run `ofa report` on the device it describes")
+    check_backend(timing.backend, timing.channels_last)
     training = art.manifest["training"]
     epochs = baseline_epochs or sum(p["epochs"] for p in training["phases"])
     (out / "subnets").mkdir(parents=True, exist_ok=True)
@@ -391,7 +400,8 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         "Each subnet was found by `ofa-client search --max-latency-ms BUDGET` against `ofa serve`, fetched as "
         "BN-re-calibrated safetensors (sha256-verified), and measured here: top-1 on the "
         f"{report['test_images']:,}-image test split, latency as the median of interleaved timed runs "
-        "(torch eager, the table's threads and batch).",
+        f"({'torch eager' if dev.get('backend', 'torch') == 'torch' else dev.get('backend')}, "
+        "the table's threads and batch).",
         "",
         *(["Wall time per step: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["steps_seconds"].items())
            + ".", ""] if report.get("steps_seconds") else []),

@@ -7,7 +7,9 @@ head) from here so that both share one definition and one state-dict layout.
 """
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from collections import OrderedDict
 from typing import Mapping
 
@@ -21,13 +23,17 @@ __all__ = [
     "InvertedResidual",
     "SqueezeExcite",
     "SubNet",
+    "ONNX_OPSET",
     "build_subnet",
+    "export_onnx",
     "load_subnet",
     "load_subnet_safetensors",
     "make_activation",
 ]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "h_swish": nn.Hardswish}
+
+ONNX_OPSET = 17  # HardSwish needs >= 14
 
 
 def make_activation(name: str) -> nn.Module:
@@ -177,3 +183,18 @@ def load_subnet_safetensors(data: bytes) -> tuple[SubNet, dict]:
         raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
                          ) from None
     return load_subnet(space, arch, load(data)).eval(), meta
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
+    """``module`` (in eval mode) as ONNX bytes, input ``image`` and output ``logits``.
+
+    Uses the TorchScript-based exporter: for these static networks it is about ten
+    times faster here than the dynamo path and gives the same bytes on every call.
+    """
+    buf = io.BytesIO()
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), buf, opset_version=ONNX_OPSET, input_names=["image"],
+                          output_names=["logits"], dynamic_axes=axes, dynamo=False)
+    return buf.getvalue()

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -20,12 +19,12 @@ import torch
 from ofa.artifact import Artifact
 from ofa.calibrate import calibrate_bn
 from ofa.space import Arch
+from ofa.subnet import export_onnx
 from ofa.supernet import extract
 
 __all__ = ["FORMATS", "Payload", "WeightsCache", "build_payload", "DEFAULT_CALIBRATION_IMAGES"]
 
 FORMATS = ("safetensors", "onnx", "torchscript")
-ONNX_OPSET = 17  # HardSwish needs >= 14
 # BN statistics from this many of the artifact's calibration images (all it stores, up to 2000).
 DEFAULT_CALIBRATION_IMAGES = 2000
 
@@ -136,21 +135,10 @@ def build_payload(art: Artifact, arch: Arch, fmt: str,
 
             tensors = {k: v.detach().contiguous() for k, v in sub.state_dict().items()}
             data = save(tensors, metadata={"ofa": _metadata(art, arch, n)})
+        elif fmt == "torchscript":
+            data = _script_in_fresh_process(sub, art, arch, n)
         else:
-            buf = io.BytesIO()
-            example = torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if fmt == "torchscript":
-                    buf.write(_script_in_fresh_process(sub, art, arch, n))
-                else:
-                    # the TorchScript-based exporter: deterministic bytes and ten times faster
-                    # here than the dynamo path for these static networks
-                    torch.onnx.export(sub, (example,), buf, opset_version=ONNX_OPSET, input_names=["image"],
-                                      output_names=["logits"], dynamic_axes={"image": {0: "batch"},
-                                                                             "logits": {0: "batch"}},
-                                      dynamo=False)
-            data = buf.getvalue()
+            data = export_onnx(sub, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
     return Payload(data, hashlib.sha256(data).hexdigest(), n)
 
 

@@ -124,3 +124,27 @@ def test_profile_from_a_space_file_as_a_device_would(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"name": "x"}')
     assert main(["profile", "--space-file", str(tmp_path / "bad.json"), "--target", "dev"]) == 2
     assert "is not a search-space definition" in capsys.readouterr().err
+
+
+def test_profiling_with_onnxruntime_times_the_exported_blocks():
+    pytest.importorskip("onnxruntime")
+    table = profile_space(TINY, "test-ort", threads=1, min_run_time=0.002, calibrate=2, rounds=1, progress=False,
+                          backend="onnxruntime")
+    assert table["device"]["backend"] == "onnxruntime" and table["device"]["backend_version"]
+    entries, _, _ = block_plan(TINY)
+    assert set(table["entries"]) == set(entries) and all(v > 0 for v in table["entries"].values())
+    validate_table(table, TINY)
+    assert LatencyPredictor(TINY, table).reference[1] > 0
+
+
+def test_bad_backends_are_refused(capsys):
+    from ofa.cli import main
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        profile_space(TINY, "x", backend="tflite")
+    with pytest.raises(ValueError, match="channels_last applies to the torch backend only"):
+        profile_space(TINY, "x", backend="onnxruntime", channels_last=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", "--space", "tiny-test", "--target", "x", "--backend", "tvm"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'tvm'" in capsys.readouterr().err

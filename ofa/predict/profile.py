@@ -1,14 +1,20 @@
 """Profile the machine this runs on into a latency table (``ofa profile``).
 
-Needs torch and the static-subnet code only, so it runs on a deployment device.
-Each distinct block is timed on its own with ``torch.utils.benchmark`` (fixed thread
-count, warm-up, repeated blocks, median), in a seeded random order so slow drifts of
-the machine spread over all entries instead of biasing one stage.
+Needs torch and the static-subnet code only (plus onnxruntime for that backend), so it
+runs on a deployment device. Each distinct block is timed on its own with
+``torch.utils.benchmark`` (fixed thread count, warm-up, repeated blocks, median), in a
+seeded random order so slow drifts of the machine spread over all entries instead of
+biasing one stage.
+
+Backends: ``torch`` runs the modules eagerly; ``onnxruntime`` exports each module to
+ONNX (static shapes, opset :data:`~ofa.subnet.ONNX_OPSET`) and times an
+``InferenceSession`` on the CPU with ``threads`` intra-op threads, which is how a
+subnet fetched as ONNX runs in deployment.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import logging
 
@@ -23,11 +29,14 @@ from torch.utils import benchmark  # noqa: E402
 from tqdm import tqdm
 
 from ..space import Arch, SearchSpace
-from ..subnet import Head, InvertedResidual, build_subnet, make_stem
+from ..subnet import Head, InvertedResidual, build_subnet, export_onnx, make_stem
 from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
                       iter_plan, space_digest)
 
-__all__ = ["arch_latency", "measure_latency", "profile_space", "reference_arch"]
+__all__ = ["BACKENDS", "arch_latency", "backend_version", "check_backend", "measure_latency", "prepare_run",
+           "profile_space", "reference_arch", "time_run"]
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 def _entry_module(space: SearchSpace, entry: PlanEntry) -> nn.Module:
@@ -38,19 +47,67 @@ def _entry_module(space: SearchSpace, entry: PlanEntry) -> nn.Module:
     return InvertedResidual(entry.block, space.bn_momentum, space.bn_eps)
 
 
-@torch.inference_mode()
-def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
-                    min_run_time: float = 0.2, channels_last: bool = False) -> float:
-    """Median wall time (ms) of one forward of ``module`` on a (batch, *shape) input."""
+def check_backend(backend: str, channels_last: bool = False) -> None:
+    """Refuse an unknown backend, a missing onnxruntime, or channels_last outside torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":
+        if channels_last:
+            raise ValueError("channels_last applies to the torch backend only")
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ValueError("the onnxruntime backend needs the onnxruntime package "
+                             "(pip install onnxruntime)") from None
+
+
+def backend_version(backend: str) -> str:
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime.__version__
+    return torch.__version__
+
+
+def prepare_run(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
+                channels_last: bool = False, backend: str = "torch") -> Callable[[], Any]:
+    """A no-argument callable running one forward of ``module`` on a fixed (batch, *shape) input."""
+    check_backend(backend, channels_last)
     module = module.eval()
     x = torch.randn(batch, *shape)
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(export_onnx(module, x, dynamic_batch=False), opts,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"image": x.numpy()}
+        return lambda: session.run(None, feed)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+    return run
+
+
+def time_run(run: Callable[[], Any], threads: int = 2, min_run_time: float = 0.2) -> float:
+    """Median wall time (ms) of ``run()`` after a warm-up (``torch.utils.benchmark``, blocked autorange)."""
     for _ in range(3):
-        module(x)
-    timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x}, num_threads=threads)
+        run()
+    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+
+
+def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
+                    min_run_time: float = 0.2, channels_last: bool = False, backend: str = "torch") -> float:
+    """Median wall time (ms) of one forward of ``module`` on a (batch, *shape) input in ``backend``."""
+    return time_run(prepare_run(module, shape, batch, threads, channels_last, backend), threads, min_run_time)
 
 
 def reference_arch(space: SearchSpace) -> Arch:
@@ -59,43 +116,45 @@ def reference_arch(space: SearchSpace) -> Arch:
 
 
 def arch_latency(space: SearchSpace, arch: Arch, batch: int = 1, threads: int = 2,
-                 min_run_time: float = 0.3, channels_last: bool = False) -> float:
+                 min_run_time: float = 0.3, channels_last: bool = False, backend: str = "torch") -> float:
     """End-to-end latency (ms) of the static subnet of ``arch`` (weights do not matter)."""
     torch.manual_seed(0)
     net = build_subnet(space, arch)
     return measure_latency(net, (space.in_channels, arch.resolution, arch.resolution), batch, threads,
-                           min_run_time, channels_last)
+                           min_run_time, channels_last, backend)
 
 
 def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int = 1, seed: int = 0,
                   min_run_time: float = 0.05, channels_last: bool = False, calibrate: int = 10,
-                  rounds: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Time every distinct block of ``space`` and return a validated latency table.
+                  rounds: int = 3, progress: bool = True, backend: str = "torch") -> dict[str, Any]:
+    """Time every distinct block of ``space`` in ``backend`` and return a validated latency table.
 
     With ``calibrate`` > 0, that many seeded random subnets are also timed end to end
     and a correction ``scale · sum + offset`` is fitted; it is kept only if it lowers
     the error on as many other subnets.
     """
+    check_backend(backend, channels_last)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     plan = list(iter_plan(space, seed))
-    modules = {entry.key: _entry_module(space, entry) for entry in plan}
+    runs = {entry.key: prepare_run(_entry_module(space, entry), entry.in_shape, batch, threads, channels_last,
+                                   backend)
+            for entry in tqdm(plan, desc="export to onnx", unit="block", disable=not progress or backend == "torch")}
     samples: dict[str, list[float]] = {entry.key: [] for entry in plan}
     # Several passes, each in its own random order: a burst of load on the machine
     # spoils one sample of some entries, and the median over passes drops it.
     # The reference subnet, timed end to end before each pass: later re-timings tell how
     # much faster or slower the device runs than while it was profiled.
     ref_arch = reference_arch(space)
-    ref_net = build_subnet(space, ref_arch)
-    ref_shape = (space.in_channels, ref_arch.resolution, ref_arch.resolution)
+    ref_run = prepare_run(build_subnet(space, ref_arch), (space.in_channels, ref_arch.resolution,
+                                                          ref_arch.resolution), batch, threads, channels_last, backend)
     ref_ms: list[float] = []
     bar = tqdm(total=rounds * len(plan), desc=f"profile {target}", unit="block", disable=not progress)
     for r in range(rounds):
-        ref_ms.append(measure_latency(ref_net, ref_shape, batch, threads, 0.3, channels_last))
+        ref_ms.append(time_run(ref_run, threads, 0.3))
         order = plan if r == 0 else [plan[i] for i in np.random.default_rng(seed + 100 + r).permutation(len(plan))]
         for entry in order:
-            samples[entry.key].append(measure_latency(modules[entry.key], entry.in_shape, batch, threads,
-                                                      min_run_time, channels_last))
+            samples[entry.key].append(time_run(runs[entry.key], threads, min_run_time))
             bar.update(1)
     bar.close()
     entries = {k: round(float(np.median(v)), 6) for k, v in samples.items()}
@@ -105,8 +164,8 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
         "target": target,
         "space": {"name": space.name, "digest": space_digest(space)},
         "device": {
-            "cpu": describe_cpu(), "threads": threads, "batch": batch, "backend": "torch",
-            "backend_version": torch.__version__, "memory_format": "channels_last" if channels_last else "nchw",
+            "cpu": describe_cpu(), "threads": threads, "batch": batch, "backend": backend,
+            "backend_version": backend_version(backend), "memory_format": "channels_last" if channels_last else "nchw",
             "rounds": rounds, "min_run_time_s": min_run_time,
         },
         "entries": entries,
@@ -114,9 +173,9 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
     }
     if calibrate:
         archs = space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
-        measured = np.array([arch_latency(space, a, batch, threads, channels_last=channels_last)
+        measured = np.array([arch_latency(space, a, batch, threads, channels_last=channels_last, backend=backend)
                              for a in tqdm(archs, desc="end-to-end", disable=not progress)])
-        ref_ms.append(measure_latency(ref_net, ref_shape, batch, threads, 0.3, channels_last))
+        ref_ms.append(time_run(ref_run, threads, 0.3))
         raw = LatencyPredictor(space, table).raw(space.encode(archs))
         fit, check = slice(0, calibrate), slice(calibrate, None)
         scale, offset = fit_correction(raw[fit], measured[fit])
