@@ -89,19 +89,16 @@ def prepare_run(module: nn.Module, shape: Sequence[int], batch: int = 1, threads
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-    return run
+    return lambda: module(x)
 
 
 def time_run(run: Callable[[], Any], threads: int = 2, min_run_time: float = 0.2) -> float:
     """Median wall time (ms) of ``run()`` after a warm-up (``torch.utils.benchmark``, blocked autorange)."""
-    for _ in range(3):
-        run()
-    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+    with torch.inference_mode():
+        for _ in range(3):
+            run()
+        timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
 
 
 def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
