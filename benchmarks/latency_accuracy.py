@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ofa.predict.latency import LatencyPredictor
-from ofa.predict.profile import prepare_run, profile_space, time_run
+from ofa.predict.profile import interleaved_latencies, prepare_run, profile_space
 from ofa.space import SearchSpace, get_space
 from ofa.subnet import build_subnet
 
@@ -33,6 +33,29 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def plot(measured: np.ndarray, predicted: np.ndarray, drift: float | None, title: str, path: str) -> None:
+    """Predicted vs measured, with the ±10% band; also scaled by the reference's speed ratio when known."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    shown = [predicted] + ([predicted * drift] if drift else [])
+    lo = 0.9 * min(measured.min(), *(v.min() for v in shown))
+    hi = 1.1 * max(measured.max(), *(v.max() for v in shown))
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="±10%")
+    ax.scatter(measured, predicted, s=12, label="table")
+    if drift:
+        ax.scatter(measured, predicted * drift, s=12, marker="x", label=f"table × reference ratio {drift:.3f}")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="mbv3-small-images")
@@ -40,7 +63,7 @@ def main() -> None:
     p.add_argument("--table", help="a latency table JSON; default: profile now")
     p.add_argument("--save-table", help="write the freshly profiled table here")
     p.add_argument("--archs", type=int, default=50)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="when profiling now (a --table brings its own)")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="when profiling now (a --table brings its own backend)")
     p.add_argument("--passes", type=int, default=3, help="interleaved end-to-end passes, median kept")
@@ -59,16 +82,20 @@ def main() -> None:
               f"(correction kept: {table['calibration']['kept']})")
         if a.save_table:
             json.dump(table, open(a.save_table, "w"), indent=1)
-    backend = table["device"].get("backend", "torch")
+    # Time end to end as the table was profiled: its backend, threads, batch and memory format.
+    device = table["device"]
+    backend = device.get("backend", "torch")
+    threads, batch = int(device.get("threads", a.threads)), int(device.get("batch", 1))
+    channels_last = device.get("memory_format") == "channels_last"
     pred = LatencyPredictor(space, table)
     archs = space.sample(np.random.default_rng(a.seed), n=a.archs)
     ref = pred.reference
     torch.manual_seed(0)
     nets = [build_subnet(space, x) for x in archs] + ([build_subnet(space, ref[0])] if ref is not None else [])
-    runs = [prepare_run(net, (space.in_channels, net.arch.resolution, net.arch.resolution), 1, a.threads,
-                        backend=backend) for net in nets]
+    runs = [prepare_run(net, (space.in_channels, net.arch.resolution, net.arch.resolution), batch, threads,
+                        channels_last, backend) for net in nets]
     t = time.perf_counter()
-    times = np.array([[time_run(run, a.threads, 0.2) for run in runs] for _ in range(a.passes)])
+    times = interleaved_latencies(runs, a.passes, threads, 0.2, progress=True)
     print(f"timed {len(runs)} subnets end to end in {a.passes} interleaved passes, {time.perf_counter() - t:.0f} s")
     measured = np.median(times[:, : len(archs)], axis=0)
     ref_now = times[:, len(archs)] if ref is not None else None
@@ -77,11 +104,19 @@ def main() -> None:
     rel = predicted / measured - 1
     within = float(np.mean(np.abs(rel) <= 0.10))
     rho = spearman(predicted, measured)
-    print(f"{a.archs} random subnets of {space.name}, {a.threads} threads, batch 1, {backend} on the CPU")
+    print(f"{a.archs} random subnets of {space.name}, {threads} threads, batch {batch}, {backend} on the CPU")
     print(f"  measured {measured.min():.2f}-{measured.max():.2f} ms; predicted {predicted.min():.2f}-{predicted.max():.2f} ms")
     print(f"  within ±10%: {within:.0%} (goal >= 95%)   Spearman: {rho:.3f} (goal >= 0.95)")
     print(f"  mean |error| {np.abs(rel).mean():.1%}, worst {np.abs(rel).max():.1%}; "
           f"uncorrected table sum: mean |error| {np.abs(raw / measured - 1).mean():.1%}")
+    if a.passes > 1:
+        # How well the measurement agrees with itself bounds how well any prediction can agree with it.
+        per_pass = times[:, : len(archs)]
+        pairs = [(i, j) for i in range(a.passes) for j in range(i + 1, a.passes)]
+        self_rho = float(np.median([spearman(per_pass[i], per_pass[j]) for i, j in pairs]))
+        spread = float(np.median(np.abs(per_pass / measured - 1)))
+        print(f"  the measurement against itself: Spearman between passes {self_rho:.3f} (median of {len(pairs)} "
+              f"pairs); a pass differs from the median by {spread:.1%} (median over subnets and passes)")
     drift = None
     if ref is not None:
         drift = float(np.median(ref_now)) / ref[1]
@@ -90,23 +125,10 @@ def main() -> None:
               f"(x{drift:.3f}); scaled by that: within ±10% {np.mean(np.abs(adj) <= 0.10):.0%}, "
               f"mean |error| {np.abs(adj).mean():.1%}, worst {np.abs(adj).max():.1%}")
     if a.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        lo, hi = 0.9 * min(measured.min(), predicted.min()), 1.1 * max(measured.max(), predicted.max())
-        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="±10%")
-        ax.scatter(measured, predicted, s=12)
-        ax.set_xlabel("measured latency (ms)")
-        ax.set_ylabel("predicted latency (ms)")
-        ax.set_title(f"{space.name}: {within:.0%} within ±10%, ρ={rho:.3f}")
-        ax.legend(loc="upper left")
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
+        plot(measured, predicted, drift, f"{space.name}, {backend}: {within:.0%} within ±10%, ρ={rho:.3f}", a.plot)
     if a.json:
         json.dump({"backend": backend, "within_10pct": within, "spearman": rho, "measured_ms": measured.tolist(),
+                   "passes_ms": times.tolist(),
                    "predicted_ms": predicted.tolist(), "speed_ratio": drift, "archs": [x.to_dict() for x in archs]},
                   open(a.json, "w"), indent=1)
 

@@ -124,14 +124,10 @@ class _Timing:
 
 def _latencies(modules: Sequence[Any], shapes: Sequence[tuple[int, ...]], t: _Timing) -> list[float]:
     """Median over ``t.runs`` interleaved passes (every module once per pass), so drift hits all alike."""
-    from .predict.profile import prepare_run, time_run
+    from .predict.profile import interleaved_latencies, prepare_run
 
     runs = [prepare_run(m, shape, t.batch, t.threads, t.channels_last, t.backend) for m, shape in zip(modules, shapes)]
-    samples = [[] for _ in modules]
-    for _ in range(t.runs):
-        for i, run in enumerate(runs):
-            samples[i].append(time_run(run, t.threads, t.min_run_time))
-    return [float(np.median(s)) for s in samples]
+    return np.median(interleaved_latencies(runs, t.runs, t.threads, t.min_run_time), axis=0).tolist()
 
 
 def _train_baselines(art, widths: Sequence[float], epochs: float, out: Path, data_dir: str | None,

@@ -80,6 +80,15 @@ def test_malformed_tables_are_refused(table, edit, message):
         LatencyPredictor(TINY, bad)
 
 
+def test_a_table_of_another_space_is_refused_for_its_space(table):
+    import dataclasses
+
+    other = dataclasses.replace(TINY, name="other", resolutions=(20, 24))
+    # Its reference resolution (16) is not one of `other`'s either; the space is the reason given.
+    with pytest.raises(LatencyTableError, match="digest mismatch"):
+        validate_table(table, other)
+
+
 def test_a_table_that_is_not_an_object_is_refused():
     with pytest.raises(LatencyTableError, match="must be a JSON object, got list"):
         validate_table([1, 2])

@@ -158,6 +158,11 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
                             or _number(ref["ms"]) is None or ref["ms"] <= 0):
         raise LatencyTableError("reference must be {\"arch\": an arch object, \"ms\": number > 0}")
     if space is not None:
+        # The space first: a table of another space would otherwise fail on a detail of it.
+        if table["space"].get("digest") != space_digest(space):
+            raise LatencyTableError(
+                f"the table was profiled for space {table['space'].get('name')!r} with a different "
+                f"definition (digest mismatch); profile this artifact's space {space.name!r}")
         if ref is not None:
             from ..space import Arch
 
@@ -165,10 +170,6 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
                 space.validate(Arch.from_dict(ref["arch"]))
             except ValueError as e:
                 raise LatencyTableError(f"reference.arch: {e}") from None
-        if table["space"].get("digest") != space_digest(space):
-            raise LatencyTableError(
-                f"the table was profiled for space {table['space'].get('name')!r} with a different "
-                f"definition (digest mismatch); profile this artifact's space {space.name!r}")
         needed, _, _ = block_plan(space)
         missing = sorted(set(needed) - set(entries))
         if missing:

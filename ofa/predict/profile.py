@@ -33,8 +33,8 @@ from ..subnet import Head, InvertedResidual, build_subnet, export_onnx, make_ste
 from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
                       iter_plan, space_digest)
 
-__all__ = ["BACKENDS", "arch_latency", "backend_version", "check_backend", "measure_latency", "prepare_run",
-           "profile_space", "reference_arch", "time_run"]
+__all__ = ["BACKENDS", "arch_latency", "backend_version", "check_backend", "interleaved_latencies",
+           "measure_latency", "prepare_run", "profile_space", "reference_arch", "time_run"]
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -99,6 +99,17 @@ def time_run(run: Callable[[], Any], threads: int = 2, min_run_time: float = 0.2
             run()
         timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+
+
+def interleaved_latencies(runs: Sequence[Callable[[], Any]], passes: int = 3, threads: int = 2,
+                          min_run_time: float = 0.2, progress: bool = False) -> np.ndarray:
+    """Time every run once per pass, ``passes`` times over: a (passes, len(runs)) array of ms.
+
+    Interleaving makes a machine that speeds up or slows down during the measurement
+    hit every run alike; take the median over axis 0 for one figure per run.
+    """
+    return np.array([[time_run(run, threads, min_run_time) for run in runs]
+                     for _ in tqdm(range(passes), desc="interleaved passes", unit="pass", disable=not progress)])
 
 
 def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
