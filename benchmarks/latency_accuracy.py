@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ofa.predict.latency import LatencyPredictor
-from ofa.predict.profile import interleaved_latencies, prepare_run, profile_space
+from ofa.predict.profile import interleaved_latencies, prepare_run, profile_space, table_run_settings
 from ofa.space import SearchSpace, get_space
 from ofa.subnet import build_subnet
 
@@ -82,18 +82,15 @@ def main() -> None:
               f"(correction kept: {table['calibration']['kept']})")
         if a.save_table:
             json.dump(table, open(a.save_table, "w"), indent=1)
-    # Time end to end as the table was profiled: its backend, threads, batch and memory format.
-    device = table["device"]
-    backend = device.get("backend", "torch")
-    threads, batch = int(device.get("threads", a.threads)), int(device.get("batch", 1))
-    channels_last = device.get("memory_format") == "channels_last"
+    settings = table_run_settings(table["device"])  # time end to end as the table was profiled
+    backend, threads, batch = settings["backend"], settings["threads"], settings["batch"]
     pred = LatencyPredictor(space, table)
     archs = space.sample(np.random.default_rng(a.seed), n=a.archs)
     ref = pred.reference
     torch.manual_seed(0)
     nets = [build_subnet(space, x) for x in archs] + ([build_subnet(space, ref[0])] if ref is not None else [])
-    runs = [prepare_run(net, (space.in_channels, net.arch.resolution, net.arch.resolution), batch, threads,
-                        channels_last, backend) for net in nets]
+    runs = [prepare_run(net, (space.in_channels, net.arch.resolution, net.arch.resolution), **settings)
+            for net in nets]
     t = time.perf_counter()
     times = interleaved_latencies(runs, a.passes, threads, 0.2, progress=True)
     print(f"timed {len(runs)} subnets end to end in {a.passes} interleaved passes, {time.perf_counter() - t:.0f} s")

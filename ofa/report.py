@@ -201,11 +201,10 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         raise ValueError(f"--budget-ms values must be > 0, got {list(budget_ms)}")
     table = validate_table(json.loads((artifact / table_file).read_text()), art.space)
     device = table["device"]
-    timing = _Timing(int(device.get("threads", 2)), int(device.get("batch", 1)),
-                     device.get("memory_format") == "channels_last", latency_runs, min_run_time,
-                     # a table from a backend this package cannot run is checked against torch eager
-                     "onnxruntime" if device.get("backend") == "onnxruntime" else "torch")
-    from .predict.profile import check_backend
+    from .predict.profile import check_backend, table_run_settings
+
+    how = table_run_settings(device)
+    timing = _Timing(how["threads"], how["batch"], how["channels_last"], latency_runs, min_run_time, how["backend"])
 
     check_backend(timing.backend, timing.channels_last)
     training = art.manifest["training"]

@@ -14,7 +14,7 @@ subnet fetched as ONNX runs in deployment.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import logging
 
@@ -34,7 +34,7 @@ from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, 
                       iter_plan, space_digest)
 
 __all__ = ["BACKENDS", "arch_latency", "backend_version", "check_backend", "interleaved_latencies",
-           "measure_latency", "prepare_run", "profile_space", "reference_arch", "time_run"]
+           "measure_latency", "prepare_run", "profile_space", "reference_arch", "table_run_settings", "time_run"]
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -90,6 +90,14 @@ def prepare_run(module: nn.Module, shape: Sequence[int], batch: int = 1, threads
         module = module.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     return lambda: module(x)
+
+
+def table_run_settings(device: Mapping[str, Any]) -> dict[str, Any]:
+    """How to time end to end as a table's ``device`` was profiled: ``prepare_run``'s batch, threads,
+    channels_last and backend. A backend this package cannot run is checked against torch eager."""
+    return {"batch": int(device.get("batch", 1)), "threads": int(device.get("threads", 2)),
+            "channels_last": device.get("memory_format") == "channels_last",
+            "backend": "onnxruntime" if device.get("backend") == "onnxruntime" else "torch"}
 
 
 def time_run(run: Callable[[], Any], threads: int = 2, min_run_time: float = 0.2) -> float:
