@@ -55,8 +55,11 @@ def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torc
 class Objective(nn.Module):
     """The loss of one step, over all its subnets, in one forward (so DDP sees one graph).
 
-    With ``teacher_logits`` each subnet distils from the teacher; with ``sandwich`` the
-    first arch (the largest) learns from the labels and the others distil from it.
+    The subnets' losses are summed, so their gradients accumulate as in the reference
+    (one backward per subnet): a phase's lr is each subnet's step size, whatever the
+    number of subnets per step. With ``teacher_logits`` each subnet distils from the
+    teacher; with ``sandwich`` the first arch (the largest) learns from the labels and
+    the others distil from it.
     """
 
     def __init__(self, supernet: Supernet, label_smoothing: float) -> None:
@@ -78,7 +81,7 @@ class Objective(nn.Module):
             if kd is not None and kd_ratio > 0:
                 loss = loss + kd_ratio * soft_cross_entropy(logits, F.softmax(kd.float(), dim=1))
             total = total + loss
-        return total / len(archs)
+        return total
 
 
 def phase_space(space: SearchSpace, phase: Phase) -> SearchSpace:
@@ -353,7 +356,7 @@ class Trainer:
             scaler.step(opt)
             scaler.update()
             global_step += 1
-            loss_sum += loss.item()
+            loss_sum += loss.item() / len(archs)  # logged per subnet, comparable across phases
             n_last += len(idx)
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
