@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -28,35 +27,9 @@ import torch
 from tqdm import tqdm
 
 from ofa.artifact import load_artifact
-from ofa.calibrate import calibrate_bn
-from ofa.data import prepare_batch
-from ofa.predict.accuracy import kendall_tau
+from ofa.evaluate import subnet_correct
+from ofa.predict.accuracy import kendall_tau, tau_ceiling
 from ofa.predict.measure import stratified_archs, validation_set
-from ofa.supernet import extract
-
-
-@torch.inference_mode()
-def correct_per_image(art, arch, val, spec) -> np.ndarray:
-    """Which validation images the served subnet of ``arch`` classifies correctly (bool per image)."""
-    sub = extract(art.supernet, arch).to(memory_format=torch.channels_last)
-    calibrate_bn(sub, art.calibration, spec, arch.resolution)
-    sub.eval()
-    hits = [sub(prepare_batch(x, arch.resolution, spec)).argmax(1) == y for x, y in val.batches(1000)]
-    return torch.cat(hits).numpy()
-
-
-def tau_ceiling(correct: np.ndarray) -> float:
-    """Expected τ between true accuracies and a measurement on as many other images (upper bound)."""
-    n_sub, n_img = correct.shape
-    c = correct.astype(np.float64)
-    agree = []
-    for i in range(n_sub - 1):
-        d = c[i] - c[i + 1 :]                        # per-image paired differences to every later subnet
-        mean, sd = d.mean(1), d.std(1, ddof=1)
-        z = np.abs(mean) / np.maximum(sd / math.sqrt(n_img), 1e-12)
-        p_same = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in z])
-        agree.extend(np.where(mean == 0, 0.0, 2 * p_same - 1))  # a tie orders nothing
-    return float(np.mean(agree))
 
 
 def main() -> None:
@@ -72,7 +45,8 @@ def main() -> None:
     val, spec = validation_set(art.manifest["training"])
     archs = stratified_archs(art.space, a.subnets, a.seed)
     t = time.perf_counter()
-    correct = np.stack([correct_per_image(art, x, val, spec) for x in tqdm(archs, desc="subnets", unit="subnet")])
+    correct = np.stack([subnet_correct(art.supernet, x, art.calibration, val, spec).numpy()
+                        for x in tqdm(archs, desc="subnets", unit="subnet")])
     acc = 100 * correct.mean(1)
     print(f"{len(archs)} subnets of {art.space.name}, {correct.shape[1]} validation images, "
           f"{time.perf_counter() - t:.0f} s; accuracy {acc.min():.2f}-{acc.max():.2f}% "

@@ -105,7 +105,9 @@ def _supernets(c: Client, args: argparse.Namespace) -> int:
     for s in [] if args.json else sns:
         q = s.get("accuracy_predictor")
         print(f"{s['name']}: space {s['space']['name']}, data {s['data']['dataset']}, digest {s['digest'][:16]}, "
-              f"targets {s.get('targets', [])}" + (f", predictor tau {q.get('kendall_tau', 0):.3f}" if q else ""))
+              f"targets {s.get('targets', [])}" + (f", predictor tau {q.get('kendall_tau', 0):.3f}" if q else "")
+              + (f" (at most {q['kendall_tau_ceiling']:.3f} on its validation split)"
+                 if q and q.get("kendall_tau_ceiling") else ""))
     return 0
 
 

@@ -244,6 +244,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"accuracy predictor: {accuracy['family']}, fitted on {accuracy['train_samples']} measured "
               f"subnets; on {accuracy['test_samples']} held out: Kendall tau {test.get('kendall_tau', float('nan')):.3f}, "
               f"RMSE {test.get('rmse', float('nan')):.3f} points")
+        if "tau_ceiling" in test:
+            print(f"  the validation split's noise lets any predictor reach at most tau {test['tau_ceiling']:.3f} "
+                  f"on these subnets")
     print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
     for name, t in targets.items():
         cal = t.get("calibration") or {}

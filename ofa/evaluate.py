@@ -9,24 +9,36 @@ from .data import DataSpec, ImageSet, prepare_batch
 from .space import Arch
 from .supernet import Supernet, extract
 
-__all__ = ["accuracy", "subnet_accuracy"]
+__all__ = ["accuracy", "correct_per_image", "subnet_accuracy", "subnet_correct"]
 
 
 @torch.no_grad()
+def correct_per_image(model: nn.Module, data: ImageSet, spec: DataSpec, resolution: int,
+                      batch_size: int = 1000, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which images of ``data`` (in order) ``model`` classifies correctly at ``resolution`` (bool)."""
+    model.eval()
+    hits = [model(prepare_batch(images, resolution, spec, device)).argmax(1).cpu() == labels
+            for images, labels in data.batches(batch_size)]
+    return torch.cat(hits)
+
+
 def accuracy(model: nn.Module, data: ImageSet, spec: DataSpec, resolution: int,
              batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (%) of ``model`` on ``data`` at ``resolution``."""
-    model.eval()
-    correct = 0
-    for images, labels in data.batches(batch_size):
-        logits = model(prepare_batch(images, resolution, spec, device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-    return 100.0 * correct / len(data)
+    hits = correct_per_image(model, data, spec, resolution, batch_size, device)
+    return 100.0 * int(hits.sum()) / len(hits)
+
+
+def subnet_correct(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
+                   spec: DataSpec, batch_size: int = 1000, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-image correctness of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
+    sub = extract(supernet, arch).to(device).to(memory_format=torch.channels_last)
+    calibrate_bn(sub, calib, spec, arch.resolution, device=device)
+    return correct_per_image(sub, data, spec, arch.resolution, batch_size, device)
 
 
 def subnet_accuracy(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
                     spec: DataSpec, batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
-    """Accuracy of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
-    sub = extract(supernet, arch).to(device).to(memory_format=torch.channels_last)
-    calibrate_bn(sub, calib, spec, arch.resolution, device=device)
-    return accuracy(sub, data, spec, arch.resolution, batch_size, device)
+    """Accuracy (%) of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
+    hits = subnet_correct(supernet, arch, calib, data, spec, batch_size, device)
+    return 100.0 * int(hits.sum()) / len(hits)

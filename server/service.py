@@ -130,7 +130,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                 msg.accuracy_predictor.CopyFrom(pb.PredictorQuality(
                     family=acc.family, train_samples=int(acc.info.get("train_samples", 0)),
                     test_samples=int(acc.info.get("test_samples", 0)),
-                    kendall_tau=float(test.get("kendall_tau", 0.0)), rmse=float(test.get("rmse", 0.0))))
+                    kendall_tau=float(test.get("kendall_tau", 0.0)), rmse=float(test.get("rmse", 0.0)),
+                    kendall_tau_ceiling=float(test.get("tau_ceiling", 0.0))))
             out.append(msg)
         return pb.ListSupernetsResponse(supernets=out)
 

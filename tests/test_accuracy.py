@@ -9,10 +9,11 @@ import torch
 from ofa.artifact import load_artifact
 from ofa.calibrate import calibrate_bn
 from ofa.predict.accuracy import (AccuracyPredictor, PredictorError, arch_features, fit_family, kendall_tau,
-                                  select_and_fit)
+                                  select_and_fit, tau_ceiling)
 from ofa.predict.cost import CostModel
 from ofa.predict.latency import space_digest
-from ofa.predict.measure import MEASUREMENTS, build_accuracy_predictor, stratified_archs
+from ofa.predict.measure import (MEASUREMENTS, build_accuracy_predictor, pack_correct, stratified_archs,
+                                 unpack_correct)
 from ofa.space import get_space
 from ofa.supernet import extract
 
@@ -144,6 +145,10 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     measured = json.loads((root / MEASUREMENTS).read_text())
     assert len(measured["subnets"]) == 14 and measured["artifact"] == art.digest
     assert all(0 <= v["accuracy"] <= 100 for v in measured["subnets"].values())
+    n_val = measured["val_images"]
+    for v in measured["subnets"].values():  # the stored per-image correctness is the accuracy's
+        assert 100 * unpack_correct(v["correct"], n_val).mean() == pytest.approx(v["accuracy"], abs=1e-4)
+    assert 0 <= report["test"]["tau_ceiling"] <= 1 and report["test"]["tau_ceiling_subnets"] == report["test_samples"]
     assert report["train_samples"] + report["test_samples"] == 14 and report["selected"] in ("ridge-0.3", "ridge-3")
     pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes(), art.space)
     assert pred.info["test"] == report["test"]
@@ -159,6 +164,24 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     assert main(["info", "--artifact", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["accuracy_predictor"]
     assert info["train_samples"] + info["test_samples"] == len(after) and "kendall_tau" in info["test"]
+
+
+def test_tau_ceiling_follows_how_distinct_the_measurements_are():
+    rng = np.random.default_rng(0)
+    n_img = 4000
+    truth = np.linspace(0.80, 0.90, 8)            # 1.4 points apart: a 4,000-image measurement orders them
+    clear = rng.random((8, n_img)) < truth[:, None]
+    close = rng.random((8, n_img)) < np.linspace(0.85, 0.851, 8)[:, None]
+    # equal subnets measure about 0.5, not 0: observed differences stand in for true ones (an upper bound)
+    assert tau_ceiling(clear) > 0.95 > 0.7 > tau_ceiling(close) >= 0
+    # shared mistakes cancel: subnets that differ on few images are told apart more surely
+    base = rng.random(n_img) < 0.85
+    nested = np.stack([base | (np.arange(n_img) < 10 * i) for i in range(8)])
+    assert tau_ceiling(nested) > tau_ceiling(rng.random((8, n_img)) < nested.mean(1)[:, None])
+    hits = rng.random(1001) < 0.5
+    assert np.array_equal(unpack_correct(pack_correct(hits), 1001), hits)
+    with pytest.raises(ValueError, match="expected 2000"):
+        unpack_correct(pack_correct(hits), 2000)
 
 
 @pytest.mark.parametrize("args,message", [

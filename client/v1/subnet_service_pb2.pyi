@@ -83,18 +83,20 @@ class DataDescription(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., channels: _Optional[int] = ..., image_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictorQuality(_message.Message):
-    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse")
+    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse", "kendall_tau_ceiling")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     KENDALL_TAU_FIELD_NUMBER: _ClassVar[int]
     RMSE_FIELD_NUMBER: _ClassVar[int]
+    KENDALL_TAU_CEILING_FIELD_NUMBER: _ClassVar[int]
     family: str
     train_samples: int
     test_samples: int
     kendall_tau: float
     rmse: float
-    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ...) -> None: ...
+    kendall_tau_ceiling: float
+    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ..., kendall_tau_ceiling: _Optional[float] = ...) -> None: ...
 
 class Supernet(_message.Message):
     __slots__ = ("name", "digest", "space", "data", "accuracy_predictor", "targets")

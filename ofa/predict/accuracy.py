@@ -14,6 +14,7 @@ per-process order, which would change the file's sha256 from run to run).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..space import SearchSpace
 
-__all__ = ["AccuracyPredictor", "PredictorError", "arch_features", "fit_family", "kendall_tau",
+__all__ = ["AccuracyPredictor", "PredictorError", "arch_features", "fit_family", "kendall_tau", "tau_ceiling",
            "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
 
 PREDICTOR_FORMAT = "ofa-accuracy-predictor"
@@ -61,6 +62,34 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     if n_a == 0 or n_b == 0:
         return 0.0
     return concordant / np.sqrt(n_a * n_b)
+
+
+def tau_ceiling(correct: np.ndarray) -> float:
+    """The Kendall τ a predictor of the *true* accuracies could expect against a measurement.
+
+    ``correct`` is (subnets, images), which images each subnet got right. For every pair
+    of subnets, the chance that a measurement on another sample of as many images orders
+    the pair as this one does follows from the pair's per-image differences (a normal
+    approximation, paired, so mistakes both make cancel); τ's expectation is the mean of
+    2p - 1 over pairs. The observed differences stand in for the true ones, so this is an
+    upper bound: no predictor scored on such a measurement can expect more.
+    """
+    c = np.asarray(correct, dtype=np.float64)
+    if c.ndim != 2 or len(c) < 2 or c.shape[1] < 2:
+        raise ValueError("tau_ceiling needs (subnets >= 2, images >= 2) correctness")
+    n_img = c.shape[1]
+    i, j = np.triu_indices(len(c), 1)
+    agree = np.empty(len(i))
+    for start in range(0, len(i), 4096):  # bounded memory: 4096 pairs x images at a time
+        d = c[i[start : start + 4096]] - c[j[start : start + 4096]]
+        mean, sd = d.mean(1), d.std(1, ddof=1)
+        z = np.abs(mean) / np.maximum(sd / np.sqrt(n_img), 1e-12)
+        p_same = 0.5 * (1 + _erf(z / np.sqrt(2)))
+        agree[start : start + 4096] = np.where(mean == 0, 0.0, 2 * p_same - 1)  # a tie orders nothing
+    return float(agree.mean())
+
+
+_erf = np.vectorize(math.erf, otypes=[float])
 
 
 Layers = tuple[tuple[np.ndarray, np.ndarray], ...]
