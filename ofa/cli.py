@@ -477,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample subnets stratified over MACs (corners included), re-calibrate "
                        "BN, measure validation accuracy, pick the predictor family by cross-validated "
                        "Kendall tau and store measurements and predictor in the artifact. Measurements "
-                       "are kept: a later run measures only subnets not measured yet and fits on all.")
+                       "are kept: a later run measures only subnets not measured yet and fits on all. "
+                       "The report includes the highest tau any predictor could expect against "
+                       "measurements on a validation split of this size (from per-image correctness).")
     s.add_argument("--artifact", required=True)
     s.add_argument("--samples", type=int, default=300, help="subnets to measure (default 300)")
     s.add_argument("--test-fraction", type=float, default=0.2,
