@@ -1,6 +1,7 @@
 """Accuracy of a subnet taken out of the supernet: extract → BN re-calibration → top-1."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -9,7 +10,7 @@ from .data import DataSpec, ImageSet, prepare_batch
 from .space import Arch
 from .supernet import Supernet, extract
 
-__all__ = ["accuracy", "correct_per_image", "subnet_accuracy", "subnet_correct"]
+__all__ = ["accuracy", "correct_per_image", "percent_correct", "subnet_accuracy", "subnet_correct"]
 
 
 @torch.no_grad()
@@ -22,11 +23,15 @@ def correct_per_image(model: nn.Module, data: ImageSet, spec: DataSpec, resoluti
     return torch.cat(hits)
 
 
+def percent_correct(hits: torch.Tensor | np.ndarray) -> float:
+    """Top-1 accuracy (%) from per-image correctness, exactly (integer count over images)."""
+    return 100.0 * int(hits.sum()) / len(hits)
+
+
 def accuracy(model: nn.Module, data: ImageSet, spec: DataSpec, resolution: int,
              batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (%) of ``model`` on ``data`` at ``resolution``."""
-    hits = correct_per_image(model, data, spec, resolution, batch_size, device)
-    return 100.0 * int(hits.sum()) / len(hits)
+    return percent_correct(correct_per_image(model, data, spec, resolution, batch_size, device))
 
 
 def subnet_correct(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
@@ -40,5 +45,4 @@ def subnet_correct(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: Im
 def subnet_accuracy(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
                     spec: DataSpec, batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
     """Accuracy (%) of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
-    hits = subnet_correct(supernet, arch, calib, data, spec, batch_size, device)
-    return 100.0 * int(hits.sum()) / len(hits)
+    return percent_correct(subnet_correct(supernet, arch, calib, data, spec, batch_size, device))

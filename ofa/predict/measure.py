@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import DataSpec, ImageSet, load_dataset, split_validation
-from ..evaluate import subnet_correct
+from ..evaluate import percent_correct, subnet_correct
 from ..space import Arch, SearchSpace
 from ..supernet import Supernet
 from .cost import CostModel
@@ -85,7 +85,7 @@ def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.T
     t_last = time.monotonic()
     for arch in tqdm(todo, desc="measuring subnets", unit="subnet", disable=not progress, dynamic_ncols=True):
         hits = subnet_correct(supernet, arch, calib, val, spec, batch_size).numpy()
-        out[arch.id] = {"arch": json.loads(arch.to_json()), "accuracy": round(100.0 * int(hits.sum()) / len(hits), 4),
+        out[arch.id] = {"arch": json.loads(arch.to_json()), "accuracy": round(percent_correct(hits), 4),
                         "macs": cost.arch_macs(arch), "params": cost.arch_params(arch),
                         "correct": pack_correct(hits)}
         if on_result is not None and time.monotonic() - t_last > 30:
