@@ -437,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    s.add_argument("--phase", help="run only this phase (full, kernel, depth-1, depth-2, expand-1, expand-2)")
+    s.add_argument("--phase", help="run only this phase (full, kernel, depth-1, depth-2, expand-1, expand-2), from "
+                   "the checkpoint the phase before it left (kept in checkpoints/after-PHASE/); its "
+                   "settings and later phases' may differ from that run's")
     s.add_argument("--dataset", help="fashion-mnist (default), cifar10 or imagefolder")
     s.add_argument("--data-dir", dest="data_dir", help="where the dataset lies (default: Debian's Fashion-MNIST)")
     s.add_argument("--space", help="search space (default mbv3-small-images; see `ofa spaces`)")

@@ -104,6 +104,28 @@ def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tmp_path):
     assert list(out) == ["full", "kernel"]
 
 
+def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data)
+    train(cfg, tmp_path, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("after-*")) == sorted(f"after-{p}" for p in PHASES)
+    # The last phase again, with another lr, from the checkpoint the phase before it left.
+    first = load_file(str(tmp_path / "supernet.safetensors"))
+    again = apply_overrides(cfg, {"phases.expand-2.lr": 0.2})
+    out = train(again, tmp_path, only_phase="expand-2", progress=False)
+    assert list(out) == PHASES
+    second = load_file(str(tmp_path / "supernet.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((ckpts / "checkpoint.json").read_text())["config"]["phases"][-1]["lr"] == 0.2
+    # The same settings give the same weights: the snapshot is the state the first run had.
+    train(cfg, tmp_path, only_phase="expand-2", progress=False)
+    third = load_file(str(tmp_path / "supernet.safetensors"))
+    assert all(torch.equal(first[k], third[k]) for k in first)
+    # A change to an earlier phase would make the snapshot a different computation.
+    with pytest.raises(ConfigError, match=r"different values of \['phases'\]"):
+        train(apply_overrides(cfg, {"phases.expand-1.lr": 0.2}), tmp_path, only_phase="expand-2", progress=False)
+
+
 def test_sandwich_rule_runs(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, "sandwich=true", "trace=true", "phases.kernel.subnets_per_step=3")
     train(cfg, tmp_path, progress=False)

@@ -141,7 +141,15 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "dat
                       "eval_batch_size"}
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], before_phase: int | None = None) -> list[str]:
+    """Config keys whose change would make the checkpoint a different computation.
+
+    With ``before_phase`` only the phases before it count (a phase may be run again
+    with other settings from the checkpoint the earlier phases left).
+    """
+    if before_phase is not None:
+        saved = {**saved, "phases": list(saved.get("phases", []))[:before_phase]}
+        current = {**current, "phases": list(current.get("phases", []))[:before_phase]}
     return sorted(k for k in set(saved) | set(current)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
 
@@ -263,13 +271,17 @@ class Trainer:
     # ---- the run -------------------------------------------------------------
     def run(self, resume: bool = False, only_phase: str | None = None) -> dict[str, Any]:
         phases = list(self.config.phases)
+        idx = phases.index(self.config.phase(only_phase)) if only_phase is not None else None
         ckpt = load_checkpoint(self.ckpt_dir) if (resume or only_phase) else None
         if resume and ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        if idx and not resume and (ckpt is None or (ckpt.state["phase_index"], ckpt.state["step_in_phase"]) != (idx, 0)):
+            ckpt = load_checkpoint(self._snapshot_dir(phases[idx - 1])) or ckpt  # the run went further
         start_phase, start_step, global_step, buffers = 0, 0, 0, {}
         results: dict[str, Any] = {}
         if ckpt is not None:
-            diff = _config_differences(ckpt.state.get("config", {}), self.config.to_dict())
+            diff = _config_differences(ckpt.state.get("config", {}), self.config.to_dict(),
+                                       None if resume else idx)
             if diff:
                 raise ConfigError(f"the checkpoint in {self.ckpt_dir} was written with different values of "
                                   f"{diff}; resume with the same configuration or use another --out")
@@ -277,15 +289,15 @@ class Trainer:
                 raise ConfigError(f"the checkpoint was written by {ckpt.state.get('world_size', 1)} processes, "
                                   f"this run has {self.world}; the data order would change")
             self.supernet.load_state_dict(ckpt.model)
-            global_step, results = ckpt.state["global_step"], ckpt.state.get("results", {})
+            global_step, saved = ckpt.state["global_step"], ckpt.state.get("results", {})
+            results = {p.name: saved[p.name] for p in phases if p.name in saved}  # JSON sorted them
             self._teacher_digest = ckpt.state.get("teacher_sha256")
             if resume:
                 start_phase, start_step = ckpt.state["phase_index"], ckpt.state["step_in_phase"]
                 buffers = ckpt.optimizer
                 log.info("resuming at phase %d, step %d", start_phase, start_step)
         stop_phase = len(phases)
-        if only_phase is not None:
-            idx = phases.index(self.config.phase(only_phase))
+        if idx is not None:
             done = ckpt.state["phase_index"] if ckpt is not None else 0
             if resume and done != idx:
                 raise ConfigError(f"--resume --phase {only_phase}: the checkpoint is in phase "
@@ -379,7 +391,12 @@ class Trainer:
                    "steps": total - start})
         results = {**results, phase.name: phase_results}
         self._checkpoint(pi + 1, 0, global_step, None, results)
+        self._checkpoint(pi + 1, 0, global_step, None, results, self._snapshot_dir(phase))
         return global_step, phase_results
+
+    def _snapshot_dir(self, phase: Phase) -> Path:
+        """Where the checkpoint at the end of ``phase`` is kept (``--phase`` of the next one starts there)."""
+        return self.ckpt_dir / f"after-{phase.name}"
 
     def _trace(self, phase: Phase, step: int, archs: list[Arch], idx: torch.Tensor) -> None:
         record = {"rank": self.rank, "phase": phase.name, "step": step, "archs": [a.id for a in archs],
@@ -397,12 +414,12 @@ class Trainer:
         return sub.sample(rng, n=n, resolution=res)
 
     def _checkpoint(self, phase_index: int, step: int, global_step: int,
-                    opt: torch.optim.SGD | None, results: dict[str, Any]) -> None:
+                    opt: torch.optim.SGD | None, results: dict[str, Any], folder: Path | None = None) -> None:
         if self.rank == 0:
             state = {"phase_index": phase_index, "step_in_phase": step, "global_step": global_step,
                      "results": results, "config": self.config.to_dict(), "world_size": self.world,
                      "teacher_sha256": self._teacher_digest}
-            save_checkpoint(self.ckpt_dir, state, self.supernet.state_dict(),
+            save_checkpoint(folder or self.ckpt_dir, state, self.supernet.state_dict(),
                             self._optimizer_state(opt) if opt is not None else {})
         if self.world > 1:
             dist.barrier()
