@@ -1,21 +1,38 @@
 """Load on `ofa serve`: N concurrent clients mixing searches and (cached) fetches for T seconds (issue 6).
 
 Starts `ofa serve` on 127.0.0.1 (a port the OS picks) for the artifact, warms the weight
-cache with a few subnets, then runs N client threads. Each thread alternates at random
-between SearchSubnet (default settings: population 100 x 500 generations, a latency
-bound drawn from the target's range) and GetSubnetWeights of one of the warmed subnets.
-RESOURCE_EXHAUSTED is the server's deliberate answer beyond --max-searches concurrent
-searches; a client then backs off 20-80 ms. Prints p50/p99 per RPC, requests/s, every
-status seen and the server's peak resident memory (VmHWM).
+cache with a few subnets, then runs N clients as threads spread over --procs client
+processes (one Python process would make the load generator's own GIL part of every
+latency). Each call is, at random, a SearchSubnet (default settings: population 100 x 500
+generations, a latency bound drawn from the target's range) or a GetSubnetWeights of one
+of the warmed subnets.
 
-    python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30]
+Two ways to load the server:
+- closed loop (default, --rate 0): every client calls again as soon as its call returns.
+  This finds the capacity; latencies then are queueing (Little's law: clients / rate).
+- open loop (--rate R): calls arrive at R per second in all (Poisson, spread over the
+  clients), as independent pipelines would send them. A call's latency counts from when
+  it was due, so a server that falls behind is charged for the wait (no coordinated
+  omission).
+
+Before loading, one client alone measures what each RPC costs in CPU seconds of the
+server and the client together; with C cores that bounds the closed-loop rate, and the
+report prints the measured rate against that bound. RESOURCE_EXHAUSTED is the server's
+deliberate answer beyond --max-searches concurrent searches; a closed-loop client then
+backs off 20-80 ms. Prints p50/p99 per RPC, calls/s, every status seen and the server's
+peak resident memory (VmHWM).
+
+    python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30] [--rate R]
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import multiprocessing as mp
+import os
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -28,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ofa_client import Client, ClientError, ResourceExhausted  # noqa: E402
 
+FETCH, SEARCH = "GetSubnetWeights (cached)", "SearchSubnet"
+
 
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -36,16 +55,105 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and its children (the server's search workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
+
+
+def own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def call(c: Client, search: bool, rng: random.Random, job: dict) -> str:
+    try:
+        if search:
+            c.search(job["target"], max_latency_ms=rng.uniform(job["lo"], job["hi"]), seed=rng.randrange(1 << 30))
+        else:
+            c.fetch(rng.choice(job["warm"]), "safetensors")
+        return "OK"
+    except ResourceExhausted:
+        return "RESOURCE_EXHAUSTED"
+    except ClientError as e:
+        return e.code
+
+
+def client_process(job: dict, first: int, count: int, queue: mp.Queue, ready, go, start_at) -> None:
+    """``count`` clients as threads; puts (rpc, status, seconds) of every call on ``queue``."""
+    records: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+    ready.wait()  # every process has imported grpc: now the parent sets the start
+    go.wait()
+    start = start_at.value
+    stop = start + job["seconds"]
+    per_client = job["rate"] / job["clients"]
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        due = start + (rng.expovariate(per_client) if per_client else 0.0)
+        with Client(job["address"], timeout=60) as c:
+            while due < stop:
+                if per_client:
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                else:
+                    due = time.perf_counter()
+                search = rng.random() < job["search_share"]
+                status = call(c, search, rng, job)
+                record = ("search" if search else "fetch", status, time.perf_counter() - due)
+                with lock:
+                    records.append(record)
+                if per_client:
+                    due += rng.expovariate(per_client)
+                elif status == "RESOURCE_EXHAUSTED":
+                    time.sleep(rng.uniform(0.02, 0.08))
+                    due = time.perf_counter()
+                else:
+                    due = time.perf_counter()
+
+    time.sleep(max(0.0, start - time.perf_counter()))
+    threads = [threading.Thread(target=worker, args=(first + k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put(records)
+
+
+def cost_alone(address: str, job: dict, server_pid: int, n: int = 12) -> dict[str, float]:
+    """CPU seconds (server + this client) and wall seconds per call, one call at a time."""
+    rng = random.Random(12345)
+    out = {}
+    with Client(address, timeout=60) as c:
+        for rpc, search in ((FETCH, False), (SEARCH, True)):
+            cpu0, own0, t0 = cpu_seconds(server_pid), own_cpu_seconds(), time.perf_counter()
+            for _ in range(n):
+                call(c, search, rng, job)
+            wall = (time.perf_counter() - t0) / n
+            cpu = (cpu_seconds(server_pid) - cpu0 + own_cpu_seconds() - own0) / n
+            out[rpc] = {"cpu_s": cpu, "wall_s": wall}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--procs", type=int, default=4, help="client processes the clients are spread over")
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="calls per second offered in all, Poisson (0: closed loop, as fast as answered)")
     p.add_argument("--search-share", type=float, default=0.5, help="share of calls that are searches")
     p.add_argument("--max-searches", type=int, default=2)
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
+    procs = max(1, min(a.procs, a.clients))
 
     server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0",
                                "--max-searches", str(a.max_searches), "--workers", str(max(16, a.clients + 4))],
@@ -55,56 +163,52 @@ def main() -> None:
         address = "127.0.0.1:" + line.split("127.0.0.1:")[1].split()[0]
         with Client(address) as c:
             front = c.pareto(a.target, points=6)
-            lat = [s.predicted_latency_ms for s in front]
             warm = [s for s in front[:4]]
             for s in warm:
                 c.fetch(s, "safetensors")
-        lo, hi = min(lat), max(lat)
+        lat = [s.predicted_latency_ms for s in front]
+        job = {"address": address, "target": a.target, "lo": min(lat), "hi": max(lat), "warm": warm,
+               "clients": a.clients, "seconds": a.seconds, "rate": a.rate, "search_share": a.search_share}
+        alone = cost_alone(address, job, server.pid)
+        cores = len(os.sched_getaffinity(0))
+        mean_cpu = a.search_share * alone[SEARCH]["cpu_s"] + (1 - a.search_share) * alone[FETCH]["cpu_s"]
+        bound = cores / mean_cpu
+        mode = f"open loop, {a.rate:g} calls/s offered" if a.rate else "closed loop"
         print(f"server {address}; {len(warm)} subnets in the weight cache; latency bounds drawn from "
-              f"[{lo:.2f}, {hi:.2f}] ms; {a.clients} clients for {a.seconds:.0f} s", flush=True)
+              f"[{job['lo']:.2f}, {job['hi']:.2f}] ms; {a.clients} clients in {procs} processes for "
+              f"{a.seconds:.0f} s, {mode}", flush=True)
+        for rpc, c in alone.items():
+            print(f"alone: {rpc} {c['wall_s'] * 1000:.1f} ms wall, {c['cpu_s'] * 1000:.1f} ms CPU (server + client)")
+        print(f"CPU bound on the rate of this mix with {cores} cores: {bound:.1f} calls/s", flush=True)
 
-        times: dict[str, list[float]] = collections.defaultdict(list)
-        statuses: collections.Counter = collections.Counter()
-        lock = threading.Lock()
-        stop_at = time.perf_counter() + a.seconds
-
-        def worker(i: int) -> None:
-            rng = random.Random(i)
-            with Client(address, timeout=60) as c:
-                while time.perf_counter() < stop_at:
-                    search = rng.random() < a.search_share
-                    t = time.perf_counter()
-                    try:
-                        if search:
-                            c.search(a.target, max_latency_ms=rng.uniform(lo, hi), seed=rng.randrange(1 << 30))
-                        else:
-                            c.fetch(rng.choice(warm), "safetensors")
-                        status = "OK"
-                    except ResourceExhausted:
-                        status = "RESOURCE_EXHAUSTED"
-                    except ClientError as e:
-                        status = e.code
-                    dt = time.perf_counter() - t
-                    with lock:
-                        statuses[("search" if search else "fetch", status)] += 1
-                        if status == "OK":
-                            times["SearchSubnet" if search else "GetSubnetWeights (cached)"].append(dt)
-                    if status == "RESOURCE_EXHAUSTED":
-                        time.sleep(rng.uniform(0.02, 0.08))
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        ctx = mp.get_context("spawn")  # gRPC's threads do not survive a fork
+        queue: mp.Queue = ctx.Queue()
+        ready, go, start_at = ctx.Barrier(procs + 1), ctx.Barrier(procs + 1), ctx.Value("d", 0.0)
+        shares = [a.clients // procs + (k < a.clients % procs) for k in range(procs)]
+        workers = [ctx.Process(target=client_process, args=(job, sum(shares[:k]), n, queue, ready, go, start_at))
+                   for k, n in enumerate(shares)]
+        for w in workers:
+            w.start()
+        ready.wait()
+        start_at.value = time.perf_counter() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
+        go.wait()
+        records = [r for _ in workers for r in queue.get()]
+        for w in workers:
+            w.join()
+        wall = a.seconds
         peak = peak_rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(60)
 
-    result = {"clients": a.clients, "seconds": round(wall, 1), "max_searches": a.max_searches, "rpcs": {},
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    statuses: collections.Counter = collections.Counter()
+    for kind, status, dt in records:
+        statuses[(kind, status)] += 1
+        if status == "OK":
+            times[SEARCH if kind == "search" else FETCH].append(dt)
+    result = {"clients": a.clients, "procs": procs, "seconds": wall, "rate_offered": a.rate,
+              "max_searches": a.max_searches, "alone": alone, "cpu_bound_per_s": round(bound, 1), "rpcs": {},
               "statuses": {f"{k[0]} {k[1]}": v for k, v in sorted(statuses.items())},
               "server_peak_rss_mb": round(peak, 1)}
     print("\n| RPC | OK calls | p50 ms | p99 ms | OK calls/s |\n|---|---|---|---|---|")
@@ -115,14 +219,15 @@ def main() -> None:
         result["rpcs"][name] = row
         print(f"| {name} | {row['ok']} | {row['p50_ms']} | {row['p99_ms']} | {row['per_s']} |")
     total = sum(statuses.values())
+    ok = sum(v for k, v in statuses.items() if k[1] == "OK")
     errors = {k: v for k, v in result["statuses"].items() if not k.endswith(" OK") and "RESOURCE_EXHAUSTED" not in k}
-    print(f"\nall calls: {total} in {wall:.1f} s ({total / wall:.0f}/s); statuses: {result['statuses']}")
+    print(f"\nall calls: {total} in {wall:.0f} s ({total / wall:.0f}/s); statuses: {result['statuses']}")
+    print(f"OK calls/s {ok / wall:.1f} = {ok / wall / bound:.2f} x the CPU bound of {bound:.1f}/s")
     print(f"errors other than RESOURCE_EXHAUSTED: {sum(errors.values())} {errors or ''}")
     print(f"server peak resident memory: {peak:.0f} MiB")
     goals = result["rpcs"]
-    if "GetSubnetWeights (cached)" in goals and "SearchSubnet" in goals:
-        print(f"goals: cached fetch p99 {goals['GetSubnetWeights (cached)']['p99_ms']} ms (< 50), "
-              f"search p99 {goals['SearchSubnet']['p99_ms']} ms (< 1000)")
+    if FETCH in goals and SEARCH in goals:
+        print(f"goals: cached fetch p99 {goals[FETCH]['p99_ms']} ms (< 50), search p99 {goals[SEARCH]['p99_ms']} ms (< 1000)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 
