@@ -179,7 +179,8 @@ def main() -> None:
               f"{a.seconds:.0f} s, {mode}", flush=True)
         for rpc, c in alone.items():
             print(f"alone: {rpc} {c['wall_s'] * 1000:.1f} ms wall, {c['cpu_s'] * 1000:.1f} ms CPU (server + client)")
-        print(f"CPU bound on the rate of this mix with {cores} cores: {bound:.1f} calls/s", flush=True)
+        print(f"CPU bound on the rate of this mix with {cores} cores: {bound:.1f} calls/s"
+              + (f" (offered: {a.rate / bound:.0%} of it)" if a.rate else ""), flush=True)
 
         ctx = mp.get_context("spawn")  # gRPC's threads do not survive a fork
         queue: mp.Queue = ctx.Queue()
@@ -211,18 +212,22 @@ def main() -> None:
               "max_searches": a.max_searches, "alone": alone, "cpu_bound_per_s": round(bound, 1), "rpcs": {},
               "statuses": {f"{k[0]} {k[1]}": v for k, v in sorted(statuses.items())},
               "server_peak_rss_mb": round(peak, 1)}
-    print("\n| RPC | OK calls | p50 ms | p99 ms | OK calls/s |\n|---|---|---|---|---|")
+    print("\n| RPC | OK calls | p50 ms | p90 ms | p99 ms | max ms | OK calls/s |\n|---|---|---|---|---|---|---|")
     for name, ts in sorted(times.items()):
         ms = np.array(ts) * 1000
-        row = {"ok": len(ts), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-               "p99_ms": round(float(np.percentile(ms, 99)), 1), "per_s": round(len(ts) / wall, 1)}
+        row = {"ok": len(ts), **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 90, 99)},
+               "max_ms": round(float(ms.max()), 1), "per_s": round(len(ts) / wall, 1)}
         result["rpcs"][name] = row
-        print(f"| {name} | {row['ok']} | {row['p50_ms']} | {row['p99_ms']} | {row['per_s']} |")
+        print(f"| {name} | {row['ok']} | {row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} | {row['max_ms']} "
+              f"| {row['per_s']} |")
     total = sum(statuses.values())
     ok = sum(v for k, v in statuses.items() if k[1] == "OK")
     errors = {k: v for k, v in result["statuses"].items() if not k.endswith(" OK") and "RESOURCE_EXHAUSTED" not in k}
     print(f"\nall calls: {total} in {wall:.0f} s ({total / wall:.0f}/s); statuses: {result['statuses']}")
-    print(f"OK calls/s {ok / wall:.1f} = {ok / wall / bound:.2f} x the CPU bound of {bound:.1f}/s")
+    used = sum(len(ts) * alone[name]["cpu_s"] for name, ts in times.items())
+    result["cpu_share_of_ok_calls"] = round(used / (cores * wall), 3)
+    print(f"OK calls/s {ok / wall:.1f}; at their cost alone they would take {used:.1f} of the {cores * wall:.0f} "
+          f"core-seconds ({used / (cores * wall):.0%}); the rest went to refusals, contention and waiting")
     print(f"errors other than RESOURCE_EXHAUSTED: {sum(errors.values())} {errors or ''}")
     print(f"server peak resident memory: {peak:.0f} MiB")
     goals = result["rpcs"]
