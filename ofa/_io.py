@@ -1,11 +1,15 @@
-"""Atomic file writes and digests shared by checkpoints and artifacts."""
+"""Atomic file writes, digests and the artifact error, shared by checkpoints and artifacts (no torch)."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_save_tensors", "atomic_write_text", "sha256_file"]
+__all__ = ["ArtifactError", "atomic_save_tensors", "atomic_write_text", "sha256_file"]
+
+
+class ArtifactError(ValueError):
+    """A directory that is not a complete, intact artifact; the message says what is wrong."""
 
 
 def atomic_write_text(path: Path, text: str | bytes) -> None:

@@ -27,7 +27,7 @@ from . import __version__
 from .data import DataSpec
 from .space import SearchSpace
 from .supernet import Supernet
-from ._io import atomic_save_tensors, atomic_write_text, sha256_file
+from ._io import ArtifactError, atomic_save_tensors, atomic_write_text, sha256_file
 
 __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "write_artifact"]
 
@@ -35,9 +35,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
 
-
-class ArtifactError(ValueError):
-    """A directory that is not a complete, intact artifact; the message says what is wrong."""
 
 
 @dataclass

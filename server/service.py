@@ -66,7 +66,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self.max_searches = max_searches
         self._searches = threading.BoundedSemaphore(max_searches)
         self._builds = threading.BoundedSemaphore(max_builds or max_searches)
-        self.pool = SearchPool(max_searches)
+        self.pool = SearchPool(max_searches, tuple(str(sn.artifact.path) for sn in registry.supernets.values()))
 
     # ---- helpers -----------------------------------------------------------------
     def _supernet(self, name: str) -> ServedSupernet:

@@ -160,3 +160,30 @@ def test_search_and_pareto_commands(tiny_artifact, tmp_path, capsys):
     assert main(["pareto", *args, "-k", "4", "--plot", str(tmp_path / "front.png"), "--json"]) == 0
     front = json.loads(capsys.readouterr().out)["front"]
     assert len(front) >= 2 and (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_server_search_path_needs_no_torch_and_its_workers_start_ready(tiny_artifact, tmp_path):
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from conftest import served_copy
+    from ofa_server.searcher import SearchPool
+
+    art = served_copy(tiny_artifact, tmp_path / "served")
+    code = ("import sys; from ofa.search.load import load_scorer; s = load_scorer(sys.argv[1]); "
+            "assert s.accuracy is not None and 'synthetic-cpu' in s.latency; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # predictors are read and scored with numpy only
+
+    before = set(multiprocessing.active_children())
+    pool = SearchPool(2, (str(art),))
+    try:
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2  # both started with the pool, not by the first searches
+        result = pool.run("search", str(art), None, (Constraints(), "synthetic-cpu", SearchSettings(generations=5)),
+                          lambda: False)
+        assert result.best.latency_ms is not None
+    finally:
+        pool.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._io import sha256_file
+from .._io import ArtifactError, sha256_file
 from ..predict.accuracy import AccuracyPredictor
 from ..predict.latency import LatencyPredictor
 from ..space import SearchSpace
@@ -21,8 +21,6 @@ def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
     Every file used must match its sha256 in the manifest (with ``verify``); a table or
     predictor made for another space is refused with the reason.
     """
-    from ..artifact import ArtifactError
-
     root = Path(root)
     try:
         manifest = json.loads((root / "manifest.json").read_text())
