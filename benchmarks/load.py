@@ -232,7 +232,8 @@ def main() -> None:
     print(f"server peak resident memory: {peak:.0f} MiB")
     goals = result["rpcs"]
     if FETCH in goals and SEARCH in goals:
-        print(f"goals: cached fetch p99 {goals[FETCH]['p99_ms']} ms (< 50), search p99 {goals[SEARCH]['p99_ms']} ms (< 1000)")
+        print(f"goals: cached fetch p99 {goals[FETCH]['p99_ms']} ms (< 50), "
+              f"search p99 {goals[SEARCH]['p99_ms']} ms (< 1000)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 

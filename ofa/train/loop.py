@@ -275,8 +275,9 @@ class Trainer:
         ckpt = load_checkpoint(self.ckpt_dir) if (resume or only_phase) else None
         if resume and ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        if idx and not resume and (ckpt is None or (ckpt.state["phase_index"], ckpt.state["step_in_phase"]) != (idx, 0)):
-            ckpt = load_checkpoint(self._snapshot_dir(phases[idx - 1])) or ckpt  # the run went further
+        at = (ckpt.state["phase_index"], ckpt.state["step_in_phase"]) if ckpt is not None else None
+        if idx and not resume and at != (idx, 0):  # the run went further: start from the phase-end snapshot
+            ckpt = load_checkpoint(self._snapshot_dir(phases[idx - 1])) or ckpt
         start_phase, start_step, global_step, buffers = 0, 0, 0, {}
         results: dict[str, Any] = {}
         if ckpt is not None:
