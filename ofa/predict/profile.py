@@ -13,6 +13,7 @@ subnet fetched as ONNX runs in deployment.
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -173,6 +174,11 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
             samples[entry.key].append(time_run(runs[entry.key], threads, min_run_time))
             bar.update(1)
     bar.close()
+    # The block runners go before anything is timed end to end: an onnxruntime session
+    # each, whose idle intra-op threads spin after every call, made the subnets timed
+    # below run 1.6x slower than they do alone (measured) and spoiled the correction.
+    runs.clear()
+    gc.collect()
     entries = {k: round(float(np.median(v)), 6) for k, v in samples.items()}
     table = {
         "format": TABLE_FORMAT,
