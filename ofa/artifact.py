@@ -36,7 +36,6 @@ MANIFEST = "manifest.json"
 CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
 
 
-
 @dataclass
 class Artifact:
     path: Path

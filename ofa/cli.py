@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "on one CPU or GPU, or under `torchrun --nproc_per_node N -m ofa train ...`.")
     s.add_argument("--out", required=True, help="artifact folder (checkpoints and metrics.jsonl go there too)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                   help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (35-55 min on 2 CPU cores); "
-                   "cifar10; imagenet: the reference recipe (GPUs). Default: quick")
+                   help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (35-55 min "
+                   "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs). Default: quick")
     s.add_argument("--config", help="JSON file of config keys to override (same keys as --set)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")
