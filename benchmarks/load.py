@@ -153,6 +153,12 @@ def main() -> None:
     p.add_argument("--max-searches", type=int, default=2)
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
+    for name, ok in (("--clients", a.clients >= 1), ("--procs", a.procs >= 1), ("--seconds", a.seconds > 0),
+                     ("--rate", a.rate >= 0), ("--search-share", 0 <= a.search_share <= 1),
+                     ("--max-searches", a.max_searches >= 1)):
+        if not ok:
+            p.error(f"{name} is out of range: clients, procs, max-searches >= 1; seconds > 0; rate >= 0; "
+                    "search-share in [0, 1]")
     procs = max(1, min(a.procs, a.clients))
 
     server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0",
