@@ -11,9 +11,13 @@ Two ways to load the server:
 - closed loop (default, --rate 0): every client calls again as soon as its call returns.
   This finds the capacity; latencies then are queueing (Little's law: clients / rate).
 - open loop (--rate R): calls arrive at R per second in all (Poisson, spread over the
-  clients), as independent pipelines would send them. A call's latency counts from when
-  it was due, so a server that falls behind is charged for the wait (no coordinated
-  omission).
+  clients), as independent pipelines would send them. Each call starts when it is due,
+  on its client's channel, even while that client's previous call is still running;
+  its latency counts from when it was due, so a server that falls behind is charged for
+  the wait (no coordinated omission). With --serial-clients a client makes one call at a
+  time instead, so a call due during the same client's previous call (a 130 ms search,
+  say) waits for it and is charged that wait too: that measures the clients' own
+  queueing as well as the server.
 
 Before loading, one client alone measures what each RPC costs in CPU seconds of the
 server and the client together; with C cores that bounds the closed-loop rate, and the
@@ -22,12 +26,14 @@ deliberate answer beyond --max-searches concurrent searches; a closed-loop clien
 backs off 20-80 ms. Prints p50/p99 per RPC, calls/s, every status seen and the server's
 peak resident memory (VmHWM).
 
-    python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30] [--rate R]
+    python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30] \\
+        [--rate R [--serial-clients]]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
 import multiprocessing as mp
 import os
@@ -85,8 +91,8 @@ def call(c: Client, search: bool, rng: random.Random, job: dict) -> str:
 
 
 def client_process(job: dict, first: int, count: int, queue: mp.Queue, ready, go, start_at) -> None:
-    """``count`` clients as threads; puts (rpc, status, seconds) of every call on ``queue``."""
-    records: list[tuple[str, str, float]] = []
+    """``count`` clients; puts (rpc, status, seconds from due, seconds late to start) of every call on ``queue``."""
+    records: list[tuple[str, str, float, float]] = []
     lock = threading.Lock()
     ready.wait()  # every process has imported grpc: now the parent sets the start
     go.wait()
@@ -94,7 +100,14 @@ def client_process(job: dict, first: int, count: int, queue: mp.Queue, ready, go
     stop = start + job["seconds"]
     per_client = job["rate"] / job["clients"]
 
-    def worker(i: int) -> None:
+    def timed(c: Client, search: bool, rng: random.Random, due: float) -> str:
+        late = time.perf_counter() - due
+        status = call(c, search, rng, job)
+        with lock:
+            records.append(("search" if search else "fetch", status, time.perf_counter() - due, late))
+        return status
+
+    def serial(i: int) -> None:  # closed loop, or --serial-clients: one call at a time per client
         rng = random.Random(i)
         due = start + (rng.expovariate(per_client) if per_client else 0.0)
         with Client(job["address"], timeout=60) as c:
@@ -103,11 +116,7 @@ def client_process(job: dict, first: int, count: int, queue: mp.Queue, ready, go
                     time.sleep(max(0.0, due - time.perf_counter()))
                 else:
                     due = time.perf_counter()
-                search = rng.random() < job["search_share"]
-                status = call(c, search, rng, job)
-                record = ("search" if search else "fetch", status, time.perf_counter() - due)
-                with lock:
-                    records.append(record)
+                status = timed(c, rng.random() < job["search_share"], rng, due)
                 if per_client:
                     due += rng.expovariate(per_client)
                 elif status == "RESOURCE_EXHAUSTED":
@@ -116,12 +125,36 @@ def client_process(job: dict, first: int, count: int, queue: mp.Queue, ready, go
                 else:
                     due = time.perf_counter()
 
+    def independent() -> None:  # open loop: every call starts when due, whatever is still in flight
+        clients = [Client(job["address"], timeout=60) for _ in range(count)]
+        calls = []  # (due, client, search, rng of its own)
+        for k in range(count):
+            rng = random.Random(first + k)
+            due = start + rng.expovariate(per_client)
+            while due < stop:
+                calls.append((due, k, rng.random() < job["search_share"], random.Random(rng.randrange(1 << 30))))
+                due += rng.expovariate(per_client)
+        calls.sort(key=lambda t: t[0])
+        # enough threads that a call never waits for one (the 'late' figure shows it if it does)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4 * count) as pool:
+            futures = []
+            for due, k, search, rng in calls:
+                time.sleep(max(0.0, due - time.perf_counter()))
+                futures.append(pool.submit(timed, clients[k], search, rng, due))
+        for f in futures:
+            f.result()  # a failure of the load generator itself is raised, not lost
+        for c in clients:
+            c.close()
+
     time.sleep(max(0.0, start - time.perf_counter()))
-    threads = [threading.Thread(target=worker, args=(first + k,)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if per_client and not job["serial_clients"]:
+        independent()
+    else:
+        threads = [threading.Thread(target=serial, args=(first + k,)) for k in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     queue.put(records)
 
 
@@ -149,6 +182,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--rate", type=float, default=0.0,
                    help="calls per second offered in all, Poisson (0: closed loop, as fast as answered)")
+    p.add_argument("--serial-clients", action="store_true",
+                   help="open loop: each client waits for its previous call before starting the next")
     p.add_argument("--search-share", type=float, default=0.5, help="share of calls that are searches")
     p.add_argument("--max-searches", type=int, default=2)
     p.add_argument("--json", help="also write the figures here")
@@ -174,12 +209,15 @@ def main() -> None:
                 c.fetch(s, "safetensors")
         lat = [s.predicted_latency_ms for s in front]
         job = {"address": address, "target": a.target, "lo": min(lat), "hi": max(lat), "warm": warm,
-               "clients": a.clients, "seconds": a.seconds, "rate": a.rate, "search_share": a.search_share}
+               "clients": a.clients, "seconds": a.seconds, "rate": a.rate, "search_share": a.search_share,
+               "serial_clients": a.serial_clients}
         alone = cost_alone(address, job, server.pid)
         cores = len(os.sched_getaffinity(0))
         mean_cpu = a.search_share * alone[SEARCH]["cpu_s"] + (1 - a.search_share) * alone[FETCH]["cpu_s"]
         bound = cores / mean_cpu
-        mode = f"open loop, {a.rate:g} calls/s offered" if a.rate else "closed loop"
+        mode = (f"open loop, {a.rate:g} calls/s offered"
+                + (", one call at a time per client" if a.serial_clients else ", calls independent")
+                if a.rate else "closed loop")
         print(f"server {address}; {len(warm)} subnets in the weight cache; latency bounds drawn from "
               f"[{job['lo']:.2f}, {job['hi']:.2f}] ms; {a.clients} clients in {procs} processes for "
               f"{a.seconds:.0f} s, {mode}", flush=True)
@@ -210,11 +248,14 @@ def main() -> None:
 
     times: dict[str, list[float]] = collections.defaultdict(list)
     statuses: collections.Counter = collections.Counter()
-    for kind, status, dt in records:
+    late: dict[str, list[float]] = collections.defaultdict(list)
+    for kind, status, dt, started_late in records:
         statuses[(kind, status)] += 1
+        late[kind].append(started_late)
         if status == "OK":
             times[SEARCH if kind == "search" else FETCH].append(dt)
     result = {"clients": a.clients, "procs": procs, "seconds": wall, "rate_offered": a.rate,
+              "serial_clients": a.serial_clients,
               "max_searches": a.max_searches, "alone": alone, "cpu_bound_per_s": round(bound, 1), "rpcs": {},
               "statuses": {f"{k[0]} {k[1]}": v for k, v in sorted(statuses.items())},
               "server_peak_rss_mb": round(peak, 1)}
@@ -226,6 +267,12 @@ def main() -> None:
         result["rpcs"][name] = row
         print(f"| {name} | {row['ok']} | {row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} | {row['max_ms']} "
               f"| {row['per_s']} |")
+    if a.rate:
+        print("calls started late (after they were due), ms: "
+              + ", ".join(f"{kind} p99 {np.percentile(v, 99) * 1000:.1f} max {max(v) * 1000:.1f}"
+                          for kind, v in sorted(late.items())))
+        result["started_late_ms"] = {kind: {"p99": round(float(np.percentile(v, 99)) * 1000, 1),
+                                            "max": round(max(v) * 1000, 1)} for kind, v in sorted(late.items())}
     total = sum(statuses.values())
     ok = sum(v for k, v in statuses.items() if k[1] == "OK")
     errors = {k: v for k, v in result["statuses"].items() if not k.endswith(" OK") and "RESOURCE_EXHAUSTED" not in k}
