@@ -14,13 +14,23 @@ served, it keeps which validation images each one gets right, then reports
   turned into the τ a predictor that knew the true accuracies would expect.
   It uses the observed differences as the true ones, so it is an upper bound.
 
+With --stored it measures nothing: it reads the subnets ``ofa predictors`` measured
+(``accuracy/measurements.json`` keeps which images each got right) and the stored
+predictor, takes the same held-out subnets (pass the --test-fraction used there), and
+says where the predictor's τ is lost: pairs at different resolutions against pairs at
+the same one, how far apart subnets of one resolution are against the measurement's
+own noise, and the ceiling a larger validation split would give.
+
     python benchmarks/accuracy_noise.py --artifact runs/fashion [--subnets 60] [--json FILE]
+    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored [--test-fraction 0.3]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +38,78 @@ from tqdm import tqdm
 
 from ofa.artifact import load_artifact
 from ofa.evaluate import subnet_correct
-from ofa.predict.accuracy import kendall_tau, tau_ceiling
-from ofa.predict.measure import stratified_archs, validation_set
+from ofa.predict.accuracy import AccuracyPredictor, arch_features, kendall_tau, tau_ceiling
+from ofa.predict.measure import MEASUREMENTS, _split, stratified_archs, unpack_correct, validation_set
+from ofa.space import Arch
+
+
+def stored(root: Path, test_fraction: float) -> dict:
+    """Where the stored predictor's held-out τ goes, from the stored measurements alone."""
+    art = load_artifact(root)
+    m = json.loads((root / MEASUREMENTS).read_text())
+    ids, n_img = sorted(m["subnets"]), m["val_images"]
+    held = _split(ids, test_fraction)
+    ids = [i for i, h in zip(ids, held) if h]
+    archs = [Arch.from_dict(m["subnets"][i]["arch"]) for i in ids]
+    correct = np.stack([unpack_correct(m["subnets"][i]["correct"], n_img) for i in ids]).astype(np.float64)
+    measured = 100 * correct.mean(1)
+    pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes(), art.space)
+    predicted = pred.predict_features(arch_features(art.space, art.space.encode(archs)))
+    res = np.array([a.resolution for a in archs])
+    i, j = np.triu_indices(len(ids), 1)
+    same = res[i] == res[j]
+    agree = np.sign(predicted[i] - predicted[j]) * np.sign(measured[i] - measured[j]) > 0
+    d = correct[i] - correct[j]
+    pair_se = 100 * d.std(1, ddof=1) / np.sqrt(n_img)  # a measured difference's own noise, in points
+    out = {"held_out": len(ids), "images": n_img, "kendall_tau": kendall_tau(predicted, measured),
+           "pairs_across_resolutions": int((~same).sum()), "pairs_within": int(same.sum()),
+           "agree_across": float(agree[~same].mean()) if (~same).any() else None,
+           "agree_within": float(agree[same].mean()) if same.any() else None,
+           "pair_noise_points": float(np.median(pair_se[same])), "within_sd_points": {}}
+    print(f"{len(ids)} held-out subnets (--test-fraction {test_fraction}), {n_img} validation images; "
+          f"predictor τ {out['kendall_tau']:.3f}")
+    print(f"  pairs at different resolutions: {out['pairs_across_resolutions']}, the predictor orders "
+          f"{out['agree_across']:.1%} of them as measured; at the same resolution: {out['pairs_within']}, "
+          f"{out['agree_within']:.1%}")
+    for r in np.unique(res):
+        sd = float(measured[res == r].std(ddof=1))
+        true_sd = float(np.sqrt(max(0.0, sd ** 2 - out["pair_noise_points"] ** 2 / 2)))
+        out["within_sd_points"][int(r)] = {"measured": sd, "true_estimate": true_sd}
+        print(f"  {r} px: {(res == r).sum()} subnets, measured accuracy sd {sd:.2f} points; the measurement's "
+              f"own noise is {out['pair_noise_points'] / np.sqrt(2):.2f} per subnet, so the true sd is about "
+              f"{true_sd:.2f}")
+    sizes = [n_img * k for k in (1, 2, 3, 4, 6, 8, 10)]
+    out["ceiling"] = {n: tau_ceiling(correct, n) for n in sizes}
+    print("  ceiling (τ a predictor of the true accuracies could expect) against a measurement of N images: "
+          + ", ".join(f"{n}: {t:.3f}" for n, t in out["ceiling"].items()))
+    grid = range(n_img, 20 * n_img + 1, n_img // 10 or 1)
+    enough = next((n for n in grid if tau_ceiling(correct, n) >= 0.8), None)
+    out["images_for_ceiling_0.8"] = enough
+    print(f"  the ceiling reaches 0.8 at about {enough} images" if enough else
+          "  the ceiling stays under 0.8 up to 20 times these images")
+
+    # The ceiling takes each observed difference for a true one. A less generous estimate for
+    # pairs of one resolution: true accuracies normal with the sd estimated above, so a true
+    # difference has sd sqrt(2) * sd, and a measurement with paired noise s orders such a pair
+    # right with probability 1/2 + atan(sqrt(2) * sd / s) / pi. Pairs across resolutions, whose
+    # differences are many times their noise, keep the ceiling's terms.
+    def modelled(n: int) -> float:
+        z = np.abs(d.mean(1)) / np.maximum(d.std(1, ddof=1) / np.sqrt(n), 1e-12)
+        terms = np.array([math.erf(v / math.sqrt(2)) for v in z])  # 2 * Phi(z) - 1
+        noise = out["pair_noise_points"] * math.sqrt(n_img / n)
+        for r, sds in out["within_sd_points"].items():
+            pairs = same & (res[i] == r)
+            terms[pairs] = 2 * math.atan(math.sqrt(2) * sds["true_estimate"] / noise) / math.pi
+        return float(terms.mean())
+
+    out["modelled"] = {n: modelled(n) for n in sizes}
+    print("  modelled τ of a predictor of the true accuracies (pairs within a resolution from their estimated "
+          "true sd): " + ", ".join(f"{n}: {t:.3f}" for n, t in out["modelled"].items()))
+    enough = next((n for n in grid if modelled(n) >= 0.8), None)
+    out["images_for_modelled_0.8"] = enough
+    print(f"  which reaches 0.8 at about {enough} images" if enough else
+          "  which stays under 0.8 up to 20 times these images")
+    return out
 
 
 def main() -> None:
@@ -39,7 +119,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
+    p.add_argument("--stored", action="store_true", help="analyse what `ofa predictors` measured; measure nothing")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="with --stored: as given to `ofa predictors`")
     a = p.parse_args()
+    if a.stored:
+        out = stored(Path(a.artifact), a.test_fraction)
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        return
     torch.set_num_threads(a.threads)
     art = load_artifact(a.artifact)
     val, spec = validation_set(art.manifest["training"])

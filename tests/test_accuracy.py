@@ -178,6 +178,9 @@ def test_tau_ceiling_follows_how_distinct_the_measurements_are():
     base = rng.random(n_img) < 0.85
     nested = np.stack([base | (np.arange(n_img) < 10 * i) for i in range(8)])
     assert tau_ceiling(nested) > tau_ceiling(rng.random((8, n_img)) < nested.mean(1)[:, None])
+    # a larger measurement orders close subnets more surely; as many images as given is the default
+    larger = [tau_ceiling(close, k * n_img) for k in (1, 4, 400)]
+    assert tau_ceiling(close) == larger[0] < larger[1] < larger[2]
     hits = rng.random(1001) < 0.5
     assert np.array_equal(unpack_correct(pack_correct(hits), 1001), hits)
     with pytest.raises(ValueError, match="expected 2000"):

@@ -64,20 +64,23 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     return concordant / np.sqrt(n_a * n_b)
 
 
-def tau_ceiling(correct: np.ndarray) -> float:
+def tau_ceiling(correct: np.ndarray, images: int | None = None) -> float:
     """The Kendall τ a predictor of the *true* accuracies could expect against a measurement.
 
     ``correct`` is (subnets, images), which images each subnet got right. For every pair
-    of subnets, the chance that a measurement on another sample of as many images orders
-    the pair as this one does follows from the pair's per-image differences (a normal
-    approximation, paired, so mistakes both make cancel); τ's expectation is the mean of
-    2p - 1 over pairs. The observed differences stand in for the true ones, so this is an
-    upper bound: no predictor scored on such a measurement can expect more.
+    of subnets, the chance that a measurement on another sample of ``images`` images (by
+    default as many as given) orders the pair as this one does follows from the pair's
+    per-image differences (a normal approximation, paired, so mistakes both make cancel);
+    τ's expectation is the mean of 2p - 1 over pairs. The observed differences stand in
+    for the true ones, so this is an upper bound: no predictor scored on such a
+    measurement can expect more.
     """
     c = np.asarray(correct, dtype=np.float64)
     if c.ndim != 2 or len(c) < 2 or c.shape[1] < 2:
         raise ValueError("tau_ceiling needs (subnets >= 2, images >= 2) correctness")
-    n_img = c.shape[1]
+    n_img = c.shape[1] if images is None else images
+    if n_img < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
     i, j = np.triu_indices(len(c), 1)
     agree = np.empty(len(i))
     for start in range(0, len(i), 4096):  # bounded memory: 4096 pairs x images at a time
