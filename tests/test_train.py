@@ -223,6 +223,13 @@ def test_resume_refuses_a_changed_configuration(tiny_data, tmp_path):
         train(changed, tmp_path, resume=True, progress=False)
     with pytest.raises(ConfigError, match="starts from the weights that the 2 phase"):
         train(cfg, tmp_path, only_phase="depth-1", progress=False)
+    index = tmp_path / "checkpoints" / "checkpoint.json"
+    state = json.loads(index.read_text())
+    assert state["trainer_version"] == 2
+    index.write_text(json.dumps({**state, "trainer_version": 1}))  # written when a step averaged the losses
+    with pytest.raises(ConfigError, match=r"trainer version 1 \(the subnets' losses of a step averaged\)"):
+        train(cfg, tmp_path, resume=True, progress=False)
+    index.write_text(json.dumps(state))
     (tmp_path / "checkpoints" / "teacher.safetensors").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="is not the teacher this run's full phase wrote"):
         train(cfg, tmp_path, resume=True, progress=False)

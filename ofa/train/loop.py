@@ -137,6 +137,12 @@ def _check_config(config: TrainConfig) -> None:
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
+# What a training step computes beyond its config. A checkpoint of another version would
+# resume a different computation, so it is refused. 2: the subnets' losses of a step are
+# summed (gradients accumulate, as in the reference); 1: they were averaged.
+TRAINER_VERSION = 2
+_TRAINER_VERSIONS = {1: "the subnets' losses of a step averaged", 2: "the subnets' losses of a step summed"}
+
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "data_dir", "trace",
                       "eval_batch_size"}
 
@@ -281,6 +287,16 @@ class Trainer:
         start_phase, start_step, global_step, buffers = 0, 0, 0, {}
         results: dict[str, Any] = {}
         if ckpt is not None:
+            version = ckpt.state.get("trainer_version")
+            if version is None:  # written before checkpoints said; such steps may have averaged the losses
+                log.warning("the checkpoint in %s does not say which trainer version wrote it; one written "
+                            "before commit 4ff5671 averaged the subnets' losses, and this run sums them",
+                            self.ckpt_dir)
+            elif version != TRAINER_VERSION:
+                raise ConfigError(f"the checkpoint in {self.ckpt_dir} was written by trainer version {version} "
+                                  f"({_TRAINER_VERSIONS.get(version, 'unknown to this one')}); this is version "
+                                  f"{TRAINER_VERSION} ({_TRAINER_VERSIONS[TRAINER_VERSION]}): its steps would "
+                                  f"compute something else; start the run again in another --out")
             diff = _config_differences(ckpt.state.get("config", {}), self.config.to_dict(),
                                        None if resume else idx)
             if diff:
@@ -419,7 +435,7 @@ class Trainer:
         if self.rank == 0:
             state = {"phase_index": phase_index, "step_in_phase": step, "global_step": global_step,
                      "results": results, "config": self.config.to_dict(), "world_size": self.world,
-                     "teacher_sha256": self._teacher_digest}
+                     "teacher_sha256": self._teacher_digest, "trainer_version": TRAINER_VERSION}
             save_checkpoint(folder or self.ckpt_dir, state, self.supernet.state_dict(),
                             self._optimizer_state(opt) if opt is not None else {})
         if self.world > 1:
