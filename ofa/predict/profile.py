@@ -146,9 +146,11 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
                   rounds: int = 3, progress: bool = True, backend: str = "torch") -> dict[str, Any]:
     """Time every distinct block of ``space`` in ``backend`` and return a validated latency table.
 
-    With ``calibrate`` > 0, that many seeded random subnets are also timed end to end
-    and a correction ``scale · sum + offset`` is fitted; it is kept only if it lowers
-    the error on as many other subnets.
+    With ``calibrate`` > 0, the smallest and largest subnet at every resolution and
+    2 · ``calibrate`` seeded random ones are also timed end to end (``rounds`` interleaved
+    passes, median). A correction ``scale · sum + offset`` fitted on the corners and half
+    the random ones is kept only if it lowers the error on the other half; kept, it is
+    fitted again on all of them.
     """
     check_backend(backend, channels_last)
     t0 = time.perf_counter()
@@ -194,18 +196,28 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
         "correction": {"scale": 1.0, "offset_ms": 0.0},
     }
     if calibrate:
-        archs = space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
-        measured = np.array([arch_latency(space, a, batch, threads, channels_last=channels_last, backend=backend)
-                             for a in tqdm(archs, desc="end-to-end", disable=not progress)])
+        # The corners pin both ends of the fitted line; a line fitted on a few random
+        # subnets alone, whose sums span a narrow range, took its slope from their noise.
+        corners = [f(r) for r in space.resolutions for f in (space.smallest, space.largest)]
+        archs = corners + space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
+        torch.manual_seed(seed)
+        e2e = [prepare_run(build_subnet(space, a), (space.in_channels, a.resolution, a.resolution), batch, threads,
+                           channels_last, backend)
+               for a in tqdm(archs, desc="end-to-end: prepare", unit="subnet", disable=not progress)]
+        measured = np.median(interleaved_latencies(e2e, rounds, threads, 0.3, progress), axis=0)
+        e2e.clear()
+        gc.collect()
         ref_ms.append(time_run(ref_run, threads, 0.3))
         raw = LatencyPredictor(space, table).raw(space.encode(archs))
-        fit, check = slice(0, calibrate), slice(calibrate, None)
+        fit, check = slice(0, len(corners) + calibrate), slice(len(corners) + calibrate, None)
         scale, offset = fit_correction(raw[fit], measured[fit])
         err_raw = np.abs(raw[check] / measured[check] - 1).mean()
         err_fit = np.abs((raw[check] * scale + offset) / measured[check] - 1).mean()
         if err_fit < err_raw:
+            scale, offset = fit_correction(raw, measured)  # the form is chosen: every timing now
             table["correction"] = {"scale": round(scale, 6), "offset_ms": round(offset, 6)}
-        table["calibration"] = {"archs": 2 * calibrate, "mean_abs_rel_error_raw": round(float(err_raw), 4),
+        table["calibration"] = {"archs": len(archs), "rounds": rounds,
+                                "mean_abs_rel_error_raw": round(float(err_raw), 4),
                                 "mean_abs_rel_error_corrected": round(float(err_fit), 4),
                                 "kept": bool(err_fit < err_raw)}
     table["reference"] = {"arch": ref_arch.to_dict(), "ms": round(float(np.median(ref_ms)), 6)}
