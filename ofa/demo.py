@@ -66,7 +66,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, space), indent=1, sort_keys=True))
     cal = table.get("calibration") or {}
     log(f"  {len(table['entries'])} blocks timed in {table['profile_seconds']} s"
-        + (f"; end-to-end check on {cal['archs'] // 2} subnets: mean |error| "
+        + (f"; end-to-end check on {cal['checked']} subnets: mean |error| "
            f"{cal['mean_abs_rel_error_corrected' if cal['kept'] else 'mean_abs_rel_error_raw']:.1%}" if cal else ""))
     steps["profile"] = time.perf_counter() - t
 

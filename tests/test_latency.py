@@ -26,6 +26,7 @@ def test_profiling_a_tiny_space_end_to_end(table):
     assert all(v > 0 for v in table["entries"].values())
     assert table["device"]["threads"] == 1 and table["device"]["backend"] == "torch"
     assert table["calibration"]["archs"] == 2 * len(TINY.resolutions) + 6  # corners + 2 x calibrate
+    assert table["calibration"]["checked"] == 3 and table["calibration"]["rounds"] == 3
     ref_arch, ref_ms = LatencyPredictor(TINY, table).reference  # the drift reference, timed end to end
     assert ref_arch.resolution == 16 and ref_ms > 0
     back = json.loads(json.dumps(table))

@@ -220,6 +220,8 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, depth: int, seed: int, m
 FAMILIES: dict[str, Callable[[np.ndarray, np.ndarray, int], tuple[Layers, ...]]] = {
     "ridge-0.3": lambda x, y, s: _fit_ridge(x, y, 0.3, s),
     "ridge-3": lambda x, y, s: _fit_ridge(x, y, 3.0, s),
+    "ridge-10": lambda x, y, s: _fit_ridge(x, y, 10.0, s),   # when the measurements are noisy,
+    "ridge-30": lambda x, y, s: _fit_ridge(x, y, 30.0, s),   # as on fashion, more shrinkage ranks better
     "mlp-3x400": lambda x, y, s: _fit_mlp(x, y, 400, 3, s),          # the reference's predictor
     "mlp-ensemble-5x2x64": lambda x, y, s: _fit_mlp(x, y, 64, 2, s, members=5),
 }
