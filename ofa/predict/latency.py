@@ -7,11 +7,17 @@ A table is JSON (format ``ofa-latency-table``, version 1)::
      "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "torch", "backend_version": ...},
      "entries": {"<block key>": milliseconds, ...},
      "correction": {"scale": 1.0, "offset_ms": 0.0},
-     "reference": {"arch": {...}, "ms": 4.2}}
+     "reference": {"arch": {...}, "ms": 4.2},
+     "calibration": {"archs": 24, "checked": 10, "rounds": 3, "kept": true,
+                     "mean_abs_rel_error_raw": 0.13, "mean_abs_rel_error_corrected": 0.02}}
 
 ``reference`` (optional) is one subnet timed end to end while the table was profiled:
 timing it again later measures how much faster or slower the device runs now, so
 that drift of the device shows up as drift and not as an error of the table.
+``calibration`` (optional, a record only) says how ``correction`` was fitted: on
+``archs`` subnets timed end to end in ``rounds`` interleaved passes, the form chosen by
+its error on ``checked`` of them that the first fit did not see, and whether it was
+``kept`` (otherwise the correction is the identity).
 
 Block keys name everything that decides a block's cost — kind, channels, kernel,
 stride, activation, SE width and input size — so a table covers every resolution and
