@@ -44,6 +44,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
         assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["size_bytes"]
         assert 0 <= s["test_accuracy"] <= 100 and s["measured_latency_ms"] > 0
     assert report["health"] == "SERVING"
+    # --profile-calibrate 0: the reference is the one subnet timed end to end, and was timed again
+    assert report["reference"]["subnets"] == 1 and report["reference"]["ratios"] == [report["reference"]["speed_ratio"]]
     assert set(report["steps_seconds"]) >= {"train", "predictors", "profile", "total"}
     md = (out / "report.md").read_text()
     assert md.count("| `") == 3 and "![Pareto front](pareto.png)" in md

@@ -29,6 +29,10 @@ def test_profiling_a_tiny_space_end_to_end(table):
     assert table["calibration"]["checked"] == 3 and table["calibration"]["rounds"] == 3
     ref_arch, ref_ms = LatencyPredictor(TINY, table).reference  # the drift reference, timed end to end
     assert ref_arch.resolution == 16 and ref_ms > 0
+    # and the corners, timed end to end for the correction, re-timed later with it to measure drift
+    timed = LatencyPredictor(TINY, table).references
+    corners = [f(r) for r in TINY.resolutions for f in (TINY.smallest, TINY.largest)]
+    assert [a for a, _ in timed] == [ref_arch, *corners] and all(ms > 0 for _, ms in timed)
     back = json.loads(json.dumps(table))
     pred = LatencyPredictor(TINY, back)
     archs = TINY.sample(0, n=50)
@@ -71,6 +75,9 @@ def test_prediction_is_the_sum_of_the_arch_blocks(table):
     (lambda t: t["reference"].update(ms=0), "reference must be"),
     (lambda t: t.update(reference={"arch": {}}), "reference must be"),
     (lambda t: t["reference"]["arch"].update(resolution=13), "reference.arch: resolution"),
+    (lambda t: t["references"][0].update(ms=-1), r"references\[0\] must be"),
+    (lambda t: t.update(references={"arch": {}}), "references must be a list"),
+    (lambda t: t["references"][1]["arch"].update(resolution=13), r"references\[1\].arch: resolution"),
 ])
 def test_malformed_tables_are_refused(table, edit, message):
     bad = copy.deepcopy(table)

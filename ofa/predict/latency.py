@@ -8,12 +8,15 @@ A table is JSON (format ``ofa-latency-table``, version 1)::
      "entries": {"<block key>": milliseconds, ...},
      "correction": {"scale": 1.0, "offset_ms": 0.0},
      "reference": {"arch": {...}, "ms": 4.2},
+     "references": [{"arch": {...}, "ms": 1.9}, ...],
      "calibration": {"archs": 24, "checked": 10, "rounds": 3, "kept": true,
                      "mean_abs_rel_error_raw": 0.13, "mean_abs_rel_error_corrected": 0.02}}
 
 ``reference`` (optional) is one subnet timed end to end while the table was profiled:
 timing it again later measures how much faster or slower the device runs now, so
 that drift of the device shows up as drift and not as an error of the table.
+``references`` (optional) are more subnets timed end to end then (the corners of the
+space): one subnet's re-timing is a noisy estimate of drift, their median ratio less so.
 ``calibration`` (optional, a record only) says how ``correction`` was fitted: on
 ``archs`` subnets timed end to end in ``rounds`` interleaved passes, the form chosen by
 its error on ``checked`` of them that the first fit did not see, and whether it was
@@ -111,6 +114,7 @@ def block_plan(space: SearchSpace) -> tuple[dict[str, PlanEntry], dict[int, tupl
 
 
 MAX_ENTRIES = 100_000
+MAX_REFERENCES = 64
 
 
 def _number(value: Any) -> float | None:
@@ -160,22 +164,27 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
             or any(_number(corr[k]) is None for k in corr) or corr["scale"] <= 0):
         raise LatencyTableError("correction must be {\"scale\": number > 0, \"offset_ms\": number}")
     ref = table.get("reference")
-    if ref is not None and (not isinstance(ref, Mapping) or set(ref) != {"arch", "ms"}
-                            or _number(ref["ms"]) is None or ref["ms"] <= 0):
-        raise LatencyTableError("reference must be {\"arch\": an arch object, \"ms\": number > 0}")
+    refs = table.get("references", [])
+    if not isinstance(refs, list) or len(refs) > MAX_REFERENCES:
+        raise LatencyTableError(f"references must be a list of at most {MAX_REFERENCES} "
+                                "{\"arch\": an arch object, \"ms\": number > 0}")
+    timed = ([("reference", ref)] if ref is not None else []) + [(f"references[{i}]", r) for i, r in enumerate(refs)]
+    for name, r in timed:
+        if not isinstance(r, Mapping) or set(r) != {"arch", "ms"} or _number(r["ms"]) is None or r["ms"] <= 0:
+            raise LatencyTableError(f"{name} must be {{\"arch\": an arch object, \"ms\": number > 0}}")
     if space is not None:
         # The space first: a table of another space would otherwise fail on a detail of it.
         if table["space"].get("digest") != space_digest(space):
             raise LatencyTableError(
                 f"the table was profiled for space {table['space'].get('name')!r} with a different "
                 f"definition (digest mismatch); profile this artifact's space {space.name!r}")
-        if ref is not None:
-            from ..space import Arch
+        from ..space import Arch
 
+        for name, r in timed:
             try:
-                space.validate(Arch.from_dict(ref["arch"]))
-            except ValueError as e:
-                raise LatencyTableError(f"reference.arch: {e}") from None
+                space.validate(Arch.from_dict(r["arch"]))
+            except (ValueError, TypeError, KeyError) as e:
+                raise LatencyTableError(f"{name}.arch: {e}") from None
         needed, _, _ = block_plan(space)
         missing = sorted(set(needed) - set(entries))
         if missing:
@@ -208,6 +217,14 @@ class LatencyPredictor:
 
         ref = self.table.get("reference")
         return None if ref is None else (Arch.from_dict(ref["arch"]), float(ref["ms"]))
+
+    @property
+    def references(self) -> list:
+        """[(Arch, ms)] of every subnet timed end to end at profile time: the reference first."""
+        from ..space import Arch
+
+        timed = ([self.table["reference"]] if self.table.get("reference") else []) + self.table.get("references", [])
+        return [(Arch.from_dict(r["arch"]), float(r["ms"])) for r in timed]
 
     def raw(self, codes: np.ndarray) -> np.ndarray:
         """The uncorrected table sum (ms) of each encoded arch."""

@@ -216,6 +216,8 @@ def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int 
         if err_fit < err_raw:
             scale, offset = fit_correction(raw, measured)  # the form is chosen: every timing now
             table["correction"] = {"scale": round(scale, 6), "offset_ms": round(offset, 6)}
+        # the corners again later tell the device's drift, with the reference
+        table["references"] = [{"arch": a.to_dict(), "ms": round(float(m), 6)} for a, m in zip(corners, measured)]
         table["calibration"] = {"archs": len(archs), "checked": calibrate, "rounds": rounds,
                                 "mean_abs_rel_error_raw": round(float(err_raw), 4),
                                 "mean_abs_rel_error_corrected": round(float(err_fit), 4),
