@@ -125,7 +125,7 @@ def main() -> None:
               f"that: within ±10% {np.mean(np.abs(adj) <= 0.10):.0%}, mean |error| {np.abs(adj).mean():.1%}, "
               f"worst {np.abs(adj).max():.1%}")
     if a.plot:
-        plot(measured, predicted, drift, f"{space.name}, {backend}: {within:.0%} within ±10%, ρ={rho:.3f}", a.plot)
+        plot(measured, predicted, drift, f"{space.name}, {backend}\n{within:.0%} within ±10%, ρ={rho:.3f}", a.plot)
     if a.json:
         json.dump({"backend": backend, "within_10pct": within, "spearman": rho, "measured_ms": measured.tolist(),
                    "passes_ms": times.tolist(),
