@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-min-run-time", type=float, default=0.05,
                    help="seconds of timing per block and pass (default 0.05)")
     s.add_argument("--profile-calibrate", type=int, default=10,
-                   help="subnets timed end to end to fit and check the table's correction (default 10)")
+                   help="N: the corners and 2N random subnets are timed end to end to fit the table's "
+                        "correction, N of them to check it; 0: no correction (default 10)")
     s.add_argument("--latency-runs", type=int, default=3,
                    help="interleaved timing runs per served subnet, median kept (default 3)")
     s.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing run (default 0.5)")
@@ -471,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of timing per block and pass (default 0.05)")
     s.add_argument("--rounds", type=int, default=3, help="passes over all blocks, median kept (default 3)")
     s.add_argument("--calibrate", type=int, default=10,
-                   help="time 2N random subnets end to end to fit and check a correction (default 10)")
+                   help="N: time the corners and 2N random subnets end to end (--rounds interleaved passes) "
+                        "to fit a correction, checked on N of them; 0: no correction and no corner "
+                        "references (default 10)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_profile)
