@@ -88,3 +88,21 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert main(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(tmp_path)]) == 2
     assert "ofa predictors" in capsys.readouterr().err
+
+
+def test_the_drift_line_takes_the_median_of_the_reference_subnets():
+    from ofa.report import _checks
+
+    served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
+               "measured_latency_ms": ms, "predicted_latency_ms": 2.0, "drift_adjusted_error": ms / 2.2 - 1}
+              for label, ms in (("tight", 2.3), ("loose", 2.1))]
+    report = {"served": served, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1},
+              "accuracy_predictor": {"family": "ridge-3", "train_samples": 10, "test_samples": 3, "test": {}},
+              "table_check": {}, "val_images": 100,
+              "reference": {"arch_id": "ab12", "profiled_ms": 2.0, "now_ms": 2.6, "subnets": 3,
+                            "ratios": [1.3, 1.1, 1.09], "speed_ratio": 1.1}}
+    accuracy, latency = _checks(report)
+    assert accuracy == ["Accuracy: 2 of 2 served subnets measured within 1 point of the prediction on the test split."]
+    drift = latency[-1]
+    assert "the 3 subnets the table timed end to end run ×1.300, ×1.100, ×1.090 now, median ×1.100" in drift
+    assert "2.000 ms when profiled and 2.600 ms now" in drift and "(2 of 2 within 10%)" in drift
