@@ -46,6 +46,8 @@ from ofa.space import Arch
 def stored(root: Path, test_fraction: float) -> dict:
     """Where the stored predictor's held-out τ goes, from the stored measurements alone."""
     art = load_artifact(root)
+    if not (root / MEASUREMENTS).exists():
+        raise SystemExit(f"{root / MEASUREMENTS} is missing: run `ofa predictors --artifact {root}` first")
     m = json.loads((root / MEASUREMENTS).read_text())
     ids, n_img = sorted(m["subnets"]), m["val_images"]
     held = _split(ids, test_fraction)
@@ -122,6 +124,8 @@ def main() -> None:
     p.add_argument("--stored", action="store_true", help="analyse what `ofa predictors` measured; measure nothing")
     p.add_argument("--test-fraction", type=float, default=0.2, help="with --stored: as given to `ofa predictors`")
     a = p.parse_args()
+    if not 0 < a.test_fraction < 1:
+        p.error(f"--test-fraction must be in (0, 1), got {a.test_fraction}")
     if a.stored:
         out = stored(Path(a.artifact), a.test_fraction)
         if a.json:

@@ -181,6 +181,8 @@ def test_tau_ceiling_follows_how_distinct_the_measurements_are():
     # a larger measurement orders close subnets more surely; as many images as given is the default
     larger = [tau_ceiling(close, k * n_img) for k in (1, 4, 400)]
     assert tau_ceiling(close) == larger[0] < larger[1] < larger[2]
+    with pytest.raises(ValueError, match="images must be >= 1, got 0"):
+        tau_ceiling(close, 0)
     hits = rng.random(1001) < 0.5
     assert np.array_equal(unpack_correct(pack_correct(hits), 1001), hits)
     with pytest.raises(ValueError, match="expected 2000"):

@@ -136,13 +136,13 @@ def _check_config(config: TrainConfig) -> None:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
 
 
-# Keys that may change between a run and its resumption without changing what it computes.
 # What a training step computes beyond its config. A checkpoint of another version would
 # resume a different computation, so it is refused. 2: the subnets' losses of a step are
 # summed (gradients accumulate, as in the reference); 1: they were averaged.
 TRAINER_VERSION = 2
 _TRAINER_VERSIONS = {1: "the subnets' losses of a step averaged", 2: "the subnets' losses of a step summed"}
 
+# Keys that may change between a run and its resumption without changing what it computes.
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "data_dir", "trace",
                       "eval_batch_size"}
 
