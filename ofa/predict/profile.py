@@ -34,7 +34,7 @@ from ..subnet import Head, InvertedResidual, build_subnet, export_onnx, make_ste
 from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
                       iter_plan, space_digest)
 
-__all__ = ["BACKENDS", "arch_latency", "backend_version", "check_backend", "interleaved_latencies",
+__all__ = ["BACKENDS", "backend_version", "check_backend", "interleaved_latencies",
            "measure_latency", "prepare_run", "profile_space", "reference_arch", "table_run_settings", "time_run"]
 
 BACKENDS = ("torch", "onnxruntime")
@@ -130,15 +130,6 @@ def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, thr
 def reference_arch(space: SearchSpace) -> Arch:
     """The subnet a table times end to end as its speed reference: a fixed middle one at the top resolution."""
     return space.sample(20201, resolution=max(space.resolutions))
-
-
-def arch_latency(space: SearchSpace, arch: Arch, batch: int = 1, threads: int = 2,
-                 min_run_time: float = 0.3, channels_last: bool = False, backend: str = "torch") -> float:
-    """End-to-end latency (ms) of the static subnet of ``arch`` (weights do not matter)."""
-    torch.manual_seed(0)
-    net = build_subnet(space, arch)
-    return measure_latency(net, (space.in_channels, arch.resolution, arch.resolution), batch, threads,
-                           min_run_time, channels_last, backend)
 
 
 def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int = 1, seed: int = 0,
