@@ -21,8 +21,17 @@ says where the predictor's τ is lost: pairs at different resolutions against pa
 the same one, how far apart subnets of one resolution are against the measurement's
 own noise, and the ceiling a larger validation split would give.
 
+With --stored --test-split it also measures those held-out subnets on the dataset's
+test split (images nothing was fitted or chosen on; served as usual), and scores the
+same stored predictor against the test measurement, against validation and test pooled,
+and against random subsets of the pooled images of growing size: the predictor stays
+fixed, only the measurement's size changes, so this checks the modelled τ-vs-images
+curve above against measurements. --test-cache FILE keeps those measurements.
+
     python benchmarks/accuracy_noise.py --artifact runs/fashion [--subnets 60] [--json FILE]
     python benchmarks/accuracy_noise.py --artifact runs/fashion --stored [--test-fraction 0.3]
+    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored --test-fraction 0.3 \
+        --test-split [--test-cache FILE]
 """
 from __future__ import annotations
 
@@ -37,13 +46,15 @@ import torch
 from tqdm import tqdm
 
 from ofa.artifact import load_artifact
+from ofa.data import load_dataset
 from ofa.evaluate import subnet_correct
 from ofa.predict.accuracy import AccuracyPredictor, arch_features, kendall_tau, tau_ceiling
-from ofa.predict.measure import MEASUREMENTS, _split, stratified_archs, unpack_correct, validation_set
+from ofa.predict.measure import (MEASUREMENTS, _split, pack_correct, stratified_archs, unpack_correct,
+                                 validation_set)
 from ofa.space import Arch
 
 
-def stored(root: Path, test_fraction: float) -> dict:
+def stored(root: Path, test_fraction: float, test_split: bool = False, test_cache: str | None = None) -> dict:
     """Where the stored predictor's held-out τ goes, from the stored measurements alone."""
     art = load_artifact(root)
     if not (root / MEASUREMENTS).exists():
@@ -92,16 +103,26 @@ def stored(root: Path, test_fraction: float) -> dict:
 
     # The ceiling takes each observed difference for a true one. A less generous estimate for
     # pairs of one resolution: true accuracies normal with the sd estimated above, so a true
-    # difference has sd sqrt(2) * sd, and a measurement with paired noise s orders such a pair
-    # right with probability 1/2 + atan(sqrt(2) * sd / s) / pi. Pairs across resolutions, whose
-    # differences are many times their noise, keep the ceiling's terms.
-    def modelled(n: int) -> float:
-        z = np.abs(d.mean(1)) / np.maximum(d.std(1, ddof=1) / np.sqrt(n), 1e-12)
-        terms = np.array([math.erf(v / math.sqrt(2)) for v in z])  # 2 * Phi(z) - 1
-        noise = out["pair_noise_points"] * math.sqrt(n_img / n)
+    # difference D has variance 2 sd^2, and measurements X1 = D + e1, X2 = D + e2 with
+    # independent paired noise of variance s1^2, s2^2 agree in sign with expectation
+    # (2/pi) asin(corr(X1, X2)) (Sheppard); the truth itself is X2 with s2 = 0, which gives
+    # (2/pi) atan(sqrt(2) sd / s1). Pairs across resolutions, whose differences are many
+    # times their noise, keep the ceiling's terms (a product of two for two measurements).
+    def modelled(n: int, n2: int | None = None) -> float:
+        """τ a perfect predictor expects against an n-image measurement, or (n2) two measurements' τ."""
+        def across(m: int | None) -> np.ndarray:
+            if m is None:
+                return np.ones(len(i))
+            z = np.abs(d.mean(1)) / np.maximum(d.std(1, ddof=1) / np.sqrt(m), 1e-12)
+            return np.array([math.erf(v / math.sqrt(2)) for v in z])  # 2 * Phi(z) - 1
+
+        terms = across(n) * across(n2)
+        var = [(out["pair_noise_points"] ** 2 * n_img / m if m else 0.0) for m in (n, n2)]
         for r, sds in out["within_sd_points"].items():
             pairs = same & (res[i] == r)
-            terms[pairs] = 2 * math.atan(math.sqrt(2) * sds["true_estimate"] / noise) / math.pi
+            true = 2 * sds["true_estimate"] ** 2  # variance of a true difference
+            corr = true / max(math.sqrt((true + var[0]) * (true + var[1])), 1e-12)
+            terms[pairs] = 2 * math.asin(min(1.0, corr)) / math.pi
         return float(terms.mean())
 
     out["modelled"] = {n: modelled(n) for n in sizes}
@@ -111,6 +132,60 @@ def stored(root: Path, test_fraction: float) -> dict:
     out["images_for_modelled_0.8"] = enough
     print(f"  which reaches 0.8 at about {enough} images" if enough else
           "  which stays under 0.8 up to 20 times these images")
+    if test_split:
+        test = test_correct(art, root, ids, archs, test_cache)
+        out["test_split"] = against_more_images(predicted, correct, test, modelled)
+        out["test_split"]["test_vs_validation_modelled"] = modelled(n_img, test.shape[1])
+        print(f"  the model above expects the two measurements' τ against each other to be "
+              f"{out['test_split']['test_vs_validation_modelled']:.3f}")
+    return out
+
+
+def test_correct(art, root: Path, ids: list[str], archs: list[Arch], cache: str | None) -> np.ndarray:
+    """(subnets, test images) correctness of ``archs`` on the test split, served as usual; cached by arch id."""
+    training = art.manifest["training"]
+    test, spec = load_dataset(training["dataset"], training.get("data_dir") or None, False,
+                              training.get("image_size", 224))
+    known = {}
+    if cache and Path(cache).exists():
+        kept = json.loads(Path(cache).read_text())
+        if kept.get("artifact") == art.digest and kept.get("images") == len(test):
+            known = kept["subnets"]
+    todo = [(i, arch) for i, arch in zip(ids, archs) if i not in known]
+    t = time.perf_counter()
+    for i, arch in tqdm(todo, desc="held-out subnets on the test split", unit="subnet"):
+        known[i] = pack_correct(subnet_correct(art.supernet, arch, art.calibration, test, spec).numpy())
+    if cache:
+        Path(cache).write_text(json.dumps({"artifact": art.digest, "images": len(test), "subnets": known}))
+    print(f"  {len(todo)} measured on the {len(test)}-image test split in {time.perf_counter() - t:.0f} s, "
+          f"{len(ids) - len(todo)} from {cache}")
+    return np.stack([unpack_correct(known[i], len(test)) for i in ids]).astype(np.float64)
+
+
+def against_more_images(predicted: np.ndarray, val: np.ndarray, test: np.ndarray, modelled) -> dict:
+    """The fixed predictor's τ against measurements of growing size: test, pooled, random subsets."""
+    pooled = np.concatenate([val, test], axis=1)
+    out = {"validation_images": val.shape[1], "test_images": test.shape[1],
+           "tau_validation": kendall_tau(predicted, 100 * val.mean(1)),
+           "tau_test": kendall_tau(predicted, 100 * test.mean(1)),
+           "tau_pooled": kendall_tau(predicted, 100 * pooled.mean(1)),
+           "test_vs_validation_measured": kendall_tau(100 * val.mean(1), 100 * test.mean(1))}
+    print(f"  the same predictor against the test split ({test.shape[1]} images): τ {out['tau_test']:.3f}; "
+          f"against validation and test pooled ({pooled.shape[1]}): τ {out['tau_pooled']:.3f} "
+          f"(validation alone: {out['tau_validation']:.3f}); the two measurements against each other: "
+          f"τ {out['test_vs_validation_measured']:.3f}")
+    rng = np.random.default_rng(0)
+    n_all = pooled.shape[1]
+    sizes = sorted({n for n in (n_all // 6, n_all // 3, n_all // 2, 2 * n_all // 3, 5 * n_all // 6, n_all)})
+    out["curve"] = []
+    for n in sizes:
+        draws = [kendall_tau(predicted, pooled[:, rng.permutation(n_all)[:n]].mean(1)) for _ in range(1 if n == n_all else 30)]
+        row = {"images": n, "tau_median": float(np.median(draws)), "tau_p10": float(np.percentile(draws, 10)),
+               "tau_p90": float(np.percentile(draws, 90)), "modelled_perfect": modelled(n)}
+        out["curve"].append(row)
+        print(f"  {n:>6} pooled images (median of {len(draws)} random draws): predictor τ {row['tau_median']:.3f} "
+              f"(10-90%: {row['tau_p10']:.3f}-{row['tau_p90']:.3f}); modelled for a perfect predictor "
+              f"{row['modelled_perfect']:.3f}")
     return out
 
 
@@ -123,11 +198,17 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--stored", action="store_true", help="analyse what `ofa predictors` measured; measure nothing")
     p.add_argument("--test-fraction", type=float, default=0.2, help="with --stored: as given to `ofa predictors`")
+    p.add_argument("--test-split", action="store_true",
+                   help="with --stored: also measure the held-out subnets on the test split (report only)")
+    p.add_argument("--test-cache", help="with --test-split: JSON file that keeps those measurements")
     a = p.parse_args()
     if not 0 < a.test_fraction < 1:
         p.error(f"--test-fraction must be in (0, 1), got {a.test_fraction}")
+    if a.test_split and not a.stored:
+        p.error("--test-split needs --stored (it measures the held-out subnets `ofa predictors` kept)")
     if a.stored:
-        out = stored(Path(a.artifact), a.test_fraction)
+        torch.set_num_threads(a.threads)
+        out = stored(Path(a.artifact), a.test_fraction, a.test_split, a.test_cache)
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=1))
         return
