@@ -148,9 +148,14 @@ def test_correct(art, root: Path, ids: list[str], archs: list[Arch], cache: str 
                               training.get("image_size", 224))
     known = {}
     if cache and Path(cache).exists():
-        kept = json.loads(Path(cache).read_text())
-        if kept.get("artifact") == art.digest and kept.get("images") == len(test):
+        try:
+            kept = json.loads(Path(cache).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--test-cache {cache} is not a cache this script wrote ({e}); move it away") from None
+        if isinstance(kept, dict) and kept.get("artifact") == art.digest and kept.get("images") == len(test):
             known = kept["subnets"]
+        else:
+            print(f"  --test-cache {cache} holds another artifact's or split's measurements: measuring anew")
     todo = [(i, arch) for i, arch in zip(ids, archs) if i not in known]
     t = time.perf_counter()
     for i, arch in tqdm(todo, desc="held-out subnets on the test split", unit="subnet"):
