@@ -30,8 +30,7 @@ curve above against measurements. --test-cache FILE keeps those measurements.
 
     python benchmarks/accuracy_noise.py --artifact runs/fashion [--subnets 60] [--json FILE]
     python benchmarks/accuracy_noise.py --artifact runs/fashion --stored [--test-fraction 0.3]
-    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored --test-fraction 0.3 \
-        --test-split [--test-cache FILE]
+    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored --test-split [--test-cache FILE]
 """
 from __future__ import annotations
 
@@ -133,7 +132,7 @@ def stored(root: Path, test_fraction: float, test_split: bool = False, test_cach
     print(f"  which reaches 0.8 at about {enough} images" if enough else
           "  which stays under 0.8 up to 20 times these images")
     if test_split:
-        test = test_correct(art, root, ids, archs, test_cache)
+        test = test_correct(art, ids, archs, test_cache)
         out["test_split"] = against_more_images(predicted, correct, test, modelled)
         out["test_split"]["test_vs_validation_modelled"] = modelled(n_img, test.shape[1])
         print(f"  the model above expects the two measurements' τ against each other to be "
@@ -141,7 +140,7 @@ def stored(root: Path, test_fraction: float, test_split: bool = False, test_cach
     return out
 
 
-def test_correct(art, root: Path, ids: list[str], archs: list[Arch], cache: str | None) -> np.ndarray:
+def test_correct(art, ids: list[str], archs: list[Arch], cache: str | None) -> np.ndarray:
     """(subnets, test images) correctness of ``archs`` on the test split, served as usual; cached by arch id."""
     training = art.manifest["training"]
     test, spec = load_dataset(training["dataset"], training.get("data_dir") or None, False,
@@ -162,8 +161,8 @@ def test_correct(art, root: Path, ids: list[str], archs: list[Arch], cache: str 
         known[i] = pack_correct(subnet_correct(art.supernet, arch, art.calibration, test, spec).numpy())
     if cache:
         Path(cache).write_text(json.dumps({"artifact": art.digest, "images": len(test), "subnets": known}))
-    print(f"  {len(todo)} measured on the {len(test)}-image test split in {time.perf_counter() - t:.0f} s, "
-          f"{len(ids) - len(todo)} from {cache}")
+    print(f"  {len(todo)} measured on the {len(test)}-image test split in {time.perf_counter() - t:.0f} s"
+          + (f", {len(ids) - len(todo)} from {cache}" if len(todo) < len(ids) else ""))
     return np.stack([unpack_correct(known[i], len(test)) for i in ids]).astype(np.float64)
 
 
@@ -184,7 +183,8 @@ def against_more_images(predicted: np.ndarray, val: np.ndarray, test: np.ndarray
     sizes = sorted({n for n in (n_all // 6, n_all // 3, n_all // 2, 2 * n_all // 3, 5 * n_all // 6, n_all)})
     out["curve"] = []
     for n in sizes:
-        draws = [kendall_tau(predicted, pooled[:, rng.permutation(n_all)[:n]].mean(1)) for _ in range(1 if n == n_all else 30)]
+        draws = [kendall_tau(predicted, pooled[:, rng.permutation(n_all)[:n]].mean(1))
+                 for _ in range(1 if n == n_all else 30)]
         row = {"images": n, "tau_median": float(np.median(draws)), "tau_p10": float(np.percentile(draws, 10)),
                "tau_p90": float(np.percentile(draws, 90)), "modelled_perfect": modelled(n)}
         out["curve"].append(row)
@@ -201,7 +201,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
-    p.add_argument("--stored", action="store_true", help="analyse what `ofa predictors` measured; measure nothing")
+    p.add_argument("--stored", action="store_true",
+                   help="analyse what `ofa predictors` measured; measure nothing (but see --test-split)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="with --stored: as given to `ofa predictors`")
     p.add_argument("--test-split", action="store_true",
                    help="with --stored: also measure the held-out subnets on the test split (report only)")
