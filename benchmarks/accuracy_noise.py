@@ -30,7 +30,7 @@ curve above against measurements. --test-cache FILE keeps those measurements.
 
     python benchmarks/accuracy_noise.py --artifact runs/fashion [--subnets 60] [--json FILE]
     python benchmarks/accuracy_noise.py --artifact runs/fashion --stored [--test-fraction 0.3]
-    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored --test-split [--test-cache FILE]
+    python benchmarks/accuracy_noise.py --artifact runs/fashion --stored --test-fraction 0.3 --test-split
 """
 from __future__ import annotations
 
