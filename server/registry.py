@@ -111,7 +111,7 @@ class Registry:
             if cached is None or cached[0] != mtime:
                 try:
                     table = validate_table(json.loads(path.read_text()), sn.artifact.space)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, RecursionError) as e:
                     log.warning("ignoring target file %s: %s", path, e)
                     continue
                 cached = (mtime, table)
@@ -141,6 +141,8 @@ class Registry:
             table = json.loads(table_json)
         except ValueError as e:
             raise LatencyTableError(f"table_json is not valid JSON: {e}") from None
+        except RecursionError:
+            raise LatencyTableError("table_json nests too deeply to be a latency table") from None
         table = validate_table(table, sn.artifact.space)
         name = table["target"]
         if name in sn.artifact_targets:

@@ -124,6 +124,11 @@ def test_register_target_validates_persists_and_is_searchable(client, artifact, 
         client.register_target({**table, "space": {"name": "x", "digest": "0" * 64}})
     with pytest.raises(InvalidArgument, match="entries lack"):
         client.register_target({**table, "entries": dict(list(table["entries"].items())[:5])})
+    with pytest.raises(InvalidArgument, match="device.threads must be an integer in 1..1024"):
+        client.register_target({**table, "target": "phone-y", "device": {"threads": "four"}})
+    with pytest.raises(InvalidArgument, match="nests too deeply"):
+        client.register_target('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert "phone-y" not in [x["name"] for x in client.targets()]  # refused tables are not kept
     # another replica reading the same targets folder answers alike
     replica = Registry([str(artifact)], str(server.service.registry.targets_dir))
     assert "phone-x" in replica.known_targets(replica.supernets["tiny"])

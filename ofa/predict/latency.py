@@ -12,6 +12,10 @@ A table is JSON (format ``ofa-latency-table``, version 1)::
      "calibration": {"archs": 24, "checked": 10, "rounds": 3, "kept": true,
                      "mean_abs_rel_error_raw": 0.13, "mean_abs_rel_error_corrected": 0.02}}
 
+Every entry is a time > 0. ``device`` describes where the table was profiled; the
+fields shown (and ``memory_format``: "nchw" | "channels_last", ``rounds``,
+``min_run_time_s``) are optional, but typed when present: strings of at most 200
+characters, ``threads`` 1..1024, ``batch`` 1..65536.
 ``reference`` (optional) is one subnet timed end to end while the table was profiled:
 timing it again later measures how much faster or slower the device runs now, so
 that drift of the device shows up as drift and not as an error of the table.
@@ -33,7 +37,7 @@ import hashlib
 import math
 import platform
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -137,6 +141,42 @@ def check_target_name(target: Any) -> str:
     return target
 
 
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 200
+
+
+def _count(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+# The optional fields of ``device`` and ``calibration``: name -> (check, what is allowed).
+# Other keys are kept as they are; these are read by the server and the reports.
+_DEVICE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "cpu": (_text, "a string of at most 200 characters"),
+    "backend": (_text, "a string of at most 200 characters"),
+    "backend_version": (_text, "a string of at most 200 characters"),
+    "threads": (_count(1, 1024), "an integer in 1..1024"),
+    "batch": (_count(1, 65536), "an integer in 1..65536"),
+    "memory_format": (lambda v: v in ("nchw", "channels_last"), "'nchw' or 'channels_last'"),
+    "rounds": (_count(1, 10_000), "an integer in 1..10000"),
+    "min_run_time_s": (lambda v: _number(v) is not None and v > 0, "a number > 0"),
+}
+_CALIBRATION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "archs": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "checked": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "rounds": (_count(0, 10_000), "an integer in 0..10000"),
+    "kept": (lambda v: isinstance(v, bool), "true or false"),
+    "mean_abs_rel_error_raw": (lambda v: _number(v) is not None and v >= 0, "a number >= 0"),
+    "mean_abs_rel_error_corrected": (lambda v: _number(v) is not None and v >= 0, "a number >= 0"),
+}
+
+
+def _check_fields(name: str, obj: Mapping[str, Any], fields: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for key, (ok, allowed) in fields.items():
+        if key in obj and not ok(obj[key]):
+            raise LatencyTableError(f"{name}.{key} must be {allowed}, got {str(obj[key])[:40]!r}")
+
+
 def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, Any]:
     """Check a table's structure (and, given a space, that it covers the space); return it."""
     if not isinstance(table, Mapping):
@@ -149,6 +189,11 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     for key in ("space", "device"):
         if not isinstance(table.get(key), Mapping):
             raise LatencyTableError(f"{key} must be an object")
+    _check_fields("device", table["device"], _DEVICE_FIELDS)
+    if table.get("calibration") is not None:
+        if not isinstance(table["calibration"], Mapping):
+            raise LatencyTableError("calibration must be an object (a record of how correction was fitted)")
+        _check_fields("calibration", table["calibration"], _CALIBRATION_FIELDS)
     entries = table.get("entries")
     if not isinstance(entries, Mapping) or not entries:
         raise LatencyTableError("entries must be a non-empty object of block key -> milliseconds")
@@ -157,8 +202,8 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     for k, v in entries.items():
         if not isinstance(k, str) or len(k) > 200:
             raise LatencyTableError(f"entry keys must be strings of at most 200 characters, got {str(k)[:40]!r}")
-        if _number(v) is None or v < 0:
-            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds >= 0, got {v!r}")
+        if _number(v) is None or v <= 0:
+            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds > 0, got {v!r}")
     corr = table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
     if (not isinstance(corr, Mapping) or set(corr) != {"scale", "offset_ms"}
             or any(_number(corr[k]) is None for k in corr) or corr["scale"] <= 0):
