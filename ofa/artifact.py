@@ -34,6 +34,7 @@ __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_arti
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
+WEIGHT_DEPENDENT = ("accuracy_predictor.safetensors", "accuracy/")  # made from the weights: invalid after new ones
 
 
 @dataclass
@@ -60,12 +61,12 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
     out.mkdir(parents=True, exist_ok=True)
     space = supernet.space
-    old_files: dict[str, str] = {}
+    old: dict[str, Any] = {}
     if (out / MANIFEST).exists():  # tables profiled earlier stay listed
         try:
-            old_files = json.loads((out / MANIFEST).read_text()).get("files", {})
+            old = json.loads((out / MANIFEST).read_text())
         except ValueError:
-            old_files = {}
+            old = {}
     files = {
         "space.json": space.to_json(),
         "data.json": json.dumps(data.to_dict(), sort_keys=True),
@@ -78,7 +79,12 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     digests = {n: sha256_file(out / n) for n in CORE_FILES}
     # The identity covers what decides the served weights; tables added later do not change it.
     identity = _identity(digests)
-    digests.update({n: d for n, d in old_files.items() if n not in CORE_FILES and (out / n).exists()})
+    # Latency tables depend on the space only and stay; the accuracy predictor and its
+    # measurements describe the old weights, so new weights drop them from the manifest.
+    kept = {n: d for n, d in (old.get("files") or {}).items() if n not in CORE_FILES and (out / n).exists()}
+    if old.get("digest") != identity:
+        kept = {n: d for n, d in kept.items() if not n.startswith(WEIGHT_DEPENDENT)}
+    digests.update(kept)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ofa.artifact import load_artifact
+from conftest import synthetic_table
+from ofa._io import ArtifactError
+from ofa.artifact import add_file, load_artifact, write_artifact
 from ofa.calibrate import calibrate_bn
 from ofa.predict.accuracy import (AccuracyPredictor, PredictorError, arch_features, fit_family, kendall_tau,
                                   select_and_fit, tau_ceiling)
@@ -14,6 +16,7 @@ from ofa.predict.cost import CostModel
 from ofa.predict.latency import space_digest
 from ofa.predict.measure import (MEASUREMENTS, build_accuracy_predictor, pack_correct, stratified_archs,
                                  unpack_correct)
+from ofa.search.load import load_scorer
 from ofa.space import get_space
 from ofa.supernet import extract
 
@@ -164,6 +167,21 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     assert main(["info", "--artifact", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["accuracy_predictor"]
     assert info["train_samples"] + info["test_samples"] == len(after) and "kendall_tau" in info["test"]
+
+    # new weights written into the same folder (a retrain) drop what was made from the old ones
+    add_file(root, "latency/x.json", "{}")
+    art = load_artifact(root)
+    with torch.no_grad():
+        next(art.supernet.parameters()).add_(1.0)
+    write_artifact(root, art.supernet, art.data, art.calibration, art.manifest["training"], art.manifest["metrics"])
+    files = load_artifact(root).manifest["files"]
+    assert "latency/x.json" in files  # a table depends on the space only
+    assert not [f for f in files if f.startswith(("accuracy_predictor", "accuracy/"))]
+    # and the old predictor put back by hand is refused, with the way out
+    add_file(root, "latency/x.json", json.dumps(synthetic_table(art.space)))
+    add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
+    with pytest.raises(ArtifactError, match=r"fitted on the subnets of artifact .*run `ofa predictors --artifact"):
+        load_scorer(root)
 
 
 def test_tau_ceiling_follows_how_distinct_the_measurements_are():

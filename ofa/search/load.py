@@ -38,6 +38,11 @@ def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
     accuracy = None
     if ACCURACY_PREDICTOR in files:
         accuracy = AccuracyPredictor.from_bytes(read(ACCURACY_PREDICTOR), space, str(root / ACCURACY_PREDICTOR))
+        fitted_on = accuracy.info.get("artifact")
+        if fitted_on is not None and fitted_on != manifest.get("digest"):
+            raise ArtifactError(f"{root / ACCURACY_PREDICTOR} was fitted on the subnets of artifact "
+                                f"{str(fitted_on)[:12]}, not this one ({str(manifest.get('digest'))[:12]}): run "
+                                f"`ofa predictors --artifact {root}` to fit it on these weights")
     latency = {}
     for name in sorted(files):
         if name.startswith("latency/") and name.endswith(".json"):
