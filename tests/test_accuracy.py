@@ -99,6 +99,19 @@ def test_predictor_round_trips_without_pickle_and_refuses_bad_files():
     from safetensors.numpy import save
     with pytest.raises(PredictorError, match="format must be"):
         AccuracyPredictor.from_bytes(save({"a": np.zeros(1, np.float32)}, metadata={"ofa": "{}"}))
+    import dataclasses
+
+    w, b = pred.members[0][0]
+    for bad, message in [
+        (dataclasses.replace(pred, members=()), "at least one member"),
+        (dataclasses.replace(pred, base=float("nan")), "must be finite"),
+        (dataclasses.replace(pred, members=(((w * np.inf, b),) + pred.members[0][1:],)), "must be finite"),
+        (dataclasses.replace(pred, members=((pred.members[0][0], (np.ones((3, 1)), np.ones(1))),)),
+         "do not chain"),
+        (dataclasses.replace(pred, members=((pred.members[0][0],),)), "one output"),
+    ]:
+        with pytest.raises(PredictorError, match=message):
+            AccuracyPredictor.from_bytes(bad.to_bytes(), SPACE)
 
 
 def test_scoring_ten_thousand_archs_is_one_numpy_call():

@@ -161,11 +161,19 @@ class AccuracyPredictor:
                        dict(meta.get("info", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise PredictorError(f"{where}: incomplete predictor ({e})") from None
+        if not members or not all(members):
+            raise PredictorError(f"{where}: layers must list at least one member, each of at least one layer; "
+                                 f"got {meta['layers']!r}")
+        if not math.isfinite(pred.base) or not all(np.isfinite(t).all() for layers in members
+                                                   for layer in layers for t in layer):
+            raise PredictorError(f"{where}: base and every weight must be finite numbers")
         for layers in members:
-            for (w, b), (w2, _) in zip(layers, layers[1:] + ((np.zeros((1, 1)), None),)):
-                if w.ndim != 2 or b.shape != (w.shape[1],) or (w2.shape[0] != w.shape[1] and w2.size > 1):
+            width = None  # each layer's input width is the previous layer's output width
+            for w, b in layers:
+                if w.ndim != 2 or b.shape != (w.shape[1],) or width not in (None, w.shape[0]):
                     raise PredictorError(f"{where}: layer shapes do not chain")
-            if layers[-1][0].shape[1] != 1:
+                width = w.shape[1]
+            if width != 1:
                 raise PredictorError(f"{where}: the last layer must have one output")
         if space is not None:
             from .latency import space_digest
