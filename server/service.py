@@ -168,6 +168,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @_handled
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
         sn, target, constraints, settings = self._search_inputs(request, front=False)
+        v.check_work(settings)
         with self._slot(self._searches, "searches"):
             result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target),
                                    (constraints, target, settings), lambda: not context.is_active())
@@ -178,6 +179,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
         sn, target, constraints, settings = self._search_inputs(request, front=True)
         points = v.points_of(request.points)
+        v.check_work(settings, points)
         t0 = time.perf_counter()
         with self._slot(self._searches, "searches"):
             front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target),

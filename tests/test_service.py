@@ -147,6 +147,9 @@ def test_bad_requests_get_the_right_status(client, server):
         client.search(resolutions=[32])
     with pytest.raises(InvalidArgument, match="options.population must be in 2..1000"):
         client.search(population=5000)
+    with pytest.raises(InvalidArgument, match=r"population x options.generations x points must be at most "
+                                              r"5,000,000, got 1000 x 2000 x 50 = 100,000,000"):
+        client.pareto(points=50, population=1000, generations=2000)
     with pytest.raises(InvalidArgument, match="arch: "):
         client.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28})
     with pytest.raises(NotFound, match="subnet 0123456789abcdef is not known"):
