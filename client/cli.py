@@ -7,6 +7,7 @@ slow (retry), 6 not authenticated, 7 download failed verification.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -78,6 +79,7 @@ def _pareto(c: Client, args: argparse.Namespace) -> int:
 def _fetch(c: Client, args: argparse.Namespace) -> int:
     if bool(args.id) == bool(args.arch):
         raise ClientError("USAGE", "give exactly one of --id or --arch")
+    # --arch: an arch, or a search result (`search --json`), which also names the supernet
     subnet = args.id or json.loads(Path(args.arch[1:]).read_text() if args.arch.startswith("@") else args.arch)
     w = c.fetch(subnet, args.format)
     w.save(args.out)
@@ -133,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     p.add_argument("--ca-cert", help="use TLS trusting this PEM root certificate")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (also after the command)")
+    # --json after the command too; SUPPRESS keeps a --json given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
     def constraint_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--target", help="hardware target (see `ofa-client targets`)")
@@ -146,30 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--population", type=int, default=0, help="0: the server's default")
         s.add_argument("--generations", type=int, default=0, help="0: the server's default")
 
-    s = sub.add_parser("search", help="the most accurate subnet meeting the constraints")
+    s = add_parser("search", help="the most accurate subnet meeting the constraints")
     constraint_args(s)
     s.add_argument("--min-accuracy", type=float, help="instead: the fastest subnet at least this accurate")
     s.set_defaults(func=_search)
-    s = sub.add_parser("pareto", help="the accuracy-latency front")
+    s = add_parser("pareto", help="the accuracy-latency front")
     constraint_args(s)
     s.add_argument("--points", type=int, default=10)
     s.add_argument("--plot", help="write the front as a PNG (needs matplotlib)")
     s.set_defaults(func=_pareto)
-    s = sub.add_parser("fetch", help="download a subnet's weights, verified by sha256")
+    s = add_parser("fetch", help="download a subnet's weights, verified by sha256")
     s.add_argument("--id", help="subnet id from search or pareto")
-    s.add_argument("--arch", help="arch as JSON, or @FILE")
+    s.add_argument("--arch", help="arch as JSON, or @FILE; a search result (`search --json`) also works, "
+                   "and unlike --id any replica can answer it")
     s.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torchscript"])
     s.add_argument("--out", required=True)
     s.set_defaults(func=_fetch)
-    s = sub.add_parser("targets", help="the hardware targets of the supernet")
+    s = add_parser("targets", help="the hardware targets of the supernet")
     s.set_defaults(func=_targets)
-    s = sub.add_parser("supernets", help="what the server holds")
+    s = add_parser("supernets", help="what the server holds")
     s.set_defaults(func=_supernets)
-    s = sub.add_parser("register", help="upload a latency table made by `ofa profile` as a new target")
+    s = add_parser("register", help="upload a latency table made by `ofa profile` as a new target")
     s.add_argument("table", help="the table's JSON file")
     s.add_argument("--replace", action="store_true")
     s.set_defaults(func=_register)
-    s = sub.add_parser("health", help="SERVING or not (exit 0 when serving)")
+    s = add_parser("health", help="SERVING or not (exit 0 when serving)")
     s.set_defaults(func=_health)
     return p
 

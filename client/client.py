@@ -90,6 +90,22 @@ def _arch_dict(a: pb.Arch) -> dict[str, Any]:
     return {"kernel": list(a.kernel), "expand": list(a.expand), "depth": list(a.depth), "resolution": a.resolution}
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pb_arch(arch: Any) -> pb.Arch:
+    """An arch dict as the message; a wrong shape is a ValueError naming the field (the server checks the values)."""
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"arch must be an object with kernel, expand, depth and resolution, got {type(arch).__name__}")
+    for key in ("kernel", "expand", "depth"):
+        if not isinstance(arch.get(key), (list, tuple)) or not all(_int(x) for x in arch[key]):
+            raise ValueError(f"arch.{key} must be a list of integers, got {arch.get(key)!r}"[:200])
+    if not _int(arch.get("resolution")):
+        raise ValueError(f"arch.resolution must be an integer, got {arch.get('resolution')!r}"[:200])
+    return pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"], resolution=arch["resolution"])
+
+
 @dataclass(frozen=True)
 class SubnetInfo:
     id: str
@@ -242,18 +258,24 @@ class Client:
 
     def fetch(self, subnet: str | SubnetInfo | Mapping[str, Any], format: str = "safetensors",
               supernet: str | None = None, timeout: float | None = None) -> Weights:
-        """Download a subnet's weights (by id, by a search result, or by an arch dict), verified by sha256."""
+        """Download a subnet's weights, verified by sha256.
+
+        ``subnet``: an id (known to the server that found it), a search result, its
+        ``to_dict()`` (what ``ofa-client search --json`` prints), or an arch dict. All but
+        the id carry the arch, so any replica can answer, also after a restart.
+        """
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        if isinstance(subnet, Mapping) and "arch" in subnet:  # a search result as a dict
+            text = {k: v for k, v in subnet.items() if k in ("id", "supernet", "target") and isinstance(v, str)}
+            subnet = SubnetInfo(**{**dict.fromkeys(SubnetInfo.__dataclass_fields__), **text, "arch": subnet["arch"]})
         req = pb.GetSubnetWeightsRequest(supernet=supernet or (subnet.supernet if isinstance(subnet, SubnetInfo)
-                                                                  else self.supernet), format=FORMATS[format])
+                                                                  else None) or self.supernet, format=FORMATS[format])
         if isinstance(subnet, str):
             req.subnet_id = subnet
         else:
-            arch = subnet.arch if isinstance(subnet, SubnetInfo) else subnet
-            req.arch.CopyFrom(pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"],
-                                      resolution=arch["resolution"]))
-            if isinstance(subnet, SubnetInfo):
+            req.arch.CopyFrom(_pb_arch(subnet.arch if isinstance(subnet, SubnetInfo) else subnet))
+            if isinstance(subnet, SubnetInfo) and subnet.id:
                 req.subnet_id = subnet.id
         try:
             stream = self._stub.GetSubnetWeights(req, timeout=timeout or self.timeout, metadata=self._metadata)

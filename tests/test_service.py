@@ -265,6 +265,28 @@ sys.exit(main(["--address", "127.0.0.1:{server.port}", "--json", "search", "--ma
     assert "below the smallest achievable" in proc.stderr
 
 
+def test_the_cli_pipeline_search_json_then_fetch_the_result(server, tmp_path, capsys):
+    from ofa_client.cli import main
+
+    address = ["--address", f"127.0.0.1:{server.port}"]
+    assert main([*address, "search", "--target", TARGET, "--max-latency-ms", "3", "--json"]) == 0  # --json after
+    found = tmp_path / "best.json"
+    found.write_text(capsys.readouterr().out)
+    # the search result itself is the --arch: it carries the arch, so any replica can answer
+    assert main([*address, "--json", "fetch", "--arch", f"@{found}", "--format", "onnx", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
+    fetched = json.loads(capsys.readouterr().out)
+    assert fetched["subnet_id"] == json.loads(found.read_text())["id"] and (tmp_path / "m.onnx").stat().st_size > 1000
+    assert main([*address, "pareto", "--points", "2", "--json"]) == 0
+    (tmp_path / "front.json").write_text(capsys.readouterr().out)
+    for arch, message in [(f"@{tmp_path / 'front.json'}", "arch must be an object"),
+                          ('{"kernel": "3,5", "expand": [3], "depth": [2], "resolution": 24}',
+                           "arch.kernel must be a list of integers"),
+                          ('{"kernel": [3], "expand": [3], "depth": [2]}', "arch.resolution must be an integer")]:
+        assert main([*address, "fetch", "--arch", arch, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artifact):
     proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
