@@ -125,6 +125,16 @@ def _health(c: Client, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 5
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**64-1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ofa-client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-macs", type=int)
         s.add_argument("--max-params", type=int)
         s.add_argument("--resolution", type=int, action="append", help="allowed resolution (repeatable)")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=_seed, default=0, help="same seed, same answer (default 0)")
         s.add_argument("--population", type=int, default=0, help="0: the server's default")
         s.add_argument("--generations", type=int, default=0, help="0: the server's default")
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
-__all__ = ["ArtifactError", "atomic_save_tensors", "atomic_write_text", "sha256_file"]
+__all__ = ["ArtifactError", "atomic_create_text", "atomic_save_tensors", "atomic_write_text", "sha256_file"]
 
 
 class ArtifactError(ValueError):
@@ -21,6 +22,20 @@ def atomic_write_text(path: Path, text: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_create_text(path: Path, text: str) -> None:
+    """Like :func:`atomic_write_text`, but FileExistsError if ``path`` exists (also against other processes)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic, and refuses an existing name
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ofa._io import atomic_write_text
+from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import Artifact, load_artifact
 from ofa.predict.latency import LatencyTableError, space_digest, validate_table
 from ofa.search import Scorer
@@ -149,15 +149,19 @@ class Registry:
             raise TargetExists(f"target {name!r} ships with the supernet and cannot be replaced; "
                                f"register the table under another target name")
         folder = self._folder(sn)
+        taken = TargetExists(f"target {name!r} is already registered; set replace to overwrite it")
         with self._lock:
-            exists = (folder / f"{name}.json").exists() if folder else (sn.digest16, name) in self._memory_tables
-            if exists and not replace:
-                raise TargetExists(f"target {name!r} is already registered; set replace to overwrite it")
             if folder is None:
+                if (sn.digest16, name) in self._memory_tables and not replace:
+                    raise taken
                 self._memory_tables[(sn.digest16, name)] = table
             else:
                 folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(folder / f"{name}.json", json.dumps(table, sort_keys=True))
+                text = json.dumps(table, sort_keys=True)
+                try:  # without replace, creating the file is the check: replicas may share the folder
+                    (atomic_write_text if replace else atomic_create_text)(folder / f"{name}.json", text)
+                except FileExistsError:
+                    raise taken from None
         log.info("registered target %s for %s%s", name, sn.name, f" in {folder}" if folder else " (in memory)")
         return table
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -214,9 +215,10 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             arch=pb.Arch(kernel=arch.kernel, expand=arch.expand, depth=arch.depth, resolution=arch.resolution),
             input_shape=[1, data.channels, arch.resolution, arch.resolution], mean=data.mean, std=data.std,
             supernet_digest=sn.artifact.digest, calibration_images=payload.calibration_images)
-        return [pb.GetSubnetWeightsResponse(header=header)] + [
-            pb.GetSubnetWeightsResponse(chunk=payload.data[i : i + CHUNK_BYTES])
-            for i in range(0, len(payload.data), CHUNK_BYTES)]
+        # the chunks are cut as they are sent: a list of them would hold a second copy of the payload
+        chunks = (pb.GetSubnetWeightsResponse(chunk=payload.data[i : i + CHUNK_BYTES])
+                  for i in range(0, len(payload.data), CHUNK_BYTES))
+        return itertools.chain([pb.GetSubnetWeightsResponse(header=header)], chunks)
 
     def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
         # all checks and the build happen before the first message, so every refusal is a clean status

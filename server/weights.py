@@ -174,10 +174,13 @@ class WeightsCache:
             item = self.get(key)
             if item is not None:
                 return item
-            item = build()
+            try:
+                item = build()
+            finally:  # built or failed, nobody waits on this key's lock any more
+                with self._lock:
+                    self._building.pop(key, None)
             with self._lock:
                 self.misses += 1
-                self._building.pop(key, None)
                 if len(item.data) <= self.max_bytes:
                     self._items[key] = item
                     self._bytes += len(item.data)

@@ -25,7 +25,8 @@ from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotF
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from ofa_server.main import Server
-from ofa_server.registry import Registry
+from ofa_server.registry import Registry, TargetExists
+from ofa_server.weights import WeightsCache
 
 TARGET = "synthetic-cpu"
 
@@ -132,6 +133,19 @@ def test_register_target_validates_persists_and_is_searchable(client, artifact, 
     # another replica reading the same targets folder answers alike
     replica = Registry([str(artifact)], str(server.service.registry.targets_dir))
     assert "phone-x" in replica.known_targets(replica.supernets["tiny"])
+    with pytest.raises(TargetExists, match="already registered"):  # creating the shared file is the check
+        replica.register(replica.supernets["tiny"], json.dumps(table), replace=False)
+
+
+def test_a_failed_weight_build_leaves_nothing_behind():
+    cache = WeightsCache(1 << 20)
+
+    def fail():
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        cache.get_or_build(("a", "b", "onnx"), fail)
+    assert cache._building == {} and cache.get(("a", "b", "onnx")) is None
 
 
 def test_bad_requests_get_the_right_status(client, server):
