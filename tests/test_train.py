@@ -175,6 +175,18 @@ def test_bad_config_values_are_refused(assignment, message, tiny_data, tmp_path)
         load_config("quick", None, [assignment])
 
 
+@pytest.mark.parametrize("assignments, message", [
+    (["momentum=0"], "nesterov needs momentum > 0"),
+    (["momentum=7"], r"momentum must be in \[0, 1\), got 7.0"),
+    (["image_size=0"], "image_size must be >= 1"),
+    (["phases.full.warmup_epochs=9"], r"phases.full.warmup_epochs must be <= its epochs"),
+])
+def test_values_the_optimiser_or_schedule_cannot_use_are_refused_before_any_work(assignments, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(load_config("quick", None, assignments), tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_config_file_and_presets(tmp_path):
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps({"batch_size": 64, "phases": {"full": {"epochs": 2}}}))

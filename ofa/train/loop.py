@@ -121,6 +121,9 @@ def _check_config(config: TrainConfig) -> None:
             raise ConfigError(f"phases.{p.name}: epochs and lr must be > 0, got {p.epochs} and {p.lr}")
         if p.subnets_per_step < 1:
             raise ConfigError(f"phases.{p.name}.subnets_per_step must be >= 1, got {p.subnets_per_step}")
+        if p.warmup_epochs > p.epochs:
+            raise ConfigError(f"phases.{p.name}.warmup_epochs must be <= its epochs ({p.epochs}), "
+                              f"got {p.warmup_epochs}")
         if config.sandwich and p.subnets_per_step < 2 and p.name != config.phases[0].name:
             raise ConfigError(f"phases.{p.name}: the sandwich rule needs subnets_per_step >= 2")
         phase_space(get_space(config.space), p)  # choices outside the space fail now, not hours later
@@ -134,6 +137,12 @@ def _check_config(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if not 0 <= config.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError("nesterov needs momentum > 0: set momentum in (0, 1) or nesterov=false")
+    if config.image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {config.image_size}")
 
 
 # What a training step computes beyond its config. A checkpoint of another version would
