@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="artifact folder (checkpoints and metrics.jsonl go there too)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (35-55 min "
-                   "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs). Default: quick")
+                   "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs; its ImageFolder data is held "
+                   "in memory, ~150 KB an image at 224 px). Default: quick")
     s.add_argument("--config", help="JSON file of config keys to override (same keys as --set)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phase", help="run only this phase (full, kernel, depth-1, depth-2, expand-1, expand-2), from "
                    "the checkpoint the phase before it left (kept in checkpoints/after-PHASE/); its "
                    "settings and later phases' may differ from that run's")
-    s.add_argument("--dataset", help="fashion-mnist (default), cifar10 or imagefolder")
+    s.add_argument("--dataset", help="fashion-mnist, cifar10 or imagefolder (default: the preset's)")
     s.add_argument("--data-dir", dest="data_dir", help="where the dataset lies (default: Debian's Fashion-MNIST)")
     s.add_argument("--space", help="search space (default mbv3-small-images; see `ofa spaces`)")
     s.add_argument("--seed", type=int)

@@ -33,16 +33,31 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     from .report import render_markdown, run_report
     from .train import load_config, train
 
+    # every bad value fails here, before any work (step 4 starts after ~10 minutes)
     check_target_name(target)
+    profile = {"rounds": 3, "min_run_time": 0.05, "calibrate": 10, **(profile or {})}
+    if samples < 10 or budgets < 1 or latency_runs < 1 or not min_run_time > 0:
+        raise ValueError(f"--samples must be >= 10, --budgets and --latency-runs >= 1 and --min-run-time > 0; "
+                         f"got {samples}, {budgets}, {latency_runs} and {min_run_time}")
+    if profile["rounds"] < 1 or not profile["min_run_time"] > 0 or profile["calibrate"] < 0:
+        raise ValueError(f"--profile-rounds must be >= 1, --profile-min-run-time > 0 and --profile-calibrate >= 0; "
+                         f"got {profile['rounds']}, {profile['min_run_time']} and {profile['calibrate']}")
     out = Path(out)
     art_dir = out / "supernet"
-    config = load_config(preset, None, list(assignments))  # bad keys fail here, before any work
+    config = load_config(preset, None, list(assignments))
     steps: dict[str, float] = {}
     t_all = time.perf_counter()
 
     log(f"[1/5] train the {preset!r} supernet into {art_dir}")
     t = time.perf_counter()
     if (art_dir / "manifest.json").exists():
+        from .train.loop import _config_differences
+
+        trained = json.loads((art_dir / "manifest.json").read_text()).get("training", {})
+        diff = _config_differences(trained, json.loads(json.dumps(config.to_dict())))
+        if diff:
+            raise ValueError(f"{art_dir} was trained with different values of {diff} than --preset {preset} "
+                             f"and --set give; use another --out, or delete {art_dir} to train it again")
         log("  already trained: reusing it (delete the folder to train again)")
     else:
         resume = (art_dir / "checkpoints" / "checkpoint.json").exists()
@@ -62,7 +77,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     log(f"[3/5] profile this machine as target {target!r}")
     t = time.perf_counter()
     space = load_artifact(art_dir).space
-    table = profile_space(space, target, progress=progress, **(profile or {}))
+    table = profile_space(space, target, progress=progress, **profile)
     add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, space), indent=1, sort_keys=True))
     cal = table.get("calibration") or {}
     log(f"  {len(table['entries'])} blocks timed in {table['profile_seconds']} s"

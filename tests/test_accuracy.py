@@ -155,6 +155,10 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
 
     root = tmp_path / "art"
     shutil.copytree(tiny_artifact, root)
+    # too few to fit and hold out: refused before anything is measured (the split goes by arch id)
+    with pytest.raises(ValueError, match=r"--samples 10 with --test-fraction 0.5 gives \d+ subnets to fit"):
+        build_accuracy_predictor(root, samples=10, test_fraction=0.5, progress=False, log=lambda s: None)
+    assert not (root / MEASUREMENTS).exists()
     report = build_accuracy_predictor(root, samples=14, test_fraction=0.3, progress=False, log=lambda s: None,
                                       families=["ridge-0.3", "ridge-3"])
     art = load_artifact(root)  # every file still matches the manifest

@@ -57,6 +57,17 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
               "--profile-min-run-time", "0.001", "--profile-calibrate", "0", *_FAST_TIMING], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already trained: reusing it" in r.stdout
+    # other training settings into the same folder are refused, not served from the old supernet
+    r = _run(["demo", "--out", str(out), *sets, "--set", "seed=5", *_FAST_TIMING], tmp_path)
+    assert r.returncode == 2 and "trained with different values of ['seed']" in r.stderr, r.stderr[-3000:]
+
+
+def test_demo_refuses_bad_numbers_before_any_work(tmp_path, capsys):
+    for flag, value in (("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "0"),
+                        ("--profile-min-run-time", "0")):
+        assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_report_with_a_baseline(tiny_artifact, tmp_path):

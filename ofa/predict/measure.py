@@ -94,6 +94,9 @@ def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.T
     return out
 
 
+MIN_FIT = 10  # subnets to fit on: select_and_fit's 5 folds of at least 2
+
+
 def _split(ids: Sequence[str], test_fraction: float) -> np.ndarray:
     """True for the held-out ids: decided by each id alone, so the split is stable as samples grow."""
     return np.array([int(i[:8], 16) % 10_000 < test_fraction * 10_000 for i in ids], dtype=bool)
@@ -137,8 +140,12 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     def save(measured: dict[str, dict[str, Any]]) -> None:
         add_file(root, MEASUREMENTS, json.dumps({**header, "subnets": measured}, sort_keys=True, indent=0))
 
-    t0 = time.perf_counter()
     archs = stratified_archs(art.space, samples, seed)
+    held = _split(sorted(set(known) | {a.id for a in archs}), test_fraction)
+    if (~held).sum() < MIN_FIT or held.sum() < 2:  # known before measuring: the split goes by arch id
+        raise ValueError(f"--samples {samples} with --test-fraction {test_fraction} gives {(~held).sum()} subnets "
+                         f"to fit and {held.sum()} to hold out; at least {MIN_FIT} and 2 are needed: raise --samples")
+    t0 = time.perf_counter()
     measured = measure_accuracies(art.supernet, archs, calib, val, spec, known, progress, save)
     save(measured)
     measure_s = time.perf_counter() - t0
