@@ -366,7 +366,7 @@ class Trainer:
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         self.supernet.train()
         t_phase = t_last = time.perf_counter()
-        n_last, loss_sum = 0, 0.0
+        n_last, n_steps, loss_sum = 0, 0, 0.0  # since the last metrics line (or the resume)
         for step in range(start, total):
             epoch, b = divmod(step, self.steps_per_epoch)
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
@@ -396,15 +396,20 @@ class Trainer:
             global_step += 1
             loss_sum += loss.item() / len(archs)  # logged per subnet, comparable across phases
             n_last += len(idx)
+            n_steps += 1
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 dt = time.perf_counter() - t_last
+                mean_loss = loss_sum / n_steps
+                if self.world > 1:  # every rank logs at the same steps: the mean over the global batch
+                    mean = torch.tensor([mean_loss], device=self.device)
+                    dist.all_reduce(mean)
+                    mean_loss = mean.item() / self.world
                 record = {"phase": phase.name, "step": step + 1, "steps": total, "epoch": round((step + 1) / self.steps_per_epoch, 3),
-                          "loss": loss_sum / max(1, (step % cfg.log_every) + 1), "lr": lr,
-                          "img_per_s": n_last * self.world / dt, "global_step": global_step}
+                          "loss": mean_loss, "lr": lr, "img_per_s": n_last * self.world / dt, "global_step": global_step}
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
                 self._log(record)
-                t_last, n_last, loss_sum = time.perf_counter(), 0, 0.0
+                t_last, n_last, n_steps, loss_sum = time.perf_counter(), 0, 0, 0.0
             if global_step % cfg.checkpoint_every == 0 and step + 1 < total:
                 self._checkpoint(pi, step + 1, global_step, opt, results)
         bar.close()
