@@ -40,7 +40,8 @@ class InvalidArgument(ClientError):
 
 
 class Infeasible(ClientError):
-    """No subnet meets the constraints; the message gives the smallest achievable value."""
+    """FAILED_PRECONDITION: no subnet meets the constraints (the message gives the smallest achievable
+    value), or the supernet is served without an accuracy predictor (the message says so)."""
     exit_code = 3
 
 
