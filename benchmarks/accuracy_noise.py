@@ -27,11 +27,11 @@ same stored predictor against the test measurement, against validation and test 
 and against random subsets of the pooled images of growing size: the predictor stays
 fixed, only the measurement's size changes, so this checks the modelled τ-vs-images
 curve above against measurements. --test-cache FILE keeps those measurements. It also
-scores what the search does with the predictor: under MACs budgets (deciles of the
-held-out subnets' MACs), the test accuracy of the subnet the predictor ranks first,
-against the best test accuracy within the budget, and the same for three other ways
-to choose: measure every candidate on validation, take the largest MACs that fit, pick
-at random.
+scores what the search does with the predictor: under budgets of MACs and of each
+latency target's predicted latency (deciles over the held-out subnets), the test
+accuracy of the subnet the predictor ranks first, against the best test accuracy within
+the budget, and the same for three other ways to choose: measure every candidate on
+validation, take the costliest that fits, pick at random.
 
     python benchmarks/accuracy_noise.py --artifact runs/fashion [--subnets 60] [--json FILE]
     python benchmarks/accuracy_noise.py --artifact runs/fashion --stored [--test-fraction 0.3]
@@ -56,6 +56,7 @@ from ofa.predict.accuracy import AccuracyPredictor, arch_features, kendall_tau, 
 from ofa.predict.cost import CostModel
 from ofa.predict.measure import (MEASUREMENTS, _split, pack_correct, stratified_archs, unpack_correct,
                                  validation_set)
+from ofa.search.load import load_scorer
 from ofa.space import Arch
 
 
@@ -143,8 +144,13 @@ def stored(root: Path, test_fraction: float, test_split: bool = False, test_cach
         out["test_split"]["test_vs_validation_modelled"] = modelled(n_img, test.shape[1])
         print(f"  the model above expects the two measurements' τ against each other to be "
               f"{out['test_split']['test_vs_validation_modelled']:.3f}")
-        macs, _ = CostModel(art.space).of(archs)
-        out["test_split"]["choice_under_budget"] = choice_under_budget(predicted, measured, 100 * test.mean(1), macs)
+        costs = {"MACs": CostModel(art.space).of(archs)[0].astype(np.float64)}
+        scorer = load_scorer(root)
+        for target in sorted(scorer.latency):
+            costs[f"predicted latency on {target}"] = scorer.latency[target](art.space.encode(archs))
+        out["test_split"]["choice_under_budget"] = {
+            name: choice_under_budget(predicted, measured, 100 * test.mean(1), cost, name)
+            for name, cost in costs.items()}
     return out
 
 
@@ -203,30 +209,30 @@ def against_more_images(predicted: np.ndarray, val: np.ndarray, test: np.ndarray
 
 
 def choice_under_budget(predicted: np.ndarray, validation: np.ndarray, test: np.ndarray,
-                        macs: np.ndarray) -> dict:
-    """Points of test accuracy lost to the best subnet within each MACs budget, per way of choosing.
+                        cost: np.ndarray, name: str) -> dict:
+    """Points of test accuracy lost to the best subnet within each budget of ``cost``, per way of choosing.
 
     The test measurement is the judge: neither the predictor nor the validation choice saw
     it. Its own noise also lifts the best within a budget, so even a perfect choice loses
     some points here; choosing by the validation measurement shows that floor.
     """
-    budgets = np.quantile(macs, np.linspace(0.1, 1.0, 10))
-    ways = {"predictor": predicted, "validation": validation, "largest": macs.astype(np.float64)}
+    budgets = np.quantile(cost, np.linspace(0.1, 1.0, 10))
+    ways = {"predictor": predicted, "validation": validation, "largest": cost}
     lost = {k: [] for k in (*ways, "random")}
     for b in budgets:
-        fits = macs <= b
+        fits = cost <= b
         best = test[fits].max()
         for k, score in ways.items():
             lost[k].append(float(best - test[fits][np.argmax(score[fits])]))
         lost["random"].append(float(best - test[fits].mean()))
-    out = {"budgets_macs": [int(b) for b in budgets], "candidates": [int((macs <= b).sum()) for b in budgets],
+    out = {"budgets": [float(b) for b in budgets], "candidates": [int((cost <= b).sum()) for b in budgets],
            "points_lost": lost, "mean_points_lost": {k: float(np.mean(v)) for k, v in lost.items()}}
-    print(f"  choosing under a MACs budget (10 budgets, deciles of the held-out subnets' MACs, "
+    print(f"  choosing under a budget of {name} (10 budgets, its deciles over the held-out subnets, "
           f"{out['candidates'][0]}-{out['candidates'][-1]} candidates): test accuracy lost to the best within the "
           f"budget, mean over budgets")
-    for k, name in (("predictor", "the predictor's first choice"), ("validation", "measure each on validation"),
-                    ("largest", "the largest MACs that fit"), ("random", "at random (expected)")):
-        print(f"    {name:<30} {out['mean_points_lost'][k]:.2f} points  ("
+    for k, way in (("predictor", "the predictor's first choice"), ("validation", "measure each on validation"),
+                   ("largest", "the costliest that fits"), ("random", "at random (expected)")):
+        print(f"    {way:<30} {out['mean_points_lost'][k]:.2f} points  ("
               + " ".join(f"{v:.2f}" for v in lost[k]) + ")")
     return out
 
