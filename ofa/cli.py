@@ -535,9 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safetensors import SafetensorError
-
     from .search import Infeasible
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # a device that only profiles needs torch, numpy and tqdm alone
+        SafetensorError = ValueError
 
     args = build_parser().parse_args(argv)
     try:
