@@ -211,16 +211,24 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     epochs = baseline_epochs or sum(p["epochs"] for p in training["phases"])
     (out / "subnets").mkdir(parents=True, exist_ok=True)
 
+    refs = LatencyPredictor(art.space, table).references
+    ref_modules = [build_subnet(art.space, arch) for arch, _ in refs]
+    ref_shapes = [(art.data.channels, arch.resolution, arch.resolution) for arch, _ in refs]
     base_rows: list[dict[str, Any]] = []
     if baselines:
         log(f"baselines: torchvision mobilenet_v3_small x{', x'.join(f'{w:g}' for w in baselines)}, "
             f"from scratch, {epochs:g} epochs at {max(art.space.resolutions)} px")
         base_rows = _train_baselines(art, baselines, epochs, out, data_dir, progress, log)
         shape = (art.data.channels, base_rows[0]["resolution"], base_rows[0]["resolution"])
-        for row, lat in zip(base_rows, _latencies([r["module"] for r in base_rows], [shape] * len(base_rows),
-                                                  timing)):
-            row["latency_ms"] = lat
+        # timed with the reference subnets: a baseline's time, divided by how much slower the
+        # machine runs now than when the table was profiled, is a budget in the table's units
+        lats = _latencies([r["module"] for r in base_rows] + ref_modules,
+                          [shape] * len(base_rows) + ref_shapes, timing)
+        speed = float(np.median([n / ms for n, (_, ms) in zip(lats[len(base_rows):], refs)])) if refs else 1.0
+        for row, lat in zip(base_rows, lats):
+            row["budget_ms"] = round(lat / speed, 3)
             row["macs"] = count_macs_params(row["module"], shape)[0]
+            row["shape"] = shape
 
     log(f"serving {artifact} (server log: {out / 'server.log'})")
     t_serve = time.perf_counter()
@@ -230,7 +238,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         front = ofa_client(server.address, "pareto", "--target", target, "--points", "10", log=log)
         spread = ([(f"budget-{i + 1}", float(b)) for i, b in enumerate(budget_ms)] if budget_ms else
                   budgets_from_front([s["predicted_latency_ms"] for s in front], budgets))
-        plan = spread + [(f"={r['name']}", round(r["latency_ms"], 3)) for r in base_rows]
+        plan = spread + [(f"={r['name']}", r["budget_ms"]) for r in base_rows]
         served, unmet = [], []
         for label, budget in plan:
             try:
@@ -263,13 +271,14 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         s["val_accuracy"] = round(accuracy(m, val, spec, res), 3)
     shapes = [(spec.channels, s["arch"]["resolution"], s["arch"]["resolution"]) for s in served]
     reference = None
-    refs = LatencyPredictor(art.space, table).references
-    for arch, _ in refs:  # timed with the served subnets: how fast the machine runs now vs when profiled
-        modules.append(build_subnet(art.space, arch))
-        shapes.append((spec.channels, arch.resolution, arch.resolution))
-    lats = _latencies(modules, shapes, timing)
+    # timed with the served subnets: the references (how fast the machine runs now vs when
+    # profiled) and the baselines (so that "at equal latency" compares one run's times)
+    lats = _latencies(modules + ref_modules + [r["module"] for r in base_rows],
+                      shapes + ref_shapes + [r.pop("shape") for r in base_rows], timing)
+    for row, lat in zip(base_rows, lats[len(served) + len(refs):]):
+        row["latency_ms"] = round(lat, 4)
     if refs:
-        now = lats[len(served):]
+        now = lats[len(served) : len(served) + len(refs)]
         ratios = [n / ms for n, (_, ms) in zip(now, refs)]
         reference = {"arch_id": refs[0][0].id, "profiled_ms": refs[0][1], "now_ms": round(now[0], 4),
                      "subnets": len(refs), "ratios": [round(r, 4) for r in ratios],
@@ -372,7 +381,7 @@ def table_rows(report: dict[str, Any]) -> list[str]:
                      f"| {s['search_seconds']:.2f} s |")
         if bases:
             named = [b for b in bases if s["label"] == "=" + b["name"]]  # the baseline whose latency this is
-            fits = named or [b for b in bases if b["latency_ms"] <= s["budget_ms"]]
+            fits = named or [b for b in bases if b["budget_ms"] <= s["budget_ms"]]
             b = max(fits, key=lambda b: b["test_accuracy"]) if fits else min(bases, key=lambda b: b["latency_ms"])
             note = "" if fits else " (none fits: fastest)"
             lines.append(f"| ↳ baseline | | {b['name']}{note} | {b['resolution']} | — | {b['test_accuracy']:.2f}% | "
@@ -414,8 +423,10 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         parts += [f"Baselines: torchvision `mobilenet_v3_small` as shipped (grey input conv), trained from scratch "
                   f"on the same training split for {report['baseline_epochs']:g} epochs (all phases of the "
                   "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
-                  "measured the same way. Budgets named `=…` are a baseline's measured latency, so that "
-                  "baseline and subnet meet at equal latency.", ""]
+                  "measured the same way. Budgets named `=…` are a baseline's measured latency in the table's "
+                  "units (divided by how much slower the machine ran than when the table was profiled, from the "
+                  "reference subnets timed with it), so that baseline and subnet meet at equal latency; the "
+                  "latencies compared below come from one interleaved timing of both.", ""]
         for u in report.get("unmet") or []:
             parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
                          f"predicted to be this fast ({u['reason']}).")
@@ -423,8 +434,10 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
             if s["label"].startswith("="):
                 b = next(b for b in report["baselines"] if b["name"] == s["label"][1:])
                 verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
+                pace = s["measured_latency_ms"] / b["latency_ms"] - 1
                 parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
-                             f"({s['measured_latency_ms']:.3f} ms measured) {verdict} it, "
+                             f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.0%} "
+                             f"{'slower' if pace > 0 else 'faster'}, timed in the same passes) {verdict} it, "
                              f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
                              f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
                              f"{b['params'] / 1e6:.3f} M parameters).")

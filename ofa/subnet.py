@@ -147,7 +147,8 @@ def build_subnet(space: SearchSpace, arch: Arch, device: torch.device | str | No
 def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.Tensor]) -> SubNet:
     """Build the subnet of ``arch`` around the tensors of ``state_dict`` (used as they are).
 
-    Strict like ``load_state_dict``: every key must be present, none extra, shapes equal.
+    Strict like ``load_state_dict``: every key must be present, none extra, shapes and
+    dtypes equal (float32 weights, int64 ``num_batches_tracked``).
     """
     net = SubNet(space, arch, device="meta")
     slots = {}
@@ -162,6 +163,8 @@ def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.T
         value = state_dict[key]
         if value.shape != table[name].shape:
             raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(table[name].shape)}")
+        if value.dtype != table[name].dtype:
+            raise ValueError(f"{key} has dtype {value.dtype}, expected {table[name].dtype}")
         is_param = isinstance(table[name], nn.Parameter)
         table[name] = nn.Parameter(value) if is_param else value
     return net.eval()
@@ -173,16 +176,18 @@ def load_subnet_safetensors(data: bytes) -> tuple[SubNet, dict]:
     The metadata (one canonical JSON value under the key ``ofa``) carries the arch and
     the search space, so the file alone rebuilds the network.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     try:
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
         space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
-    except (ValueError, KeyError, TypeError) as e:
+        tensors = load(data)
+    except (ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
                          ) from None
-    return load_subnet(space, arch, load(data)).eval(), meta
+    return load_subnet(space, arch, tensors).eval(), meta
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:

@@ -84,6 +84,9 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     assert labels == ["tight", "loose", "=mobilenet_v3_small x0.5"]
     md = (out / "report.md").read_text()
     assert "↳ baseline" in md and "mobilenet_v3_small x0.5's latency" in md
+    # the budget is the baseline's time in the table's units; the verdict compares one timing of both
+    assert base["budget_ms"] > 0 and "one interleaved timing of both" in md
+    assert ("timed in the same passes" in md) == any(s["label"].startswith("=") for s in report["served"])
     # the synthetic table's numbers are not timings: the report must say the latency is off, and why
     assert "Not within" in md and "per-block sum" in md
 
