@@ -78,6 +78,9 @@ def search() -> dict:
         check = [{k: list(v) if isinstance(v, list) else v for k, v in a.items()} for a in args["check_archs"]]
         check_acc = predictor.predict_acc(check).tolist()
         check_macs = [efficiency.get_efficiency(a) for a in check]
+        if args.get("warmup"):  # as ours gets: a short search first, untimed
+            short = EvolutionFinder(efficiency, predictor, population_size=args["population"], max_time_budget=5)
+            short.run_evolution_search(args["constraint_mflops"], verbose=False)
         runs = []
         for seed in args["seeds"]:
             random.seed(seed)

@@ -24,7 +24,7 @@ server and the client together; with C cores that bounds the closed-loop rate, a
 report prints the measured rate against that bound. RESOURCE_EXHAUSTED is the server's
 deliberate answer beyond --max-searches concurrent searches; a closed-loop client then
 backs off 20-80 ms. Prints p50/p99 per RPC, calls/s, every status seen and the server's
-peak resident memory (VmHWM).
+peak resident memory (VmHWM, its search workers included).
 
     python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30] \\
         [--rate R [--serial-clients]]
@@ -55,10 +55,16 @@ FETCH, SEARCH = "GetSubnetWeights (cached)", "SearchSubnet"
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory (VmHWM) of a process plus its children's (the server's search workers):
+    the sum of the peaks, so at least the peak of the sum."""
+    total = 0.0
+    for p in [pid, *(int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split())]:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:  # a child that ended meanwhile
+            continue
+        total += next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:")), 0.0)
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -238,9 +244,9 @@ def main() -> None:
         start_at.value = time.perf_counter() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
         go.wait()
         records = [r for _ in workers for r in queue.get()]
+        wall = time.perf_counter() - start_at.value  # to the last call's end: calls may finish after --seconds
         for w in workers:
             w.join()
-        wall = a.seconds
         peak = peak_rss_mb(server.pid)
     finally:
         server.terminate()
@@ -282,7 +288,7 @@ def main() -> None:
     print(f"OK calls/s {ok / wall:.1f}; at their cost alone they would take {used:.1f} of the {cores * wall:.0f} "
           f"core-seconds ({used / (cores * wall):.0%}); the rest went to refusals, contention and waiting")
     print(f"errors other than RESOURCE_EXHAUSTED: {sum(errors.values())} {errors or ''}")
-    print(f"server peak resident memory: {peak:.0f} MiB")
+    print(f"server peak resident memory (with its search workers): {peak:.0f} MiB")
     goals = result["rpcs"]
     if FETCH in goals and SEARCH in goals:
         print(f"goals: cached fetch p99 {goals[FETCH]['p99_ms']} ms (< 50), "
