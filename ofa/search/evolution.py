@@ -196,6 +196,8 @@ class _Run:
         self.high = sp.code_choices()
         self.n_slots, self.n_stages = sp.num_slots, sp.num_stages
         self.evaluated = 0
+        # predicted accuracy by network key: evolution comes back to ~30% of the archs it scores
+        self._accuracy: dict[int, float] = {}
         self.seeds = self._check_feasible()
 
     def _check_feasible(self) -> list[np.ndarray]:
@@ -226,7 +228,7 @@ class _Run:
         if self.objective == "accuracy" or self.c.min_accuracy is not None:
             # the predictor runs on rows that meet the cost bounds only (or on all, if none does)
             rows = ok if ok.any() else np.ones(len(codes), bool)
-            acc[rows] = sc.predict_accuracy(codes[rows])
+            acc[rows] = self._predict_accuracy(codes[rows])
         if self.c.min_accuracy is not None:
             violation = violation + np.where(np.isfinite(acc), np.maximum(self.c.min_accuracy - acc, 0) / 100, 1.0)
         out["accuracy"] = acc
@@ -234,6 +236,14 @@ class _Run:
         out["fitness"] = acc if self.objective == "accuracy" else -out[self.objective].astype(float)
         self.evaluated += len(codes)
         return out
+
+    def _predict_accuracy(self, codes: np.ndarray) -> np.ndarray:
+        keys = _keys(self.scorer.space, codes).tolist()
+        memo = self._accuracy
+        new = [i for i, k in enumerate(keys) if k not in memo]
+        if new:
+            memo.update(zip((keys[i] for i in new), self.scorer.predict_accuracy(codes[new]).tolist()))
+        return np.array([memo[k] for k in keys])
 
     @staticmethod
     def order(metrics: Mapping[str, np.ndarray]) -> np.ndarray:
