@@ -299,6 +299,9 @@ def test_the_cli_pipeline_search_json_then_fetch_the_result(server, tmp_path, ca
                           ('{"kernel": [3], "expand": [3], "depth": [2]}', "arch.resolution must be an integer")]:
         assert main([*address, "fetch", "--arch", arch, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: usage error, exit 2
+        main([*address, "search", "--seed", "-1"])
+    assert e.value.code == 2 and "argument --seed: must be an integer in 0..2**64-1, got '-1'" in capsys.readouterr().err
 
 
 def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artifact):
