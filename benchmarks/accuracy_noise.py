@@ -53,7 +53,6 @@ from ofa.artifact import load_artifact
 from ofa.data import load_dataset
 from ofa.evaluate import subnet_correct
 from ofa.predict.accuracy import AccuracyPredictor, arch_features, kendall_tau, tau_ceiling
-from ofa.predict.cost import CostModel
 from ofa.predict.measure import (MEASUREMENTS, _split, pack_correct, stratified_archs, unpack_correct,
                                  validation_set)
 from ofa.search.load import load_scorer
@@ -144,10 +143,10 @@ def stored(root: Path, test_fraction: float, test_split: bool = False, test_cach
         out["test_split"]["test_vs_validation_modelled"] = modelled(n_img, test.shape[1])
         print(f"  the model above expects the two measurements' τ against each other to be "
               f"{out['test_split']['test_vs_validation_modelled']:.3f}")
-        costs = {"MACs": CostModel(art.space).of(archs)[0].astype(np.float64)}
-        scorer = load_scorer(root)
+        scorer, codes = load_scorer(root, verify=False), art.space.encode(archs)  # load_artifact verified the files
+        costs = {"MACs": scorer.cost.macs(codes).astype(np.float64)}
         for target in sorted(scorer.latency):
-            costs[f"predicted latency on {target}"] = scorer.latency[target](art.space.encode(archs))
+            costs[f"predicted latency on {target}"] = scorer.latency[target](codes)
         out["test_split"]["choice_under_budget"] = {
             name: choice_under_budget(predicted, measured, 100 * test.mean(1), cost, name)
             for name, cost in costs.items()}

@@ -54,11 +54,22 @@ from ofa_client import Client, ClientError, ResourceExhausted  # noqa: E402
 FETCH, SEARCH = "GetSubnetWeights (cached)", "SearchSubnet"
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the server's search workers); threads come and go while listed."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of a process plus its children's (the server's search workers):
     the sum of the peaks, so at least the peak of the sum."""
     total = 0.0
-    for p in [pid, *(int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split())]:
+    for p in [pid, *children(pid)]:
         try:
             lines = Path(f"/proc/{p}/status").read_text().splitlines()
         except OSError:  # a child that ended meanwhile
@@ -71,11 +82,10 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and its children (the server's search workers)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
-                    for c in (t / "children").read_text().split()]
+        kids = children(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, kids))
 
 
 def own_cpu_seconds() -> float:

@@ -34,7 +34,7 @@ def step(model, opt, x, y, *fwd_args) -> float:
     return time.perf_counter() - t
 
 
-def run_ours(args: argparse.Namespace) -> list[float]:
+def run_round(args: argparse.Namespace) -> list[float]:
     """One round of ``args.worker`` (ours or static) in this process: per-step seconds."""
     torch.set_num_threads(args.threads)
     space = get_space("mbv3-imagenet")
@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--worker", choices=("ours", "static"), help=argparse.SUPPRESS)  # one round, JSON out
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(run_ours(a)))
+        print(json.dumps(run_round(a)))
         return
     space = get_space("mbv3-imagenet")
     archs = space.sample(0, n=a.warmup + a.steps, resolution=a.resolution)

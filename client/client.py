@@ -267,17 +267,20 @@ class Client:
         """
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
-        if isinstance(subnet, Mapping) and "arch" in subnet:  # a search result as a dict
-            text = {k: v for k, v in subnet.items() if k in ("id", "supernet", "target") and isinstance(v, str)}
-            subnet = SubnetInfo(**{**dict.fromkeys(SubnetInfo.__dataclass_fields__), **text, "arch": subnet["arch"]})
-        req = pb.GetSubnetWeightsRequest(supernet=supernet or (subnet.supernet if isinstance(subnet, SubnetInfo)
-                                                                  else None) or self.supernet, format=FORMATS[format])
+        if isinstance(subnet, SubnetInfo):
+            subnet = subnet.to_dict()
         if isinstance(subnet, str):
-            req.subnet_id = subnet
+            subnet_id, found_on, arch = subnet, "", None
+        elif isinstance(subnet, Mapping) and "arch" in subnet:  # a search result as a dict
+            subnet_id, found_on, arch = subnet.get("id"), subnet.get("supernet"), subnet["arch"]
         else:
-            req.arch.CopyFrom(_pb_arch(subnet.arch if isinstance(subnet, SubnetInfo) else subnet))
-            if isinstance(subnet, SubnetInfo) and subnet.id:
-                req.subnet_id = subnet.id
+            subnet_id, found_on, arch = "", "", subnet
+        req = pb.GetSubnetWeightsRequest(format=FORMATS[format], supernet=supernet or (
+            found_on if isinstance(found_on, str) and found_on else self.supernet))
+        if isinstance(subnet_id, str) and subnet_id:
+            req.subnet_id = subnet_id
+        if arch is not None:
+            req.arch.CopyFrom(_pb_arch(arch))
         try:
             stream = self._stub.GetSubnetWeights(req, timeout=timeout or self.timeout, metadata=self._metadata)
             header, chunks, size = None, [], 0

@@ -13,26 +13,27 @@ class ArtifactError(ValueError):
     """A directory that is not a complete, intact artifact; the message says what is wrong."""
 
 
+def _write_temp(path: Path, data: bytes, tag: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str | bytes) -> None:
     """Write ``text`` (or bytes) to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_temp(path, text.encode() if isinstance(text, str) else text, str(os.getpid()))
     os.replace(tmp, path)
 
 
 def atomic_create_text(path: Path, text: str) -> None:
     """Like :func:`atomic_write_text`, but FileExistsError if ``path`` exists (also against other processes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = _write_temp(path, text.encode(), f"{os.getpid()}.{threading.get_ident()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)  # atomic, and refuses an existing name
     finally:
         tmp.unlink(missing_ok=True)

@@ -28,13 +28,16 @@ from .data import DataSpec
 from .space import SearchSpace
 from .supernet import Supernet
 from ._io import ArtifactError, atomic_save_tensors, atomic_write_text, sha256_file
+from .predict.measure import MEASUREMENTS
+from .search.load import ACCURACY_PREDICTOR
 
 __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "write_artifact"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
-WEIGHT_DEPENDENT = ("accuracy_predictor.safetensors", "accuracy/")  # made from the weights: invalid after new ones
+# made from the weights: invalid after new ones
+WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/")
 
 
 @dataclass

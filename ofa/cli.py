@@ -150,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     """Time every distinct block on this machine into a latency table."""
-    from .predict.profile import profile_space
+    from .predict.profile import check_profile_settings, profile_space
     from .space import SearchSpace, get_space
 
     if sum(map(bool, (args.artifact, args.space, args.space_file))) != 1:
@@ -170,10 +170,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .predict.latency import check_target_name
 
     check_target_name(args.target)
-    if min(args.threads, args.batch, args.rounds) < 1 or args.min_run_time <= 0 or args.calibrate < 0:
-        raise ValueError(f"--threads, --batch and --rounds must be >= 1, --min-run-time > 0 and "
-                         f"--calibrate >= 0, got {args.threads}, {args.batch}, {args.rounds}, "
-                         f"{args.min_run_time} and {args.calibrate}")
+    check_profile_settings(args.threads, args.batch, args.rounds, args.min_run_time, args.calibrate)
     table = profile_space(space, args.target, threads=args.threads, batch=args.batch, seed=args.seed,
                           min_run_time=args.min_run_time, channels_last=args.channels_last,
                           calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress,
@@ -488,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "The report includes the highest tau any predictor could expect against "
                        "measurements on a validation split of this size (from per-image correctness).")
     s.add_argument("--artifact", required=True)
-    s.add_argument("--samples", type=int, default=300, help="subnets to measure (default 300)")
+    s.add_argument("--samples", type=int, default=300,
+                   help="subnets to measure (default 300, at least 10); random ones are added when the split by "
+                   "arch id would leave fewer than 10 to fit or 2 held out")
     s.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of subnets held out for the reported quality (default 0.2)")
     s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")

@@ -29,19 +29,17 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     from .artifact import add_file, load_artifact
     from .predict.latency import check_target_name, validate_table
     from .predict.measure import build_accuracy_predictor
-    from .predict.profile import profile_space
-    from .report import render_markdown, run_report
-    from .train import load_config, train
+    from .predict.profile import check_profile_settings, profile_space
+    from .report import check_report_settings, render_markdown, run_report
+    from .train import config_differences, load_config, train
 
     # every bad value fails here, before any work (step 4 starts after ~10 minutes)
     check_target_name(target)
-    profile = {"rounds": 3, "min_run_time": 0.05, "calibrate": 10, **(profile or {})}
-    if samples < 10 or budgets < 1 or latency_runs < 1 or not min_run_time > 0:
-        raise ValueError(f"--samples must be >= 10, --budgets and --latency-runs >= 1 and --min-run-time > 0; "
-                         f"got {samples}, {budgets}, {latency_runs} and {min_run_time}")
-    if profile["rounds"] < 1 or not profile["min_run_time"] > 0 or profile["calibrate"] < 0:
-        raise ValueError(f"--profile-rounds must be >= 1, --profile-min-run-time > 0 and --profile-calibrate >= 0; "
-                         f"got {profile['rounds']}, {profile['min_run_time']} and {profile['calibrate']}")
+    if samples < 10:
+        raise ValueError(f"--samples must be >= 10, got {samples}")
+    profile = profile or {}
+    check_profile_settings(**profile, prefix="--profile-")
+    check_report_settings(budgets, latency_runs, min_run_time)
     out = Path(out)
     art_dir = out / "supernet"
     config = load_config(preset, None, list(assignments))
@@ -51,10 +49,8 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     log(f"[1/5] train the {preset!r} supernet into {art_dir}")
     t = time.perf_counter()
     if (art_dir / "manifest.json").exists():
-        from .train.loop import _config_differences
-
         trained = json.loads((art_dir / "manifest.json").read_text()).get("training", {})
-        diff = _config_differences(trained, json.loads(json.dumps(config.to_dict())))
+        diff = config_differences(trained, json.loads(json.dumps(config.to_dict())))
         if diff:
             raise ValueError(f"{art_dir} was trained with different values of {diff} than --preset {preset} "
                              f"and --set give; use another --out, or delete {art_dir} to train it again")

@@ -102,10 +102,21 @@ def ofa_client(address: str, *args: str, log: Callable[[str], None] = print) -> 
     return json.loads(r.stdout)
 
 
+def check_report_settings(budgets: int = 1, latency_runs: int = 1, min_run_time: float = 1.0,
+                          budget_ms: Sequence[float] = ()) -> None:
+    """Refuse a setting :func:`run_report` cannot use, naming its flag."""
+    if budgets < 1 and not budget_ms:
+        raise ValueError(f"--budgets must be >= 1, got {budgets}")
+    if latency_runs < 1:
+        raise ValueError(f"--latency-runs must be >= 1, got {latency_runs}")
+    if not min_run_time > 0:
+        raise ValueError(f"--min-run-time must be > 0, got {min_run_time}")
+    if any(not b > 0 for b in budget_ms):
+        raise ValueError(f"--budget-ms values must be > 0, got {list(budget_ms)}")
+
+
 def budgets_from_front(latencies: Sequence[float], n: int) -> list[tuple[str, float]]:
     """``n`` labelled latency budgets spread over the front's range (10% to 90% of the way)."""
-    if n < 1:
-        raise ValueError(f"--budgets must be >= 1, got {n}")
     lo, hi = min(latencies), max(latencies)
     labels = _LABELS.get(n, tuple(f"budget-{i + 1}" for i in range(n)))
     fracs = [0.5] if n == 1 else np.linspace(0.1, 0.9, n)
@@ -195,10 +206,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
                          f"run `ofa profile --artifact {artifact} --target {target}` first")
     if "accuracy_predictor.safetensors" not in art.manifest["files"]:
         raise ValueError(f"{artifact} has no accuracy predictor; run `ofa predictors --artifact {artifact}` first")
-    if latency_runs < 1 or min_run_time <= 0:
-        raise ValueError(f"--latency-runs must be >= 1 and --min-run-time > 0, got {latency_runs}, {min_run_time}")
-    if any(not b > 0 for b in budget_ms):
-        raise ValueError(f"--budget-ms values must be > 0, got {list(budget_ms)}")
+    check_report_settings(budgets, latency_runs, min_run_time, budget_ms)
     table = validate_table(json.loads((artifact / table_file).read_text()), art.space)
     device = table["device"]
     from .predict.profile import check_backend, table_run_settings

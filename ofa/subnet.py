@@ -147,8 +147,7 @@ def build_subnet(space: SearchSpace, arch: Arch, device: torch.device | str | No
 def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.Tensor]) -> SubNet:
     """Build the subnet of ``arch`` around the tensors of ``state_dict`` (used as they are).
 
-    Strict like ``load_state_dict``: every key must be present, none extra, shapes and
-    dtypes equal (float32 weights, int64 ``num_batches_tracked``).
+    Strict like ``load_state_dict``: every key must be present, none extra, shapes equal.
     """
     net = SubNet(space, arch, device="meta")
     slots = {}
@@ -163,8 +162,6 @@ def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.T
         value = state_dict[key]
         if value.shape != table[name].shape:
             raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(table[name].shape)}")
-        if value.dtype != table[name].dtype:
-            raise ValueError(f"{key} has dtype {value.dtype}, expected {table[name].dtype}")
         is_param = isinstance(table[name], nn.Parameter)
         table[name] = nn.Parameter(value) if is_param else value
     return net.eval()
@@ -187,6 +184,10 @@ def load_subnet_safetensors(data: bytes) -> tuple[SubNet, dict]:
     except (ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
                          ) from None
+    for key, value in tensors.items():  # served weights are float32; BN's counters int64
+        want = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        if value.dtype != want:
+            raise ValueError(f"{key} has dtype {value.dtype}, expected {want}")
     return load_subnet(space, arch, tensors).eval(), meta
 
 

@@ -169,7 +169,6 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @_handled
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
         sn, target, constraints, settings = self._search_inputs(request, front=False)
-        v.check_work(settings)
         with self._slot(self._searches, "searches"):
             result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target),
                                    (constraints, target, settings), lambda: not context.is_active())

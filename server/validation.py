@@ -16,8 +16,8 @@ __all__ = ["RequestError", "arch_of", "check_work", "constraints_of", "format_of
 # Bounds on what one request may ask of the server.
 LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50), "table_bytes": 8 << 20,
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
-          # population x generations x points: 100 default searches' worth (~10 s on 2 cores),
-          # so that no one request holds a search slot for minutes
+          # a front's population x generations x points: 100 default searches' worth (~10 s on
+          # 2 cores), so that no one request holds a search slot for minutes
           "work": 5_000_000}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
 
@@ -90,12 +90,12 @@ def settings_of(options: pb.SearchOptions, seed: int, front: bool = False) -> Se
                           seed=int(seed))
 
 
-def check_work(settings: SearchSettings, points: int = 1) -> None:
+def check_work(settings: SearchSettings, points: int) -> None:
+    """A front runs one search per point: their total work is bounded too."""
     work = settings.population * settings.generations * points
     if work > LIMITS["work"]:
-        raise invalid(f"options.population x options.generations" + (" x points" if points > 1 else "")
-                      + f" must be at most {LIMITS['work']:,}, got {settings.population} x {settings.generations}"
-                      + (f" x {points}" if points > 1 else "") + f" = {work:,}")
+        raise invalid(f"options.population x options.generations x points must be at most {LIMITS['work']:,}, "
+                      f"got {settings.population} x {settings.generations} x {points} = {work:,}")
 
 
 def points_of(value: int) -> int:

@@ -176,11 +176,13 @@ class WeightsCache:
                 return item
             try:
                 item = build()
-            finally:  # built or failed, nobody waits on this key's lock any more
+            except BaseException:  # failed: the next request builds anew
                 with self._lock:
                     self._building.pop(key, None)
-            with self._lock:
+                raise
+            with self._lock:  # stored and unlocked at once, so no request in between builds it again
                 self.misses += 1
+                self._building.pop(key, None)
                 if len(item.data) <= self.max_bytes:
                     self._items[key] = item
                     self._bytes += len(item.data)

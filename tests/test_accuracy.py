@@ -124,6 +124,23 @@ def test_scoring_ten_thousand_archs_is_one_numpy_call():
     assert np.allclose(out[::997], one_by_one, atol=1e-4)
 
 
+def test_too_few_samples_for_the_split_get_random_ones_added():
+    from ofa.predict.measure import MIN_FIT, _split, with_enough_on_each_side
+
+    for n, fraction in ((10, 0.5), (10, 0.2), (12, 0.1)):
+        archs = stratified_archs(SPACE, n, seed=0)
+        more = with_enough_on_each_side(SPACE, archs, [], fraction, seed=0)
+        held = _split([a.id for a in more], fraction)
+        assert more[:n] == archs and len({a.id for a in more}) == len(more)
+        assert (~held).sum() >= MIN_FIT and held.sum() >= 2
+        # no more than needed: without the last one added, one side was short
+        if len(more) > n:
+            held = _split([a.id for a in more[:-1]], fraction)
+            assert (~held).sum() < MIN_FIT or held.sum() < 2
+    with pytest.raises(ValueError, match="--test-fraction 1e-06 holds out too few"):
+        with_enough_on_each_side(SPACE, [], [], 1e-6, seed=0)
+
+
 def test_stratified_sample_covers_both_ends_and_the_corners():
     archs = stratified_archs(SPACE, 40, seed=3)
     assert len(archs) == len({a.id for a in archs}) == 40
@@ -155,10 +172,6 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
 
     root = tmp_path / "art"
     shutil.copytree(tiny_artifact, root)
-    # too few to fit and hold out: refused before anything is measured (the split goes by arch id)
-    with pytest.raises(ValueError, match=r"--samples 10 with --test-fraction 0.5 gives \d+ subnets to fit"):
-        build_accuracy_predictor(root, samples=10, test_fraction=0.5, progress=False, log=lambda s: None)
-    assert not (root / MEASUREMENTS).exists()
     report = build_accuracy_predictor(root, samples=14, test_fraction=0.3, progress=False, log=lambda s: None,
                                       families=["ridge-0.3", "ridge-3"])
     art = load_artifact(root)  # every file still matches the manifest

@@ -75,20 +75,20 @@ def test_static_subnet_rebuilds_from_its_state_dict(supernets):
     other = net.space.sample(5)
     with pytest.raises(ValueError, match="does not fit arch|has shape"):
         load_subnet(net.space, other, sub.state_dict())
-    doubled = {k: v.double() if v.is_floating_point() else v for k, v in sub.state_dict().items()}
-    with pytest.raises(ValueError, match="has dtype torch.float64, expected torch.float32"):
-        load_subnet(net.space, arch, doubled)
     import json
 
     from safetensors.torch import save
 
     from ofa.subnet import load_subnet_safetensors
 
-    data = save({k: v.contiguous() for k, v in sub.state_dict().items()},
-                metadata={"ofa": json.dumps({"space": json.loads(net.space.to_json()), "arch": arch.to_dict()})})
+    meta = {"ofa": json.dumps({"space": json.loads(net.space.to_json()), "arch": arch.to_dict()})}
+    data = save({k: v.contiguous() for k, v in sub.state_dict().items()}, metadata=meta)
     assert load_subnet_safetensors(data)[1]["arch"] == arch.to_dict()
     with pytest.raises(ValueError, match="not a served subnet safetensors file"):
         load_subnet_safetensors(data[:-10])  # truncated
+    doubled = {k: v.double() if v.is_floating_point() else v.contiguous() for k, v in sub.state_dict().items()}
+    with pytest.raises(ValueError, match="has dtype torch.float64, expected torch.float32"):
+        load_subnet_safetensors(save(doubled, metadata=meta))
 
 
 def test_concurrent_calls_with_different_archs(supernets):

@@ -250,8 +250,11 @@ def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "mae": round(float(np.mean(np.abs(pred - y))), 4)}
 
 
+FOLDS = 5  # cross-validation folds when selecting the family
+
+
 def select_and_fit(x: np.ndarray, y: np.ndarray, space_digest: str, families: Sequence[str] | None = None,
-                   folds: int = 5, seed: int = 0, log: Callable[[str], None] = lambda s: None
+                   folds: int = FOLDS, seed: int = 0, log: Callable[[str], None] = lambda s: None
                    ) -> tuple[AccuracyPredictor, dict[str, dict[str, float]]]:
     """Pick the family with the best ``folds``-fold cross-validated Kendall τ (then RMSE), fit it on all.
 

@@ -24,6 +24,7 @@ from ..data import DataSpec, ImageSet, load_dataset, split_validation
 from ..evaluate import percent_correct, subnet_correct
 from ..space import Arch, SearchSpace
 from ..supernet import Supernet
+from .accuracy import FOLDS
 from .cost import CostModel
 
 __all__ = ["MEASUREMENTS", "measure_accuracies", "pack_correct", "stratified_archs", "unpack_correct",
@@ -94,12 +95,31 @@ def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.T
     return out
 
 
-MIN_FIT = 10  # subnets to fit on: select_and_fit's 5 folds of at least 2
+MIN_FIT = 2 * FOLDS  # subnets to fit on: select_and_fit's folds of at least 2
 
 
 def _split(ids: Sequence[str], test_fraction: float) -> np.ndarray:
     """True for the held-out ids: decided by each id alone, so the split is stable as samples grow."""
     return np.array([int(i[:8], 16) % 10_000 < test_fraction * 10_000 for i in ids], dtype=bool)
+
+
+def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Sequence[str], test_fraction: float,
+                             seed: int) -> list[Arch]:
+    """``archs`` plus random ones until, with the ``known`` ids, the split leaves MIN_FIT to fit and 2 held out."""
+    archs, ids = list(archs), set(known) | {a.id for a in archs}
+    n_held = int(_split(sorted(ids), test_fraction).sum())
+    n_fit = len(ids) - n_held
+    rng = np.random.default_rng([seed, 1])
+    for _ in range(10_000):
+        if n_fit >= MIN_FIT and n_held >= 2:
+            return archs
+        extra = space.sample(rng)
+        if extra.id not in ids:
+            archs.append(extra)
+            ids.add(extra.id)
+            held = bool(_split([extra.id], test_fraction)[0])
+            n_held, n_fit = n_held + held, n_fit + (not held)
+    raise ValueError(f"--test-fraction {test_fraction} holds out too few subnets: 10,000 more would not give 2")
 
 
 def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
@@ -140,11 +160,11 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     def save(measured: dict[str, dict[str, Any]]) -> None:
         add_file(root, MEASUREMENTS, json.dumps({**header, "subnets": measured}, sort_keys=True, indent=0))
 
-    archs = stratified_archs(art.space, samples, seed)
-    held = _split(sorted(set(known) | {a.id for a in archs}), test_fraction)
-    if (~held).sum() < MIN_FIT or held.sum() < 2:  # known before measuring: the split goes by arch id
-        raise ValueError(f"--samples {samples} with --test-fraction {test_fraction} gives {(~held).sum()} subnets "
-                         f"to fit and {held.sum()} to hold out; at least {MIN_FIT} and 2 are needed: raise --samples")
+    archs = with_enough_on_each_side(art.space, stratified_archs(art.space, samples, seed), list(known),
+                                     test_fraction, seed)
+    if len(archs) > samples:
+        log(f"measuring {len(archs) - samples} random subnets more than --samples {samples}: the split by arch id "
+            f"(--test-fraction {test_fraction}) must leave at least {MIN_FIT} to fit and 2 held out")
     t0 = time.perf_counter()
     measured = measure_accuracies(art.supernet, archs, calib, val, spec, known, progress, save)
     save(measured)

@@ -93,6 +93,17 @@ def prepare_run(module: nn.Module, shape: Sequence[int], batch: int = 1, threads
     return lambda: module(x)
 
 
+def check_profile_settings(threads: int = 1, batch: int = 1, rounds: int = 1, min_run_time: float = 1.0,
+                           calibrate: int = 0, prefix: str = "--") -> None:
+    """Refuse a setting :func:`profile_space` cannot use, naming its flag (``prefix`` + name)."""
+    for name, value, ok, allowed in (("threads", threads, threads >= 1, ">= 1"), ("batch", batch, batch >= 1, ">= 1"),
+                                     ("rounds", rounds, rounds >= 1, ">= 1"),
+                                     ("min-run-time", min_run_time, min_run_time > 0, "> 0"),
+                                     ("calibrate", calibrate, calibrate >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"{prefix}{name} must be {allowed}, got {value}")
+
+
 def table_run_settings(device: Mapping[str, Any]) -> dict[str, Any]:
     """How to time end to end as a table's ``device`` was profiled: ``prepare_run``'s batch, threads,
     channels_last and backend. A backend this package cannot run is checked against torch eager."""

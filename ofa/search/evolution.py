@@ -240,6 +240,8 @@ class _Run:
     def _predict_accuracy(self, codes: np.ndarray) -> np.ndarray:
         keys = _keys(self.scorer.space, codes).tolist()
         memo = self._accuracy
+        if len(memo) > _MEMO_ENTRIES:  # a search at the limits scores ~2M archs: bound the memory
+            memo.clear()
         new = [i for i, k in enumerate(keys) if k not in memo]
         if new:
             memo.update(zip((keys[i] for i in new), self.scorer.predict_accuracy(codes[new]).tolist()))
@@ -284,6 +286,7 @@ class _Run:
 
 
 _HASH = np.random.default_rng(20201).integers(1, 2**62, size=512, dtype=np.int64)
+_MEMO_ENTRIES = 200_000  # predictions a search remembers (~20 MiB), more than a default search scores
 
 
 def _keys(space: SearchSpace, codes: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Progressive shrinking with knowledge distillation (``ofa train``)."""
-from .config import PRESETS, ConfigError, Phase, TrainConfig, apply_overrides, load_config
+from .config import PRESETS, ConfigError, Phase, TrainConfig, apply_overrides, config_differences, load_config
 
-__all__ = ["ConfigError", "PRESETS", "Phase", "TrainConfig", "Trainer", "apply_overrides", "load_config", "train"]
+__all__ = ["ConfigError", "PRESETS", "Phase", "TrainConfig", "Trainer", "apply_overrides", "config_differences",
+           "load_config", "train"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "load_config",
+__all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "config_differences", "load_config",
            "parse_assignments"]
 
 
@@ -244,3 +244,21 @@ def load_config(preset: str, config_file: str | None = None, assignments: list[s
             raise ConfigError(f"config file {config_file} must hold a JSON object")
         config = apply_overrides(config, data)
     return apply_overrides(config, parse_assignments(list(assignments)))
+
+
+# Keys that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "data_dir", "trace",
+                      "eval_batch_size"}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], before_phase: int | None = None) -> list[str]:
+    """Config keys (of two ``TrainConfig.to_dict()``, as JSON) whose change would make a run a different computation.
+
+    With ``before_phase`` only the phases before it count (a phase may be run again
+    with other settings from the checkpoint the earlier phases left).
+    """
+    if before_phase is not None:
+        saved = {**saved, "phases": list(saved.get("phases", []))[:before_phase]}
+        current = {**current, "phases": list(current.get("phases", []))[:before_phase]}
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))

@@ -36,7 +36,7 @@ from ..space import Arch, SearchSpace, get_space
 from ..subnet import load_subnet
 from ..supernet import Supernet
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, Phase, TrainConfig
+from .config import ConfigError, Phase, TrainConfig, config_differences
 
 __all__ = ["Trainer", "train"]
 
@@ -132,7 +132,7 @@ def _check_config(config: TrainConfig) -> None:
     if bad or len(set(config.resolutions)) != len(config.resolutions):
         raise ConfigError(f"resolutions must be distinct values from the space's {list(allowed)}, "
                           f"got {list(config.resolutions)}")
-    for key in ("checkpoint_every", "log_every", "calib_size", "eval_batch_size", "val_size"):
+    for key in ("checkpoint_every", "log_every", "calib_size", "eval_batch_size", "val_size", "image_size"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
     if not 0 <= config.label_smoothing < 1:
@@ -141,8 +141,6 @@ def _check_config(config: TrainConfig) -> None:
         raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs momentum > 0: set momentum in (0, 1) or nesterov=false")
-    if config.image_size < 1:
-        raise ConfigError(f"image_size must be >= 1, got {config.image_size}")
 
 
 # What a training step computes beyond its config. A checkpoint of another version would
@@ -151,22 +149,6 @@ def _check_config(config: TrainConfig) -> None:
 TRAINER_VERSION = 2
 _TRAINER_VERSIONS = {1: "the subnets' losses of a step averaged", 2: "the subnets' losses of a step summed"}
 
-# Keys that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "threads", "device", "data_dir", "trace",
-                      "eval_batch_size"}
-
-
-def _config_differences(saved: dict[str, Any], current: dict[str, Any], before_phase: int | None = None) -> list[str]:
-    """Config keys whose change would make the checkpoint a different computation.
-
-    With ``before_phase`` only the phases before it count (a phase may be run again
-    with other settings from the checkpoint the earlier phases left).
-    """
-    if before_phase is not None:
-        saved = {**saved, "phases": list(saved.get("phases", []))[:before_phase]}
-        current = {**current, "phases": list(current.get("phases", []))[:before_phase]}
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
 
 
 class Trainer:
@@ -306,7 +288,7 @@ class Trainer:
                                   f"({_TRAINER_VERSIONS.get(version, 'unknown to this one')}); this is version "
                                   f"{TRAINER_VERSION} ({_TRAINER_VERSIONS[TRAINER_VERSION]}): its steps would "
                                   f"compute something else; start the run again in another --out")
-            diff = _config_differences(ckpt.state.get("config", {}), self.config.to_dict(),
+            diff = config_differences(ckpt.state.get("config", {}), self.config.to_dict(),
                                        None if resume else idx)
             if diff:
                 raise ConfigError(f"the checkpoint in {self.ckpt_dir} was written with different values of "
