@@ -102,6 +102,13 @@ def ofa_client(address: str, *args: str, log: Callable[[str], None] = print) -> 
     return json.loads(r.stdout)
 
 
+def speed_ratio(now_ms: Sequence[float], profiled_ms: Sequence[float]) -> tuple[list[float], float]:
+    """How much slower the machine runs now than when the table was profiled: each reference
+    subnet's ratio, and their median (one subnet's re-timing is a noisy estimate of drift)."""
+    ratios = [n / p for n, p in zip(now_ms, profiled_ms)]
+    return ratios, float(np.median(ratios))
+
+
 def check_report_settings(budgets: int = 1, latency_runs: int = 1, min_run_time: float = 1.0,
                           budget_ms: Sequence[float] = ()) -> None:
     """Refuse a setting :func:`run_report` cannot use, naming its flag."""
@@ -232,7 +239,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         # machine runs now than when the table was profiled, is a budget in the table's units
         lats = _latencies([r["module"] for r in base_rows] + ref_modules,
                           [shape] * len(base_rows) + ref_shapes, timing)
-        speed = float(np.median([n / ms for n, (_, ms) in zip(lats[len(base_rows):], refs)])) if refs else 1.0
+        speed = speed_ratio(lats[len(base_rows):], [ms for _, ms in refs])[1] if refs else 1.0
         for row, lat in zip(base_rows, lats):
             row["budget_ms"] = round(lat / speed, 3)
             row["macs"] = count_macs_params(row["module"], shape)[0]
@@ -287,10 +294,10 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         row["latency_ms"] = round(lat, 4)
     if refs:
         now = lats[len(served) : len(served) + len(refs)]
-        ratios = [n / ms for n, (_, ms) in zip(now, refs)]
+        ratios, speed = speed_ratio(now, [ms for _, ms in refs])
         reference = {"arch_id": refs[0][0].id, "profiled_ms": refs[0][1], "now_ms": round(now[0], 4),
                      "subnets": len(refs), "ratios": [round(r, 4) for r in ratios],
-                     "speed_ratio": round(float(np.median(ratios)), 4)}
+                     "speed_ratio": round(speed, 4)}
     for s, lat in zip(served, lats):
         s["measured_latency_ms"] = round(lat, 4)
         if reference is not None:

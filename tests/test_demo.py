@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import served_copy, tiny_args
 
 from ofa.cli import main
@@ -71,7 +73,13 @@ def test_demo_refuses_bad_numbers_before_any_work(tmp_path, capsys):
 
 
 def test_report_with_a_baseline(tiny_artifact, tmp_path):
+    from ofa.artifact import add_file
+
     art = served_copy(tiny_artifact, tmp_path / "art")
+    # a table 100 times too slow: the report must find the latency off whatever this machine's speed
+    table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
+    add_file(art, "latency/synthetic-cpu.json",
+             json.dumps({**table, "entries": {k: 100 * v for k, v in table["entries"].items()}}))
     out = tmp_path / "report"
     r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
               "--baseline", "0.5", "--baseline-epochs", "0.1", *_FAST_TIMING], tmp_path)
@@ -105,7 +113,10 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
 
 
 def test_the_drift_line_takes_the_median_of_the_reference_subnets():
-    from ofa.report import _checks
+    from ofa.report import _checks, speed_ratio
+
+    ratios, median = speed_ratio([2.6, 2.2, 1.09], [2.0, 2.0, 1.0])
+    assert ratios == pytest.approx([1.3, 1.1, 1.09]) and median == pytest.approx(1.1)  # the mean is 1.163
 
     served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
                "measured_latency_ms": ms, "predicted_latency_ms": 2.0, "drift_adjusted_error": ms / 2.2 - 1}

@@ -21,7 +21,7 @@ from ofa.calibrate import calibrate_bn
 from ofa.data import prepare_batch
 from ofa.supernet import extract
 from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotFound, ResourceExhausted,
-                        Unauthenticated)
+                        Unauthenticated, Unavailable)
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from ofa_server.main import Server
@@ -227,7 +227,7 @@ def test_tls(artifact, tmp_path):
         with Client(f"127.0.0.1:{srv.port}", tls=str(cert)) as c:
             assert c.search(generations=5).id
         with Client(f"127.0.0.1:{srv.port}", timeout=3) as plain:
-            with pytest.raises(Exception):
+            with pytest.raises(Unavailable):  # a plaintext client cannot talk to a TLS server
                 plain.supernets()
     finally:
         srv.stop(0)
@@ -304,6 +304,23 @@ def test_the_cli_pipeline_search_json_then_fetch_the_result(server, tmp_path, ca
     assert e.value.code == 2 and "argument --seed: must be an integer in 0..2**64-1, got '-1'" in capsys.readouterr().err
 
 
+def _search_cpu_seconds(pid: int) -> float:
+    """CPU seconds so far of the server's child processes (its search workers)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                fields = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artifact):
     proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -316,7 +333,14 @@ def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artif
             assert c.health() == "SERVING"
             t = threading.Thread(target=lambda: result.update(best=c.search(population=600, generations=2000)))
             t.start()
-            time.sleep(0.5)  # the search is under way
+            # SIGTERM once the search is under way: a search worker has started using the CPU
+            busy = _search_cpu_seconds(proc.pid)
+            for _ in range(1200):
+                if _search_cpu_seconds(proc.pid) > busy + 0.05:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the search never started")
             proc.send_signal(signal.SIGTERM)
             t.join(120)
         assert result["best"].id  # the in-flight search finished

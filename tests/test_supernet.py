@@ -42,6 +42,7 @@ def test_extraction_stays_exact_after_training_steps(space):
     torch.manual_seed(1)
     net = perturb(Supernet(space), seed=1).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    stats = {n: b.clone() for n, b in net.named_buffers() if n.endswith("running_mean")}
     for arch in corner_and_random_archs(space, 6, seed=2):
         x = torch.randn(4, space.in_channels, arch.resolution, arch.resolution)
         loss = torch.nn.functional.cross_entropy(net(x, arch), torch.randint(0, space.num_classes, (4,)))
@@ -51,6 +52,7 @@ def test_extraction_stays_exact_after_training_steps(space):
     # the transforms learned something and BN statistics moved
     assert any((p - torch.eye(p.shape[0])).abs().max() > 0.05
                for n, p in net.named_parameters() if "transform_" in n)
+    assert any(not torch.equal(stats[n], b) for n, b in net.named_buffers() if n in stats)
     net.eval()
     diffs = [max_diff(net, a) for a in corner_and_random_archs(space, 12, seed=3)]
     assert max(diffs) <= 1e-5
