@@ -301,7 +301,8 @@ def test_the_cli_pipeline_search_json_then_fetch_the_result(server, tmp_path, ca
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse: usage error, exit 2
         main([*address, "search", "--seed", "-1"])
-    assert e.value.code == 2 and "argument --seed: must be an integer in 0..2**64-1, got '-1'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed: must be an integer in 0..2**64-1, got '-1'" in err
 
 
 def _search_cpu_seconds(pid: int) -> float:

@@ -106,6 +106,11 @@ def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tmp_path):
     assert (tmp_path / "checkpoints" / "teacher.safetensors").exists()
     out = train(cfg, tmp_path, only_phase="kernel", progress=False)
     assert list(out) == ["full", "kernel"]
+    # phase by phase gives the weights the uninterrupted run has at the same point, bit for bit
+    train(cfg, tmp_path / "whole", progress=False)
+    (got,), (want,) = ([load_file(str(p)) for p in (d / "checkpoints" / "after-kernel").glob("model-*.safetensors")]
+                       for d in (tmp_path, tmp_path / "whole"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tmp_path):
@@ -155,6 +160,8 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
         assert (a["phase"], a["step"]) == (b["phase"], b["step"])
         assert a["archs"] == b["archs"] and a["resolution"] == b["resolution"]
         assert a["batch"] != b["batch"]
+        assert a["weights"] == b["weights"]  # gradients are averaged: the ranks stay bit-identical
+    assert len({t["weights"] for t in traces[0]}) == len(traces[0])  # while the weights do change
     load_artifact(tmp_path)
 
 

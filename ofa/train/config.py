@@ -97,7 +97,7 @@ class TrainConfig:
     threads: int = 0                   # torch CPU threads (0: leave torch's default)
     device: str = "auto"               # auto, cpu, cuda, cuda:N
     amp: bool = True                   # bf16/fp16 autocast on CUDA; ignored on CPU
-    trace: bool = False                # each rank logs its subnets and batch digest per step
+    trace: bool = False                # each rank logs its subnets, batch and weights digests per step
     phases: tuple[Phase, ...] = QUICK_PHASES
 
     def phase(self, name: str) -> Phase:

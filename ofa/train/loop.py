@@ -412,9 +412,13 @@ class Trainer:
         return self.ckpt_dir / f"after-{phase.name}"
 
     def _trace(self, phase: Phase, step: int, archs: list[Arch], idx: torch.Tensor) -> None:
+        weights = hashlib.sha256()  # the weights this step starts from: equal on every rank under DDP
+        for p in self.supernet.parameters():
+            weights.update(p.detach().cpu().numpy().tobytes())
         record = {"rank": self.rank, "phase": phase.name, "step": step, "archs": [a.id for a in archs],
                   "resolution": archs[0].resolution,
-                  "batch": hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:16]}
+                  "batch": hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:16],
+                  "weights": weights.hexdigest()[:16]}
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / f"trace-rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
