@@ -167,6 +167,7 @@ def test_recalibration_changes_only_bn_buffers_and_is_deterministic(tiny_artifac
     assert all(torch.equal(after[k], again[k]) for k in after)
 
 
+@pytest.mark.slow
 def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, capsys):
     from ofa.cli import main
 

@@ -24,6 +24,7 @@ def _run(args, tmp_path):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     out = tmp_path / "demo"
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]

@@ -61,6 +61,7 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "supernet.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_equal(tiny_data, tmp_path):
     cfg_args = tiny_args(tiny_data) + ["checkpoint_every=2"]
     ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -147,6 +148,7 @@ def test_sandwich_rule_runs(tiny_data, tmp_path):
     assert all(t["archs"][1] == space.smallest(t["resolution"]).id for t in depth_steps)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tiny_data, tmp_path):
     sets = [x for a in tiny_args(tiny_data) + ["trace=true", "threads=1"] for x in ("--set", a)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
