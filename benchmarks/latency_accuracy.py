@@ -25,6 +25,7 @@ import torch
 
 from ofa.predict.latency import LatencyPredictor
 from ofa.predict.profile import interleaved_latencies, prepare_run, profile_space, table_run_settings
+from ofa.report import speed_ratio
 from ofa.space import SearchSpace, get_space
 from ofa.subnet import build_subnet
 
@@ -117,8 +118,7 @@ def main() -> None:
               f"pairs); a pass differs from the median by {spread:.1%} (median over subnets and passes)")
     drift = None
     if refs:
-        ratios = refs_now / np.array([r[1] for r in refs])
-        drift = float(np.median(ratios))
+        ratios, drift = speed_ratio(refs_now, [r[1] for r in refs])
         adj = predicted * drift / measured - 1
         print(f"  {len(refs)} subnets timed end to end when profiled, timed again now: ratios "
               f"{', '.join(f'x{r:.3f}' for r in ratios)} (the reference first), median x{drift:.3f}; scaled by "

@@ -229,6 +229,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     refs = LatencyPredictor(art.space, table).references
     ref_modules = [build_subnet(art.space, arch) for arch, _ in refs]
     ref_shapes = [(art.data.channels, arch.resolution, arch.resolution) for arch, _ in refs]
+    ref_profiled_ms = [ms for _, ms in refs]
     base_rows: list[dict[str, Any]] = []
     if baselines:
         log(f"baselines: torchvision mobilenet_v3_small x{', x'.join(f'{w:g}' for w in baselines)}, "
@@ -239,7 +240,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         # machine runs now than when the table was profiled, is a budget in the table's units
         lats = _latencies([r["module"] for r in base_rows] + ref_modules,
                           [shape] * len(base_rows) + ref_shapes, timing)
-        speed = speed_ratio(lats[len(base_rows):], [ms for _, ms in refs])[1] if refs else 1.0
+        speed = speed_ratio(lats[len(base_rows):], ref_profiled_ms)[1] if refs else 1.0
         for row, lat in zip(base_rows, lats):
             row["budget_ms"] = round(lat / speed, 3)
             row["macs"] = count_macs_params(row["module"], shape)[0]
@@ -294,7 +295,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         row["latency_ms"] = round(lat, 4)
     if refs:
         now = lats[len(served) : len(served) + len(refs)]
-        ratios, speed = speed_ratio(now, [ms for _, ms in refs])
+        ratios, speed = speed_ratio(now, ref_profiled_ms)
         reference = {"arch_id": refs[0][0].id, "profiled_ms": refs[0][1], "now_ms": round(now[0], 4),
                      "subnets": len(refs), "ratios": [round(r, 4) for r in ratios],
                      "speed_ratio": round(speed, 4)}
