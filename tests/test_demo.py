@@ -67,7 +67,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
 
 def test_demo_refuses_bad_numbers_before_any_work(tmp_path, capsys):
     for flag, value in (("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "0"),
-                        ("--profile-min-run-time", "0")):
+                        ("--profile-min-run-time", "0"), ("--profile-calibrate", "-1"), ("--latency-runs", "0"),
+                        ("--min-run-time", "0")):
         assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
         assert f"{flag} must be" in capsys.readouterr().err  # the message names the flag given
     assert not (tmp_path / "demo").exists()

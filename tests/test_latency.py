@@ -135,6 +135,9 @@ def test_profile_command_writes_into_an_artifact(tmp_path, capsys):
     assert main(["profile", "--artifact", str(tmp_path), "--target", "../escape"]) == 2
     assert "target must be 1-64 characters" in capsys.readouterr().err
     assert main(["profile", "--space", "tiny-test", "--artifact", str(tmp_path), "--target", "x"]) == 2
+    for flag in ("--threads", "--batch", "--rounds"):  # refused before any timing, naming the flag
+        assert main(["profile", "--space", "mbv3-small-images", "--target", "x", flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_profile_from_a_space_file_as_a_device_would(tmp_path, capsys):
