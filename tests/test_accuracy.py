@@ -184,8 +184,14 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
         assert 100 * unpack_correct(v["correct"], n_val).mean() == pytest.approx(v["accuracy"], abs=1e-4)
     assert 0 <= report["test"]["tau_ceiling"] <= 1 and report["test"]["tau_ceiling_subnets"] == report["test_samples"]
     assert report["train_samples"] + report["test_samples"] == 14 and report["selected"] in ("ridge-0.3", "ridge-3")
-    pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes(), art.space)
+    stored = (root / "accuracy_predictor.safetensors").read_bytes()
+    pred = AccuracyPredictor.from_bytes(stored, art.space)
     assert pred.info["test"] == report["test"]
+    # the same measurements and settings again: the predictor such a fit makes is the stored one
+    again = build_accuracy_predictor(root, samples=14, test_fraction=0.3, progress=False, log=lambda s: None,
+                                     families=["ridge-0.3", "ridge-3"])
+    assert again["reused"] and again["test"] == report["test"]
+    assert (root / "accuracy_predictor.safetensors").read_bytes() == stored
     # more samples later: only the new subnets are measured, the old figures are kept
     before = measured["subnets"]
     assert main(["predictors", "--artifact", str(root), "--samples", "16", "--no-progress", "--json",

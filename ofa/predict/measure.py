@@ -12,6 +12,7 @@ reports how high a Kendall τ the validation split's size allows at all.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from typing import Any, Callable, Sequence
@@ -135,7 +136,7 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     from pathlib import Path
 
     from ..artifact import add_file, load_artifact
-    from .accuracy import arch_features, evaluate, fit_family, select_and_fit, tau_ceiling
+    from .accuracy import arch_features, evaluate, fit_many, select_and_fit, tau_ceiling
     from .latency import space_digest
 
     if samples < 10:
@@ -178,6 +179,21 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     log(f"{len(ids)} measured subnets ({len(y_tr)} to fit, {len(y_te)} held out); "
         f"accuracy {y.min():.2f}-{y.max():.2f}%")
     digest = space_digest(art.space)
+    # a predictor fitted before on exactly these measurements and settings is the one this fit would make
+    fit_key = hashlib.sha256(json.dumps({"measured": [[i, measured[i]["accuracy"]] for i in ids], "seed": seed,
+                                         "test_fraction": test_fraction, "families": families},
+                                        sort_keys=True).encode()).hexdigest()
+    stored = root / "accuracy_predictor.safetensors"
+    if "accuracy_predictor.safetensors" in art.manifest["files"] and stored.exists():
+        from .accuracy import AccuracyPredictor
+
+        old_pred = AccuracyPredictor.from_bytes(stored.read_bytes(), art.space)
+        if old_pred.info.get("fit_key") == fit_key and old_pred.info.get("artifact") == art.digest:
+            log(f"the stored predictor ({old_pred.family}) was fitted on these {len(ids)} measurements with these "
+                f"settings: reusing it")
+            return {**old_pred.info, "measure_seconds": round(measure_s, 1), "reused": True,
+                    "held_out": {"ids": [i for i, h in zip(ids, held) if h], "measured": y_te.tolist(),
+                                 "predicted": old_pred.predict_features(x_te).tolist()}}
     pred, cv = select_and_fit(x_tr, y_tr, digest, families, seed=seed, log=log)
     test = evaluate(pred, x_te, y_te)
     # measurements made before per-image correctness was kept have none: the ceiling uses the others
@@ -186,15 +202,14 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
         test = {**test, "tau_ceiling": round(tau_ceiling(np.stack(graded)), 4), "tau_ceiling_subnets": len(graded)}
         log(f"the {len(val)}-image validation split lets any predictor reach at most Kendall tau "
             f"{test['tau_ceiling']:.3f} on these {len(graded)} held-out subnets")
-    curve = []
     order = np.random.default_rng(seed).permutation(len(y_tr))
-    for frac in (0.25, 0.5, 0.75, 1.0):
-        k = max(10, int(round(frac * len(y_tr))))
-        fitted = pred if k == len(y_tr) else fit_family(pred.family, x_tr[order[:k]], y_tr[order[:k]], digest, seed)
-        curve.append({"train_samples": k, **evaluate(fitted, x_te, y_te)})
+    sizes = [max(10, int(round(frac * len(y_tr)))) for frac in (0.25, 0.5, 0.75)]
+    smaller = fit_many(pred.family, [(x_tr[order[:k]], y_tr[order[:k]]) for k in sizes], digest, seed)
+    curve = [{"train_samples": k, **evaluate(fitted, x_te, y_te)}
+             for k, fitted in zip(sizes + [len(y_tr)], smaller + [pred])]
     info = {"selected": pred.family, "cv": cv, "test": test, "train_samples": int(len(y_tr)),
             "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(calib),
-            "seed": seed, "artifact": art.digest}
+            "seed": seed, "artifact": art.digest, "fit_key": fit_key}
     log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
     pred = type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
     add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
