@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: find and run the reference package."""
+"""Helpers shared by the benchmark scripts: the machine fingerprint, and finding and running the reference package."""
 from __future__ import annotations
 
 import json
@@ -37,3 +37,49 @@ def run_reference(task: str, **args) -> dict:
 def summary(times: list[float]) -> str:
     ms = [t * 1000 for t in times]
     return f"mean {statistics.fmean(ms):.1f} ms, median {statistics.median(ms):.1f} ms (n={len(ms)})"
+
+
+_FINGERPRINT = """
+import json, statistics, time, torch, torchvision
+torch.set_num_threads(2)
+a = torch.zeros(64, 64)
+for _ in range(2000):
+    a.add_(1)
+adds = []
+for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(10000):
+        a.add_(1)
+    adds.append((time.perf_counter() - t) / 10000 * 1e6)
+m = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+x = torch.randn(1, 3, 28, 28)
+runs = []
+with torch.inference_mode():
+    for _ in range(50):
+        m(x)
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(100):
+            m(x)
+        runs.append((time.perf_counter() - t) / 100 * 1e3)
+print(json.dumps({"add_us": statistics.median(adds), "mbv3_small_ms": statistics.median(runs),
+                  "mbv3_small_range_ms": [min(runs), max(runs)]}))
+"""
+
+
+def fingerprint() -> dict:
+    """The machine fingerprint every latency or speed figure carries (PERF.md): a tiny torch op
+    (``a.add_(1)`` on 64x64) in microseconds, and torchvision ``mobilenet_v3_small`` at 28 px, batch 1,
+    2 threads, eager, in ms; measured in a fresh process. Also printed, with the CPU and core count."""
+    out = subprocess.run([sys.executable, "-c", _FINGERPRINT], capture_output=True, text=True, cwd="/")
+    if out.returncode:
+        sys.exit(f"the fingerprint failed:\n{out.stderr[-2000:]}")
+    fp = json.loads(out.stdout.strip().splitlines()[-1])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown CPU")
+    fp.update(cpu=cpu, cores=os.cpu_count())
+    lo, hi = fp["mbv3_small_range_ms"]
+    print(f"machine fingerprint: {cpu}, {fp['cores']} cores; torch a.add_(1) 64x64 {fp['add_us']:.2f} us; "
+          f"mobilenet_v3_small @28 px, batch 1, 2 threads, eager {fp['mbv3_small_ms']:.2f} ms "
+          f"({lo:.2f}-{hi:.2f})", flush=True)
+    return fp

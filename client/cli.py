@@ -31,7 +31,7 @@ def _client(args: argparse.Namespace) -> Client:
 def _constraint_kwargs(args: argparse.Namespace) -> dict:
     return {"max_latency_ms": args.max_latency_ms, "max_macs": args.max_macs, "max_params": args.max_params,
             "resolutions": args.resolution or (), "seed": args.seed, "population": args.population,
-            "generations": args.generations}
+            "generations": args.generations, "reference_timings": args.reference_timings}
 
 
 def _line(s) -> str:
@@ -96,7 +96,9 @@ def _targets(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(targets, sort_keys=True))
     for t in [] if args.json else targets:
         print(f"{t['name']:24s} {t['source']:10s} {t['cpu']}, {t['threads']} threads, {t['backend']} "
-              f"{t['backend_version']}, {t['blocks']} blocks, mean |error| {t['mean_abs_rel_error']:.1%}")
+              f"{t['backend_version']}, {t['blocks']} blocks, model {t['model_family']}: held out "
+              f"{t['held_out_within_10pct']:.0%} within 10%, mean |error| {t['mean_abs_rel_error']:.1%}; "
+              f"speed x{t['speed']:.3f}; {len(t['references'])} references")
     return 0
 
 
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=_seed, default=0, help="same seed, same answer (default 0)")
         s.add_argument("--population", type=int, default=0, help="0: the server's default")
         s.add_argument("--generations", type=int, default=0, help="0: the server's default")
+        s.add_argument("--reference-timings", metavar="FILE",
+                       help="the target's reference subnets timed on the device just now (written by `ofa profile "
+                       "--recalibrate --timings-out FILE`): latency is predicted at the device's speed today")
 
     s = add_parser("search", help="the most accurate subnet meeting the constraints")
     constraint_args(s)

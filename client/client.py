@@ -18,7 +18,7 @@ from .v1 import subnet_service_pb2_grpc as pb_grpc
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError",
            "InvalidArgument", "NotFound", "ResourceExhausted", "SubnetInfo", "Unauthenticated", "Unavailable",
-           "Weights", "FORMATS"]
+           "Weights", "FORMATS", "reference_timings_of"]
 
 FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
            "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
@@ -91,6 +91,33 @@ def _arch_dict(a: pb.Arch) -> dict[str, Any]:
     return {"kernel": list(a.kernel), "expand": list(a.expand), "depth": list(a.depth), "resolution": a.resolution}
 
 
+def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
+    """Reference timings as messages, from {subnet_id: ms}, a list of {"subnet_id", "ms"} objects, or the
+    path (or JSON object) of a file written by ``ofa profile --recalibrate --timings-out`` (its
+    ``reference_timings``). A wrong shape is a ValueError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        try:
+            value = json.loads(Path(value).read_text())
+        except ValueError as e:
+            raise ValueError(f"reference timings file {value}: not JSON ({e})") from None
+    if isinstance(value, Mapping) and "reference_timings" in value:
+        value = value["reference_timings"]
+    if isinstance(value, Mapping):
+        value = [{"subnet_id": k, "ms": v} for k, v in value.items()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("reference_timings must be a list of {\"subnet_id\": id, \"ms\": number}")
+    out = []
+    for i, t in enumerate(value):
+        if (not isinstance(t, Mapping) or not isinstance(t.get("subnet_id"), str)
+                or isinstance(t.get("ms"), bool) or not isinstance(t.get("ms"), (int, float))):
+            raise ValueError(f"reference_timings[{i}] must be {{\"subnet_id\": id, \"ms\": number}}, "
+                             f"got {t!r}"[:200])
+        out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"])))
+    return out
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -118,12 +145,13 @@ class SubnetInfo:
     search_seconds: float
     supernet: str
     target: str
+    speed: float = 0.0  # the device speed the latency prediction used (1: as profiled; 0: no target)
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
         return cls(m.id, _arch_dict(m.arch), m.predicted_accuracy,
                    m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
-                   m.macs, m.params, m.search_seconds, m.supernet, m.target)
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -240,21 +268,26 @@ class Client:
     def search(self, target: str | None = None, *, max_latency_ms: float | None = None, max_macs: int | None = None,
                max_params: int | None = None, resolutions: Sequence[int] = (), min_accuracy: float | None = None,
                seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
-               timeout: float | None = None) -> SubnetInfo:
+               timeout: float | None = None, reference_timings: Any = None) -> SubnetInfo:
+        """The most accurate subnet meeting the constraints. ``reference_timings`` (see
+        :func:`reference_timings_of`): the target's references timed on the device just now, so that
+        ``max_latency_ms`` holds at the device's speed today."""
         req = pb.SearchSubnetRequest(
             supernet=supernet or self.supernet, target=target or "", seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy),
-            options=pb.SearchOptions(population=population, generations=generations))
+            options=pb.SearchOptions(population=population, generations=generations),
+            reference_timings=reference_timings_of(reference_timings))
         return SubnetInfo.from_pb(self._call("SearchSubnet", req, timeout))
 
     def pareto(self, target: str | None = None, points: int = 10, *, max_latency_ms: float | None = None,
                max_macs: int | None = None, max_params: int | None = None, resolutions: Sequence[int] = (),
                seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
-               timeout: float | None = None) -> list[SubnetInfo]:
+               timeout: float | None = None, reference_timings: Any = None) -> list[SubnetInfo]:
         req = pb.GetParetoFrontRequest(
             supernet=supernet or self.supernet, target=target or "", points=points, seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, None),
-            options=pb.SearchOptions(population=population, generations=generations))
+            options=pb.SearchOptions(population=population, generations=generations),
+            reference_timings=reference_timings_of(reference_timings))
         return [SubnetInfo.from_pb(p) for p in self._call("GetParetoFront", req, timeout).points]
 
     def fetch(self, subnet: str | SubnetInfo | Mapping[str, Any], format: str = "safetensors",

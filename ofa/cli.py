@@ -77,13 +77,15 @@ def _print_table(report: dict) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Train, fit predictors, profile, serve, specialise through ofa-client, measure, report."""
-    from .demo import run_demo
+    from .demo import check_demo, run_demo
+    from .predict.timing import Timing
 
     t0 = time.perf_counter()
-    profile = {"rounds": args.profile_rounds, "min_run_time": args.profile_min_run_time,
-               "calibrate": args.profile_calibrate}
-    report = run_demo(args.out, args.preset, args.set or [], args.samples, args.target, profile, args.budgets,
-                      args.latency_runs, args.min_run_time, progress=not args.no_progress)
+    timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
+    _flag_errors(timing.check, prefix="--profile-")
+    _flag_errors(lambda: check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets))
+    report = run_demo(args.out, args.preset, args.set or [], args.samples, args.target, timing, args.profile_subnets,
+                      args.budgets, progress=not args.no_progress, log=print)
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "
@@ -95,9 +97,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """Serve an artifact, specialise it for latency budgets through ofa-client, measure, report."""
     from .report import render_markdown, run_report
 
-    report = run_report(args.artifact, args.target, args.out, args.budgets, args.budget_ms or (),
-                        args.baseline or (), args.baseline_epochs, args.data_dir, args.latency_runs,
-                        args.min_run_time, progress=not args.no_progress)
+    from .report import check_report_settings
+
+    _flag_errors(lambda: check_report_settings(args.budgets, args.budget_ms or ()))
+    report = run_report(args.artifact, args.target, args.out, args.budgets, args.budget_ms or (), args.baseline or (),
+                        args.baseline_epochs, args.data_dir, progress=not args.no_progress, log=print)
     command = "ofa report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
     (Path(args.out) / "report.md").write_text(render_markdown(report, command))
     print()
@@ -148,33 +152,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_profile(args: argparse.Namespace) -> int:
-    """Time every distinct block on this machine into a latency table."""
-    from .predict.profile import check_profile_settings, profile_space
+def _profile_space(args: argparse.Namespace):
     from .space import SearchSpace, get_space
 
-    if sum(map(bool, (args.artifact, args.space, args.space_file))) != 1:
-        raise ValueError("give exactly one of --artifact DIR, --space NAME or --space-file FILE")
     if args.space_file:
         try:
-            space = SearchSpace.from_dict(json.loads(Path(args.space_file).read_text()))
+            return SearchSpace.from_dict(json.loads(Path(args.space_file).read_text()))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--space-file {args.space_file} is not a search-space definition: {e}") from None
-    elif args.artifact:
-        manifest = Path(args.artifact) / "manifest.json"
-        if not manifest.exists():
+    if args.artifact:
+        if not (Path(args.artifact) / "manifest.json").exists():
             raise ValueError(f"{args.artifact} is not an artifact: manifest.json is missing")
-        space = SearchSpace.from_dict(json.loads((Path(args.artifact) / "space.json").read_text()))
-    else:
-        space = get_space(args.space)
-    from .predict.latency import check_target_name
+        return SearchSpace.from_dict(json.loads((Path(args.artifact) / "space.json").read_text()))
+    return get_space(args.space)
 
-    check_target_name(args.target)
-    check_profile_settings(args.threads, args.batch, args.rounds, args.min_run_time, args.calibrate)
-    table = profile_space(space, args.target, threads=args.threads, batch=args.batch, seed=args.seed,
-                          min_run_time=args.min_run_time, channels_last=args.channels_last,
-                          calibrate=args.calibrate, rounds=args.rounds, progress=not args.no_progress,
-                          backend=args.backend)
+
+def _write_table(args: argparse.Namespace, space, table: dict) -> None:
     from .predict.latency import validate_table
 
     text = json.dumps(validate_table(table, space), indent=1, sort_keys=True)
@@ -184,14 +177,92 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.artifact:
         from .artifact import add_file
 
-        print(f"wrote {add_file(Path(args.artifact), f'latency/{args.target}.json', text)}")
-    cal = table.get("calibration", {})
-    print(f"{len(table['entries'])} blocks in {table['profile_seconds']} s; {cal.get('archs', 0)} subnets timed end "
-          f"to end, the correction checked on {cal.get('checked', 0)} of them: mean |error| "
-          f"{cal.get('mean_abs_rel_error_raw', float('nan')):.1%} "
-          f"raw, {cal.get('mean_abs_rel_error_corrected', float('nan')):.1%} corrected "
-          f"({'kept' if cal.get('kept') else 'not kept'})")
+        name = f"latency/{table['target']}.json"
+        print(f"wrote {add_file(Path(args.artifact), name, text)}")
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    """Re-time a table's reference subnets on this device now; store the speed in the table."""
+    from .predict.latency import validate_table
+    from .predict.profile import recalibrate, reference_timings
+
+    if args.table:
+        if args.artifact or args.space:
+            raise ValueError("--recalibrate takes --table FILE [--space-file F] or --artifact DIR --target NAME")
+        table = json.loads(Path(args.table).read_text())
+        space = _profile_space(args) if args.space_file else None
+        if space is None:
+            from .space import get_space, space_names
+
+            name = table.get("space", {}).get("name")
+            if name not in space_names():
+                raise ValueError(f"the table's space {name!r} is not registered here; give its --space-file")
+            space = get_space(name)
+    elif args.artifact and args.target:
+        space = _profile_space(args)
+        path = Path(args.artifact) / "latency" / f"{args.target}.json"
+        if not path.exists():
+            raise ValueError(f"{args.artifact} has no latency table for --target {args.target!r}; profile it first")
+        table = json.loads(path.read_text())
+    else:
+        raise ValueError("--recalibrate needs --table FILE, or --artifact DIR with --target NAME")
+    if not (args.out or args.artifact or args.timings_out):
+        raise ValueError("--recalibrate with --table writes nothing without --out FILE or --timings-out FILE")
+    table = validate_table(table, space)
+    table, timings = recalibrate(space, table, progress=not args.no_progress)
+    recal = table["recalibration"]
+    print(f"{len(recal['ratios'])} reference subnets re-timed in {timings.seconds:.1f} s: the device runs "
+          f"x{recal['scale']:.3f} of its profiled time now (ratios {min(recal['ratios']):.3f}-"
+          f"{max(recal['ratios']):.3f}); {recal['repeatability']['verdict']}")
+    if args.timings_out:
+        Path(args.timings_out).write_text(json.dumps(reference_timings(space, table, timings), indent=1))
+        print(f"wrote {args.timings_out} (send it with `ofa-client search --reference-timings {args.timings_out}`)")
+    if args.out or args.artifact:
+        _write_table(args, space, table)
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    """Time every distinct block and subnets end to end on this machine into a latency table."""
+    from .predict.latency import check_target_name
+    from .predict.profile import check_profile, profile_space
+    from .predict.timing import Timing
+
+    if args.recalibrate:
+        return _cmd_recalibrate(args)
+    if sum(map(bool, (args.artifact, args.space, args.space_file))) != 1:
+        raise ValueError("give exactly one of --artifact DIR, --space NAME or --space-file FILE")
+    if not args.target:
+        raise ValueError("--target is required: the name of this hardware target")
+    space = _profile_space(args)
+    check_target_name(args.target)
+    timing = Timing(backend=args.backend, threads=args.threads, batch=args.batch, channels_last=args.channels_last,
+                    rounds=args.rounds, sample_ms=args.sample_ms)
+    _flag_errors(timing.check)
+    _flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
+    table = profile_space(space, args.target, timing, subnets=args.subnets, held_out=args.held_out,
+                          references=args.references, seed=args.seed, progress=not args.no_progress)
+    _write_table(args, space, table)
+    fit, rep = table["fit"], table["timing"]["repeatability"]
+    held = fit["quality"].get("held_out") or {}
+    print(f"{len(table['entries'])} blocks and {fit['subnets'] + fit['held_out']} subnets timed in "
+          f"{table['profile_seconds']} s ({rep['verdict']}); model {table['model']['family']}, on "
+          f"{held.get('subnets', 0)} held-out subnets: {held.get('within_10pct', float('nan')):.0%} within 10%, "
+          f"mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman {held.get('spearman', 0):.3f}")
+    return 0
+
+
+def _flag_errors(make, prefix: str = "--"):
+    """Run ``make``; a ValueError that starts with a field's name (``sample_ms must be…``) is re-worded to name
+    its flag (``--sample-ms must be…``): library messages name fields, the CLI's name flags."""
+    try:
+        return make()
+    except ValueError as e:
+        text = str(e)
+        field, _, rest = text.partition(" ")
+        if field.isidentifier() and field.islower() and field not in ("the", "a", "an", "this") and rest:
+            raise ValueError(f"{prefix}{field.replace('_', '-')} {rest}") from None
+        raise
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -206,13 +277,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     targets = {}
     for name in sorted(manifest.get("files", {})):
         if name.startswith("latency/") and name.endswith(".json"):
+            target = name[len("latency/"):-len(".json")]
             try:
                 table = validate_table(json.loads((root / name).read_text()))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{root / name} is not a valid latency table: {e}") from None
+            except (OSError, ValueError) as e:  # shown, not fatal: the other targets are still of use
+                targets[target] = {"error": str(e)}
+                continue
             targets[table["target"]] = {"device": table["device"], "blocks": len(table["entries"]),
-                                        "correction": table.get("correction"),
-                                        "calibration": table.get("calibration")}
+                                        "model": table["model"], "fit": table.get("fit"),
+                                        "timing": table.get("timing"), "recalibration": table.get("recalibration"),
+                                        "references": len(table.get("references", []))}
     accuracy = None
     if "accuracy_predictor.safetensors" in manifest.get("files", {}):
         from .predict.accuracy import AccuracyPredictor
@@ -247,10 +321,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
                   f"on these subnets")
     print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
     for name, t in targets.items():
-        cal = t.get("calibration") or {}
+        if "error" in t:
+            print(f"  {name}: not usable: {t['error']}")
+            continue
+        held = ((t.get("fit") or {}).get("quality") or {}).get("held_out") or {}
+        rep = (t.get("timing") or {}).get("repeatability") or {}
         print(f"  {name}: {t['blocks']} blocks, {t['device'].get('cpu')}, {t['device'].get('threads')} threads, "
-              f"{t['device'].get('backend')}; end-to-end mean |error| "
-              f"{cal.get('mean_abs_rel_error_corrected', float('nan')):.1%}")
+              f"{t['device'].get('backend')} {t['device'].get('backend_version', '')}; model {t['model']['family']}")
+        print(f"    end to end on {held.get('subnets', 0)} held-out subnets: {held.get('within_10pct', float('nan')):.0%}"
+              f" within 10%, mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman "
+              f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}")
+        recal = t.get("recalibration")
+        print(f"    speed: x{recal['scale']:.3f} of the profiled time, measured {recal.get('measured_at', '?')} "
+              f"from {len(recal.get('ratios', []))} references" if recal else
+              f"    speed: as profiled ({t['references']} references to re-time with `ofa profile --recalibrate`)")
     return 0
 
 
@@ -387,15 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=60, help="subnets measured for the accuracy predictor (default 60)")
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
-    s.add_argument("--profile-rounds", type=int, default=3, help="profiling passes over all blocks (default 3)")
-    s.add_argument("--profile-min-run-time", type=float, default=0.05,
-                   help="seconds of timing per block and pass (default 0.05)")
-    s.add_argument("--profile-calibrate", type=int, default=10,
-                   help="N: the corners and 2N random subnets are timed end to end to fit the table's "
-                        "correction, N of them to check it; 0: no correction (default 10)")
-    s.add_argument("--latency-runs", type=int, default=3,
-                   help="interleaved timing runs per served subnet, median kept (default 3)")
-    s.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing run (default 0.5)")
+    s.add_argument("--profile-backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="runtime of this machine's latency target (default onnxruntime; see `ofa profile --help`)")
+    s.add_argument("--profile-rounds", type=int, default=6, help="interleaved timing passes (default 6)")
+    s.add_argument("--profile-sample-ms", type=float, default=10.0,
+                   help="each timing sample runs as many calls as fill this many ms (default 10)")
+    s.add_argument("--profile-subnets", type=int, default=80,
+                   help="random subnets timed end to end to fit and check the latency model (default 80)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
@@ -414,8 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train mobilenet_v3_small with this width multiplier as a baseline (repeatable)")
     s.add_argument("--baseline-epochs", type=float, help="default: all of the artifact's training epochs")
     s.add_argument("--data-dir", help="where the dataset lies, if not where training found it")
-    s.add_argument("--latency-runs", type=int, default=3, help="interleaved timing runs, median kept (default 3)")
-    s.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing run (default 0.5)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_report)
 
@@ -449,30 +529,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("profile", help="measure this machine's latency per block into a latency table",
-                       description="Time every distinct block configuration of a space (every kernel, "
-                       "expand ratio, stage and resolution) on this machine, plus stem and head, and "
-                       "write a latency table (JSON, format ofa-latency-table v1).")
+    s = sub.add_parser("profile", help="measure this machine's latency into a latency table, or re-time it",
+                       description="Time every distinct block configuration of a space (every kernel, expand ratio, "
+                       "stage and resolution, plus stem and head) and subnets end to end on this machine, in a "
+                       "timing process that imports only the runtime, and write a latency table (JSON, format "
+                       "ofa-latency-table v2) whose model is fitted on most of those subnets and checked on the rest. "
+                       "With --recalibrate, re-time a table's reference subnets instead (seconds) and store how much "
+                       "faster or slower the device runs now.")
     s.add_argument("--artifact", help="artifact folder: its space is profiled and the table is stored "
                    "as latency/TARGET.json in it")
     s.add_argument("--space", help="profile a registered space instead (see `ofa spaces`)")
     s.add_argument("--space-file", help="profile the space defined in this JSON file instead (on a device: "
                    "`ofa-client supernets --json` gives it as space.definition_json)")
-    s.add_argument("--target", required=True, help="name of this hardware target (letters, digits, -_.)")
+    s.add_argument("--target", help="name of this hardware target (letters, digits, -_.)")
     s.add_argument("--out", help="also write the table to this file")
-    s.add_argument("--threads", type=int, default=2, help="torch threads while timing (default 2)")
+    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="onnxruntime (default): every network exported to ONNX as a fetched --format onnx subnet "
+                   "is, run in an onnxruntime CPU session; torch: eager torch modules, which at batch 1 on small "
+                   "images measures Python dispatch as much as the network")
+    s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
-    s.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="run the blocks in torch eager (default) or as ONNX in onnxruntime (CPU), which is "
-                   "how a subnet fetched with --format onnx runs")
     s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format (torch only)")
-    s.add_argument("--min-run-time", type=float, default=0.05,
-                   help="seconds of timing per block and pass (default 0.05)")
-    s.add_argument("--rounds", type=int, default=3, help="passes over all blocks, median kept (default 3)")
-    s.add_argument("--calibrate", type=int, default=10,
-                   help="N: time the corners and 2N random subnets end to end (--rounds interleaved passes) "
-                        "to fit a correction, checked on N of them; 0: no correction and no corner "
-                        "references (default 10)")
+    s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
+    s.add_argument("--sample-ms", type=float, default=10.0,
+                   help="each timing sample runs as many calls as fill this many ms (default 10)")
+    s.add_argument("--subnets", type=int, default=80,
+                   help="random subnets timed end to end besides the references, to fit and check the model "
+                   "(default 80)")
+    s.add_argument("--held-out", type=float, default=0.25,
+                   help="share of those held out to check the model (default 0.25)")
+    s.add_argument("--references", type=int, default=10,
+                   help="reference subnets timed end to end, re-timed later by --recalibrate (default 10)")
+    s.add_argument("--recalibrate", action="store_true",
+                   help="re-time the references of --table FILE (or of --artifact DIR's --target) on this device "
+                   "now and store the device's speed in the table (--out, or back into the artifact)")
+    s.add_argument("--table", help="with --recalibrate: the latency table to re-time")
+    s.add_argument("--timings-out", help="with --recalibrate: also write the references' timings here, for "
+                   "`ofa-client search --reference-timings FILE`")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_profile)

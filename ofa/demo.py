@@ -2,7 +2,8 @@
 
 1. train the ``quick`` supernet (progressive shrinking with distillation) into OUT/supernet;
 2. measure subnets and fit the accuracy predictor into it;
-3. profile this machine as a latency target;
+3. profile this machine as a latency target (onnxruntime by default: how a subnet fetched as
+   ONNX runs);
 4. start ``ofa serve`` on loopback and, with ``ofa-client``, request and fetch the best
    subnet for a tight, a middle and a loose latency budget; stop the server;
 5. measure the served subnets (test accuracy, latency here) and write OUT/report.md,
@@ -18,28 +19,59 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["run_demo"]
+from .predict.timing import Timing
+
+__all__ = ["check_demo", "run_demo"]
+
+
+def check_demo(samples: int = 60, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 80,
+               budgets: int = 3) -> None:
+    """Refuse what :func:`run_demo` could only fail on later (step 4 starts after ~10 minutes), naming the field."""
+    from .predict.latency import check_target_name
+    from .predict.profile import check_profile
+    from .report import check_report_settings
+
+    check_target_name(target)
+    if samples < 10:
+        raise ValueError(f"samples must be >= 10, got {samples}")
+    timing.check()
+    try:
+        check_profile(profile_subnets)
+    except ValueError as e:
+        raise ValueError(f"profile_{e}") from None
+    check_report_settings(budgets)
+
+
+def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str, Any] | None:
+    """The artifact's table of ``target`` if it was profiled with exactly these settings (else None)."""
+    from .predict.latency import LatencyTableError, validate_table
+
+    name = f"latency/{target}.json"
+    if name not in art.manifest["files"]:
+        return None
+    try:
+        table = validate_table(json.loads((art.path / name).read_text()), art.space)
+    except (OSError, ValueError, LatencyTableError):
+        return None
+    dev, fit = table["device"], table.get("fit") or {}
+    same = (dev.get("backend"), dev.get("threads"), dev.get("batch"), fit.get("subnets", 0) + fit.get("held_out", 0))
+    want = (timing.backend, timing.threads, timing.batch, subnets + 10)
+    return table if same == want and {k: table.get("timing", {}).get(k) for k in timing.protocol()} == \
+        timing.protocol() else None
 
 
 def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 60,
-             target: str = "this-machine", profile: dict[str, Any] | None = None, budgets: int = 3,
-             latency_runs: int = 3, min_run_time: float = 0.5, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 80, budgets: int = 3,
+             progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json)."""
     from .artifact import add_file, load_artifact
-    from .predict.latency import check_target_name, validate_table
+    from .predict.latency import validate_table
     from .predict.measure import build_accuracy_predictor
-    from .predict.profile import check_profile_settings, profile_space
-    from .report import check_report_settings, render_markdown, run_report
+    from .predict.profile import profile_space
+    from .report import render_markdown, run_report
     from .train import config_differences, load_config, train
 
-    # every bad value fails here, before any work (step 4 starts after ~10 minutes)
-    check_target_name(target)
-    if samples < 10:
-        raise ValueError(f"--samples must be >= 10, got {samples}")
-    profile = profile or {}
-    check_profile_settings(**profile, prefix="--profile-")
-    check_report_settings(budgets, latency_runs, min_run_time)
+    check_demo(samples, target, timing, profile_subnets, budgets)
     out = Path(out)
     art_dir = out / "supernet"
     config = load_config(preset, None, list(assignments))
@@ -72,19 +104,26 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
 
     log(f"[3/5] profile this machine as target {target!r}")
     t = time.perf_counter()
-    space = load_artifact(art_dir).space
-    table = profile_space(space, target, progress=progress, **profile)
-    add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, space), indent=1, sort_keys=True))
-    cal = table.get("calibration") or {}
-    log(f"  {len(table['entries'])} blocks timed in {table['profile_seconds']} s"
-        + (f"; end-to-end check on {cal['checked']} subnets: mean |error| "
-           f"{cal['mean_abs_rel_error_corrected' if cal['kept'] else 'mean_abs_rel_error_raw']:.1%}" if cal else ""))
+    art = load_artifact(art_dir)
+    table = _profiled_before(art, target, timing, profile_subnets)
+    if table is not None:
+        log("  already profiled with these settings: reusing the table (the report re-times its references, "
+            "so the machine's speed now is measured anyway)")
+    else:
+        table = profile_space(art.space, target, timing, subnets=profile_subnets, progress=progress)
+        add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, art.space), indent=1,
+                                                                sort_keys=True))
+    held = table["fit"]["quality"].get("held_out") or {}
+    log(f"  {len(table['entries'])} blocks and {table['fit']['subnets'] + table['fit']['held_out']} subnets timed "
+        f"in {table['profile_seconds']} s ({timing.backend}); model {table['model']['family']}, on "
+        f"{held.get('subnets', 0)} held-out subnets {held.get('within_10pct', float('nan')):.0%} within 10%, "
+        f"mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}; "
+        f"{table['timing']['repeatability']['verdict']}")
     steps["profile"] = time.perf_counter() - t
 
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
     t = time.perf_counter()
-    report = run_report(art_dir, target, out, budgets=budgets, latency_runs=latency_runs,
-                        min_run_time=min_run_time, progress=progress, log=log)
+    report = run_report(art_dir, target, out, budgets=budgets, progress=progress, log=log)
     steps["serve, search, fetch and measure"] = time.perf_counter() - t
     steps["total"] = time.perf_counter() - t_all
 

@@ -24,6 +24,7 @@ __all__ = [
     "SqueezeExcite",
     "SubNet",
     "ONNX_OPSET",
+    "build_part",
     "build_subnet",
     "export_onnx",
     "load_subnet",
@@ -142,6 +143,24 @@ class SubNet(nn.Module):
 def build_subnet(space: SearchSpace, arch: Arch, device: torch.device | str | None = None) -> SubNet:
     """A randomly initialised subnet (``device='meta'`` builds it without allocating)."""
     return SubNet(space, arch, device)
+
+
+PARTS = ("subnet", "stem", "block", "head")
+
+
+def build_part(space: SearchSpace, part: str, arch: Mapping | Arch | None = None,
+               block: Mapping | BlockSpec | None = None) -> nn.Module:
+    """A randomly initialised network to time: a whole subnet (``arch``), or the stem, one ``block`` or the head."""
+    if part == "subnet":
+        return build_subnet(space, arch if isinstance(arch, Arch) else Arch.from_dict(arch))
+    if part == "stem":
+        return make_stem(space)
+    if part == "head":
+        return Head(space)
+    if part == "block":
+        spec = block if isinstance(block, BlockSpec) else BlockSpec(**block)
+        return InvertedResidual(spec, space.bn_momentum, space.bn_eps)
+    raise ValueError(f"part must be one of {list(PARTS)}, got {part!r}")
 
 
 def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.Tensor]) -> SubNet:

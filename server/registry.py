@@ -70,11 +70,9 @@ class Registry:
                 raise ValueError(f"two artifacts are both named {name!r}; give --name for each")
             art = load_artifact(d)
             scorer = load_scorer(d)
-            tables = {}
-            for file in art.manifest["files"]:
-                if file.startswith("latency/") and file.endswith(".json"):
-                    table = json.loads((Path(d) / file).read_text())
-                    tables[table["target"]] = table
+            tables = {name: pred.table for name, pred in scorer.latency.items()}
+            for name, why in scorer.refused.items():
+                log.warning("not serving target %s of %s: %s", name, d, why)
             served = ServedSupernet(name, art, scorer, tables)
             for arch in (art.space.smallest(), art.space.largest()):
                 served.remember(arch)
@@ -167,11 +165,21 @@ class Registry:
 
 
 def target_summary(name: str, supernet: str, table: dict[str, Any], source: str) -> dict[str, Any]:
+    """The fields of a ``pb.Target`` for a validated table."""
+    from ofa_client.v1 import subnet_service_pb2 as pb
+
     dev = table.get("device", {})
-    cal = table.get("calibration") or {}
-    err = cal.get("mean_abs_rel_error_corrected" if cal.get("kept") else "mean_abs_rel_error_raw", 0.0)
+    held = ((table.get("fit") or {}).get("quality") or {}).get("held_out") or {}
+    refs = []
+    for r in table.get("references", []):
+        a = Arch.from_dict(r["arch"])
+        refs.append(pb.ReferenceSubnet(subnet_id=a.id, profiled_ms=float(r["ms"]), arch=pb.Arch(
+            kernel=a.kernel, expand=a.expand, depth=a.depth, resolution=a.resolution)))
     return {"name": name, "supernet": supernet, "cpu": str(dev.get("cpu", "")), "threads": int(dev.get("threads", 0) or 0),
             "backend": str(dev.get("backend", "")), "backend_version": str(dev.get("backend_version", "")),
             "batch": int(dev.get("batch", 1) or 1), "blocks": len(table["entries"]),
-            "mean_abs_rel_error": float(err or 0.0), "source": source}
+            "mean_abs_rel_error": float(held.get("mean_abs_rel_error", 0.0)), "source": source,
+            "references": refs, "held_out_within_10pct": float(held.get("within_10pct", 0.0)),
+            "held_out_spearman": float(held.get("spearman", 0.0)), "model_family": str(table["model"]["family"]),
+            "speed": float((table.get("recalibration") or {}).get("scale", 1.0))}
 

@@ -48,14 +48,19 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _job(kind: str, artifact_dir: str, table: dict | None, slot: int, args: tuple) -> Any:
+def _job(kind: str, artifact_dir: str, table: dict | None, speed: float | None, slot: int, args: tuple) -> Any:
     from ofa.predict.latency import LatencyPredictor
     from ofa.search import Scorer, pareto_front, search
 
     scorer = _scorer(artifact_dir)
+    target = args[1]  # search: (constraints, target, settings); pareto: (points, target, ...)
+    latency = dict(scorer.latency)
     if table is not None:
-        scorer = Scorer(scorer.space, scorer.accuracy,
-                        {**scorer.latency, table["target"]: LatencyPredictor(scorer.space, table)})
+        latency[table["target"]] = LatencyPredictor(scorer.space, table)
+    if speed is not None and target in latency:  # the device's speed now, from the request's timings
+        latency[target] = latency[target].with_speed(speed)
+    if latency != scorer.latency:
+        scorer = Scorer(scorer.space, scorer.accuracy, latency, scorer.refused)
     stop = lambda: _flags[slot] != 0  # noqa: E731
     if kind == "search":
         return search(scorer, *args, should_stop=stop)
@@ -81,13 +86,13 @@ class SearchPool:
         for job in [self._pool.submit(_ready) for _ in range(slots)]:
             job.result()
 
-    def run(self, kind: str, artifact_dir: str, table: dict | None, args: tuple,
+    def run(self, kind: str, artifact_dir: str, table: dict | None, speed: float | None, args: tuple,
             cancelled: Callable[[], bool]) -> Any:
         with self._lock:
             slot = self._free.pop()
         self._flags[slot] = 0
         try:
-            future = self._pool.submit(_job, kind, artifact_dir, table, slot, args)
+            future = self._pool.submit(_job, kind, artifact_dir, table, speed, slot, args)
             while True:
                 try:
                     return future.result(timeout=0.05)

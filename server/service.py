@@ -83,7 +83,9 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
 
     def _check_target(self, sn: ServedSupernet, target: str | None) -> None:
         if target is not None and target not in self.registry.tables(sn):
-            raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"target {target!r} is not known for supernet "
+            why = sn.scorer.refused.get(target)
+            raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"target {target!r} of supernet {sn.name!r} cannot be "
+                                 f"used: {why}" if why else f"target {target!r} is not known for supernet "
                                  f"{sn.name!r}; known targets: {self.registry.known_targets(sn)}")
 
     @contextlib.contextmanager
@@ -99,11 +101,11 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             sem.release()
 
     @staticmethod
-    def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None) -> pb.Subnet:
+    def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None, speed: float) -> pb.Subnet:
         a = c.arch
         msg = pb.Subnet(id=a.id, arch=pb.Arch(kernel=a.kernel, expand=a.expand, depth=a.depth, resolution=a.resolution),
                         predicted_accuracy=c.accuracy, macs=c.macs, params=c.params, search_seconds=seconds,
-                        supernet=sn.name, target=target or "")
+                        supernet=sn.name, target=target or "", speed=speed if target else 0.0)
         if c.latency_ms is not None:
             msg.predicted_latency_ms = c.latency_ms
         return msg
@@ -161,33 +163,37 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         constraints = v.constraints_of(request.constraints, sn.artifact.space, target)
         settings = v.settings_of(request.options, request.seed, front)
         self._check_target(sn, target)
+        table = self.registry.tables(sn)[target][0] if target else None
+        speed = v.speed_of_timings(request.reference_timings, table, target)
         if sn.scorer.accuracy is None:
             raise v.RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"supernet {sn.name!r} has no accuracy predictor; run `ofa predictors` on it")
-        return sn, target, constraints, settings
+        applied = speed if speed is not None else float(((table or {}).get("recalibration") or {}).get("scale", 1.0))
+        return sn, target, constraints, settings, speed, applied
 
     @_handled
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
-        sn, target, constraints, settings = self._search_inputs(request, front=False)
+        sn, target, constraints, settings, speed, applied = self._search_inputs(request, front=False)
         with self._slot(self._searches, "searches"):
-            result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target),
+            result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
                                    (constraints, target, settings), lambda: not context.is_active())
         sn.remember(result.best.arch)
-        return self._subnet(sn, result.best, result.seconds, target)
+        return self._subnet(sn, result.best, result.seconds, target, applied)
 
     @_handled
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
-        sn, target, constraints, settings = self._search_inputs(request, front=True)
+        sn, target, constraints, settings, speed, applied = self._search_inputs(request, front=True)
         points = v.points_of(request.points)
         v.check_work(settings, points)
         t0 = time.perf_counter()
         with self._slot(self._searches, "searches"):
-            front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target),
+            front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
                                   (points, target, constraints, settings), lambda: not context.is_active())
         seconds = time.perf_counter() - t0
         for c in front:
             sn.remember(c.arch)
-        return pb.ParetoFront(points=[self._subnet(sn, c, seconds, target) for c in front], search_seconds=seconds)
+        return pb.ParetoFront(points=[self._subnet(sn, c, seconds, target, applied) for c in front],
+                              search_seconds=seconds)
 
     def _weights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
         sn = self._supernet(request.supernet)

@@ -11,14 +11,16 @@ from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.v1 import subnet_service_pb2 as pb
 
 __all__ = ["RequestError", "arch_of", "check_work", "constraints_of", "format_of", "settings_of", "target_of",
-           "points_of", "LIMITS"]
+           "points_of", "speed_of_timings", "LIMITS"]
 
 # Bounds on what one request may ask of the server.
 LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50), "table_bytes": 8 << 20,
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
           # a front's population x generations x points: 100 default searches' worth (~10 s on
           # 2 cores), so that no one request holds a search slot for minutes
-          "work": 5_000_000}
+          "work": 5_000_000,
+          # reference timings a search may carry, and the device speeds they may imply
+          "reference_timings": 64, "speed": (0.01, 100.0)}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
 
 _FORMATS = {pb.WEIGHTS_FORMAT_SAFETENSORS: "safetensors", pb.WEIGHTS_FORMAT_ONNX: "onnx",
@@ -125,3 +127,33 @@ def subnet_id_of(value: str) -> str:
     if len(value) != 16 or any(c not in "0123456789abcdef" for c in value):
         raise invalid(f"subnet_id must be 16 lowercase hex digits, got {value[:40]!r}")
     return value
+
+
+def speed_of_timings(timings, table: dict | None, target: str | None) -> float | None:
+    """The device speed that a request's ``reference_timings`` imply (median of timed / profiled), or None."""
+    if not timings:
+        return None
+    if target is None or table is None:
+        raise invalid("reference_timings needs a target (see ListTargets)")
+    if len(timings) > LIMITS["reference_timings"]:
+        raise invalid(f"reference_timings may hold at most {LIMITS['reference_timings']} timings, got {len(timings)}")
+    profiled = {Arch.from_dict(r["arch"]).id: float(r["ms"]) for r in table.get("references", [])}
+    ratios, seen = [], set()
+    for i, t in enumerate(timings):
+        if t.subnet_id not in profiled:
+            raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id[:40]!r} is not a reference subnet of "
+                          f"target {target!r}; its references are {sorted(profiled)} (see ListTargets)")
+        if t.subnet_id in seen:
+            raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id} is given twice")
+        seen.add(t.subnet_id)
+        if not math.isfinite(t.ms) or not 0 < t.ms <= LIMITS["max_latency_ms"]:
+            raise invalid(f"reference_timings[{i}].ms must be a number in (0, {LIMITS['max_latency_ms']:g}], "
+                          f"got {t.ms!r}")
+        ratios.append(t.ms / profiled[t.subnet_id])
+    speed = float(sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else
+                  (sorted(ratios)[len(ratios) // 2 - 1] + sorted(ratios)[len(ratios) // 2]) / 2)
+    lo, hi = LIMITS["speed"]
+    if not lo <= speed <= hi:
+        raise invalid(f"reference_timings imply the device runs x{speed:.4g} of its profiled time; only "
+                      f"x{lo:g} to x{hi:g} is accepted (were they timed on this target's device and runtime?)")
+    return speed

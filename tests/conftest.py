@@ -108,13 +108,16 @@ def synthetic_table(space, target: str = "synthetic-cpu", seed: int = 0) -> dict
     import numpy as np
 
     from ofa.predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, space_digest
+    from ofa.predict.latency_model import identity_model
 
     entries, _, _ = block_plan(space)
     rng = np.random.default_rng(seed)
     return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "target": target,
             "space": {"name": space.name, "digest": space_digest(space)},
             "device": {"cpu": "synthetic", "threads": 1, "backend": "none"},
-            "entries": {k: float(rng.uniform(0.01, 0.2)) for k in sorted(entries)}}
+            "entries": {k: float(rng.uniform(0.01, 0.2)) for k in sorted(entries)},
+            "model": identity_model(space.num_stages, space.resolutions),
+            "references": [{"arch": space.smallest().to_dict(), "ms": 1.0}, {"arch": space.largest().to_dict(), "ms": 3.0}]}
 
 
 def synthetic_predictor(space):

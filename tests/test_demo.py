@@ -15,7 +15,8 @@ from conftest import served_copy, tiny_args
 
 from ofa.cli import main
 
-_FAST_TIMING = ["--latency-runs", "1", "--min-run-time", "0.01", "--no-progress"]
+# the protocol at its smallest: two passes of one short sample per network, few subnets to fit
+_FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-subnets", "12", "--no-progress"]
 
 
 def _run(args, tmp_path):
@@ -28,12 +29,13 @@ def _run(args, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     out = tmp_path / "demo"
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--profile-rounds", "1",
-              "--profile-min-run-time", "0.001", "--profile-calibrate", "0", *_FAST_TIMING], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/5] train", "[2/5] measure", "[3/5] profile", "[4/5] serve", "[5/5] report"):
         assert step in r.stdout
-    assert "$ ofa-client search --target this-machine --max-latency-ms" in r.stdout
+    # the searches carry this machine's speed now, as a device's pipeline does
+    timings = out / "reference-timings.json"
+    assert f"$ ofa-client search --target this-machine --reference-timings {timings} --max-latency-ms" in r.stdout
     assert "server stopped (exit code 0)" in r.stdout
 
     report = json.loads((out / "report.json").read_text())
@@ -41,14 +43,17 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert [s["label"] for s in served] == ["tight", "middle", "loose"]
     budgets = [s["budget_ms"] for s in served]
     assert budgets == sorted(budgets) and len(set(budgets)) == 3
+    speed = report["reference"]["speed_before"]
     for s in served:
-        assert s["predicted_latency_ms"] <= s["budget_ms"]
-        data = (out / s["file"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["size_bytes"]
+        assert s["predicted_latency_ms"] <= s["budget_ms"] and s["speed"] == pytest.approx(speed, rel=1e-3)
+        assert s["predicted_latency_ms"] == pytest.approx(s["raw_predicted_latency_ms"] * speed, rel=1e-3)
+        for fmt in ("safetensors", "onnx"):  # onnxruntime, the default target: the ONNX file fetched is timed
+            f = s["files"][fmt]
+            data = (out / f["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
         assert 0 <= s["test_accuracy"] <= 100 and s["measured_latency_ms"] > 0
-    assert report["health"] == "SERVING"
-    # --profile-calibrate 0: the reference is the one subnet timed end to end, and was timed again
-    assert report["reference"]["subnets"] == 1 and report["reference"]["ratios"] == [report["reference"]["speed_ratio"]]
+    assert report["health"] == "SERVING" and report["device"]["backend"] == "onnxruntime"
+    assert report["reference"]["subnets"] == 10 and len(report["reference"]["ratios_after"]) == 10
     assert set(report["steps_seconds"]) >= {"train", "predictors", "profile", "total"}
     md = (out / "report.md").read_text()
     assert md.count("| `") == 3 and "![Pareto front](pareto.png)" in md
@@ -56,21 +61,20 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert "stopped" in (out / "server.log").read_text()  # SIGTERM, graceful
 
     # a second run reuses the trained supernet and the measured subnets
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--profile-rounds", "1",
-              "--profile-min-run-time", "0.001", "--profile-calibrate", "0", *_FAST_TIMING], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already trained: reusing it" in r.stdout
     # other training settings into the same folder are refused, not served from the old supernet
-    r = _run(["demo", "--out", str(out), *sets, "--set", "seed=5", *_FAST_TIMING], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--set", "seed=5", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 2 and "trained with different values of ['seed']" in r.stderr, r.stderr[-3000:]
 
 
-def test_demo_refuses_bad_numbers_before_any_work(tmp_path, capsys):
-    for flag, value in (("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "0"),
-                        ("--profile-min-run-time", "0"), ("--profile-calibrate", "-1"), ("--latency-runs", "0"),
-                        ("--min-run-time", "0")):
-        assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
-        assert f"{flag} must be" in capsys.readouterr().err  # the message names the flag given
+@pytest.mark.parametrize("flag, value", [("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "1"),
+                                         ("--profile-sample-ms", "0"), ("--profile-subnets", "-1"),
+                                         ("--target", "a b")])
+def test_demo_refuses_bad_numbers_before_any_work(flag, value, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
+    assert f"{flag} must be" in capsys.readouterr().err  # the message names the flag given
     assert not (tmp_path / "demo").exists()
 
 
@@ -78,13 +82,17 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     from ofa.artifact import add_file
 
     art = served_copy(tiny_artifact, tmp_path / "art")
-    # a table 100 times too slow: the report must find the latency off whatever this machine's speed
+    # a torch-eager table whose block times are made-up numbers 100 times too slow, with references timed at
+    # 100 ms: the report must re-time the references, and find the latency off whatever this machine's speed
     table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
-    add_file(art, "latency/synthetic-cpu.json",
-             json.dumps({**table, "entries": {k: 100 * v for k, v in table["entries"].items()}}))
+    table.update(device={"cpu": "test", "threads": 1, "batch": 1, "backend": "torch"},
+                 timing={"rounds": 2, "samples": 1, "sample_ms": 0.5, "warmup_ms": 1.0},
+                 entries={k: 100 * v for k, v in table["entries"].items()},
+                 references=[{**r, "ms": 100.0} for r in table["references"]])
+    add_file(art, "latency/synthetic-cpu.json", json.dumps(table))
     out = tmp_path / "report"
     r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
-              "--baseline", "0.5", "--baseline-epochs", "0.1", *_FAST_TIMING], tmp_path)
+              "--baseline", "0.5", "--baseline-epochs", "0.1", "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     (base,) = report["baselines"]
@@ -94,17 +102,18 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     assert labels == ["tight", "loose", "=mobilenet_v3_small x0.5"]
     md = (out / "report.md").read_text()
     assert "↳ baseline" in md and "mobilenet_v3_small x0.5's latency" in md
-    # the budget is the baseline's time in the table's units; the verdict compares one timing of both
+    # the budget is the baseline's time now (the search knows the speed now); the verdict compares one timing
     assert base["budget_ms"] > 0 and "one interleaved timing of both" in md
     assert ("timed in the same passes" in md) == any(s["label"].startswith("=") for s in report["served"])
+    assert report["reference"]["speed_before"] < 0.5  # the references run far faster than "profiled"
     # the synthetic table's numbers are not timings: the report must say the latency is off, and why
-    assert "Not within" in md and "per-block sum" in md
+    assert "Not within" in md and "the table's own error" in md
 
 
 def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
     assert main(["report", "--artifact", str(tiny_artifact), "--target", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--target 'nope' has no latency table" in err and "ofa profile" in err
+    assert "target 'nope' has no latency table" in err and "ofa profile" in err
     art = served_copy(tiny_artifact, tmp_path / "art")
     (art / "accuracy_predictor.safetensors").unlink()
     manifest = json.loads((art / "manifest.json").read_text())
@@ -114,22 +123,22 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
     assert "ofa predictors" in capsys.readouterr().err
 
 
-def test_the_drift_line_takes_the_median_of_the_reference_subnets():
-    from ofa.report import _checks, speed_ratio
-
-    ratios, median = speed_ratio([2.6, 2.2, 1.09], [2.0, 2.0, 1.0])
-    assert ratios == pytest.approx([1.3, 1.1, 1.09]) and median == pytest.approx(1.1)  # the mean is 1.163
+def test_the_latency_lines_tell_the_table_from_the_machine():
+    from ofa.report import _checks
 
     served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
-               "measured_latency_ms": ms, "predicted_latency_ms": 2.0, "drift_adjusted_error": ms / 2.2 - 1}
-              for label, ms in (("tight", 2.3), ("loose", 2.1))]
+               "measured_latency_ms": ms, "predicted_latency_ms": 2.2, "raw_predicted_latency_ms": 2.0,
+               "drift_adjusted_error": ms / 2.3 - 1} for label, ms in (("tight", 2.3), ("loose", 2.8))]
     report = {"served": served, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1},
               "accuracy_predictor": {"family": "ridge-3", "train_samples": 10, "test_samples": 3, "test": {}},
-              "table_check": {}, "val_images": 100,
-              "reference": {"arch_id": "ab12", "profiled_ms": 2.0, "now_ms": 2.6, "subnets": 3,
-                            "ratios": [1.3, 1.1, 1.09], "speed_ratio": 1.1}}
+              "table_fit": {"quality": {"held_out": {"subnets": 20, "within_10pct": 0.95, "mean_abs_rel_error": 0.03}}},
+              "val_images": 100,
+              "reference": {"subnets": 10, "speed_before": 1.1, "speed_after": 1.15, "ratios_before": [1.1],
+                            "ratios_after": [1.15], "repeatability": {"verdict": "the two halves of the rounds agree"}}}
     accuracy, latency = _checks(report)
     assert accuracy == ["Accuracy: 2 of 2 served subnets measured within 1 point of the prediction on the test split."]
-    drift = latency[-1]
-    assert "the 3 subnets the table timed end to end run ×1.300, ×1.100, ×1.090 now, median ×1.100" in drift
-    assert "2.000 ms when profiled and 2.600 ms now" in drift and "(2 of 2 within 10%)" in drift
+    assert latency[0].startswith("Latency: 1 of 2 measured within 10% of the prediction the server made")
+    assert latency[1] == "Raw, the table as profiled (no recalibration): 0 of 2 within 10% (+15.0% to +40.0%)."
+    assert "ran ×1.100 of their profiled time before the searches and ×1.150 while" in latency[2]
+    assert "+0.0% to +21.7%" in latency[2] and "20 held-out subnets when profiled: 95% within 10%" in latency[2]
+    assert latency[3].startswith("Not within: loose.")

@@ -191,7 +191,7 @@ def test_the_server_search_path_needs_no_torch_and_its_workers_start_ready(tiny_
     try:
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == 2  # both started with the pool, not by the first searches
-        result = pool.run("search", str(art), None, (Constraints(), "synthetic-cpu", SearchSettings(generations=5)),
+        result = pool.run("search", str(art), None, None, (Constraints(), "synthetic-cpu", SearchSettings(generations=5)),
                           lambda: False)
         assert result.best.latency_ms is not None
     finally:

@@ -104,7 +104,42 @@ def test_listing_health_and_targets(client, server):
     assert sn["name"] == "tiny" and sn["space"]["resolutions"] == [24, 28] and sn["data"]["class_names"][0] == "T-shirt/top"
     assert sn["accuracy_predictor"]["family"] == "ridge-3" and TARGET in sn["targets"]
     (t,) = [t for t in client.targets() if t["name"] == TARGET]
-    assert t["source"] == "artifact" and t["blocks"] > 100
+    assert t["source"] == "artifact" and t["blocks"] > 100 and t["model_family"] == "sum" and t["speed"] == 1.0
+    assert [r["profiled_ms"] for r in t["references"]] == [1.0, 3.0] and len(t["references"][0]["subnet_id"]) == 16
+
+
+def _timings(client, factor):
+    (t,) = [t for t in client.targets() if t["name"] == TARGET]
+    return {r["subnet_id"]: factor * r["profiled_ms"] for r in t["references"]}
+
+
+def test_a_search_carries_the_device_speed_now(client):
+    # the device runs twice as long today: a 2.5 ms budget is then the 1.25 ms subnet of the table
+    half = client.search(TARGET, max_latency_ms=1.25, seed=3)
+    slow = client.search(TARGET, max_latency_ms=2.5, seed=3, reference_timings=_timings(client, 2.0))
+    assert half.speed == 1.0 and slow.speed == pytest.approx(2.0)
+    assert slow.id == half.id and slow.predicted_latency_ms == pytest.approx(2 * half.predicted_latency_ms, rel=1e-3)
+    front = client.pareto(TARGET, 3, reference_timings=_timings(client, 0.5))
+    assert all(p.speed == pytest.approx(0.5) for p in front)
+
+
+@pytest.mark.parametrize("timings, message", [
+    ({"0123456789abcdef": 1.0}, r"reference_timings\[0\].subnet_id '0123456789abcdef' is not a reference subnet"),
+    ("nan", r"reference_timings\[0\].ms must be a number in \(0, 1e\+06\]"),
+    ("zero", r"reference_timings\[0\].ms must be a number"),
+    ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
+    ("1000x", r"imply the device runs x1000 of its profiled time; only x0.01 to x100 is accepted"),
+    ("no target", "reference_timings needs a target"),
+], ids=["unknown-id", "nan", "zero", "twice", "implausible", "no-target"])
+def test_bad_reference_timings_are_refused(client, timings, message):
+    good = _timings(client, 1.0)
+    first = next(iter(good))
+    target = None if timings == "no target" else TARGET
+    if isinstance(timings, str):
+        timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "1000x": _timings(client, 1000.0),
+                   "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good}[timings]
+    with pytest.raises(InvalidArgument, match=message):
+        client.search(target, max_macs=10**9, reference_timings=timings)
 
 
 def test_register_target_validates_persists_and_is_searchable(client, artifact, server, tmp_path):

@@ -124,8 +124,26 @@ class ListSupernetsResponse(_message.Message):
     supernets: _containers.RepeatedCompositeFieldContainer[Supernet]
     def __init__(self, supernets: _Optional[_Iterable[_Union[Supernet, _Mapping]]] = ...) -> None: ...
 
+class ReferenceSubnet(_message.Message):
+    __slots__ = ("subnet_id", "arch", "profiled_ms")
+    SUBNET_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    PROFILED_MS_FIELD_NUMBER: _ClassVar[int]
+    subnet_id: str
+    arch: Arch
+    profiled_ms: float
+    def __init__(self, subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., profiled_ms: _Optional[float] = ...) -> None: ...
+
+class ReferenceTiming(_message.Message):
+    __slots__ = ("subnet_id", "ms")
+    SUBNET_ID_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    subnet_id: str
+    ms: float
+    def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
+
 class Target(_message.Message):
-    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source")
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +154,11 @@ class Target(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ABS_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_WITHIN_10PCT_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
     name: str
     supernet: str
     cpu: str
@@ -146,7 +169,12 @@ class Target(_message.Message):
     blocks: int
     mean_abs_rel_error: float
     source: str
-    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    references: _containers.RepeatedCompositeFieldContainer[ReferenceSubnet]
+    held_out_within_10pct: float
+    held_out_spearman: float
+    model_family: str
+    speed: float
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ("supernet",)
@@ -193,21 +221,23 @@ class SearchOptions(_message.Message):
     def __init__(self, population: _Optional[int] = ..., generations: _Optional[int] = ...) -> None: ...
 
 class SearchSubnetRequest(_message.Message):
-    __slots__ = ("supernet", "target", "constraints", "seed", "options")
+    __slots__ = ("supernet", "target", "constraints", "seed", "options", "reference_timings")
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     supernet: str
     target: str
     constraints: Constraints
     seed: int
     options: SearchOptions
-    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    reference_timings: _containers.RepeatedCompositeFieldContainer[ReferenceTiming]
+    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +247,7 @@ class Subnet(_message.Message):
     SEARCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -226,23 +257,26 @@ class Subnet(_message.Message):
     search_seconds: float
     supernet: str
     target: str
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+    speed: float
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ...) -> None: ...
 
 class GetParetoFrontRequest(_message.Message):
-    __slots__ = ("supernet", "target", "points", "constraints", "seed", "options")
+    __slots__ = ("supernet", "target", "points", "constraints", "seed", "options", "reference_timings")
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     supernet: str
     target: str
     points: int
     constraints: Constraints
     seed: int
     options: SearchOptions
-    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., points: _Optional[int] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    reference_timings: _containers.RepeatedCompositeFieldContainer[ReferenceTiming]
+    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., points: _Optional[int] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class ParetoFront(_message.Message):
     __slots__ = ("points", "search_seconds")

@@ -1,35 +1,37 @@
-"""Per-device latency tables: profile every distinct block once, predict any arch by a sum.
+"""Per-device latency tables: every distinct block timed once, a model fitted end to end, any arch by a sum.
 
-A table is JSON (format ``ofa-latency-table``, version 1)::
+A table is JSON (format ``ofa-latency-table``, version 2)::
 
-    {"format": "ofa-latency-table", "version": 1, "target": "my-laptop",
+    {"format": "ofa-latency-table", "version": 2, "target": "my-laptop",
      "space": {"name": ..., "digest": sha256 of the space JSON},
-     "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "torch", "backend_version": ...},
+     "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "onnxruntime", "backend_version": ...,
+                "memory_format": "nchw"},
+     "timing": {"rounds": 6, "samples": 2, "sample_ms": 10, "warmup_ms": 20, "statistic": "lower quartile",
+                "repeatability": {"median_abs_rel_diff": 0.01, "spearman": 0.99, "trusted": true, ...}},
      "entries": {"<block key>": milliseconds, ...},
-     "correction": {"scale": 1.0, "offset_ms": 0.0},
-     "reference": {"arch": {...}, "ms": 4.2},
+     "model": {"family": "stages+blocks", "fixed_scale": 1.0, "stage_scale": [1.0, ...],
+               "block_ms": -0.01, "offset_ms": {"24": 0.05, "28": 0.06}},
+     "fit": {"subnets": 60, "held_out": 20, "cv": {"sum": 0.4, ...},
+             "quality": {"held_out": {"within_10pct": 1.0, "spearman": 0.98, "mean_abs_rel_error": 0.03,
+                                      "worst_abs_rel_error": 0.08}, "fit": {...}}},
      "references": [{"arch": {...}, "ms": 1.9}, ...],
-     "calibration": {"archs": 24, "checked": 10, "rounds": 3, "kept": true,
-                     "mean_abs_rel_error_raw": 0.13, "mean_abs_rel_error_corrected": 0.02}}
+     "recalibration": {"scale": 1.07, "ratios": [...], "measured_at": "2026-12-01T20:00:00Z"}}
 
-Every entry is a time > 0. ``device`` describes where the table was profiled; the
-fields shown (and ``memory_format``: "nchw" | "channels_last", ``rounds``,
-``min_run_time_s``) are optional, but typed when present: strings of at most 200
-characters, ``threads`` 1..1024, ``batch`` 1..65536.
-``reference`` (optional) is one subnet timed end to end while the table was profiled:
-timing it again later measures how much faster or slower the device runs now, so
-that drift of the device shows up as drift and not as an error of the table.
-``references`` (optional) are more subnets timed end to end then (the corners of the
-space): one subnet's re-timing is a noisy estimate of drift, their median ratio less so.
-``calibration`` (optional, a record only) says how ``correction`` was fitted: on
-``archs`` subnets timed end to end in ``rounds`` interleaved passes, the form chosen by
-its error on ``checked`` of them that the first fit did not see, and whether it was
-``kept`` (otherwise the correction is the identity).
+``entries`` are the blocks timed alone (every time > 0). They miss what a whole
+network adds or saves — one call instead of one per block, caches, fusion — so the
+prediction is the ``model`` over them, fitted by :mod:`ofa.predict.latency_model` on
+subnets timed end to end in the same interleaved passes, and chosen by its
+cross-validated error: ``fixed_scale`` × (stem + first block + head) + Σ over active
+blocks of (``stage_scale[stage]`` × entry + ``block_ms``) + ``offset_ms[resolution]``.
+It stays a sum over blocks, so the search scores N archs in one gather and finds exact
+lower bounds. ``fit.quality.held_out`` is measured on subnets the fit never saw.
 
-Block keys name everything that decides a block's cost — kind, channels, kernel,
-stride, activation, SE width and input size — so a table covers every resolution and
-every stage of its space. The predictor turns the table into an array indexed like
-the arch encoding and sums it for N archs in one gather (see :class:`CostModel`).
+``references`` are subnets timed end to end when the table was profiled. Timed again
+later on the device (``ofa profile --recalibrate``, or by a pipeline that sends the
+timings with a search request) their median ratio is how much faster or slower the
+device runs now; ``recalibration.scale`` (optional) multiplies every prediction.
+Version 1 tables (blocks timed inside the training process, a correction fitted on a
+few subnets) are refused: profile again.
 """
 from __future__ import annotations
 
@@ -41,14 +43,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..space import BlockSpec, SearchSpace
+from ..space import Arch, BlockSpec, SearchSpace
 from .cost import gather_slots
 
 __all__ = ["LatencyPredictor", "LatencyTableError", "check_target_name", "TABLE_FORMAT", "TABLE_VERSION", "block_plan",
            "space_digest", "validate_table"]
 
 TABLE_FORMAT = "ofa-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
 
 
 class LatencyTableError(ValueError):
@@ -137,7 +140,7 @@ def check_target_name(target: Any) -> str:
     if (not isinstance(target, str) or not 0 < len(target) <= 64 or target.startswith(".")
             or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in target)):
         raise LatencyTableError("target must be 1-64 characters of letters, digits, '-', '_' or '.' "
-                                f"(not starting with '.'); got {target!r}")
+                                f"(not starting with '.'); got {str(target)[:80]!r}")
     return target
 
 
@@ -149,8 +152,14 @@ def _count(low: int, high: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
-# The optional fields of ``device`` and ``calibration``: name -> (check, what is allowed).
-# Other keys are kept as they are; these are read by the server and the reports.
+def _real(low: float = -math.inf, high: float = math.inf) -> Callable[[Any], bool]:
+    return lambda v: _number(v) is not None and low <= v <= high
+
+
+_SHARE = (_real(0, 1), "a number in [0, 1]")
+_NONNEG = (_real(0), "a number >= 0")
+# The typed fields of the table's objects: name -> (check, what is allowed). Other keys
+# are kept as they are; these are read by the server, the reports and `ofa info`.
 _DEVICE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cpu": (_text, "a string of at most 200 characters"),
     "backend": (_text, "a string of at most 200 characters"),
@@ -158,23 +167,68 @@ _DEVICE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threads": (_count(1, 1024), "an integer in 1..1024"),
     "batch": (_count(1, 65536), "an integer in 1..65536"),
     "memory_format": (lambda v: v in ("nchw", "channels_last"), "'nchw' or 'channels_last'"),
-    "rounds": (_count(1, 10_000), "an integer in 1..10000"),
-    "min_run_time_s": (lambda v: _number(v) is not None and v > 0, "a number > 0"),
 }
-_CALIBRATION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "archs": (_count(0, 1_000_000), "an integer in 0..1000000"),
-    "checked": (_count(0, 1_000_000), "an integer in 0..1000000"),
-    "rounds": (_count(0, 10_000), "an integer in 0..10000"),
-    "kept": (lambda v: isinstance(v, bool), "true or false"),
-    "mean_abs_rel_error_raw": (lambda v: _number(v) is not None and v >= 0, "a number >= 0"),
-    "mean_abs_rel_error_corrected": (lambda v: _number(v) is not None and v >= 0, "a number >= 0"),
+_TIMING_FIELDS = {
+    "rounds": (_count(2, 10_000), "an integer in 2..10000"),
+    "samples": (_count(1, 10_000), "an integer in 1..10000"),
+    "sample_ms": (_real(1e-6), "a number > 0"),
+    "warmup_ms": (_real(1e-6), "a number > 0"),
+    "statistic": (_text, "a string of at most 200 characters"),
+    "repeatability": (lambda v: isinstance(v, Mapping), "an object"),
+}
+_QUALITY_FIELDS = {
+    "subnets": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "within_10pct": _SHARE,
+    "spearman": (_real(-1, 1), "a number in [-1, 1]"),
+    "mean_abs_rel_error": _NONNEG,
+    "worst_abs_rel_error": _NONNEG,
+}
+_FIT_FIELDS = {
+    "subnets": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "held_out": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "cv": (lambda v: isinstance(v, Mapping) and len(v) <= 32 and all(_real(0)(x) for x in v.values()),
+           "an object of at most 32 family -> number >= 0"),
+    "quality": (lambda v: isinstance(v, Mapping), "an object"),
+}
+_RECALIBRATION_FIELDS = {
+    "scale": (_real(0.01, 100), "a number in [0.01, 100]"),
+    "ratios": (lambda v: isinstance(v, list) and len(v) <= MAX_REFERENCES and all(_real(1e-6)(x) for x in v),
+               f"a list of at most {MAX_REFERENCES} numbers > 0"),
+    "measured_at": (_text, "a string of at most 200 characters"),
 }
 
 
-def _check_fields(name: str, obj: Mapping[str, Any], fields: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+def _check_fields(name: str, obj: Any, fields: Mapping[str, tuple[Callable[[Any], bool], str]],
+                  required: tuple[str, ...] = ()) -> None:
+    if not isinstance(obj, Mapping):
+        raise LatencyTableError(f"{name} must be an object")
+    for key in required:
+        if key not in obj:
+            raise LatencyTableError(f"{name}.{key} is required")
     for key, (ok, allowed) in fields.items():
         if key in obj and not ok(obj[key]):
             raise LatencyTableError(f"{name}.{key} must be {allowed}, got {str(obj[key])[:40]!r}")
+
+
+def _check_model(model: Any, space: SearchSpace | None) -> None:
+    _check_fields("model", model, {
+        "family": (_text, "a string of at most 200 characters"),
+        "fixed_scale": (_real(1e-6, 1e6), "a number in (0, 1e6]"),
+        "stage_scale": (lambda v: isinstance(v, list) and 0 < len(v) <= 64 and all(_real(1e-6, 1e6)(x) for x in v),
+                        "a list of 1..64 numbers in (0, 1e6]"),
+        "block_ms": (_real(-1e6, 1e6), "a number in [-1e6, 1e6]"),
+        "offset_ms": (lambda v: isinstance(v, Mapping) and 0 < len(v) <= 1024
+                      and all(isinstance(k, str) and k.isdigit() and len(k) < 6 and _real(-1e6, 1e6)(x)
+                              for k, x in v.items()),
+                      "an object of 1..1024 resolution -> number in [-1e6, 1e6]"),
+    }, required=("family", "fixed_scale", "stage_scale", "block_ms", "offset_ms"))
+    if space is not None:
+        if len(model["stage_scale"]) != space.num_stages:
+            raise LatencyTableError(f"model.stage_scale has {len(model['stage_scale'])} values; space "
+                                    f"{space.name!r} has {space.num_stages} stages")
+        if sorted(int(k) for k in model["offset_ms"]) != list(space.resolutions):
+            raise LatencyTableError(f"model.offset_ms must have one value for each resolution of the space, "
+                                    f"{list(space.resolutions)}")
 
 
 def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, Any]:
@@ -182,18 +236,22 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     if not isinstance(table, Mapping):
         raise LatencyTableError(f"a latency table must be a JSON object, got {type(table).__name__}")
     if table.get("format") != TABLE_FORMAT:
-        raise LatencyTableError(f"format must be {TABLE_FORMAT!r}, got {table.get('format')!r}")
+        raise LatencyTableError(f"format must be {TABLE_FORMAT!r}, got {str(table.get('format'))[:40]!r}")
+    if table.get("version") == 1:
+        raise LatencyTableError("this is a version 1 latency table (blocks timed in the training process, without "
+                                "an end-to-end model); version 2 is required: profile the device again with "
+                                "`ofa profile`")
     if table.get("version") != TABLE_VERSION:
-        raise LatencyTableError(f"version must be {TABLE_VERSION}, got {table.get('version')!r}")
+        raise LatencyTableError(f"version must be {TABLE_VERSION}, got {str(table.get('version'))[:40]!r}")
     check_target_name(table.get("target"))
-    for key in ("space", "device"):
-        if not isinstance(table.get(key), Mapping):
-            raise LatencyTableError(f"{key} must be an object")
-    _check_fields("device", table["device"], _DEVICE_FIELDS)
-    if table.get("calibration") is not None:
-        if not isinstance(table["calibration"], Mapping):
-            raise LatencyTableError("calibration must be an object (a record of how correction was fitted)")
-        _check_fields("calibration", table["calibration"], _CALIBRATION_FIELDS)
+    if not isinstance(table.get("space"), Mapping):
+        raise LatencyTableError("space must be an object")
+    _check_fields("device", table.get("device"), _DEVICE_FIELDS)
+    for key, fields in (("timing", _TIMING_FIELDS), ("fit", _FIT_FIELDS), ("recalibration", _RECALIBRATION_FIELDS)):
+        if table.get(key) is not None:
+            _check_fields(key, table[key], fields, required=("scale",) if key == "recalibration" else ())
+    for part, quality in ((table.get("fit") or {}).get("quality") or {}).items():
+        _check_fields(f"fit.quality.{str(part)[:20]}", quality, _QUALITY_FIELDS)
     entries = table.get("entries")
     if not isinstance(entries, Mapping) or not entries:
         raise LatencyTableError("entries must be a non-empty object of block key -> milliseconds")
@@ -203,33 +261,27 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
         if not isinstance(k, str) or len(k) > 200:
             raise LatencyTableError(f"entry keys must be strings of at most 200 characters, got {str(k)[:40]!r}")
         if _number(v) is None or v <= 0:
-            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds > 0, got {v!r}")
-    corr = table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
-    if (not isinstance(corr, Mapping) or set(corr) != {"scale", "offset_ms"}
-            or any(_number(corr[k]) is None for k in corr) or corr["scale"] <= 0):
-        raise LatencyTableError("correction must be {\"scale\": number > 0, \"offset_ms\": number}")
-    ref = table.get("reference")
+            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds > 0, got {str(v)[:40]!r}")
+    _check_model(table.get("model"), None)
     refs = table.get("references", [])
     if not isinstance(refs, list) or len(refs) > MAX_REFERENCES:
         raise LatencyTableError(f"references must be a list of at most {MAX_REFERENCES} "
                                 "{\"arch\": an arch object, \"ms\": number > 0}")
-    timed = ([("reference", ref)] if ref is not None else []) + [(f"references[{i}]", r) for i, r in enumerate(refs)]
-    for name, r in timed:
+    for i, r in enumerate(refs):
         if not isinstance(r, Mapping) or set(r) != {"arch", "ms"} or _number(r["ms"]) is None or r["ms"] <= 0:
-            raise LatencyTableError(f"{name} must be {{\"arch\": an arch object, \"ms\": number > 0}}")
+            raise LatencyTableError(f"references[{i}] must be {{\"arch\": an arch object, \"ms\": number > 0}}")
     if space is not None:
         # The space first: a table of another space would otherwise fail on a detail of it.
         if table["space"].get("digest") != space_digest(space):
             raise LatencyTableError(
-                f"the table was profiled for space {table['space'].get('name')!r} with a different "
+                f"the table was profiled for space {str(table['space'].get('name'))[:80]!r} with a different "
                 f"definition (digest mismatch); profile this artifact's space {space.name!r}")
-        from ..space import Arch
-
-        for name, r in timed:
+        _check_model(table["model"], space)
+        for i, r in enumerate(refs):
             try:
                 space.validate(Arch.from_dict(r["arch"]))
             except (ValueError, TypeError, KeyError) as e:
-                raise LatencyTableError(f"{name}.arch: {e}") from None
+                raise LatencyTableError(f"references[{i}].arch: {e}") from None
         needed, _, _ = block_plan(space)
         missing = sorted(set(needed) - set(entries))
         if missing:
@@ -239,61 +291,68 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
 
 
 class LatencyPredictor:
-    """Predicted latency (ms) of N encoded archs on one target: table sum, then correction."""
+    """Predicted latency (ms) of N encoded archs on one target: the table's model summed over blocks,
+    times the device's speed now (``speed``; the table's recalibration by default)."""
 
-    def __init__(self, space: SearchSpace, table: Mapping[str, Any]) -> None:
+    def __init__(self, space: SearchSpace, table: Mapping[str, Any], speed: float | None = None) -> None:
         self.space = space
         self.table = validate_table(table, space)
         self.target = self.table["target"]
-        entries, fixed, slots = block_plan(space)
+        _, fixed, slots = block_plan(space)
         ms = self.table["entries"]
         n_res, n_k, n_e = len(space.resolutions), len(space.kernel_choices), len(space.expand_choices)
-        self.slot_ms = np.zeros((n_res, space.num_slots, n_k, n_e))
+        entry_ms = np.zeros((n_res, space.num_slots, n_k, n_e))
         for (r, slot, ki, ei), key in slots.items():
-            self.slot_ms[space.resolutions.index(r), slot, ki, ei] = ms[key]
-        self.fixed_ms = np.array([sum(ms[k] for k in fixed[r]) for r in space.resolutions])
-        corr = self.table.get("correction", {"scale": 1.0, "offset_ms": 0.0})
-        self.scale, self.offset = float(corr["scale"]), float(corr["offset_ms"])
+            entry_ms[space.resolutions.index(r), slot, ki, ei] = ms[key]
+        self.entry_ms = entry_ms  # the blocks as timed alone
+        self.entry_fixed_ms = np.array([sum(ms[k] for k in fixed[r]) for r in space.resolutions])
+        model = self.table["model"]
+        stage_of_slot = np.repeat(np.arange(space.num_stages), space.max_depth)
+        scale = np.asarray(model["stage_scale"], float)[stage_of_slot]
+        # the model folded into the arrays the search gathers from: still one sum over blocks
+        self.slot_ms = entry_ms * scale[None, :, None, None] + float(model["block_ms"])
+        self.fixed_ms = (self.entry_fixed_ms * float(model["fixed_scale"])
+                         + np.array([float(model["offset_ms"][str(r)]) for r in space.resolutions]))
+        recal = self.table.get("recalibration") or {}
+        self.speed = float(recal.get("scale", 1.0)) if speed is None else float(speed)
+
+    def with_speed(self, speed: float) -> "LatencyPredictor":
+        """The same table for a device running ``speed`` times as long as when it was profiled."""
+        other = object.__new__(LatencyPredictor)
+        other.__dict__.update(self.__dict__)
+        other.speed = float(speed)
+        return other
 
     @property
-    def reference(self):
-        """(Arch, ms) of the subnet timed end to end at profile time, or None for older tables."""
-        from ..space import Arch
+    def references(self) -> list[tuple[Arch, float]]:
+        """[(Arch, ms)] of the subnets timed end to end when the table was profiled."""
+        return [(Arch.from_dict(r["arch"]), float(r["ms"])) for r in self.table.get("references", [])]
 
-        ref = self.table.get("reference")
-        return None if ref is None else (Arch.from_dict(ref["arch"]), float(ref["ms"]))
-
-    @property
-    def references(self) -> list:
-        """[(Arch, ms)] of every subnet timed end to end at profile time: the reference first."""
-        from ..space import Arch
-
-        timed = ([self.table["reference"]] if self.table.get("reference") else []) + self.table.get("references", [])
-        return [(Arch.from_dict(r["arch"]), float(r["ms"])) for r in timed]
+    def features(self, codes: np.ndarray) -> np.ndarray:
+        """What the model is fitted on, per arch: the fixed parts' and each stage's summed entries, the number
+        of active blocks, and one column per resolution (see :mod:`ofa.predict.latency_model`)."""
+        codes = np.asarray(codes)
+        sp = self.space
+        stage_sums = []
+        for s in range(sp.num_stages):
+            only = np.zeros_like(self.entry_ms)
+            only[:, s * sp.max_depth:(s + 1) * sp.max_depth] = self.entry_ms[:, s * sp.max_depth:(s + 1) * sp.max_depth]
+            stage_sums.append(gather_slots(sp, codes, only))
+        blocks = sp.active_mask(codes).sum(axis=1)
+        onehot = np.eye(len(sp.resolutions))[codes[:, -1]]
+        return np.column_stack([self.entry_fixed_ms[codes[:, -1]], *stage_sums, blocks, onehot])
 
     def raw(self, codes: np.ndarray) -> np.ndarray:
-        """The uncorrected table sum (ms) of each encoded arch."""
+        """The model's prediction (ms) at the speed of profiling time."""
         codes = np.asarray(codes)
         return self.fixed_ms[codes[:, -1]] + gather_slots(self.space, codes, self.slot_ms)
 
     def finish(self, raw: np.ndarray) -> np.ndarray:
-        """The correction applied to table sums (monotone increasing, so it keeps their order)."""
-        # a negative offset must not make a subnet look free: never below a tenth of the sum
-        return np.maximum(raw * self.scale + self.offset, 0.1 * raw)
+        """Model sums to predictions: times the speed, never below a microsecond (monotone, keeps the order)."""
+        return np.maximum(raw, MIN_PREDICTED_MS) * self.speed
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         return self.finish(self.raw(codes))
-
-
-def fit_correction(raw_ms: np.ndarray, measured_ms: np.ndarray) -> tuple[float, float]:
-    """Least-squares ``measured ≈ scale · raw + offset`` in relative error (weights 1/measured)."""
-    raw_ms, measured_ms = np.asarray(raw_ms, float), np.asarray(measured_ms, float)
-    w = 1.0 / measured_ms
-    a = np.stack([raw_ms * w, w], axis=1)
-    (scale, offset), *_ = np.linalg.lstsq(a, measured_ms * w, rcond=None)
-    if scale <= 0:
-        return 1.0, 0.0
-    return float(scale), float(offset)
 
 
 def describe_cpu() -> str:

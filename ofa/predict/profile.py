@@ -1,65 +1,34 @@
-"""Profile the machine this runs on into a latency table (``ofa profile``).
+"""Profile the machine this runs on into a latency table (``ofa profile``), and re-time it later.
 
 Needs torch and the static-subnet code only (plus onnxruntime for that backend), so it
-runs on a deployment device. Each distinct block is timed on its own with
-``torch.utils.benchmark`` (fixed thread count, warm-up, repeated blocks, median), in a
-seeded random order so slow drifts of the machine spread over all entries instead of
-biasing one stage.
+runs on a deployment device. Every distinct block of the space, and subnets timed end
+to end, are timed together by the one protocol of :mod:`ofa.predict.timing` (a worker
+process that imports only the runtime, interleaved passes, a robust statistic); the
+model that turns block sums into end-to-end predictions is fitted on most of those
+subnets, chosen by cross-validation, and checked on the rest
+(:mod:`ofa.predict.latency_model`).
 
-Backends: ``torch`` runs the modules eagerly; ``onnxruntime`` exports each module to
-ONNX (static shapes, opset :data:`~ofa.subnet.ONNX_OPSET`) and times an
-``InferenceSession`` on the CPU with ``threads`` intra-op threads, which is how a
-subnet fetched as ONNX runs in deployment.
+Backends: ``onnxruntime`` (the default) exports each network to ONNX (static shapes,
+opset :data:`~ofa.subnet.ONNX_OPSET`) exactly as a subnet fetched with ``--format
+onnx`` is exported, and times an ``InferenceSession`` on the CPU; ``torch`` runs the
+modules eagerly, which at batch 1 on small images measures Python dispatch as much as
+the network.
 """
 from __future__ import annotations
 
-import gc
 import time
-from typing import Any, Callable, Mapping, Sequence
-
-import logging
+from datetime import datetime, timezone
+from typing import Any, Mapping
 
 import numpy as np
-import torch
-from torch import nn
-
-# torch.utils.benchmark imports cpp_extension, which warns about a missing CUDA
-# toolkit on CPU-only machines; that warning is noise for timing Python modules.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-from torch.utils import benchmark  # noqa: E402
-from tqdm import tqdm
 
 from ..space import Arch, SearchSpace
-from ..subnet import Head, InvertedResidual, build_subnet, export_onnx, make_stem
-from .latency import (TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, PlanEntry, describe_cpu, fit_correction,
-                      iter_plan, space_digest)
+from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, describe_cpu, iter_plan, space_digest
+from .latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
+from .timing import Part, Timing, Timings, subnet_part, time_parts
 
-__all__ = ["BACKENDS", "backend_version", "check_backend", "interleaved_latencies",
-           "measure_latency", "prepare_run", "profile_space", "reference_arch", "table_run_settings", "time_run"]
-
-BACKENDS = ("torch", "onnxruntime")
-
-
-def _entry_module(space: SearchSpace, entry: PlanEntry) -> nn.Module:
-    if entry.kind == "stem":
-        return make_stem(space)
-    if entry.kind == "head":
-        return Head(space)
-    return InvertedResidual(entry.block, space.bn_momentum, space.bn_eps)
-
-
-def check_backend(backend: str, channels_last: bool = False) -> None:
-    """Refuse an unknown backend, a missing onnxruntime, or channels_last outside torch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "onnxruntime":
-        if channels_last:
-            raise ValueError("channels_last applies to the torch backend only")
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise ValueError("the onnxruntime backend needs the onnxruntime package "
-                             "(pip install onnxruntime)") from None
+__all__ = ["backend_version", "check_profile", "recalibrate", "reference_archs", "reference_timings", "profile_space", "speed_of",
+           "timing_of_table"]
 
 
 def backend_version(backend: str) -> str:
@@ -67,163 +36,139 @@ def backend_version(backend: str) -> str:
         import onnxruntime
 
         return onnxruntime.__version__
+    import torch
+
     return torch.__version__
 
 
-def prepare_run(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
-                channels_last: bool = False, backend: str = "torch") -> Callable[[], Any]:
-    """A no-argument callable running one forward of ``module`` on a fixed (batch, *shape) input."""
-    check_backend(backend, channels_last)
-    module = module.eval()
-    x = torch.randn(batch, *shape)
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(export_onnx(module, x, dynamic_batch=False), opts,
-                                       providers=["CPUExecutionProvider"])
-        feed = {"image": x.numpy()}
-        return lambda: session.run(None, feed)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    return lambda: module(x)
+def reference_archs(space: SearchSpace, n: int = 10, seed: int = 0) -> list[Arch]:
+    """The subnets a table times end to end as its speed references: the corners at the lowest and
+    highest resolution, then seeded random ones, ``n`` in all (HELP adapts from 10 such timings)."""
+    lo, hi = min(space.resolutions), max(space.resolutions)
+    chosen: dict[str, Arch] = {}
+    for arch in (space.smallest(lo), space.largest(hi), space.largest(lo), space.smallest(hi)):
+        chosen.setdefault(arch.id, arch)
+    rng = np.random.default_rng([seed, 20201])
+    while len(chosen) < n:
+        arch = space.sample(rng)
+        chosen.setdefault(arch.id, arch)
+    return list(chosen.values())[:n]
 
 
-def check_profile_settings(threads: int = 1, batch: int = 1, rounds: int = 1, min_run_time: float = 1.0,
-                           calibrate: int = 0, prefix: str = "--") -> None:
-    """Refuse a setting :func:`profile_space` cannot use, naming its flag (``prefix`` + name)."""
-    for name, value, ok, allowed in (("threads", threads, threads >= 1, ">= 1"), ("batch", batch, batch >= 1, ">= 1"),
-                                     ("rounds", rounds, rounds >= 1, ">= 1"),
-                                     ("min-run-time", min_run_time, min_run_time > 0, "> 0"),
-                                     ("calibrate", calibrate, calibrate >= 0, ">= 0")):
-        if not ok:
-            raise ValueError(f"{prefix}{name} must be {allowed}, got {value}")
+def _e2e_archs(space: SearchSpace, refs: list[Arch], subnets: int, seed: int) -> list[Arch]:
+    chosen = {a.id: a for a in refs}
+    rng = np.random.default_rng([seed, 1])
+    target = len(refs) + subnets
+    while len(chosen) < target:
+        arch = space.sample(rng)
+        chosen.setdefault(arch.id, arch)
+    return list(chosen.values())
 
 
-def table_run_settings(device: Mapping[str, Any]) -> dict[str, Any]:
-    """How to time end to end as a table's ``device`` was profiled: ``prepare_run``'s batch, threads,
-    channels_last and backend. A backend this package cannot run is checked against torch eager."""
-    return {"batch": int(device.get("batch", 1)), "threads": int(device.get("threads", 2)),
-            "channels_last": device.get("memory_format") == "channels_last",
-            "backend": "onnxruntime" if device.get("backend") == "onnxruntime" else "torch"}
+def check_profile(subnets: int = 0, held_out: float = 0.0, references: int = 1) -> None:
+    """Refuse sizes :func:`profile_space` cannot use, naming the field."""
+    if not 1 <= references <= 64:
+        raise ValueError(f"references must be in 1..64, got {references}")
+    if subnets < 0:
+        raise ValueError(f"subnets must be >= 0, got {subnets}")
+    if not 0 <= held_out < 1:
+        raise ValueError(f"held_out must be in [0, 1), got {held_out}")
 
 
-def time_run(run: Callable[[], Any], threads: int = 2, min_run_time: float = 0.2) -> float:
-    """Median wall time (ms) of ``run()`` after a warm-up (``torch.utils.benchmark``, blocked autorange)."""
-    with torch.inference_mode():
-        for _ in range(3):
-            run()
-        timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
-
-
-def interleaved_latencies(runs: Sequence[Callable[[], Any]], passes: int = 3, threads: int = 2,
-                          min_run_time: float = 0.2, progress: bool = False) -> np.ndarray:
-    """Time every run once per pass, ``passes`` times over: a (passes, len(runs)) array of ms.
-
-    Interleaving makes a machine that speeds up or slows down during the measurement
-    hit every run alike; take the median over axis 0 for one figure per run.
-    """
-    return np.array([[time_run(run, threads, min_run_time) for run in runs]
-                     for _ in tqdm(range(passes), desc="interleaved passes", unit="pass", disable=not progress)])
-
-
-def measure_latency(module: nn.Module, shape: Sequence[int], batch: int = 1, threads: int = 2,
-                    min_run_time: float = 0.2, channels_last: bool = False, backend: str = "torch") -> float:
-    """Median wall time (ms) of one forward of ``module`` on a (batch, *shape) input in ``backend``."""
-    return time_run(prepare_run(module, shape, batch, threads, channels_last, backend), threads, min_run_time)
-
-
-def reference_arch(space: SearchSpace) -> Arch:
-    """The subnet a table times end to end as its speed reference: a fixed middle one at the top resolution."""
-    return space.sample(20201, resolution=max(space.resolutions))
-
-
-def profile_space(space: SearchSpace, target: str, threads: int = 2, batch: int = 1, seed: int = 0,
-                  min_run_time: float = 0.05, channels_last: bool = False, calibrate: int = 10,
-                  rounds: int = 3, progress: bool = True, backend: str = "torch") -> dict[str, Any]:
-    """Time every distinct block of ``space`` in ``backend`` and return a validated latency table.
-
-    With ``calibrate`` > 0, the smallest and largest subnet at every resolution and
-    2 · ``calibrate`` seeded random ones are also timed end to end (``rounds`` interleaved
-    passes, median). A correction ``scale · sum + offset`` fitted on the corners and half
-    the random ones is kept only if it lowers the error on the other half; kept, it is
-    fitted again on all of them.
-    """
-    check_backend(backend, channels_last)
+def profile_space(space: SearchSpace, target: str, timing: Timing = Timing(), subnets: int = 80,
+                  held_out: float = 0.25, references: int = 10, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Time every distinct block of ``space`` and ``references`` + ``subnets`` subnets end to end in one
+    interleaved run; fit the end-to-end model on all but ``held_out`` of the random subnets; return the
+    validated table (see :mod:`ofa.predict.latency` for its format)."""
+    timing.check()
+    check_profile(subnets, held_out, references)
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
     plan = list(iter_plan(space, seed))
-    runs = {entry.key: prepare_run(_entry_module(space, entry), entry.in_shape, batch, threads, channels_last,
-                                   backend)
-            for entry in tqdm(plan, desc="export to onnx", unit="block", disable=not progress or backend == "torch")}
-    samples: dict[str, list[float]] = {entry.key: [] for entry in plan}
-    # Several passes, each in its own random order: a burst of load on the machine
-    # spoils one sample of some entries, and the median over passes drops it.
-    # The reference subnet, timed end to end before each pass: later re-timings tell how
-    # much faster or slower the device runs than while it was profiled.
-    ref_arch = reference_arch(space)
-    ref_run = prepare_run(build_subnet(space, ref_arch), (space.in_channels, ref_arch.resolution,
-                                                          ref_arch.resolution), batch, threads, channels_last, backend)
-    ref_ms: list[float] = []
-    bar = tqdm(total=rounds * len(plan), desc=f"profile {target}", unit="block", disable=not progress)
-    for r in range(rounds):
-        ref_ms.append(time_run(ref_run, threads, 0.3))
-        order = plan if r == 0 else [plan[i] for i in np.random.default_rng(seed + 100 + r).permutation(len(plan))]
-        for entry in order:
-            samples[entry.key].append(time_run(runs[entry.key], threads, min_run_time))
-            bar.update(1)
-    bar.close()
-    # The block runners go before anything is timed end to end: an onnxruntime session
-    # each, whose idle intra-op threads spin after every call, made the subnets timed
-    # below run 1.6x slower than they do alone (measured) and spoiled the correction.
-    runs.clear()
-    gc.collect()
-    entries = {k: round(float(np.median(v)), 6) for k, v in samples.items()}
-    table = {
-        "format": TABLE_FORMAT,
-        "version": TABLE_VERSION,
-        "target": target,
+    refs = reference_archs(space, references, seed)
+    e2e = _e2e_archs(space, refs, subnets, seed)
+    parts = ([Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e])
+    timings = time_parts(space, parts, timing.replace(seed=seed), progress, desc=f"profile {target}")
+    ms = timings.ms
+    table: dict[str, Any] = {
+        "format": TABLE_FORMAT, "version": TABLE_VERSION, "target": target,
         "space": {"name": space.name, "digest": space_digest(space)},
-        "device": {
-            "cpu": describe_cpu(), "threads": threads, "batch": batch, "backend": backend,
-            "backend_version": backend_version(backend), "memory_format": "channels_last" if channels_last else "nchw",
-            "rounds": rounds, "min_run_time_s": min_run_time,
-        },
-        "entries": entries,
-        "correction": {"scale": 1.0, "offset_ms": 0.0},
+        "device": {"cpu": describe_cpu(), "threads": timing.threads, "batch": timing.batch,
+                   "backend": timing.backend, "backend_version": backend_version(timing.backend),
+                   "memory_format": "channels_last" if timing.channels_last else "nchw"},
+        "timing": {**timing.protocol(), "repeatability": timings.repeatability()},
+        "entries": {e.key: round(float(m), 6) for e, m in zip(plan, ms[: len(plan)])},
+        "model": identity_model(space.num_stages, space.resolutions),
     }
-    if calibrate:
-        # The corners pin both ends of the fitted line; a line fitted on a few random
-        # subnets alone, whose sums span a narrow range, took its slope from their noise.
-        corners = [f(r) for r in space.resolutions for f in (space.smallest, space.largest)]
-        archs = corners + space.sample(np.random.default_rng(seed + 1), n=2 * calibrate)
-        torch.manual_seed(seed)
-        e2e = [prepare_run(build_subnet(space, a), (space.in_channels, a.resolution, a.resolution), batch, threads,
-                           channels_last, backend)
-               for a in tqdm(archs, desc="end-to-end: prepare", unit="subnet", disable=not progress)]
-        measured = np.median(interleaved_latencies(e2e, rounds, threads, 0.3, progress), axis=0)
-        e2e.clear()
-        gc.collect()
-        ref_ms.append(time_run(ref_run, threads, 0.3))
-        raw = LatencyPredictor(space, table).raw(space.encode(archs))
-        fit, check = slice(0, len(corners) + calibrate), slice(len(corners) + calibrate, None)
-        scale, offset = fit_correction(raw[fit], measured[fit])
-        err_raw = np.abs(raw[check] / measured[check] - 1).mean()
-        err_fit = np.abs((raw[check] * scale + offset) / measured[check] - 1).mean()
-        if err_fit < err_raw:
-            scale, offset = fit_correction(raw, measured)  # the form is chosen: every timing now
-            table["correction"] = {"scale": round(scale, 6), "offset_ms": round(offset, 6)}
-        # the corners again later tell the device's drift, with the reference
-        table["references"] = [{"arch": a.to_dict(), "ms": round(float(m), 6)} for a, m in zip(corners, measured)]
-        table["calibration"] = {"archs": len(archs), "checked": calibrate, "rounds": rounds,
-                                "mean_abs_rel_error_raw": round(float(err_raw), 4),
-                                "mean_abs_rel_error_corrected": round(float(err_fit), 4),
-                                "kept": bool(err_fit < err_raw)}
-    table["reference"] = {"arch": ref_arch.to_dict(), "ms": round(float(np.median(ref_ms)), 6)}
+    e2e_ms = ms[len(plan):]
+    table["references"] = [{"arch": a.to_dict(), "ms": round(float(m), 6)} for a, m in zip(refs, e2e_ms)]
+    table["fit"] = _fit(space, table, e2e, e2e_ms, len(refs), held_out, seed)
     table["profile_seconds"] = round(time.perf_counter() - t0, 1)
     return table
+
+
+def _fit(space: SearchSpace, table: dict[str, Any], archs: list[Arch], measured: np.ndarray, n_refs: int,
+         held_out: float, seed: int) -> dict[str, Any]:
+    """Choose and fit the model into ``table`` (held-out subnets: random ones only; the references,
+    which include the corners, are always fitted on); return the ``fit`` record."""
+    x = LatencyPredictor(space, table).features(space.encode(archs))
+    n_random = len(archs) - n_refs
+    held = np.zeros(len(archs), bool)
+    held[n_refs + np.random.default_rng([seed, 2]).permutation(n_random)[: int(round(held_out * n_random))]] = True
+    if (~held).sum() < 2 * FOLDS:  # too few to choose a model: the entries' sum, checked on all of them
+        return {"subnets": 0, "held_out": len(archs), "cv": {}, "quality": {
+            "held_out": quality(x @ coefficients(table["model"], space.resolutions), measured)}}
+    family, coef, cv = choose_and_fit(x[~held], measured[~held], space.num_stages, seed)
+    table["model"] = model_dict(family, coef, space.num_stages, space.resolutions)
+    pred = LatencyPredictor(space, table)
+    out = {"subnets": int((~held).sum()), "held_out": int(held.sum()), "cv": cv,
+           "quality": {"fit": quality(pred(space.encode([a for a, h in zip(archs, held) if not h])), measured[~held])}}
+    if held.any():
+        out["quality"]["held_out"] = quality(pred(space.encode([a for a, h in zip(archs, held) if h])), measured[held])
+    return out
+
+
+
+
+def timing_of_table(table: Mapping[str, Any], **changes: Any) -> Timing:
+    """The timing a table was profiled with: its device's runtime and settings, its protocol's sizes."""
+    dev, protocol = table["device"], table.get("timing") or {}
+    backend = dev.get("backend")
+    if backend not in ("onnxruntime", "torch"):
+        raise ValueError(f"the table of target {table['target']!r} was profiled with backend {str(backend)[:40]!r}, "
+                         "which this package cannot run; it times 'onnxruntime' and 'torch'")
+    sizes = {k: protocol[k] for k in ("rounds", "samples", "sample_ms", "warmup_ms") if k in protocol}
+    return Timing(backend=backend, threads=int(dev.get("threads", 2)), batch=int(dev.get("batch", 1)),
+                  channels_last=dev.get("memory_format") == "channels_last", **{**sizes, **changes}).check()
+
+
+def reference_timings(space: SearchSpace, table: Mapping[str, Any], timings: Timings) -> dict[str, Any]:
+    """The references' timings as a search request carries them (``reference_timings`` of the API)."""
+    refs = LatencyPredictor(space, table).references
+    return {"target": table["target"], "measured_at": (table.get("recalibration") or {}).get("measured_at"),
+            "reference_timings": [{"subnet_id": a.id, "ms": round(float(m), 6)} for (a, _), m in zip(refs, timings.ms)]}
+
+
+def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], float]:
+    """How much longer the device takes now than when profiled: each reference's ratio, and their median
+    (one subnet's re-timing is a noisy estimate of the device's speed; the median of ten is not)."""
+    ratios = np.asarray(now_ms, float) / np.asarray(profiled_ms, float)
+    return [round(float(r), 5) for r in ratios], float(np.median(ratios))
+
+
+def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = True,
+                rounds: int = 12) -> tuple[dict[str, Any], Timings]:
+    """Re-time the table's references on this device now; the table with its ``recalibration`` set to
+    their median ratio (seconds of work: ten subnets), and the timings."""
+    pred = LatencyPredictor(space, table)
+    refs = pred.references
+    if not refs:
+        raise ValueError(f"the table of target {table['target']!r} has no reference subnets to re-time; "
+                         "profile it again")
+    timing = timing_of_table(table, rounds=rounds)
+    timings = time_parts(space, [subnet_part(space, a) for a, _ in refs], timing, progress, desc="re-time references")
+    ratios, scale = speed_of(timings.ms, np.array([m for _, m in refs]))
+    recal = {"scale": round(scale, 5), "ratios": ratios,
+             "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "repeatability": timings.repeatability()}
+    return {**table, "recalibration": recal}, timings

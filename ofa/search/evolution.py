@@ -117,10 +117,11 @@ class Scorer:
     """Every predictor of one artifact over encoded archs: exact cost, latency tables, accuracy."""
 
     def __init__(self, space: SearchSpace, accuracy: AccuracyPredictor | None,
-                 latency: Mapping[str, LatencyPredictor] | None = None) -> None:
+                 latency: Mapping[str, LatencyPredictor] | None = None, refused: Mapping[str, str] | None = None) -> None:
         self.space, self.accuracy = space, accuracy
         self.cost = CostModel(space)
         self.latency = dict(latency or {})
+        self.refused = dict(refused or {})  # target -> why its table was not loaded
 
     def predict_accuracy(self, codes: np.ndarray) -> np.ndarray:
         if self.accuracy is None:
@@ -129,6 +130,8 @@ class Scorer:
 
     def latency_of(self, target: str) -> LatencyPredictor:
         if target not in self.latency:
+            if target in self.refused:
+                raise UnknownTarget(f"target {target!r} cannot be used: {self.refused[target]}")
             raise UnknownTarget(f"target {target!r} has no latency table in this artifact; known targets: "
                                 f"{sorted(self.latency) or 'none (run ofa profile --artifact DIR --target NAME)'}")
         return self.latency[target]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .._io import ArtifactError, sha256_file
 from ..predict.accuracy import AccuracyPredictor
-from ..predict.latency import LatencyPredictor
+from ..predict.latency import LatencyPredictor, LatencyTableError
 from ..space import SearchSpace
 from .evolution import Scorer
 
@@ -18,8 +18,9 @@ ACCURACY_PREDICTOR = "accuracy_predictor.safetensors"
 def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
     """A :class:`Scorer` from an artifact's space, accuracy predictor and latency tables.
 
-    Every file used must match its sha256 in the manifest (with ``verify``); a table or
-    predictor made for another space is refused with the reason.
+    Every file used must match its sha256 in the manifest (with ``verify``); a predictor made
+    for another space is refused with the reason, and so is a latency table that does not
+    load (another space, an old version): the scorer then names it in ``refused``.
     """
     root = Path(root)
     try:
@@ -43,9 +44,13 @@ def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
             raise ArtifactError(f"{root / ACCURACY_PREDICTOR} was fitted on the subnets of artifact "
                                 f"{str(fitted_on)[:12]}, not this one ({str(manifest.get('digest'))[:12]}): run "
                                 f"`ofa predictors --artifact {root}` to fit it on these weights")
-    latency = {}
+    latency, refused = {}, {}
     for name in sorted(files):
         if name.startswith("latency/") and name.endswith(".json"):
-            pred = LatencyPredictor(space, json.loads(read(name)))
+            try:
+                pred = LatencyPredictor(space, json.loads(read(name)))
+            except LatencyTableError as e:  # e.g. a version 1 table: the other targets still serve
+                refused[name[len("latency/"):-len(".json")]] = f"{root / name}: {e}"
+                continue
             latency[pred.target] = pred
-    return Scorer(space, accuracy, latency)
+    return Scorer(space, accuracy, latency, refused)

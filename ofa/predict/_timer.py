@@ -1,0 +1,124 @@
+"""The timing worker: times networks in a process that does nothing else.
+
+Run as a script (``python -I _timer.py``) by :mod:`ofa.predict.timing`; it reads one
+job (JSON) on stdin and writes JSON lines on stdout: ``{"done": k, "total": n}`` as
+it goes, then ``{"result": ...}``. It imports numpy and the one runtime being timed:
+onnxruntime never shares this process with torch's thread pool, which made it run
+1.3-2.4x slower (PERF.md), and all onnxruntime sessions share one global thread pool,
+because hundreds of per-session pools spinning after their calls made each other's
+runs ~1.9x slower (measured: 20 subnets, 0.92 ms alone, 0.92 ms global, 1.75 ms
+per-session).
+
+The protocol: every item is warmed up and its calls per sample are set so that one
+sample lasts ``sample_ms`` (a 30 us block gets hundreds of calls, a 5 ms subnet two);
+then ``rounds`` passes, each in its own seeded random order, time ``samples`` samples
+of every item, each sample preceded by a quarter of its calls as warm-up (switching
+between networks leaves caches and threads cold). The result is every sample's
+per-call time; the caller picks the statistic.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+
+def _onnx_runs(job: dict) -> list:
+    import numpy as np
+    import onnxruntime as ort
+
+    ort.set_global_thread_pool_sizes(job["threads"], 1)
+    runs = []
+    for item in job["items"]:
+        opts = ort.SessionOptions()
+        opts.use_per_session_threads = False
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(item["onnx"], opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal(item["shape"]).astype(np.float32)
+        runs.append(lambda s=session, feed={name: x}: s.run(None, feed))
+    return runs
+
+
+def _torch_runs(job: dict) -> list:
+    sys.path.insert(0, job["root"])  # the folder that holds the ofa package
+    import torch
+
+    from ofa.predict.timing import module_of
+    from ofa.space import SearchSpace
+    from ofa.subnet import load_subnet_safetensors
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
+    runs = []
+    for item in job["items"]:
+        if "safetensors" in item:
+            with open(item["safetensors"], "rb") as f:
+                module = load_subnet_safetensors(f.read())[0]
+        else:
+            module = module_of(space, item["part"])
+        x = torch.randn(*item["shape"])
+        module = module.eval()
+        if job.get("channels_last"):
+            module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        runs.append(lambda m=module, x=x: m(x))
+    torch.inference_mode().__enter__()  # for the rest of this process
+    return runs
+
+
+def _per_call_ms(run, calls: int) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter_ns() - t0) / calls / 1e6
+
+
+def _calls_per_sample(run, sample_ms: float, warmup_ms: float) -> int:
+    """Warm ``run`` up for ``warmup_ms`` (at least 3 calls), then size a sample from its speed."""
+    t_end, calls = time.perf_counter() + warmup_ms / 1000, 0
+    while calls < 3 or time.perf_counter() < t_end:
+        run()
+        calls += 1
+    estimate = max(_per_call_ms(run, 3), 1e-4)
+    return max(1, math.ceil(sample_ms / estimate))
+
+
+def _time(job: dict, runs: list, report) -> dict:
+    import numpy as np
+
+    n, rounds, samples = len(runs), job["rounds"], job["samples"]
+    calls = [_calls_per_sample(run, job["sample_ms"], job["warmup_ms"]) for run in runs]
+    times = np.zeros((n, rounds, samples))
+    rng = np.random.default_rng(job["seed"])
+    done, orders = 0, []
+    for r in range(rounds):
+        orders.append(rng.permutation(n).tolist())
+        for i in orders[-1]:
+            run, c = runs[i], calls[i]
+            _per_call_ms(run, max(1, c // 4))
+            for s in range(samples):
+                times[i, r, s] = _per_call_ms(run, c)
+            done += 1
+            if done % 16 == 0 or done == n * rounds:
+                report({"done": done, "total": n * rounds})
+    return {"times_ms": times.tolist(), "calls": calls, "orders": orders}
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    out = sys.stdout
+
+    def report(obj: dict) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    runs = _onnx_runs(job) if job["backend"] == "onnxruntime" else _torch_runs(job)
+    report({"loaded": len(runs)})
+    report({"result": _time(job, runs, report)})
+
+
+if __name__ == "__main__":
+    main()

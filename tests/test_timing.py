@@ -1,0 +1,106 @@
+"""The timing protocol: its statistic, its repeatability figures, its run-count rule and its worker."""
+import importlib
+
+import numpy as np
+import pytest
+
+from ofa.predict.timing import Part, Timing, TimingError, Timings, machine_speed, statistic, time_parts
+
+FAST = Timing(backend="torch", threads=1, rounds=2, samples=1, sample_ms=0.5, warmup_ms=1.0)
+
+
+def _samples(true_ms, speed_of_moment, rounds=6, samples=2, noise=0.0, seed=0):
+    """Synthetic samples: each network's time, times the machine's speed at the moment it was timed."""
+    rng = np.random.default_rng(seed)
+    n = len(true_ms)
+    orders = np.array([rng.permutation(n) for _ in range(rounds)])
+    out = np.zeros((n, rounds, samples))
+    for r in range(rounds):
+        for k, i in enumerate(orders[r]):
+            moment = (r * n + k) / (rounds * n)
+            out[i, r] = true_ms[i] * speed_of_moment(moment) * (1 + noise * rng.standard_normal(samples))
+    return out, orders
+
+
+def test_the_statistic_divides_out_the_machine_changing_speed():
+    true = np.linspace(0.5, 1.5, 40)
+    # the machine runs 1.7x slower for the middle third of the run, as measured on a shared VM
+    samples, orders = _samples(true, lambda t: 1.7 if 1 / 3 <= t < 2 / 3 else 1.0)
+    figures = statistic(samples, orders)
+    ratios = figures / true
+    assert np.ptp(ratios) / ratios.mean() < 0.01  # every network at the same speed: their ratios are kept
+    assert np.array_equal(np.argsort(figures), np.argsort(true))
+    speed = machine_speed(samples, orders)
+    assert speed.max() / speed.min() == pytest.approx(1.7, rel=0.05)
+
+
+def test_repeatability_tells_noise_from_drift():
+    true = np.linspace(0.5, 1.5, 40)
+    # a machine 30% slower in the odd rounds: a drift, not noise, so the figures are still trusted
+    samples, orders = _samples(true, lambda t: 1.3 if int(t * 6) % 2 else 1.0)
+    rep = Timings(samples, (1,) * 40, 1.0, orders).repeatability()
+    assert rep["trusted"] and rep["halves_drift"] == pytest.approx(1 / 1.3, rel=0.02) and rep["scatter"] < 0.01
+    noisy, orders = _samples(true, lambda t: 1.0, noise=0.3, seed=1)
+    rep = Timings(noisy, (1,) * 40, 1.0, orders).repeatability()
+    assert not rep["trusted"] and "too noisy to trust" in rep["verdict"] and rep["scatter"] > 0.05
+
+
+class _Clock:
+    """A fake clock: each call of a fake network advances it by that network's cost."""
+
+    def __init__(self):
+        self.ns = 0
+
+    def perf_counter_ns(self):
+        return self.ns
+
+    def perf_counter(self):
+        return self.ns / 1e9
+
+    def network(self, ms):
+        def run():
+            self.ns += int(ms * 1e6)
+        return run
+
+
+def test_the_run_count_rule_gives_short_networks_many_calls(monkeypatch):
+    timer = importlib.import_module("ofa.predict._timer")
+    clock = _Clock()
+    monkeypatch.setattr(timer, "time", clock)
+    fast, slow = clock.network(0.02), clock.network(4.0)
+    assert timer._calls_per_sample(fast, sample_ms=10, warmup_ms=5) == 500
+    assert timer._calls_per_sample(slow, sample_ms=10, warmup_ms=5) == 3
+    assert timer._calls_per_sample(clock.network(50.0), sample_ms=10, warmup_ms=5) == 1
+    job = {"rounds": 3, "samples": 2, "sample_ms": 10, "warmup_ms": 5, "seed": 0}
+    result = timer._time(job, [fast, slow], lambda msg: None)
+    assert result["calls"] == [500, 3]
+    assert np.allclose(np.array(result["times_ms"])[0], 0.02) and np.allclose(np.array(result["times_ms"])[1], 4.0)
+    assert sorted(result["orders"][0]) == [0, 1] and len(result["orders"]) == 3
+
+
+def test_the_worker_times_real_networks_in_its_own_process():
+    from ofa.space import get_space
+
+    space = get_space("mbv3-small-images")
+    arch = space.smallest(24)
+    timings = time_parts(space, [Part("stem", (1, 24, 24)), Part("subnet", (1, 24, 24), arch)], FAST)
+    assert timings.samples_ms.shape == (2, 2, 1) and np.all(timings.samples_ms > 0)
+    assert timings.calls[0] >= timings.calls[1] >= 1  # the stem alone is the cheaper network
+    assert timings.orders.shape == (2, 2) and np.all(timings.ms > 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"backend": "tflite"}, "backend must be one of"),
+    ({"backend": "onnxruntime", "channels_last": True}, "channels_last applies to the torch backend only"),
+    ({"threads": 0}, "threads must be an integer >= 1"),
+    ({"rounds": 1}, "rounds must be an integer >= 2"),
+    ({"sample_ms": 0}, "sample_ms must be > 0"),
+], ids=["backend", "channels-last", "threads", "rounds", "sample-ms"])
+def test_bad_timing_settings_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        FAST.replace(**change).check()
+
+
+def test_a_failing_worker_says_why():
+    with pytest.raises(TimingError, match="the timing worker exited"):
+        time_parts(None, [Part("file", (1, 8, 8), file="/nonexistent/net.safetensors")], FAST)
