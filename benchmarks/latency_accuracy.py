@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from common import fingerprint
-from ofa.predict.latency import LatencyPredictor
+from ofa.predict.latency import LatencyPredictor, Speed
 from ofa.predict.latency_model import quality
 from ofa.predict.profile import profile_space, recalibrate, speed_of, timing_of_table
 from ofa.predict.timing import Timing, spearman, subnet_part, time_parts
@@ -116,9 +116,9 @@ def main() -> None:
         archs = archs[: a.archs]
         t0 = time.perf_counter()
         recal_table, _ = recalibrate(space, table, progress=False)
-        speed_before = recal_table["recalibration"]["scale"]
-        print(f"recalibrated in {time.perf_counter() - t0:.1f} s: the {len(refs)} references run "
-              f"x{speed_before:.3f} of their profiled time")
+        speed_before = Speed.from_dict(recal_table["recalibration"])
+        print(f"recalibrated in {time.perf_counter() - t0:.1f} s: the {len(refs)} references run at "
+              f"{speed_before.describe()} of their profiled time")
         timing = timing_of_table(table)
         parts = [subnet_part(space, x) for x in archs] + [subnet_part(space, r) for r, _ in refs]
         runs = [time_parts(space, parts, timing.replace(seed=k), progress=True, desc=f"check run {k + 1}")
@@ -134,22 +134,22 @@ def main() -> None:
           f"run 1 / run 2 level x{level:.3f}; per run: {runs[0].repeatability()['verdict']}; "
           f"{runs[1].repeatability()['verdict']}")
     codes = space.encode(archs)
-    raw = pred.with_speed(1.0)(codes)
+    raw = pred.with_speed(Speed())(codes)
     ratios, speed_now = speed_of(runs[0].ms[n:], np.array([m for _, m in refs]))
-    figures = {"raw": quality(raw, measured[0]), "recalibrated": quality(raw * speed_before, measured[0]),
-               "drift aside": quality(raw * speed_now, measured[0])}
+    figures = {"raw": quality(raw, measured[0]), "recalibrated": quality(speed_before.apply(raw), measured[0]),
+               "drift aside": quality(speed_now.apply(raw), measured[0])}
     print(line("raw (as profiled)", figures["raw"]))
-    print(line(f"recalibrated (x{speed_before:.3f})", figures["recalibrated"]))
-    print(line(f"drift aside (x{speed_now:.3f})", figures["drift aside"]))
+    print(line(f"recalibrated ({speed_before.describe()})", figures["recalibrated"]))
+    print(line(f"drift aside ({speed_now.describe()})", figures["drift aside"]))
     print("  goals: >= 95% within ±10% and Spearman >= 0.95, raw and recalibrated")
     if a.plot:
-        plot(measured[0], {"raw": raw, f"recalibrated ×{speed_before:.3f}": raw * speed_before},
+        plot(measured[0], {"raw": raw, f"recalibrated {speed_before.describe()}": speed_before.apply(raw)},
              f"{space.name}, {timing.backend}: raw {figures['raw']['within_10pct']:.0%}, recalibrated "
              f"{figures['recalibrated']['within_10pct']:.0%} within ±10%", a.plot)
     if a.json:
         json.dump({"fingerprint": fp, "backend": timing.backend, "load": a.load, "protocol_spearman": self_rho,
-                   "run_level_ratio": level, "figures": figures, "speed_before": speed_before,
-                   "speed_now": speed_now, "reference_ratios_now": ratios,
+                   "run_level_ratio": level, "figures": figures, "speed_before": speed_before.to_dict(),
+                   "speed_now": speed_now.to_dict(), "reference_ratios_now": ratios,
                    "measured_ms": [m.tolist() for m in measured], "predicted_raw_ms": raw.tolist(),
                    "repeatability": [r.repeatability() for r in runs], "table_fit": table.get("fit"),
                    "archs": [x.to_dict() for x in archs]}, open(a.json, "w"), indent=1)

@@ -145,13 +145,15 @@ class SubnetInfo:
     search_seconds: float
     supernet: str
     target: str
-    speed: float = 0.0  # the device speed the latency prediction used (1: as profiled; 0: no target)
+    # the device speed the latency prediction used: speed x as profiled + speed_offset_ms (1, 0: as profiled)
+    speed: float = 0.0
+    speed_offset_ms: float = 0.0
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
         return cls(m.id, _arch_dict(m.arch), m.predicted_accuracy,
                    m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
-                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed)
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

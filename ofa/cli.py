@@ -183,7 +183,7 @@ def _write_table(args: argparse.Namespace, space, table: dict) -> None:
 
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     """Re-time a table's reference subnets on this device now; store the speed in the table."""
-    from .predict.latency import validate_table
+    from .predict.latency import Speed, validate_table
     from .predict.profile import recalibrate, reference_timings
 
     if args.table:
@@ -211,8 +211,8 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     table = validate_table(table, space)
     table, timings = recalibrate(space, table, progress=not args.no_progress)
     recal = table["recalibration"]
-    print(f"{len(recal['ratios'])} reference subnets re-timed in {timings.seconds:.1f} s: the device runs "
-          f"x{recal['scale']:.3f} of its profiled time now (ratios {min(recal['ratios']):.3f}-"
+    print(f"{len(recal['ratios'])} reference subnets re-timed in {timings.seconds:.1f} s: the device runs at "
+          f"{Speed.from_dict(recal).describe()} of its profiled time now (ratios {min(recal['ratios']):.3f}-"
           f"{max(recal['ratios']):.3f}); {recal['repeatability']['verdict']}")
     if args.timings_out:
         Path(args.timings_out).write_text(json.dumps(reference_timings(space, table, timings), indent=1))
@@ -267,7 +267,7 @@ def _flag_errors(make, prefix: str = "--"):
 
 def _cmd_info(args: argparse.Namespace) -> int:
     """What an artifact holds: space, data, training figures, latency targets."""
-    from .predict.latency import validate_table
+    from .predict.latency import Speed, validate_table
 
     root = Path(args.artifact)
     try:
@@ -307,6 +307,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     order = [p["name"] for p in manifest.get("training", {}).get("phases", [])]
     for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
         accs = info["val_accuracy"][phase]
+        if not accs:  # evaluate_phases "last": the earlier phases were not evaluated
+            continue
         print(f"  val. accuracy after {phase:9s} " + "  ".join(
             f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
     if accuracy is None:
@@ -332,7 +334,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f" within 10%, mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman "
               f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}")
         recal = t.get("recalibration")
-        print(f"    speed: x{recal['scale']:.3f} of the profiled time, measured {recal.get('measured_at', '?')} "
+        print(f"    speed: {Speed.from_dict(recal).describe()} of the profiled time, measured {recal.get('measured_at', '?')} "
               f"from {len(recal.get('ratios', []))} references" if recal else
               f"    speed: as profiled ({t['references']} references to re-time with `ofa profile --recalibrate`)")
     return 0

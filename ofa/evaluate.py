@@ -10,12 +10,15 @@ from .data import DataSpec, ImageSet, prepare_batch
 from .space import Arch
 from .supernet import Supernet, extract
 
-__all__ = ["accuracy", "correct_per_image", "percent_correct", "subnet_accuracy", "subnet_correct"]
+__all__ = ["EVAL_BATCH", "accuracy", "correct_per_image", "percent_correct", "subnet_accuracy", "subnet_correct"]
+
+
+EVAL_BATCH = 200  # images per forward: at 24-32 px on 2 cores faster than 1000 (2.2 s vs 2.9 s for 2,000)
 
 
 @torch.no_grad()
 def correct_per_image(model: nn.Module, data: ImageSet, spec: DataSpec, resolution: int,
-                      batch_size: int = 1000, device: torch.device | str = "cpu") -> torch.Tensor:
+                      batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu") -> torch.Tensor:
     """Which images of ``data`` (in order) ``model`` classifies correctly at ``resolution`` (bool)."""
     model.eval()
     hits = [model(prepare_batch(images, resolution, spec, device)).argmax(1).cpu() == labels
@@ -29,13 +32,13 @@ def percent_correct(hits: torch.Tensor | np.ndarray) -> float:
 
 
 def accuracy(model: nn.Module, data: ImageSet, spec: DataSpec, resolution: int,
-             batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
+             batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (%) of ``model`` on ``data`` at ``resolution``."""
     return percent_correct(correct_per_image(model, data, spec, resolution, batch_size, device))
 
 
 def subnet_correct(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
-                   spec: DataSpec, batch_size: int = 1000, device: torch.device | str = "cpu") -> torch.Tensor:
+                   spec: DataSpec, batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-image correctness of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
     sub = extract(supernet, arch).to(device).to(memory_format=torch.channels_last)
     calibrate_bn(sub, calib, spec, arch.resolution, device=device)
@@ -43,6 +46,6 @@ def subnet_correct(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: Im
 
 
 def subnet_accuracy(supernet: Supernet, arch: Arch, calib: torch.Tensor, data: ImageSet,
-                    spec: DataSpec, batch_size: int = 1000, device: torch.device | str = "cpu") -> float:
+                    spec: DataSpec, batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu") -> float:
     """Accuracy (%) of ``arch`` as served: extracted, BN re-calibrated on ``calib``, no re-training."""
     return percent_correct(subnet_correct(supernet, arch, calib, data, spec, batch_size, device))

@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .predict.latency import Speed
+
 __all__ = ["ReportError", "ServerProcess", "budgets_from_front", "run_report"]
 
 ACCURACY_TOLERANCE = 1.0   # points: a served subnet's test accuracy vs its prediction
@@ -210,26 +212,26 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     base_parts = [Part("mobilenet_v3_small", (space.in_channels, res, res), width_mult=r["width_mult"])
                   for r in base_rows]
 
-    # the steps of recalibrate(), with the baselines timed in the same passes
-    log(f"timing the table's {len(refs)} reference subnets here now ({timing.backend}, {timing.threads} threads), "
-        f"as a device does before it asks")
-    before = time_parts(space, ref_parts + base_parts, timing, progress, desc="re-time references")
-    ratios, speed = speed_of(before.ms[: len(refs)], profiled)
-    timings_file = out / "reference-timings.json"
-    recal = {**table, "recalibration": {"scale": speed, "ratios": ratios}}
-    timings_file.write_text(json.dumps(reference_timings(space, recal, before), indent=1))
-    log(f"  this machine runs x{speed:.3f} of the time it took when profiled (median of {len(refs)}; "
-        f"{before.repeatability()['verdict']})")
-    for row, ms in zip(base_rows, before.ms[len(refs):]):
-        row["budget_ms"] = round(float(ms), 4)  # the search is told the speed now: a budget in today's ms
-        row["macs"] = count_macs_params(row["module"], (space.in_channels, res, res))[0]
-
     log(f"serving {artifact} (server log: {out / 'server.log'})")
     t_serve = time.perf_counter()
+    timings_file = out / "reference-timings.json"
     speed_args = ("--target", target, "--reference-timings", str(timings_file))
     with ServerProcess([artifact], out / "server.log") as server:
         log(f"  ofa serve is listening on {server.address}")
         health = ofa_client(server.address, "health", log=log)["status"]
+        # the steps of recalibrate() (the baselines timed in the same passes), as close to the searches and to
+        # the timing of what they return as can be: a shared machine changes speed within a minute
+        log(f"  timing the table's {len(refs)} reference subnets here now ({timing.backend}, {timing.threads} "
+            f"threads), as a device does before it asks")
+        before = time_parts(space, ref_parts + base_parts, timing, progress, desc="re-time references")
+        ratios, speed = speed_of(before.ms[: len(refs)], profiled)
+        recal = {**table, "recalibration": {**speed.to_dict(), "ratios": ratios}}
+        timings_file.write_text(json.dumps(reference_timings(space, recal, before), indent=1))
+        log(f"  this machine runs at {speed.describe()} of the time it took when profiled ({len(refs)} references; "
+            f"{before.repeatability()['verdict']})")
+        for row, ms in zip(base_rows, before.ms[len(refs):]):
+            row["budget_ms"] = round(float(ms), 4)  # the search is told the speed now: a budget in today's ms
+            row["macs"] = count_macs_params(row["module"], (space.in_channels, res, res))[0]
         front = ofa_client(server.address, "pareto", *speed_args, "--points", "10", log=log)
         spread = ([(f"budget-{i + 1}", float(b)) for i, b in enumerate(budget_ms)] if budget_ms else
                   budgets_from_front([s["predicted_latency_ms"] for s in front], budgets))
@@ -256,8 +258,21 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         code = server.stop()
     log(f"  server stopped (exit code {code}) after {time.perf_counter() - t_serve:.0f} s")
 
-    log(f"measuring the {len(served)} served subnets on this machine: test accuracy, then latency of the files "
-        f"as fetched, with the references and baselines in the same interleaved passes")
+    log(f"measuring the {len(served)} served subnets on this machine: latency of the files as fetched, with the "
+        f"references and baselines in the same interleaved passes; then test accuracy")
+    fmt = "onnx" if timing.backend == "onnxruntime" else "safetensors"
+    served_parts = [subnet_part(space, space.arch_from_json(json.dumps(s["arch"])), str(out / s["files"][fmt]["file"]))
+                    for s in served]
+    after = time_parts(space, served_parts + ref_parts + base_parts, timing, progress, desc="time served subnets")
+    n = len(served)
+    ratios_after, speed_after = speed_of(after.ms[n : n + len(refs)], profiled)
+    raw = LatencyPredictor(space, table).with_speed(Speed())
+    for s, ms, arch_raw in zip(served, after.ms, raw(space.encode([p.arch for p in served_parts]))):
+        s["measured_latency_ms"] = round(float(ms), 4)
+        s["raw_predicted_latency_ms"] = round(float(arch_raw), 4)
+        s["drift_adjusted_error"] = round(float(ms / speed_after.apply(arch_raw) - 1), 4)
+    for row, ms in zip(base_rows, after.ms[n + len(refs):]):
+        row["latency_ms"] = round(float(ms), 4)
     modules = [load_subnet_safetensors((out / s["file"]).read_bytes())[0] for s in served]
     test, spec = load_dataset(training["dataset"], data_dir or training.get("data_dir") or None, False,
                               training.get("image_size", 224))
@@ -266,23 +281,10 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         r = s["arch"]["resolution"]
         s["test_accuracy"] = round(accuracy(m, test, spec, r), 3)
         s["val_accuracy"] = round(accuracy(m, val, spec, r), 3)
-    fmt = "onnx" if timing.backend == "onnxruntime" else "safetensors"
-    served_parts = [subnet_part(space, space.arch_from_json(json.dumps(s["arch"])), str(out / s["files"][fmt]["file"]))
-                    for s in served]
-    after = time_parts(space, served_parts + ref_parts + base_parts, timing, progress, desc="time served subnets")
-    n = len(served)
-    ratios_after, speed_after = speed_of(after.ms[n : n + len(refs)], profiled)
-    raw = LatencyPredictor(space, table).with_speed(1.0)
-    for s, ms, arch_raw in zip(served, after.ms, raw(space.encode([p.arch for p in served_parts]))):
-        s["measured_latency_ms"] = round(float(ms), 4)
-        s["raw_predicted_latency_ms"] = round(float(arch_raw), 4)
-        s["drift_adjusted_error"] = round(float(ms / (arch_raw * speed_after) - 1), 4)
-    for row, ms in zip(base_rows, after.ms[n + len(refs):]):
-        row["latency_ms"] = round(float(ms), 4)
     for row in base_rows:
         row["test_accuracy"] = round(accuracy(row.pop("module"), test, spec, row["resolution"]), 3)
-    reference = {"subnets": len(refs), "ratios_before": ratios, "speed_before": round(speed, 4),
-                 "ratios_after": ratios_after, "speed_after": round(speed_after, 4),
+    reference = {"subnets": len(refs), "ratios_before": ratios, "speed_before": speed.to_dict(),
+                 "ratios_after": ratios_after, "speed_after": speed_after.to_dict(),
                  "repeatability": after.repeatability()}
     report = {
         "artifact": str(artifact), "digest": art.digest, "space": space.name, "dataset": training["dataset"],
@@ -340,8 +342,9 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     held = ((report.get("table_fit") or {}).get("quality") or {}).get("held_out") or {}
     adj = [s["drift_adjusted_error"] for s in served]
     lat.append(
-        f"Speed: the {ref['subnets']} reference subnets ran ×{ref['speed_before']:.3f} of their profiled time before "
-        f"the searches and ×{ref['speed_after']:.3f} while the served subnets were timed (timing: "
+        f"Speed: the {ref['subnets']} reference subnets ran at {Speed.from_dict(ref['speed_before']).describe()} of "
+        f"their profiled time before the searches and {Speed.from_dict(ref['speed_after']).describe()} while the "
+        f"served subnets were timed (timing: "
         f"{ref['repeatability']['verdict']}). At the second speed the errors range {min(adj, default=0):+.1%} to "
         f"{max(adj, default=0):+.1%}: that is the table's own error (its model, on {held.get('subnets', 0)} held-out "
         f"subnets when profiled: {held.get('within_10pct', float('nan')):.0%} within 10%, mean |error| "

@@ -17,7 +17,7 @@ from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import Artifact, load_artifact
-from ofa.predict.latency import LatencyTableError, space_digest, validate_table
+from ofa.predict.latency import LatencyTableError, Speed, space_digest, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
 from ofa.space import Arch
@@ -181,5 +181,6 @@ def target_summary(name: str, supernet: str, table: dict[str, Any], source: str)
             "mean_abs_rel_error": float(held.get("mean_abs_rel_error", 0.0)), "source": source,
             "references": refs, "held_out_within_10pct": float(held.get("within_10pct", 0.0)),
             "held_out_spearman": float(held.get("spearman", 0.0)), "model_family": str(table["model"]["family"]),
-            "speed": float((table.get("recalibration") or {}).get("scale", 1.0))}
+            "speed": Speed.from_dict(table.get("recalibration")).scale,
+            "speed_offset_ms": Speed.from_dict(table.get("recalibration")).offset_ms}
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from ofa.predict.latency import LatencyTableError
+from ofa.predict.latency import LatencyTableError, Speed
 from ofa.search import Candidate, Infeasible, SearchCancelled, UnknownTarget
 from ofa.space import Arch
 from ofa_client.v1 import subnet_service_pb2 as pb
@@ -101,11 +101,12 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             sem.release()
 
     @staticmethod
-    def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None, speed: float) -> pb.Subnet:
+    def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None, speed: Speed) -> pb.Subnet:
         a = c.arch
         msg = pb.Subnet(id=a.id, arch=pb.Arch(kernel=a.kernel, expand=a.expand, depth=a.depth, resolution=a.resolution),
                         predicted_accuracy=c.accuracy, macs=c.macs, params=c.params, search_seconds=seconds,
-                        supernet=sn.name, target=target or "", speed=speed if target else 0.0)
+                        supernet=sn.name, target=target or "", speed=speed.scale if target else 0.0,
+                        speed_offset_ms=speed.offset_ms if target else 0.0)
         if c.latency_ms is not None:
             msg.predicted_latency_ms = c.latency_ms
         return msg
@@ -168,7 +169,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         if sn.scorer.accuracy is None:
             raise v.RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"supernet {sn.name!r} has no accuracy predictor; run `ofa predictors` on it")
-        applied = speed if speed is not None else float(((table or {}).get("recalibration") or {}).get("scale", 1.0))
+        applied = speed if speed is not None else Speed.from_dict((table or {}).get("recalibration"))
         return sn, target, constraints, settings, speed, applied
 
     @_handled

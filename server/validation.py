@@ -5,7 +5,7 @@ import math
 
 import grpc
 
-from ofa.predict.latency import LatencyTableError, check_target_name
+from ofa.predict.latency import LatencyTableError, Speed, check_target_name
 from ofa.search import Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.v1 import subnet_service_pb2 as pb
@@ -129,8 +129,8 @@ def subnet_id_of(value: str) -> str:
     return value
 
 
-def speed_of_timings(timings, table: dict | None, target: str | None) -> float | None:
-    """The device speed that a request's ``reference_timings`` imply (median of timed / profiled), or None."""
+def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed | None:
+    """The device speed that a request's ``reference_timings`` imply (fitted on the references), or None."""
     if not timings:
         return None
     if target is None or table is None:
@@ -138,7 +138,7 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> float |
     if len(timings) > LIMITS["reference_timings"]:
         raise invalid(f"reference_timings may hold at most {LIMITS['reference_timings']} timings, got {len(timings)}")
     profiled = {Arch.from_dict(r["arch"]).id: float(r["ms"]) for r in table.get("references", [])}
-    ratios, seen = [], set()
+    then, now, seen = [], [], set()
     for i, t in enumerate(timings):
         if t.subnet_id not in profiled:
             raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id[:40]!r} is not a reference subnet of "
@@ -149,11 +149,12 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> float |
         if not math.isfinite(t.ms) or not 0 < t.ms <= LIMITS["max_latency_ms"]:
             raise invalid(f"reference_timings[{i}].ms must be a number in (0, {LIMITS['max_latency_ms']:g}], "
                           f"got {t.ms!r}")
-        ratios.append(t.ms / profiled[t.subnet_id])
-    speed = float(sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else
-                  (sorted(ratios)[len(ratios) // 2 - 1] + sorted(ratios)[len(ratios) // 2]) / 2)
+        then.append(profiled[t.subnet_id])
+        now.append(t.ms)
+    speed = Speed.fit(then, now)
     lo, hi = LIMITS["speed"]
-    if not lo <= speed <= hi:
-        raise invalid(f"reference_timings imply the device runs x{speed:.4g} of its profiled time; only "
+    ratios = speed.apply(then) / then
+    if not (lo <= ratios.min() and ratios.max() <= hi):
+        raise invalid(f"reference_timings imply the device runs at {speed.describe()} of its profiled time; only "
                       f"x{lo:g} to x{hi:g} is accepted (were they timed on this target's device and runtime?)")
     return speed

@@ -14,6 +14,7 @@ import pytest
 from conftest import served_copy, tiny_args
 
 from ofa.cli import main
+from ofa.predict.latency import Speed
 
 # the protocol at its smallest: two passes of one short sample per network, few subnets to fit
 _FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-subnets", "12", "--no-progress"]
@@ -43,10 +44,10 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert [s["label"] for s in served] == ["tight", "middle", "loose"]
     budgets = [s["budget_ms"] for s in served]
     assert budgets == sorted(budgets) and len(set(budgets)) == 3
-    speed = report["reference"]["speed_before"]
-    for s in served:
-        assert s["predicted_latency_ms"] <= s["budget_ms"] and s["speed"] == pytest.approx(speed, rel=1e-3)
-        assert s["predicted_latency_ms"] == pytest.approx(s["raw_predicted_latency_ms"] * speed, rel=1e-3)
+    speed = Speed.from_dict(report["reference"]["speed_before"])
+    for s in served:  # the server fitted the speed the report did, from the timings sent
+        assert s["predicted_latency_ms"] <= s["budget_ms"] and s["speed"] == pytest.approx(speed.scale, rel=1e-3)
+        assert s["predicted_latency_ms"] == pytest.approx(float(speed.apply(s["raw_predicted_latency_ms"])), rel=1e-3)
         for fmt in ("safetensors", "onnx"):  # onnxruntime, the default target: the ONNX file fetched is timed
             f = s["files"][fmt]
             data = (out / f["file"]).read_bytes()
@@ -105,7 +106,8 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     # the budget is the baseline's time now (the search knows the speed now); the verdict compares one timing
     assert base["budget_ms"] > 0 and "one interleaved timing of both" in md
     assert ("timed in the same passes" in md) == any(s["label"].startswith("=") for s in report["served"])
-    assert report["reference"]["speed_before"] < 0.5  # the references run far faster than "profiled"
+    # the references run far faster than "profiled" (at 100 ms)
+    assert Speed.from_dict(report["reference"]["speed_before"]).apply(100.0) < 50
     # the synthetic table's numbers are not timings: the report must say the latency is off, and why
     assert "Not within" in md and "the table's own error" in md
 
@@ -133,12 +135,13 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
               "accuracy_predictor": {"family": "ridge-3", "train_samples": 10, "test_samples": 3, "test": {}},
               "table_fit": {"quality": {"held_out": {"subnets": 20, "within_10pct": 0.95, "mean_abs_rel_error": 0.03}}},
               "val_images": 100,
-              "reference": {"subnets": 10, "speed_before": 1.1, "speed_after": 1.15, "ratios_before": [1.1],
+              "reference": {"subnets": 10, "speed_before": {"scale": 1.1}, "speed_after": {"scale": 1.15},
+                            "ratios_before": [1.1],
                             "ratios_after": [1.15], "repeatability": {"verdict": "the two halves of the rounds agree"}}}
     accuracy, latency = _checks(report)
     assert accuracy == ["Accuracy: 2 of 2 served subnets measured within 1 point of the prediction on the test split."]
     assert latency[0].startswith("Latency: 1 of 2 measured within 10% of the prediction the server made")
     assert latency[1] == "Raw, the table as profiled (no recalibration): 0 of 2 within 10% (+15.0% to +40.0%)."
-    assert "ran ×1.100 of their profiled time before the searches and ×1.150 while" in latency[2]
+    assert "ran at x1.100 of their profiled time before the searches and x1.150 while" in latency[2]
     assert "+0.0% to +21.7%" in latency[2] and "20 held-out subnets when profiled: 95% within 10%" in latency[2]
     assert latency[3].startswith("Not within: loose.")

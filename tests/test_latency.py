@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ofa.predict.latency import LatencyPredictor, LatencyTableError, block_plan, validate_table
+from ofa.predict.latency import LatencyPredictor, LatencyTableError, Speed, block_plan, validate_table
 from ofa.predict.latency_model import FAMILIES, choose_and_fit, coefficients, model_dict, quality
 from ofa.predict.profile import profile_space, recalibrate, speed_of
 from ofa.predict.timing import Timing
@@ -62,9 +62,22 @@ def test_the_prediction_is_the_model_over_the_arch_blocks(table):
             want += model["stage_scale"][slot // TINY.max_depth] * table["entries"][key] + model["block_ms"]
         assert pred.raw(code)[0] == pytest.approx(want)
         assert pred(code)[0] == pytest.approx(want)
-        assert pred.with_speed(1.25)(code)[0] == pytest.approx(1.25 * want)  # the device's speed scales it all
-    recal = LatencyPredictor(TINY, {**table, "model": model, "recalibration": {"scale": 0.8}})
-    assert recal(TINY.encode([arch]))[0] == pytest.approx(0.8 * want)
+        assert pred.with_speed(Speed(1.25))(code)[0] == pytest.approx(1.25 * want)  # the device's speed maps it
+    recal = LatencyPredictor(TINY, {**table, "model": model, "recalibration": {"scale": 0.8, "offset_ms": 0.1}})
+    assert recal(TINY.encode([arch]))[0] == pytest.approx(0.8 * want + 0.1)
+
+
+def test_a_speed_is_a_scale_or_also_an_offset_when_that_predicts_the_references_better():
+    then = np.array([0.3, 0.5, 0.8, 1.0, 1.4, 1.9, 0.6, 1.2, 0.4, 1.6])
+    assert Speed.fit(then, 1.3 * then).scale == pytest.approx(1.3) and Speed.fit(then, 1.3 * then).offset_ms == 0
+    # a per-call cost that changed more than the compute: small subnets x0.69, large ones x0.92 (measured)
+    shifted = Speed.fit(then, 0.95 * then - 0.08)
+    assert shifted.scale == pytest.approx(0.95) and shifted.offset_ms == pytest.approx(-0.08)
+    noisy = 1.1 * then * (1 + 0.02 * np.random.default_rng(0).standard_normal(len(then)))
+    assert Speed.fit(then, noisy).offset_ms == 0.0  # noise alone does not buy an offset
+    assert Speed.fit([1.0, 2.0], [2.0, 5.0]) == Speed(2.25)  # too few for an offset: the median ratio
+    with pytest.raises(ValueError, match="needs one time now > 0"):
+        Speed.fit([1.0], [0.0])
 
 
 def test_model_families_are_chosen_by_cross_validation():
@@ -90,13 +103,17 @@ def test_recalibration_re_times_the_references_and_scales_the_table(table):
     slow = {**table, "references": [{**r, "ms": r["ms"] / 3} for r in table["references"]]}
     recal, timings = recalibrate(TINY, slow, progress=False, rounds=2)
     r = recal["recalibration"]
-    assert len(r["ratios"]) == 4 and r["scale"] == pytest.approx(float(np.median(r["ratios"])), rel=1e-3)
-    assert r["measured_at"].endswith("Z") and "verdict" in r["repeatability"]
     profiled = np.array([x["ms"] for x in slow["references"]])
-    assert speed_of(timings.ms, profiled)[1] == pytest.approx(r["scale"], rel=1e-3)
+    speed = Speed.from_dict(r)
+    fitted = Speed.fit(profiled, timings.ms)
+    assert speed_of(timings.ms, profiled)[1] == fitted
+    assert (speed.scale, speed.offset_ms) == pytest.approx((fitted.scale, fitted.offset_ms), abs=1e-5)
+    assert r["ratios"] == pytest.approx(timings.ms / profiled, rel=1e-3) and speed.scale > 0
+    assert r["measured_at"].endswith("Z") and "verdict" in r["repeatability"]
     codes = TINY.sample_codes(0, 10)
     validate_table(recal, TINY)
-    assert np.allclose(LatencyPredictor(TINY, recal)(codes), LatencyPredictor(TINY, slow)(codes) * r["scale"])
+    assert np.allclose(LatencyPredictor(TINY, recal)(codes), speed.apply(LatencyPredictor(TINY, slow)(codes)),
+                       rtol=1e-5)
 
 
 def test_a_version_1_table_is_refused_with_what_to_do(table):
@@ -202,9 +219,11 @@ def test_profile_command_writes_into_an_artifact_and_recalibrates_it(tmp_path, c
     assert "reference subnets re-timed" in capsys.readouterr().out
     recal = json.loads((art / "latency" / "ci-cpu.json").read_text())["recalibration"]
     sent = json.loads(timings.read_text())
-    ids = [LatencyPredictor(TINY, table).references[i][0].id for i in range(4)]
-    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in sent["reference_timings"]] == ids
-    assert recal["scale"] == pytest.approx(float(np.median(recal["ratios"])), rel=1e-3)
+    refs = LatencyPredictor(TINY, table).references
+    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in sent["reference_timings"]] == [a.id for a, _ in refs]
+    now = [t["ms"] for t in sent["reference_timings"]]
+    fitted = Speed.fit([ms for _, ms in refs], now)
+    assert (recal["scale"], recal["offset_ms"]) == pytest.approx((fitted.scale, fitted.offset_ms), abs=1e-4)
     assert main(["info", "--artifact", str(art)]) == 0
     assert "speed: x" in capsys.readouterr().out
 

@@ -128,7 +128,7 @@ def test_a_search_carries_the_device_speed_now(client):
     ("nan", r"reference_timings\[0\].ms must be a number in \(0, 1e\+06\]"),
     ("zero", r"reference_timings\[0\].ms must be a number"),
     ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
-    ("1000x", r"imply the device runs x1000 of its profiled time; only x0.01 to x100 is accepted"),
+    ("1000x", r"imply the device runs at x1000.000 of its profiled time; only x0.01 to x100 is accepted"),
     ("no target", "reference_timings needs a target"),
 ], ids=["unknown-id", "nan", "zero", "twice", "implausible", "no-target"])
 def test_bad_reference_timings_are_refused(client, timings, message):

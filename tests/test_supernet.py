@@ -2,6 +2,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import perturb
 from ofa.space import get_space
@@ -155,3 +156,17 @@ def test_invalid_arch_is_refused_by_forward(supernets):
     bad = get_space("mbv3-imagenet").smallest()
     with pytest.raises(ValueError, match="resolution = 128 is not allowed"):
         net(torch.randn(1, 1, 28, 28), bad)
+
+
+@pytest.mark.parametrize("channels, size, kernel, stride", [(96, 6, 7, 1), (96, 6, 7, 2), (64, 3, 5, 1), (32, 4, 7, 1)])
+def test_the_small_map_depthwise_gradient_equals_torchs(channels, size, kernel, stride):
+    from ofa.layers import depthwise_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(8, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(channels, 1, kernel, kernel, requires_grad=True)
+    g = torch.randn_like(F.conv2d(x, w, None, stride, kernel // 2, 1, channels))
+    ours = torch.autograd.grad(depthwise_conv(x, w, stride), (x, w), g)
+    ref = torch.autograd.grad(F.conv2d(x, w, None, stride, kernel // 2, 1, channels), (x, w), g)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

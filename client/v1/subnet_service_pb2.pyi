@@ -143,7 +143,7 @@ class ReferenceTiming(_message.Message):
     def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed")
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class Target(_message.Message):
     HELD_OUT_SPEARMAN_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
+    SPEED_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     supernet: str
     cpu: str
@@ -174,7 +175,8 @@ class Target(_message.Message):
     held_out_spearman: float
     model_family: str
     speed: float
-    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ...) -> None: ...
+    speed_offset_ms: float
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ("supernet",)
@@ -237,7 +239,7 @@ class SearchSubnetRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +250,7 @@ class Subnet(_message.Message):
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
+    SPEED_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -258,7 +261,8 @@ class Subnet(_message.Message):
     supernet: str
     target: str
     speed: float
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ...) -> None: ...
+    speed_offset_ms: float
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ...) -> None: ...
 
 class GetParetoFrontRequest(_message.Message):
     __slots__ = ("supernet", "target", "points", "constraints", "seed", "options", "reference_timings")

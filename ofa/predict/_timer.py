@@ -2,7 +2,8 @@
 
 Run as a script (``python -I _timer.py``) by :mod:`ofa.predict.timing`; it reads one
 job (JSON) on stdin and writes JSON lines on stdout: ``{"done": k, "total": n}`` as
-it goes, then ``{"result": ...}``. It imports numpy and the one runtime being timed:
+it goes, then ``{"result": ...}``. (Its other job, ``export``, writes ONNX files for the
+onnxruntime runs, in two such processes side by side.) It imports numpy and the one runtime being timed:
 onnxruntime never shares this process with torch's thread pool, which made it run
 1.3-2.4x slower (PERF.md), and all onnxruntime sessions share one global thread pool,
 because hundreds of per-session pools spinning after their calls made each other's
@@ -107,6 +108,26 @@ def _time(job: dict, runs: list, report) -> dict:
     return {"times_ms": times.tolist(), "calls": calls, "orders": orders}
 
 
+def _export(job: dict, report) -> None:
+    """The other job: export parts to ONNX files (a process each of several, so that they run in parallel)."""
+    sys.path.insert(0, job["root"])
+    import torch
+
+    from ofa.predict.timing import module_of
+    from ofa.space import SearchSpace
+    from ofa.subnet import export_onnx
+
+    torch.set_num_threads(1)
+    space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
+    for k, (part, shape, path, seed) in enumerate(job["export"]):
+        torch.manual_seed(seed)
+        module = module_of(space, part).eval()
+        with open(path, "wb") as f:
+            f.write(export_onnx(module, torch.randn(*shape), dynamic_batch=False))
+        report({"exported": k + 1})
+    report({"result": "exported"})
+
+
 def main() -> None:
     job = json.loads(sys.stdin.read())
     out = sys.stdout
@@ -115,6 +136,9 @@ def main() -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
+    if "export" in job:
+        _export(job, report)
+        return
     runs = _onnx_runs(job) if job["backend"] == "onnxruntime" else _torch_runs(job)
     report({"loaded": len(runs)})
     report({"result": _time(job, runs, report)})

@@ -29,7 +29,8 @@ lower bounds. ``fit.quality.held_out`` is measured on subnets the fit never saw.
 ``references`` are subnets timed end to end when the table was profiled. Timed again
 later on the device (``ofa profile --recalibrate``, or by a pipeline that sends the
 timings with a search request) their median ratio is how much faster or slower the
-device runs now; ``recalibration.scale`` (optional) multiplies every prediction.
+device runs now: ``recalibration`` (optional) maps every prediction by ``scale`` (and
+``offset_ms``), see :class:`Speed`.
 Version 1 tables (blocks timed inside the training process, a correction fitted on a
 few subnets) are refused: profile again.
 """
@@ -46,7 +47,7 @@ import numpy as np
 from ..space import Arch, BlockSpec, SearchSpace
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "check_target_name", "TABLE_FORMAT", "TABLE_VERSION", "block_plan",
+__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "TABLE_FORMAT", "TABLE_VERSION", "block_plan",
            "space_digest", "validate_table"]
 
 TABLE_FORMAT = "ofa-latency-table"
@@ -192,6 +193,7 @@ _FIT_FIELDS = {
 }
 _RECALIBRATION_FIELDS = {
     "scale": (_real(0.01, 100), "a number in [0.01, 100]"),
+    "offset_ms": (_real(-1e6, 1e6), "a number in [-1e6, 1e6]"),
     "ratios": (lambda v: isinstance(v, list) and len(v) <= MAX_REFERENCES and all(_real(1e-6)(x) for x in v),
                f"a list of at most {MAX_REFERENCES} numbers > 0"),
     "measured_at": (_text, "a string of at most 200 characters"),
@@ -290,11 +292,70 @@ def validate_table(table: Any, space: SearchSpace | None = None) -> dict[str, An
     return dict(table)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How the device runs now against when its table was profiled: ``now = scale · then + offset_ms``.
+
+    Fitted on the table's reference subnets timed again (:meth:`fit`). A shared machine does not
+    only get uniformly slower or faster: measured here, the smallest references ran ×0.69 and the
+    largest ×0.92 of their profiled time in one minute, a per-call cost that changed more than
+    the compute; so the fit may add an offset to the scale, when that predicts the references
+    better (leave-one-out).
+    """
+
+    scale: float = 1.0
+    offset_ms: float = 0.0
+
+    def apply(self, ms: np.ndarray) -> np.ndarray:
+        return np.maximum(np.asarray(ms) * self.scale + self.offset_ms, MIN_PREDICTED_MS)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"scale": round(self.scale, 6), "offset_ms": round(self.offset_ms, 6)}
+
+    def describe(self) -> str:
+        return f"x{self.scale:.3f}" + (f" {self.offset_ms:+.3f} ms" if self.offset_ms else "")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Speed":
+        d = d or {}
+        return cls(float(d.get("scale", 1.0)), float(d.get("offset_ms", 0.0)))
+
+    @staticmethod
+    def _fit(p: np.ndarray, n: np.ndarray, affine: bool) -> "Speed":
+        if not affine:
+            return Speed(float(np.median(n / p)))
+        # least squares in relative error: (scale · p + offset) / n ≈ 1
+        a = np.stack([p / n, 1 / n], axis=1)
+        scale, offset = np.linalg.lstsq(a, np.ones(len(n)), rcond=None)[0]
+        return Speed(float(scale), float(offset))
+
+    @classmethod
+    def fit(cls, profiled_ms, now_ms) -> "Speed":
+        """The speed that maps the references' profiled times to their times now: the median ratio, or a
+        scale and offset when those predict each reference better from the others (and stay monotone)."""
+        p, n = np.asarray(profiled_ms, float), np.asarray(now_ms, float)
+        if len(p) == 0 or len(p) != len(n) or not (np.all(p > 0) and np.all(n > 0)):
+            raise ValueError("fitting a speed needs one time now > 0 for each profiled time > 0")
+        plain = cls._fit(p, n, False)
+        if len(p) < 4 or np.ptp(p) < 0.2 * p.mean():  # too few, or too alike, to tell a scale from an offset
+            return plain
+        loo = {False: [], True: []}
+        for i in range(len(p)):
+            keep = np.arange(len(p)) != i
+            for affine in (False, True):
+                s = cls._fit(p[keep], n[keep], affine)
+                loo[affine].append(abs(s.apply(p[i]) / n[i] - 1))
+        both = cls._fit(p, n, True)
+        if np.mean(loo[True]) < np.mean(loo[False]) and both.scale > 0 and np.all(both.apply(p) > 0.1 * n):
+            return both
+        return plain
+
+
 class LatencyPredictor:
     """Predicted latency (ms) of N encoded archs on one target: the table's model summed over blocks,
-    times the device's speed now (``speed``; the table's recalibration by default)."""
+    at the device's speed now (``speed``; the table's recalibration by default)."""
 
-    def __init__(self, space: SearchSpace, table: Mapping[str, Any], speed: float | None = None) -> None:
+    def __init__(self, space: SearchSpace, table: Mapping[str, Any], speed: Speed | None = None) -> None:
         self.space = space
         self.table = validate_table(table, space)
         self.target = self.table["target"]
@@ -313,14 +374,13 @@ class LatencyPredictor:
         self.slot_ms = entry_ms * scale[None, :, None, None] + float(model["block_ms"])
         self.fixed_ms = (self.entry_fixed_ms * float(model["fixed_scale"])
                          + np.array([float(model["offset_ms"][str(r)]) for r in space.resolutions]))
-        recal = self.table.get("recalibration") or {}
-        self.speed = float(recal.get("scale", 1.0)) if speed is None else float(speed)
+        self.speed = Speed.from_dict(self.table.get("recalibration")) if speed is None else speed
 
-    def with_speed(self, speed: float) -> "LatencyPredictor":
-        """The same table for a device running ``speed`` times as long as when it was profiled."""
+    def with_speed(self, speed: Speed) -> "LatencyPredictor":
+        """The same table for a device running at ``speed`` (``Speed()``: as when it was profiled)."""
         other = object.__new__(LatencyPredictor)
         other.__dict__.update(self.__dict__)
-        other.speed = float(speed)
+        other.speed = speed
         return other
 
     @property
@@ -348,8 +408,8 @@ class LatencyPredictor:
         return self.fixed_ms[codes[:, -1]] + gather_slots(self.space, codes, self.slot_ms)
 
     def finish(self, raw: np.ndarray) -> np.ndarray:
-        """Model sums to predictions: times the speed, never below a microsecond (monotone, keeps the order)."""
-        return np.maximum(raw, MIN_PREDICTED_MS) * self.speed
+        """Model sums to predictions at the device's speed, never below a microsecond (monotone: keeps the order)."""
+        return self.speed.apply(np.maximum(raw, MIN_PREDICTED_MS))
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         return self.finish(self.raw(codes))

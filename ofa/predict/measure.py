@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import DataSpec, ImageSet, load_dataset, split_validation
-from ..evaluate import percent_correct, subnet_correct
+from ..evaluate import EVAL_BATCH, percent_correct, subnet_correct
 from ..space import Arch, SearchSpace
 from ..supernet import Supernet
 from .accuracy import FOLDS
@@ -79,7 +79,7 @@ def unpack_correct(text: str, images: int) -> np.ndarray:
 def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.Tensor, val: ImageSet,
                        spec: DataSpec, known: dict[str, dict[str, Any]] | None = None, progress: bool = True,
                        on_result: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-                       batch_size: int = 1000) -> dict[str, dict[str, Any]]:
+                       batch_size: int = EVAL_BATCH) -> dict[str, dict[str, Any]]:
     """{arch id: {arch, accuracy, macs, params, correct}} for ``archs``; ids already in ``known`` are kept."""
     out = dict(known or {})
     cost = CostModel(supernet.space)

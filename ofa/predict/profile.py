@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..space import Arch, SearchSpace
-from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, describe_cpu, iter_plan, space_digest
+from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan, space_digest
 from .latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
 from .timing import Part, Timing, Timings, subnet_part, time_parts
 
@@ -149,17 +149,17 @@ def reference_timings(space: SearchSpace, table: Mapping[str, Any], timings: Tim
             "reference_timings": [{"subnet_id": a.id, "ms": round(float(m), 6)} for (a, _), m in zip(refs, timings.ms)]}
 
 
-def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], float]:
-    """How much longer the device takes now than when profiled: each reference's ratio, and their median
-    (one subnet's re-timing is a noisy estimate of the device's speed; the median of ten is not)."""
+def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], Speed]:
+    """How the device runs now against when profiled: each reference's ratio, and the :class:`Speed`
+    fitted on them (one subnet's re-timing is a noisy estimate of the device's speed; ten are not)."""
     ratios = np.asarray(now_ms, float) / np.asarray(profiled_ms, float)
-    return [round(float(r), 5) for r in ratios], float(np.median(ratios))
+    return [round(float(r), 5) for r in ratios], Speed.fit(profiled_ms, now_ms)
 
 
 def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = True,
                 rounds: int = 12) -> tuple[dict[str, Any], Timings]:
-    """Re-time the table's references on this device now; the table with its ``recalibration`` set to
-    their median ratio (seconds of work: ten subnets), and the timings."""
+    """Re-time the table's references on this device now; the table with its ``recalibration`` set to the
+    :class:`Speed` fitted on them (seconds of work: ten subnets), and the timings."""
     pred = LatencyPredictor(space, table)
     refs = pred.references
     if not refs:
@@ -167,8 +167,8 @@ def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = T
                          "profile it again")
     timing = timing_of_table(table, rounds=rounds)
     timings = time_parts(space, [subnet_part(space, a) for a, _ in refs], timing, progress, desc="re-time references")
-    ratios, scale = speed_of(timings.ms, np.array([m for _, m in refs]))
-    recal = {"scale": round(scale, 5), "ratios": ratios,
+    ratios, speed = speed_of(timings.ms, np.array([m for _, m in refs]))
+    recal = {**speed.to_dict(), "ratios": ratios,
              "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "repeatability": timings.repeatability()}
     return {**table, "recalibration": recal}, timings

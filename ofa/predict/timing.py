@@ -215,78 +215,87 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent.parent)
 
 
+EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two processes halve the wait
+
+
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
                   progress: bool) -> list[dict[str, Any]]:
     """What the worker loads: ONNX files for onnxruntime (exported here), specs or files for torch."""
-    items = []
-    export = timing.backend == "onnxruntime" and any(p.kind != "file" for p in parts)
-    if export:
-        import torch
-        from tqdm import tqdm
-
-        from ..subnet import export_onnx
-
-        torch.manual_seed(timing.seed)
-    bar = None
-    if export and progress:
-        bar = tqdm(total=sum(p.kind != "file" for p in parts), desc="export to onnx", unit="net")
+    items: list[dict[str, Any]] = []
+    exports = []
     for i, part in enumerate(parts):
         shape = [timing.batch, *part.shape]
         if part.kind == "file":
-            items.append({"shape": shape, ("onnx" if timing.backend == "onnxruntime" else "safetensors"): part.file})
+            items.append({"shape": shape, ("onnx" if timing.backend == "onnxruntime" else "safetensors"):
+                          str(Path(part.file).resolve())})
         elif timing.backend == "onnxruntime":
-            module = module_of(space, part.to_dict()).eval()
-            path = folder / f"{i}.onnx"
-            path.write_bytes(export_onnx(module, torch.randn(*shape), dynamic_batch=False))
-            items.append({"shape": shape, "onnx": str(path)})
-            if bar is not None:
-                bar.update(1)
+            items.append({"shape": shape, "onnx": str(folder / f"{i}.onnx")})
+            exports.append((part.to_dict(), shape, items[-1]["onnx"], timing.seed * 1_000_003 + i))
         else:
             items.append({"shape": shape, "part": part.to_dict()})
-    if bar is not None:
-        bar.close()
+    if exports:
+        n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
+        sp = space.to_dict() if space is not None else None
+        jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root()} for k in range(n)]
+        _run_workers(jobs, folder, progress, "export to onnx", len(exports), "exported")
     return items
 
 
-def _run_worker(job: Mapping[str, Any], folder: Path, progress: bool, desc: str) -> dict[str, Any]:
+def _run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, progress: bool, desc: str, total: int,
+                 counter: str) -> list[Any]:
+    """Run each job in its own worker process, side by side; their results (a worker that fails, or says
+    nothing for :data:`SILENCE_S`, raises :class:`TimingError` with its stderr)."""
+    import selectors
+
     from tqdm import tqdm
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(OMP_NUM_THREADS=str(job["threads"]), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    err_path = folder / "worker.stderr"
-    with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_timer.py"))],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                                cwd=folder, text=True)
-    bar = tqdm(total=len(job["items"]) * job["rounds"], desc=desc, unit="net", disable=not progress)
-    result = None
+    procs, errs = [], []
+    for k, job in enumerate(jobs):
+        env = {key: v for key, v in os.environ.items() if not key.startswith("PYTHON")}
+        env.update(OMP_NUM_THREADS=str(job["threads"]), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        errs.append(folder / f"worker{k}.stderr")
+        with open(errs[-1], "wb") as err:
+            procs.append(subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_timer.py"))],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                          cwd=folder, text=True))
+    bar = tqdm(total=total, desc=desc, unit="net", disable=not progress)
+    results: list[Any] = [None] * len(jobs)
+    done = [0] * len(jobs)
     try:
-        proc.stdin.write(json.dumps(job))
-        proc.stdin.close()
-        import selectors
-
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            if not sel.select(SILENCE_S):
-                raise TimingError(f"the timing worker said nothing for {SILENCE_S:.0f} s and was killed")
-            line = proc.stdout.readline()
-            if not line:
-                break
-            msg = json.loads(line)
-            if "done" in msg:
-                bar.update(msg["done"] - bar.n)
-            elif "result" in msg:
-                result = msg["result"]
+        for k, (proc, job) in enumerate(zip(procs, jobs)):
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            sel.register(proc.stdout, selectors.EVENT_READ, k)
+        open_streams = len(procs)
+        while open_streams:
+            ready = sel.select(SILENCE_S)
+            if not ready:
+                raise TimingError(f"a {desc} worker said nothing for {SILENCE_S:.0f} s and was killed")
+            for key, _ in ready:
+                k = key.data
+                line = procs[k].stdout.readline()
+                if not line:
+                    sel.unregister(procs[k].stdout)
+                    open_streams -= 1
+                    continue
+                msg = json.loads(line)
+                if counter in msg:
+                    done[k] = msg[counter]
+                    bar.update(sum(done) - bar.n)
+                elif "result" in msg:
+                    results[k] = msg["result"]
     finally:
         bar.close()
-        if proc.poll() is None and result is None:
-            proc.kill()
-        proc.wait()
-    if result is None or proc.returncode:
-        tail = err_path.read_text(errors="replace")[-2000:]
-        raise TimingError(f"the timing worker exited with code {proc.returncode}: {tail}")
-    return result
+        for proc, result in zip(procs, results):
+            if proc.poll() is None and result is None:
+                proc.kill()
+            proc.wait()
+    for proc, result, err in zip(procs, results, errs):
+        if result is None or proc.returncode:
+            tail = err.read_text(errors="replace")[-2000:]
+            raise TimingError(f"the {desc} worker exited with code {proc.returncode}: {tail}")
+    return results
 
 
 def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
@@ -300,7 +309,7 @@ def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing,
         folder = Path(tmp)
         job = {**dataclasses.asdict(timing), "items": _worker_items(space, parts, timing, folder, progress),
                "space": space.to_dict() if space is not None else None, "root": _package_root()}
-        result = _run_worker(job, folder, progress, desc)
+        (result,) = _run_workers([job], folder, progress, desc, len(parts) * timing.rounds, "done")
     timings = Timings(np.array(result["times_ms"]), tuple(result["calls"]), time.perf_counter() - t0,
                       np.array(result["orders"]))
     rep = timings.repeatability()

@@ -141,6 +141,8 @@ def _check_config(config: TrainConfig) -> None:
         raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs momentum > 0: set momentum in (0, 1) or nesterov=false")
+    if config.evaluate_phases not in ("all", "last"):
+        raise ConfigError(f"evaluate_phases must be 'all' or 'last', got {config.evaluate_phases!r}")
 
 
 # What a training step computes beyond its config. A checkpoint of another version would
@@ -398,7 +400,8 @@ class Trainer:
         del model  # releases the DDP reducer's hooks before the next phase wraps the net again
         if phase.name == "full":
             self._save_teacher()
-        phase_results = self.evaluate_corners(sub) if self.rank == 0 else {}
+        evaluate = cfg.evaluate_phases == "all" or pi == len(cfg.phases) - 1
+        phase_results = self.evaluate_corners(sub) if self.rank == 0 and evaluate else {}
         self._log({"phase": phase.name, "event": "phase_end", "val_accuracy": phase_results,
                    "global_step": global_step, "seconds": round(time.perf_counter() - t_phase, 1),
                    "steps": total - start})
