@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import fingerprint
 from ofa.train import load_config, train
 
 PHASES = ("full", "kernel", "depth-1", "depth-2", "expand-1", "expand-2")
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", help="run folder (default: a temporary one)")
     a = p.parse_args()
+    fingerprint()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available here; pass --device cpu to check the script on a CPU")
     out = Path(a.out or tempfile.mkdtemp(prefix="ofa-cuda-train-"))

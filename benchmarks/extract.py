@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import run_reference, summary
+from common import fingerprint, run_reference, summary
 from ofa.space import get_space
 from ofa.supernet import Supernet, extract
 
@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating repetitions (per-arch minimum kept)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one round of ours, JSON out
     a = p.parse_args()
+    fingerprint()
     torch.set_num_threads(a.threads)
     space = get_space("mbv3-imagenet")
     archs = space.sample(0, n=a.archs + 2)

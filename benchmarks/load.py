@@ -49,6 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import fingerprint  # noqa: E402
 from ofa_client import Client, ClientError, ResourceExhausted  # noqa: E402
 
 FETCH, SEARCH = "GetSubnetWeights (cached)", "SearchSubnet"
@@ -211,6 +212,7 @@ def main() -> None:
             p.error(f"{name} is out of range: clients, procs, max-searches >= 1; seconds > 0; rate >= 0; "
                     "search-share in [0, 1]")
     procs = max(1, min(a.procs, a.clients))
+    fingerprint()
 
     server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0",
                                "--max-searches", str(a.max_searches), "--workers", str(max(16, a.clients + 4))],

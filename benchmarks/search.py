@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from common import run_reference
+from common import fingerprint, run_reference
 from ofa.predict.accuracy import AccuracyPredictor, feature_length
 from ofa.predict.cost import CostModel
 from ofa.search import Constraints, Scorer, SearchSettings, search
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--max-mmacs", type=float, default=400.0, help="the MACs bound, in millions")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    fingerprint()
     torch.set_num_threads(a.threads)
     space = get_space("mbv3-imagenet")
     state = random_mlp(feature_length(space), seed=0)

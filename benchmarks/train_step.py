@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import run_reference, summary
+from common import fingerprint, run_reference, summary
 from ofa.space import get_space
 from ofa.supernet import Supernet, extract
 
@@ -68,6 +68,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps(run_round(a)))
         return
+    fingerprint()
     space = get_space("mbv3-imagenet")
     archs = space.sample(0, n=a.warmup + a.steps, resolution=a.resolution)
     ref_archs = [space.arch_to_reference(x) for x in archs]

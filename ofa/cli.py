@@ -83,9 +83,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
     _flag_errors(timing.check, prefix="--profile-")
-    _flag_errors(lambda: check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets))
+    _flag_errors(lambda: check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets,
+                                    args.front))
     report = run_demo(args.out, args.preset, args.set or [], args.samples, args.target, timing, args.profile_subnets,
-                      args.budgets, progress=not args.no_progress, log=print)
+                      args.budgets, args.front, progress=not args.no_progress, log=print)
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "
@@ -344,13 +345,14 @@ def _cmd_predictors(args: argparse.Namespace) -> int:
     """Measure subnets of an artifact, pick and fit the accuracy predictor, store both in it."""
     import torch
 
-    from .predict.measure import build_accuracy_predictor
+    from .predict.measure import build_accuracy_predictor, check_predictor_settings
 
+    _flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front))
     if args.threads:
         torch.set_num_threads(args.threads)
     report = build_accuracy_predictor(args.artifact, samples=args.samples, seed=args.seed,
                                       test_fraction=args.test_fraction, calib_images=args.calib_images,
-                                      data_dir=args.data_dir, progress=not args.no_progress,
+                                      data_dir=args.data_dir, front=args.front, progress=not args.no_progress,
                                       log=(lambda s: None) if args.json else print)
     if args.plot:
         from .plots import plot_predicted_vs_measured
@@ -470,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="training preset (default quick)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config value")
-    s.add_argument("--samples", type=int, default=60, help="subnets measured for the accuracy predictor (default 60)")
+    s.add_argument("--samples", type=int, default=40, help="subnets measured for the accuracy predictor (default 40)")
+    s.add_argument("--front", type=int, default=16,
+                   help="of them, this many along the front the search picks from (default 16; see ofa predictors)")
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
     s.add_argument("--profile-backend", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -478,8 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-rounds", type=int, default=6, help="interleaved timing passes (default 6)")
     s.add_argument("--profile-sample-ms", type=float, default=10.0,
                    help="each timing sample runs as many calls as fill this many ms (default 10)")
-    s.add_argument("--profile-subnets", type=int, default=80,
-                   help="random subnets timed end to end to fit and check the latency model (default 80)")
+    s.add_argument("--profile-subnets", type=int, default=50,
+                   help="random subnets timed end to end to fit and check the latency model (default 50)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
@@ -583,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=300,
                    help="subnets to measure (default 300, at least 10); random ones are added when the split by "
                    "arch id would leave fewer than 10 to fit or 2 held out")
+    s.add_argument("--front", type=int, default=0,
+                   help="of the samples, this many are taken along the front the search would pick from (two rounds, "
+                   "each after a fit on what is measured so far), where the predictor's errors matter; default 0")
     s.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of subnets held out for the reported quality (default 0.2)")
     s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")

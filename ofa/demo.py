@@ -1,7 +1,7 @@
 """``ofa demo``: the whole story on this machine, from nothing to three specialised subnets.
 
 1. train the ``quick`` supernet (progressive shrinking with distillation) into OUT/supernet;
-2. measure subnets and fit the accuracy predictor into it;
+2. measure subnets (some where the search will pick from) and fit the accuracy predictor into it;
 3. profile this machine as a latency target (onnxruntime by default: how a subnet fetched as
    ONNX runs);
 4. start ``ofa serve`` on loopback and, with ``ofa-client``, request and fetch the best
@@ -24,16 +24,17 @@ from .predict.timing import Timing
 __all__ = ["check_demo", "run_demo"]
 
 
-def check_demo(samples: int = 60, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 80,
-               budgets: int = 3) -> None:
+def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50,
+               budgets: int = 3, front: int = 16) -> None:
     """Refuse what :func:`run_demo` could only fail on later (step 4 starts after ~10 minutes), naming the field."""
     from .predict.latency import check_target_name
     from .predict.profile import check_profile
     from .report import check_report_settings
 
+    from .predict.measure import check_predictor_settings
+
     check_target_name(target)
-    if samples < 10:
-        raise ValueError(f"samples must be >= 10, got {samples}")
+    check_predictor_settings(samples, front=front)
     timing.check()
     try:
         check_profile(profile_subnets)
@@ -60,9 +61,9 @@ def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str
         timing.protocol() else None
 
 
-def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 60,
-             target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 80, budgets: int = 3,
-             progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
+             target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
+             front: int = 16, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json)."""
     from .artifact import add_file, load_artifact
     from .predict.latency import validate_table
@@ -71,7 +72,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     from .report import render_markdown, run_report
     from .train import config_differences, load_config, train
 
-    check_demo(samples, target, timing, profile_subnets, budgets)
+    check_demo(samples, target, timing, profile_subnets, budgets, front)
     out = Path(out)
     art_dir = out / "supernet"
     config = load_config(preset, None, list(assignments))
@@ -97,9 +98,11 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
             ", ".join(f"{k} {v:.2f}%" for k, v in sorted(last.items())))
     steps["train"] = time.perf_counter() - t
 
-    log(f"[2/5] measure {samples} subnets and fit the accuracy predictor")
+    log(f"[2/5] measure {samples} subnets ({front} of them along the front the search picks from) and fit the "
+        f"accuracy predictor")
     t = time.perf_counter()
-    rep = build_accuracy_predictor(art_dir, samples=samples, progress=progress, log=lambda s: log("  " + s))
+    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, progress=progress,
+                                   log=lambda s: log("  " + s))
     steps["predictors"] = time.perf_counter() - t
 
     log(f"[3/5] profile this machine as target {target!r}")

@@ -71,9 +71,12 @@ class _DepthwiseSmallMap(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False,
                                                          [0, 0], c, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            images = x.reshape(1, n * c, h, w).contiguous(memory_format=torch.channels_last)
-            per_image = F.conv2d(images, grad.reshape(n * c, 1, *grad.shape[-2:]), None, 1, p, s, n * c)
-            grad_w = per_image[..., :k, :k].reshape(n, c, k, k).sum(0).reshape(weight.shape)
+            # one image of n*c channels in channels_last order (h, w, n, c): one copy of x, whatever its layout
+            images = x.permute(2, 3, 0, 1).contiguous().view(1, h, w, n * c).permute(0, 3, 1, 2)
+            kernels = grad.reshape(n * c, 1, *grad.shape[-2:])
+            per_image = F.conv2d(images, kernels, None, 1, p, s, n * c)  # (1, n*c, >=k, >=k), channels_last
+            grad_w = (per_image.permute(0, 2, 3, 1)[0, :k, :k].reshape(k, k, n, c).sum(2)
+                      .permute(2, 0, 1).reshape(weight.shape))
         return grad_x, grad_w, None, None
 
 

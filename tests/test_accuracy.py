@@ -137,7 +137,7 @@ def test_too_few_samples_for_the_split_get_random_ones_added():
         if len(more) > n:
             held = _split([a.id for a in more[:-1]], fraction)
             assert (~held).sum() < MIN_FIT or held.sum() < 2
-    with pytest.raises(ValueError, match="--test-fraction 1e-06 holds out too few"):
+    with pytest.raises(ValueError, match="test_fraction 1e-06 holds out too few"):
         with_enough_on_each_side(SPACE, [], [], 1e-6, seed=0)
 
 
@@ -204,6 +204,19 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     assert main(["info", "--artifact", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["accuracy_predictor"]
     assert info["train_samples"] + info["test_samples"] == len(after) and "kendall_tau" in info["test"]
+    # samples along the front the search picks from: new subnets, tagged by round; a rerun finds them measured
+    logs: list[str] = []
+    front = build_accuracy_predictor(root, samples=18, front=2, test_fraction=0.3, progress=False, log=logs.append,
+                                     families=["ridge-0.3"])
+    tagged = {k: v for k, v in json.loads((root / MEASUREMENTS).read_text())["subnets"].items() if "front" in v}
+    assert len(tagged) == 2 and not set(tagged) & set(after) and len({v["front"] for v in tagged.values()}) == 2
+    assert front["front"] == 2 and sum("measuring 1 subnets where the search would look" in s for s in logs) == 2
+    logs.clear()
+    again = build_accuracy_predictor(root, samples=18, front=2, test_fraction=0.3, progress=False, log=logs.append,
+                                     families=["ridge-0.3"])
+    assert again["reused"] and sum("were measured before" in s for s in logs) == 2
+    with pytest.raises(ValueError, match=r"front must be in 0\.\.8 \(samples - 10\), got 9"):
+        build_accuracy_predictor(root, samples=18, front=9, progress=False, log=lambda s: None)
 
     # new weights written into the same folder (a retrain) drop what was made from the old ones
     add_file(root, "latency/x.json", "{}")

@@ -30,7 +30,7 @@ def _run(args, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     out = tmp_path / "demo"
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", *_FAST_PROFILE], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/5] train", "[2/5] measure", "[3/5] profile", "[4/5] serve", "[5/5] report"):
         assert step in r.stdout
@@ -62,7 +62,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert "stopped" in (out / "server.log").read_text()  # SIGTERM, graceful
 
     # a second run reuses the trained supernet and the measured subnets
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", *_FAST_PROFILE], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already trained: reusing it" in r.stdout
     # other training settings into the same folder are refused, not served from the old supernet

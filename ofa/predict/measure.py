@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from ..supernet import Supernet
 from .accuracy import FOLDS
 from .cost import CostModel
 
-__all__ = ["MEASUREMENTS", "measure_accuracies", "pack_correct", "stratified_archs", "unpack_correct",
-           "validation_set"]
+__all__ = ["MEASUREMENTS", "check_predictor_settings", "front_archs", "measure_accuracies", "pack_correct",
+           "stratified_archs", "unpack_correct", "validation_set"]
 
 MEASUREMENTS = "accuracy/measurements.json"
 
@@ -120,18 +120,58 @@ def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Seque
             ids.add(extra.id)
             held = bool(_split([extra.id], test_fraction)[0])
             n_held, n_fit = n_held + held, n_fit + (not held)
-    raise ValueError(f"--test-fraction {test_fraction} holds out too few subnets: 10,000 more would not give 2")
+    raise ValueError(f"test_fraction {test_fraction} holds out too few subnets: 10,000 more would not give 2")
+
+
+FRONT_FAMILY = "mlp-ensemble-5x2x64"  # the interim predictor that says where the front is: smooth, and fast to fit
+FRONT_ROUNDS = 2
+
+
+def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int, seed: int,
+                exclude: Iterable[str] = ()) -> list[Arch]:
+    """``k`` new archs (in neither ``measured`` nor ``exclude``) spread along the accuracy-MACs front
+    of a predictor fitted on ``measured``.
+
+    A search picks the archs its predictor rates highest for their cost, so that is where the
+    predictor's errors matter and are biased upward (the winner's curse): measuring there puts
+    the samples where the served subnets come from.
+    """
+    from ..search import Constraints, Scorer, SearchSettings, pareto_front
+    from .accuracy import arch_features, fit_family
+    from .latency import space_digest
+
+    ids = sorted(measured)
+    x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
+    interim = fit_family(FRONT_FAMILY, x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), seed)
+    front = pareto_front(Scorer(space, interim), min(100, 2 * k + 2), None, Constraints(),
+                         SearchSettings(population=100, generations=60, seed=seed))
+    skip = set(measured) | set(exclude)
+    new = [c.arch for c in front if c.arch.id not in skip]
+    picks = np.unique(np.linspace(0, len(new) - 1, min(k, len(new))).round().astype(int)) if new else []
+    return [new[i] for i in picks]
+
+
+def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, front: int = 0) -> None:
+    """Refuse settings :func:`build_accuracy_predictor` cannot use, naming the field."""
+    if samples < 10:
+        raise ValueError(f"samples must be >= 10, got {samples}")
+    if not 0 <= front <= samples - 10:
+        raise ValueError(f"front must be in 0..{samples - 10} (samples - 10), got {front}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
 
 def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
                              calib_images: int | None = None, data_dir: str | None = None,
-                             families: Sequence[str] | None = None, progress: bool = True,
+                             families: Sequence[str] | None = None, front: int = 0, progress: bool = True,
                              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure ``samples`` subnets of the artifact at ``root``, pick and fit a predictor, store both.
 
-    The held-out subnets (``test_fraction``, chosen by arch id) are used for nothing but
-    the reported quality; the family is chosen by cross-validation on the others. The
-    stored predictor is the one whose held-out figures are reported.
+    ``front`` of the samples are taken where the search will look (:func:`front_archs`, in
+    two rounds, each after a fit on what is measured so far); the others are stratified
+    over MACs. The held-out subnets (``test_fraction``, chosen by arch id) are used for
+    nothing but the reported quality; the family is chosen by cross-validation on the
+    others. The stored predictor is the one whose held-out figures are reported.
     """
     from pathlib import Path
 
@@ -139,15 +179,12 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     from .accuracy import arch_features, evaluate, fit_many, select_and_fit, tau_ceiling
     from .latency import space_digest
 
-    if samples < 10:
-        raise ValueError(f"--samples must be >= 10, got {samples}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    check_predictor_settings(samples, test_fraction, front)
     root = Path(root)
     art = load_artifact(root)
     calib = art.calibration if calib_images is None else art.calibration[:calib_images]
     if len(calib) < 1:
-        raise ValueError(f"--calib-images must be in 1..{len(art.calibration)}, got {calib_images}")
+        raise ValueError(f"calib_images must be in 1..{len(art.calibration)}, got {calib_images}")
     val, spec = validation_set(art.manifest["training"], data_dir)
     header = {"artifact": art.digest, "calib_images": len(calib), "split": "validation", "val_images": len(val)}
     known: dict[str, dict[str, Any]] = {}
@@ -161,13 +198,29 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     def save(measured: dict[str, dict[str, Any]]) -> None:
         add_file(root, MEASUREMENTS, json.dumps({**header, "subnets": measured}, sort_keys=True, indent=0))
 
-    archs = with_enough_on_each_side(art.space, stratified_archs(art.space, samples, seed), list(known),
+    archs = with_enough_on_each_side(art.space, stratified_archs(art.space, samples - front, seed), list(known),
                                      test_fraction, seed)
-    if len(archs) > samples:
-        log(f"measuring {len(archs) - samples} random subnets more than --samples {samples}: the split by arch id "
-            f"(--test-fraction {test_fraction}) must leave at least {MIN_FIT} to fit and 2 held out")
+    if len(archs) > samples - front:
+        log(f"measuring {len(archs) - samples + front} random subnets more: the split by arch id (test fraction "
+            f"{test_fraction}) must leave at least {MIN_FIT} to fit and 2 held out")
     t0 = time.perf_counter()
     measured = measure_accuracies(art.supernet, archs, calib, val, spec, known, progress, save)
+    basis = {a.id: measured[a.id] for a in archs}  # what each front round's interim fit sees: this run's picks
+    for r in range(FRONT_ROUNDS if front else 0):
+        k = front // FRONT_ROUNDS + (r < front % FRONT_ROUNDS)
+        # the picks of a round are a function of its basis, k and seed: a rerun finds them measured
+        tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r]).encode()).hexdigest()[:16]
+        picked = [i for i in sorted(measured) if measured[i].get("front") == tag]
+        if len(picked) < k:
+            archs_r = front_archs(art.space, basis, k, seed + r, exclude=measured)
+            log(f"front round {r + 1}: measuring {len(archs_r)} subnets where the search would look")
+            measured = measure_accuracies(art.supernet, archs_r, calib, val, spec, measured, progress, save)
+            picked = [a.id for a in archs_r]
+            for i in picked:
+                measured[i]["front"] = tag
+        else:
+            log(f"front round {r + 1}: its {len(picked)} subnets were measured before")
+        basis.update({i: measured[i] for i in picked})
     save(measured)
     measure_s = time.perf_counter() - t0
     ids = sorted(measured)
@@ -181,7 +234,7 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     digest = space_digest(art.space)
     # a predictor fitted before on exactly these measurements and settings is the one this fit would make
     fit_key = hashlib.sha256(json.dumps({"measured": [[i, measured[i]["accuracy"]] for i in ids], "seed": seed,
-                                         "test_fraction": test_fraction, "families": families},
+                                         "test_fraction": test_fraction, "families": families, "front": front},
                                         sort_keys=True).encode()).hexdigest()
     stored = root / "accuracy_predictor.safetensors"
     if "accuracy_predictor.safetensors" in art.manifest["files"] and stored.exists():
@@ -209,7 +262,7 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
              for k, fitted in zip(sizes + [len(y_tr)], smaller + [pred])]
     info = {"selected": pred.family, "cv": cv, "test": test, "train_samples": int(len(y_tr)),
             "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(calib),
-            "seed": seed, "artifact": art.digest, "fit_key": fit_key}
+            "seed": seed, "front": front, "artifact": art.digest, "fit_key": fit_key}
     log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
     pred = type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
     add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
