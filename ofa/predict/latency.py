@@ -6,7 +6,8 @@ A table is JSON (format ``ofa-latency-table``, version 2)::
      "space": {"name": ..., "digest": sha256 of the space JSON},
      "device": {"cpu": ..., "threads": 2, "batch": 1, "backend": "onnxruntime", "backend_version": ...,
                 "memory_format": "nchw"},
-     "timing": {"rounds": 6, "samples": 2, "sample_ms": 10, "warmup_ms": 20, "statistic": "lower quartile",
+     "timing": {"rounds": 6, "samples": 2, "sample_ms": 10, "warmup_ms": 20,
+                "statistic": "median over passes of the fastest sample, at the median machine speed",
                 "repeatability": {"median_abs_rel_diff": 0.01, "spearman": 0.99, "trusted": true, ...}},
      "entries": {"<block key>": milliseconds, ...},
      "model": {"family": "stages+blocks", "fixed_scale": 1.0, "stage_scale": [1.0, ...],
@@ -15,7 +16,7 @@ A table is JSON (format ``ofa-latency-table``, version 2)::
              "quality": {"held_out": {"within_10pct": 1.0, "spearman": 0.98, "mean_abs_rel_error": 0.03,
                                       "worst_abs_rel_error": 0.08}, "fit": {...}}},
      "references": [{"arch": {...}, "ms": 1.9}, ...],
-     "recalibration": {"scale": 1.07, "ratios": [...], "measured_at": "2026-12-01T20:00:00Z"}}
+     "recalibration": {"scale": 1.07, "offset_ms": 0.0, "ratios": [...], "measured_at": "2026-12-01T20:00:00Z"}}
 
 ``entries`` are the blocks timed alone (every time > 0). They miss what a whole
 network adds or saves — one call instead of one per block, caches, fusion — so the
