@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -200,11 +201,17 @@ class Client:
     """A connection to an ``ofa serve`` server.
 
     ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
-    certificates. ``token``: the bearer token, if the server requires one.
+    certificates. ``token``: the bearer token, if the server requires one. ``retries``: how
+    many times a call answered UNAVAILABLE (a server replacing a dead search worker, a replica
+    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget is never re-sent.
     """
 
+    RETRY_DELAY_S = 0.5
+
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls: bool | str = False,
-                 timeout: float = 60.0, supernet: str = "") -> None:
+                 timeout: float = 60.0, supernet: str = "", retries: int = 1) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ValueError(f"retries must be an integer in 0..10, got {retries!r}")
         options = [("grpc.max_receive_message_length", 8 << 20)]
         if tls:
             roots = Path(tls).read_bytes() if isinstance(tls, (str, Path)) and tls is not True else None
@@ -213,7 +220,7 @@ class Client:
             self._channel = grpc.insecure_channel(address, options)
         self._stub = pb_grpc.SubnetServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout, self.supernet, self.address = timeout, supernet, address
+        self.timeout, self.supernet, self.address, self.retries = timeout, supernet, address, retries
 
     def close(self) -> None:
         self._channel.close()
@@ -225,10 +232,16 @@ class Client:
         self.close()
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _error(e) from None
+        retries = 0 if method == "RegisterTarget" else self.retries
+        for attempt in range(retries + 1):
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                err = _error(e)
+                if not isinstance(err, Unavailable) or attempt == retries:
+                    raise err from None
+            time.sleep(self.RETRY_DELAY_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy) -> pb.Constraints:

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
     p.add_argument("--max-searches", type=int, default=2,
                    help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")
+    p.add_argument("--max-search-seconds", type=float, default=300.0,
+                   help="a search or front still running after this long is stopped, its worker replaced and "
+                   "the call answered UNAVAILABLE (default 300; a call's own deadline stops it sooner)")
     p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")

@@ -59,14 +59,16 @@ class Server:
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None) -> None:
+                 tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
                                 interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
                                 options=[("grpc.max_receive_message_length", 16 << 20)])
-        self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes)
-        pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         self.health = health.HealthServicer()
+        self._serving = threading.Event()  # between start and stop: health follows the search workers
+        self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
+                                     max_search_seconds=max_search_seconds, on_ready=self._workers_ready)
+        pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         address = f"{host}:{port}"
@@ -78,13 +80,24 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         self.host = host
 
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            self.health.set(name, status)
+
+    def _workers_ready(self, n: int) -> None:
+        """NOT_SERVING while no search worker can take a search (all are being replaced), SERVING again after."""
+        if self._serving.is_set():
+            self._set_health(n > 0)
+
     def start(self) -> "Server":
         self.grpc.start()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving.set()
+        self._set_health(self.service.pool.ready > 0)
         return self
 
     def stop(self, grace: float = 30.0) -> None:
+        self._serving.clear()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
         self.service.pool.close()
@@ -101,8 +114,8 @@ def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
-    for flag in ("workers", "max_searches", "cache_mb"):
-        if getattr(args, flag) < 1:
+    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds"):
+        if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
     token = Path(args.token_file).read_text().strip() if args.token_file else None
@@ -112,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
-                    token, tls).start()
+                    token, tls, args.max_search_seconds).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

@@ -1,17 +1,22 @@
 """Searches in worker processes: a search is CPU-bound Python + numpy, and in the server's
 process it would share one GIL with every streaming fetch (measured: a 0.4 s search took
 9 s under 32 clients). Each worker loads the artifacts' scorers once; a shared flag per
-slot lets the server stop a search whose call was cancelled or timed out.
+slot lets the server stop a search whose call was cancelled or timed out, and the call's
+deadline travels with the job. A worker that dies or hangs is replaced (:class:`SearchPool`).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["SearchPool"]
+__all__ = ["SearchPool", "WorkerLost"]
+
+log = logging.getLogger("ofa_server")
 
 SEARCH_NICENESS = 10  # added to the workers' nice value (CFS then weights them about 1:10)
 _scorers: dict[str, Any] = {}  # per worker process: artifact dir -> Scorer (a cache of read-only files)
@@ -44,11 +49,8 @@ def _scorer(artifact_dir: str):
     return scorer
 
 
-def _ready() -> int:
-    return os.getpid()
-
-
-def _job(kind: str, artifact_dir: str, table: dict | None, speed: float | None, slot: int, args: tuple) -> Any:
+def _job(kind: str, artifact_dir: str, table: dict | None, speed: float | None, slot: int, args: tuple,
+         deadline: float | None = None) -> Any:
     from ofa.predict.latency import LatencyPredictor
     from ofa.search import Scorer, pareto_front, search
 
@@ -61,47 +63,208 @@ def _job(kind: str, artifact_dir: str, table: dict | None, speed: float | None, 
         latency[target] = latency[target].with_speed(speed)
     if latency != scorer.latency:
         scorer = Scorer(scorer.space, scorer.accuracy, latency, scorer.refused)
-    stop = lambda: _flags[slot] != 0  # noqa: E731
+    # the call's deadline is kept here too (CLOCK_MONOTONIC is one clock for all processes), so a search
+    # stops at it even when the server's flag does not reach it
+    stop = lambda: _flags[slot] != 0 or (deadline is not None and time.monotonic() > deadline)  # noqa: E731
     if kind == "search":
         return search(scorer, *args, should_stop=stop)
     return pareto_front(scorer, *args, should_stop=stop)
 
 
+def _worker_main(conn, flags, artifact_dirs: tuple[str, ...]) -> None:
+    """A worker: load the scorers, say ready, then run one job at a time until the pipe closes."""
+    _init(flags, artifact_dirs)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            out = ("ok", _job(*job))
+        except Exception as e:  # noqa: BLE001 - Infeasible, SearchCancelled... are the caller's to map
+            out = ("error", e)
+        try:
+            conn.send(out)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the caller
+            conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))
+
+
+class WorkerLost(RuntimeError):
+    """The search could not run to its end on a worker (it died, hung, or none is ready): retry it."""
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+
+
 class SearchPool:
-    """``slots`` worker processes; ``run`` blocks until the job ends or ``cancelled()`` turns true.
+    """``slots`` worker processes, each with its own pipe; ``run`` blocks until the job ends or ``cancelled()``.
 
     Every worker is started, and has read the predictors of ``artifact_dirs``, before the
     constructor returns: a worker started on demand would make one search wait for its
     start-up, and that start-up compete with the requests being answered.
+
+    The pool heals: a worker that dies (the OOM killer's SIGKILL), or that does not stop within
+    ``stop_grace`` seconds of being told to, or runs past ``max_seconds``, is killed and replaced
+    in the background, and the call it had gets :class:`WorkerLost`; ``on_ready(n)`` is told how
+    many workers can take a search whenever that changes (health is NOT_SERVING at 0).
     """
 
-    def __init__(self, slots: int, artifact_dirs: tuple[str, ...] = ()) -> None:
-        ctx = mp.get_context("spawn")
-        self._flags = ctx.Array("b", slots, lock=False)
-        self._free = list(range(slots))
+    def __init__(self, slots: int, artifact_dirs: tuple[str, ...] = (), max_seconds: float = 300.0,
+                 stop_grace: float = 5.0, start_timeout: float = 120.0,
+                 on_ready: Callable[[int], None] = lambda n: None) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._dirs = tuple(artifact_dirs)
+        self._flags = self._ctx.Array("b", slots, lock=False)
+        self.max_seconds, self.stop_grace, self.start_timeout = max_seconds, stop_grace, start_timeout
+        self._on_ready = on_ready
         self._lock = threading.Lock()
-        self._pool = ProcessPoolExecutor(slots, mp_context=ctx, initializer=_init,
-                                         initargs=(self._flags, tuple(artifact_dirs)))
-        # each submit finds no idle worker and starts one, so ``slots`` jobs start them all
-        for job in [self._pool.submit(_ready) for _ in range(slots)]:
-            job.result()
+        self._closed = threading.Event()
+        self._workers: list[_Worker | None] = [self._spawn() for _ in range(slots)]
+        self._free: list[int] = []
+        self._busy: set[int] = set()
+        self.restarts = 0
+        for slot, w in enumerate(self._workers):
+            if not self._await_ready(w):
+                self.close()
+                raise RuntimeError(f"search worker {slot} did not start within {start_timeout:.0f} s")
+            self._free.append(slot)
+        self._watcher = threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True)
+        self._watcher.start()
 
-    def run(self, kind: str, artifact_dir: str, table: dict | None, speed: float | None, args: tuple,
-            cancelled: Callable[[], bool]) -> Any:
-        with self._lock:
-            slot = self._free.pop()
-        self._flags[slot] = 0
+    # ---- workers ---------------------------------------------------------------------
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._dirs), daemon=True,
+                                 name="ofa-search")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _await_ready(self, w: _Worker) -> bool:
         try:
-            future = self._pool.submit(_job, kind, artifact_dir, table, speed, slot, args)
-            while True:
-                try:
-                    return future.result(timeout=0.05)
-                except FutureTimeout:
-                    if cancelled():
-                        self._flags[slot] = 1
-        finally:
+            return w.conn.poll(self.start_timeout) and w.conn.recv()[0] == "ready"
+        except (EOFError, OSError):
+            return False
+
+    @property
+    def ready(self) -> int:
+        """Workers alive and able to take a search (idle or busy)."""
+        with self._lock:
+            return len(self._free) + len(self._busy)
+
+    def _replace(self, slot: int, why: str) -> None:
+        """Kill the worker of ``slot`` and start another in the background; the slot is free once it is ready."""
+        with self._lock:
+            old, self._workers[slot] = self._workers[slot], None
+            self._busy.discard(slot)
+            if slot in self._free:
+                self._free.remove(slot)
+            self.restarts += 1
+            n = len(self._free) + len(self._busy)
+        log.warning("search worker %d (pid %s) %s: replacing it", slot, old.proc.pid if old else "?", why)
+        self._on_ready(n)
+        if old is not None:
+            old.proc.kill()
+            old.proc.join(5)
+            old.conn.close()
+        threading.Thread(target=self._restart, args=(slot,), name="ofa-search-restart", daemon=True).start()
+
+    def _restart(self, slot: int) -> None:
+        delay = 0.5
+        while not self._closed.is_set():
+            w = self._spawn()
+            if self._await_ready(w):
+                with self._lock:
+                    if not self._closed.is_set():
+                        self._workers[slot] = w
+                        self._flags[slot] = 0
+                        self._free.append(slot)
+                        n = len(self._free) + len(self._busy)
+                if self._workers[slot] is w:
+                    log.info("search worker %d replaced (pid %d)", slot, w.proc.pid)
+                    self._on_ready(n)
+                    return
+            else:
+                log.error("a new search worker did not start; trying again in %.1f s", delay)
+            w.proc.kill()
+            w.proc.join(5)
+            w.conn.close()
+            self._closed.wait(delay)
+            delay = min(2 * delay, 30.0)
+
+    def _watch(self) -> None:
+        """Replace idle workers that died, so that health tells the truth before the next search."""
+        while not self._closed.wait(0.2):
             with self._lock:
-                self._free.append(slot)
+                dead = [s for s in self._free if not self._workers[s].proc.is_alive()]
+            for slot in dead:
+                self._replace(slot, f"died while idle (exit code {self._workers[slot].proc.exitcode})")
+
+    # ---- jobs ------------------------------------------------------------------------
+    def run(self, kind: str, artifact_dir: str, table: dict | None, speed: float | None, args: tuple,
+            cancelled: Callable[[], bool], deadline: float | None = None) -> Any:
+        """Run a job; ``deadline`` is a ``time.monotonic()`` value. Raises :class:`WorkerLost` when it could
+        not run to its end (retryable), and what the job raised otherwise."""
+        with self._lock:
+            slots = [s for s in self._free if self._workers[s].proc.is_alive()]
+            if not slots:
+                raise WorkerLost("no search worker is ready (one is being restarted); retry in a few seconds")
+            slot = slots[-1]
+            self._free.remove(slot)
+            self._busy.add(slot)
+            w = self._workers[slot]
+        self._flags[slot] = 0
+        t0, stop_at = time.monotonic(), None
+        try:
+            w.conn.send((kind, artifact_dir, table, speed, slot, args, deadline))
+            while True:
+                if w.conn.poll(0.05):
+                    status, value = w.conn.recv()
+                    with self._lock:
+                        self._busy.discard(slot)
+                        self._free.append(slot)
+                    if status == "ok":
+                        return value
+                    raise value
+                now = time.monotonic()
+                if not w.proc.is_alive():
+                    raise _Lost(f"the search worker died (exit code {w.proc.exitcode})")
+                if stop_at is None and (cancelled() or (deadline is not None and now > deadline)):
+                    self._flags[slot] = 1
+                    stop_at = now
+                if stop_at is not None and now - stop_at > self.stop_grace:  # stuck (SIGSTOP, a bug): the call is over
+                    self._replace(slot, f"did not stop within {self.stop_grace:g} s of being told to")
+                    from ofa.search import SearchCancelled
+
+                    raise SearchCancelled("the search was stopped")
+                if now - t0 > self.max_seconds:
+                    raise _Lost(f"the search ran past the server's limit of {self.max_seconds:g} s")
+        except (_Lost, EOFError, OSError) as e:
+            if self._closed.is_set():
+                raise WorkerLost("the server is stopping; retry on another replica") from None
+            if isinstance(e, _Lost):
+                why = str(e)
+            else:  # the pipe closed: the worker is gone or going
+                w.proc.join(1)
+                why = (f"the search worker died (exit code {w.proc.exitcode})" if w.proc.exitcode is not None
+                       else "the search worker's pipe closed")
+            self._replace(slot, why)
+            raise WorkerLost(f"{why}; it has been replaced: retry") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed.set()
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        for w in workers:
+            w.proc.kill()
+        for w in workers:
+            w.proc.join(5)
+            w.conn.close()
+
+
+class _Lost(Exception):
+    pass

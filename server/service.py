@@ -23,7 +23,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from . import validation as v
 from .registry import Registry, ServedSupernet, TargetExists, target_summary
-from .searcher import SearchPool
+from .searcher import SearchPool, WorkerLost
 from .weights import WeightsCache, build_payload
 
 __all__ = ["CHUNK_BYTES", "SubnetService"]
@@ -46,6 +46,8 @@ def _handled(method: Callable) -> Callable:
             code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except UnknownTarget as e:
             code, msg = grpc.StatusCode.NOT_FOUND, str(e)
+        except WorkerLost as e:  # a worker died or hung and is being replaced: a retry can succeed
+            code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         except SearchCancelled:
             expired = context.time_remaining() is not None and context.time_remaining() <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
@@ -59,15 +61,23 @@ def _handled(method: Callable) -> Callable:
     return wrapper
 
 
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` value, or None."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
 class SubnetService(pb_grpc.SubnetServiceServicer):
     def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
-                 max_builds: int | None = None) -> None:
+                 max_builds: int | None = None, max_search_seconds: float = 300.0,
+                 on_ready: Callable[[int], None] = lambda n: None) -> None:
         self.registry = registry
         self.cache = WeightsCache(cache_bytes)
         self.max_searches = max_searches
         self._searches = threading.BoundedSemaphore(max_searches)
         self._builds = threading.BoundedSemaphore(max_builds or max_searches)
-        self.pool = SearchPool(max_searches, tuple(str(sn.artifact.path) for sn in registry.supernets.values()))
+        self.pool = SearchPool(max_searches, tuple(str(sn.artifact.path) for sn in registry.supernets.values()),
+                               max_seconds=max_search_seconds, on_ready=on_ready)
 
     # ---- helpers -----------------------------------------------------------------
     def _supernet(self, name: str) -> ServedSupernet:
@@ -177,7 +187,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         sn, target, constraints, settings, speed, applied = self._search_inputs(request, front=False)
         with self._slot(self._searches, "searches"):
             result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
-                                   (constraints, target, settings), lambda: not context.is_active())
+                                   (constraints, target, settings), lambda: not context.is_active(),
+                                   _deadline(context))
         sn.remember(result.best.arch)
         return self._subnet(sn, result.best, result.seconds, target, applied)
 
@@ -189,7 +200,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         t0 = time.perf_counter()
         with self._slot(self._searches, "searches"):
             front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
-                                  (points, target, constraints, settings), lambda: not context.is_active())
+                                  (points, target, constraints, settings), lambda: not context.is_active(),
+                                  _deadline(context))
         seconds = time.perf_counter() - t0
         for c in front:
             sn.remember(c.arch)

@@ -1,0 +1,169 @@
+"""Search workers SIGKILLed under load: does every call succeed or get a retryable status? (issue 20)
+
+Starts ``ofa serve`` on 127.0.0.1 (port 0) for an artifact with an accuracy predictor and a
+latency target, runs ``--clients`` clients for ``--seconds`` (each alternates a search under a
+random latency budget and a fetch of an already-served subnet), and SIGKILLs one search worker
+(what the OOM killer does) every ``--kill-every`` seconds. Clients do not retry (``retries=0``),
+so every status is seen. Prints the machine fingerprint, the calls by status, for each kill how
+long until a search started after it succeeded, search and fetch latency percentiles, and the
+peak memory of the server and its workers (RSS summed, sampled every 0.25 s).
+
+    python benchmarks/chaos.py --artifact runs/demo/supernet --target this-machine [--clients 16]
+        [--seconds 60] [--kill-every 10] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from common import fingerprint
+from ofa_client import Client, ClientError
+
+RETRYABLE = {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def search_workers(pid: int) -> list[int]:
+    """The server's search worker processes (multiprocessing spawn children, not its resource tracker)."""
+    found = []
+    for c in children(pid):
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            found.append(c)
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for p in [pid] + children(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--kill-every", type=float, default=10.0)
+    p.add_argument("--json")
+    a = p.parse_args()
+    fp = fingerprint()
+    server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()
+        if "listening on 127.0.0.1:" not in line:
+            raise SystemExit(f"the server did not start: {line!r}")
+        address = f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
+        with Client(address) as c:
+            front = c.pareto(a.target, points=5)
+            lo, hi = front[0].predicted_latency_ms, front[-1].predicted_latency_ms
+            known = [c.search(a.target, max_latency_ms=x.predicted_latency_ms) for x in front[:3]]
+            for s in known:
+                c.fetch(s, "onnx")  # built once: the fetches under chaos are served from the cache
+        calls: list[tuple[str, str, float, float]] = []  # kind, status, start (s since t0), seconds
+        lock, stop = threading.Lock(), threading.Event()
+        t0 = time.monotonic()
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            with Client(address, retries=0, timeout=30) as c:
+                while not stop.is_set():
+                    kind = "search" if rng.random() < 0.5 else "fetch"
+                    start = time.monotonic()
+                    try:
+                        if kind == "search":
+                            c.search(a.target, max_latency_ms=rng.uniform(lo, hi), generations=100,
+                                     seed=rng.randrange(1000))
+                        else:
+                            c.fetch(rng.choice(known), "onnx")
+                        status = "OK"
+                    except ClientError as e:
+                        status = e.code
+                    with lock:
+                        calls.append((kind, status, start - t0, time.monotonic() - start))
+                    if status in RETRYABLE:
+                        time.sleep(0.1)
+
+        peak = [rss_mb(server.pid)]
+
+        def sample_memory() -> None:
+            while not stop.wait(0.25):
+                peak.append(rss_mb(server.pid))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(a.clients)]
+        threads.append(threading.Thread(target=sample_memory))
+        for t in threads:
+            t.start()
+        kills = []
+        while time.monotonic() - t0 < a.seconds:
+            time.sleep(min(a.kill_every, max(0.0, a.seconds - (time.monotonic() - t0))))
+            workers = search_workers(server.pid)
+            if workers and time.monotonic() - t0 < a.seconds:
+                victim = random.Random(len(kills)).choice(workers)
+                os.kill(victim, signal.SIGKILL)
+                kills.append(time.monotonic() - t0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    by = Counter((k, s) for k, s, _, _ in calls)
+    bad = {f"{k} {s}": n for (k, s), n in by.items() if s != "OK" and s not in RETRYABLE}
+    recovery = []
+    for t_kill in kills:
+        ok_after = [start + dt for k, s, start, dt in calls if k == "search" and s == "OK" and start >= t_kill]
+        recovery.append(min(ok_after) - t_kill if ok_after else float("inf"))
+    lat = {kind: np.array([dt for k, s, _, dt in calls if k == kind and s == "OK"]) for kind in ("search", "fetch")}
+    print(f"{a.clients} clients for {a.seconds:.0f} s, a search worker SIGKILLed every {a.kill_every:.0f} s "
+          f"({len(kills)} kills); server {address}")
+    print("  calls: " + ", ".join(f"{k} {s} {n}" for (k, s), n in sorted(by.items())))
+    print(f"  neither OK nor retryable: {sum(bad.values())} {bad if bad else ''}")
+    print("  a search started after each kill succeeded within: " + ", ".join(f"{r:.2f} s" for r in recovery)
+          + f" (worst {max(recovery, default=0):.2f} s; goal 5 s)")
+    for kind, x in lat.items():
+        if len(x):
+            print(f"  {kind} OK: {len(x)} calls, p50 {1000 * np.median(x):.0f} ms, p99 {1000 * np.quantile(x, .99):.0f} ms")
+    print(f"  peak memory, server and its workers: {max(peak):.0f} MiB (at start {peak[0]:.0f} MiB)")
+    if a.json:
+        json.dump({"fingerprint": fp, "clients": a.clients, "seconds": a.seconds, "kills": kills,
+                   "calls": {f"{k} {s}": n for (k, s), n in by.items()}, "not_retryable": bad,
+                   "recovery_s": recovery, "peak_rss_mb": max(peak)}, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

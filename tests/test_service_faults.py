@@ -1,0 +1,131 @@
+"""What production does to a server: search workers killed (the OOM killer) or stopped (SIGSTOP, a hang).
+
+Real servers on 127.0.0.1 with OS-chosen ports; every wait is bounded.
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import served_copy
+from ofa.search import Constraints, SearchSettings
+from ofa_client import Client, DeadlineExceeded, Unavailable
+from ofa_server.main import Server
+from ofa_server.registry import Registry
+from ofa_server.searcher import SearchPool, WorkerLost
+
+TARGET = "synthetic-cpu"
+LONG = {"population": 600, "generations": 2000}  # tens of seconds: long enough to be hit mid-search
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact, tmp_path_factory):
+    return served_copy(tiny_artifact, tmp_path_factory.mktemp("served") / "tiny", TARGET)
+
+
+@pytest.fixture()
+def server(artifact):
+    srv = Server(Registry([str(artifact)], None), port=0, max_searches=2).start()
+    yield srv
+    srv.stop(0)
+
+
+def _until(cond, timeout=120.0, what="the condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{what} did not hold within {timeout:.0f} s")
+
+
+def _busy_pid(pool: SearchPool) -> int:
+    _until(lambda: pool._busy, 60, "a search on a worker")
+    return pool._workers[next(iter(pool._busy))].proc.pid
+
+
+def _in_thread(fn):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_killed_worker_is_replaced_its_call_is_retryable_and_the_client_retries_it(server):
+    pool, address = server.service.pool, f"127.0.0.1:{server.port}"
+    with Client(address, retries=0) as once, Client(address) as c:
+        t, out = _in_thread(lambda: once.search(**LONG))
+        os.kill(_busy_pid(pool), signal.SIGKILL)  # what the OOM killer does
+        t.join(60)
+        assert isinstance(out.get("error"), Unavailable), out
+        assert "died" in str(out["error"]) and "retry" in str(out["error"])
+        assert c.health() == "SERVING"  # the other worker can take searches meanwhile
+        assert c.search(generations=5).id
+        _until(lambda: pool.ready == 2, what="the replacement worker")
+        assert pool.restarts == 1
+        # with the default client, a kill mid-search costs a retry, not an error
+        t, out = _in_thread(lambda: c.search(population=200, generations=400, seed=1))
+        os.kill(_busy_pid(pool), signal.SIGKILL)
+        t.join(120)
+        assert "value" in out and out["value"].id, out
+        _until(lambda: pool.ready == 2 and pool.restarts == 2, what="the second replacement")
+        assert c.search(generations=5, seed=2).id
+
+
+def test_health_is_not_serving_only_while_no_worker_can_search(server):
+    pool, address = server.service.pool, f"127.0.0.1:{server.port}"
+    with Client(address, retries=0) as c:
+        assert c.health() == "SERVING"
+        for w in list(pool._workers):
+            os.kill(w.proc.pid, signal.SIGKILL)
+        _until(lambda: c.health() == "NOT_SERVING", 30, "NOT_SERVING")
+        if pool.ready == 0:  # still replacing both: a search is told to come back, not failed for good
+            with pytest.raises(Unavailable, match="no search worker is ready"):
+                c.search(generations=5)
+        _until(lambda: c.health() == "SERVING", 120, "SERVING again")
+        assert c.search(generations=5).id and pool.restarts == 2
+
+
+def test_a_stopped_worker_is_killed_after_the_deadline_and_replaced(server):
+    pool, address = server.service.pool, f"127.0.0.1:{server.port}"
+    pool.stop_grace = 1.0
+    with Client(address, retries=0) as c:
+        t, out = _in_thread(lambda: c.search(timeout=3.0, **LONG))
+        pid = _busy_pid(pool)
+        os.kill(pid, signal.SIGSTOP)  # hung: it can neither finish nor see the stop flag
+        t.join(60)
+        assert isinstance(out.get("error"), DeadlineExceeded), out
+        _until(lambda: pool.restarts == 1 and pool.ready == 2, 60, "the stuck worker replaced")
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert c.search(generations=5).id
+
+
+def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
+    pool = SearchPool(1, (str(artifact),), max_seconds=1.0)
+    try:
+        settings = SearchSettings(population=600, generations=2000)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match="limit of 1 s"):
+            pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False)
+        assert time.monotonic() - t0 < 30
+        _until(lambda: pool.ready == 1, what="the replacement")
+        result = pool.run("search", str(artifact), None, None,
+                          (Constraints(), TARGET, SearchSettings(generations=5)), lambda: False)
+        assert result.best.arch.id
+        # the deadline travels with the job: the worker stops at it by itself
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="stop|cancel"):
+            pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False,
+                     deadline=time.monotonic() + 0.5)
+        assert time.monotonic() - t0 < 10 and pool.restarts == 1
+    finally:
+        pool.close()
