@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-search-seconds", type=float, default=300.0,
                    help="a search or front still running after this long is stopped, its worker replaced and "
                    "the call answered UNAVAILABLE (default 300; a call's own deadline stops it sooner)")
+    p.add_argument("--max-message-chars", type=int, default=1000,
+                   help="status messages and their log lines are cut to this many characters, saying so "
+                   "(they echo client input; default 1000, at least 100)")
     p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")

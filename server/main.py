@@ -59,7 +59,8 @@ class Server:
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0) -> None:
+                 tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
+                 max_message_chars: int = 1000) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
                                 interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
@@ -67,7 +68,8 @@ class Server:
         self.health = health.HealthServicer()
         self._serving = threading.Event()  # between start and stop: health follows the search workers
         self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
-                                     max_search_seconds=max_search_seconds, on_ready=self._workers_ready)
+                                     max_search_seconds=max_search_seconds, on_ready=self._workers_ready,
+                                     max_message_chars=max_message_chars)
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -114,6 +116,8 @@ def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if args.max_message_chars < 100:
+        raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
     for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -125,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
-                    token, tls, args.max_search_seconds).start()
+                    token, tls, args.max_search_seconds, args.max_message_chars).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

@@ -22,6 +22,8 @@ from ofa.search import Scorer
 from ofa.search.load import load_scorer
 from ofa.space import Arch
 
+from .validation import bounded
+
 __all__ = ["Registry", "ServedSupernet", "TargetExists"]
 
 log = logging.getLogger("ofa_server")
@@ -110,7 +112,7 @@ class Registry:
                 try:
                     table = validate_table(json.loads(path.read_text()), sn.artifact.space)
                 except (OSError, ValueError, RecursionError) as e:
-                    log.warning("ignoring target file %s: %s", path, e)
+                    log.warning("ignoring target file %s: %s", path, bounded(str(e)))
                     continue
                 cached = (mtime, table)
                 with self._lock:

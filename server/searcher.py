@@ -130,7 +130,9 @@ class SearchPool:
         for slot, w in enumerate(self._workers):
             if not self._await_ready(w):
                 self.close()
-                raise RuntimeError(f"search worker {slot} did not start within {start_timeout:.0f} s")
+                raise RuntimeError(f"search worker {slot} did not start within {start_timeout:.0f} s (exit code "
+                                   f"{w.proc.exitcode}; a script that starts a server needs an "
+                                   f"`if __name__ == '__main__':` guard, as multiprocessing's spawn does)")
             self._free.append(slot)
         self._watcher = threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True)
         self._watcher.start()
@@ -145,10 +147,16 @@ class SearchPool:
         return _Worker(proc, parent)
 
     def _await_ready(self, w: _Worker) -> bool:
+        end = time.monotonic() + self.start_timeout
         try:
-            return w.conn.poll(self.start_timeout) and w.conn.recv()[0] == "ready"
+            while time.monotonic() < end:
+                if w.conn.poll(0.1):
+                    return w.conn.recv()[0] == "ready"
+                if not w.proc.is_alive():  # it failed to start: say so now, not after the timeout
+                    return False
         except (EOFError, OSError):
-            return False
+            pass
+        return False
 
     @property
     def ready(self) -> int:

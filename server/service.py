@@ -55,6 +55,7 @@ def _handled(method: Callable) -> Callable:
         except Exception:  # a bug of ours: keep serving, say so, keep the traceback for us
             log.exception("%s failed", method.__name__)
             code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; the server log has details"
+        msg = v.bounded(msg, self.max_message_chars)
         log.info("%s -> %s (%.1f ms): %s", method.__name__, code.name, 1000 * (time.perf_counter() - t0), msg)
         context.abort(code, msg)
 
@@ -70,8 +71,9 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 class SubnetService(pb_grpc.SubnetServiceServicer):
     def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
                  max_builds: int | None = None, max_search_seconds: float = 300.0,
-                 on_ready: Callable[[int], None] = lambda n: None) -> None:
+                 on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS) -> None:
         self.registry = registry
+        self.max_message_chars = max_message_chars
         self.cache = WeightsCache(cache_bytes)
         self.max_searches = max_searches
         self._searches = threading.BoundedSemaphore(max_searches)

@@ -10,7 +10,7 @@ from ofa.search import Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.v1 import subnet_service_pb2 as pb
 
-__all__ = ["RequestError", "arch_of", "check_work", "constraints_of", "format_of", "settings_of", "target_of",
+__all__ = ["MESSAGE_CHARS", "RequestError", "arch_of", "bounded", "check_work", "constraints_of", "format_of", "settings_of", "target_of",
            "points_of", "speed_of_timings", "LIMITS"]
 
 # Bounds on what one request may ask of the server.
@@ -25,6 +25,22 @@ DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POIN
 
 _FORMATS = {pb.WEIGHTS_FORMAT_SAFETENSORS: "safetensors", pb.WEIGHTS_FORMAT_ONNX: "onnx",
             pb.WEIGHTS_FORMAT_TORCHSCRIPT: "torchscript"}
+
+
+MESSAGE_CHARS = 1000  # default cap on a status message and its log line (client input is echoed in them)
+
+
+def bounded(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was cut: a status message or log line
+    never carries unbounded client input (a 10 MB target name once went into the log whole)."""
+    if len(text) <= limit:
+        return text
+    keep = limit
+    while True:  # the note's own length decides how much is kept, and so what it says: a few steps
+        tail = f"... ({len(text) - keep} more characters cut)"
+        if keep + len(tail) <= limit or keep == 0:
+            return text[:keep] + tail[: limit - keep]
+        keep = max(0, limit - len(tail))
 
 
 class RequestError(Exception):

@@ -137,3 +137,61 @@ def test_the_server_still_answers_after_the_fuzzing(stub):
     assert best.predicted_latency_ms <= 2.5
     chunks = list(stub.GetSubnetWeights(pb.GetSubnetWeightsRequest(subnet_id=best.id, format=1)))
     assert chunks[0].HasField("header") and sum(len(c.chunk) for c in chunks[1:]) == chunks[0].header.total_bytes
+
+
+@st.composite
+def long_field(draw):
+    """A request with one field of at least 1 MiB: every RPC echoes some field in its message."""
+    text = draw(st.sampled_from("xé.%{")) * draw(st.integers(1 << 20, 2 << 20))
+    kind = draw(st.sampled_from(["target", "supernet", "id", "table", "timing", "targets"]))
+    if kind == "target":
+        return "SearchSubnet", pb.SearchSubnetRequest(target=text)
+    if kind == "supernet":
+        return "SearchSubnet", pb.SearchSubnetRequest(supernet=text, target=TARGET)
+    if kind == "id":
+        return "GetSubnetWeights", pb.GetSubnetWeightsRequest(subnet_id=text, format=1)
+    if kind == "table":
+        return "RegisterTarget", pb.RegisterTargetRequest(table_json=text)
+    if kind == "timing":
+        return "SearchSubnet", pb.SearchSubnetRequest(target=TARGET, reference_timings=[
+            pb.ReferenceTiming(subnet_id=text, ms=1.0)])
+    return "ListTargets", pb.ListTargetsRequest(supernet=text)
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(case=long_field())
+def test_long_fields_are_never_echoed_whole(stub, case, caplog):
+    method, request = case
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ofa_server"):
+        with pytest.raises(grpc.RpcError) as e:
+            result = getattr(stub, method)(request, timeout=60)
+            if method == "GetSubnetWeights":
+                list(result)
+    assert e.value.code() in (INVALID, NOT_FOUND), e.value.details()[:300]
+    assert 0 < len(e.value.details()) <= 1000
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(len(line) <= 1200 for line in lines), max(map(len, lines))
+
+
+def test_a_message_listing_many_targets_is_cut_to_the_cap(tiny_artifact, tmp_path, caplog):
+    from conftest import synthetic_table
+    from ofa.artifact import load_artifact
+    from ofa_client import Client, NotFound
+
+    root = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
+    srv = Server(Registry([str(root)]), port=0, max_searches=1, max_message_chars=500).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            space = load_artifact(root).space
+            for k in range(40):  # NOT_FOUND names every known target: 40 x 60 characters
+                c.register_target(synthetic_table(space, f"{'device-' * 7}{k:04d}"[:60]))
+            caplog.clear()
+            with caplog.at_level("INFO", logger="ofa_server"), pytest.raises(NotFound) as e:
+                c.search("no-such-device")
+        assert len(e.value.details) <= 500 and "more characters cut" in e.value.details
+        assert "no-such-device" in e.value.details
+        assert all(len(r.getMessage()) <= 600 for r in caplog.records)
+    finally:
+        srv.stop(0)
