@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-chars", type=int, default=1000,
                    help="status messages and their log lines are cut to this many characters, saying so "
                    "(they echo client input; default 1000, at least 100)")
+    p.add_argument("--max-health-watches", type=int, default=64,
+                   help="grpc.health.v1 Watch streams open at once before RESOURCE_EXHAUSTED (health needs no "
+                   "token; default 64)")
     p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")

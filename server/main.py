@@ -21,7 +21,7 @@ from .args import add_arguments
 from .registry import Registry
 from .service import SubnetService
 
-__all__ = ["Server", "add_arguments", "main", "serve"]
+__all__ = ["BoundedHealth", "Server", "add_arguments", "main", "serve"]
 
 log = logging.getLogger("ofa_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["SubnetService"].full_name
@@ -54,18 +54,60 @@ class _TokenAuth(grpc.ServerInterceptor):
         return self._deny_stream if method.endswith("/GetSubnetWeights") else self._deny_unary
 
 
+class BoundedHealth(health.HealthServicer):
+    """grpc's health servicer with the bounds it lacks (it is open without a token, for probes):
+    service names of at most ``MAX_NAME`` characters, at most ``max_watches`` Watch streams at once,
+    and a watched name forgotten when its last stream ends (the stock servicer kept every name
+    ever watched, so memory grew per call)."""
+
+    MAX_NAME = 200
+
+    def __init__(self, max_watches: int = 64) -> None:
+        super().__init__()
+        self.max_watches = max_watches
+
+    def _check_name(self, request, context) -> None:
+        if len(request.service) > self.MAX_NAME:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"service must be at most {self.MAX_NAME} characters, "
+                          f"got {len(request.service)}; this server reports {SERVICE!r} and ''")
+
+    def Check(self, request, context):
+        self._check_name(request, context)
+        return super().Check(request, context)
+
+    def Watch(self, request, context, send_response_callback=None):
+        self._check_name(request, context)
+        with self._lock:
+            open_ = sum(len(c) for c in self._send_response_callbacks.values())
+            if open_ >= self.max_watches:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{open_} health watches are open, the most this "
+                              f"server keeps; use Check, or retry later")
+            return super().Watch(request, context, send_response_callback)
+
+    def _on_close_callback(self, send_response_callback, service):
+        def callback():
+            with self._lock:
+                callbacks = self._send_response_callbacks.get(service, set())
+                callbacks.discard(send_response_callback)
+                if not callbacks:
+                    self._send_response_callbacks.pop(service, None)
+            send_response_callback(None)
+
+        return callback
+
+
 class Server:
     """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds."""
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
-                 max_message_chars: int = 1000) -> None:
+                 max_message_chars: int = 1000, max_health_watches: int = 64) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
                                 interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
                                 options=[("grpc.max_receive_message_length", 16 << 20)])
-        self.health = health.HealthServicer()
+        self.health = BoundedHealth(max_health_watches)
         self._serving = threading.Event()  # between start and stop: health follows the search workers
         self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
                                      max_search_seconds=max_search_seconds, on_ready=self._workers_ready,
@@ -118,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.max_message_chars < 100:
         raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
-    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds"):
+    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
@@ -129,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
-                    token, tls, args.max_search_seconds, args.max_message_chars).start()
+                    token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

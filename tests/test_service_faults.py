@@ -129,3 +129,28 @@ def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
         assert time.monotonic() - t0 < 10 and pool.restarts == 1
     finally:
         pool.close()
+
+
+def test_health_watch_is_bounded_and_forgets_ended_streams(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server.health.max_watches = 8
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        streams = [stub.Watch(health_pb2.HealthCheckRequest(service=f"name-{k}")) for k in range(8)]
+        assert all(next(s).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN for s in streams)
+        with pytest.raises(grpc.RpcError) as e:  # a ninth at once is refused
+            next(stub.Watch(health_pb2.HealthCheckRequest(service="one-more")))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for s in streams:
+            s.cancel()
+        _until(lambda: not server.health._send_response_callbacks, 10, "the ended watches forgotten")
+        for service in ("x" * (1 << 20), "y" * 201):  # names are capped; the message is not an echo
+            for call in (stub.Check, lambda r: next(stub.Watch(r))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(health_pb2.HealthCheckRequest(service=service))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
