@@ -46,7 +46,7 @@ def _handled(method: Callable) -> Callable:
             code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except UnknownTarget as e:
             code, msg = grpc.StatusCode.NOT_FOUND, str(e)
-        except WorkerLost as e:  # a worker died or hung and is being replaced: a retry can succeed
+        except (WorkerLost, TimeoutError) as e:  # a worker died or hung, a build ran too long: a retry can succeed
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         except SearchCancelled:
             expired = context.time_remaining() is not None and context.time_remaining() <= 0

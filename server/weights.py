@@ -13,9 +13,11 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+import ofa
 from ofa.artifact import Artifact
 from ofa.calibrate import calibrate_bn
 from ofa.space import Arch
@@ -51,8 +53,11 @@ def calibrated_subnet(art: Artifact, arch: Arch, calibration_images: int = DEFAU
     return sub.eval(), len(images)
 
 
+SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
+
 _SCRIPT_CHILD = """
 import io, json, sys
+sys.path.insert(0, sys.argv[1])  # the folder holding this server's ofa package, and nothing else
 import torch
 from safetensors.torch import load
 from ofa.space import Arch, SearchSpace
@@ -79,10 +84,18 @@ def _script_in_fresh_process(sub: torch.nn.Module, art: Artifact, arch: Arch, n_
     from safetensors.torch import save
 
     state = save({k: v.detach().contiguous() for k, v in sub.state_dict().items()})
-    # the scripted code lists module constants in set order, which follows string hashing
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT_CHILD], input=_metadata(art, arch, n_calib).encode() + b"\n"
-                          + state, capture_output=True, check=False, env=env)
+    # A clean environment (the scripted code lists module constants in set order, which follows string
+    # hashing: a fixed seed), no user site-packages (-s) and not the working directory on the path (-P):
+    # a torch.py or ofa.py where the server was started is never imported.
+    env = {"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1"}
+    root = str(Path(ofa.__file__).resolve().parent.parent)
+    try:
+        proc = subprocess.run([sys.executable, "-s", "-P", "-c", _SCRIPT_CHILD, root],
+                              input=_metadata(art, arch, n_calib).encode() + b"\n" + state, capture_output=True,
+                              check=False, env=env, cwd="/", timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the TorchScript export took longer than {SCRIPT_TIMEOUT_S:g} s and was stopped; "
+                           f"retry") from None
     if proc.returncode != 0:
         raise RuntimeError(f"TorchScript export failed: {proc.stderr.decode()[-2000:]}")
     return _fixed_serialization_id(proc.stdout)

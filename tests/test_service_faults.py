@@ -154,3 +154,21 @@ def test_health_watch_is_bounded_and_forgets_ended_streams(server):
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, monkeypatch):
+    from ofa.artifact import load_artifact
+    from ofa_server import weights
+
+    art = load_artifact(artifact)
+    arch = art.space.smallest(min(art.space.resolutions))
+    # a module named like one the child imports, in the working directory and on PYTHONPATH
+    for name in ("torch", "safetensors", "ofa"):
+        (tmp_path / f"{name}.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    payload = weights.build_payload(art, arch, "torchscript")
+    assert payload.data[:2] == b"PK"  # a torch zip, made by the real torch
+    monkeypatch.setattr(weights, "SCRIPT_TIMEOUT_S", 0.01)
+    with pytest.raises(TimeoutError, match="longer than 0.01 s"):
+        weights.build_payload(art, arch, "torchscript")
