@@ -175,10 +175,30 @@ class Weights:
     supernet_digest: str
 
     def save(self, path: str | Path) -> Path:
+        """Write the bytes to ``path`` atomically: a new temporary file of its own (created exclusively, so
+        never through a symlink), fsynced, then renamed over ``path``; nothing is left behind on failure."""
+        import os
+        import tempfile
+
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(self.data)
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # the rename itself survives a power cut once the folder is synced
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
         return path
 
     def load_module(self):
@@ -203,13 +223,16 @@ class Client:
     ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
     certificates. ``token``: the bearer token, if the server requires one. ``retries``: how
     many times a call answered UNAVAILABLE (a server replacing a dead search worker, a replica
-    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget is never re-sent.
+    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget is never re-sent. A download
+    whose header announces more than ``max_download_bytes`` (default 1 GiB), or describes
+    another subnet, format or arch than asked for, is refused before its bytes are kept.
     """
 
     RETRY_DELAY_S = 0.5
 
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls: bool | str = False,
-                 timeout: float = 60.0, supernet: str = "", retries: int = 1) -> None:
+                 timeout: float = 60.0, supernet: str = "", retries: int = 1,
+                 max_download_bytes: int = 1 << 30) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ValueError(f"retries must be an integer in 0..10, got {retries!r}")
         options = [("grpc.max_receive_message_length", 8 << 20)]
@@ -221,6 +244,7 @@ class Client:
         self._stub = pb_grpc.SubnetServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout, self.supernet, self.address, self.retries = timeout, supernet, address, retries
+        self.max_download_bytes = max_download_bytes
 
     def close(self) -> None:
         self._channel.close()
@@ -334,7 +358,10 @@ class Client:
             header, chunks, size = None, [], 0
             for msg in stream:
                 if msg.HasField("header"):
+                    if header is not None:
+                        raise IntegrityError("DATA_LOSS", "the stream sent a second header")
                     header = msg.header
+                    self._check_header(header, req, arch)
                     continue
                 if header is None:
                     raise IntegrityError("DATA_LOSS", "the stream sent data before its header")
@@ -354,6 +381,19 @@ class Client:
                                  f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
         return Weights(data, format, header.sha256, header.subnet_id, _arch_dict(header.arch),
                        tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
+
+    def _check_header(self, header: pb.WeightsHeader, req: pb.GetSubnetWeightsRequest, arch: Any) -> None:
+        """A header must describe what was asked for, at a size this client accepts, before any byte is kept."""
+        if not 0 <= header.total_bytes <= self.max_download_bytes:
+            raise IntegrityError("DATA_LOSS", f"the header announces {header.total_bytes} bytes; this client accepts "
+                                 f"0..{self.max_download_bytes} (max_download_bytes)")
+        if header.format != req.format:
+            raise IntegrityError("DATA_LOSS", f"asked for format {req.format}, the header says {header.format}")
+        if req.subnet_id and header.subnet_id != req.subnet_id:
+            raise IntegrityError("DATA_LOSS", f"asked for subnet {req.subnet_id}, the header says "
+                                 f"{header.subnet_id[:40]!r}")
+        if arch is not None and _arch_dict(header.arch) != _arch_dict(req.arch):
+            raise IntegrityError("DATA_LOSS", "the header's arch is not the arch asked for")
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's health status name (``SERVING``, ``NOT_SERVING`` …) from ``grpc.health.v1``.

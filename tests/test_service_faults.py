@@ -172,3 +172,68 @@ def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, 
     monkeypatch.setattr(weights, "SCRIPT_TIMEOUT_S", 0.01)
     with pytest.raises(TimeoutError, match="longer than 0.01 s"):
         weights.build_payload(art, arch, "torchscript")
+
+
+class _LyingServer:
+    """A SubnetService whose GetSubnetWeights lies in one way (``mode``), on 127.0.0.1."""
+
+    def __init__(self, mode: str):
+        from concurrent import futures
+
+        import grpc
+        from ofa_client.v1 import subnet_service_pb2 as pb
+        from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+        class Lying(pb_grpc.SubnetServiceServicer):
+            def GetSubnetWeights(self, request, context):
+                data = b"x" * 10
+                header = pb.WeightsHeader(format=request.format, total_bytes=len(data), subnet_id=request.subnet_id,
+                                          arch=request.arch, sha256=__import__("hashlib").sha256(data).hexdigest())
+                if mode == "huge":
+                    header.total_bytes = 1 << 40
+                elif mode == "other_id":
+                    header.subnet_id = "f" * 16
+                elif mode == "other_format":
+                    header.format = pb.WEIGHTS_FORMAT_ONNX
+                elif mode == "other_arch":
+                    header.arch.resolution = 28
+                yield pb.GetSubnetWeightsResponse(header=header)
+                if mode == "two_headers":
+                    yield pb.GetSubnetWeightsResponse(header=header)
+                yield pb.GetSubnetWeightsResponse(chunk=data)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        pb_grpc.add_SubnetServiceServicer_to_server(Lying(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self):
+        self.server.stop(0)
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("huge", "accepts 0..1048576"), ("two_headers", "a second header"), ("other_id", "the header says 'ffff"),
+    ("other_format", "asked for format 1, the header says 2"), ("other_arch", "not the arch asked for")])
+def test_the_client_trusts_no_header(mode, message):
+    from ofa_client import IntegrityError
+
+    liar = _LyingServer(mode)
+    arch = {"kernel": [3] * 10, "expand": [3] * 10, "depth": [2] * 5, "resolution": 24}
+    try:
+        with Client(f"127.0.0.1:{liar.port}", max_download_bytes=1 << 20) as c:
+            with pytest.raises(IntegrityError, match=message):
+                c.fetch({"id": "0123456789abcdef", "arch": arch, "supernet": "x"}, "safetensors")
+    finally:
+        liar.close()
+
+
+def test_saving_weights_never_follows_a_planted_temp_link(tmp_path):
+    from ofa_client.client import Weights
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "m.onnx"
+    (tmp_path / ".m.onnx.part").symlink_to(victim)  # the temp name the client used to write through
+    w = Weights(b"weights", "onnx", "0" * 64, "0" * 16, {}, (1,), (0.0,), (1.0,), "")
+    assert w.save(out) == out and out.read_bytes() == b"weights" and victim.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.part", "m.onnx", "victim"]  # nothing new left
