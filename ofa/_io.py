@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import tempfile
 from pathlib import Path
 
 __all__ = ["ArtifactError", "atomic_create_text", "atomic_save_tensors", "atomic_write_text", "sha256_file"]
@@ -13,42 +13,66 @@ class ArtifactError(ValueError):
     """A directory that is not a complete, intact artifact; the message says what is wrong."""
 
 
-def _write_temp(path: Path, data: bytes, tag: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{tag}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file next to ``path``: an unpredictable name created exclusively (so never
+    through a planted symlink, nor shared by two processes with the same pid in two containers), fsynced;
+    removed again if writing fails (a full or read-only disk)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every filesystem can sync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str | bytes) -> None:
     """Write ``text`` (or bytes) to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    tmp = _write_temp(path, text.encode() if isinstance(text, str) else text, str(os.getpid()))
-    os.replace(tmp, path)
+    tmp = _write_temp(path, text.encode() if isinstance(text, str) else text)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_dir(path.parent)
 
 
 def atomic_create_text(path: Path, text: str) -> None:
     """Like :func:`atomic_write_text`, but FileExistsError if ``path`` exists (also against other processes)."""
     path = Path(path)
-    tmp = _write_temp(path, text.encode(), f"{os.getpid()}.{threading.get_ident()}")
+    tmp = _write_temp(path, text.encode())
     try:
         os.link(tmp, path)  # atomic, and refuses an existing name
     finally:
         tmp.unlink(missing_ok=True)
+    _sync_dir(path.parent)
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors ``save_file`` through a temp file and ``os.replace``."""
-    from safetensors.torch import save_file
+    """The tensors as safetensors bytes, written by :func:`atomic_write_text`."""
+    from safetensors.torch import save
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_text(path, data)
 
 
 def sha256_file(path: Path) -> str:

@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port, printed)")
     p.add_argument("--targets-dir", help="folder where registered targets are kept (shared by replicas); "
                    "without it registrations last until the server stops")
+    p.add_argument("--max-targets", type=int, default=64,
+                   help="registered targets kept per supernet before RESOURCE_EXHAUSTED (default 64; replacing "
+                   "one is always allowed)")
     p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
     p.add_argument("--max-searches", type=int, default=2,
                    help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")

@@ -160,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.max_message_chars < 100:
         raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
-    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches"):
+    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
@@ -169,7 +169,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--token-file {args.token_file} is empty")
     if token and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
-    registry = Registry(args.artifact, args.targets_dir, args.name)
+    registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
                     token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"

@@ -7,8 +7,11 @@ re-read when it changes, so replicas that share it answer alike.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,14 +20,14 @@ from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import Artifact, load_artifact
-from ofa.predict.latency import LatencyTableError, Speed, space_digest, validate_table
+from ofa.predict.latency import TABLE_KEYS, LatencyTableError, Speed, space_digest, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
 from ofa.space import Arch
 
-from .validation import bounded
+from .validation import LIMITS, bounded
 
-__all__ = ["Registry", "ServedSupernet", "TargetExists"]
+__all__ = ["Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
 
 log = logging.getLogger("ofa_server")
 
@@ -58,13 +61,46 @@ class ServedSupernet:
             return self.known.get(subnet_id)
 
 
+class TooManyTargets(Exception):
+    """The supernet has as many registered targets as the server keeps."""
+
+
+class StorageError(Exception):
+    """The targets folder cannot take the table: ``full`` (a retry may work once space is freed) or not writable."""
+
+    def __init__(self, message: str, full: bool) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+def read_table_file(path: Path, limit: int) -> Any:
+    """A table file of the (untrusted, shared) targets folder: a regular file, not through a symlink, at most
+    ``limit`` bytes; opened without blocking, so a FIFO named ``x.json`` cannot hang a thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than the {limit} a table may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than the {limit} bytes a table may have")
+    return json.loads(data.decode())
+
+
 class Registry:
     def __init__(self, artifact_dirs: list[str], targets_dir: str | None = None,
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, max_targets: int = 64, table_bytes: int = LIMITS["table_bytes"]) -> None:
         self.supernets: dict[str, ServedSupernet] = {}
         self.targets_dir = Path(targets_dir) if targets_dir else None
+        self.max_targets, self.table_bytes = max_targets, table_bytes
         self._memory_tables: dict[tuple[str, str], dict[str, Any]] = {}  # without a targets folder
-        self._disk_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+        # path -> (lstat mtime and size, table or None for a file refused): a junk file is not re-read per request
+        self._disk_cache: dict[Path, tuple[tuple[int, int], dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
         for i, d in enumerate(artifact_dirs):
             name = (names[i] if names and i < len(names) else None) or Path(d).resolve().name
@@ -101,23 +137,27 @@ class Registry:
             files = sorted(folder.glob("*.json"))
         except OSError:
             return out
-        for path in files:
+        for path in files[: 4 * self.max_targets]:  # a folder flooded with files costs a bounded scan
             try:
-                mtime = path.stat().st_mtime_ns
+                st = path.lstat()
             except OSError:
                 continue
+            key = (st.st_mtime_ns, st.st_size)
             with self._lock:
                 cached = self._disk_cache.get(path)
-            if cached is None or cached[0] != mtime:
+            if cached is None or cached[0] != key:
+                table = None
                 try:
-                    table = validate_table(json.loads(path.read_text()), sn.artifact.space)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise ValueError("not a regular file (symlinks, FIFOs and devices are not read)")
+                    table = validate_table(read_table_file(path, self.table_bytes), sn.artifact.space)
                 except (OSError, ValueError, RecursionError) as e:
                     log.warning("ignoring target file %s: %s", path, bounded(str(e)))
-                    continue
-                cached = (mtime, table)
+                cached = (key, table)
                 with self._lock:
                     self._disk_cache[path] = cached
-            out[cached[1]["target"]] = cached[1]
+            if cached[1] is not None:
+                out[cached[1]["target"]] = cached[1]
         return out
 
     def tables(self, sn: ServedSupernet) -> dict[str, tuple[dict[str, Any], str]]:
@@ -144,24 +184,36 @@ class Registry:
         except RecursionError:
             raise LatencyTableError("table_json nests too deeply to be a latency table") from None
         table = validate_table(table, sn.artifact.space)
+        table = {k: table[k] for k in TABLE_KEYS if k in table}  # what a client adds beyond the format is not kept
+        text = json.dumps(table, sort_keys=True)
+        if len(text.encode()) > self.table_bytes:
+            raise LatencyTableError(f"the table takes {len(text.encode())} bytes as stored; at most "
+                                    f"{self.table_bytes} are kept")
         name = table["target"]
         if name in sn.artifact_targets:
             raise TargetExists(f"target {name!r} ships with the supernet and cannot be replaced; "
                                f"register the table under another target name")
         folder = self._folder(sn)
         taken = TargetExists(f"target {name!r} is already registered; set replace to overwrite it")
+        registered = self.registered_tables(sn)
+        if name not in registered and len(registered) >= self.max_targets:
+            raise TooManyTargets(f"supernet {sn.name!r} has {len(registered)} registered targets, the most this "
+                                 f"server keeps (--max-targets); replace one (replace=true) or remove one")
         with self._lock:
             if folder is None:
                 if (sn.digest16, name) in self._memory_tables and not replace:
                     raise taken
                 self._memory_tables[(sn.digest16, name)] = table
             else:
-                folder.mkdir(parents=True, exist_ok=True)
-                text = json.dumps(table, sort_keys=True)
                 try:  # without replace, creating the file is the check: replicas may share the folder
+                    folder.mkdir(parents=True, exist_ok=True)
                     (atomic_write_text if replace else atomic_create_text)(folder / f"{name}.json", text)
                 except FileExistsError:
                     raise taken from None
+                except OSError as e:
+                    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                    raise StorageError(f"the targets folder cannot take the table: {e.strerror} "
+                                       f"({'full' if full else 'not writable'}); nothing was stored", full) from None
         log.info("registered target %s for %s%s", name, sn.name, f" in {folder}" if folder else " (in memory)")
         return table
 

@@ -22,7 +22,7 @@ from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from . import validation as v
-from .registry import Registry, ServedSupernet, TargetExists, target_summary
+from .registry import Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets, target_summary
 from .searcher import SearchPool, WorkerLost
 from .weights import WeightsCache, build_payload
 
@@ -160,12 +160,18 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @_handled
     def RegisterTarget(self, request: pb.RegisterTargetRequest, context) -> pb.Target:
         sn = self._supernet(request.supernet)
-        if len(request.table_json) > v.LIMITS["table_bytes"]:
-            raise v.invalid(f"table_json must be at most {v.LIMITS['table_bytes']} bytes")
+        size = len(request.table_json.encode())
+        if size > self.registry.table_bytes:
+            raise v.invalid(f"table_json must be at most {self.registry.table_bytes} bytes, got {size}")
         try:
             table = self.registry.register(sn, request.table_json, request.replace)
         except TargetExists as e:
             raise v.RequestError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        except TooManyTargets as e:
+            raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except StorageError as e:  # a full disk may free up (RESOURCE_EXHAUSTED); read-only needs an operator
+            raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED if e.full else grpc.StatusCode.UNAVAILABLE,
+                                 str(e)) from None
         except LatencyTableError as e:
             raise v.invalid(f"table_json: {e}") from None
         return pb.Target(**target_summary(table["target"], sn.name, table, "registered"))

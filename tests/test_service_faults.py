@@ -237,3 +237,104 @@ def test_saving_weights_never_follows_a_planted_temp_link(tmp_path):
     w = Weights(b"weights", "onnx", "0" * 64, "0" * 16, {}, (1,), (0.0,), (1.0,), "")
     assert w.save(out) == out and out.read_bytes() == b"weights" and victim.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.part", "m.onnx", "victim"]  # nothing new left
+
+
+def _table_text(artifact, name, **extra):
+    import json
+
+    from conftest import synthetic_table
+    from ofa.artifact import load_artifact
+
+    return json.dumps({**synthetic_table(load_artifact(artifact).space, name), **extra})
+
+
+def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
+    import json
+
+    from ofa_client import InvalidArgument, ResourceExhausted
+
+    targets = tmp_path / "targets"
+    srv = Server(Registry([str(artifact)], str(targets), max_targets=3), port=0).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            c.register_target(_table_text(artifact, "good", evil="x" * 1000))
+            folder = next(targets.iterdir())
+            stored = json.loads((folder / "good.json").read_text())
+            assert "evil" not in stored and stored["target"] == "good"  # unknown keys are not kept
+            # what else lands in a shared folder: a FIFO, a link to /dev/zero, a huge junk file, a link to a table
+            os.mkfifo(folder / "fifo.json")
+            (folder / "zero.json").symlink_to("/dev/zero")
+            with open(folder / "junk.json", "wb") as f:
+                f.truncate(9 << 20)
+            (folder / "link.json").symlink_to(folder / "good.json")
+            t, out = _in_thread(lambda: c.targets())
+            t.join(30)
+            assert not t.is_alive() and [x["name"] for x in out["value"] if x["source"] == "registered"] == ["good"]
+            cache = srv.service.registry._disk_cache
+            assert cache[folder / "junk.json"][1] is None and cache[folder / "fifo.json"][1] is None
+            # bytes as stored count, not characters: 'é' is two bytes
+            srv.service.registry.table_bytes = len(_table_text(artifact, "big").encode()) + 100
+            with pytest.raises(InvalidArgument, match="must be at most .* bytes"):
+                c.register_target(_table_text(artifact, "big", pad="é" * 90))
+            srv.service.registry.table_bytes = 8 << 20
+            for name in ("b", "c"):
+                c.register_target(_table_text(artifact, name))
+            with pytest.raises(ResourceExhausted, match="3 registered targets, the most this server keeps"):
+                c.register_target(_table_text(artifact, "d"))
+            c.register_target(_table_text(artifact, "c"), replace=True)  # replacing one is always allowed
+    finally:
+        srv.stop(0)
+
+
+def test_a_full_disk_answers_resource_exhausted_and_leaves_no_temp_file(artifact, tmp_path, monkeypatch):
+    import errno
+
+    from ofa import _io
+    from ofa_client import ResourceExhausted
+
+    targets = tmp_path / "targets"
+    srv = Server(Registry([str(artifact)], str(targets)), port=0).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            c.register_target(_table_text(artifact, "first"))
+            folder = next(targets.iterdir())
+
+            def full(fd):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(_io.os, "fsync", full)  # the write itself fails as on a full disk
+            with pytest.raises(ResourceExhausted, match="No space left on device .full.; nothing was stored"):
+                c.register_target(_table_text(artifact, "second"))
+            monkeypatch.undo()
+            assert sorted(p.name for p in folder.iterdir()) == ["first.json"]  # no temp file left behind
+            assert c.register_target(_table_text(artifact, "second"))["name"] == "second"
+    finally:
+        srv.stop(0)
+
+
+def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
+    import subprocess
+    import sys
+
+    targets = tmp_path / "targets"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0",
+                                 "--targets-dir", str(targets), "--max-searches", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        return proc, f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
+
+    proc, address = start()
+    try:
+        with Client(address) as c:
+            c.register_target(_table_text(artifact, "kept"))
+        proc.kill()  # right after the acknowledgement
+        proc.wait(30)
+        assert not [p for p in targets.rglob("*") if p.name.endswith((".tmp", ".part"))]
+        proc, address = start()
+        with Client(address) as c:
+            assert "kept" in [t["name"] for t in c.targets()]
+            assert c.search("kept", max_latency_ms=1e5, generations=5).id
+    finally:
+        proc.kill()

@@ -48,11 +48,15 @@ import numpy as np
 from ..space import Arch, BlockSpec, SearchSpace
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "TABLE_FORMAT", "TABLE_VERSION", "block_plan",
+__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "TABLE_FORMAT", "TABLE_KEYS",
+           "TABLE_VERSION", "block_plan",
            "space_digest", "validate_table"]
 
 TABLE_FORMAT = "ofa-latency-table"
 TABLE_VERSION = 2
+# the top-level keys of a table; others are dropped where a table is stored on a client's behalf
+TABLE_KEYS = ("format", "version", "target", "space", "device", "timing", "entries", "model", "fit", "references",
+              "recalibration", "profile_seconds")
 MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
 
 
