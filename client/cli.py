@@ -121,6 +121,12 @@ def _register(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(c: Client, args: argparse.Namespace) -> int:
+    name = c.delete_target(args.target)
+    print(json.dumps({"deleted": name}) if args.json else f"removed target {name}")
+    return 0
+
+
 def _health(c: Client, args: argparse.Namespace) -> int:
     status = c.health()
     print(json.dumps({"status": status}) if args.json else status)
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table", help="the table's JSON file")
     s.add_argument("--replace", action="store_true")
     s.set_defaults(func=_register)
+    s = add_parser("delete", help="remove a registered target (not one shipped in the artifact)")
+    s.add_argument("target")
+    s.set_defaults(func=_delete)
     s = add_parser("health", help="SERVING or not (exit 0 when serving)")
     s.set_defaults(func=_health)
     return p

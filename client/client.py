@@ -223,7 +223,7 @@ class Client:
     ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
     certificates. ``token``: the bearer token, if the server requires one. ``retries``: how
     many times a call answered UNAVAILABLE (a server replacing a dead search worker, a replica
-    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget is never re-sent. A download
+    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget and DeleteTarget are never re-sent. A download
     whose header announces more than ``max_download_bytes`` (default 1 GiB), or describes
     another subnet, format or arch than asked for, is refused before its bytes are kept.
     """
@@ -256,7 +256,7 @@ class Client:
         self.close()
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        retries = 0 if method == "RegisterTarget" else self.retries
+        retries = 0 if method in ("RegisterTarget", "DeleteTarget") else self.retries
         for attempt in range(retries + 1):
             try:
                 return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -303,6 +303,11 @@ class Client:
         resp = self._call("RegisterTarget", pb.RegisterTargetRequest(supernet=supernet or self.supernet,
                                                                      table_json=text, replace=replace))
         return MessageToDict(resp, preserving_proto_field_name=True)
+
+    def delete_target(self, name: str, supernet: str | None = None) -> str:
+        """Remove a registered target (not one shipped in the artifact); returns its name."""
+        resp = self._call("DeleteTarget", pb.DeleteTargetRequest(supernet=supernet or self.supernet, target=name))
+        return resp.target
 
     def search(self, target: str | None = None, *, max_latency_ms: float | None = None, max_macs: int | None = None,
                max_params: int | None = None, resolutions: Sequence[int] = (), min_accuracy: float | None = None,

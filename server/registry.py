@@ -218,6 +218,27 @@ class Registry:
         return table
 
 
+    def delete(self, sn: ServedSupernet, name: str) -> None:
+        """Remove a registered target; KeyError when there is none of that name."""
+        if name in sn.artifact_targets:
+            raise TargetExists(f"target {name!r} ships with the supernet and cannot be removed")
+        folder = self._folder(sn)
+        with self._lock:
+            if folder is None:
+                if self._memory_tables.pop((sn.digest16, name), None) is None:
+                    raise KeyError(name)
+            else:
+                path = folder / f"{name}.json"
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    raise KeyError(name) from None
+                except OSError as e:
+                    raise StorageError(f"the targets folder cannot remove the table: {e.strerror}", False) from None
+                self._disk_cache.pop(path, None)
+        log.info("removed target %s of %s", name, sn.name)
+
+
 def target_summary(name: str, supernet: str, table: dict[str, Any], source: str) -> dict[str, Any]:
     """The fields of a ``pb.Target`` for a validated table."""
     from ofa_client.v1 import subnet_service_pb2 as pb

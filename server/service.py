@@ -176,6 +176,21 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             raise v.invalid(f"table_json: {e}") from None
         return pb.Target(**target_summary(table["target"], sn.name, table, "registered"))
 
+    @_handled
+    def DeleteTarget(self, request: pb.DeleteTargetRequest, context) -> pb.DeleteTargetResponse:
+        sn = self._supernet(request.supernet)
+        name = v.target_of(request.target, required=True)
+        try:
+            self.registry.delete(sn, name)
+        except TargetExists as e:
+            raise v.RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        except KeyError:
+            raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"no registered target {name!r} for supernet "
+                                 f"{sn.name!r}; registered: {sorted(self.registry.registered_tables(sn))}") from None
+        except StorageError as e:
+            raise v.RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        return pb.DeleteTargetResponse(target=name)
+
     def _search_inputs(self, request, front: bool):
         sn = self._supernet(request.supernet)
         target = v.target_of(request.target)

@@ -338,3 +338,33 @@ def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
             assert c.search("kept", max_latency_ms=1e5, generations=5).id
     finally:
         proc.kill()
+
+
+def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_path):
+    from ofa_client import Infeasible, NotFound, Unauthenticated
+    from ofa_client.cli import main as client_main
+
+    targets, token = tmp_path / "targets", "s3cret"
+    srv = Server(Registry([str(artifact)], str(targets)), port=0, token=token).start()
+    address = f"127.0.0.1:{srv.port}"
+    try:
+        with Client(address, token=token) as c, Client(address) as anonymous:
+            c.register_target(_table_text(artifact, "gone-soon"))
+            with pytest.raises(Unauthenticated):
+                anonymous.delete_target("gone-soon")
+            assert c.delete_target("gone-soon") == "gone-soon"
+            assert not list(targets.rglob("gone-soon.json"))
+            assert "gone-soon" not in [t["name"] for t in c.targets()]
+            with pytest.raises(NotFound, match="no registered target 'gone-soon'"):
+                c.delete_target("gone-soon")
+            with pytest.raises(NotFound):
+                c.search("gone-soon", max_latency_ms=10)
+            with pytest.raises(Infeasible, match="ships with the supernet and cannot be removed"):
+                c.delete_target(TARGET)
+            c.register_target(_table_text(artifact, "by-cli"))
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        assert client_main(["--address", address, "--token-file", str(token_file), "delete", "by-cli"]) == 0
+        assert not list(targets.rglob("by-cli.json"))
+    finally:
+        srv.stop(0)

@@ -200,6 +200,20 @@ class RegisterTargetRequest(_message.Message):
     replace: bool
     def __init__(self, supernet: _Optional[str] = ..., table_json: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
+class DeleteTargetRequest(_message.Message):
+    __slots__ = ("supernet", "target")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    target: str
+    def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class DeleteTargetResponse(_message.Message):
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    def __init__(self, target: _Optional[str] = ...) -> None: ...
+
 class Constraints(_message.Message):
     __slots__ = ("max_latency_ms", "max_macs", "max_params", "resolutions", "min_accuracy")
     MAX_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class SubnetServiceStub:
                 request_serializer=ofa_dot_v1_dot_subnet__service__pb2.RegisterTargetRequest.SerializeToString,
                 response_deserializer=ofa_dot_v1_dot_subnet__service__pb2.Target.FromString,
                 _registered_method=True)
+        self.DeleteTarget = channel.unary_unary(
+                '/ofa.v1.SubnetService/DeleteTarget',
+                request_serializer=ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetRequest.SerializeToString,
+                response_deserializer=ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetResponse.FromString,
+                _registered_method=True)
         self.SearchSubnet = channel.unary_unary(
                 '/ofa.v1.SubnetService/SearchSubnet',
                 request_serializer=ofa_dot_v1_dot_subnet__service__pb2.SearchSubnetRequest.SerializeToString,
@@ -88,6 +93,13 @@ class SubnetServiceServicer:
     def RegisterTarget(self, request, context):
         """Adds (or, with `replace`, updates) a hardware target from a latency table made by
         `ofa profile` on that device. The table is validated against the supernet's space.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTarget(self, request, context):
+        """Removes a registered target (targets shipped in the artifact cannot be removed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +145,11 @@ def add_SubnetServiceServicer_to_server(servicer, server):
                     servicer.RegisterTarget,
                     request_deserializer=ofa_dot_v1_dot_subnet__service__pb2.RegisterTargetRequest.FromString,
                     response_serializer=ofa_dot_v1_dot_subnet__service__pb2.Target.SerializeToString,
+            ),
+            'DeleteTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTarget,
+                    request_deserializer=ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetRequest.FromString,
+                    response_serializer=ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetResponse.SerializeToString,
             ),
             'SearchSubnet': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchSubnet,
@@ -232,6 +249,33 @@ class SubnetService:
             '/ofa.v1.SubnetService/RegisterTarget',
             ofa_dot_v1_dot_subnet__service__pb2.RegisterTargetRequest.SerializeToString,
             ofa_dot_v1_dot_subnet__service__pb2.Target.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ofa.v1.SubnetService/DeleteTarget',
+            ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetRequest.SerializeToString,
+            ofa_dot_v1_dot_subnet__service__pb2.DeleteTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,
