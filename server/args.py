@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registered targets kept per supernet before RESOURCE_EXHAUSTED (default 64; replacing "
                    "one is always allowed)")
     p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
+    p.add_argument("--max-streams", type=int, default=0,
+                   help="weight streams sent at once before RESOURCE_EXHAUSTED, so that clients that stop reading "
+                   "cannot take every RPC thread (default 0: half of --workers)")
+    p.add_argument("--max-connection-age-s", type=float, default=1800.0,
+                   help="connections are closed after this long (plus 5 minutes to finish their calls); "
+                   "keepalive pings find dead peers (default 1800)")
     p.add_argument("--max-searches", type=int, default=2,
                    help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")
     p.add_argument("--max-search-seconds", type=float, default=300.0,

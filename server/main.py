@@ -102,16 +102,24 @@ class Server:
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
-                 max_message_chars: int = 1000, max_health_watches: int = 64) -> None:
+                 max_message_chars: int = 1000, max_health_watches: int = 64, max_streams: int | None = None,
+                 max_connection_age_s: float = 1800.0) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
                                 interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
-                                options=[("grpc.max_receive_message_length", 16 << 20)])
+                                options=[("grpc.max_receive_message_length", 16 << 20),
+                                         # dead peers are found, and no connection (nor a stream stuck on
+                                         # a client that stopped reading) is held for ever
+                                         ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                                         ("grpc.max_connection_idle_ms", 600_000),
+                                         ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                                         ("grpc.max_connection_age_grace_ms", 300_000)])
         self.health = BoundedHealth(max_health_watches)
         self._serving = threading.Event()  # between start and stop: health follows the search workers
         self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
                                      max_search_seconds=max_search_seconds, on_ready=self._workers_ready,
-                                     max_message_chars=max_message_chars)
+                                     max_message_chars=max_message_chars,
+                                     max_streams=max_streams or max(1, workers // 2))
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -160,7 +168,10 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.max_message_chars < 100:
         raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
-    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets"):
+    if args.max_streams and not 1 <= args.max_streams < args.workers:
+        raise ValueError(f"--max-streams must be in 1..{args.workers - 1} (below --workers), got {args.max_streams}")
+    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
+                 "max_connection_age_s"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
@@ -171,7 +182,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
-                    token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches).start()
+                    token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches,
+                    args.max_streams or None, args.max_connection_age_s).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

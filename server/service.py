@@ -71,8 +71,11 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 class SubnetService(pb_grpc.SubnetServiceServicer):
     def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
                  max_builds: int | None = None, max_search_seconds: float = 300.0,
-                 on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS) -> None:
+                 on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS,
+                 max_streams: int = 8) -> None:
         self.registry = registry
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
         self.max_message_chars = max_message_chars
         self.cache = WeightsCache(cache_bytes)
         self.max_searches = max_searches
@@ -261,10 +264,22 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                   for i in range(0, len(payload.data), CHUNK_BYTES))
         return itertools.chain([pb.GetSubnetWeightsResponse(header=header)], chunks)
 
+    def _streams_full(self, request, context) -> None:
+        raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the server is sending its limit of {self.max_streams} weight streams (--max-streams); "
+                             f"retry with backoff")
+
     def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
-        # all checks and the build happen before the first message, so every refusal is a clean status
-        messages = _handled(SubnetService._weights)(self, request, context)
-        for msg in messages:
-            if not context.is_active():
-                return
-            yield msg
+        # A client that reads nothing keeps its stream's handler thread waiting on flow control; at most
+        # max_streams of them, so the other RPCs always have threads (slow readers once blocked them all).
+        if not self._streams.acquire(blocking=False):
+            _handled(SubnetService._streams_full)(self, request, context)
+        try:
+            # all checks and the build happen before the first message, so every refusal is a clean status
+            messages = _handled(SubnetService._weights)(self, request, context)
+            for msg in messages:
+                if not context.is_active():
+                    return
+                yield msg
+        finally:
+            self._streams.release()

@@ -368,3 +368,36 @@ def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_
         assert not list(targets.rglob("by-cli.json"))
     finally:
         srv.stop(0)
+
+
+def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
+    import grpc
+    from ofa_client.v1 import subnet_service_pb2 as pb
+    from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+    srv = Server(Registry([str(artifact)], None), port=0, workers=4, max_searches=1, max_streams=2).start()
+    address = f"127.0.0.1:{srv.port}"
+    # a small flow-control window: the server blocks on a chunk the client does not read
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    channels = [grpc.insecure_channel(address, options) for _ in range(3)]
+    try:
+        with Client(address) as c:
+            best = c.search(generations=5)
+            assert len(c.fetch(best, "safetensors").data) > 1 << 18  # larger than any window in play
+            request = pb.GetSubnetWeightsRequest(subnet_id=best.id, format=pb.WEIGHTS_FORMAT_SAFETENSORS)
+            slow = [pb_grpc.SubnetServiceStub(ch).GetSubnetWeights(request, timeout=60) for ch in channels[:2]]
+            assert all(next(s).HasField("header") for s in slow)  # then they read nothing more
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.SubnetServiceStub(channels[2]).GetSubnetWeights(request, timeout=30))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in e.value.details()
+            t0 = time.monotonic()
+            assert c.health() == "SERVING" and c.targets() and c.search(generations=5, seed=1).id
+            assert time.monotonic() - t0 < 30  # other RPCs still have threads
+            for s in slow:
+                s.cancel()
+            _until(lambda: srv.service._streams._value == 2, 30, "the streams released")
+            assert c.fetch(best, "safetensors").sha256
+    finally:
+        for ch in channels:
+            ch.close()
+        srv.stop(0)
