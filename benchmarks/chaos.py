@@ -6,10 +6,11 @@ random latency budget and a fetch of an already-served subnet), and SIGKILLs one
 (what the OOM killer does) every ``--kill-every`` seconds. Clients do not retry (``retries=0``),
 so every status is seen. Prints the machine fingerprint, the calls by status, for each kill how
 long until a search started after it succeeded, search and fetch latency percentiles, and the
-peak memory of the server and its workers (RSS summed, sampled every 0.25 s).
+peak memory of the server and its workers (RSS summed, sampled every 0.25 s). With
+``--slow-readers N``, N more clients open weight streams and stop reading after the header.
 
     python benchmarks/chaos.py --artifact runs/demo/supernet --target this-machine [--clients 16]
-        [--seconds 60] [--kill-every 10] [--json FILE]
+        [--seconds 60] [--kill-every 10] [--slow-readers 16] [--json FILE]
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def main() -> None:
     p.add_argument("--target", required=True)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--kill-every", type=float, default=10.0)
+    p.add_argument("--kill-every", type=float, default=10.0, help="0: kill nothing")
+    p.add_argument("--slow-readers", type=int, default=0,
+                   help="also this many clients that open a weight stream, read its header and then nothing")
     p.add_argument("--json")
     a = p.parse_args()
     fp = fingerprint()
@@ -121,13 +124,43 @@ def main() -> None:
             while not stop.wait(0.25):
                 peak.append(rss_mb(server.pid))
 
+        import grpc
+        from ofa_client.v1 import subnet_service_pb2 as pb
+        from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+        slow_channels, held = [], Counter()
+
+        def slow_reader(k: int) -> None:
+            """Hold a stream open after its header, reading nothing, again and again until the end."""
+            ch = grpc.insecure_channel(address, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+            slow_channels.append(ch)
+            stub = pb_grpc.SubnetServiceStub(ch)
+            req = pb.GetSubnetWeightsRequest(subnet_id=known[k % len(known)].id, format=pb.WEIGHTS_FORMAT_ONNX,
+                                             supernet=known[0].supernet)
+            while not stop.is_set():
+                stream = stub.GetSubnetWeights(req, timeout=a.seconds + 30)
+                try:
+                    next(stream)
+                    with lock:
+                        held["holding"] += 1
+                    stop.wait()
+                except grpc.RpcError as e:
+                    with lock:
+                        held[e.code().name] += 1
+                    stop.wait(0.5)
+                finally:
+                    stream.cancel()
+
         threads = [threading.Thread(target=client, args=(k,)) for k in range(a.clients)]
+        threads += [threading.Thread(target=slow_reader, args=(k,)) for k in range(a.slow_readers)]
         threads.append(threading.Thread(target=sample_memory))
         for t in threads:
             t.start()
         kills = []
         while time.monotonic() - t0 < a.seconds:
-            time.sleep(min(a.kill_every, max(0.0, a.seconds - (time.monotonic() - t0))))
+            time.sleep(min(a.kill_every or a.seconds, max(0.0, a.seconds - (time.monotonic() - t0))))
+            if not a.kill_every:
+                continue
             workers = search_workers(server.pid)
             if workers and time.monotonic() - t0 < a.seconds:
                 victim = random.Random(len(kills)).choice(workers)
@@ -136,6 +169,8 @@ def main() -> None:
         stop.set()
         for t in threads:
             t.join(60)
+        for ch in slow_channels:
+            ch.close()
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -150,7 +185,9 @@ def main() -> None:
         recovery.append(min(ok_after) - t_kill if ok_after else float("inf"))
     lat = {kind: np.array([dt for k, s, _, dt in calls if k == kind and s == "OK"]) for kind in ("search", "fetch")}
     print(f"{a.clients} clients for {a.seconds:.0f} s, a search worker SIGKILLed every {a.kill_every:.0f} s "
-          f"({len(kills)} kills); server {address}")
+          f"({len(kills)} kills), {a.slow_readers} slow readers; server {address}")
+    if a.slow_readers:
+        print("  slow readers' streams: " + ", ".join(f"{k} {n}" for k, n in sorted(held.items())))
     print("  calls: " + ", ".join(f"{k} {s} {n}" for (k, s), n in sorted(by.items())))
     print(f"  neither OK nor retryable: {sum(bad.values())} {bad if bad else ''}")
     print("  a search started after each kill succeeded within: " + ", ".join(f"{r:.2f} s" for r in recovery)
@@ -161,6 +198,8 @@ def main() -> None:
     print(f"  peak memory, server and its workers: {max(peak):.0f} MiB (at start {peak[0]:.0f} MiB)")
     if a.json:
         json.dump({"fingerprint": fp, "clients": a.clients, "seconds": a.seconds, "kills": kills,
+                   "slow_readers": a.slow_readers, "slow_reader_streams": dict(held),
+                   "p99_ms": {k: 1000 * float(np.quantile(x, .99)) for k, x in lat.items() if len(x)},
                    "calls": {f"{k} {s}": n for (k, s), n in by.items()}, "not_retryable": bad,
                    "recovery_s": recovery, "peak_rss_mb": max(peak)}, open(a.json, "w"), indent=1)
 

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-streams", type=int, default=0,
                    help="weight streams sent at once before RESOURCE_EXHAUSTED, so that clients that stop reading "
                    "cannot take every RPC thread (default 0: half of --workers)")
+    p.add_argument("--stream-stall-s", type=float, default=30.0,
+                   help="a weight stream whose client takes no data for this long is cancelled, freeing its "
+                   "thread (default 30)")
     p.add_argument("--max-connection-age-s", type=float, default=1800.0,
                    help="connections are closed after this long (plus 5 minutes to finish their calls); "
                    "keepalive pings find dead peers (default 1800)")

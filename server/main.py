@@ -103,7 +103,7 @@ class Server:
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
                  max_message_chars: int = 1000, max_health_watches: int = 64, max_streams: int | None = None,
-                 max_connection_age_s: float = 1800.0) -> None:
+                 max_connection_age_s: float = 1800.0, stream_stall_s: float = 30.0) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
                                 interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
@@ -119,7 +119,7 @@ class Server:
         self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
                                      max_search_seconds=max_search_seconds, on_ready=self._workers_ready,
                                      max_message_chars=max_message_chars,
-                                     max_streams=max_streams or max(1, workers // 2))
+                                     max_streams=max_streams or max(1, workers // 2), stream_stall_s=stream_stall_s)
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -152,7 +152,7 @@ class Server:
         self._serving.clear()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
-        self.service.pool.close()
+        self.service.close()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()
@@ -171,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_streams and not 1 <= args.max_streams < args.workers:
         raise ValueError(f"--max-streams must be in 1..{args.workers - 1} (below --workers), got {args.max_streams}")
     for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
-                 "max_connection_age_s"):
+                 "max_connection_age_s", "stream_stall_s"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
@@ -183,7 +183,7 @@ def serve(args: argparse.Namespace) -> int:
     registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets)
     server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
                     token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches,
-                    args.max_streams or None, args.max_connection_age_s).start()
+                    args.max_streams or None, args.max_connection_age_s, args.stream_stall_s).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

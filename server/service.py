@@ -72,10 +72,14 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
                  max_builds: int | None = None, max_search_seconds: float = 300.0,
                  on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS,
-                 max_streams: int = 8) -> None:
+                 max_streams: int = 8, stream_stall_s: float = 30.0) -> None:
         self.registry = registry
-        self.max_streams = max_streams
+        self.max_streams, self.stream_stall_s = max_streams, stream_stall_s
         self._streams = threading.BoundedSemaphore(max_streams)
+        self._streams_lock = threading.Lock()
+        self._stalled: dict[int, list] = {}  # the weight streams being sent: [context, last progress]
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_streams, name="ofa-stream-watch", daemon=True).start()
         self.max_message_chars = max_message_chars
         self.cache = WeightsCache(cache_bytes)
         self.max_searches = max_searches
@@ -274,12 +278,33 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         # max_streams of them, so the other RPCs always have threads (slow readers once blocked them all).
         if not self._streams.acquire(blocking=False):
             _handled(SubnetService._streams_full)(self, request, context)
+        entry = [context, time.monotonic()]
+        with self._streams_lock:
+            self._stalled[id(entry)] = entry
         try:
             # all checks and the build happen before the first message, so every refusal is a clean status
             messages = _handled(SubnetService._weights)(self, request, context)
             for msg in messages:
                 if not context.is_active():
                     return
+                entry[1] = time.monotonic()  # the client took the last message: progress
                 yield msg
         finally:
+            with self._streams_lock:
+                self._stalled.pop(id(entry), None)
             self._streams.release()
+
+    def _watch_streams(self) -> None:
+        """Cancel a weight stream whose client has taken no message for ``stream_stall_s``: its thread waits
+        on flow control, and only a cancel from outside frees it."""
+        while not self._closed.wait(min(1.0, self.stream_stall_s / 4)):
+            now = time.monotonic()
+            with self._streams_lock:
+                stuck = [e for e in self._stalled.values() if now - e[1] > self.stream_stall_s]
+            for context, since in stuck:
+                log.info("GetSubnetWeights -> CANCELLED: the client took no data for %.0f s", now - since)
+                context.cancel()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.pool.close()

@@ -375,7 +375,8 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     from ofa_client.v1 import subnet_service_pb2 as pb
     from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
-    srv = Server(Registry([str(artifact)], None), port=0, workers=4, max_searches=1, max_streams=2).start()
+    srv = Server(Registry([str(artifact)], None), port=0, workers=4, max_searches=1, max_streams=2,
+                 stream_stall_s=6.0).start()
     address = f"127.0.0.1:{srv.port}"
     # a small flow-control window: the server blocks on a chunk the client does not read
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
@@ -393,9 +394,12 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
             t0 = time.monotonic()
             assert c.health() == "SERVING" and c.targets() and c.search(generations=5, seed=1).id
             assert time.monotonic() - t0 < 30  # other RPCs still have threads
+            # the server cancels streams whose client took nothing for stream_stall_s: their threads are free
+            _until(lambda: srv.service._streams._value == 2, 60, "the stalled streams cancelled")
             for s in slow:
-                s.cancel()
-            _until(lambda: srv.service._streams._value == 2, 30, "the streams released")
+                with pytest.raises(grpc.RpcError) as e:
+                    list(s)
+                assert e.value.code() == grpc.StatusCode.CANCELLED
             assert c.fetch(best, "safetensors").sha256
     finally:
         for ch in channels:
