@@ -20,6 +20,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from .args import add_arguments
 from .registry import Registry
 from .service import SubnetService
+from .validation import MESSAGE_CHARS
 
 __all__ = ["BoundedHealth", "Server", "add_arguments", "main", "serve"]
 
@@ -102,7 +103,7 @@ class Server:
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
                  max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
-                 max_message_chars: int = 1000, max_health_watches: int = 64, max_streams: int | None = None,
+                 max_message_chars: int = MESSAGE_CHARS, max_health_watches: int = 64, max_streams: int | None = None,
                  max_connection_age_s: float = 1800.0, stream_stall_s: float = 30.0) -> None:
         interceptors = [_TokenAuth(token)] if token else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),

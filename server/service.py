@@ -77,7 +77,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self.max_streams, self.stream_stall_s = max_streams, stream_stall_s
         self._streams = threading.BoundedSemaphore(max_streams)
         self._streams_lock = threading.Lock()
-        self._stalled: dict[int, list] = {}  # the weight streams being sent: [context, last progress]
+        self._sending: dict[int, list] = {}  # the weight streams being sent: [context, last progress]
         self._closed = threading.Event()
         threading.Thread(target=self._watch_streams, name="ofa-stream-watch", daemon=True).start()
         self.max_message_chars = max_message_chars
@@ -280,7 +280,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             _handled(SubnetService._streams_full)(self, request, context)
         entry = [context, time.monotonic()]
         with self._streams_lock:
-            self._stalled[id(entry)] = entry
+            self._sending[id(entry)] = entry
         try:
             # all checks and the build happen before the first message, so every refusal is a clean status
             messages = _handled(SubnetService._weights)(self, request, context)
@@ -291,7 +291,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                 yield msg
         finally:
             with self._streams_lock:
-                self._stalled.pop(id(entry), None)
+                self._sending.pop(id(entry), None)
             self._streams.release()
 
     def _watch_streams(self) -> None:
@@ -300,7 +300,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         while not self._closed.wait(min(1.0, self.stream_stall_s / 4)):
             now = time.monotonic()
             with self._streams_lock:
-                stuck = [e for e in self._stalled.values() if now - e[1] > self.stream_stall_s]
+                stuck = [e for e in self._sending.values() if now - e[1] > self.stream_stall_s]
             for context, since in stuck:
                 log.info("GetSubnetWeights -> CANCELLED: the client took no data for %.0f s", now - since)
                 context.cancel()
