@@ -6,21 +6,30 @@ random latency budget and a fetch of an already-served subnet), and SIGKILLs one
 (what the OOM killer does) every ``--kill-every`` seconds. Clients do not retry (``retries=0``),
 so every status is seen. Prints the machine fingerprint, the calls by status, for each kill how
 long until a search started after it succeeded, search and fetch latency percentiles, and the
-peak memory of the server and its workers (RSS summed, sampled every 0.25 s). With
-``--slow-readers N``, N more clients open weight streams and stop reading after the header.
+peak memory of the server and its workers (RSS summed, sampled every 0.25 s). A probe client
+calls the cheap RPCs (ListTargets, then a health Check) every 50 ms: their p99 is how long any
+call waits for the server itself. With ``--slow-readers N``, N more clients open weight streams
+and stop reading after the header. With ``--full-disk KIB``, the server's ``--targets-dir`` is a
+tmpfs of that size (RLIMIT_FSIZE on the server where mounting is not allowed) and one more
+client registers (replace=true) 12 target names in turn: each answer must be OK or
+RESOURCE_EXHAUSTED, and every name whose registration was acknowledged must be on disk, whole,
+at the end.
 
     python benchmarks/chaos.py --artifact runs/demo/supernet --target this-machine [--clients 16]
-        [--seconds 60] [--kill-every 10] [--slow-readers 16] [--json FILE]
+        [--seconds 60] [--kill-every 10] [--slow-readers 16] [--full-disk 64] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -78,11 +87,39 @@ def main() -> None:
     p.add_argument("--kill-every", type=float, default=10.0, help="0: kill nothing")
     p.add_argument("--slow-readers", type=int, default=0,
                    help="also this many clients that open a weight stream, read its header and then nothing")
+    p.add_argument("--full-disk", type=int, default=0, metavar="KIB",
+                   help="the targets folder on a full disk of this many KiB, and a client registering targets")
     p.add_argument("--json")
     a = p.parse_args()
     fp = fingerprint()
-    server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    with contextlib.ExitStack() as stack:
+        disk = stack.enter_context(small_disk(a.full_disk)) if a.full_disk else None
+        run(a, fp, disk)
+
+
+@contextlib.contextmanager
+def small_disk(kib: int):
+    """A folder on a tmpfs of ``kib`` KiB (root, or a user namespace, may mount one), else a plain temp folder
+    and a per-file size limit for the server (RLIMIT_FSIZE: writes past it fail with EFBIG)."""
+    with tempfile.TemporaryDirectory(prefix="ofa-chaos-disk-") as d:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", d],
+                                 capture_output=True).returncode == 0
+        try:
+            yield {"path": d, "kib": kib, "how": "tmpfs" if mounted else "RLIMIT_FSIZE"}
+        finally:
+            if mounted:
+                subprocess.run(["umount", d], check=False)
+
+
+def run(a, fp: dict, disk: dict | None) -> None:
+    cmd = [sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0"]
+    limit = None
+    if disk:
+        cmd += ["--targets-dir", disk["path"]]
+        if disk["how"] == "RLIMIT_FSIZE":
+            size = disk["kib"] << 10
+            limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))  # noqa: E731
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=limit)
     try:
         line = server.stdout.readline()
         if "listening on 127.0.0.1:" not in line:
@@ -132,7 +169,8 @@ def main() -> None:
 
         def slow_reader(k: int) -> None:
             """Hold a stream open after its header, reading nothing, again and again until the end."""
-            ch = grpc.insecure_channel(address, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+            ch = grpc.insecure_channel(address, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+                                                 ("grpc.use_local_subchannel_pool", 1)])  # a client each
             slow_channels.append(ch)
             stub = pb_grpc.SubnetServiceStub(ch)
             req = pb.GetSubnetWeightsRequest(subnet_id=known[k % len(known)].id, format=pb.WEIGHTS_FORMAT_ONNX,
@@ -151,7 +189,46 @@ def main() -> None:
                 finally:
                     stream.cancel()
 
+        def probe() -> None:
+            """The cheap RPCs, every 50 ms: how long a call waits for the server itself."""
+            with Client(address, retries=0, timeout=30) as c:
+                while not stop.wait(0.05):
+                    start = time.monotonic()
+                    try:
+                        c.targets()
+                        c.health()
+                        status = "OK"
+                    except ClientError as e:
+                        status = e.code
+                    with lock:
+                        calls.append(("probe", status, start - t0, time.monotonic() - start))
+
+        acked: dict[str, str] = {}  # name -> the text of its last acknowledged registration
+
+        def registrar() -> None:
+            """Register 12 names in turn (replace=true) on the full disk: OK or RESOURCE_EXHAUSTED, nothing lost."""
+            table = json.loads((Path(a.artifact) / "latency" / f"{a.target}.json").read_text())
+            with Client(address, retries=0, timeout=30) as c:
+                k = 0
+                while not stop.is_set():
+                    name = f"disk-{k % 12}"
+                    text = json.dumps({**table, "target": name})
+                    start = time.monotonic()
+                    try:
+                        c.register_target(text, replace=True)
+                        status = "OK"
+                        acked[name] = text
+                    except ClientError as e:
+                        status = e.code
+                    with lock:
+                        calls.append(("register", status, start - t0, time.monotonic() - start))
+                    k += 1
+                    stop.wait(0.1)
+
         threads = [threading.Thread(target=client, args=(k,)) for k in range(a.clients)]
+        threads.append(threading.Thread(target=probe))
+        if disk:
+            threads.append(threading.Thread(target=registrar))
         threads += [threading.Thread(target=slow_reader, args=(k,)) for k in range(a.slow_readers)]
         threads.append(threading.Thread(target=sample_memory))
         for t in threads:
@@ -183,9 +260,21 @@ def main() -> None:
     for t_kill in kills:
         ok_after = [start + dt for k, s, start, dt in calls if k == "search" and s == "OK" and start >= t_kill]
         recovery.append(min(ok_after) - t_kill if ok_after else float("inf"))
-    lat = {kind: np.array([dt for k, s, _, dt in calls if k == kind and s == "OK"]) for kind in ("search", "fetch")}
+    lat = {kind: np.array([dt for k, s, _, dt in calls if k == kind and s == "OK"])
+           for kind in ("search", "fetch", "probe", "register")}
+    lost = []
+    if disk:  # every acknowledged registration is on disk, whole (the server has stopped: nothing is in flight)
+        for name, text in acked.items():
+            files = list(Path(disk["path"]).rglob(f"{name}.json"))
+            if not files or json.loads(files[0].read_text()) != json.loads(text):
+                lost.append(name)
+        disk["leftovers"] = sorted(f.name for f in Path(disk["path"]).rglob("*") if f.is_file()
+                                   and not f.name.endswith(".json"))
     print(f"{a.clients} clients for {a.seconds:.0f} s, a search worker SIGKILLed every {a.kill_every:.0f} s "
           f"({len(kills)} kills), {a.slow_readers} slow readers; server {address}")
+    if disk:
+        print(f"  targets folder on a full disk ({disk['how']}, {disk['kib']} KiB): {len(acked)} names acknowledged, "
+              f"{len(lost)} of them lost {lost if lost else ''}; files left that are not tables: {disk['leftovers']}")
     if a.slow_readers:
         print("  slow readers' streams: " + ", ".join(f"{k} {n}" for k, n in sorted(held.items())))
     print("  calls: " + ", ".join(f"{k} {s} {n}" for (k, s), n in sorted(by.items())))
@@ -201,7 +290,8 @@ def main() -> None:
                    "slow_readers": a.slow_readers, "slow_reader_streams": dict(held),
                    "p99_ms": {k: 1000 * float(np.quantile(x, .99)) for k, x in lat.items() if len(x)},
                    "calls": {f"{k} {s}": n for (k, s), n in by.items()}, "not_retryable": bad,
-                   "recovery_s": recovery, "peak_rss_mb": max(peak)}, open(a.json, "w"), indent=1)
+                   "recovery_s": recovery, "peak_rss_mb": max(peak), "full_disk": disk, "lost": lost},
+                  open(a.json, "w"), indent=1)
 
 
 if __name__ == "__main__":

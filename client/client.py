@@ -235,7 +235,9 @@ class Client:
                  max_download_bytes: int = 1 << 30) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ValueError(f"retries must be an integer in 0..10, got {retries!r}")
-        options = [("grpc.max_receive_message_length", 8 << 20)]
+        # a connection of its own: grpc would share one among every channel of a process with the same
+        # options, and the server's per-connection limits (--max-per-peer) would then count them as one client
+        options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
         if tls:
             roots = Path(tls).read_bytes() if isinstance(tls, (str, Path)) and tls is not True else None
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options)

@@ -17,10 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-targets", type=int, default=64,
                    help="registered targets kept per supernet before RESOURCE_EXHAUSTED (default 64; replacing "
                    "one is always allowed)")
-    p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
-    p.add_argument("--max-streams", type=int, default=0,
-                   help="weight streams sent at once before RESOURCE_EXHAUSTED, so that clients that stop reading "
-                   "cannot take every RPC thread (default 0: half of --workers)")
+    p.add_argument("--workers", type=int, default=16,
+                   help="RPC threads for everything but weight streams and health watches (default 16)")
+    p.add_argument("--max-streams", type=int, default=32,
+                   help="weight streams sent at once, on threads of their own, before RESOURCE_EXHAUSTED; when all "
+                   "are taken the one whose client has taken no data for --stream-preempt-s is cancelled to make "
+                   "way (default 32)")
+    p.add_argument("--max-streams-per-peer", type=int, default=4,
+                   help="weight streams one client connection may have open at once (default 4)")
+    p.add_argument("--stream-preempt-s", type=float, default=5.0,
+                   help="a stream stalled this long gives its slot to a new one when all are taken (default 5)")
     p.add_argument("--stream-stall-s", type=float, default=30.0,
                    help="a weight stream whose client takes no data for this long is cancelled, freeing its "
                    "thread (default 30)")
@@ -28,16 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="connections are closed after this long (plus 5 minutes to finish their calls); "
                    "keepalive pings find dead peers (default 1800)")
     p.add_argument("--max-searches", type=int, default=2,
-                   help="concurrent searches (and weight builds) before RESOURCE_EXHAUSTED (default 2)")
+                   help="concurrent searches (and, apart, weight builds) before RESOURCE_EXHAUSTED (default 2)")
+    p.add_argument("--max-per-peer", type=int, default=0,
+                   help="searches (and, apart, weight builds) one client connection may run at once (default 0: "
+                   "half of --max-searches, at least 1)")
+    p.add_argument("--max-search-work", type=int, default=5_000_000,
+                   help="population x generations (x points for a front) one request may ask for (default "
+                   "5,000,000: ~100 default searches)")
     p.add_argument("--max-search-seconds", type=float, default=300.0,
                    help="a search or front still running after this long is stopped, its worker replaced and "
                    "the call answered UNAVAILABLE (default 300; a call's own deadline stops it sooner)")
     p.add_argument("--max-message-chars", type=int, default=1000,
                    help="status messages and their log lines are cut to this many characters, saying so "
                    "(they echo client input; default 1000, at least 100)")
-    p.add_argument("--max-health-watches", type=int, default=64,
-                   help="grpc.health.v1 Watch streams open at once before RESOURCE_EXHAUSTED (health needs no "
-                   "token; default 64)")
+    p.add_argument("--max-health-watches", type=int, default=16,
+                   help="grpc.health.v1 Watch streams open at once (each holds a thread of its own) before "
+                   "RESOURCE_EXHAUSTED (health needs no token; default 16)")
     p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")

@@ -20,7 +20,6 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from .args import add_arguments
 from .registry import Registry
 from .service import SubnetService
-from .validation import MESSAGE_CHARS
 
 __all__ = ["BoundedHealth", "Server", "add_arguments", "main", "serve"]
 
@@ -101,13 +100,18 @@ class Server:
     """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds."""
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
-                 max_searches: int = 2, cache_bytes: int = 512 << 20, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, max_search_seconds: float = 300.0,
-                 max_message_chars: int = MESSAGE_CHARS, max_health_watches: int = 64, max_streams: int | None = None,
-                 max_connection_age_s: float = 1800.0, stream_stall_s: float = 30.0) -> None:
+                 token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_health_watches: int = 16,
+                 max_connection_age_s: float = 1800.0, **service_options) -> None:
+        """``service_options`` go to :class:`SubnetService` (max_searches, max_streams, cache_bytes...)."""
         interceptors = [_TokenAuth(token)] if token else []
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofa-rpc"),
-                                interceptors=interceptors, maximum_concurrent_rpcs=workers * 4,
+        self.health = BoundedHealth(max_health_watches)
+        self._serving = threading.Event()  # between start and stop: health follows the search workers
+        self.service = SubnetService(registry, on_ready=self._workers_ready, **service_options)
+        # weight streams and health watches each hold a thread while open (a client that stops reading
+        # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
+        held = self.service.max_streams + max_health_watches
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers + held, thread_name_prefix="ofa-rpc"),
+                                interceptors=interceptors, maximum_concurrent_rpcs=held + 4 * workers,
                                 options=[("grpc.max_receive_message_length", 16 << 20),
                                          # dead peers are found, and no connection (nor a stream stuck on
                                          # a client that stopped reading) is held for ever
@@ -115,12 +119,6 @@ class Server:
                                          ("grpc.max_connection_idle_ms", 600_000),
                                          ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                                          ("grpc.max_connection_age_grace_ms", 300_000)])
-        self.health = BoundedHealth(max_health_watches)
-        self._serving = threading.Event()  # between start and stop: health follows the search workers
-        self.service = SubnetService(registry, max_searches=max_searches, cache_bytes=cache_bytes,
-                                     max_search_seconds=max_search_seconds, on_ready=self._workers_ready,
-                                     max_message_chars=max_message_chars,
-                                     max_streams=max_streams or max(1, workers // 2), stream_stall_s=stream_stall_s)
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -169,12 +167,13 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.max_message_chars < 100:
         raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
-    if args.max_streams and not 1 <= args.max_streams < args.workers:
-        raise ValueError(f"--max-streams must be in 1..{args.workers - 1} (below --workers), got {args.max_streams}")
     for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
-                 "max_connection_age_s", "stream_stall_s"):
+                 "max_connection_age_s", "stream_stall_s", "stream_preempt_s", "max_streams", "max_streams_per_peer",
+                 "max_search_work"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_per_peer < 0:
+        raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {args.max_per_peer}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     if args.token_file and not token:
@@ -182,9 +181,12 @@ def serve(args: argparse.Namespace) -> int:
     if token and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets)
-    server = Server(registry, args.host, args.port, args.workers, args.max_searches, args.cache_mb << 20,
-                    token, tls, args.max_search_seconds, args.max_message_chars, args.max_health_watches,
-                    args.max_streams or None, args.max_connection_age_s, args.stream_stall_s).start()
+    server = Server(registry, args.host, args.port, args.workers, token, tls, args.max_health_watches,
+                    args.max_connection_age_s, max_searches=args.max_searches, cache_bytes=args.cache_mb << 20,
+                    max_search_seconds=args.max_search_seconds, max_message_chars=args.max_message_chars,
+                    max_streams=args.max_streams, stream_stall_s=args.stream_stall_s,
+                    max_per_peer=args.max_per_peer or None, max_streams_per_peer=args.max_streams_per_peer,
+                    stream_preempt_s=args.stream_preempt_s, max_search_work=args.max_search_work).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)

@@ -24,6 +24,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from . import validation as v
 from .registry import Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets, target_summary
 from .searcher import SearchPool, WorkerLost
+from .slots import Slots
 from .weights import WeightsCache, build_payload
 
 __all__ = ["CHUNK_BYTES", "SubnetService"]
@@ -72,19 +73,24 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def __init__(self, registry: Registry, max_searches: int = 2, cache_bytes: int = 512 << 20,
                  max_builds: int | None = None, max_search_seconds: float = 300.0,
                  on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS,
-                 max_streams: int = 8, stream_stall_s: float = 30.0) -> None:
+                 max_streams: int = 32, stream_stall_s: float = 30.0, max_per_peer: int | None = None,
+                 max_streams_per_peer: int = 4, stream_preempt_s: float = 5.0,
+                 max_search_work: int = v.LIMITS["work"]) -> None:
         self.registry = registry
-        self.max_streams, self.stream_stall_s = max_streams, stream_stall_s
-        self._streams = threading.BoundedSemaphore(max_streams)
+        per_peer = max_per_peer or max(1, max_searches // 2)
+        self._searches = Slots(max_searches, per_peer, "searches", "--max-searches", "--max-per-peer")
+        self._builds = Slots(max_builds or max_searches, per_peer, "weight builds", "--max-searches",
+                             "--max-per-peer")
+        self._streams = Slots(max_streams, max_streams_per_peer, "weight streams", "--max-streams",
+                              "--max-streams-per-peer")
+        self.max_streams, self.stream_stall_s, self.stream_preempt_s = max_streams, stream_stall_s, stream_preempt_s
+        self.max_search_work = max_search_work
         self._streams_lock = threading.Lock()
         self._sending: dict[int, list] = {}  # the weight streams being sent: [context, last progress]
         self._closed = threading.Event()
         threading.Thread(target=self._watch_streams, name="ofa-stream-watch", daemon=True).start()
         self.max_message_chars = max_message_chars
         self.cache = WeightsCache(cache_bytes)
-        self.max_searches = max_searches
-        self._searches = threading.BoundedSemaphore(max_searches)
-        self._builds = threading.BoundedSemaphore(max_builds or max_searches)
         self.pool = SearchPool(max_searches, tuple(str(sn.artifact.path) for sn in registry.supernets.values()),
                                max_seconds=max_search_seconds, on_ready=on_ready)
 
@@ -107,17 +113,18 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                                  f"used: {why}" if why else f"target {target!r} is not known for supernet "
                                  f"{sn.name!r}; known targets: {self.registry.known_targets(sn)}")
 
+    @staticmethod
     @contextlib.contextmanager
-    def _slot(self, sem: threading.BoundedSemaphore, what: str) -> Iterator[None]:
-        """Hold one of ``sem``'s slots, or refuse at once with RESOURCE_EXHAUSTED (no queueing)."""
-        if not sem.acquire(blocking=False):
-            raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the server is running its limit of {self.max_searches} concurrent {what}; "
-                                 f"retry with backoff")
+    def _slot(slots: Slots, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold one of ``slots`` for the calling peer, or refuse at once with RESOURCE_EXHAUSTED (no queueing)."""
+        peer = context.peer()
+        why = slots.acquire(peer)
+        if why:
+            raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         try:
             yield
         finally:
-            sem.release()
+            slots.release(peer)
 
     @staticmethod
     def _subnet(sn: ServedSupernet, c: Candidate, seconds: float, target: str | None, speed: Speed) -> pb.Subnet:
@@ -215,7 +222,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @_handled
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
         sn, target, constraints, settings, speed, applied = self._search_inputs(request, front=False)
-        with self._slot(self._searches, "searches"):
+        v.check_work(settings, 1, self.max_search_work)
+        with self._slot(self._searches, context):
             result = self.pool.run("search", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
                                    (constraints, target, settings), lambda: not context.is_active(),
                                    _deadline(context))
@@ -226,9 +234,9 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
         sn, target, constraints, settings, speed, applied = self._search_inputs(request, front=True)
         points = v.points_of(request.points)
-        v.check_work(settings, points)
+        v.check_work(settings, points, self.max_search_work)
         t0 = time.perf_counter()
-        with self._slot(self._searches, "searches"):
+        with self._slot(self._searches, context):
             front = self.pool.run("pareto", str(sn.artifact.path), self.registry.extra_table(sn, target), speed,
                                   (points, target, constraints, settings), lambda: not context.is_active(),
                                   _deadline(context))
@@ -255,7 +263,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         key = (sn.artifact.digest, arch.id, fmt)
         payload = self.cache.get(key)
         if payload is None:
-            with self._slot(self._builds, "weight builds"):
+            with self._slot(self._builds, context):
                 payload = self.cache.get_or_build(key, lambda: build_payload(sn.artifact, arch, fmt))
         data = sn.artifact.data
         header = pb.WeightsHeader(
@@ -268,17 +276,35 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                   for i in range(0, len(payload.data), CHUNK_BYTES))
         return itertools.chain([pb.GetSubnetWeightsResponse(header=header)], chunks)
 
-    def _streams_full(self, request, context) -> None:
-        raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"the server is sending its limit of {self.max_streams} weight streams (--max-streams); "
-                             f"retry with backoff")
+    def _refuse(self, why: str, context) -> None:
+        raise v.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+    def _preempt(self) -> bool:
+        """All stream slots are taken: cancel the stream whose client has taken no data the longest, if for
+        ``stream_preempt_s`` or more (a client that stopped reading), so that a new stream gets its slot."""
+        now = time.monotonic()
+        with self._streams_lock:
+            stalled = [e for e in self._sending.values() if not e[2] and now - e[1] >= self.stream_preempt_s]
+            if not stalled:
+                return False
+            victim = min(stalled, key=lambda e: e[1])
+            victim[2] = True
+        log.info("GetSubnetWeights -> CANCELLED: every stream slot is taken and this client took no data for "
+                 "%.0f s", now - victim[1])
+        victim[0].cancel()
+        return True
 
     def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
         # A client that reads nothing keeps its stream's handler thread waiting on flow control; at most
-        # max_streams of them, so the other RPCs always have threads (slow readers once blocked them all).
-        if not self._streams.acquire(blocking=False):
-            _handled(SubnetService._streams_full)(self, request, context)
-        entry = [context, time.monotonic()]
+        # max_streams of them (threads of their own, on top of the other RPCs'), and the one stalled longest
+        # makes way for a new stream when all are taken.
+        peer = context.peer()
+        why = self._streams.acquire(peer)
+        if why and not self._streams.at_peer_limit(peer) and self._preempt():
+            why = self._streams.acquire(peer, wait=2.0)  # the cancelled stream's thread gives its slot back
+        if why:
+            _handled(SubnetService._refuse)(self, why, context)
+        entry = [context, time.monotonic(), False]  # context, last progress, cancelled
         with self._streams_lock:
             self._sending[id(entry)] = entry
         try:
@@ -292,7 +318,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         finally:
             with self._streams_lock:
                 self._sending.pop(id(entry), None)
-            self._streams.release()
+            self._streams.release(peer)
 
     def _watch_streams(self) -> None:
         """Cancel a weight stream whose client has taken no message for ``stream_stall_s``: its thread waits
@@ -301,7 +327,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             now = time.monotonic()
             with self._streams_lock:
                 stuck = [e for e in self._sending.values() if now - e[1] > self.stream_stall_s]
-            for context, since in stuck:
+            for context, since, _ in stuck:
                 log.info("GetSubnetWeights -> CANCELLED: the client took no data for %.0f s", now - since)
                 context.cancel()
 

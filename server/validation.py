@@ -108,12 +108,14 @@ def settings_of(options: pb.SearchOptions, seed: int, front: bool = False) -> Se
                           seed=int(seed))
 
 
-def check_work(settings: SearchSettings, points: int) -> None:
-    """A front runs one search per point: their total work is bounded too."""
+def check_work(settings: SearchSettings, points: int, limit: int = LIMITS["work"]) -> None:
+    """A search's population x generations (x points for a front, one search per point) is bounded, so that
+    no one request holds a search slot for long (``ofa serve --max-search-work``)."""
     work = settings.population * settings.generations * points
-    if work > LIMITS["work"]:
-        raise invalid(f"options.population x options.generations x points must be at most {LIMITS['work']:,}, "
-                      f"got {settings.population} x {settings.generations} x {points} = {work:,}")
+    if work > limit:
+        shape = f"{settings.population} x {settings.generations}" + (f" x {points}" if points > 1 else "")
+        raise invalid(f"options.population x options.generations{' x points' if points > 1 else ''} must be at most "
+                      f"{limit:,} (--max-search-work), got {shape} = {work:,}")
 
 
 def points_of(value: int) -> int:

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,13 @@ def served_copy(artifact, dest, target: str = "synthetic-cpu"):
     add_file(dest, "accuracy_predictor.safetensors", synthetic_predictor(space).to_bytes())
     add_file(dest, f"latency/{target}.json", json.dumps(synthetic_table(space, target)))
     return dest
+
+
+def until(cond, timeout=120.0, what="the condition"):
+    """Wait for ``cond()`` (a state the server reaches on its own), failing the test after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{what} did not hold within {timeout:.0f} s")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, served_copy, synthetic_table
+from conftest import ROOT, served_copy, synthetic_table, until
 from ofa.artifact import load_artifact
 from ofa.calibrate import calibrate_bn
 from ofa.data import prepare_batch
@@ -197,7 +197,7 @@ def test_bad_requests_get_the_right_status(client, server):
     with pytest.raises(InvalidArgument, match="options.population must be in 2..1000"):
         client.search(population=5000)
     with pytest.raises(InvalidArgument, match=r"population x options.generations x points must be at most "
-                                              r"5,000,000, got 1000 x 2000 x 50 = 100,000,000"):
+                                              r"5,000,000 \(--max-search-work\), got 1000 x 2000 x 50 = 100,000,000"):
         client.pareto(points=50, population=1000, generations=2000)
     with pytest.raises(InvalidArgument, match="arch: "):
         client.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28})
@@ -210,31 +210,52 @@ def test_bad_requests_get_the_right_status(client, server):
 
 
 def test_resource_exhausted_beyond_the_search_limit(client, server):
-    sem = server.service._searches
-    assert sem.acquire(blocking=False) and sem.acquire(blocking=False)  # two searches "running"
+    slots = server.service._searches
+    assert slots.acquire("peer-a") is None and slots.acquire("peer-b") is None  # two searches "running"
     try:
         with pytest.raises(ResourceExhausted, match="limit of 2 concurrent searches"):
             client.search()
     finally:
-        sem.release()
-        sem.release()
+        slots.release("peer-a")
+        slots.release("peer-b")
     assert client.search(generations=5).id
+
+
+def test_one_connection_cannot_take_every_search_slot(client, server, artifact):
+    """max_searches 2: a connection may run one search at once (--max-per-peer), another connection the other."""
+    errors = []
+
+    def long_search():
+        try:
+            client.search(population=600, generations=2000, timeout=4)
+        except Exception as e:  # noqa: BLE001 - the deadline is expected
+            errors.append(type(e).__name__)
+
+    t = threading.Thread(target=long_search)
+    t.start()
+    try:
+        until(lambda: server.service._searches.held == 1, 30, "the long search running")
+        with pytest.raises(ResourceExhausted, match=r"this connection already runs 1 searches.*--max-per-peer"):
+            client.search(generations=5)
+        with Client(f"127.0.0.1:{server.port}") as other:
+            assert other.search(generations=5).id
+    finally:
+        t.join(30)
+    assert errors in ([], ["DeadlineExceeded"])  # it finished, or its deadline stopped it
+    server.service.max_search_work = 1_000_000  # bounded work per request, too (ofa serve --max-search-work)
+    try:
+        with pytest.raises(InvalidArgument, match=r"at most 1,000,000 \(--max-search-work\), got 1000 x 2000"):
+            client.search(population=1000, generations=2000)
+    finally:
+        server.service.max_search_work = 5_000_000
 
 
 def test_a_cancelled_search_stops(client, server):
     with pytest.raises(Exception) as e:
         client.search(population=1000, generations=2000, timeout=0.3)
     assert type(e.value).__name__ == "DeadlineExceeded"
-    sem = server.service._searches
-    for _ in range(200):  # the server notices within a generation and frees its search slot
-        if sem.acquire(blocking=False):
-            sem.release()
-            if sem.acquire(blocking=False):
-                sem.release()
-                break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the search kept running after its deadline")
+    # the server notices within a generation and frees its search slot
+    until(lambda: server.service._searches.held == 0, 10, "the search stopped after its deadline")
 
 
 def test_token_auth(artifact, tmp_path):

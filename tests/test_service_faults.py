@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import served_copy
+from conftest import served_copy, until
 from ofa.search import Constraints, SearchSettings
 from ofa_client import Client, DeadlineExceeded, Unavailable
 from ofa_server.main import Server
@@ -32,17 +32,8 @@ def server(artifact):
     srv.stop(0)
 
 
-def _until(cond, timeout=120.0, what="the condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{what} did not hold within {timeout:.0f} s")
-
-
 def _busy_pid(pool: SearchPool) -> int:
-    _until(lambda: pool._busy, 60, "a search on a worker")
+    until(lambda: pool._busy, 60, "a search on a worker")
     return pool._workers[next(iter(pool._busy))].proc.pid
 
 
@@ -69,14 +60,14 @@ def test_a_killed_worker_is_replaced_its_call_is_retryable_and_the_client_retrie
         assert "died" in str(out["error"]) and "retry" in str(out["error"])
         assert c.health() == "SERVING"  # the other worker can take searches meanwhile
         assert c.search(generations=5).id
-        _until(lambda: pool.ready == 2, what="the replacement worker")
+        until(lambda: pool.ready == 2, what="the replacement worker")
         assert pool.restarts == 1
         # with the default client, a kill mid-search costs a retry, not an error
         t, out = _in_thread(lambda: c.search(population=200, generations=400, seed=1))
         os.kill(_busy_pid(pool), signal.SIGKILL)
         t.join(120)
         assert "value" in out and out["value"].id, out
-        _until(lambda: pool.ready == 2 and pool.restarts == 2, what="the second replacement")
+        until(lambda: pool.ready == 2 and pool.restarts == 2, what="the second replacement")
         assert c.search(generations=5, seed=2).id
 
 
@@ -86,11 +77,11 @@ def test_health_is_not_serving_only_while_no_worker_can_search(server):
         assert c.health() == "SERVING"
         for w in list(pool._workers):
             os.kill(w.proc.pid, signal.SIGKILL)
-        _until(lambda: c.health() == "NOT_SERVING", 30, "NOT_SERVING")
+        until(lambda: c.health() == "NOT_SERVING", 30, "NOT_SERVING")
         if pool.ready == 0:  # still replacing both: a search is told to come back, not failed for good
             with pytest.raises(Unavailable, match="no search worker is ready"):
                 c.search(generations=5)
-        _until(lambda: c.health() == "SERVING", 120, "SERVING again")
+        until(lambda: c.health() == "SERVING", 120, "SERVING again")
         assert c.search(generations=5).id and pool.restarts == 2
 
 
@@ -103,7 +94,7 @@ def test_a_stopped_worker_is_killed_after_the_deadline_and_replaced(server):
         os.kill(pid, signal.SIGSTOP)  # hung: it can neither finish nor see the stop flag
         t.join(60)
         assert isinstance(out.get("error"), DeadlineExceeded), out
-        _until(lambda: pool.restarts == 1 and pool.ready == 2, 60, "the stuck worker replaced")
+        until(lambda: pool.restarts == 1 and pool.ready == 2, 60, "the stuck worker replaced")
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         assert c.search(generations=5).id
@@ -117,7 +108,7 @@ def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
         with pytest.raises(WorkerLost, match="limit of 1 s"):
             pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False)
         assert time.monotonic() - t0 < 30
-        _until(lambda: pool.ready == 1, what="the replacement")
+        until(lambda: pool.ready == 1, what="the replacement")
         result = pool.run("search", str(artifact), None, None,
                           (Constraints(), TARGET, SearchSettings(generations=5)), lambda: False)
         assert result.best.arch.id
@@ -145,7 +136,7 @@ def test_health_watch_is_bounded_and_forgets_ended_streams(server):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for s in streams:
             s.cancel()
-        _until(lambda: not server.health._send_response_callbacks, 10, "the ended watches forgotten")
+        until(lambda: not server.health._send_response_callbacks, 10, "the ended watches forgotten")
         for service in ("x" * (1 << 20), "y" * 201):  # names are capped; the message is not an echo
             for call in (stub.Check, lambda r: next(stub.Watch(r))):
                 with pytest.raises(grpc.RpcError) as e:
@@ -372,14 +363,16 @@ def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_
 
 def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from ofa_client.v1 import subnet_service_pb2 as pb
     from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
-    srv = Server(Registry([str(artifact)], None), port=0, workers=4, max_searches=1, max_streams=2,
-                 stream_stall_s=6.0).start()
+    srv = Server(Registry([str(artifact)], None), port=0, workers=2, max_searches=1, max_streams=2,
+                 max_health_watches=3, stream_stall_s=6.0, stream_preempt_s=600.0, max_streams_per_peer=2).start()
     address = f"127.0.0.1:{srv.port}"
     # a small flow-control window: the server blocks on a chunk the client does not read
-    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+               ("grpc.use_local_subchannel_pool", 1)]  # a connection each, as separate clients have
     channels = [grpc.insecure_channel(address, options) for _ in range(3)]
     try:
         with Client(address) as c:
@@ -390,12 +383,17 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
             assert all(next(s).HasField("header") for s in slow)  # then they read nothing more
             with pytest.raises(grpc.RpcError) as e:
                 list(pb_grpc.SubnetServiceStub(channels[2]).GetSubnetWeights(request, timeout=30))
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams)" in e.value.details()
+            # health watches hold threads too (as many as allowed): still every other RPC has its own
+            watches = [health_pb2_grpc.HealthStub(channels[2]).Watch(health_pb2.HealthCheckRequest()) for _ in range(3)]
+            assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
             t0 = time.monotonic()
             assert c.health() == "SERVING" and c.targets() and c.search(generations=5, seed=1).id
             assert time.monotonic() - t0 < 30  # other RPCs still have threads
+            for w in watches:
+                w.cancel()
             # the server cancels streams whose client took nothing for stream_stall_s: their threads are free
-            _until(lambda: srv.service._streams._value == 2, 60, "the stalled streams cancelled")
+            until(lambda: srv.service._streams.held == 0, 60, "the stalled streams cancelled")
             for s in slow:
                 with pytest.raises(grpc.RpcError) as e:
                     list(s)
@@ -405,3 +403,54 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
         for ch in channels:
             ch.close()
         srv.stop(0)
+
+
+def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
+    """All stream slots taken by clients that stopped reading: a new stream cancels the one stalled longest
+    (past --stream-preempt-s) and is sent; one connection cannot open more than --max-streams-per-peer."""
+    import grpc
+    from ofa_client.v1 import subnet_service_pb2 as pb
+    from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+    srv = Server(Registry([str(artifact)], None), port=0, max_searches=1, max_streams=2, max_streams_per_peer=1,
+                 stream_preempt_s=1.0).start()
+    address = f"127.0.0.1:{srv.port}"
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+               ("grpc.use_local_subchannel_pool", 1)]  # a connection each, as separate clients have
+    channels = [grpc.insecure_channel(address, options) for _ in range(2)]
+    try:
+        with Client(address) as c:
+            best = c.search(generations=5)
+            c.fetch(best, "safetensors")
+            request = pb.GetSubnetWeightsRequest(subnet_id=best.id, format=pb.WEIGHTS_FORMAT_SAFETENSORS)
+            stubs = [pb_grpc.SubnetServiceStub(ch) for ch in channels]
+            first = stubs[0].GetSubnetWeights(request, timeout=60)
+            assert next(first).HasField("header")
+            with pytest.raises(grpc.RpcError) as e:  # a second on the same connection
+                list(stubs[0].GetSubnetWeights(request, timeout=30))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-peer" in e.value.details()
+            second = stubs[1].GetSubnetWeights(request, timeout=60)
+            assert next(second).HasField("header")
+            time.sleep(1.5)  # both stalled past stream_preempt_s
+            assert c.fetch(best, "safetensors").sha256  # made way: the stream stalled longest was cancelled
+            with pytest.raises(grpc.RpcError) as e:
+                list(first)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+            second.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        srv.stop(0)
+
+
+def test_slots_bound_the_server_and_each_peer():
+    from ofa_server.slots import Slots
+
+    slots = Slots(2, 1, "searches", "--max-searches", "--max-per-peer")
+    assert slots.acquire("a") is None
+    assert "this connection already runs 1 searches" in slots.acquire("a", wait=5)  # no wait for one's own
+    assert slots.acquire("b") is None
+    assert "limit of 2 concurrent searches (--max-searches)" in slots.acquire("c")
+    threading.Timer(0.2, slots.release, ("b",)).start()
+    assert slots.acquire("c", wait=30) is None  # a slot given back wakes a waiter
+    assert slots.held == 2 and slots.at_peer_limit("a") and not slots.at_peer_limit("b")

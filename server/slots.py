@@ -1,0 +1,52 @@
+"""Bounded slots for the server's expensive work, server-wide and per client connection."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+__all__ = ["Slots"]
+
+
+class Slots:
+    """At most ``total`` holders at once, and at most ``per_peer`` of them from one client peer.
+
+    A peer is what ``grpc.ServicerContext.peer()`` names: one connection (address and port).
+    Behind a load balancer every client shares one address, so a per-address limit would
+    serialise them all; limits per address belong to the proxy in front.
+    """
+
+    def __init__(self, total: int, per_peer: int, what: str, total_flag: str, peer_flag: str) -> None:
+        self.total, self.per_peer, self.what = total, per_peer, what
+        self._flags = total_flag, peer_flag
+        self._lock = threading.Condition()
+        self._held: Counter[str] = Counter()
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    def at_peer_limit(self, peer: str) -> bool:
+        with self._lock:
+            return self._held[peer] >= self.per_peer
+
+    def acquire(self, peer: str, wait: float = 0.0) -> str | None:
+        """Take a slot for ``peer`` (waiting up to ``wait`` seconds for the server-wide limit); None when
+        taken, else why not (a message for RESOURCE_EXHAUSTED)."""
+        with self._lock:
+            ok = lambda: self._held[peer] < self.per_peer and sum(self._held.values()) < self.total  # noqa: E731
+            if not self._lock.wait_for(ok, timeout=wait if self._held[peer] < self.per_peer else 0):
+                if self._held[peer] >= self.per_peer:
+                    return (f"this connection already runs {self._held[peer]} {self.what}, the most one client "
+                            f"connection may ({self._flags[1]}); wait for them, or retry with backoff")
+                return (f"the server is running its limit of {self.total} concurrent {self.what} "
+                        f"({self._flags[0]}); retry with backoff")
+            self._held[peer] += 1
+            return None
+
+    def release(self, peer: str) -> None:
+        with self._lock:
+            self._held[peer] -= 1
+            if self._held[peer] <= 0:
+                del self._held[peer]
+            self._lock.notify_all()
