@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-targets", type=int, default=64,
                    help="registered targets kept per supernet before RESOURCE_EXHAUSTED (default 64; replacing "
                    "one is always allowed)")
+    p.add_argument("--max-table-bytes", type=int, default=1 << 20,
+                   help="bytes a registered table may have as stored (default 1 MiB; a profiled table is ~16 KB)")
     p.add_argument("--workers", type=int, default=16,
                    help="RPC threads for everything but weight streams and health watches (default 16)")
     p.add_argument("--max-streams", type=int, default=32,

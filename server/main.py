@@ -169,7 +169,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
     for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
                  "max_connection_age_s", "stream_stall_s", "stream_preempt_s", "max_streams", "max_streams_per_peer",
-                 "max_search_work"):
+                 "max_search_work", "max_table_bytes"):
         if not getattr(args, flag) >= 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_per_peer < 0:
@@ -180,7 +180,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--token-file {args.token_file} is empty")
     if token and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
-    registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets)
+    registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets,
+                        table_bytes=args.max_table_bytes)
     server = Server(registry, args.host, args.port, args.workers, token, tls, args.max_health_watches,
                     args.max_connection_age_s, max_searches=args.max_searches, cache_bytes=args.cache_mb << 20,
                     max_search_seconds=args.max_search_seconds, max_message_chars=args.max_message_chars,

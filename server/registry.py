@@ -8,6 +8,7 @@ re-read when it changes, so replicas that share it answer alike.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -98,9 +99,13 @@ class Registry:
         self.supernets: dict[str, ServedSupernet] = {}
         self.targets_dir = Path(targets_dir) if targets_dir else None
         self.max_targets, self.table_bytes = max_targets, table_bytes
-        self._memory_tables: dict[tuple[str, str], dict[str, Any]] = {}  # without a targets folder
-        # path -> (lstat mtime and size, table or None for a file refused): a junk file is not re-read per request
-        self._disk_cache: dict[Path, tuple[tuple[int, int], dict[str, Any] | None]] = {}
+        # Every table kept has a version number of its own (a new one when it changes): search workers keep
+        # the tables they were sent by it, so a table crosses to a worker once, not with every search.
+        self._versions = itertools.count(1)
+        self._memory_tables: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}  # without a targets folder
+        # path -> (lstat mtime and size, table or None for a file refused, version): a junk file is not re-read
+        # per request; entries of files gone from the folder are dropped at the next scan
+        self._disk_cache: dict[Path, tuple[tuple[int, int], dict[str, Any] | None, int]] = {}
         self._lock = threading.Lock()
         for i, d in enumerate(artifact_dirs):
             name = (names[i] if names and i < len(names) else None) or Path(d).resolve().name
@@ -128,16 +133,20 @@ class Registry:
 
     def registered_tables(self, sn: ServedSupernet) -> dict[str, dict[str, Any]]:
         """Registered tables for this supernet's space, re-read from disk when a file changed."""
+        return {name: table for name, (table, _) in self._registered(sn).items()}
+
+    def _registered(self, sn: ServedSupernet) -> dict[str, tuple[dict[str, Any], int]]:
+        """name -> (table, version) of the registered targets."""
         folder = self._folder(sn)
         if folder is None:
             with self._lock:
-                return {t: tab for (d, t), tab in self._memory_tables.items() if d == sn.digest16}
+                return {t: entry for (d, t), entry in self._memory_tables.items() if d == sn.digest16}
         out = {}
         try:
-            files = sorted(folder.glob("*.json"))
+            files = sorted(folder.glob("*.json"))[: 4 * self.max_targets]  # a flooded folder: a bounded scan
         except OSError:
             return out
-        for path in files[: 4 * self.max_targets]:  # a folder flooded with files costs a bounded scan
+        for path in files:
             try:
                 st = path.lstat()
             except OSError:
@@ -153,11 +162,15 @@ class Registry:
                     table = validate_table(read_table_file(path, self.table_bytes), sn.artifact.space)
                 except (OSError, ValueError, RecursionError) as e:
                     log.warning("ignoring target file %s: %s", path, bounded(str(e)))
-                cached = (key, table)
+                cached = (key, table, next(self._versions))
                 with self._lock:
                     self._disk_cache[path] = cached
             if cached[1] is not None:
-                out[cached[1]["target"]] = cached[1]
+                out[cached[1]["target"]] = (cached[1], cached[2])
+        listed = set(files)
+        with self._lock:  # files removed (here or by another replica) are forgotten
+            for path in [q for q in self._disk_cache if q.parent == folder and q not in listed]:
+                del self._disk_cache[path]
         return out
 
     def tables(self, sn: ServedSupernet) -> dict[str, tuple[dict[str, Any], str]]:
@@ -166,11 +179,12 @@ class Registry:
         out.update({name: (t, "artifact") for name, t in sn.artifact_targets.items()})
         return out
 
-    def extra_table(self, sn: ServedSupernet, target: str | None) -> dict[str, Any] | None:
-        """The registered table of ``target`` when the artifact does not ship one (else None)."""
+    def extra_table(self, sn: ServedSupernet, target: str | None) -> tuple[int, dict[str, Any]] | None:
+        """(version, table) of ``target`` when it is registered, not shipped in the artifact (else None)."""
         if not target or target in sn.scorer.latency:
             return None
-        return self.registered_tables(sn).get(target)
+        found = self._registered(sn).get(target)
+        return None if found is None else (found[1], found[0])
 
     def known_targets(self, sn: ServedSupernet) -> list[str]:
         return sorted(self.tables(sn))
@@ -203,7 +217,7 @@ class Registry:
             if folder is None:
                 if (sn.digest16, name) in self._memory_tables and not replace:
                     raise taken
-                self._memory_tables[(sn.digest16, name)] = table
+                self._memory_tables[(sn.digest16, name)] = (table, next(self._versions))
             else:
                 try:  # without replace, creating the file is the check: replicas may share the folder
                     folder.mkdir(parents=True, exist_ok=True)

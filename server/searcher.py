@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ log = logging.getLogger("ofa_server")
 
 SEARCH_NICENESS = 10  # added to the workers' nice value (CFS then weights them about 1:10)
 _scorers: dict[str, Any] = {}  # per worker process: artifact dir -> Scorer (a cache of read-only files)
+_tables: "OrderedDict[int, Any]" = OrderedDict()  # per worker: registered table version -> LatencyPredictor
+TABLES_KEPT = 16  # registered tables a worker keeps (the most recently used)
 _flags = None
 
 
@@ -49,16 +52,36 @@ def _scorer(artifact_dir: str):
     return scorer
 
 
-def _job(kind: str, artifact_dir: str, table: dict | None, speed: float | None, slot: int, args: tuple,
-         deadline: float | None = None) -> Any:
+class _TableMissing(Exception):
+    """The job names a registered table by version that this worker does not keep: send it."""
+
+
+def _registered(scorer, table: tuple[int, dict | None]):
+    """The predictor of a registered table, sent once per worker: (version, table or None once sent)."""
     from ofa.predict.latency import LatencyPredictor
+
+    version, body = table
+    pred = _tables.get(version)
+    if pred is None:
+        if body is None:
+            raise _TableMissing(version)
+        pred = _tables[version] = LatencyPredictor(scorer.space, body)
+    _tables.move_to_end(version)
+    while len(_tables) > TABLES_KEPT:
+        _tables.popitem(last=False)
+    return pred
+
+
+def _job(kind: str, artifact_dir: str, table: tuple[int, dict | None] | None, speed: float | None, slot: int,
+         args: tuple, deadline: float | None = None) -> Any:
     from ofa.search import Scorer, pareto_front, search
 
     scorer = _scorer(artifact_dir)
     target = args[1]  # search: (constraints, target, settings); pareto: (points, target, ...)
     latency = dict(scorer.latency)
     if table is not None:
-        latency[table["target"]] = LatencyPredictor(scorer.space, table)
+        pred = _registered(scorer, table)
+        latency[pred.table["target"]] = pred
     if speed is not None and target in latency:  # the device's speed now, from the request's timings
         latency[target] = latency[target].with_speed(speed)
     if latency != scorer.latency:
@@ -82,6 +105,8 @@ def _worker_main(conn, flags, artifact_dirs: tuple[str, ...]) -> None:
             return
         try:
             out = ("ok", _job(*job))
+        except _TableMissing:
+            out = ("missing", None)
         except Exception as e:  # noqa: BLE001 - Infeasible, SearchCancelled... are the caller's to map
             out = ("error", e)
         try:
@@ -124,6 +149,7 @@ class SearchPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._workers: list[_Worker | None] = [self._spawn() for _ in range(slots)]
+        self._sent: list[set[int]] = [set() for _ in range(slots)]  # table versions each worker was sent
         self._free: list[int] = []
         self._busy: set[int] = set()
         self.restarts = 0
@@ -189,6 +215,7 @@ class SearchPool:
                 with self._lock:
                     if not self._closed.is_set():
                         self._workers[slot] = w
+                        self._sent[slot] = set()
                         self._flags[slot] = 0
                         self._free.append(slot)
                         n = len(self._free) + len(self._busy)
@@ -213,9 +240,10 @@ class SearchPool:
                 self._replace(slot, f"died while idle (exit code {self._workers[slot].proc.exitcode})")
 
     # ---- jobs ------------------------------------------------------------------------
-    def run(self, kind: str, artifact_dir: str, table: dict | None, speed: float | None, args: tuple,
+    def run(self, kind: str, artifact_dir: str, table: tuple[int, dict] | None, speed: float | None, args: tuple,
             cancelled: Callable[[], bool], deadline: float | None = None) -> Any:
-        """Run a job; ``deadline`` is a ``time.monotonic()`` value. Raises :class:`WorkerLost` when it could
+        """Run a job; ``table`` is a registered target's (version, table), sent to a worker only when it does
+        not keep it; ``deadline`` is a ``time.monotonic()`` value. Raises :class:`WorkerLost` when it could
         not run to its end (retryable), and what the job raised otherwise."""
         with self._lock:
             slots = [s for s in self._free if self._workers[s].proc.is_alive()]
@@ -227,11 +255,22 @@ class SearchPool:
             w = self._workers[slot]
         self._flags[slot] = 0
         t0, stop_at = time.monotonic(), None
+        job = [kind, artifact_dir, None, speed, slot, args, deadline]
+        if table is not None:  # the version alone once this worker has been sent the table
+            job[2] = (table[0], None if table[0] in self._sent[slot] else table[1])
         try:
-            w.conn.send((kind, artifact_dir, table, speed, slot, args, deadline))
+            w.conn.send(tuple(job))
             while True:
                 if w.conn.poll(0.05):
                     status, value = w.conn.recv()
+                    if status == "missing":  # it no longer keeps the table (or never had it): send it
+                        job[2] = table
+                        w.conn.send(tuple(job))
+                        continue
+                    if table is not None:
+                        if len(self._sent[slot]) >= 4 * TABLES_KEPT:
+                            self._sent[slot].clear()
+                        self._sent[slot].add(table[0])
                     with self._lock:
                         self._busy.discard(slot)
                         self._free.append(slot)

@@ -14,7 +14,9 @@ __all__ = ["MESSAGE_CHARS", "RequestError", "arch_of", "bounded", "check_work", 
            "points_of", "speed_of_timings", "LIMITS"]
 
 # Bounds on what one request may ask of the server.
-LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50), "table_bytes": 8 << 20,
+LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
+          # a registered table as stored (a real one is ~16 KB); each is kept parsed by every replica
+          "table_bytes": 1 << 20,
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
           # a front's population x generations x points: 100 default searches' worth (~10 s on
           # 2 cores), so that no one request holds a search slot for minutes

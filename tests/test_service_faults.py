@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import served_copy, until
+from conftest import served_copy, synthetic_table, until
 from ofa.search import Constraints, SearchSettings
 from ofa_client import Client, DeadlineExceeded, Unavailable
 from ofa_server.main import Server
@@ -118,6 +118,21 @@ def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
             pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False,
                      deadline=time.monotonic() + 0.5)
         assert time.monotonic() - t0 < 10 and pool.restarts == 1
+        # a registered table crosses to a worker once; a worker that lost it asks again
+        from ofa.artifact import load_artifact
+
+        table = synthetic_table(load_artifact(artifact).space, "registered-x")
+        sent = []
+        conn = pool._workers[0].conn
+        real_send = conn.send
+        conn.send = lambda job: (sent.append(job[2]), real_send(job))[1]
+        for version in (7, 7, 8):
+            if version == 8:
+                pool._sent[0].add(8)  # as if 8 had been sent before and the worker had dropped it since
+            found = pool.run("search", str(artifact), (version, table), None,
+                             (Constraints(), "registered-x", SearchSettings(generations=5)), lambda: False)
+            assert found.best.latency_ms is not None
+        assert [(v, t is not None) for v, t in sent] == [(7, True), (7, False), (8, False), (8, True)]
     finally:
         pool.close()
 
@@ -267,7 +282,7 @@ def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
             srv.service.registry.table_bytes = len(_table_text(artifact, "big").encode()) + 100
             with pytest.raises(InvalidArgument, match="must be at most .* bytes"):
                 c.register_target(_table_text(artifact, "big", pad="é" * 90))
-            srv.service.registry.table_bytes = 8 << 20
+            srv.service.registry.table_bytes = 1 << 20
             for name in ("b", "c"):
                 c.register_target(_table_text(artifact, name))
             with pytest.raises(ResourceExhausted, match="3 registered targets, the most this server keeps"):
