@@ -1,19 +1,22 @@
 """Atomic file writes, digests and the artifact error, shared by checkpoints and artifacts (no torch)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["ArtifactError", "atomic_create_text", "atomic_save_tensors", "atomic_write_text", "sha256_file"]
+__all__ = ["ArtifactError", "atomic_create_text", "atomic_save_tensors", "atomic_write_text", "sha256_file",
+           "folder_lock", "sync_dir", "write_temp"]
 
 
 class ArtifactError(ValueError):
     """A directory that is not a complete, intact artifact; the message says what is wrong."""
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
+def write_temp(path: Path, data: bytes) -> Path:
     """``data`` in a new temporary file next to ``path``: an unpredictable name created exclusively (so never
     through a planted symlink, nor shared by two processes with the same pid in two containers), fsynced;
     removed again if writing fails (a full or read-only disk)."""
@@ -29,7 +32,7 @@ def _write_temp(path: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
-def _sync_dir(folder: Path) -> None:
+def sync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (best effort: not every filesystem can sync a directory)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -46,24 +49,24 @@ def _sync_dir(folder: Path) -> None:
 def atomic_write_text(path: Path, text: str | bytes) -> None:
     """Write ``text`` (or bytes) to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    tmp = _write_temp(path, text.encode() if isinstance(text, str) else text)
+    tmp = write_temp(path, text.encode() if isinstance(text, str) else text)
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def atomic_create_text(path: Path, text: str) -> None:
     """Like :func:`atomic_write_text`, but FileExistsError if ``path`` exists (also against other processes)."""
     path = Path(path)
-    tmp = _write_temp(path, text.encode())
+    tmp = write_temp(path, text.encode())
     try:
         os.link(tmp, path)  # atomic, and refuses an existing name
     finally:
         tmp.unlink(missing_ok=True)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -73,6 +76,23 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | No
     path = Path(path)
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_text(path, data)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, exclusive: bool):
+    """An flock on ``folder/.lock``: exclusive to change the folder's files (an artifact's commit or repair),
+    shared to read them. A folder where the lock file cannot be made (read-only) has no writers, and is read
+    without one."""
+    try:
+        fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

@@ -8,11 +8,19 @@
 
 Later stages add files (the accuracy predictor, latency tables) and record them in
 the manifest the same way.
+
+Every write is a commit that a kill at any moment cannot break (:func:`_commit`): the new
+files are staged under temporary names, then ``manifest.pending.json`` (the new manifest and
+the staged names) is written as the commit point, then the files are renamed into place and
+the manifest replaced. The next load (or write) finds an interrupted commit and completes it,
+or, killed before its commit point, removes what it had staged, and says so in a log line.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -27,14 +35,18 @@ from . import __version__
 from .data import DataSpec
 from .space import SearchSpace
 from .supernet import Supernet
-from ._io import ArtifactError, atomic_save_tensors, atomic_write_text, sha256_file
+from ._io import ArtifactError, atomic_write_text, folder_lock, sha256_file, sync_dir, write_temp
 from .predict.measure import MEASUREMENTS
 from .search.load import ACCURACY_PREDICTOR
 
-__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "write_artifact"]
+__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "repair_artifact",
+           "write_artifact"]
+
+log = logging.getLogger("ofa")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PENDING = "manifest.pending.json"  # a commit under way: the new manifest and the files staged for it
 CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
 # made from the weights: invalid after new ones
 WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/")
@@ -59,70 +71,157 @@ def _identity(digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps({n: digests[n] for n in CORE_FILES}, sort_keys=True).encode()).hexdigest()
 
 
+def _temp_files(folder: Path) -> list[Path]:
+    """Temporary files of interrupted writes in the artifact's own folders (not ``checkpoints/``, whose
+    writer cleans its own)."""
+    dirs = [folder] + [d for d in folder.iterdir() if d.is_dir() and d.name != "checkpoints"]
+    return [f for d in dirs for f in d.glob(".*.tmp") if f.is_file()]
+
+
+def _roll_forward(folder: Path, pending: dict[str, Any]) -> None:
+    for name, temp in pending["staged"].items():
+        staged = (folder / name).parent / temp
+        if staged.exists():  # not renamed yet
+            os.replace(staged, folder / name)
+    for d in {(folder / name).parent for name in pending["staged"]}:
+        sync_dir(d)
+    atomic_write_text(folder / MANIFEST, json.dumps(pending["manifest"], indent=1, sort_keys=True))
+    (folder / PENDING).unlink()
+    sync_dir(folder)
+
+
+def _repair(folder: Path) -> list[str]:
+    """Complete a commit that was interrupted after its commit point, remove the temporary files of one that
+    was not; under the exclusive lock. Returns what was done, for a log line."""
+    done = []
+    if (folder / PENDING).exists():
+        try:
+            pending = json.loads((folder / PENDING).read_text())
+            _roll_forward(folder, pending)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{folder}: an interrupted write ({PENDING}) cannot be completed: {e}") from None
+        done.append(f"completed an interrupted write of {sorted(pending['staged'])}")
+    leftovers = _temp_files(folder)
+    for f in leftovers:
+        f.unlink(missing_ok=True)
+    if leftovers:
+        done.append(f"removed {len(leftovers)} temporary files of an interrupted write "
+                    f"({', '.join(sorted(f.name for f in leftovers)[:5])})")
+    return done
+
+
+def repair_artifact(folder: str | Path) -> list[str]:
+    """Bring an artifact left by a killed ``ofa train``/``predictors``/``profile`` back to a loadable state:
+    the interrupted write is completed or undone. Returns what was done (also logged); [] when intact."""
+    folder = Path(folder)
+    if not folder.is_dir() or (not (folder / PENDING).exists() and not _temp_files(folder)):
+        return []
+    with folder_lock(folder, exclusive=True):
+        try:
+            done = _repair(folder)
+        except OSError as e:  # a read-only copy: say what is needed
+            raise ArtifactError(f"{folder}: an interrupted write needs repair, which needs write access to the "
+                                f"folder ({e.strerror}); open it once where it can be written") from None
+    for line in done:
+        log.warning("artifact %s: %s", folder, line)
+    return done
+
+
+def _commit(folder: Path, files: dict[str, bytes], update) -> dict[str, Any]:
+    """Write ``files`` (name -> bytes) and the manifest ``update(old manifest or None, new digests)`` returns,
+    so that any kill leaves the old artifact or the new one (after :func:`repair_artifact`)."""
+    with folder_lock(folder, exclusive=True):
+        for line in _repair(folder):
+            log.warning("artifact %s: %s", folder, line)
+        old = None
+        if (folder / MANIFEST).exists():
+            try:
+                old = json.loads((folder / MANIFEST).read_text())
+            except ValueError:
+                old = None
+        staged = {}
+        try:
+            for name, data in files.items():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                staged[name] = write_temp(folder / name, data).name
+        except BaseException:
+            for name, temp in staged.items():
+                ((folder / name).parent / temp).unlink(missing_ok=True)
+            raise
+        manifest = update(old, {name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+        pending = {"manifest": manifest, "staged": staged}
+        atomic_write_text(folder / PENDING, json.dumps(pending, sort_keys=True))  # the commit point
+        _roll_forward(folder, pending)
+    return manifest
+
+
 def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor,
                    config: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
+    from safetensors.torch import save
+
     out.mkdir(parents=True, exist_ok=True)
     space = supernet.space
-    old: dict[str, Any] = {}
-    if (out / MANIFEST).exists():  # tables profiled earlier stay listed
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except ValueError:
-            old = {}
-    files = {
-        "space.json": space.to_json(),
-        "data.json": json.dumps(data.to_dict(), sort_keys=True),
-    }
-    for name, text in files.items():
-        atomic_write_text(out / name, text)
     state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
-    atomic_save_tensors(state, out / "supernet.safetensors", metadata={"space": space.name})
-    atomic_save_tensors({"images": calibration.to(torch.uint8)}, out / "calibration.safetensors")
-    digests = {n: sha256_file(out / n) for n in CORE_FILES}
-    # The identity covers what decides the served weights; tables added later do not change it.
-    identity = _identity(digests)
-    # Latency tables depend on the space only and stay; the accuracy predictor and its
-    # measurements describe the old weights, so new weights drop them from the manifest.
-    kept = {n: d for n, d in (old.get("files") or {}).items() if n not in CORE_FILES and (out / n).exists()}
-    if old.get("digest") != identity:
-        kept = {n: d for n, d in kept.items() if not n.startswith(WEIGHT_DEPENDENT)}
-    digests.update(kept)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ofa_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "space": space.name,
-        "dataset": data.name,
-        "files": digests,
-        "digest": identity,
-        "training": config,
-        "metrics": metrics,
+    files = {
+        "space.json": space.to_json().encode(),
+        "data.json": json.dumps(data.to_dict(), sort_keys=True).encode(),
+        "supernet.safetensors": save(state, metadata={"space": space.name}),
+        "calibration.safetensors": save({"images": calibration.to(torch.uint8).contiguous()}),
     }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def update(old: dict[str, Any] | None, digests: dict[str, str]) -> dict[str, Any]:
+        old = old or {}
+        # The identity covers what decides the served weights; tables added later do not change it.
+        identity = _identity(digests)
+        # Latency tables depend on the space only and stay; the accuracy predictor and its
+        # measurements describe the old weights, so new weights drop them from the manifest.
+        kept = {n: d for n, d in (old.get("files") or {}).items() if n not in CORE_FILES and (out / n).exists()}
+        if old.get("digest") != identity:
+            kept = {n: d for n, d in kept.items() if not n.startswith(WEIGHT_DEPENDENT)}
+        return {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ofa_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "space": space.name,
+            "dataset": data.name,
+            "files": {**kept, **digests},
+            "digest": identity,
+            "training": config,
+            "metrics": metrics,
+        }
+
+    _commit(out, files, update)
     return out
 
 
 def add_file(artifact_dir: Path, name: str, text: str | bytes) -> Path:
     """Write ``name`` (e.g. ``latency/laptop.json``) into an artifact and record its sha256."""
     artifact_dir = Path(artifact_dir)
-    manifest_path = artifact_dir / MANIFEST
-    if not manifest_path.exists():
+    if not (artifact_dir / MANIFEST).exists() and not (artifact_dir / PENDING).exists():
         raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing")
-    path = artifact_dir / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"][name] = sha256_file(path)
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
-    return path
+
+    def update(old: dict[str, Any] | None, digests: dict[str, str]) -> dict[str, Any]:
+        if old is None:
+            raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing or invalid")
+        return {**old, "files": {**old["files"], **digests}}
+
+    _commit(artifact_dir, {name: text.encode() if isinstance(text, str) else text}, update)
+    return artifact_dir / name
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    """Read an artifact; with ``verify`` every file's sha256 must match the manifest."""
+    """Read an artifact; with ``verify`` every file's sha256 must match the manifest. An interrupted write is
+    repaired first (:func:`repair_artifact`)."""
     path = Path(path)
+    repair_artifact(path)
+    with folder_lock(path, exclusive=False):  # not halfway through another process's commit
+        return _load(path, verify)
+
+
+def _load(path: Path, verify: bool) -> Artifact:
     if not (path / MANIFEST).exists():
         raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._io import ArtifactError, sha256_file
+from .._io import ArtifactError, folder_lock, sha256_file
 from ..predict.accuracy import AccuracyPredictor
 from ..predict.latency import LatencyPredictor, LatencyTableError
 from ..space import SearchSpace
@@ -23,6 +23,11 @@ def load_scorer(root: str | Path, verify: bool = True) -> Scorer:
     load (another space, an old version): the scorer then names it in ``refused``.
     """
     root = Path(root)
+    with folder_lock(root, exclusive=False):  # not halfway through another process's commit
+        return _load_scorer(root, verify)
+
+
+def _load_scorer(root: Path, verify: bool) -> Scorer:
     try:
         manifest = json.loads((root / "manifest.json").read_text())
         files = manifest["files"]

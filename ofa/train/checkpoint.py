@@ -3,7 +3,8 @@
 A checkpoint is a pair of files named by global step (``model-STEP.safetensors``
 holding the supernet and the optimizer's momentum buffers) plus ``checkpoint.json``,
 which names the current pair and is replaced last (temp file + ``os.replace``). A kill
-at any moment leaves either the previous checkpoint or the new one, never a mix.
+at any moment leaves either the previous checkpoint or the new one, never a mix; the
+temporary files a killed write leaves are removed by the next save.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def save_checkpoint(folder: Path, state: dict[str, Any], model: dict[str, torch.
     for old in folder.glob("model-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+    for temp in folder.glob(".*.tmp"):  # left by a run killed while writing (this run is the folder's writer)
+        temp.unlink(missing_ok=True)
     return folder / name
 
 
