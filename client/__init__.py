@@ -6,8 +6,9 @@
         c.fetch(best, "onnx").save("model.onnx")
 """
 from .client import (AlreadyExists, Client, ClientError, DeadlineExceeded, FORMATS, Infeasible, IntegrityError,
-                     InvalidArgument, NotFound, ResourceExhausted, SubnetInfo, Unauthenticated, Unavailable, Weights)
+                     InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SubnetInfo, Unauthenticated,
+                     Unavailable, Weights)
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible", "IntegrityError",
-           "InvalidArgument", "NotFound", "ResourceExhausted", "SubnetInfo", "Unauthenticated", "Unavailable",
-           "Weights"]
+           "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
+           "Unavailable", "Weights"]

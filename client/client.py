@@ -18,8 +18,8 @@ from .v1 import subnet_service_pb2 as pb
 from .v1 import subnet_service_pb2_grpc as pb_grpc
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError",
-           "InvalidArgument", "NotFound", "ResourceExhausted", "SubnetInfo", "Unauthenticated", "Unavailable",
-           "Weights", "FORMATS", "reference_timings_of"]
+           "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
+           "Unavailable", "Weights", "FORMATS", "reference_timings_of"]
 
 FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
            "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
@@ -71,6 +71,11 @@ class Unauthenticated(ClientError):
     exit_code = 6
 
 
+class PermissionDenied(ClientError):
+    """The token is valid but may not do this (replace or delete another client's target)."""
+    exit_code = 6
+
+
 class IntegrityError(ClientError):
     """Downloaded bytes that do not match the header's size or sha256."""
     exit_code = 7
@@ -79,7 +84,8 @@ class IntegrityError(ClientError):
 _BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.FAILED_PRECONDITION: Infeasible,
             grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
             grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated}
+            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+            grpc.StatusCode.PERMISSION_DENIED: PermissionDenied}
 
 
 def _error(e: grpc.RpcError) -> ClientError:

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=int, default=512, help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--token-file", help="file holding the bearer token every call must carry")
+    p.add_argument("--token-file", help="bearer tokens every call but health must carry: one per line, 'TOKEN' or "
+                   "'NAME TOKEN' (a client each; a registered target can be replaced or deleted only by the "
+                   "client that registered it)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM (default 30)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for weight builds (0: default)")

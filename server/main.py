@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hmac
 import logging
 import signal
 import sys
@@ -18,6 +17,7 @@ from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from .args import add_arguments
+from .auth import TokenAuth, Tokens
 from .registry import Registry
 from .service import SubnetService
 
@@ -25,33 +25,6 @@ __all__ = ["BoundedHealth", "Server", "add_arguments", "main", "serve"]
 
 log = logging.getLogger("ofa_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["SubnetService"].full_name
-OPEN_METHODS = ("/grpc.health.v1.Health/",)  # load balancers probe health without a token
-
-
-class _TokenAuth(grpc.ServerInterceptor):
-    """Every call but health checks must carry ``authorization: Bearer <token>``."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required "
-                          "(metadata 'authorization: Bearer <token>')")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
-        self._deny_bidi = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
-
-    def intercept_service(self, continuation, details):
-        method = details.method
-        if method.startswith(OPEN_METHODS):
-            return continuation(details)
-        given = dict(details.invocation_metadata).get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), b"Bearer " + self._token):
-            return continuation(details)
-        if method.startswith("/grpc.reflection."):
-            return self._deny_bidi
-        return self._deny_stream if method.endswith("/GetSubnetWeights") else self._deny_unary
 
 
 class BoundedHealth(health.HealthServicer):
@@ -100,13 +73,13 @@ class Server:
     """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds."""
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
-                 token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_health_watches: int = 16,
+                 tokens: Tokens | None = None, tls: tuple[bytes, bytes] | None = None, max_health_watches: int = 16,
                  max_connection_age_s: float = 1800.0, **service_options) -> None:
         """``service_options`` go to :class:`SubnetService` (max_searches, max_streams, cache_bytes...)."""
-        interceptors = [_TokenAuth(token)] if token else []
+        interceptors = [TokenAuth(tokens)] if tokens else []
         self.health = BoundedHealth(max_health_watches)
         self._serving = threading.Event()  # between start and stop: health follows the search workers
-        self.service = SubnetService(registry, on_ready=self._workers_ready, **service_options)
+        self.service = SubnetService(registry, on_ready=self._workers_ready, tokens=tokens, **service_options)
         # weight streams and health watches each hold a thread while open (a client that stops reading
         # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
         held = self.service.max_streams + max_health_watches
@@ -175,21 +148,19 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_per_peer < 0:
         raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {args.max_per_peer}")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    if args.token_file and not token:
-        raise ValueError(f"--token-file {args.token_file} is empty")
-    if token and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
+    tokens = Tokens.from_file(args.token_file) if args.token_file else None
+    if tokens and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
     registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets,
                         table_bytes=args.max_table_bytes)
-    server = Server(registry, args.host, args.port, args.workers, token, tls, args.max_health_watches,
+    server = Server(registry, args.host, args.port, args.workers, tokens, tls, args.max_health_watches,
                     args.max_connection_age_s, max_searches=args.max_searches, cache_bytes=args.cache_mb << 20,
                     max_search_seconds=args.max_search_seconds, max_message_chars=args.max_message_chars,
                     max_streams=args.max_streams, stream_stall_s=args.stream_stall_s,
                     max_per_peer=args.max_per_peer or None, max_streams_per_peer=args.max_streams_per_peer,
                     stream_preempt_s=args.stream_preempt_s, max_search_work=args.max_search_work).start()
     print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
-          f"{', token required' if token else ''}); supernets: {', '.join(sorted(registry.supernets))}",
+          f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)
     done = threading.Event()
 

@@ -28,7 +28,7 @@ from ofa.space import Arch
 
 from .validation import LIMITS, bounded
 
-__all__ = ["Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
+__all__ = ["NotOwner", "Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
 
 log = logging.getLogger("ofa_server")
 
@@ -60,6 +60,22 @@ class ServedSupernet:
     def lookup(self, subnet_id: str) -> Arch | None:
         with self.lock:
             return self.known.get(subnet_id)
+
+
+class NotOwner(Exception):
+    """A registered target that another client (another token of ``--token-file``) registered."""
+
+
+OWNER = "registered_by"  # the key, in a stored table, of the client that registered it
+
+
+def _check_owner(table: dict[str, Any] | None, client: str, doing: str) -> None:
+    """Only the client that registered a table may replace or delete it. A server without tokens knows no
+    clients (``client`` is ""), and a table stored without an owner is anyone's."""
+    owner = (table or {}).get(OWNER, client)
+    if client and owner != client:
+        raise NotOwner(f"target {table['target']!r} was registered by client {str(owner)[:80]!r}; only that "
+                       f"client's token may {doing} it")
 
 
 class TooManyTargets(Exception):
@@ -189,8 +205,9 @@ class Registry:
     def known_targets(self, sn: ServedSupernet) -> list[str]:
         return sorted(self.tables(sn))
 
-    def register(self, sn: ServedSupernet, table_json: str, replace: bool) -> dict[str, Any]:
-        """Validate a table against the supernet's space and keep it; returns the table."""
+    def register(self, sn: ServedSupernet, table_json: str, replace: bool, client: str = "") -> dict[str, Any]:
+        """Validate a table against the supernet's space and keep it, owned by ``client``; returns the table.
+        Replacing a target needs the client that registered it."""
         try:
             table = json.loads(table_json)
         except ValueError as e:
@@ -199,6 +216,8 @@ class Registry:
             raise LatencyTableError("table_json nests too deeply to be a latency table") from None
         table = validate_table(table, sn.artifact.space)
         table = {k: table[k] for k in TABLE_KEYS if k in table}  # what a client adds beyond the format is not kept
+        if client:
+            table[OWNER] = client
         text = json.dumps(table, sort_keys=True)
         if len(text.encode()) > self.table_bytes:
             raise LatencyTableError(f"the table takes {len(text.encode())} bytes as stored; at most "
@@ -214,6 +233,8 @@ class Registry:
             raise TooManyTargets(f"supernet {sn.name!r} has {len(registered)} registered targets, the most this "
                                  f"server keeps (--max-targets); replace one (replace=true) or remove one")
         with self._lock:
+            if replace:
+                _check_owner(registered.get(name), client, "replace")
             if folder is None:
                 if (sn.digest16, name) in self._memory_tables and not replace:
                     raise taken
@@ -232,12 +253,15 @@ class Registry:
         return table
 
 
-    def delete(self, sn: ServedSupernet, name: str) -> None:
-        """Remove a registered target; KeyError when there is none of that name."""
+    def delete(self, sn: ServedSupernet, name: str, client: str = "") -> None:
+        """Remove a registered target (``client`` must be the one that registered it); KeyError when there is
+        none of that name."""
         if name in sn.artifact_targets:
             raise TargetExists(f"target {name!r} ships with the supernet and cannot be removed")
         folder = self._folder(sn)
+        current = self.registered_tables(sn).get(name)
         with self._lock:
+            _check_owner(current, client, "delete")
             if folder is None:
                 if self._memory_tables.pop((sn.digest16, name), None) is None:
                     raise KeyError(name)

@@ -22,7 +22,9 @@ from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from . import validation as v
-from .registry import Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets, target_summary
+from .auth import Tokens
+from .registry import (NotOwner, Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets,
+                       target_summary)
 from .searcher import SearchPool, WorkerLost
 from .slots import Slots
 from .weights import WeightsCache, build_payload
@@ -75,8 +77,9 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                  on_ready: Callable[[int], None] = lambda n: None, max_message_chars: int = v.MESSAGE_CHARS,
                  max_streams: int = 32, stream_stall_s: float = 30.0, max_per_peer: int | None = None,
                  max_streams_per_peer: int = 4, stream_preempt_s: float = 5.0,
-                 max_search_work: int = v.LIMITS["work"]) -> None:
+                 max_search_work: int = v.LIMITS["work"], tokens: Tokens | None = None) -> None:
         self.registry = registry
+        self.tokens = tokens
         per_peer = max_per_peer or max(1, max_searches // 2)
         self._searches = Slots(max_searches, per_peer, "searches", "--max-searches", "--max-per-peer")
         self._builds = Slots(max_builds or max_searches, per_peer, "weight builds", "--max-searches",
@@ -112,6 +115,10 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             raise v.RequestError(grpc.StatusCode.NOT_FOUND, f"target {target!r} of supernet {sn.name!r} cannot be "
                                  f"used: {why}" if why else f"target {target!r} is not known for supernet "
                                  f"{sn.name!r}; known targets: {self.registry.known_targets(sn)}")
+
+    def _client(self, context: grpc.ServicerContext) -> str:
+        """The calling client's name from its token ("" on a server without tokens: one client, all owners)."""
+        return (self.tokens.client_of(context.invocation_metadata()) or "") if self.tokens else ""
 
     @staticmethod
     @contextlib.contextmanager
@@ -178,7 +185,9 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         if size > self.registry.table_bytes:
             raise v.invalid(f"table_json must be at most {self.registry.table_bytes} bytes, got {size}")
         try:
-            table = self.registry.register(sn, request.table_json, request.replace)
+            table = self.registry.register(sn, request.table_json, request.replace, self._client(context))
+        except NotOwner as e:
+            raise v.RequestError(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
         except TargetExists as e:
             raise v.RequestError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
         except TooManyTargets as e:
@@ -195,7 +204,9 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         sn = self._supernet(request.supernet)
         name = v.target_of(request.target, required=True)
         try:
-            self.registry.delete(sn, name)
+            self.registry.delete(sn, name, self._client(context))
+        except NotOwner as e:
+            raise v.RequestError(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
         except TargetExists as e:
             raise v.RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         except KeyError:

@@ -24,6 +24,7 @@ from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotF
                         Unauthenticated, Unavailable)
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+from ofa_server.auth import Tokens
 from ofa_server.main import Server
 from ofa_server.registry import Registry, TargetExists
 from ofa_server.weights import WeightsCache
@@ -259,7 +260,7 @@ def test_a_cancelled_search_stops(client, server):
 
 
 def test_token_auth(artifact, tmp_path):
-    srv = Server(Registry([str(artifact)]), port=0, token="s3cret").start()
+    srv = Server(Registry([str(artifact)]), port=0, tokens=Tokens({"default": "s3cret"})).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as anon, Client(f"127.0.0.1:{srv.port}", token="s3cret") as ok, \
                 Client(f"127.0.0.1:{srv.port}", token="wrong") as bad:

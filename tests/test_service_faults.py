@@ -347,17 +347,28 @@ def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
 
 
 def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_path):
-    from ofa_client import Infeasible, NotFound, Unauthenticated
+    from ofa_client import Infeasible, NotFound, PermissionDenied, Unauthenticated
     from ofa_client.cli import main as client_main
+    from ofa_server.auth import Tokens
 
     targets, token = tmp_path / "targets", "s3cret"
-    srv = Server(Registry([str(artifact)], str(targets)), port=0, token=token).start()
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# two clients\nalice {token}\nbob other-s3cret\n")
+    srv = Server(Registry([str(artifact)], str(targets)), port=0, tokens=Tokens.from_file(token_file)).start()
     address = f"127.0.0.1:{srv.port}"
     try:
-        with Client(address, token=token) as c, Client(address) as anonymous:
+        with Client(address, token=token) as c, Client(address) as anonymous, \
+                Client(address, token="other-s3cret") as bob:
             c.register_target(_table_text(artifact, "gone-soon"))
             with pytest.raises(Unauthenticated):
                 anonymous.delete_target("gone-soon")
+            # a target is its registering client's: another token may neither replace nor delete it
+            with pytest.raises(PermissionDenied, match="registered by client 'alice'; only that client's token"):
+                bob.register_target(_table_text(artifact, "gone-soon"), replace=True)
+            with pytest.raises(PermissionDenied, match="may delete it"):
+                bob.delete_target("gone-soon")
+            assert bob.search("gone-soon", max_latency_ms=1e5, generations=5).id  # but may use it
+            c.register_target(_table_text(artifact, "gone-soon"), replace=True)
             assert c.delete_target("gone-soon") == "gone-soon"
             assert not list(targets.rglob("gone-soon.json"))
             assert "gone-soon" not in [t["name"] for t in c.targets()]
@@ -368,9 +379,9 @@ def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_
             with pytest.raises(Infeasible, match="ships with the supernet and cannot be removed"):
                 c.delete_target(TARGET)
             c.register_target(_table_text(artifact, "by-cli"))
-        token_file = tmp_path / "token"
-        token_file.write_text(token)
-        assert client_main(["--address", address, "--token-file", str(token_file), "delete", "by-cli"]) == 0
+        mine = tmp_path / "token"
+        mine.write_text(token)
+        assert client_main(["--address", address, "--token-file", str(mine), "delete", "by-cli"]) == 0
         assert not list(targets.rglob("by-cli.json"))
     finally:
         srv.stop(0)
