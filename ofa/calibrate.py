@@ -8,21 +8,29 @@ not depend on an EMA rate and is the same for the same images in the same order.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .data import DataSpec, prepare_batch
 
-__all__ = ["calibrate_bn"]
+__all__ = ["CalibrationCancelled", "calibrate_bn"]
+
+
+class CalibrationCancelled(Exception):
+    """``should_stop`` said so between two batches (the request that wanted the subnet went away)."""
 
 
 @torch.no_grad()
 def calibrate_bn(model: nn.Module, images: torch.Tensor, spec: DataSpec, resolution: int,
-                 batch_size: int = 500, device: torch.device | str = "cpu") -> nn.Module:
+                 batch_size: int = 500, device: torch.device | str = "cpu",
+                 should_stop: Callable[[], bool] | None = None) -> nn.Module:
     """Re-estimate every BN's running statistics of ``model`` on ``images`` (uint8, N×C×S×S).
 
     Only BN buffers change (parameters are untouched); the model is returned in eval
-    mode. Operates in place, so pass a copy (``extract`` returns one).
+    mode. Operates in place, so pass a copy (``extract`` returns one). ``should_stop`` is
+    asked before each batch; when it says so, :class:`CalibrationCancelled` is raised.
     """
     if len(images) == 0:
         raise ValueError("calibration needs at least one image")
@@ -39,6 +47,8 @@ def calibrate_bn(model: nn.Module, images: torch.Tensor, spec: DataSpec, resolut
         # weighs batches equally, so a small last batch must not count as much as a full one
         n_batches = -(-len(images) // batch_size)
         for chunk in torch.tensor_split(images, n_batches):
+            if should_stop is not None and should_stop():
+                raise CalibrationCancelled("the calibration was stopped")
             model(prepare_batch(chunk, resolution, spec, device))
     finally:
         for bn, (momentum, training) in zip(bns, saved):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from ofa.calibrate import CalibrationCancelled
 from ofa.predict.latency import LatencyTableError, Speed
 from ofa.search import Candidate, Infeasible, SearchCancelled, UnknownTarget
 from ofa.space import Arch
@@ -51,10 +52,10 @@ def _handled(method: Callable) -> Callable:
             code, msg = grpc.StatusCode.NOT_FOUND, str(e)
         except (WorkerLost, TimeoutError) as e:  # a worker died or hung, a build ran too long: a retry can succeed
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
-        except SearchCancelled:
+        except (SearchCancelled, CalibrationCancelled):
             expired = context.time_remaining() is not None and context.time_remaining() <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            msg = "the deadline passed during the search" if expired else "the request was cancelled"
+            msg = "the deadline passed" if expired else "the request was cancelled"
         except Exception:  # a bug of ours: keep serving, say so, keep the traceback for us
             log.exception("%s failed", method.__name__)
             code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; the server log has details"
@@ -272,10 +273,12 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         if arch is None:
             raise v.invalid("give subnet_id or arch")
         key = (sn.artifact.digest, arch.id, fmt)
-        payload = self.cache.get(key)
+        searched = sn.lookup(arch.id) is not None  # else any arch a client made up: cached apart
+        payload = self.cache.get(key, searched)
         if payload is None:
             with self._slot(self._builds, context):
-                payload = self.cache.get_or_build(key, lambda: build_payload(sn.artifact, arch, fmt))
+                payload = self.cache.get_or_build(key, lambda: build_payload(
+                    sn.artifact, arch, fmt, should_stop=lambda: not context.is_active()), searched)
         data = sn.artifact.data
         header = pb.WeightsHeader(
             format=request.format, total_bytes=len(payload.data), sha256=payload.sha256, subnet_id=arch.id,

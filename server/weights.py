@@ -45,11 +45,11 @@ def _metadata(art: Artifact, arch: Arch, n_calib: int) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"))
 
 
-def calibrated_subnet(art: Artifact, arch: Arch, calibration_images: int = DEFAULT_CALIBRATION_IMAGES
-                      ) -> tuple[torch.nn.Module, int]:
+def calibrated_subnet(art: Artifact, arch: Arch, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+                      should_stop=None) -> tuple[torch.nn.Module, int]:
     images = art.calibration[:calibration_images]
     sub = extract(art.supernet, arch)
-    calibrate_bn(sub, images, art.data, arch.resolution)
+    calibrate_bn(sub, images, art.data, arch.resolution, should_stop=should_stop)
     return sub.eval(), len(images)
 
 
@@ -137,12 +137,13 @@ def _fixed_serialization_id(data: bytes) -> bytes:
 
 
 def build_payload(art: Artifact, arch: Arch, fmt: str,
-                  calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> Payload:
-    """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`)."""
+                  calibration_images: int = DEFAULT_CALIBRATION_IMAGES, should_stop=None) -> Payload:
+    """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`); ``should_stop`` can end the BN
+    re-calibration between batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     with torch.inference_mode(False), torch.no_grad():
-        sub, n = calibrated_subnet(art, arch, calibration_images)
+        sub, n = calibrated_subnet(art, arch, calibration_images, should_stop)
         if fmt == "safetensors":
             from safetensors.torch import save
 
@@ -158,50 +159,73 @@ def build_payload(art: Artifact, arch: Arch, fmt: str,
 class WeightsCache:
     """Built payloads keyed by (artifact digest, arch id, format), least recently used out, bounded in bytes.
 
-    Concurrent requests for the same key build it once; the others wait for it.
+    Concurrent requests for the same key build it once; the others wait for it. Payloads of archs
+    no search has returned ("strangers": any valid arch may be asked for) share at most
+    ``1/STRANGER_SHARE`` of the bytes and evict only each other, so a client asking for many
+    arbitrary archs cannot push out the subnets that searches serve.
     """
+
+    STRANGER_SHARE = 8
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes = max_bytes
         self._items: "OrderedDict[tuple[str, str, str], Payload]" = OrderedDict()
-        self._bytes = 0
+        self._strangers: "OrderedDict[tuple[str, str, str], None]" = OrderedDict()
+        self._bytes = self._stranger_bytes = 0
         self._lock = threading.Lock()
         self._building: dict[tuple[str, str, str], threading.Lock] = {}
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, str, str]) -> Payload | None:
+    def get(self, key: tuple[str, str, str], searched: bool = True) -> Payload | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
+                if searched and self._strangers.pop(key, False) is None:  # a search has returned it since
+                    self._stranger_bytes -= len(item.data)
             return item
 
-    def get_or_build(self, key: tuple[str, str, str], build) -> Payload:
-        item = self.get(key)
+    def _drop(self, key) -> None:
+        old = self._items.pop(key)
+        self._bytes -= len(old.data)
+        if self._strangers.pop(key, False) is None:
+            self._stranger_bytes -= len(old.data)
+
+    def _store(self, key, item: Payload, searched: bool) -> None:
+        size = len(item.data)
+        if size > (self.max_bytes if searched else self.max_bytes // self.STRANGER_SHARE):
+            return
+        self._items[key] = item
+        self._bytes += size
+        if not searched:
+            self._strangers[key] = None
+            self._stranger_bytes += size
+            while self._stranger_bytes > self.max_bytes // self.STRANGER_SHARE:
+                self._drop(next(iter(self._strangers)))
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
+
+    def get_or_build(self, key: tuple[str, str, str], build, searched: bool = True) -> Payload:
+        item = self.get(key, searched)
         if item is not None:
             return item
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
         with lock:
-            item = self.get(key)
+            item = self.get(key, searched)
             if item is not None:
                 return item
             try:
                 item = build()
-            except BaseException:  # failed: the next request builds anew
+            except BaseException:  # failed or cancelled: the next request builds anew
                 with self._lock:
                     self._building.pop(key, None)
                 raise
             with self._lock:  # stored and unlocked at once, so no request in between builds it again
                 self.misses += 1
                 self._building.pop(key, None)
-                if len(item.data) <= self.max_bytes:
-                    self._items[key] = item
-                    self._bytes += len(item.data)
-                    while self._bytes > self.max_bytes:
-                        _, old = self._items.popitem(last=False)
-                        self._bytes -= len(old.data)
+                self._store(key, item, searched)
             return item
 
     @property

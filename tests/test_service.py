@@ -184,6 +184,37 @@ def test_a_failed_weight_build_leaves_nothing_behind():
     assert cache._building == {} and cache.get(("a", "b", "onnx")) is None
 
 
+def test_archs_no_search_returned_cannot_push_out_the_searched_ones():
+    from ofa_server.weights import Payload
+
+    cache = WeightsCache(800)  # archs no search returned get 800 // 8 = 100 bytes of it
+    item = lambda: Payload(b"x" * 50, "", 0)  # noqa: E731
+    for k in range(12):
+        cache.get_or_build(("d", f"searched-{k}", "onnx"), item)
+    for k in range(20):  # a client asking for arbitrary archs: they evict each other only
+        cache.get_or_build(("d", f"made-up-{k}", "onnx"), item, searched=False)
+    kept = [k[1] for k in cache._items]
+    assert kept == [f"searched-{k}" for k in range(12)] + ["made-up-18", "made-up-19"], kept
+    for k in range(12, 16):  # searched ones evict the oldest of all
+        cache.get_or_build(("d", f"searched-{k}", "onnx"), item)
+    assert cache.bytes <= 800 and cache._stranger_bytes <= 100
+    assert cache.get(("d", "searched-15", "onnx")) and cache.get(("d", "searched-1", "onnx")) is None
+    assert cache.get(("d", "made-up-19", "onnx"), searched=True) and cache._stranger_bytes == 50  # 19 is searched now
+
+
+def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
+    from ofa.artifact import load_artifact
+    from ofa.calibrate import CalibrationCancelled
+    from ofa_server.weights import build_payload
+
+    art = load_artifact(artifact)
+    cache = WeightsCache(1 << 30)
+    with pytest.raises(CalibrationCancelled):
+        cache.get_or_build(("a", "b", "onnx"), lambda: build_payload(art, art.space.smallest(), "onnx",
+                                                                     should_stop=lambda: True))
+    assert cache.get(("a", "b", "onnx")) is None and cache._building == {}
+
+
 def test_bad_requests_get_the_right_status(client, server):
     with pytest.raises(NotFound, match="supernet 'nope' is not served here; known: \\['tiny'\\]"):
         client.search(supernet="nope")
