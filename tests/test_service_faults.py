@@ -278,6 +278,9 @@ def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
             assert not t.is_alive() and [x["name"] for x in out["value"] if x["source"] == "registered"] == ["good"]
             cache = srv.service.registry._disk_cache
             assert cache[folder / "junk.json"][1] is None and cache[folder / "fifo.json"][1] is None
+            (folder / "junk.json").unlink()  # gone (another replica removed it): forgotten at the next scan
+            c.targets()
+            assert folder / "junk.json" not in cache and folder / "fifo.json" in cache
             # bytes as stored count, not characters: 'é' is two bytes
             srv.service.registry.table_bytes = len(_table_text(artifact, "big").encode()) + 100
             with pytest.raises(InvalidArgument, match="must be at most .* bytes"):
