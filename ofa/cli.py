@@ -352,8 +352,8 @@ def _cmd_predictors(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report = build_accuracy_predictor(args.artifact, samples=args.samples, seed=args.seed,
                                       test_fraction=args.test_fraction, calib_images=args.calib_images,
-                                      data_dir=args.data_dir, front=args.front, progress=not args.no_progress,
-                                      log=(lambda s: None) if args.json else print)
+                                      data_dir=args.data_dir, front=args.front, front_target=args.front_target,
+                                      progress=not args.no_progress, log=(lambda s: None) if args.json else print)
     if args.plot:
         from .plots import plot_predicted_vs_measured
 
@@ -590,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--front", type=int, default=0,
                    help="of the samples, this many are taken along the front the search would pick from (two rounds, "
                    "each after a fit on what is measured so far), where the predictor's errors matter; default 0")
+    s.add_argument("--front-target",
+                   help="take the --front samples along this latency target's front (the artifact's table; where "
+                   "the subnets served for it come from) instead of the accuracy-MACs front")
     s.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of subnets held out for the reported quality (default 0.2)")
     s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")

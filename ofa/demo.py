@@ -1,9 +1,10 @@
 """``ofa demo``: the whole story on this machine, from nothing to three specialised subnets.
 
 1. train the ``quick`` supernet (progressive shrinking with distillation) into OUT/supernet;
-2. measure subnets (some where the search will pick from) and fit the accuracy predictor into it;
-3. profile this machine as a latency target (onnxruntime by default: how a subnet fetched as
+2. profile this machine as a latency target (onnxruntime by default: how a subnet fetched as
    ONNX runs);
+3. measure subnets (some along that target's latency front, where the search will pick from)
+   and fit the accuracy predictor into it;
 4. start ``ofa serve`` on loopback and, with ``ofa-client``, request and fetch the best
    subnet for a tight, a middle and a loose latency budget; stop the server;
 5. measure the served subnets (test accuracy, latency here) and write OUT/report.md,
@@ -98,14 +99,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
             ", ".join(f"{k} {v:.2f}%" for k, v in sorted(last.items())))
     steps["train"] = time.perf_counter() - t
 
-    log(f"[2/5] measure {samples} subnets ({front} of them along the front the search picks from) and fit the "
-        f"accuracy predictor")
-    t = time.perf_counter()
-    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, progress=progress,
-                                   log=lambda s: log("  " + s))
-    steps["predictors"] = time.perf_counter() - t
-
-    log(f"[3/5] profile this machine as target {target!r}")
+    log(f"[2/5] profile this machine as target {target!r}")
     t = time.perf_counter()
     art = load_artifact(art_dir)
     table = _profiled_before(art, target, timing, profile_subnets)
@@ -123,6 +117,13 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
         f"mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}; "
         f"{table['timing']['repeatability']['verdict']}")
     steps["profile"] = time.perf_counter() - t
+
+    log(f"[3/5] measure {samples} subnets ({front} of them along the latency front of {target!r}, where the "
+        f"search picks from) and fit the accuracy predictor")
+    t = time.perf_counter()
+    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, front_target=target, progress=progress,
+                                   log=lambda s: log("  " + s))
+    steps["predictors"] = time.perf_counter() - t
 
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
     t = time.perf_counter()

@@ -215,6 +215,8 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     again = build_accuracy_predictor(root, samples=18, front=2, test_fraction=0.3, progress=False, log=logs.append,
                                      families=["ridge-0.3"])
     assert again["reused"] and sum("were measured before" in s for s in logs) == 2
+    with pytest.raises(ValueError, match=r"front_target 'phone' is not a latency target of .*; it has \[\]"):
+        build_accuracy_predictor(root, samples=18, front=2, front_target="phone", progress=False, log=lambda s: None)
     with pytest.raises(ValueError, match=r"front must be in 0\.\.8 \(samples - 10\), got 9"):
         build_accuracy_predictor(root, samples=18, front=9, progress=False, log=lambda s: None)
 

@@ -32,7 +32,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
     r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for step in ("[1/5] train", "[2/5] measure", "[3/5] profile", "[4/5] serve", "[5/5] report"):
+    for step in ("[1/5] train", "[2/5] profile", "[3/5] measure", "[4/5] serve", "[5/5] report"):
         assert step in r.stdout
     # the searches carry this machine's speed now, as a device's pipeline does
     timings = out / "reference-timings.json"
@@ -65,6 +65,9 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already trained: reusing it" in r.stdout
+    # the front rounds went along this machine's latency front, and are found measured
+    assert r.stdout.count("were measured before") == 2 and "latency front of 'this-machine'" in r.stdout, \
+        [line for line in r.stdout.splitlines() if "round" in line or "profil" in line or "[" in line[:3]]
     # other training settings into the same folder are refused, not served from the old supernet
     r = _run(["demo", "--out", str(out), *sets, "--set", "seed=5", *_FAST_PROFILE], tmp_path)
     assert r.returncode == 2 and "trained with different values of ['seed']" in r.stderr, r.stderr[-3000:]

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from ..space import Arch, SearchSpace
 from ..supernet import Supernet
 from .accuracy import FOLDS
 from .cost import CostModel
+
+if TYPE_CHECKING:
+    from .latency import LatencyPredictor
 
 __all__ = ["MEASUREMENTS", "check_predictor_settings", "front_archs", "measure_accuracies", "pack_correct",
            "stratified_archs", "unpack_correct", "validation_set"]
@@ -123,27 +126,30 @@ def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Seque
     raise ValueError(f"test_fraction {test_fraction} holds out too few subnets: 10,000 more would not give 2")
 
 
-FRONT_FAMILY = "mlp-ensemble-5x2x64"  # the interim predictor that says where the front is: smooth, and fast to fit
 FRONT_ROUNDS = 2
 
 
 def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int, seed: int,
-                exclude: Iterable[str] = ()) -> list[Arch]:
-    """``k`` new archs (in neither ``measured`` nor ``exclude``) spread along the accuracy-MACs front
-    of a predictor fitted on ``measured``.
+                exclude: Iterable[str] = (), latency: LatencyPredictor | None = None) -> list[Arch]:
+    """``k`` new archs (in neither ``measured`` nor ``exclude``) spread along the front that the search
+    would pick from with a predictor fitted on ``measured``: the accuracy-latency front of ``latency``'s
+    target when given (where served subnets come from), else the accuracy-MACs front.
 
     A search picks the archs its predictor rates highest for their cost, so that is where the
     predictor's errors matter and are biased upward (the winner's curse): measuring there puts
-    the samples where the served subnets come from.
+    the samples where the served subnets come from. The interim predictor is of the family
+    cross-validation picks on ``measured``, as the final one will be.
     """
     from ..search import Constraints, Scorer, SearchSettings, pareto_front
-    from .accuracy import arch_features, fit_family
+    from .accuracy import arch_features, select_and_fit
     from .latency import space_digest
 
     ids = sorted(measured)
     x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
-    interim = fit_family(FRONT_FAMILY, x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), seed)
-    front = pareto_front(Scorer(space, interim), min(100, 2 * k + 2), None, Constraints(),
+    interim, _ = select_and_fit(x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), seed=seed)
+    target = None if latency is None else latency.target
+    scorer = Scorer(space, interim, {} if latency is None else {target: latency})
+    front = pareto_front(scorer, min(100, 2 * k + 2), target, Constraints(),
                          SearchSettings(population=100, generations=60, seed=seed))
     skip = set(measured) | set(exclude)
     new = [c.arch for c in front if c.arch.id not in skip]
@@ -163,12 +169,13 @@ def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, fron
 
 def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
                              calib_images: int | None = None, data_dir: str | None = None,
-                             families: Sequence[str] | None = None, front: int = 0, progress: bool = True,
-                             log: Callable[[str], None] = print) -> dict[str, Any]:
+                             families: Sequence[str] | None = None, front: int = 0, front_target: str | None = None,
+                             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure ``samples`` subnets of the artifact at ``root``, pick and fit a predictor, store both.
 
     ``front`` of the samples are taken where the search will look (:func:`front_archs`, in
-    two rounds, each after a fit on what is measured so far); the others are stratified
+    two rounds, each after a fit on what is measured so far; along the latency front of the
+    artifact's ``front_target`` table when given, else along MACs); the others are stratified
     over MACs. The held-out subnets (``test_fraction``, chosen by arch id) are used for
     nothing but the reported quality; the family is chosen by cross-validation on the
     others. The stored predictor is the one whose held-out figures are reported.
@@ -198,7 +205,18 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     def save(measured: dict[str, dict[str, Any]]) -> None:
         add_file(root, MEASUREMENTS, json.dumps({**header, "subnets": measured}, sort_keys=True, indent=0))
 
-    archs = with_enough_on_each_side(art.space, stratified_archs(art.space, samples - front, seed), list(known),
+    latency = None
+    if front and front_target is not None:
+        from ..search.load import load_scorer
+
+        scorer = load_scorer(root)
+        if front_target not in scorer.latency:
+            raise ValueError(f"front_target {front_target!r} is not a latency target of {root}; it has "
+                             f"{sorted(scorer.latency)}{' (refused: ' + str(scorer.refused) + ')' if scorer.refused else ''}")
+        latency = scorer.latency[front_target]
+    # decided without what earlier runs measured: with it the extras (and so each round's basis, and its picks)
+    # would differ from that run's, and a rerun would measure new front subnets instead of finding them
+    archs = with_enough_on_each_side(art.space, stratified_archs(art.space, samples - front, seed), [],
                                      test_fraction, seed)
     if len(archs) > samples - front:
         log(f"measuring {len(archs) - samples + front} random subnets more: the split by arch id (test fraction "
@@ -209,10 +227,11 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     for r in range(FRONT_ROUNDS if front else 0):
         k = front // FRONT_ROUNDS + (r < front % FRONT_ROUNDS)
         # the picks of a round are a function of its basis, k and seed: a rerun finds them measured
-        tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r]).encode()).hexdigest()[:16]
+        along = json.dumps(latency.table, sort_keys=True) if latency else "macs"  # the front it was picked along
+        tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r, along]).encode()).hexdigest()[:16]
         picked = [i for i in sorted(measured) if measured[i].get("front") == tag]
         if len(picked) < k:
-            archs_r = front_archs(art.space, basis, k, seed + r, exclude=measured)
+            archs_r = front_archs(art.space, basis, k, seed + r, exclude=measured, latency=latency)
             log(f"front round {r + 1}: measuring {len(archs_r)} subnets where the search would look")
             measured = measure_accuracies(art.supernet, archs_r, calib, val, spec, measured, progress, save)
             picked = [a.id for a in archs_r]
@@ -234,7 +253,8 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
     digest = space_digest(art.space)
     # a predictor fitted before on exactly these measurements and settings is the one this fit would make
     fit_key = hashlib.sha256(json.dumps({"measured": [[i, measured[i]["accuracy"]] for i in ids], "seed": seed,
-                                         "test_fraction": test_fraction, "families": families, "front": front},
+                                         "test_fraction": test_fraction, "families": families, "front": front,
+                                         "front_target": front_target},
                                         sort_keys=True).encode()).hexdigest()
     stored = root / "accuracy_predictor.safetensors"
     if "accuracy_predictor.safetensors" in art.manifest["files"] and stored.exists():
@@ -262,7 +282,7 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
              for k, fitted in zip(sizes + [len(y_tr)], smaller + [pred])]
     info = {"selected": pred.family, "cv": cv, "test": test, "train_samples": int(len(y_tr)),
             "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(calib),
-            "seed": seed, "front": front, "artifact": art.digest, "fit_key": fit_key}
+            "seed": seed, "front": front, "front_target": front_target, "artifact": art.digest, "fit_key": fit_key}
     log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
     pred = type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
     add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
