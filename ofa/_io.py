@@ -83,11 +83,17 @@ def folder_lock(folder: Path, exclusive: bool):
     """An flock on ``folder/.lock``: exclusive to change the folder's files (an artifact's commit or repair),
     shared to read them. A folder where the lock file cannot be made (read-only) has no writers, and is read
     without one."""
+    path = Path(folder) / ".lock"
     try:
-        fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError:
-        yield
-        return
+        try:  # another user's lock file: flock works on a read-only descriptor too
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            if exclusive and os.access(folder, os.W_OK):
+                raise
+            yield  # no lock file and none can be made: a read-only folder, which no one writes
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield

@@ -83,6 +83,8 @@ def _roll_forward(folder: Path, pending: dict[str, Any]) -> None:
         staged = (folder / name).parent / temp
         if staged.exists():  # not renamed yet
             os.replace(staged, folder / name)
+        elif not (folder / name).is_file() or sha256_file(folder / name) != pending["manifest"]["files"][name]:
+            raise ArtifactError(f"{folder}: {name} of an interrupted write is neither staged nor in place")
     for d in {(folder / name).parent for name in pending["staged"]}:
         sync_dir(d)
     atomic_write_text(folder / MANIFEST, json.dumps(pending["manifest"], indent=1, sort_keys=True))
@@ -144,13 +146,13 @@ def _commit(folder: Path, files: dict[str, bytes], update) -> dict[str, Any]:
             for name, data in files.items():
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 staged[name] = write_temp(folder / name, data).name
+            manifest = update(old, {name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+            pending = {"manifest": manifest, "staged": staged}
+            atomic_write_text(folder / PENDING, json.dumps(pending, sort_keys=True))  # the commit point
         except BaseException:
             for name, temp in staged.items():
                 ((folder / name).parent / temp).unlink(missing_ok=True)
             raise
-        manifest = update(old, {name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
-        pending = {"manifest": manifest, "staged": staged}
-        atomic_write_text(folder / PENDING, json.dumps(pending, sort_keys=True))  # the commit point
         _roll_forward(folder, pending)
     return manifest
 

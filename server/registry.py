@@ -234,7 +234,7 @@ class Registry:
                                  f"server keeps (--max-targets); replace one (replace=true) or remove one")
         with self._lock:
             if replace:
-                _check_owner(registered.get(name), client, "replace")
+                _check_owner(self._stored(sn, name), client, "replace")
             if folder is None:
                 if (sn.digest16, name) in self._memory_tables and not replace:
                     raise taken
@@ -253,15 +253,27 @@ class Registry:
         return table
 
 
+    def _stored(self, sn: ServedSupernet, name: str) -> dict[str, Any] | None:
+        """The table registered as ``name`` as it is now (read from its file, not a scan), or None; under
+        ``self._lock``, just before it is replaced or removed."""
+        folder = self._folder(sn)
+        if folder is None:
+            entry = self._memory_tables.get((sn.digest16, name))
+            return None if entry is None else entry[0]
+        try:
+            table = read_table_file(folder / f"{name}.json", self.table_bytes)
+        except (OSError, ValueError, RecursionError):
+            return None
+        return table if isinstance(table, dict) and table.get("target") == name else None
+
     def delete(self, sn: ServedSupernet, name: str, client: str = "") -> None:
         """Remove a registered target (``client`` must be the one that registered it); KeyError when there is
         none of that name."""
         if name in sn.artifact_targets:
             raise TargetExists(f"target {name!r} ships with the supernet and cannot be removed")
         folder = self._folder(sn)
-        current = self.registered_tables(sn).get(name)
         with self._lock:
-            _check_owner(current, client, "delete")
+            _check_owner(self._stored(sn, name), client, "delete")
             if folder is None:
                 if self._memory_tables.pop((sn.digest16, name), None) is None:
                     raise KeyError(name)

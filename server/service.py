@@ -298,7 +298,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         ``stream_preempt_s`` or more (a client that stopped reading), so that a new stream gets its slot."""
         now = time.monotonic()
         with self._streams_lock:
-            stalled = [e for e in self._sending.values() if not e[2] and now - e[1] >= self.stream_preempt_s]
+            stalled = [e for e in self._sending.values()
+                       if not e[2] and e[1] is not None and now - e[1] >= self.stream_preempt_s]
             if not stalled:
                 return False
             victim = min(stalled, key=lambda e: e[1])
@@ -318,12 +319,13 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             why = self._streams.acquire(peer, wait=2.0)  # the cancelled stream's thread gives its slot back
         if why:
             _handled(SubnetService._refuse)(self, why, context)
-        entry = [context, time.monotonic(), False]  # context, last progress, cancelled
+        entry = [context, None, False]  # context, last progress (None while the payload is built), cancelled
         with self._streams_lock:
             self._sending[id(entry)] = entry
         try:
             # all checks and the build happen before the first message, so every refusal is a clean status
             messages = _handled(SubnetService._weights)(self, request, context)
+            entry[1] = time.monotonic()  # built (a build is bounded on its own): from now on the client must read
             for msg in messages:
                 if not context.is_active():
                     return
@@ -340,7 +342,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         while not self._closed.wait(min(1.0, self.stream_stall_s / 4)):
             now = time.monotonic()
             with self._streams_lock:
-                stuck = [e for e in self._sending.values() if now - e[1] > self.stream_stall_s]
+                stuck = [e for e in self._sending.values() if e[1] is not None and now - e[1] > self.stream_stall_s]
             for context, since, _ in stuck:
                 log.info("GetSubnetWeights -> CANCELLED: the client took no data for %.0f s", now - since)
                 context.cancel()

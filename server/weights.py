@@ -161,8 +161,8 @@ class WeightsCache:
 
     Concurrent requests for the same key build it once; the others wait for it. Payloads of archs
     no search has returned ("strangers": any valid arch may be asked for) share at most
-    ``1/STRANGER_SHARE`` of the bytes and evict only each other, so a client asking for many
-    arbitrary archs cannot push out the subnets that searches serve.
+    ``1/STRANGER_SHARE`` of the bytes and evict each other (searched ones only for that share),
+    so a client asking for many arbitrary archs cannot push out the subnets that searches serve.
     """
 
     STRANGER_SHARE = 8
@@ -182,8 +182,12 @@ class WeightsCache:
             if item is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-                if searched and self._strangers.pop(key, False) is None:  # a search has returned it since
-                    self._stranger_bytes -= len(item.data)
+                if key in self._strangers:
+                    if searched:  # a search has returned it since
+                        del self._strangers[key]
+                        self._stranger_bytes -= len(item.data)
+                    else:
+                        self._strangers.move_to_end(key)
             return item
 
     def _drop(self, key) -> None:

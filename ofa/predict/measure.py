@@ -130,7 +130,8 @@ FRONT_ROUNDS = 2
 
 
 def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int, seed: int,
-                exclude: Iterable[str] = (), latency: LatencyPredictor | None = None) -> list[Arch]:
+                exclude: Iterable[str] = (), latency: LatencyPredictor | None = None,
+                families: Sequence[str] | None = None) -> list[Arch]:
     """``k`` new archs (in neither ``measured`` nor ``exclude``) spread along the front that the search
     would pick from with a predictor fitted on ``measured``: the accuracy-latency front of ``latency``'s
     target when given (where served subnets come from), else the accuracy-MACs front.
@@ -146,7 +147,8 @@ def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int,
 
     ids = sorted(measured)
     x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
-    interim, _ = select_and_fit(x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), seed=seed)
+    interim, _ = select_and_fit(x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), families,
+                                seed=seed)
     target = None if latency is None else latency.target
     scorer = Scorer(space, interim, {} if latency is None else {target: latency})
     front = pareto_front(scorer, min(100, 2 * k + 2), target, Constraints(),
@@ -231,7 +233,8 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
         tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r, along]).encode()).hexdigest()[:16]
         picked = [i for i in sorted(measured) if measured[i].get("front") == tag]
         if len(picked) < k:
-            archs_r = front_archs(art.space, basis, k, seed + r, exclude=measured, latency=latency)
+            # picks measured already (a round killed halfway) are reused, not replaced by others
+            archs_r = front_archs(art.space, basis, k, seed + r, latency=latency, families=families)
             log(f"front round {r + 1}: measuring {len(archs_r)} subnets where the search would look")
             measured = measure_accuracies(art.supernet, archs_r, calib, val, spec, measured, progress, save)
             picked = [a.id for a in archs_r]
