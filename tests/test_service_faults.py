@@ -390,6 +390,16 @@ def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_
         srv.stop(0)
 
 
+def _reader_channels(address: str, n: int) -> list:
+    """``n`` channels, a connection each (as separate clients have), with a small flow-control window: the
+    server blocks on a chunk such a client does not read."""
+    import grpc
+
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+               ("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.insecure_channel(address, options) for _ in range(n)]
+
+
 def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -399,10 +409,7 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     srv = Server(Registry([str(artifact)], None), port=0, workers=2, max_searches=1, max_streams=2,
                  max_health_watches=3, stream_stall_s=6.0, stream_preempt_s=600.0, max_streams_per_peer=2).start()
     address = f"127.0.0.1:{srv.port}"
-    # a small flow-control window: the server blocks on a chunk the client does not read
-    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
-               ("grpc.use_local_subchannel_pool", 1)]  # a connection each, as separate clients have
-    channels = [grpc.insecure_channel(address, options) for _ in range(3)]
+    channels = _reader_channels(address, 3)
     try:
         with Client(address) as c:
             best = c.search(generations=5)
@@ -444,9 +451,7 @@ def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
     srv = Server(Registry([str(artifact)], None), port=0, max_searches=1, max_streams=2, max_streams_per_peer=1,
                  stream_preempt_s=1.0).start()
     address = f"127.0.0.1:{srv.port}"
-    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
-               ("grpc.use_local_subchannel_pool", 1)]  # a connection each, as separate clients have
-    channels = [grpc.insecure_channel(address, options) for _ in range(2)]
+    channels = _reader_channels(address, 2)
     try:
         with Client(address) as c:
             best = c.search(generations=5)
