@@ -5,9 +5,9 @@
         best = c.search("my-phone", max_latency_ms=5.0)
         c.fetch(best, "onnx").save("model.onnx")
 """
-from .client import (AlreadyExists, Client, ClientError, DeadlineExceeded, FORMATS, Infeasible, IntegrityError,
-                     InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SubnetInfo, Unauthenticated,
-                     Unavailable, Weights)
+from .client import FORMATS, Client, SubnetInfo, Weights
+from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible", "IntegrityError",
            "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",

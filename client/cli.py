@@ -144,9 +144,21 @@ def _seed(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ofa-client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _constraint_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--target", help="hardware target (see `ofa-client targets`)")
+    s.add_argument("--max-latency-ms", type=float)
+    s.add_argument("--max-macs", type=int)
+    s.add_argument("--max-params", type=int)
+    s.add_argument("--resolution", type=int, action="append", help="allowed resolution (repeatable)")
+    s.add_argument("--seed", type=_seed, default=0, help="same seed, same answer (default 0)")
+    s.add_argument("--population", type=int, default=0, help="0: the server's default")
+    s.add_argument("--generations", type=int, default=0, help="0: the server's default")
+    s.add_argument("--reference-timings", metavar="FILE",
+                   help="the target's reference subnets timed on the device just now (written by `ofa profile "
+                   "--recalibrate --timings-out FILE`): latency is predicted at the device's speed today")
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("OFA_SERVER", "127.0.0.1:50051"),
                    help="server host:port (default $OFA_SERVER or 127.0.0.1:50051)")
     p.add_argument("--supernet", help="which supernet (needed when the server holds several)")
@@ -155,31 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-cert", help="use TLS trusting this PEM root certificate")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
     p.add_argument("--json", action="store_true", help="machine-readable output (also after the command)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ofa-client`` parser: connection flags, then one subcommand per call."""
+    p = argparse.ArgumentParser(prog="ofa-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _connection_args(p)
     # --json after the command too; SUPPRESS keeps a --json given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
     add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    def constraint_args(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--target", help="hardware target (see `ofa-client targets`)")
-        s.add_argument("--max-latency-ms", type=float)
-        s.add_argument("--max-macs", type=int)
-        s.add_argument("--max-params", type=int)
-        s.add_argument("--resolution", type=int, action="append", help="allowed resolution (repeatable)")
-        s.add_argument("--seed", type=_seed, default=0, help="same seed, same answer (default 0)")
-        s.add_argument("--population", type=int, default=0, help="0: the server's default")
-        s.add_argument("--generations", type=int, default=0, help="0: the server's default")
-        s.add_argument("--reference-timings", metavar="FILE",
-                       help="the target's reference subnets timed on the device just now (written by `ofa profile "
-                       "--recalibrate --timings-out FILE`): latency is predicted at the device's speed today")
-
     s = add_parser("search", help="the most accurate subnet meeting the constraints")
-    constraint_args(s)
+    _constraint_args(s)
     s.add_argument("--min-accuracy", type=float, help="instead: the fastest subnet at least this accurate")
     s.set_defaults(func=_search)
     s = add_parser("pareto", help="the accuracy-latency front")
-    constraint_args(s)
+    _constraint_args(s)
     s.add_argument("--points", type=int, default=10)
     s.add_argument("--plot", help="write the front as a PNG (needs matplotlib)")
     s.set_defaults(func=_pareto)
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``ofa-client`` command; the exit code says how it ended (see the module's docstring)."""
     args = build_parser().parse_args(argv)
     try:
         with _client(args) as c:

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import grpc
 
+from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, error_from_rpc)
 from .v1 import subnet_service_pb2 as pb
 from .v1 import subnet_service_pb2_grpc as pb_grpc
 
@@ -23,74 +25,6 @@ __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeas
 
 FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
            "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
-
-
-# ---- errors ------------------------------------------------------------------------
-class ClientError(Exception):
-    """A call that did not succeed; ``code`` is the gRPC status name, ``details`` the server's message."""
-
-    exit_code = 1
-
-    def __init__(self, code: str, details: str) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code, self.details = code, details
-
-
-class InvalidArgument(ClientError):
-    exit_code = 2
-
-
-class Infeasible(ClientError):
-    """FAILED_PRECONDITION: no subnet meets the constraints (the message gives the smallest achievable
-    value), or the supernet is served without an accuracy predictor (the message says so)."""
-    exit_code = 3
-
-
-class NotFound(ClientError):
-    exit_code = 4
-
-
-class AlreadyExists(ClientError):
-    exit_code = 4
-
-
-class Unavailable(ClientError):
-    exit_code = 5
-
-
-class ResourceExhausted(ClientError):
-    """The server is at its limit of concurrent searches: retry with backoff."""
-    exit_code = 5
-
-
-class DeadlineExceeded(ClientError):
-    exit_code = 5
-
-
-class Unauthenticated(ClientError):
-    exit_code = 6
-
-
-class PermissionDenied(ClientError):
-    """The token is valid but may not do this (replace or delete another client's target)."""
-    exit_code = 6
-
-
-class IntegrityError(ClientError):
-    """Downloaded bytes that do not match the header's size or sha256."""
-    exit_code = 7
-
-
-_BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.FAILED_PRECONDITION: Infeasible,
-            grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-            grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-            grpc.StatusCode.PERMISSION_DENIED: PermissionDenied}
-
-
-def _error(e: grpc.RpcError) -> ClientError:
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    return _BY_CODE.get(code, ClientError)(code.name, e.details() if hasattr(e, "details") else str(e))
 
 
 # ---- values ------------------------------------------------------------------------
@@ -143,6 +77,8 @@ def _pb_arch(arch: Any) -> pb.Arch:
 
 @dataclass(frozen=True)
 class SubnetInfo:
+    """A search result: the subnet's id and arch, its predictions and exact cost, and where it was found."""
+
     id: str
     arch: dict[str, Any]
     predicted_accuracy: float
@@ -158,11 +94,13 @@ class SubnetInfo:
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
+        """The result in a ``Subnet`` message (no latency prediction without a target: None)."""
         return cls(m.id, _arch_dict(m.arch), m.predicted_accuracy,
                    m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
                    m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""
         return dict(self.__dict__)
 
 
@@ -255,6 +193,7 @@ class Client:
         self.max_download_bytes = max_download_bytes
 
     def close(self) -> None:
+        """Close the channel (a ``with Client(...)`` block does it on exit)."""
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -269,7 +208,7 @@ class Client:
             try:
                 return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                err = _error(e)
+                err = error_from_rpc(e)
                 if not isinstance(err, Unavailable) or attempt == retries:
                     raise err from None
             time.sleep(self.RETRY_DELAY_S * (attempt + 1))
@@ -285,12 +224,14 @@ class Client:
         return c
 
     def supernets(self) -> list[dict[str, Any]]:
+        """What the server holds: each supernet's name, digest, space, data and targets."""
         from google.protobuf.json_format import MessageToDict
 
         resp = self._call("ListSupernets", pb.ListSupernetsRequest())
         return [MessageToDict(s, preserving_proto_field_name=True) for s in resp.supernets]
 
     def targets(self, supernet: str | None = None) -> list[dict[str, Any]]:
+        """The hardware targets of a supernet: the table's machine, fit quality, speed and references."""
         from google.protobuf.json_format import MessageToDict
 
         resp = self._call("ListTargets", pb.ListTargetsRequest(supernet=supernet or self.supernet))
@@ -335,6 +276,7 @@ class Client:
                max_macs: int | None = None, max_params: int | None = None, resolutions: Sequence[int] = (),
                seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
                timeout: float | None = None, reference_timings: Any = None) -> list[SubnetInfo]:
+        """Up to ``points`` subnets on the accuracy–latency front (accuracy–MACs without a target), by cost."""
         req = pb.GetParetoFrontRequest(
             supernet=supernet or self.supernet, target=target or "", points=points, seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, None),
@@ -352,6 +294,18 @@ class Client:
         """
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        req, arch = self._weights_request(subnet, FORMATS[format], supernet)
+        header, data = self._download(req, arch, timeout)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header.total_bytes or digest != header.sha256:
+            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
+                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        return Weights(data, format, header.sha256, header.subnet_id, _arch_dict(header.arch),
+                       tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
+
+    def _weights_request(self, subnet: str | SubnetInfo | Mapping[str, Any], format: int,
+                         supernet: str | None) -> tuple[pb.GetSubnetWeightsRequest, Any]:
+        """The request for ``subnet`` (see :meth:`fetch`), and the arch it names (None for a bare id)."""
         if isinstance(subnet, SubnetInfo):
             subnet = subnet.to_dict()
         if isinstance(subnet, str):
@@ -360,12 +314,17 @@ class Client:
             subnet_id, found_on, arch = subnet.get("id"), subnet.get("supernet"), subnet["arch"]
         else:
             subnet_id, found_on, arch = "", "", subnet
-        req = pb.GetSubnetWeightsRequest(format=FORMATS[format], supernet=supernet or (
+        req = pb.GetSubnetWeightsRequest(format=format, supernet=supernet or (
             found_on if isinstance(found_on, str) and found_on else self.supernet))
         if isinstance(subnet_id, str) and subnet_id:
             req.subnet_id = subnet_id
         if arch is not None:
             req.arch.CopyFrom(_pb_arch(arch))
+        return req, arch
+
+    def _download(self, req: pb.GetSubnetWeightsRequest, arch: Any,
+                  timeout: float | None) -> tuple[pb.WeightsHeader, bytes]:
+        """The header and the bytes of one weights stream; a header or chunk out of place is refused at once."""
         try:
             stream = self._stub.GetSubnetWeights(req, timeout=timeout or self.timeout, metadata=self._metadata)
             header, chunks, size = None, [], 0
@@ -384,16 +343,10 @@ class Client:
                                          "bytes its header announced")
                 chunks.append(msg.chunk)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise error_from_rpc(e) from None
         if header is None:
             raise IntegrityError("DATA_LOSS", "the stream ended without a header")
-        data = b"".join(chunks)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != header.total_bytes or digest != header.sha256:
-            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
-                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
-        return Weights(data, format, header.sha256, header.subnet_id, _arch_dict(header.arch),
-                       tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
+        return header, b"".join(chunks)
 
     def _check_header(self, header: pb.WeightsHeader, req: pb.GetSubnetWeightsRequest, arch: Any) -> None:
         """A header must describe what was asked for, at a size this client accepts, before any byte is kept."""
@@ -422,6 +375,7 @@ class Client:
         try:
             raw = check(name, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise error_from_rpc(e) from None
         status = raw[1] if len(raw) >= 2 and raw[0] == 0x08 else 0  # field 1, varint (values < 128)
         return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(status, "UNKNOWN")
+
