@@ -1,17 +1,27 @@
-"""Every request field is checked here, once: a bad one becomes INVALID_ARGUMENT naming it and its range."""
+"""Proto <-> domain conversion, in one place: every request field is checked here, once (a bad one becomes
+INVALID_ARGUMENT naming it and its range), and every response message is built here from the domain
+values (``Arch``, ``Candidate``, a latency table...)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ofa.predict.latency import LatencyTableError, Speed, check_target_name
-from ofa.search import Constraints, SearchSettings
+from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.v1 import subnet_service_pb2 as pb
 
-__all__ = ["MESSAGE_CHARS", "RequestError", "arch_of", "bounded", "check_work", "constraints_of", "format_of", "settings_of", "target_of",
-           "points_of", "speed_of_timings", "LIMITS"]
+if TYPE_CHECKING:
+    from ofa.artifact import Artifact
+    from ofa.predict.accuracy import AccuracyPredictor
+
+    from .weights import Payload
+
+__all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "bounded", "check_work",
+           "constraints_of", "format_of", "invalid", "points_of", "settings_of", "speed_of_timings", "subnet_id_of",
+           "subnet_to_pb", "supernet_to_pb", "target_of", "target_to_pb", "weights_header"]
 
 # Bounds on what one request may ask of the server.
 LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
@@ -54,10 +64,12 @@ class RequestError(Exception):
 
 
 def invalid(message: str) -> RequestError:
+    """INVALID_ARGUMENT with ``message``: the request itself is wrong."""
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def target_of(value: str, required: bool = False) -> str | None:
+    """The target name a request gives (None when empty and not ``required``), checked as a table's name is."""
     if not value:
         if required:
             raise invalid("target is required")
@@ -75,6 +87,7 @@ def _positive(name: str, value: float, limit: float) -> float:
 
 
 def constraints_of(c: pb.Constraints, space: SearchSpace, target: str | None) -> Constraints:
+    """The search constraints of a request, each bound checked against its range and the space."""
     max_latency = max_macs = max_params = min_acc = None
     if c.HasField("max_latency_ms"):
         if target is None:
@@ -104,6 +117,7 @@ def _bounded(name: str, value: int, default: int) -> int:
 
 
 def settings_of(options: pb.SearchOptions, seed: int, front: bool = False) -> SearchSettings:
+    """Population, generations (0: the default of a search or a ``front``) and seed of a request."""
     return SearchSettings(population=_bounded("population", options.population, DEFAULT_POPULATION),
                           generations=_bounded("generations", options.generations,
                                                DEFAULT_FRONT_GENERATIONS if front else DEFAULT_GENERATIONS),
@@ -121,6 +135,7 @@ def check_work(settings: SearchSettings, points: int, limit: int = LIMITS["work"
 
 
 def points_of(value: int) -> int:
+    """The number of points a front asks for (0: the default)."""
     if value == 0:
         return DEFAULT_POINTS
     lo, hi = LIMITS["points"]
@@ -130,6 +145,7 @@ def points_of(value: int) -> int:
 
 
 def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
+    """The :class:`Arch` a ``pb.Arch`` describes, validated against ``space``."""
     try:
         return space.validate(Arch(tuple(msg.kernel), tuple(msg.expand), tuple(msg.depth), msg.resolution))
     except (ArchError, ValueError, TypeError) as e:
@@ -137,6 +153,7 @@ def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
 
 
 def format_of(value: int) -> str:
+    """The weights format's name (``safetensors``, ``onnx``, ``torchscript``) of a ``pb.WeightsFormat``."""
     if value not in _FORMATS:
         names = [pb.WeightsFormat.Name(v) for v in _FORMATS]
         raise invalid(f"format must be one of {names}, got {value}")
@@ -144,6 +161,7 @@ def format_of(value: int) -> str:
 
 
 def subnet_id_of(value: str) -> str:
+    """A subnet id as a request gives it: 16 lowercase hex digits."""
     if len(value) != 16 or any(c not in "0123456789abcdef" for c in value):
         raise invalid(f"subnet_id must be 16 lowercase hex digits, got {value[:40]!r}")
     return value
@@ -178,3 +196,70 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed |
         raise invalid(f"reference_timings imply the device runs at {speed.describe()} of its profiled time; only "
                       f"x{lo:g} to x{hi:g} is accepted (were they timed on this target's device and runtime?)")
     return speed
+
+
+# ---- responses ---------------------------------------------------------------------
+def arch_to_pb(arch: Arch) -> pb.Arch:
+    """The ``pb.Arch`` of an :class:`Arch` (the one place it is built)."""
+    return pb.Arch(kernel=arch.kernel, expand=arch.expand, depth=arch.depth, resolution=arch.resolution)
+
+
+def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None, speed: Speed) -> pb.Subnet:
+    """A searched subnet as answered: ``speed`` is the device speed the latency was predicted at."""
+    msg = pb.Subnet(id=c.arch.id, arch=arch_to_pb(c.arch), predicted_accuracy=c.accuracy, macs=c.macs,
+                    params=c.params, search_seconds=seconds, supernet=supernet, target=target or "",
+                    speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0)
+    if c.latency_ms is not None:
+        msg.predicted_latency_ms = c.latency_ms
+    return msg
+
+
+def supernet_to_pb(name: str, artifact: "Artifact", accuracy: "AccuracyPredictor | None",
+                   targets: list[str]) -> pb.Supernet:
+    """A served supernet: its space, data, targets and (when it has one) its accuracy predictor's quality."""
+    sp, data = artifact.space, artifact.data
+    space = pb.SearchSpace(name=sp.name, kernel_choices=sp.kernel_choices, expand_choices=sp.expand_choices,
+                           depth_choices=sp.depth_choices, resolutions=sp.resolutions,
+                           stages=[pb.Stage(width=s.width, stride=s.stride, activation=s.act, squeeze_excite=s.se)
+                                   for s in sp.stages],
+                           in_channels=sp.in_channels, num_classes=sp.num_classes, definition_json=sp.to_json())
+    msg = pb.Supernet(name=name, digest=artifact.digest, space=space,
+                      data=pb.DataDescription(dataset=data.name, channels=data.channels, image_size=data.image_size,
+                                              num_classes=data.num_classes, mean=data.mean, std=data.std,
+                                              class_names=data.class_names),
+                      targets=targets)
+    if accuracy is not None:
+        test = accuracy.info.get("test", {})
+        msg.accuracy_predictor.CopyFrom(pb.PredictorQuality(
+            family=accuracy.family, train_samples=int(accuracy.info.get("train_samples", 0)),
+            test_samples=int(accuracy.info.get("test_samples", 0)),
+            kendall_tau=float(test.get("kendall_tau", 0.0)), rmse=float(test.get("rmse", 0.0)),
+            kendall_tau_ceiling=float(test.get("tau_ceiling", 0.0))))
+    return msg
+
+
+def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -> pb.Target:
+    """A target of a validated latency table; ``source`` is "artifact" or "registered"."""
+    dev = table.get("device", {})
+    held = ((table.get("fit") or {}).get("quality") or {}).get("held_out") or {}
+    refs = []
+    for r in table.get("references", []):
+        a = Arch.from_dict(r["arch"])
+        refs.append(pb.ReferenceSubnet(subnet_id=a.id, profiled_ms=float(r["ms"]), arch=arch_to_pb(a)))
+    speed = Speed.from_dict(table.get("recalibration"))
+    return pb.Target(name=name, supernet=supernet, cpu=str(dev.get("cpu", "")),
+                     threads=int(dev.get("threads", 0) or 0), backend=str(dev.get("backend", "")),
+                     backend_version=str(dev.get("backend_version", "")), batch=int(dev.get("batch", 1) or 1),
+                     blocks=len(table["entries"]), mean_abs_rel_error=float(held.get("mean_abs_rel_error", 0.0)),
+                     source=source, references=refs, held_out_within_10pct=float(held.get("within_10pct", 0.0)),
+                     held_out_spearman=float(held.get("spearman", 0.0)),
+                     model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms)
+
+
+def weights_header(fmt: int, payload: "Payload", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:
+    """The first message of a weights stream: what follows (format, size, hash) and how to feed the subnet."""
+    d = artifact.data
+    return pb.WeightsHeader(format=fmt, total_bytes=len(payload.data), sha256=payload.sha256, subnet_id=arch.id,
+                            arch=arch_to_pb(arch), input_shape=[1, d.channels, arch.resolution, arch.resolution],
+                            mean=d.mean, std=d.std, supernet_digest=artifact.digest,
+                            calibration_images=payload.calibration_images)

@@ -16,12 +16,12 @@ from grpc_reflection.v1alpha import reflection
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
-from .args import add_arguments
+from .args import ServeConfig, add_arguments, config_of
 from .auth import TokenAuth, Tokens
 from .registry import Registry
 from .service import SubnetService
 
-__all__ = ["BoundedHealth", "Server", "add_arguments", "main", "serve"]
+__all__ = ["BoundedHealth", "ServeConfig", "Server", "add_arguments", "config_of", "main", "run", "serve"]
 
 log = logging.getLogger("ofa_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["SubnetService"].full_name
@@ -38,6 +38,11 @@ class BoundedHealth(health.HealthServicer):
     def __init__(self, max_watches: int = 64) -> None:
         super().__init__()
         self.max_watches = max_watches
+
+    def watched_services(self) -> list[str]:
+        """The service names that Watch streams are open on now."""
+        with self._lock:
+            return sorted(self._send_response_callbacks)
 
     def _check_name(self, request, context) -> None:
         if len(request.service) > self.MAX_NAME:
@@ -70,39 +75,45 @@ class BoundedHealth(health.HealthServicer):
 
 
 class Server:
-    """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds."""
+    """A running server; ``stop`` finishes in-flight calls within ``grace`` seconds.
 
-    def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
-                 tokens: Tokens | None = None, tls: tuple[bytes, bytes] | None = None, max_health_watches: int = 16,
-                 max_connection_age_s: float = 1800.0, **service_options) -> None:
-        """``service_options`` go to :class:`SubnetService` (max_searches, max_streams, cache_bytes...)."""
-        interceptors = [TokenAuth(tokens)] if tokens else []
-        self.health = BoundedHealth(max_health_watches)
+    ``config`` says where it listens and what it takes on; the registry, the tokens and ``tls`` (a PEM
+    certificate chain and key) come made, not from the config's paths (:func:`run` makes them).
+    """
+
+    def __init__(self, registry: Registry, config: ServeConfig, tokens: Tokens | None = None,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        self.health = BoundedHealth(config.max_health_watches)
         self._serving = threading.Event()  # between start and stop: health follows the search workers
-        self.service = SubnetService(registry, on_ready=self._workers_ready, tokens=tokens, **service_options)
-        # weight streams and health watches each hold a thread while open (a client that stops reading
-        # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
-        held = self.service.max_streams + max_health_watches
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers + held, thread_name_prefix="ofa-rpc"),
-                                interceptors=interceptors, maximum_concurrent_rpcs=held + 4 * workers,
-                                options=[("grpc.max_receive_message_length", 16 << 20),
-                                         # dead peers are found, and no connection (nor a stream stuck on
-                                         # a client that stopped reading) is held for ever
-                                         ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
-                                         ("grpc.max_connection_idle_ms", 600_000),
-                                         ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
-                                         ("grpc.max_connection_age_grace_ms", 300_000)])
+        self.service = SubnetService(registry, config, tokens, on_ready=self._workers_ready)
+        self.grpc = self._grpc_server(config, tokens)
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        address = f"{host}:{port}"
+        address = f"{config.host}:{config.port}"
         if tls:
             self.port = self.grpc.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
         else:
             self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        self.host = host
+        self.host = config.host
+
+    @staticmethod
+    def _grpc_server(config: ServeConfig, tokens: Tokens | None) -> grpc.Server:
+        # weight streams and health watches each hold a thread while open (a client that stops reading
+        # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
+        held = config.max_streams + config.max_health_watches
+        return grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers + held, thread_name_prefix="ofa-rpc"),
+                           interceptors=[TokenAuth(tokens)] if tokens else [],
+                           maximum_concurrent_rpcs=held + 4 * config.workers,
+                           options=[("grpc.max_receive_message_length", 16 << 20),
+                                    # dead peers are found, and no connection (nor a stream stuck on
+                                    # a client that stopped reading) is held for ever
+                                    ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                                    ("grpc.max_connection_idle_ms", 600_000),
+                                    ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                                    ("grpc.max_connection_age_grace_ms", 300_000)])
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,68 +126,67 @@ class Server:
             self._set_health(n > 0)
 
     def start(self) -> "Server":
+        """Start serving (health SERVING once a search worker is ready); returns the server."""
         self.grpc.start()
         self._serving.set()
         self._set_health(self.service.pool.ready > 0)
         return self
 
     def stop(self, grace: float = 30.0) -> None:
+        """Stop taking calls, give those in flight ``grace`` seconds, then stop the search workers."""
         self._serving.clear()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
         self.service.close()
 
     def wait(self) -> None:
+        """Block until the server has stopped."""
         self.grpc.wait_for_termination()
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``ofa serve`` with the flags of :func:`add_arguments` parsed: serve until SIGTERM or SIGINT."""
+    return run(config_of(args))
+
+
+def run(config: ServeConfig) -> int:
+    """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then finish the calls in flight; returns 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
+    if config.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.max_message_chars < 100:
-        raise ValueError(f"--max-message-chars must be >= 100, got {args.max_message_chars}")
-    for flag in ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
-                 "max_connection_age_s", "stream_stall_s", "stream_preempt_s", "max_streams", "max_streams_per_peer",
-                 "max_search_work", "max_table_bytes"):
-        if not getattr(args, flag) >= 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_per_peer < 0:
-        raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {args.max_per_peer}")
-    tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
-    tokens = Tokens.from_file(args.token_file) if args.token_file else None
-    if tokens and not tls and args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", args.host)
-    registry = Registry(args.artifact, args.targets_dir, args.name, max_targets=args.max_targets,
-                        table_bytes=args.max_table_bytes)
-    server = Server(registry, args.host, args.port, args.workers, tokens, tls, args.max_health_watches,
-                    args.max_connection_age_s, max_searches=args.max_searches, cache_bytes=args.cache_mb << 20,
-                    max_search_seconds=args.max_search_seconds, max_message_chars=args.max_message_chars,
-                    max_streams=args.max_streams, stream_stall_s=args.stream_stall_s,
-                    max_per_peer=args.max_per_peer or None, max_streams_per_peer=args.max_streams_per_peer,
-                    stream_preempt_s=args.stream_preempt_s, max_search_work=args.max_search_work).start()
-    print(f"ofa serve: listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
+        torch.set_num_threads(config.threads)  # this process's own setting: it serves until it exits
+    tls = (Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes()) if config.tls_cert else None
+    tokens = Tokens.from_file(config.token_file) if config.token_file else None
+    if tokens and not tls and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", config.host)
+    registry = Registry(list(config.artifacts), config.targets_dir, list(config.names), max_targets=config.max_targets,
+                        table_bytes=config.max_table_bytes)
+    server = Server(registry, config, tokens, tls).start()
+    print(f"ofa serve: listening on {config.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}",
           flush=True)
+    _wait_for_signal(server, config.grace)
+    log.info("stopped")
+    return 0
+
+
+def _wait_for_signal(server: Server, grace: float) -> None:
+    """Block until SIGTERM or SIGINT has stopped ``server`` (in-flight calls get ``grace`` seconds)."""
     done = threading.Event()
 
     def on_signal(signum, frame):
-        log.info("signal %d: finishing in-flight calls (up to %.0f s)", signum, args.grace)
-        threading.Thread(target=lambda: (server.stop(args.grace), done.set()), daemon=True).start()
+        log.info("signal %d: finishing in-flight calls (up to %.0f s)", signum, grace)
+        threading.Thread(target=lambda: (server.stop(grace), done.set()), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
     server.wait()
-    log.info("stopped")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ofa_server.main``: the same as ``ofa serve``."""
     p = argparse.ArgumentParser(prog="ofa serve", description="Serve supernet artifacts over gRPC.")
     add_arguments(p)
     return serve(p.parse_args(argv))

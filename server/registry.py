@@ -21,14 +21,14 @@ from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import Artifact, load_artifact
-from ofa.predict.latency import TABLE_KEYS, LatencyTableError, Speed, space_digest, validate_table
+from ofa.predict.latency import TABLE_KEYS, LatencyTableError, space_digest, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
 from ofa.space import Arch
 
-from .validation import LIMITS, bounded
+from .convert import LIMITS, bounded
 
-__all__ = ["NotOwner", "Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
+__all__ = ["KnownTarget", "NotOwner", "Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
 
 log = logging.getLogger("ofa_server")
 
@@ -51,6 +51,7 @@ class ServedSupernet:
         self.digest16 = space_digest(self.artifact.space)[:16]
 
     def remember(self, arch: Arch, limit: int = 100_000) -> None:
+        """Keep ``arch`` by its id (a search returned it), so that its weights can be asked for by id alone."""
         with self.lock:
             self.known[arch.id] = arch
             self.known.move_to_end(arch.id)
@@ -58,8 +59,23 @@ class ServedSupernet:
                 self.known.popitem(last=False)
 
     def lookup(self, subnet_id: str) -> Arch | None:
+        """The arch of a subnet id this server returned, or None."""
         with self.lock:
             return self.known.get(subnet_id)
+
+
+@dataclass(frozen=True)
+class KnownTarget:
+    """A target a supernet can be searched for, as one scan of the targets folder found it."""
+
+    table: dict[str, Any]
+    source: str  # "artifact" | "registered"
+    version: int | None = None  # a registered table's version: search workers keep the tables by it
+
+    @property
+    def for_workers(self) -> tuple[int, dict[str, Any]] | None:
+        """(version, table) of a registered table; None for the artifact's own (the workers load those)."""
+        return (self.version, self.table) if self.source == "registered" else None
 
 
 class NotOwner(Exception):
@@ -189,21 +205,22 @@ class Registry:
                 del self._disk_cache[path]
         return out
 
-    def tables(self, sn: ServedSupernet) -> dict[str, tuple[dict[str, Any], str]]:
-        """Every target of a supernet: name -> (table, "artifact" | "registered")."""
-        out = {name: (t, "registered") for name, t in self.registered_tables(sn).items()}
-        out.update({name: (t, "artifact") for name, t in sn.artifact_targets.items()})
+    def targets(self, sn: ServedSupernet) -> dict[str, KnownTarget]:
+        """Every target of a supernet, the registered ones from one scan of its targets folder (a request
+        reads them once and passes them on)."""
+        out = {name: KnownTarget(t, "registered", v) for name, (t, v) in self._registered(sn).items()}
+        out.update({name: KnownTarget(t, "artifact") for name, t in sn.artifact_targets.items()})
         return out
 
-    def extra_table(self, sn: ServedSupernet, target: str | None) -> tuple[int, dict[str, Any]] | None:
-        """(version, table) of ``target`` when it is registered, not shipped in the artifact (else None)."""
-        if not target or target in sn.scorer.latency:
-            return None
-        found = self._registered(sn).get(target)
-        return None if found is None else (found[1], found[0])
-
     def known_targets(self, sn: ServedSupernet) -> list[str]:
-        return sorted(self.tables(sn))
+        """The names of every target of a supernet, sorted."""
+        return sorted(self.targets(sn))
+
+    def scanned_files(self) -> dict[Path, bool]:
+        """The files of the targets folders as the last scans found them: path -> whether it held a valid table
+        (a refused file is not read again until it changes)."""
+        with self._lock:
+            return {path: table is not None for path, (_, table, _) in self._disk_cache.items()}
 
     def register(self, sn: ServedSupernet, table_json: str, replace: bool, client: str = "") -> dict[str, Any]:
         """Validate a table against the supernet's space and keep it, owned by ``client``; returns the table.
@@ -287,25 +304,3 @@ class Registry:
                     raise StorageError(f"the targets folder cannot remove the table: {e.strerror}", False) from None
                 self._disk_cache.pop(path, None)
         log.info("removed target %s of %s", name, sn.name)
-
-
-def target_summary(name: str, supernet: str, table: dict[str, Any], source: str) -> dict[str, Any]:
-    """The fields of a ``pb.Target`` for a validated table."""
-    from ofa_client.v1 import subnet_service_pb2 as pb
-
-    dev = table.get("device", {})
-    held = ((table.get("fit") or {}).get("quality") or {}).get("held_out") or {}
-    refs = []
-    for r in table.get("references", []):
-        a = Arch.from_dict(r["arch"])
-        refs.append(pb.ReferenceSubnet(subnet_id=a.id, profiled_ms=float(r["ms"]), arch=pb.Arch(
-            kernel=a.kernel, expand=a.expand, depth=a.depth, resolution=a.resolution)))
-    return {"name": name, "supernet": supernet, "cpu": str(dev.get("cpu", "")), "threads": int(dev.get("threads", 0) or 0),
-            "backend": str(dev.get("backend", "")), "backend_version": str(dev.get("backend_version", "")),
-            "batch": int(dev.get("batch", 1) or 1), "blocks": len(table["entries"]),
-            "mean_abs_rel_error": float(held.get("mean_abs_rel_error", 0.0)), "source": source,
-            "references": refs, "held_out_within_10pct": float(held.get("within_10pct", 0.0)),
-            "held_out_spearman": float(held.get("spearman", 0.0)), "model_family": str(table["model"]["family"]),
-            "speed": Speed.from_dict(table.get("recalibration")).scale,
-            "speed_offset_ms": Speed.from_dict(table.get("recalibration")).offset_ms}
-

@@ -12,23 +12,126 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Union
 
-__all__ = ["SearchPool", "WorkerLost"]
+if TYPE_CHECKING:  # the worker imports numpy only after it has set its BLAS threads
+    from ofa.predict.latency import LatencyPredictor, Speed
+    from ofa.search import Candidate, Constraints, Scorer, SearchResult, SearchSettings
+
+__all__ = ["Job", "ParetoJob", "SearchJob", "SearchPool", "WorkerLost"]
 
 log = logging.getLogger("ofa_server")
 
 SEARCH_NICENESS = 10  # added to the workers' nice value (CFS then weights them about 1:10)
-_scorers: dict[str, Any] = {}  # per worker process: artifact dir -> Scorer (a cache of read-only files)
-_tables: "OrderedDict[int, Any]" = OrderedDict()  # per worker: registered table version -> LatencyPredictor
 TABLES_KEPT = 16  # registered tables a worker keeps (the most recently used)
-_flags = None
+Stop = Callable[[], bool]
 
 
-def _init(flags, artifact_dirs: tuple[str, ...]) -> None:
-    global _flags
-    _flags = flags
+# ---- jobs: what a worker runs (each job type knows its function) --------------------
+@dataclass(frozen=True)
+class SearchJob:
+    """The best arch under ``constraints`` (:func:`ofa.search.search`)."""
+
+    constraints: Constraints
+    target: str | None
+    settings: SearchSettings
+
+    def run(self, scorer: Scorer, should_stop: Stop) -> SearchResult:
+        """Run the search on ``scorer`` (in a worker)."""
+        from ofa.search import search
+
+        return search(scorer, self.constraints, self.target, self.settings, should_stop=should_stop)
+
+
+@dataclass(frozen=True)
+class ParetoJob:
+    """Up to ``points`` archs on the accuracy-latency front (:func:`ofa.search.pareto_front`)."""
+
+    points: int
+    target: str | None
+    constraints: Constraints
+    settings: SearchSettings
+
+    def run(self, scorer: Scorer, should_stop: Stop) -> list[Candidate]:
+        """Search the front on ``scorer`` (in a worker)."""
+        from ofa.search import pareto_front
+
+        return pareto_front(scorer, self.points, self.target, self.constraints, self.settings, should_stop=should_stop)
+
+
+Job = Union[SearchJob, ParetoJob]
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What crosses the pipe to a worker: a job and the scorer it runs on."""
+
+    job: Job
+    artifact_dir: str
+    table: tuple[int, dict | None] | None  # a registered target's (version, table or None once this worker has it)
+    speed: Speed | None  # the device's speed now, from the request's timings
+    slot: int
+    deadline: float | None  # a time.monotonic() value
+
+
+class _TableMissing(Exception):
+    """The task names a registered table by version that this worker does not keep: send it."""
+
+
+class _WorkerState:
+    """What one worker process keeps between tasks: the slots' stop flags, a scorer per artifact (a cache of
+    read-only files) and the registered tables it was sent (the most recently used ``tables_kept``)."""
+
+    def __init__(self, flags, tables_kept: int) -> None:
+        self.flags, self.tables_kept = flags, tables_kept
+        self.scorers: dict[str, Scorer] = {}  # artifact dir -> Scorer
+        self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
+
+    def scorer(self, artifact_dir: str) -> Scorer:
+        from ofa.search.load import load_scorer
+
+        scorer = self.scorers.get(artifact_dir)
+        if scorer is None:
+            scorer = self.scorers[artifact_dir] = load_scorer(artifact_dir)
+        return scorer
+
+    def registered(self, scorer: Scorer, table: tuple[int, dict | None]) -> LatencyPredictor:
+        """The predictor of a registered table, sent once per worker: (version, table or None once sent)."""
+        from ofa.predict.latency import LatencyPredictor
+
+        version, body = table
+        pred = self.tables.get(version)
+        if pred is None:
+            if body is None:
+                raise _TableMissing(version)
+            pred = self.tables[version] = LatencyPredictor(scorer.space, body)
+        self.tables.move_to_end(version)
+        while len(self.tables) > self.tables_kept:
+            self.tables.popitem(last=False)
+        return pred
+
+    def run(self, task: _Task) -> Any:
+        from ofa.search import Scorer
+
+        scorer = self.scorer(task.artifact_dir)
+        target = task.job.target
+        latency = dict(scorer.latency)
+        if task.table is not None:
+            pred = self.registered(scorer, task.table)
+            latency[pred.table["target"]] = pred
+        if task.speed is not None and target in latency:
+            latency[target] = latency[target].with_speed(task.speed)
+        if latency != scorer.latency:
+            scorer = Scorer(scorer.space, scorer.accuracy, latency, scorer.refused)
+        # the call's deadline is kept here too (CLOCK_MONOTONIC is one clock for all processes), so a search
+        # stops at it even when the server's flag does not reach it
+        slot, end = task.slot, task.deadline
+        return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end))
+
+
+def _worker_main(conn, flags, artifact_dirs: tuple[str, ...], tables_kept: int) -> None:
+    """A worker: load the scorers, say ready, then run one task at a time until the pipe closes."""
     # one BLAS thread per worker: the workers already run one search per core, and
     # oversubscribed BLAS threads spin against each other (before numpy is imported here)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -36,75 +139,20 @@ def _init(flags, artifact_dirs: tuple[str, ...]) -> None:
     # A search is batch work; streaming weights is waited on. At a lower priority the
     # searches take the cores only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)
+    state = _WorkerState(flags, tables_kept)
     for d in artifact_dirs:  # now, not in the first search each worker runs
         try:
-            _scorer(d)
+            state.scorer(d)
         except Exception:  # noqa: BLE001 - the search that needs this artifact reports it
             pass
-
-
-def _scorer(artifact_dir: str):
-    from ofa.search.load import load_scorer
-
-    scorer = _scorers.get(artifact_dir)
-    if scorer is None:
-        scorer = _scorers[artifact_dir] = load_scorer(artifact_dir)
-    return scorer
-
-
-class _TableMissing(Exception):
-    """The job names a registered table by version that this worker does not keep: send it."""
-
-
-def _registered(scorer, table: tuple[int, dict | None]):
-    """The predictor of a registered table, sent once per worker: (version, table or None once sent)."""
-    from ofa.predict.latency import LatencyPredictor
-
-    version, body = table
-    pred = _tables.get(version)
-    if pred is None:
-        if body is None:
-            raise _TableMissing(version)
-        pred = _tables[version] = LatencyPredictor(scorer.space, body)
-    _tables.move_to_end(version)
-    while len(_tables) > TABLES_KEPT:
-        _tables.popitem(last=False)
-    return pred
-
-
-def _job(kind: str, artifact_dir: str, table: tuple[int, dict | None] | None, speed: float | None, slot: int,
-         args: tuple, deadline: float | None = None) -> Any:
-    from ofa.search import Scorer, pareto_front, search
-
-    scorer = _scorer(artifact_dir)
-    target = args[1]  # search: (constraints, target, settings); pareto: (points, target, ...)
-    latency = dict(scorer.latency)
-    if table is not None:
-        pred = _registered(scorer, table)
-        latency[pred.table["target"]] = pred
-    if speed is not None and target in latency:  # the device's speed now, from the request's timings
-        latency[target] = latency[target].with_speed(speed)
-    if latency != scorer.latency:
-        scorer = Scorer(scorer.space, scorer.accuracy, latency, scorer.refused)
-    # the call's deadline is kept here too (CLOCK_MONOTONIC is one clock for all processes), so a search
-    # stops at it even when the server's flag does not reach it
-    stop = lambda: _flags[slot] != 0 or (deadline is not None and time.monotonic() > deadline)  # noqa: E731
-    if kind == "search":
-        return search(scorer, *args, should_stop=stop)
-    return pareto_front(scorer, *args, should_stop=stop)
-
-
-def _worker_main(conn, flags, artifact_dirs: tuple[str, ...]) -> None:
-    """A worker: load the scorers, say ready, then run one job at a time until the pipe closes."""
-    _init(flags, artifact_dirs)
     conn.send(("ready", os.getpid()))
     while True:
         try:
-            job = conn.recv()
+            task = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            out = ("ok", _job(*job))
+            out = ("ok", state.run(task))
         except _TableMissing:
             out = ("missing", None)
         except Exception as e:  # noqa: BLE001 - Infeasible, SearchCancelled... are the caller's to map
@@ -119,10 +167,15 @@ class WorkerLost(RuntimeError):
     """The search could not run to its end on a worker (it died, hung, or none is ready): retry it."""
 
 
+class _Lost(Exception):
+    """The worker of a job died or ran too long (the pool then replaces it)."""
+
+
 @dataclass
 class _Worker:
     proc: Any
     conn: Any
+    sent: set[int] = field(default_factory=set)  # the versions of the registered tables it was sent
 
 
 class SearchPool:
@@ -140,16 +193,17 @@ class SearchPool:
 
     def __init__(self, slots: int, artifact_dirs: tuple[str, ...] = (), max_seconds: float = 300.0,
                  stop_grace: float = 5.0, start_timeout: float = 120.0,
-                 on_ready: Callable[[int], None] = lambda n: None) -> None:
+                 on_ready: Callable[[int], None] = lambda n: None, tables_kept: int = TABLES_KEPT) -> None:
         self._ctx = mp.get_context("spawn")
         self._dirs = tuple(artifact_dirs)
         self._flags = self._ctx.Array("b", slots, lock=False)
         self.max_seconds, self.stop_grace, self.start_timeout = max_seconds, stop_grace, start_timeout
         self._on_ready = on_ready
+        self.tables_kept = tables_kept  # registered tables each worker keeps
+        self.tables_sent = 0  # registered tables sent to a worker (each crosses once per worker that keeps it)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._workers: list[_Worker | None] = [self._spawn() for _ in range(slots)]
-        self._sent: list[set[int]] = [set() for _ in range(slots)]  # table versions each worker was sent
         self._free: list[int] = []
         self._busy: set[int] = set()
         self.restarts = 0
@@ -160,14 +214,13 @@ class SearchPool:
                                    f"{w.proc.exitcode}; a script that starts a server needs an "
                                    f"`if __name__ == '__main__':` guard, as multiprocessing's spawn does)")
             self._free.append(slot)
-        self._watcher = threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True)
-        self._watcher.start()
+        threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True).start()
 
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._dirs), daemon=True,
-                                 name="ofa-search")
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._dirs, self.tables_kept),
+                                 daemon=True, name="ofa-search")
         proc.start()
         child.close()
         return _Worker(proc, parent)
@@ -189,6 +242,16 @@ class SearchPool:
         """Workers alive and able to take a search (idle or busy)."""
         with self._lock:
             return len(self._free) + len(self._busy)
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers now started, by slot."""
+        with self._lock:
+            return [w.proc.pid for w in self._workers if w is not None]
+
+    def busy_worker_pids(self) -> list[int]:
+        """The process ids of the workers running a job now."""
+        with self._lock:
+            return [self._workers[s].proc.pid for s in sorted(self._busy) if self._workers[s] is not None]
 
     def _replace(self, slot: int, why: str) -> None:
         """Kill the worker of ``slot`` and start another in the background; the slot is free once it is ready."""
@@ -215,7 +278,6 @@ class SearchPool:
                 with self._lock:
                     if not self._closed.is_set():
                         self._workers[slot] = w
-                        self._sent[slot] = set()
                         self._flags[slot] = 0
                         self._free.append(slot)
                         n = len(self._free) + len(self._busy)
@@ -240,11 +302,27 @@ class SearchPool:
                 self._replace(slot, f"died while idle (exit code {self._workers[slot].proc.exitcode})")
 
     # ---- jobs ------------------------------------------------------------------------
-    def run(self, kind: str, artifact_dir: str, table: tuple[int, dict] | None, speed: float | None, args: tuple,
-            cancelled: Callable[[], bool], deadline: float | None = None) -> Any:
-        """Run a job; ``table`` is a registered target's (version, table), sent to a worker only when it does
-        not keep it; ``deadline`` is a ``time.monotonic()`` value. Raises :class:`WorkerLost` when it could
-        not run to its end (retryable), and what the job raised otherwise."""
+    def run(self, job: Job, artifact_dir: str, cancelled: Stop = lambda: False, *,
+            table: tuple[int, dict] | None = None, speed: Speed | None = None, deadline: float | None = None) -> Any:
+        """Run ``job`` on the scorer of ``artifact_dir``; ``table`` is a registered target's (version, table),
+        sent to a worker only when it does not keep it; ``speed`` the device's speed now; ``deadline`` a
+        ``time.monotonic()`` value. Blocks until the job ends or ``cancelled()``. Raises :class:`WorkerLost`
+        when it could not run to its end (retryable), and what the job raised otherwise."""
+        slot, w = self._take()
+        self._flags[slot] = 0
+        offered = None if table is None else (table[0], None if table[0] in w.sent else table[1])
+        task = _Task(job, artifact_dir, offered, speed, slot, deadline)
+        try:
+            status, value = self._answer(slot, w, task, table, cancelled)
+            self._done(slot, w, table)
+            if status == "ok":
+                return value
+            raise value
+        except (_Lost, EOFError, OSError) as e:
+            raise self._lost(slot, w, e) from None
+
+    def _take(self) -> tuple[int, _Worker]:
+        """A free slot whose worker is alive, now marked busy."""
         with self._lock:
             slots = [s for s in self._free if self._workers[s].proc.is_alive()]
             if not slots:
@@ -252,57 +330,65 @@ class SearchPool:
             slot = slots[-1]
             self._free.remove(slot)
             self._busy.add(slot)
-            w = self._workers[slot]
-        self._flags[slot] = 0
-        t0, stop_at = time.monotonic(), None
-        job = [kind, artifact_dir, None, speed, slot, args, deadline]
-        if table is not None:  # the version alone once this worker has been sent the table
-            job[2] = (table[0], None if table[0] in self._sent[slot] else table[1])
-        try:
-            w.conn.send(tuple(job))
-            while True:
-                if w.conn.poll(0.05):
-                    status, value = w.conn.recv()
-                    if status == "missing":  # it no longer keeps the table (or never had it): send it
-                        job[2] = table
-                        w.conn.send(tuple(job))
-                        continue
-                    if table is not None:
-                        if len(self._sent[slot]) >= 4 * TABLES_KEPT:
-                            self._sent[slot].clear()
-                        self._sent[slot].add(table[0])
-                    with self._lock:
-                        self._busy.discard(slot)
-                        self._free.append(slot)
-                    if status == "ok":
-                        return value
-                    raise value
-                now = time.monotonic()
-                if not w.proc.is_alive():
-                    raise _Lost(f"the search worker died (exit code {w.proc.exitcode})")
-                if stop_at is None and (cancelled() or (deadline is not None and now > deadline)):
-                    self._flags[slot] = 1
-                    stop_at = now
-                if stop_at is not None and now - stop_at > self.stop_grace:  # stuck (SIGSTOP, a bug): the call is over
-                    self._replace(slot, f"did not stop within {self.stop_grace:g} s of being told to")
-                    from ofa.search import SearchCancelled
+            return slot, self._workers[slot]
 
-                    raise SearchCancelled("the search was stopped")
-                if now - t0 > self.max_seconds:
-                    raise _Lost(f"the search ran past the server's limit of {self.max_seconds:g} s")
-        except (_Lost, EOFError, OSError) as e:
-            if self._closed.is_set():
-                raise WorkerLost("the server is stopping; retry on another replica") from None
-            if isinstance(e, _Lost):
-                why = str(e)
-            else:  # the pipe closed: the worker is gone or going
-                w.proc.join(1)
-                why = (f"the search worker died (exit code {w.proc.exitcode})" if w.proc.exitcode is not None
-                       else "the search worker's pipe closed")
-            self._replace(slot, why)
-            raise WorkerLost(f"{why}; it has been replaced: retry") from None
+    def _send(self, w: _Worker, task: _Task) -> None:
+        if task.table is not None and task.table[1] is not None:
+            self.tables_sent += 1  # a count for tests and logs: the GIL is enough
+        w.conn.send(task)
+
+    def _answer(self, slot: int, w: _Worker, task: _Task, table: tuple[int, dict] | None,
+                cancelled: Stop) -> tuple[str, Any]:
+        """Send ``task`` and wait for the worker's (status, value); stop the job when the call is cancelled
+        or past its deadline, and give up on a worker that dies, hangs or runs too long."""
+        t0, stop_at, deadline = time.monotonic(), None, task.deadline
+        self._send(w, task)
+        while True:
+            if w.conn.poll(0.05):
+                status, value = w.conn.recv()
+                if status != "missing":
+                    return status, value
+                self._send(w, replace(task, table=table))  # it no longer keeps the table (or never had it)
+                continue
+            now = time.monotonic()
+            if not w.proc.is_alive():
+                raise _Lost(f"the search worker died (exit code {w.proc.exitcode})")
+            if stop_at is None and (cancelled() or (deadline is not None and now > deadline)):
+                self._flags[slot] = 1
+                stop_at = now
+            if stop_at is not None and now - stop_at > self.stop_grace:  # stuck (SIGSTOP, a bug): the call is over
+                self._replace(slot, f"did not stop within {self.stop_grace:g} s of being told to")
+                from ofa.search import SearchCancelled
+
+                raise SearchCancelled("the search was stopped")
+            if now - t0 > self.max_seconds:
+                raise _Lost(f"the search ran past the server's limit of {self.max_seconds:g} s")
+
+    def _done(self, slot: int, w: _Worker, table: tuple[int, dict] | None) -> None:
+        """The worker ``w`` of ``slot`` answered: it keeps ``table`` now, and is free."""
+        if table is not None:
+            if len(w.sent) >= 4 * self.tables_kept:
+                w.sent.clear()
+            w.sent.add(table[0])
+        with self._lock:
+            self._busy.discard(slot)
+            self._free.append(slot)
+
+    def _lost(self, slot: int, w: _Worker, e: Exception) -> WorkerLost:
+        """The job could not run to its end on ``w``: replace it (unless the pool is closing)."""
+        if self._closed.is_set():
+            return WorkerLost("the server is stopping; retry on another replica")
+        if isinstance(e, _Lost):
+            why = str(e)
+        else:  # the pipe closed: the worker is gone or going
+            w.proc.join(1)
+            why = (f"the search worker died (exit code {w.proc.exitcode})" if w.proc.exitcode is not None
+                   else "the search worker's pipe closed")
+        self._replace(slot, why)
+        return WorkerLost(f"{why}; it has been replaced: retry")
 
     def close(self) -> None:
+        """Kill every worker: a search still running gets :class:`WorkerLost`."""
         self._closed.set()
         with self._lock:
             workers = [w for w in self._workers if w is not None]
@@ -311,7 +397,3 @@ class SearchPool:
         for w in workers:
             w.proc.join(5)
             w.conn.close()
-
-
-class _Lost(Exception):
-    pass

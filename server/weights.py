@@ -235,3 +235,20 @@ class WeightsCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    # ---- read-only views (for health pages and tests) ----
+    @property
+    def building_count(self) -> int:
+        """Payloads being built now."""
+        with self._lock:
+            return len(self._building)
+
+    @property
+    def stranger_bytes(self) -> int:
+        """Bytes held by payloads of archs no search has returned."""
+        return self._stranger_bytes
+
+    def keys(self) -> list[tuple[str, str, str]]:
+        """The keys of the payloads held, least recently used first."""
+        with self._lock:
+            return list(self._items)

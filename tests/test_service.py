@@ -25,7 +25,7 @@ from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotF
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from ofa_server.auth import Tokens
-from ofa_server.main import Server
+from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry, TargetExists
 from ofa_server.weights import WeightsCache
 
@@ -41,7 +41,7 @@ def artifact(tiny_artifact, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
     registry = Registry([str(artifact)], str(tmp_path_factory.mktemp("targets")))
-    srv = Server(registry, port=0, max_searches=2).start()
+    srv = Server(registry, ServeConfig(port=0, max_searches=2)).start()
     yield srv
     srv.stop(0)
 
@@ -143,8 +143,12 @@ def test_bad_reference_timings_are_refused(client, timings, message):
         client.search(target, max_macs=10**9, reference_timings=timings)
 
 
-def test_register_target_validates_persists_and_is_searchable(client, artifact, server, tmp_path):
-    space = load_artifact(artifact).space
+@pytest.fixture(scope="module")
+def space(artifact):
+    return load_artifact(artifact).space
+
+
+def test_a_registered_target_is_listed_searchable_and_replaced_only_on_request(client, space):
     table = synthetic_table(space, "phone-x", seed=5)
     t = client.register_target(table)
     assert t["name"] == "phone-x" and t["source"] == "registered"
@@ -153,22 +157,35 @@ def test_register_target_validates_persists_and_is_searchable(client, artifact, 
     with pytest.raises(AlreadyExists, match="already registered"):
         client.register_target(table)
     client.register_target({**table, "entries": {k: v * 2 for k, v in table["entries"].items()}}, replace=True)
-    with pytest.raises(AlreadyExists, match="ships with the supernet"):
-        client.register_target(synthetic_table(space, TARGET))
-    with pytest.raises(InvalidArgument, match="table_json is not valid JSON"):
-        client.register_target("{not json")
-    with pytest.raises(InvalidArgument, match="digest mismatch"):
-        client.register_target({**table, "space": {"name": "x", "digest": "0" * 64}})
-    with pytest.raises(InvalidArgument, match="entries lack"):
-        client.register_target({**table, "entries": dict(list(table["entries"].items())[:5])})
-    with pytest.raises(InvalidArgument, match="device.threads must be an integer in 1..1024"):
-        client.register_target({**table, "target": "phone-y", "device": {"threads": "four"}})
-    with pytest.raises(InvalidArgument, match="nests too deeply"):
-        client.register_target('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    assert "phone-y" not in [x["name"] for x in client.targets()]  # refused tables are not kept
-    # another replica reading the same targets folder answers alike
+
+
+BAD_TABLES = [  # (how to spoil a valid table of target "refused-x", error, message)
+    pytest.param(lambda table, space: synthetic_table(space, TARGET), AlreadyExists, "ships with the supernet",
+                 id="artifact-target"),
+    pytest.param(lambda table, space: "{not json", InvalidArgument, "table_json is not valid JSON", id="not-json"),
+    pytest.param(lambda table, space: {**table, "space": {"name": "x", "digest": "0" * 64}}, InvalidArgument,
+                 "digest mismatch", id="other-space"),
+    pytest.param(lambda table, space: {**table, "entries": dict(list(table["entries"].items())[:5])},
+                 InvalidArgument, "entries lack", id="missing-entries"),
+    pytest.param(lambda table, space: {**table, "device": {"threads": "four"}}, InvalidArgument,
+                 "device.threads must be an integer in 1..1024", id="bad-device"),
+    pytest.param(lambda table, space: '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", InvalidArgument,
+                 "nests too deeply", id="nested-too-deep"),
+]
+
+
+@pytest.mark.parametrize("spoil, error, message", BAD_TABLES)
+def test_a_bad_table_is_refused_and_not_kept(client, space, spoil, error, message):
+    with pytest.raises(error, match=message):
+        client.register_target(spoil(synthetic_table(space, "refused-x", seed=5), space))
+    assert "refused-x" not in [x["name"] for x in client.targets()]
+
+
+def test_another_replica_reading_the_targets_folder_answers_alike(client, artifact, server, space):
+    table = synthetic_table(space, "phone-r", seed=5)
+    client.register_target(table)
     replica = Registry([str(artifact)], str(server.service.registry.targets_dir))
-    assert "phone-x" in replica.known_targets(replica.supernets["tiny"])
+    assert "phone-r" in replica.known_targets(replica.supernets["tiny"])
     with pytest.raises(TargetExists, match="already registered"):  # creating the shared file is the check
         replica.register(replica.supernets["tiny"], json.dumps(table), replace=False)
 
@@ -181,7 +198,7 @@ def test_a_failed_weight_build_leaves_nothing_behind():
 
     with pytest.raises(RuntimeError, match="build failed"):
         cache.get_or_build(("a", "b", "onnx"), fail)
-    assert cache._building == {} and cache.get(("a", "b", "onnx")) is None
+    assert cache.building_count == 0 and cache.get(("a", "b", "onnx")) is None
 
 
 def test_archs_no_search_returned_cannot_push_out_the_searched_ones():
@@ -193,13 +210,13 @@ def test_archs_no_search_returned_cannot_push_out_the_searched_ones():
         cache.get_or_build(("d", f"searched-{k}", "onnx"), item)
     for k in range(20):  # a client asking for arbitrary archs: they evict each other only
         cache.get_or_build(("d", f"made-up-{k}", "onnx"), item, searched=False)
-    kept = [k[1] for k in cache._items]
+    kept = [k[1] for k in cache.keys()]
     assert kept == [f"searched-{k}" for k in range(12)] + ["made-up-18", "made-up-19"], kept
     for k in range(12, 16):  # searched ones evict the oldest of all
         cache.get_or_build(("d", f"searched-{k}", "onnx"), item)
-    assert cache.bytes <= 800 and cache._stranger_bytes <= 100
+    assert cache.bytes <= 800 and cache.stranger_bytes <= 100
     assert cache.get(("d", "searched-15", "onnx")) and cache.get(("d", "searched-1", "onnx")) is None
-    assert cache.get(("d", "made-up-19", "onnx"), searched=True) and cache._stranger_bytes == 50  # 19 is searched now
+    assert cache.get(("d", "made-up-19", "onnx"), searched=True) and cache.stranger_bytes == 50  # 19 is searched now
 
 
 def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
@@ -212,37 +229,47 @@ def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
     with pytest.raises(CalibrationCancelled):
         cache.get_or_build(("a", "b", "onnx"), lambda: build_payload(art, art.space.smallest(), "onnx",
                                                                      should_stop=lambda: True))
-    assert cache.get(("a", "b", "onnx")) is None and cache._building == {}
+    assert cache.get(("a", "b", "onnx")) is None and cache.building_count == 0
 
 
-def test_bad_requests_get_the_right_status(client, server):
-    with pytest.raises(NotFound, match="supernet 'nope' is not served here; known: \\['tiny'\\]"):
-        client.search(supernet="nope")
-    with pytest.raises(NotFound, match="target 'pixel' is not known.*synthetic-cpu"):
-        client.search("pixel")
-    with pytest.raises(Infeasible, match="max_macs = 10 is below the smallest achievable 3,509,840 MACs"):
-        client.search(max_macs=10)
-    with pytest.raises(InvalidArgument, match="constraints.max_latency_ms needs a target"):
-        client.search(max_latency_ms=1.0)
-    with pytest.raises(InvalidArgument, match=r"constraints.resolutions must be distinct values from \[24, 28\]"):
-        client.search(resolutions=[32])
-    with pytest.raises(InvalidArgument, match="options.population must be in 2..1000"):
-        client.search(population=5000)
-    with pytest.raises(InvalidArgument, match=r"population x options.generations x points must be at most "
-                                              r"5,000,000 \(--max-search-work\), got 1000 x 2000 x 50 = 100,000,000"):
-        client.pareto(points=50, population=1000, generations=2000)
-    with pytest.raises(InvalidArgument, match="arch: "):
-        client.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28})
-    with pytest.raises(NotFound, match="subnet 0123456789abcdef is not known"):
-        client.fetch("0123456789abcdef")
-    stub = pb_grpc.SubnetServiceStub(client._channel)
-    with pytest.raises(grpc.RpcError) as e:
+BAD_REQUESTS = [  # (a call of the client, the error it raises, its message)
+    pytest.param(lambda c: c.search(supernet="nope"), NotFound,
+                 "supernet 'nope' is not served here; known: \\['tiny'\\]", id="unknown-supernet"),
+    pytest.param(lambda c: c.search("pixel"), NotFound, "target 'pixel' is not known.*synthetic-cpu",
+                 id="unknown-target"),
+    pytest.param(lambda c: c.search(max_macs=10), Infeasible,
+                 "max_macs = 10 is below the smallest achievable 3,509,840 MACs", id="infeasible"),
+    pytest.param(lambda c: c.search(max_latency_ms=1.0), InvalidArgument,
+                 "constraints.max_latency_ms needs a target", id="latency-without-target"),
+    pytest.param(lambda c: c.search(resolutions=[32]), InvalidArgument,
+                 r"constraints.resolutions must be distinct values from \[24, 28\]", id="unknown-resolution"),
+    pytest.param(lambda c: c.search(population=5000), InvalidArgument, "options.population must be in 2..1000",
+                 id="population-too-large"),
+    pytest.param(lambda c: c.pareto(points=50, population=1000, generations=2000), InvalidArgument,
+                 r"population x options.generations x points must be at most 5,000,000 \(--max-search-work\), "
+                 r"got 1000 x 2000 x 50 = 100,000,000", id="too-much-work"),
+    pytest.param(lambda c: c.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28}), InvalidArgument,
+                 "arch: ", id="invalid-arch"),
+    pytest.param(lambda c: c.fetch("0123456789abcdef"), NotFound, "subnet 0123456789abcdef is not known",
+                 id="unknown-subnet-id"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_REQUESTS)
+def test_bad_requests_get_the_right_status(client, call, error, message):
+    with pytest.raises(error, match=message):
+        call(client)
+
+
+def test_an_unknown_weights_format_is_invalid_argument(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as e:
+        stub = pb_grpc.SubnetServiceStub(channel)
         list(stub.GetSubnetWeights(pb.GetSubnetWeightsRequest(subnet_id="0123456789abcdef", format=9)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format must be one of" in e.value.details()
 
 
 def test_resource_exhausted_beyond_the_search_limit(client, server):
-    slots = server.service._searches
+    slots = server.service.search_slots
     assert slots.acquire("peer-a") is None and slots.acquire("peer-b") is None  # two searches "running"
     try:
         with pytest.raises(ResourceExhausted, match="limit of 2 concurrent searches"):
@@ -266,7 +293,7 @@ def test_one_connection_cannot_take_every_search_slot(client, server, artifact):
     t = threading.Thread(target=long_search)
     t.start()
     try:
-        until(lambda: server.service._searches.held == 1, 30, "the long search running")
+        until(lambda: server.service.searches_running == 1, 30, "the long search running")
         with pytest.raises(ResourceExhausted, match=r"this connection already runs 1 searches.*--max-per-peer"):
             client.search(generations=5)
         with Client(f"127.0.0.1:{server.port}") as other:
@@ -287,11 +314,11 @@ def test_a_cancelled_search_stops(client, server):
         client.search(population=1000, generations=2000, timeout=0.3)
     assert type(e.value).__name__ == "DeadlineExceeded"
     # the server notices within a generation and frees its search slot
-    until(lambda: server.service._searches.held == 0, 10, "the search stopped after its deadline")
+    until(lambda: server.service.searches_running == 0, 10, "the search stopped after its deadline")
 
 
 def test_token_auth(artifact, tmp_path):
-    srv = Server(Registry([str(artifact)]), port=0, tokens=Tokens({"default": "s3cret"})).start()
+    srv = Server(Registry([str(artifact)]), ServeConfig(port=0), tokens=Tokens({"default": "s3cret"})).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as anon, Client(f"127.0.0.1:{srv.port}", token="s3cret") as ok, \
                 Client(f"127.0.0.1:{srv.port}", token="wrong") as bad:
@@ -310,7 +337,7 @@ def test_tls(artifact, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
-    srv = Server(Registry([str(artifact)]), port=0, tls=(cert.read_bytes(), key.read_bytes())).start()
+    srv = Server(Registry([str(artifact)]), ServeConfig(port=0), tls=(cert.read_bytes(), key.read_bytes())).start()
     try:
         with Client(f"127.0.0.1:{srv.port}", tls=str(cert)) as c:
             assert c.search(generations=5).id

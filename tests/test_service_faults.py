@@ -12,9 +12,9 @@ import pytest
 from conftest import served_copy, synthetic_table, until
 from ofa.search import Constraints, SearchSettings
 from ofa_client import Client, DeadlineExceeded, Unavailable
-from ofa_server.main import Server
+from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry
-from ofa_server.searcher import SearchPool, WorkerLost
+from ofa_server.searcher import SearchJob, SearchPool, WorkerLost
 
 TARGET = "synthetic-cpu"
 LONG = {"population": 600, "generations": 2000}  # tens of seconds: long enough to be hit mid-search
@@ -27,14 +27,14 @@ def artifact(tiny_artifact, tmp_path_factory):
 
 @pytest.fixture()
 def server(artifact):
-    srv = Server(Registry([str(artifact)], None), port=0, max_searches=2).start()
+    srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=2)).start()
     yield srv
     srv.stop(0)
 
 
 def _busy_pid(pool: SearchPool) -> int:
-    until(lambda: pool._busy, 60, "a search on a worker")
-    return pool._workers[next(iter(pool._busy))].proc.pid
+    until(pool.busy_worker_pids, 60, "a search on a worker")
+    return pool.busy_worker_pids()[0]
 
 
 def _in_thread(fn):
@@ -75,8 +75,8 @@ def test_health_is_not_serving_only_while_no_worker_can_search(server):
     pool, address = server.service.pool, f"127.0.0.1:{server.port}"
     with Client(address, retries=0) as c:
         assert c.health() == "SERVING"
-        for w in list(pool._workers):
-            os.kill(w.proc.pid, signal.SIGKILL)
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
         until(lambda: c.health() == "NOT_SERVING", 30, "NOT_SERVING")
         if pool.ready == 0:  # still replacing both: a search is told to come back, not failed for good
             with pytest.raises(Unavailable, match="no search worker is ready"):
@@ -103,36 +103,37 @@ def test_a_stopped_worker_is_killed_after_the_deadline_and_replaced(server):
 def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
     pool = SearchPool(1, (str(artifact),), max_seconds=1.0)
     try:
-        settings = SearchSettings(population=600, generations=2000)
+        long = SearchJob(Constraints(), TARGET, SearchSettings(population=600, generations=2000))
         t0 = time.monotonic()
         with pytest.raises(WorkerLost, match="limit of 1 s"):
-            pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False)
+            pool.run(long, str(artifact))
         assert time.monotonic() - t0 < 30
         until(lambda: pool.ready == 1, what="the replacement")
-        result = pool.run("search", str(artifact), None, None,
-                          (Constraints(), TARGET, SearchSettings(generations=5)), lambda: False)
+        result = pool.run(SearchJob(Constraints(), TARGET, SearchSettings(generations=5)), str(artifact))
         assert result.best.arch.id
         # the deadline travels with the job: the worker stops at it by itself
         t0 = time.monotonic()
         with pytest.raises(Exception, match="stop|cancel"):
-            pool.run("search", str(artifact), None, None, (Constraints(), TARGET, settings), lambda: False,
-                     deadline=time.monotonic() + 0.5)
+            pool.run(long, str(artifact), deadline=time.monotonic() + 0.5)
         assert time.monotonic() - t0 < 10 and pool.restarts == 1
-        # a registered table crosses to a worker once; a worker that lost it asks again
-        from ofa.artifact import load_artifact
+    finally:
+        pool.close()
 
-        table = synthetic_table(load_artifact(artifact).space, "registered-x")
+
+def test_a_registered_table_crosses_to_a_worker_once_and_again_when_it_was_dropped(artifact):
+    from ofa.artifact import load_artifact
+
+    space = load_artifact(artifact).space
+    pool = SearchPool(1, (str(artifact),), tables_kept=1)  # the worker keeps one registered table
+    try:
         sent = []
-        conn = pool._workers[0].conn
-        real_send = conn.send
-        conn.send = lambda job: (sent.append(job[2]), real_send(job))[1]
-        for version in (7, 7, 8):
-            if version == 8:
-                pool._sent[0].add(8)  # as if 8 had been sent before and the worker had dropped it since
-            found = pool.run("search", str(artifact), (version, table), None,
-                             (Constraints(), "registered-x", SearchSettings(generations=5)), lambda: False)
+        for version, name in ((7, "registered-x"), (7, "registered-x"), (9, "registered-y"), (7, "registered-x")):
+            job = SearchJob(Constraints(), name, SearchSettings(generations=5))
+            found = pool.run(job, str(artifact), table=(version, synthetic_table(space, name)))
             assert found.best.latency_ms is not None
-        assert [(v, t is not None) for v, t in sent] == [(7, True), (7, False), (8, False), (8, True)]
+            sent.append(pool.tables_sent)
+        # 7 once; 9 pushes it out of the worker, which asks for it again when it is named by version alone
+        assert sent == [1, 1, 2, 3]
     finally:
         pool.close()
 
@@ -151,7 +152,7 @@ def test_health_watch_is_bounded_and_forgets_ended_streams(server):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for s in streams:
             s.cancel()
-        until(lambda: not server.health._send_response_callbacks, 10, "the ended watches forgotten")
+        until(lambda: not server.health.watched_services(), 10, "the ended watches forgotten")
         for service in ("x" * (1 << 20), "y" * 201):  # names are capped; the message is not an echo
             for call in (stub.Check, lambda r: next(stub.Watch(r))):
                 with pytest.raises(grpc.RpcError) as e:
@@ -163,6 +164,7 @@ def test_health_watch_is_bounded_and_forgets_ended_streams(server):
 
 
 def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, monkeypatch):
+    from ofa import formats
     from ofa.artifact import load_artifact
     from ofa_server import weights
 
@@ -175,7 +177,7 @@ def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     payload = weights.build_payload(art, arch, "torchscript")
     assert payload.data[:2] == b"PK"  # a torch zip, made by the real torch
-    monkeypatch.setattr(weights, "SCRIPT_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(formats, "SCRIPT_TIMEOUT_S", 0.01)
     with pytest.raises(TimeoutError, match="longer than 0.01 s"):
         weights.build_payload(art, arch, "torchscript")
 
@@ -260,7 +262,7 @@ def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
     from ofa_client import InvalidArgument, ResourceExhausted
 
     targets = tmp_path / "targets"
-    srv = Server(Registry([str(artifact)], str(targets), max_targets=3), port=0).start()
+    srv = Server(Registry([str(artifact)], str(targets), max_targets=3), ServeConfig(port=0)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:
             c.register_target(_table_text(artifact, "good", evil="x" * 1000))
@@ -276,11 +278,12 @@ def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
             t, out = _in_thread(lambda: c.targets())
             t.join(30)
             assert not t.is_alive() and [x["name"] for x in out["value"] if x["source"] == "registered"] == ["good"]
-            cache = srv.service.registry._disk_cache
-            assert cache[folder / "junk.json"][1] is None and cache[folder / "fifo.json"][1] is None
+            scanned = srv.service.registry.scanned_files()  # path -> whether it held a valid table
+            assert scanned[folder / "junk.json"] is False and scanned[folder / "fifo.json"] is False
             (folder / "junk.json").unlink()  # gone (another replica removed it): forgotten at the next scan
             c.targets()
-            assert folder / "junk.json" not in cache and folder / "fifo.json" in cache
+            scanned = srv.service.registry.scanned_files()
+            assert folder / "junk.json" not in scanned and folder / "fifo.json" in scanned
             # bytes as stored count, not characters: 'é' is two bytes
             srv.service.registry.table_bytes = len(_table_text(artifact, "big").encode()) + 100
             with pytest.raises(InvalidArgument, match="must be at most .* bytes"):
@@ -302,7 +305,7 @@ def test_a_full_disk_answers_resource_exhausted_and_leaves_no_temp_file(artifact
     from ofa_client import ResourceExhausted
 
     targets = tmp_path / "targets"
-    srv = Server(Registry([str(artifact)], str(targets)), port=0).start()
+    srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:
             c.register_target(_table_text(artifact, "first"))
@@ -349,45 +352,81 @@ def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
         proc.kill()
 
 
-def test_delete_target_removes_a_registration_and_needs_the_token(artifact, tmp_path):
-    from ofa_client import Infeasible, NotFound, PermissionDenied, Unauthenticated
-    from ofa_client.cli import main as client_main
+@pytest.fixture(scope="module")
+def owned(artifact, tmp_path_factory):
+    """A server whose tokens name two clients, alice and bob, and a target "owned" that alice registered:
+    (server, its targets folder, alice's token)."""
     from ofa_server.auth import Tokens
 
-    targets, token = tmp_path / "targets", "s3cret"
-    token_file = tmp_path / "tokens"
-    token_file.write_text(f"# two clients\nalice {token}\nbob other-s3cret\n")
-    srv = Server(Registry([str(artifact)], str(targets)), port=0, tokens=Tokens.from_file(token_file)).start()
-    address = f"127.0.0.1:{srv.port}"
-    try:
-        with Client(address, token=token) as c, Client(address) as anonymous, \
-                Client(address, token="other-s3cret") as bob:
-            c.register_target(_table_text(artifact, "gone-soon"))
-            with pytest.raises(Unauthenticated):
-                anonymous.delete_target("gone-soon")
-            # a target is its registering client's: another token may neither replace nor delete it
-            with pytest.raises(PermissionDenied, match="registered by client 'alice'; only that client's token"):
-                bob.register_target(_table_text(artifact, "gone-soon"), replace=True)
-            with pytest.raises(PermissionDenied, match="may delete it"):
-                bob.delete_target("gone-soon")
-            assert bob.search("gone-soon", max_latency_ms=1e5, generations=5).id  # but may use it
-            c.register_target(_table_text(artifact, "gone-soon"), replace=True)
-            assert c.delete_target("gone-soon") == "gone-soon"
-            assert not list(targets.rglob("gone-soon.json"))
-            assert "gone-soon" not in [t["name"] for t in c.targets()]
-            with pytest.raises(NotFound, match="no registered target 'gone-soon'"):
-                c.delete_target("gone-soon")
-            with pytest.raises(NotFound):
-                c.search("gone-soon", max_latency_ms=10)
-            with pytest.raises(Infeasible, match="ships with the supernet and cannot be removed"):
-                c.delete_target(TARGET)
-            c.register_target(_table_text(artifact, "by-cli"))
-        mine = tmp_path / "token"
-        mine.write_text(token)
-        assert client_main(["--address", address, "--token-file", str(mine), "delete", "by-cli"]) == 0
-        assert not list(targets.rglob("by-cli.json"))
-    finally:
-        srv.stop(0)
+    tmp = tmp_path_factory.mktemp("owned")
+    targets, token_file = tmp / "targets", tmp / "tokens"
+    token_file.write_text("# two clients\nalice s3cret\nbob other-s3cret\n")
+    srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0), tokens=Tokens.from_file(token_file)).start()
+    with Client(f"127.0.0.1:{srv.port}", token="s3cret") as alice:
+        alice.register_target(_table_text(artifact, "owned"))
+    yield srv, targets, "s3cret"
+    srv.stop(0)
+
+
+def _as(srv, who: str) -> Client:
+    return Client(f"127.0.0.1:{srv.port}", token={"alice": "s3cret", "bob": "other-s3cret", "anonymous": None}[who])
+
+
+def _refusals():
+    from ofa_client import Infeasible, NotFound, PermissionDenied, Unauthenticated
+
+    return [  # (who, what they try, error, message)
+        pytest.param("anonymous", lambda c, a: c.delete_target("owned"), Unauthenticated, "bearer token",
+                     id="no-token"),
+        # a target is its registering client's: another token may neither replace nor delete it
+        pytest.param("bob", lambda c, a: c.register_target(_table_text(a, "owned"), replace=True), PermissionDenied,
+                     "registered by client 'alice'; only that client's token", id="another-client-replaces"),
+        pytest.param("bob", lambda c, a: c.delete_target("owned"), PermissionDenied, "may delete it",
+                     id="another-client-deletes"),
+        pytest.param("alice", lambda c, a: c.delete_target("never-registered"), NotFound,
+                     "no registered target 'never-registered'", id="unknown-target"),
+        pytest.param("alice", lambda c, a: c.delete_target(TARGET), Infeasible,
+                     "ships with the supernet and cannot be removed", id="artifact-target"),
+    ]
+
+
+@pytest.mark.parametrize("who, attempt, error, message", _refusals())
+def test_a_delete_or_replace_that_is_not_allowed_is_refused(owned, artifact, who, attempt, error, message):
+    srv, targets, _ = owned
+    with _as(srv, who) as c, pytest.raises(error, match=message):
+        attempt(c, artifact)
+    assert list(targets.rglob("owned.json"))  # still there
+
+
+def test_another_client_may_search_a_target_it_does_not_own(owned):
+    with _as(owned[0], "bob") as bob:
+        assert bob.search("owned", max_latency_ms=1e5, generations=5).id
+
+
+def test_the_owner_replaces_and_deletes_its_target(owned, artifact):
+    from ofa_client import NotFound
+
+    srv, targets, _ = owned
+    with _as(srv, "alice") as c:
+        c.register_target(_table_text(artifact, "gone-soon"))
+        c.register_target(_table_text(artifact, "gone-soon"), replace=True)
+        assert c.delete_target("gone-soon") == "gone-soon"
+        assert not list(targets.rglob("gone-soon.json"))
+        assert "gone-soon" not in [t["name"] for t in c.targets()]
+        with pytest.raises(NotFound):
+            c.search("gone-soon", max_latency_ms=10)
+
+
+def test_the_cli_deletes_a_target_with_a_token_file(owned, artifact, tmp_path):
+    from ofa_client.cli import main as client_main
+
+    srv, targets, token = owned
+    with _as(srv, "alice") as c:
+        c.register_target(_table_text(artifact, "by-cli"))
+    mine = tmp_path / "token"
+    mine.write_text(token)
+    assert client_main(["--address", f"127.0.0.1:{srv.port}", "--token-file", str(mine), "delete", "by-cli"]) == 0
+    assert not list(targets.rglob("by-cli.json"))
 
 
 def _reader_channels(address: str, n: int) -> list:
@@ -406,8 +445,9 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     from ofa_client.v1 import subnet_service_pb2 as pb
     from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
-    srv = Server(Registry([str(artifact)], None), port=0, workers=2, max_searches=1, max_streams=2,
-                 max_health_watches=3, stream_stall_s=6.0, stream_preempt_s=600.0, max_streams_per_peer=2).start()
+    srv = Server(Registry([str(artifact)], None), ServeConfig(
+        port=0, workers=2, max_searches=1, max_streams=2, max_health_watches=3, stream_stall_s=6.0,
+        stream_preempt_s=600.0, max_streams_per_peer=2)).start()
     address = f"127.0.0.1:{srv.port}"
     channels = _reader_channels(address, 3)
     try:
@@ -429,7 +469,7 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
             for w in watches:
                 w.cancel()
             # the server cancels streams whose client took nothing for stream_stall_s: their threads are free
-            until(lambda: srv.service._streams.held == 0, 60, "the stalled streams cancelled")
+            until(lambda: srv.service.streams_open == 0, 60, "the stalled streams cancelled")
             for s in slow:
                 with pytest.raises(grpc.RpcError) as e:
                     list(s)
@@ -448,8 +488,8 @@ def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
     from ofa_client.v1 import subnet_service_pb2 as pb
     from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
-    srv = Server(Registry([str(artifact)], None), port=0, max_searches=1, max_streams=2, max_streams_per_peer=1,
-                 stream_preempt_s=1.0).start()
+    srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1, max_streams=2,
+                                                               max_streams_per_peer=1, stream_preempt_s=1.0)).start()
     address = f"127.0.0.1:{srv.port}"
     channels = _reader_channels(address, 2)
     try:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import served_copy
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
-from ofa_server.main import Server
+from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry
 
 TARGET = "synthetic-cpu"
@@ -21,7 +21,7 @@ INVALID, NOT_FOUND, PRECONDITION = (grpc.StatusCode.INVALID_ARGUMENT, grpc.Statu
 @pytest.fixture(scope="module")
 def stub(tiny_artifact, tmp_path_factory):
     root = served_copy(tiny_artifact, tmp_path_factory.mktemp("fuzz") / "tiny", TARGET)
-    srv = Server(Registry([str(root)]), port=0, max_searches=4).start()
+    srv = Server(Registry([str(root)]), ServeConfig(port=0, max_searches=4)).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     yield pb_grpc.SubnetServiceStub(channel)
     channel.close()
@@ -181,7 +181,7 @@ def test_a_message_listing_many_targets_is_cut_to_the_cap(tiny_artifact, tmp_pat
     from ofa_client import Client, NotFound
 
     root = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
-    srv = Server(Registry([str(root)]), port=0, max_searches=1, max_message_chars=500).start()
+    srv = Server(Registry([str(root)]), ServeConfig(port=0, max_searches=1, max_message_chars=500)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:
             space = load_artifact(root).space
