@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .space import make_divisible
+from .space import squeeze_channels
 
 __all__ = [
     "DynamicBatchNorm",
@@ -156,7 +156,7 @@ class DynamicSE(nn.Module):
         self.expand = nn.Conv2d(max_squeeze, max_ch, 1)
 
     def squeeze_channels(self, channels: int) -> int:
-        return make_divisible(channels // self.reduction, self.divisor)
+        return squeeze_channels(channels, self.reduction, self.divisor)
 
     def active_state(self, channels: int) -> dict[str, torch.Tensor]:
         s = self.squeeze_channels(channels)

@@ -90,34 +90,21 @@ class Supernet(nn.Module):
         self.space = space
         self.stem = make_stem(space)
         self.first_block = InvertedResidual(space.first_block(), space.bn_momentum, space.bn_eps)
-        blocks = []
-        for stage, in_ch in zip(space.stages, space.stage_in_channels()):
-            for j in range(space.max_depth):
-                blocks.append(DynamicBlock(space, in_ch if j == 0 else stage.width, stage,
-                                           stage.stride if j == 0 else 1))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(DynamicBlock(space, slot.in_ch, slot.spec, slot.stride) for slot in space.slots())
         self.head = Head(space)
-
-    def _active(self, arch: Arch):
-        """(slot index, kernel, expand) for every active block of ``arch``."""
-        i = 0
-        for s, d in enumerate(self.space.validate(arch).depth):
-            for j in range(d):
-                yield s * self.space.max_depth + j, arch.kernel[i], arch.expand[i]
-                i += 1
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         x = self.first_block(self.stem(x))
-        for slot, k, e in self._active(arch):
-            x = self.blocks[slot](x, k, e)
+        for slot, k, e in self.space.active_slots(arch):
+            x = self.blocks[slot.index](x, k, e)
         return self.head(x)
 
     def subnet_state_dict(self, arch: Arch) -> dict[str, torch.Tensor]:
         """The state dict of ``SubNet(space, arch)``, as views of the supernet's tensors."""
         state = {f"stem.{k}": v for k, v in self.stem.state_dict().items()}
         state.update({f"blocks.0.{k}": v for k, v in self.first_block.state_dict().items()})
-        for i, (slot, k, e) in enumerate(self._active(arch), start=1):
-            state.update({f"blocks.{i}.{n}": v for n, v in self.blocks[slot].active_state(k, e).items()})
+        for i, (slot, k, e) in enumerate(self.space.active_slots(arch), start=1):
+            state.update({f"blocks.{i}.{n}": v for n, v in self.blocks[slot.index].active_state(k, e).items()})
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return state
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import Artifact, load_artifact
-from ofa.predict.latency import TABLE_KEYS, LatencyTableError, space_digest, validate_table
+from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
-from ofa.space import Arch
+from ofa.space import Arch, space_digest
 
 from .convert import LIMITS, bounded
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa.space import get_space, space_names
+from ofa.space import get_space, space_digest, space_names
 from ofa.supernet import Supernet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def synthetic_table(space, target: str = "synthetic-cpu", seed: int = 0) -> dict
     """A latency table in the real format whose per-block values are seeded numbers (not timings)."""
     import numpy as np
 
-    from ofa.predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, space_digest
+    from ofa.predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan
     from ofa.predict.latency_model import identity_model
 
     entries, _, _ = block_plan(space)
@@ -127,7 +127,6 @@ def synthetic_predictor(space):
 
     from ofa.predict.accuracy import arch_features, fit_family
     from ofa.predict.cost import CostModel
-    from ofa.predict.latency import space_digest
 
     codes = space.sample_codes(0, 400)
     macs = CostModel(space).macs(codes)

@@ -13,7 +13,7 @@ from ofa.calibrate import calibrate_bn
 from ofa.predict.accuracy import (AccuracyPredictor, PredictorError, arch_features, fit_family, kendall_tau,
                                   select_and_fit, tau_ceiling)
 from ofa.predict.cost import CostModel
-from ofa.predict.latency import space_digest
+from ofa.space import space_digest
 from ofa.predict.measure import (MEASUREMENTS, build_accuracy_predictor, pack_correct, stratified_archs,
                                  unpack_correct)
 from ofa.search.load import load_scorer

@@ -176,7 +176,7 @@ class AccuracyPredictor:
             if width != 1:
                 raise PredictorError(f"{where}: the last layer must have one output")
         if space is not None:
-            from .latency import space_digest
+            from ..space import space_digest
 
             if pred.space_digest != space_digest(space):
                 raise PredictorError(f"{where} was fitted on another search space "

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..space import Arch, SearchSpace
+from ..space import Arch, BlockSpec, SearchSpace
 
 __all__ = ["CostModel", "count_macs_params", "gather_slots"]
 
@@ -32,9 +32,17 @@ def gather_slots(space: SearchSpace, codes: np.ndarray, table: np.ndarray) -> np
     return np.where(active, values, 0).sum(axis=1)
 
 
-def _out_size(size: int, stride: int) -> int:
-    # same padding (k // 2) with an odd kernel: floor((size - 1) / stride) + 1
-    return (size - 1) // stride + 1
+def _block_macs(b: BlockSpec, h_in: int, h_out: int) -> int:
+    # expand at the input size; depthwise, project and SE (two 1x1 convs on the pooled map) after the stride
+    return (h_in * h_in * b.in_ch * b.mid_ch + h_out * h_out * b.mid_ch * (b.kernel * b.kernel + b.out_ch)
+            + 2 * b.mid_ch * b.se_ch)
+
+
+def _block_params(b: BlockSpec) -> int:
+    # convs without bias and three BNs (2 per channel); the SE's convs have biases
+    se = 2 * b.mid_ch * b.se_ch + b.se_ch + b.mid_ch if b.se_ch else 0
+    return (b.in_ch * b.mid_ch + 4 * b.mid_ch + b.mid_ch * b.kernel * b.kernel + b.mid_ch * b.out_ch
+            + 2 * b.out_ch + se)
 
 
 class CostModel:
@@ -62,29 +70,15 @@ class CostModel:
 
     def _fill_resolution(self, ri: int, r: int) -> int:
         sp = self.space
-        h = _out_size(r, sp.stem_stride)
+        h = sp.stem_size(r)
         first = sp.first_block()
         fixed = h * h * sp.in_channels * sp.stem_width * 9
         fixed += h * h * first.mid_ch * 9 + h * h * first.mid_ch * first.out_ch
-        for s, (stage, stage_in) in enumerate(zip(sp.stages, sp.stage_in_channels())):
-            for j in range(sp.max_depth):
-                in_ch = stage_in if j == 0 else stage.width
-                h_out = _out_size(h, stage.stride) if j == 0 else h
-                slot = s * sp.max_depth + j
-                for ki, k in enumerate(sp.kernel_choices):
-                    for ei, e in enumerate(sp.expand_choices):
-                        mid = sp.mid_channels(in_ch, e)
-                        se = sp.se_channels(mid) if stage.se else 0
-                        macs = h * h * in_ch * mid + h_out * h_out * mid * (k * k + stage.width)
-                        self.slot_macs[ri, slot, ki, ei] = macs + 2 * mid * se
-                        self.slot_params[slot, ki, ei] = (
-                            in_ch * mid + 4 * mid + mid * k * k + mid * stage.width
-                            + 2 * stage.width + (2 * mid * se + se + mid if se else 0)
-                        )
-                if j == 0:
-                    h = h_out
-        last = sp.stages[-1].width
-        fixed += h * h * last * sp.final_expand_width
+        for slot, ki, ei, b in sp.slot_blocks(r):
+            self.slot_macs[ri, slot.index, ki, ei] = _block_macs(b, slot.in_size, slot.out_size)
+            self.slot_params[slot.index, ki, ei] = _block_params(b)
+        h = sp.head_size(r)
+        fixed += h * h * sp.stages[-1].width * sp.final_expand_width
         fixed += sp.final_expand_width * sp.head_width + sp.head_width * sp.num_classes
         return fixed
 

@@ -143,7 +143,7 @@ def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int,
     """
     from ..search import Constraints, Scorer, SearchSettings, pareto_front
     from .accuracy import arch_features, select_and_fit
-    from .latency import space_digest
+    from ..space import space_digest
 
     ids = sorted(measured)
     x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
@@ -186,7 +186,7 @@ def build_accuracy_predictor(root, samples: int = 300, seed: int = 0, test_fract
 
     from ..artifact import add_file, load_artifact
     from .accuracy import arch_features, evaluate, fit_many, select_and_fit, tau_ceiling
-    from .latency import space_digest
+    from ..space import space_digest
 
     check_predictor_settings(samples, test_fraction, front)
     root = Path(root)

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..space import Arch, SearchSpace
-from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan, space_digest
+from ..space import Arch, SearchSpace, space_digest
+from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
 from .latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
 from .timing import Part, Timing, Timings, subnet_part, time_parts
 
