@@ -1,9 +1,12 @@
+import functools
 import json
-import shutil
+import multiprocessing
+import subprocess
+import sys
 
 import pytest
 
-from conftest import synthetic_predictor, synthetic_table
+from conftest import served_copy, synthetic_predictor, synthetic_table
 from ofa.predict.cost import CostModel, count_macs_params
 from ofa.predict.latency import LatencyPredictor, block_plan
 from ofa.search import (Constraints, Infeasible, Scorer, SearchCancelled, SearchSettings, UnknownTarget,
@@ -25,9 +28,14 @@ def scorer(table):
     return Scorer(SPACE, synthetic_predictor(SPACE), {"synthetic-cpu": LatencyPredictor(SPACE, table)})
 
 
+@functools.cache
+def space_plan():
+    return block_plan(SPACE)
+
+
 def table_latency(table: dict, arch) -> float:
     """The table's sum over an arch's blocks, found through the block keys (not the search's arrays)."""
-    _, fixed, slots = block_plan(SPACE)
+    _, fixed, slots = space_plan()
     total = sum(table["entries"][k] for k in fixed[arch.resolution])
     i = 0
     for s, d in enumerate(arch.depth):
@@ -77,32 +85,36 @@ def test_min_accuracy_minimises_latency(scorer):
     assert result.best.latency_ms <= scorer.latency_of("synthetic-cpu")(codes[good]).min()
 
 
-@pytest.mark.parametrize("field,constraints", [
-    ("max_latency_ms", Constraints(max_latency_ms=0.01)),
-    ("max_macs", Constraints(max_macs=1000)),
-    ("max_params", Constraints(max_params=10)),
-    ("max_macs", Constraints(max_macs=4_000_000, resolutions=(32,))),
-])
-def test_an_infeasible_bound_errors_at_once_with_the_smallest_value(scorer, table, field, constraints):
+def refused_at_once(scorer, constraints, field):
+    """The Infeasible a search raises for ``constraints``, checked to name ``field`` and to come before any generation."""
     calls = []
     with pytest.raises(Infeasible, match=f"{field} = .* below the smallest achievable") as e:
         search(scorer, constraints, "synthetic-cpu", should_stop=lambda: calls.append(1) or False)
     assert e.value.field == field and not calls  # refused before the first generation
-    res = constraints.resolutions or SPACE.resolutions
-    smallest = [SPACE.smallest(r) for r in res]
-    exact = {"max_latency_ms": min(table_latency(table, a) for a in smallest),
-             "max_macs": min(CostModel(SPACE).arch_macs(a) for a in smallest),
-             "max_params": min(CostModel(SPACE).arch_params(a) for a in smallest)}[field]
-    # the smallest value over the allowed resolutions, exactly: the smallest arch at each
-    # resolution for MACs and params; for latency, at most that (other choices can be faster)
-    if field != "max_latency_ms":
-        assert e.value.achievable == exact
-        return
-    # latency: an arch that has it exists, and no random arch at those resolutions is faster
-    _, code = scorer.lower_bound("latency_ms", "synthetic-cpu", constraints.resolutions)
-    assert e.value.achievable == pytest.approx(table_latency(table, SPACE.decode(code[None])[0]), abs=1e-6)
-    others = [a for a in SPACE.sample(0, n=3000) if a.resolution in res]
-    assert 0 < e.value.achievable <= min(min(table_latency(table, a) for a in others), exact + 1e-9)
+    return e.value
+
+
+@pytest.mark.parametrize("field,constraints", [
+    ("max_macs", Constraints(max_macs=1000)),
+    ("max_params", Constraints(max_params=10)),
+    ("max_macs", Constraints(max_macs=4_000_000, resolutions=(32,))),
+], ids=["macs", "params", "macs-at-one-resolution"])
+def test_an_infeasible_cost_bound_errors_at_once_with_the_exact_minimum(scorer, field, constraints):
+    error = refused_at_once(scorer, constraints, field)
+    # the smallest arch at each allowed resolution has the smallest MACs and params there
+    smallest = [SPACE.smallest(r) for r in constraints.resolutions or SPACE.resolutions]
+    cost = CostModel(SPACE).arch_macs if field == "max_macs" else CostModel(SPACE).arch_params
+    assert error.achievable == min(cost(a) for a in smallest)
+
+
+def test_an_infeasible_latency_bound_errors_at_once_with_a_reachable_minimum(scorer, table):
+    error = refused_at_once(scorer, Constraints(max_latency_ms=0.01), "max_latency_ms")
+    # an arch that has it exists, and neither the smallest archs nor random ones are faster
+    _, code = scorer.lower_bound("latency_ms", "synthetic-cpu", ())
+    assert error.achievable == pytest.approx(table_latency(table, SPACE.decode(code[None])[0]), abs=1e-6)
+    smallest = min(table_latency(table, SPACE.smallest(r)) for r in SPACE.resolutions)
+    others = SPACE.sample(0, n=3000)
+    assert 0 < error.achievable <= min(min(table_latency(table, a) for a in others), smallest + 1e-9)
 
 
 def test_an_unreachable_accuracy_floor_stops_after_the_generations(scorer):
@@ -136,63 +148,78 @@ def test_pareto_front_is_sorted_and_non_dominated(scorer, target):
         assert not any(getattr(o, metric) <= getattr(c, metric) and o.accuracy > c.accuracy for o in front)
 
 
-def test_bad_requests_name_the_field(scorer):
-    with pytest.raises(UnknownTarget, match="target 'phone' has no latency table.*synthetic-cpu"):
-        search(scorer, Constraints(max_latency_ms=3), "phone")
-    with pytest.raises(ValueError, match="max_latency_ms needs a target"):
-        search(scorer, Constraints(max_latency_ms=3))
-    with pytest.raises(ValueError, match=r"resolutions \[20\] are not in the space; allowed: \[24, 28, 32\]"):
-        search(scorer, Constraints(resolutions=(20,)))
-    with pytest.raises(ValueError, match="population must be in 2..10000"):
-        search(scorer, settings=SearchSettings(population=1))
-    with pytest.raises(ValueError, match="k must be in 1..100"):
-        pareto_front(scorer, 0)
+@pytest.mark.parametrize("call,error,match", [
+    (lambda sc: search(sc, Constraints(max_latency_ms=3), "phone"), UnknownTarget,
+     "target 'phone' has no latency table.*synthetic-cpu"),
+    (lambda sc: search(sc, Constraints(max_latency_ms=3)), ValueError, "max_latency_ms needs a target"),
+    (lambda sc: search(sc, Constraints(resolutions=(20,))), ValueError,
+     r"resolutions \[20\] are not in the space; allowed: \[24, 28, 32\]"),
+    (lambda sc: search(sc, settings=SearchSettings(population=1)), ValueError, "population must be in 2..10000"),
+    (lambda sc: pareto_front(sc, 0), ValueError, "k must be in 1..100"),
+], ids=["unknown-target", "latency-bound-without-target", "resolution-not-in-space", "population-too-small",
+        "pareto-k-zero"])
+def test_bad_requests_name_the_field(scorer, call, error, match):
+    with pytest.raises(error, match=match):
+        call(scorer)
 
 
-def test_search_and_pareto_commands(tiny_artifact, tmp_path, capsys):
-    from ofa.artifact import add_file, load_artifact
+@pytest.fixture(scope="module")
+def served(tiny_artifact, tmp_path_factory):
+    """The tiny artifact with the synthetic predictor and latency table (read-only)."""
+    return served_copy(tiny_artifact, tmp_path_factory.mktemp("search") / "served")
+
+
+def search_args(root):
+    return ["--artifact", str(root), "--target", "synthetic-cpu", "--generations", "30", "--population", "30"]
+
+
+def test_search_command_prints_a_result_within_the_bound(served, capsys):
     from ofa.cli import main
 
-    root = tmp_path / "art"
-    shutil.copytree(tiny_artifact, root)
-    space = load_artifact(root).space
-    add_file(root, "accuracy_predictor.safetensors", synthetic_predictor(space).to_bytes())
-    add_file(root, "latency/synthetic-cpu.json", json.dumps(synthetic_table(space)))
-    args = ["--artifact", str(root), "--target", "synthetic-cpu", "--generations", "30", "--population", "30"]
-    assert main(["search", *args, "--max-latency-ms", "2.5", "--json"]) == 0
+    assert main(["search", *search_args(served), "--max-latency-ms", "2.5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["latency_ms"] <= 2.5 and out["search_seconds"] > 0 and len(out["id"]) == 16
-    assert main(["search", *args, "--max-macs", "10"]) == 3
+
+
+def test_search_command_exits_3_on_an_infeasible_bound(served, capsys):
+    from ofa.cli import main
+
+    assert main(["search", *search_args(served), "--max-macs", "10"]) == 3
     assert "max_macs = 10 is below the smallest achievable" in capsys.readouterr().err
-    assert main(["search", "--artifact", str(root), "--target", "nope", "--max-latency-ms", "1"]) == 2
+
+
+def test_search_command_exits_2_on_an_unknown_target(served, capsys):
+    from ofa.cli import main
+
+    assert main(["search", "--artifact", str(served), "--target", "nope", "--max-latency-ms", "1"]) == 2
     assert "target 'nope' has no latency table" in capsys.readouterr().err
-    assert main(["pareto", *args, "-k", "4", "--plot", str(tmp_path / "front.png"), "--json"]) == 0
+
+
+def test_pareto_command_prints_the_front_and_plots_it(served, tmp_path, capsys):
+    from ofa.cli import main
+
+    assert main(["pareto", *search_args(served), "-k", "4", "--plot", str(tmp_path / "front.png"), "--json"]) == 0
     front = json.loads(capsys.readouterr().out)["front"]
     assert len(front) >= 2 and (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_server_search_path_needs_no_torch_and_its_workers_start_ready(tiny_artifact, tmp_path):
-    import multiprocessing
-    import subprocess
-    import sys
-
-    from conftest import served_copy
-    from ofa_server.searcher import SearchPool
-
-    art = served_copy(tiny_artifact, tmp_path / "served")
+def test_the_predictors_load_and_score_without_torch(served):
     code = ("import sys; from ofa.search.load import load_scorer; s = load_scorer(sys.argv[1]); "
             "assert s.accuracy is not None and 'synthetic-cpu' in s.latency; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(served)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"  # predictors are read and scored with numpy only
 
+
+def test_the_search_workers_start_with_the_pool_ready_to_search(served):
+    from ofa_server.searcher import SearchJob, SearchPool
+
     before = set(multiprocessing.active_children())
-    pool = SearchPool(2, (str(art),))
+    pool = SearchPool(2, (str(served),))
     try:
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == 2  # both started with the pool, not by the first searches
-        result = pool.run("search", str(art), None, None, (Constraints(), "synthetic-cpu", SearchSettings(generations=5)),
-                          lambda: False)
+        result = pool.run(SearchJob(Constraints(), "synthetic-cpu", SearchSettings(generations=5)), str(served))
         assert result.best.latency_ms is not None
     finally:
         pool.close()
