@@ -114,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-health-watches", type=int, default=_D.max_health_watches,
                    help="grpc.health.v1 Watch streams open at once (each holds a thread of its own) before "
                    "RESOURCE_EXHAUSTED (health needs no token; default 16)")
-    p.add_argument("--cache-mb", type=int, default=_D.cache_mb, help="bytes of built weights kept, in MiB (default 512)")
+    p.add_argument("--cache-mb", type=int, default=_D.cache_mb,
+                   help="bytes of built weights kept, in MiB (default 512)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token-file", help="bearer tokens every call but health must carry: one per line, 'TOKEN' or "

@@ -334,7 +334,8 @@ class SearchPool:
 
     def _send(self, w: _Worker, task: _Task) -> None:
         if task.table is not None and task.table[1] is not None:
-            self.tables_sent += 1  # a count for tests and logs: the GIL is enough
+            with self._lock:
+                self.tables_sent += 1
         w.conn.send(task)
 
     def _answer(self, slot: int, w: _Worker, task: _Task, table: tuple[int, dict] | None,

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -20,13 +19,11 @@ from ofa.artifact import load_artifact
 from ofa.calibrate import calibrate_bn
 from ofa.data import prepare_batch
 from ofa.supernet import extract
-from ofa_client import (AlreadyExists, Client, Infeasible, InvalidArgument, NotFound, ResourceExhausted,
-                        Unauthenticated, Unavailable)
-from ofa_client.v1 import subnet_service_pb2 as pb
-from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+from ofa_client import AlreadyExists, Client, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from ofa_server.auth import Tokens
 from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry, TargetExists
+from ofa_server.slots import Slots
 from ofa_server.weights import WeightsCache
 
 TARGET = "synthetic-cpu"
@@ -109,40 +106,6 @@ def test_listing_health_and_targets(client, server):
     assert [r["profiled_ms"] for r in t["references"]] == [1.0, 3.0] and len(t["references"][0]["subnet_id"]) == 16
 
 
-def _timings(client, factor):
-    (t,) = [t for t in client.targets() if t["name"] == TARGET]
-    return {r["subnet_id"]: factor * r["profiled_ms"] for r in t["references"]}
-
-
-def test_a_search_carries_the_device_speed_now(client):
-    # the device runs twice as long today: a 2.5 ms budget is then the 1.25 ms subnet of the table
-    half = client.search(TARGET, max_latency_ms=1.25, seed=3)
-    slow = client.search(TARGET, max_latency_ms=2.5, seed=3, reference_timings=_timings(client, 2.0))
-    assert half.speed == 1.0 and slow.speed == pytest.approx(2.0)
-    assert slow.id == half.id and slow.predicted_latency_ms == pytest.approx(2 * half.predicted_latency_ms, rel=1e-3)
-    front = client.pareto(TARGET, 3, reference_timings=_timings(client, 0.5))
-    assert all(p.speed == pytest.approx(0.5) for p in front)
-
-
-@pytest.mark.parametrize("timings, message", [
-    ({"0123456789abcdef": 1.0}, r"reference_timings\[0\].subnet_id '0123456789abcdef' is not a reference subnet"),
-    ("nan", r"reference_timings\[0\].ms must be a number in \(0, 1e\+06\]"),
-    ("zero", r"reference_timings\[0\].ms must be a number"),
-    ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
-    ("1000x", r"imply the device runs at x1000.000 of its profiled time; only x0.01 to x100 is accepted"),
-    ("no target", "reference_timings needs a target"),
-], ids=["unknown-id", "nan", "zero", "twice", "implausible", "no-target"])
-def test_bad_reference_timings_are_refused(client, timings, message):
-    good = _timings(client, 1.0)
-    first = next(iter(good))
-    target = None if timings == "no target" else TARGET
-    if isinstance(timings, str):
-        timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "1000x": _timings(client, 1000.0),
-                   "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good}[timings]
-    with pytest.raises(InvalidArgument, match=message):
-        client.search(target, max_macs=10**9, reference_timings=timings)
-
-
 @pytest.fixture(scope="module")
 def space(artifact):
     return load_artifact(artifact).space
@@ -157,28 +120,6 @@ def test_a_registered_target_is_listed_searchable_and_replaced_only_on_request(c
     with pytest.raises(AlreadyExists, match="already registered"):
         client.register_target(table)
     client.register_target({**table, "entries": {k: v * 2 for k, v in table["entries"].items()}}, replace=True)
-
-
-BAD_TABLES = [  # (how to spoil a valid table of target "refused-x", error, message)
-    pytest.param(lambda table, space: synthetic_table(space, TARGET), AlreadyExists, "ships with the supernet",
-                 id="artifact-target"),
-    pytest.param(lambda table, space: "{not json", InvalidArgument, "table_json is not valid JSON", id="not-json"),
-    pytest.param(lambda table, space: {**table, "space": {"name": "x", "digest": "0" * 64}}, InvalidArgument,
-                 "digest mismatch", id="other-space"),
-    pytest.param(lambda table, space: {**table, "entries": dict(list(table["entries"].items())[:5])},
-                 InvalidArgument, "entries lack", id="missing-entries"),
-    pytest.param(lambda table, space: {**table, "device": {"threads": "four"}}, InvalidArgument,
-                 "device.threads must be an integer in 1..1024", id="bad-device"),
-    pytest.param(lambda table, space: '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", InvalidArgument,
-                 "nests too deeply", id="nested-too-deep"),
-]
-
-
-@pytest.mark.parametrize("spoil, error, message", BAD_TABLES)
-def test_a_bad_table_is_refused_and_not_kept(client, space, spoil, error, message):
-    with pytest.raises(error, match=message):
-        client.register_target(spoil(synthetic_table(space, "refused-x", seed=5), space))
-    assert "refused-x" not in [x["name"] for x in client.targets()]
 
 
 def test_another_replica_reading_the_targets_folder_answers_alike(client, artifact, server, space):
@@ -232,42 +173,6 @@ def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
     assert cache.get(("a", "b", "onnx")) is None and cache.building_count == 0
 
 
-BAD_REQUESTS = [  # (a call of the client, the error it raises, its message)
-    pytest.param(lambda c: c.search(supernet="nope"), NotFound,
-                 "supernet 'nope' is not served here; known: \\['tiny'\\]", id="unknown-supernet"),
-    pytest.param(lambda c: c.search("pixel"), NotFound, "target 'pixel' is not known.*synthetic-cpu",
-                 id="unknown-target"),
-    pytest.param(lambda c: c.search(max_macs=10), Infeasible,
-                 "max_macs = 10 is below the smallest achievable 3,509,840 MACs", id="infeasible"),
-    pytest.param(lambda c: c.search(max_latency_ms=1.0), InvalidArgument,
-                 "constraints.max_latency_ms needs a target", id="latency-without-target"),
-    pytest.param(lambda c: c.search(resolutions=[32]), InvalidArgument,
-                 r"constraints.resolutions must be distinct values from \[24, 28\]", id="unknown-resolution"),
-    pytest.param(lambda c: c.search(population=5000), InvalidArgument, "options.population must be in 2..1000",
-                 id="population-too-large"),
-    pytest.param(lambda c: c.pareto(points=50, population=1000, generations=2000), InvalidArgument,
-                 r"population x options.generations x points must be at most 5,000,000 \(--max-search-work\), "
-                 r"got 1000 x 2000 x 50 = 100,000,000", id="too-much-work"),
-    pytest.param(lambda c: c.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28}), InvalidArgument,
-                 "arch: ", id="invalid-arch"),
-    pytest.param(lambda c: c.fetch("0123456789abcdef"), NotFound, "subnet 0123456789abcdef is not known",
-                 id="unknown-subnet-id"),
-]
-
-
-@pytest.mark.parametrize("call, error, message", BAD_REQUESTS)
-def test_bad_requests_get_the_right_status(client, call, error, message):
-    with pytest.raises(error, match=message):
-        call(client)
-
-
-def test_an_unknown_weights_format_is_invalid_argument(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as e:
-        stub = pb_grpc.SubnetServiceStub(channel)
-        list(stub.GetSubnetWeights(pb.GetSubnetWeightsRequest(subnet_id="0123456789abcdef", format=9)))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format must be one of" in e.value.details()
-
-
 def test_resource_exhausted_beyond_the_search_limit(client, server):
     slots = server.service.search_slots
     assert slots.acquire("peer-a") is None and slots.acquire("peer-b") is None  # two searches "running"
@@ -278,6 +183,17 @@ def test_resource_exhausted_beyond_the_search_limit(client, server):
         slots.release("peer-a")
         slots.release("peer-b")
     assert client.search(generations=5).id
+
+
+def test_slots_bound_the_server_and_each_peer():
+    slots = Slots(2, 1, "searches", "--max-searches", "--max-per-peer")
+    assert slots.acquire("a") is None
+    assert "this connection already runs 1 searches" in slots.acquire("a", wait=5)  # no wait for one's own
+    assert slots.acquire("b") is None
+    assert "limit of 2 concurrent searches (--max-searches)" in slots.acquire("c")
+    threading.Timer(0.2, slots.release, ("b",)).start()
+    assert slots.acquire("c", wait=30) is None  # a slot given back wakes a waiter
+    assert slots.held == 2 and slots.at_peer_limit("a") and not slots.at_peer_limit("b")
 
 
 def test_one_connection_cannot_take_every_search_slot(client, server, artifact):

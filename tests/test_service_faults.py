@@ -2,16 +2,29 @@
 
 Real servers on 127.0.0.1 with OS-chosen ports; every wait is bounded.
 """
+import errno
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import served_copy, synthetic_table, until
+from ofa import _io
+from ofa.artifact import load_artifact
 from ofa.search import Constraints, SearchSettings
-from ofa_client import Client, DeadlineExceeded, Unavailable
+from ofa_client import (Client, DeadlineExceeded, Infeasible, InvalidArgument, NotFound, PermissionDenied,
+                        ResourceExhausted, Unauthenticated, Unavailable)
+from ofa_client.cli import main as client_main
+from ofa_client.v1 import subnet_service_pb2 as pb
+from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+from ofa_server.auth import Tokens
 from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry
 from ofa_server.searcher import SearchJob, SearchPool, WorkerLost
@@ -121,8 +134,6 @@ def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
 
 
 def test_a_registered_table_crosses_to_a_worker_once_and_again_when_it_was_dropped(artifact):
-    from ofa.artifact import load_artifact
-
     space = load_artifact(artifact).space
     pool = SearchPool(1, (str(artifact),), tables_kept=1)  # the worker keeps one registered table
     try:
@@ -136,31 +147,6 @@ def test_a_registered_table_crosses_to_a_worker_once_and_again_when_it_was_dropp
         assert sent == [1, 1, 2, 3]
     finally:
         pool.close()
-
-
-def test_health_watch_is_bounded_and_forgets_ended_streams(server):
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    server.health.max_watches = 8
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        streams = [stub.Watch(health_pb2.HealthCheckRequest(service=f"name-{k}")) for k in range(8)]
-        assert all(next(s).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN for s in streams)
-        with pytest.raises(grpc.RpcError) as e:  # a ninth at once is refused
-            next(stub.Watch(health_pb2.HealthCheckRequest(service="one-more")))
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        for s in streams:
-            s.cancel()
-        until(lambda: not server.health.watched_services(), 10, "the ended watches forgotten")
-        for service in ("x" * (1 << 20), "y" * 201):  # names are capped; the message is not an echo
-            for call in (stub.Check, lambda r: next(stub.Watch(r))):
-                with pytest.raises(grpc.RpcError) as e:
-                    call(health_pb2.HealthCheckRequest(service=service))
-                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
-        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        watch.cancel()
 
 
 def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, monkeypatch):
@@ -182,85 +168,11 @@ def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, 
         weights.build_payload(art, arch, "torchscript")
 
 
-class _LyingServer:
-    """A SubnetService whose GetSubnetWeights lies in one way (``mode``), on 127.0.0.1."""
-
-    def __init__(self, mode: str):
-        from concurrent import futures
-
-        import grpc
-        from ofa_client.v1 import subnet_service_pb2 as pb
-        from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
-
-        class Lying(pb_grpc.SubnetServiceServicer):
-            def GetSubnetWeights(self, request, context):
-                data = b"x" * 10
-                header = pb.WeightsHeader(format=request.format, total_bytes=len(data), subnet_id=request.subnet_id,
-                                          arch=request.arch, sha256=__import__("hashlib").sha256(data).hexdigest())
-                if mode == "huge":
-                    header.total_bytes = 1 << 40
-                elif mode == "other_id":
-                    header.subnet_id = "f" * 16
-                elif mode == "other_format":
-                    header.format = pb.WEIGHTS_FORMAT_ONNX
-                elif mode == "other_arch":
-                    header.arch.resolution = 28
-                yield pb.GetSubnetWeightsResponse(header=header)
-                if mode == "two_headers":
-                    yield pb.GetSubnetWeightsResponse(header=header)
-                yield pb.GetSubnetWeightsResponse(chunk=data)
-
-        self.server = grpc.server(futures.ThreadPoolExecutor(2))
-        pb_grpc.add_SubnetServiceServicer_to_server(Lying(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def close(self):
-        self.server.stop(0)
-
-
-@pytest.mark.parametrize("mode, message", [
-    ("huge", "accepts 0..1048576"), ("two_headers", "a second header"), ("other_id", "the header says 'ffff"),
-    ("other_format", "asked for format 1, the header says 2"), ("other_arch", "not the arch asked for")])
-def test_the_client_trusts_no_header(mode, message):
-    from ofa_client import IntegrityError
-
-    liar = _LyingServer(mode)
-    arch = {"kernel": [3] * 10, "expand": [3] * 10, "depth": [2] * 5, "resolution": 24}
-    try:
-        with Client(f"127.0.0.1:{liar.port}", max_download_bytes=1 << 20) as c:
-            with pytest.raises(IntegrityError, match=message):
-                c.fetch({"id": "0123456789abcdef", "arch": arch, "supernet": "x"}, "safetensors")
-    finally:
-        liar.close()
-
-
-def test_saving_weights_never_follows_a_planted_temp_link(tmp_path):
-    from ofa_client.client import Weights
-
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"keep me")
-    out = tmp_path / "m.onnx"
-    (tmp_path / ".m.onnx.part").symlink_to(victim)  # the temp name the client used to write through
-    w = Weights(b"weights", "onnx", "0" * 64, "0" * 16, {}, (1,), (0.0,), (1.0,), "")
-    assert w.save(out) == out and out.read_bytes() == b"weights" and victim.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.part", "m.onnx", "victim"]  # nothing new left
-
-
 def _table_text(artifact, name, **extra):
-    import json
-
-    from conftest import synthetic_table
-    from ofa.artifact import load_artifact
-
     return json.dumps({**synthetic_table(load_artifact(artifact).space, name), **extra})
 
 
 def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
-    import json
-
-    from ofa_client import InvalidArgument, ResourceExhausted
-
     targets = tmp_path / "targets"
     srv = Server(Registry([str(artifact)], str(targets), max_targets=3), ServeConfig(port=0)).start()
     try:
@@ -299,11 +211,6 @@ def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
 
 
 def test_a_full_disk_answers_resource_exhausted_and_leaves_no_temp_file(artifact, tmp_path, monkeypatch):
-    import errno
-
-    from ofa import _io
-    from ofa_client import ResourceExhausted
-
     targets = tmp_path / "targets"
     srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0)).start()
     try:
@@ -324,9 +231,6 @@ def test_a_full_disk_answers_resource_exhausted_and_leaves_no_temp_file(artifact
 
 
 def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
-    import subprocess
-    import sys
-
     targets = tmp_path / "targets"
 
     def start():
@@ -354,14 +258,11 @@ def test_an_acknowledged_registration_survives_kill_9(artifact, tmp_path):
 
 @pytest.fixture(scope="module")
 def owned(artifact, tmp_path_factory):
-    """A server whose tokens name two clients, alice and bob, and a target "owned" that alice registered:
-    (server, its targets folder, alice's token)."""
-    from ofa_server.auth import Tokens
-
-    tmp = tmp_path_factory.mktemp("owned")
-    targets, token_file = tmp / "targets", tmp / "tokens"
+    """(server, targets folder, alice's token): clients alice and bob, and a target "owned" that alice registered."""
+    targets, token_file = tmp_path_factory.mktemp("owned") / "targets", tmp_path_factory.mktemp("tokens") / "t"
     token_file.write_text("# two clients\nalice s3cret\nbob other-s3cret\n")
-    srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0), tokens=Tokens.from_file(token_file)).start()
+    tokens = Tokens.from_file(token_file)
+    srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0), tokens=tokens).start()
     with Client(f"127.0.0.1:{srv.port}", token="s3cret") as alice:
         alice.register_target(_table_text(artifact, "owned"))
     yield srv, targets, "s3cret"
@@ -372,25 +273,22 @@ def _as(srv, who: str) -> Client:
     return Client(f"127.0.0.1:{srv.port}", token={"alice": "s3cret", "bob": "other-s3cret", "anonymous": None}[who])
 
 
-def _refusals():
-    from ofa_client import Infeasible, NotFound, PermissionDenied, Unauthenticated
-
-    return [  # (who, what they try, error, message)
-        pytest.param("anonymous", lambda c, a: c.delete_target("owned"), Unauthenticated, "bearer token",
-                     id="no-token"),
-        # a target is its registering client's: another token may neither replace nor delete it
-        pytest.param("bob", lambda c, a: c.register_target(_table_text(a, "owned"), replace=True), PermissionDenied,
-                     "registered by client 'alice'; only that client's token", id="another-client-replaces"),
-        pytest.param("bob", lambda c, a: c.delete_target("owned"), PermissionDenied, "may delete it",
-                     id="another-client-deletes"),
-        pytest.param("alice", lambda c, a: c.delete_target("never-registered"), NotFound,
-                     "no registered target 'never-registered'", id="unknown-target"),
-        pytest.param("alice", lambda c, a: c.delete_target(TARGET), Infeasible,
-                     "ships with the supernet and cannot be removed", id="artifact-target"),
-    ]
+REFUSALS = [  # (who, what they try, error, message)
+    pytest.param("anonymous", lambda c, a: c.delete_target("owned"), Unauthenticated, "bearer token",
+                 id="no-token"),
+    # a target is its registering client's: another token may neither replace nor delete it
+    pytest.param("bob", lambda c, a: c.register_target(_table_text(a, "owned"), replace=True), PermissionDenied,
+                 "registered by client 'alice'; only that client's token", id="another-client-replaces"),
+    pytest.param("bob", lambda c, a: c.delete_target("owned"), PermissionDenied, "may delete it",
+                 id="another-client-deletes"),
+    pytest.param("alice", lambda c, a: c.delete_target("never-registered"), NotFound,
+                 "no registered target 'never-registered'", id="unknown-target"),
+    pytest.param("alice", lambda c, a: c.delete_target(TARGET), Infeasible,
+                 "ships with the supernet and cannot be removed", id="artifact-target"),
+]
 
 
-@pytest.mark.parametrize("who, attempt, error, message", _refusals())
+@pytest.mark.parametrize("who, attempt, error, message", REFUSALS)
 def test_a_delete_or_replace_that_is_not_allowed_is_refused(owned, artifact, who, attempt, error, message):
     srv, targets, _ = owned
     with _as(srv, who) as c, pytest.raises(error, match=message):
@@ -404,8 +302,6 @@ def test_another_client_may_search_a_target_it_does_not_own(owned):
 
 
 def test_the_owner_replaces_and_deletes_its_target(owned, artifact):
-    from ofa_client import NotFound
-
     srv, targets, _ = owned
     with _as(srv, "alice") as c:
         c.register_target(_table_text(artifact, "gone-soon"))
@@ -418,8 +314,6 @@ def test_the_owner_replaces_and_deletes_its_target(owned, artifact):
 
 
 def test_the_cli_deletes_a_target_with_a_token_file(owned, artifact, tmp_path):
-    from ofa_client.cli import main as client_main
-
     srv, targets, token = owned
     with _as(srv, "alice") as c:
         c.register_target(_table_text(artifact, "by-cli"))
@@ -432,19 +326,12 @@ def test_the_cli_deletes_a_target_with_a_token_file(owned, artifact, tmp_path):
 def _reader_channels(address: str, n: int) -> list:
     """``n`` channels, a connection each (as separate clients have), with a small flow-control window: the
     server blocks on a chunk such a client does not read."""
-    import grpc
-
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
                ("grpc.use_local_subchannel_pool", 1)]
     return [grpc.insecure_channel(address, options) for _ in range(n)]
 
 
 def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from ofa_client.v1 import subnet_service_pb2 as pb
-    from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
-
     srv = Server(Registry([str(artifact)], None), ServeConfig(
         port=0, workers=2, max_searches=1, max_streams=2, max_health_watches=3, stream_stall_s=6.0,
         stream_preempt_s=600.0, max_streams_per_peer=2)).start()
@@ -484,10 +371,6 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
 def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
     """All stream slots taken by clients that stopped reading: a new stream cancels the one stalled longest
     (past --stream-preempt-s) and is sent; one connection cannot open more than --max-streams-per-peer."""
-    import grpc
-    from ofa_client.v1 import subnet_service_pb2 as pb
-    from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
-
     srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1, max_streams=2,
                                                                max_streams_per_peer=1, stream_preempt_s=1.0)).start()
     address = f"127.0.0.1:{srv.port}"
@@ -515,16 +398,3 @@ def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
         for ch in channels:
             ch.close()
         srv.stop(0)
-
-
-def test_slots_bound_the_server_and_each_peer():
-    from ofa_server.slots import Slots
-
-    slots = Slots(2, 1, "searches", "--max-searches", "--max-per-peer")
-    assert slots.acquire("a") is None
-    assert "this connection already runs 1 searches" in slots.acquire("a", wait=5)  # no wait for one's own
-    assert slots.acquire("b") is None
-    assert "limit of 2 concurrent searches (--max-searches)" in slots.acquire("c")
-    threading.Timer(0.2, slots.release, ("b",)).start()
-    assert slots.acquire("c", wait=30) is None  # a slot given back wakes a waiter
-    assert slots.held == 2 and slots.at_peer_limit("a") and not slots.at_peer_limit("b")

@@ -1,13 +1,17 @@
-"""Property test: malformed or extreme requests each get a non-OK status of the right class, and the
-server still answers a valid request afterwards."""
+"""Requests the server refuses, and servers the client refuses: tables of named cases, a property test
+(malformed or extreme requests each get a non-OK status of the right class, and the server still answers a
+valid request afterwards), and lying servers whose headers the client checks."""
 import json
 import math
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import served_copy
+from conftest import served_copy, synthetic_table, until
+from ofa.artifact import load_artifact
+from ofa_client import AlreadyExists, Client, Infeasible, InvalidArgument, NotFound
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from ofa_server.main import ServeConfig, Server
@@ -19,13 +23,124 @@ INVALID, NOT_FOUND, PRECONDITION = (grpc.StatusCode.INVALID_ARGUMENT, grpc.Statu
 
 
 @pytest.fixture(scope="module")
-def stub(tiny_artifact, tmp_path_factory):
-    root = served_copy(tiny_artifact, tmp_path_factory.mktemp("fuzz") / "tiny", TARGET)
+def root(tiny_artifact, tmp_path_factory):
+    return served_copy(tiny_artifact, tmp_path_factory.mktemp("fuzz") / "tiny", TARGET)
+
+
+@pytest.fixture(scope="module")
+def server(root):
     srv = Server(Registry([str(root)]), ServeConfig(port=0, max_searches=4)).start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield pb_grpc.SubnetServiceStub(channel)
     channel.close()
-    srv.stop(0)
+
+
+@pytest.fixture()
+def client(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def space(root):
+    return load_artifact(root).space
+
+
+BAD_REQUESTS = [  # (a call of the client, the error it raises, its message)
+    pytest.param(lambda c: c.search(supernet="nope"), NotFound,
+                 "supernet 'nope' is not served here; known: \\['tiny'\\]", id="unknown-supernet"),
+    pytest.param(lambda c: c.search("pixel"), NotFound, "target 'pixel' is not known.*synthetic-cpu",
+                 id="unknown-target"),
+    pytest.param(lambda c: c.search(max_macs=10), Infeasible,
+                 "max_macs = 10 is below the smallest achievable 3,509,840 MACs", id="infeasible"),
+    pytest.param(lambda c: c.search(max_latency_ms=1.0), InvalidArgument,
+                 "constraints.max_latency_ms needs a target", id="latency-without-target"),
+    pytest.param(lambda c: c.search(resolutions=[32]), InvalidArgument,
+                 r"constraints.resolutions must be distinct values from \[24, 28\]", id="unknown-resolution"),
+    pytest.param(lambda c: c.search(population=5000), InvalidArgument, "options.population must be in 2..1000",
+                 id="population-too-large"),
+    pytest.param(lambda c: c.pareto(points=50, population=1000, generations=2000), InvalidArgument,
+                 r"population x options.generations x points must be at most 5,000,000 \(--max-search-work\), "
+                 r"got 1000 x 2000 x 50 = 100,000,000", id="too-much-work"),
+    pytest.param(lambda c: c.fetch({"kernel": [4], "expand": [3], "depth": [1], "resolution": 28}), InvalidArgument,
+                 "arch: ", id="invalid-arch"),
+    pytest.param(lambda c: c.fetch("0123456789abcdef"), NotFound, "subnet 0123456789abcdef is not known",
+                 id="unknown-subnet-id"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_REQUESTS)
+def test_bad_requests_get_the_right_status(client, call, error, message):
+    with pytest.raises(error, match=message):
+        call(client)
+
+
+def test_an_unknown_weights_format_is_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.GetSubnetWeights(pb.GetSubnetWeightsRequest(subnet_id="0123456789abcdef", format=9)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format must be one of" in e.value.details()
+
+
+BAD_TABLES = [  # (how to spoil a valid table of target "refused-x", error, message)
+    pytest.param(lambda table, space: synthetic_table(space, TARGET), AlreadyExists, "ships with the supernet",
+                 id="artifact-target"),
+    pytest.param(lambda table, space: "{not json", InvalidArgument, "table_json is not valid JSON", id="not-json"),
+    pytest.param(lambda table, space: {**table, "space": {"name": "x", "digest": "0" * 64}}, InvalidArgument,
+                 "digest mismatch", id="other-space"),
+    pytest.param(lambda table, space: {**table, "entries": dict(list(table["entries"].items())[:5])},
+                 InvalidArgument, "entries lack", id="missing-entries"),
+    pytest.param(lambda table, space: {**table, "device": {"threads": "four"}}, InvalidArgument,
+                 "device.threads must be an integer in 1..1024", id="bad-device"),
+    pytest.param(lambda table, space: '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", InvalidArgument,
+                 "nests too deeply", id="nested-too-deep"),
+]
+
+
+@pytest.mark.parametrize("spoil, error, message", BAD_TABLES)
+def test_a_bad_table_is_refused_and_not_kept(client, space, spoil, error, message):
+    with pytest.raises(error, match=message):
+        client.register_target(spoil(synthetic_table(space, "refused-x", seed=5), space))
+    assert "refused-x" not in [x["name"] for x in client.targets()]
+
+
+def _timings(client, factor):
+    (t,) = [t for t in client.targets() if t["name"] == TARGET]
+    return {r["subnet_id"]: factor * r["profiled_ms"] for r in t["references"]}
+
+
+def test_a_search_carries_the_device_speed_now(client):
+    # the device runs twice as long today: a 2.5 ms budget is then the 1.25 ms subnet of the table
+    half = client.search(TARGET, max_latency_ms=1.25, seed=3)
+    slow = client.search(TARGET, max_latency_ms=2.5, seed=3, reference_timings=_timings(client, 2.0))
+    assert half.speed == 1.0 and slow.speed == pytest.approx(2.0)
+    assert slow.id == half.id and slow.predicted_latency_ms == pytest.approx(2 * half.predicted_latency_ms, rel=1e-3)
+    front = client.pareto(TARGET, 3, reference_timings=_timings(client, 0.5))
+    assert all(p.speed == pytest.approx(0.5) for p in front)
+
+
+@pytest.mark.parametrize("timings, message", [
+    ({"0123456789abcdef": 1.0}, r"reference_timings\[0\].subnet_id '0123456789abcdef' is not a reference subnet"),
+    ("nan", r"reference_timings\[0\].ms must be a number in \(0, 1e\+06\]"),
+    ("zero", r"reference_timings\[0\].ms must be a number"),
+    ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
+    ("1000x", r"imply the device runs at x1000.000 of its profiled time; only x0.01 to x100 is accepted"),
+    ("no target", "reference_timings needs a target"),
+], ids=["unknown-id", "nan", "zero", "twice", "implausible", "no-target"])
+def test_bad_reference_timings_are_refused(client, timings, message):
+    good = _timings(client, 1.0)
+    first = next(iter(good))
+    target = None if timings == "no target" else TARGET
+    if isinstance(timings, str):
+        timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "1000x": _timings(client, 1000.0),
+                   "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good}[timings]
+    with pytest.raises(InvalidArgument, match=message):
+        client.search(target, max_macs=10**9, reference_timings=timings)
 
 
 names = st.text(min_size=1, max_size=70)
@@ -175,11 +290,29 @@ def test_long_fields_are_never_echoed_whole(stub, case, caplog):
     assert lines and all(len(line) <= 1200 for line in lines), max(map(len, lines))
 
 
-def test_a_message_listing_many_targets_is_cut_to_the_cap(tiny_artifact, tmp_path, caplog):
-    from conftest import synthetic_table
-    from ofa.artifact import load_artifact
-    from ofa_client import Client, NotFound
+def test_health_watch_is_bounded_and_forgets_ended_streams(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        streams = [stub.Watch(health_pb2.HealthCheckRequest(service=f"name-{k}"))
+                   for k in range(server.health.max_watches)]
+        assert all(next(s).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN for s in streams)
+        with pytest.raises(grpc.RpcError) as e:  # one more at once is refused
+            next(stub.Watch(health_pb2.HealthCheckRequest(service="one-more")))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for s in streams:
+            s.cancel()
+        until(lambda: not server.health.watched_services(), 10, "the ended watches forgotten")
+        for service in ("x" * (1 << 20), "y" * 201):  # names are capped; the message is not an echo
+            for call in (stub.Check, lambda r: next(stub.Watch(r))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(health_pb2.HealthCheckRequest(service=service))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
+
+def test_a_message_listing_many_targets_is_cut_to_the_cap(tiny_artifact, tmp_path, caplog):
     root = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
     srv = Server(Registry([str(root)]), ServeConfig(port=0, max_searches=1, max_message_chars=500)).start()
     try:
@@ -195,3 +328,68 @@ def test_a_message_listing_many_targets_is_cut_to_the_cap(tiny_artifact, tmp_pat
         assert all(len(r.getMessage()) <= 600 for r in caplog.records)
     finally:
         srv.stop(0)
+
+
+class _LyingServer:
+    """A SubnetService whose GetSubnetWeights lies in one way (``mode``), on 127.0.0.1."""
+
+    def __init__(self, mode: str):
+        from concurrent import futures
+
+        import grpc
+        from ofa_client.v1 import subnet_service_pb2 as pb
+        from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
+
+        class Lying(pb_grpc.SubnetServiceServicer):
+            def GetSubnetWeights(self, request, context):
+                data = b"x" * 10
+                header = pb.WeightsHeader(format=request.format, total_bytes=len(data), subnet_id=request.subnet_id,
+                                          arch=request.arch, sha256=__import__("hashlib").sha256(data).hexdigest())
+                if mode == "huge":
+                    header.total_bytes = 1 << 40
+                elif mode == "other_id":
+                    header.subnet_id = "f" * 16
+                elif mode == "other_format":
+                    header.format = pb.WEIGHTS_FORMAT_ONNX
+                elif mode == "other_arch":
+                    header.arch.resolution = 28
+                yield pb.GetSubnetWeightsResponse(header=header)
+                if mode == "two_headers":
+                    yield pb.GetSubnetWeightsResponse(header=header)
+                yield pb.GetSubnetWeightsResponse(chunk=data)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        pb_grpc.add_SubnetServiceServicer_to_server(Lying(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self):
+        self.server.stop(0)
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("huge", "accepts 0..1048576"), ("two_headers", "a second header"), ("other_id", "the header says 'ffff"),
+    ("other_format", "asked for format 1, the header says 2"), ("other_arch", "not the arch asked for")])
+def test_the_client_trusts_no_header(mode, message):
+    from ofa_client import IntegrityError
+
+    liar = _LyingServer(mode)
+    arch = {"kernel": [3] * 10, "expand": [3] * 10, "depth": [2] * 5, "resolution": 24}
+    try:
+        with Client(f"127.0.0.1:{liar.port}", max_download_bytes=1 << 20) as c:
+            with pytest.raises(IntegrityError, match=message):
+                c.fetch({"id": "0123456789abcdef", "arch": arch, "supernet": "x"}, "safetensors")
+    finally:
+        liar.close()
+
+
+def test_saving_weights_never_follows_a_planted_temp_link(tmp_path):
+    from ofa_client.client import Weights
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "m.onnx"
+    (tmp_path / ".m.onnx.part").symlink_to(victim)  # the temp name the client used to write through
+    w = Weights(b"weights", "onnx", "0" * 64, "0" * 16, {}, (1,), (0.0,), (1.0,), "")
+    assert w.save(out) == out and out.read_bytes() == b"weights" and victim.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.part", "m.onnx", "victim"]  # nothing new left
