@@ -25,41 +25,168 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import __version__
-from .data import DataSpec
-from .space import SearchSpace
-from .supernet import Supernet
 from ._io import ArtifactError, atomic_write_text, folder_lock, sha256_file, sync_dir, write_temp
-from .predict.measure import MEASUREMENTS
-from .search.load import ACCURACY_PREDICTOR
 
-__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "add_file", "load_artifact", "repair_artifact",
-           "write_artifact"]
+if TYPE_CHECKING:  # torch is imported where weights are read or written: the scorer's readers need numpy only
+    import torch
+
+    from .data import DataSpec
+    from .space import SearchSpace
+    from .supernet import Supernet
+
+__all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CHECKPOINTS", "FORMAT_VERSION",
+           "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING", "add_file", "latency_file", "load_artifact",
+           "open_artifact", "repair_artifact", "write_artifact"]
 
 log = logging.getLogger("ofa")
 
+# ---- the artifact's file names: this module is the one place that knows them ----------------------------
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PENDING = "manifest.pending.json"  # a commit under way: the new manifest and the files staged for it
-CORE_FILES = ("calibration.safetensors", "data.json", "space.json", "supernet.safetensors")
+SPACE, DATA, SUPERNET, CALIBRATION = "space.json", "data.json", "supernet.safetensors", "calibration.safetensors"
+CORE_FILES = (CALIBRATION, DATA, SPACE, SUPERNET)
+ACCURACY_PREDICTOR = "accuracy_predictor.safetensors"
+MEASUREMENTS = "accuracy/measurements.json"
+LATENCY_DIR = "latency/"
+METRICS_LOG = "metrics.jsonl"  # training's per-epoch log, next to the artifact's files (not in the manifest)
+CHECKPOINTS = "checkpoints"  # training's checkpoints (not in the manifest; their writer cleans its own temp files)
 # made from the weights: invalid after new ones
 WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/")
 
 
+def latency_file(target: str) -> str:
+    """The artifact file of ``target``'s latency table."""
+    return f"{LATENCY_DIR}{target}.json"
+
+
+class ArtifactFiles:
+    """The files of one artifact as its manifest lists them, each checked against its sha256 once.
+
+    :meth:`read` hashes the bytes it returns (a file read is verified as read, never twice);
+    small files are kept, so the readers of one artifact (weights, scorer, server) share one
+    verification. Made by :func:`open_artifact`.
+    """
+
+    KEEP_BYTES = 4 << 20  # files up to this size stay in memory once read (tables, predictor, measurements)
+
+    def __init__(self, root: Path, manifest: dict[str, Any], verify: bool) -> None:
+        self.root, self.manifest, self.verify = root, manifest, verify
+        self._kept: dict[str, bytes] = {}
+
+    @property
+    def digest(self) -> str:
+        """The artifact's identity: sha256 over the digests of its core files."""
+        return self.manifest["digest"]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.manifest["files"])
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def latency_targets(self) -> dict[str, str]:
+        """{target: file name} of the latency tables the manifest lists."""
+        return {n[len(LATENCY_DIR):-len(".json")]: n for n in self.names
+                if n.startswith(LATENCY_DIR) and n.endswith(".json")}
+
+    def read(self, name: str) -> bytes:
+        """The bytes of ``name``; with ``verify`` they must match the manifest's sha256."""
+        if name in self._kept:
+            return self._kept[name]
+        if not self.has(name):
+            raise ArtifactError(f"{self.root}: the manifest does not list {name}")
+        try:
+            data = (self.root / name).read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"{self.root}: {name} cannot be read: {e.strerror}") from None
+        if self.verify and hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
+            raise ArtifactError(f"{self.root}: {name} does not match its sha256 in the manifest")
+        if len(data) <= self.KEEP_BYTES:
+            self._kept[name] = data
+        return data
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as e:
+            raise ArtifactError(f"{self.root}: {name} is not valid JSON: {e}") from None
+
+    def verified_path(self, name: str) -> Path:
+        """The path of ``name`` after its sha256 was checked (streamed: for large files, read by path after)."""
+        if not self.has(name):
+            raise ArtifactError(f"{self.root}: the manifest does not list {name}")
+        if self.verify and name not in self._kept and sha256_file(self.root / name) != self.manifest["files"][name]:
+            raise ArtifactError(f"{self.root}: {name} does not match its sha256 in the manifest")
+        return self.root / name
+
+    def verify_all(self, done: Iterable[str] = ()) -> None:
+        """Check every listed file not checked yet (``done``: checked already); small ones are kept."""
+        for name in sorted(set(self.names) - set(self._kept) - set(done)):
+            size = (self.root / name).stat().st_size
+            self.read(name) if size <= self.KEEP_BYTES else self.verified_path(name)
+
+    def space(self) -> "SearchSpace":
+        from .space import SearchSpace
+
+        try:
+            return SearchSpace.from_dict(self.read_json(SPACE))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{self.root}: {SPACE} is not a search-space definition: {e}") from None
+
+
+def open_artifact(path: str | Path, verify: bool = True) -> ArtifactFiles:
+    """The manifest of the artifact at ``path``, checked (format version, entries inside the folder, files
+    present, identity); an interrupted write is repaired first (:func:`repair_artifact`)."""
+    path = Path(path)
+    repair_artifact(path)
+    with folder_lock(path, exclusive=False):  # not halfway through another process's commit
+        return ArtifactFiles(path, _checked_manifest(path, verify), verify)
+
+
+def _checked_manifest(path: Path, verify: bool) -> dict[str, Any]:
+    if not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path / MANIFEST} must be an object with a 'files' object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                            f"supported (this build reads {FORMAT_VERSION})")
+    files = manifest["files"]
+    missing = [n for n in CORE_FILES if n not in files]
+    if missing:
+        raise ArtifactError(f"{path}: the manifest does not list {missing}")
+    root = path.resolve()
+    for name in files:
+        file = (path / name).resolve()
+        if root not in file.parents:
+            raise ArtifactError(f"{path}: manifest entry {name!r} points outside the artifact")
+        if not file.is_file():
+            raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
+    if verify and manifest.get("digest") != _identity(files):
+        raise ArtifactError(f"{path}: the manifest's digest does not match its files")
+    return manifest
+
+
 @dataclass
 class Artifact:
+    """A loaded artifact: the supernet built, its space, data description and calibration images."""
+
     path: Path
     manifest: dict[str, Any]
     space: SearchSpace
     data: DataSpec
     supernet: Supernet
     calibration: torch.Tensor
+    files: ArtifactFiles
 
     @property
     def digest(self) -> str:
@@ -74,7 +201,7 @@ def _identity(digests: dict[str, str]) -> str:
 def _temp_files(folder: Path) -> list[Path]:
     """Temporary files of interrupted writes in the artifact's own folders (not ``checkpoints/``, whose
     writer cleans its own)."""
-    dirs = [folder] + [d for d in folder.iterdir() if d.is_dir() and d.name != "checkpoints"]
+    dirs = [folder] + [d for d in folder.iterdir() if d.is_dir() and d.name != CHECKPOINTS]
     return [f for d in dirs for f in d.glob(".*.tmp") if f.is_file()]
 
 
@@ -160,16 +287,17 @@ def _commit(folder: Path, files: dict[str, bytes], update) -> dict[str, Any]:
 def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor,
                    config: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
+    import torch
     from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
     space = supernet.space
     state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
     files = {
-        "space.json": space.to_json().encode(),
-        "data.json": json.dumps(data.to_dict(), sort_keys=True).encode(),
-        "supernet.safetensors": save(state, metadata={"space": space.name}),
-        "calibration.safetensors": save({"images": calibration.to(torch.uint8).contiguous()}),
+        SPACE: space.to_json().encode(),
+        DATA: json.dumps(data.to_dict(), sort_keys=True).encode(),
+        SUPERNET: save(state, metadata={"space": space.name}),
+        CALIBRATION: save({"images": calibration.to(torch.uint8).contiguous()}),
     }
 
     def update(old: dict[str, Any] | None, digests: dict[str, str]) -> dict[str, Any]:
@@ -215,47 +343,33 @@ def add_file(artifact_dir: Path, name: str, text: str | bytes) -> Path:
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    """Read an artifact; with ``verify`` every file's sha256 must match the manifest. An interrupted write is
-    repaired first (:func:`repair_artifact`)."""
+    """Read an artifact and build its supernet; with ``verify`` every file's sha256 must match the manifest
+    (each file hashed once: the small ones stay in ``Artifact.files`` for the scorer). An interrupted write
+    is repaired first (:func:`repair_artifact`)."""
     path = Path(path)
     repair_artifact(path)
     with folder_lock(path, exclusive=False):  # not halfway through another process's commit
-        return _load(path, verify)
+        files = ArtifactFiles(path, _checked_manifest(path, verify), verify)
+        art = _load(files)
+        files.verify_all(done=(SUPERNET, CALIBRATION))
+    return art
 
 
-def _load(path: Path, verify: bool) -> Artifact:
-    if not (path / MANIFEST).exists():
-        raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing")
+def _load(files: ArtifactFiles) -> Artifact:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .data import DataSpec
+    from .supernet import Supernet
+
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{path / MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path / MANIFEST} must be an object with a 'files' object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not "
-                            f"supported (this build reads {FORMAT_VERSION})")
-    files = manifest["files"]
-    missing = [n for n in CORE_FILES if n not in files]
-    if missing:
-        raise ArtifactError(f"{path}: the manifest does not list {missing}")
-    root = path.resolve()
-    for name, digest in files.items():
-        file = (path / name).resolve()
-        if root not in file.parents:
-            raise ArtifactError(f"{path}: manifest entry {name!r} points outside the artifact")
-        if not file.is_file():
-            raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
-        if verify and sha256_file(file) != digest:
-            raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest")
-    if verify and manifest.get("digest") != _identity(files):
-        raise ArtifactError(f"{path}: the manifest's digest does not match its files")
-    try:
-        space = SearchSpace.from_dict(json.loads((path / "space.json").read_text()))
-        data = DataSpec.from_dict(json.loads((path / "data.json").read_text()))
+        space = files.space()
+        data = DataSpec.from_dict(files.read_json(DATA))
         supernet = Supernet(space)
-        supernet.load_state_dict(load_file(str(path / "supernet.safetensors")))
-        calibration = load_file(str(path / "calibration.safetensors"))["images"]
+        supernet.load_state_dict(load_file(str(files.verified_path(SUPERNET))))
+        calibration = load_file(str(files.verified_path(CALIBRATION)))["images"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
-        raise ArtifactError(f"{path}: {e}") from None
-    return Artifact(path, manifest, space, data, supernet.eval(), calibration)
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{files.root}: {e}") from None
+    return Artifact(files.root, files.manifest, space, data, supernet.eval(), calibration, files)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
-from ofa.artifact import Artifact, load_artifact
+from ofa.artifact import MEASUREMENTS, Artifact, load_artifact
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
@@ -144,16 +144,15 @@ class Registry:
             if name in self.supernets:
                 raise ValueError(f"two artifacts are both named {name!r}; give --name for each")
             art = load_artifact(d)
-            scorer = load_scorer(d)
+            scorer = load_scorer(art.files)  # the files load_artifact verified: not hashed again
             tables = {name: pred.table for name, pred in scorer.latency.items()}
             for name, why in scorer.refused.items():
                 log.warning("not serving target %s of %s: %s", name, d, why)
             served = ServedSupernet(name, art, scorer, tables)
             for arch in (art.space.smallest(), art.space.largest()):
                 served.remember(arch)
-            meas = Path(d) / "accuracy" / "measurements.json"
-            if meas.exists():
-                for item in json.loads(meas.read_text())["subnets"].values():
+            if art.files.has(MEASUREMENTS):
+                for item in art.files.read_json(MEASUREMENTS)["subnets"].values():
                     served.remember(Arch.from_dict(item["arch"]))
             self.supernets[name] = served
             log.info("serving %s from %s (digest %s, %d targets, accuracy predictor: %s)", name, d,

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 if TYPE_CHECKING:  # the worker imports numpy only after it has set its BLAS threads
     from ofa.predict.latency import LatencyPredictor, Speed
@@ -83,9 +83,9 @@ class _WorkerState:
     """What one worker process keeps between tasks: the slots' stop flags, a scorer per artifact (a cache of
     read-only files) and the registered tables it was sent (the most recently used ``tables_kept``)."""
 
-    def __init__(self, flags, tables_kept: int) -> None:
+    def __init__(self, flags, tables_kept: int, scorers: dict[str, Scorer]) -> None:
         self.flags, self.tables_kept = flags, tables_kept
-        self.scorers: dict[str, Scorer] = {}  # artifact dir -> Scorer
+        self.scorers = dict(scorers)  # artifact dir -> Scorer, as the server verified it (not read again here)
         self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
 
     def scorer(self, artifact_dir: str) -> Scorer:
@@ -130,8 +130,8 @@ class _WorkerState:
         return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end))
 
 
-def _worker_main(conn, flags, artifact_dirs: tuple[str, ...], tables_kept: int) -> None:
-    """A worker: load the scorers, say ready, then run one task at a time until the pipe closes."""
+def _worker_main(conn, flags, scorers: dict[str, Scorer], tables_kept: int) -> None:
+    """A worker: say ready, then run one task at a time until the pipe closes (``scorers`` came with it)."""
     # one BLAS thread per worker: the workers already run one search per core, and
     # oversubscribed BLAS threads spin against each other (before numpy is imported here)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -139,12 +139,7 @@ def _worker_main(conn, flags, artifact_dirs: tuple[str, ...], tables_kept: int) 
     # A search is batch work; streaming weights is waited on. At a lower priority the
     # searches take the cores only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)
-    state = _WorkerState(flags, tables_kept)
-    for d in artifact_dirs:  # now, not in the first search each worker runs
-        try:
-            state.scorer(d)
-        except Exception:  # noqa: BLE001 - the search that needs this artifact reports it
-            pass
+    state = _WorkerState(flags, tables_kept, scorers)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -181,9 +176,10 @@ class _Worker:
 class SearchPool:
     """``slots`` worker processes, each with its own pipe; ``run`` blocks until the job ends or ``cancelled()``.
 
-    Every worker is started, and has read the predictors of ``artifact_dirs``, before the
-    constructor returns: a worker started on demand would make one search wait for its
-    start-up, and that start-up compete with the requests being answered.
+    ``scorers`` (artifact dir -> Scorer, or dirs read here once) go to each worker as it starts, so the
+    files are verified once, not per worker. Every worker is started before the constructor returns: a
+    worker started on demand would make one search wait for its start-up, and that start-up compete
+    with the requests being answered.
 
     The pool heals: a worker that dies (the OOM killer's SIGKILL), or that does not stop within
     ``stop_grace`` seconds of being told to, or runs past ``max_seconds``, is killed and replaced
@@ -191,11 +187,15 @@ class SearchPool:
     many workers can take a search whenever that changes (health is NOT_SERVING at 0).
     """
 
-    def __init__(self, slots: int, artifact_dirs: tuple[str, ...] = (), max_seconds: float = 300.0,
+    def __init__(self, slots: int, scorers: Mapping[str, Scorer] | Sequence[str] = (), max_seconds: float = 300.0,
                  stop_grace: float = 5.0, start_timeout: float = 120.0,
                  on_ready: Callable[[int], None] = lambda n: None, tables_kept: int = TABLES_KEPT) -> None:
         self._ctx = mp.get_context("spawn")
-        self._dirs = tuple(artifact_dirs)
+        if not isinstance(scorers, Mapping):
+            from ofa.search.load import load_scorer
+
+            scorers = {str(d): load_scorer(d) for d in scorers}
+        self._scorers = dict(scorers)
         self._flags = self._ctx.Array("b", slots, lock=False)
         self.max_seconds, self.stop_grace, self.start_timeout = max_seconds, stop_grace, start_timeout
         self._on_ready = on_ready
@@ -219,7 +219,7 @@ class SearchPool:
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._dirs, self.tables_kept),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._scorers, self.tables_kept),
                                  daemon=True, name="ofa-search")
         proc.start()
         child.close()

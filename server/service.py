@@ -106,7 +106,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self._closed = threading.Event()
         threading.Thread(target=self._watch_streams, name="ofa-stream-watch", daemon=True).start()
         self.cache = WeightsCache(config.cache_mb << 20)
-        self.pool = SearchPool(config.max_searches, tuple(str(sn.artifact.path) for sn in registry.supernets.values()),
+        self.pool = SearchPool(config.max_searches, {str(sn.artifact.path): sn.scorer
+                                                     for sn in registry.supernets.values()},
                                max_seconds=config.max_search_seconds, on_ready=on_ready)
 
     @property
