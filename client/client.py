@@ -155,9 +155,9 @@ class Weights:
             return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
         if self.format != "safetensors":
             raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
-        from ofa.subnet import load_subnet_safetensors
+        from ofa.formats import read_subnet
 
-        return load_subnet_safetensors(self.data)[0]
+        return read_subnet(self.data)[0]
 
 
 # ---- the client --------------------------------------------------------------------

@@ -1,21 +1,29 @@
-"""BatchNorm re-calibration of an extracted subnet.
+"""BatchNorm re-calibration of an extracted subnet: the one recipe for "the subnet we serve".
 
 A subnet's BN statistics inside the supernet are those of whatever mix of subnets
 trained it; before evaluation or serving they are re-estimated on a few thousand
 training images at the subnet's own resolution. The estimate is the average of the
 per-batch means and variances (a cumulative average, ``momentum=None``), so it does
 not depend on an EMA rate and is the same for the same images in the same order.
+
+:func:`served_subnet` is what the server streams and what ``ofa predictors`` measures (so
+a prediction is about the subnet served), on the images :func:`served_images` picks.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from .data import DataSpec, prepare_batch
 
-__all__ = ["CalibrationCancelled", "calibrate_bn"]
+if TYPE_CHECKING:
+    from .artifact import Artifact
+    from .space import Arch
+    from .supernet import Supernet
+
+__all__ = ["CalibrationCancelled", "calibrate_bn", "served_images", "served_subnet"]
 
 
 class CalibrationCancelled(Exception):
@@ -56,3 +64,24 @@ def calibrate_bn(model: nn.Module, images: torch.Tensor, spec: DataSpec, resolut
             bn.train(training)
         model.train(was_training)
     return model.eval()
+
+
+def served_subnet(supernet: Supernet, arch: Arch, images: torch.Tensor, spec: DataSpec,
+                  device: torch.device | str = "cpu", should_stop: Callable[[], bool] | None = None) -> nn.Module:
+    """``arch`` as served: extracted from ``supernet``, BN re-calibrated on ``images`` in their order, eval mode."""
+    from .supernet import extract
+
+    return calibrate_bn(extract(supernet, arch).to(device), images, spec, arch.resolution, device=device,
+                        should_stop=should_stop)
+
+
+def served_images(art: Artifact) -> torch.Tensor:
+    """The calibration images of served subnets: as many of the stored ones as the accuracy predictor's
+    measurements were calibrated on (so what is predicted is what is served), else all stored."""
+    from .artifact import ACCURACY_PREDICTOR
+    from .predict.accuracy import AccuracyPredictor
+
+    count = None
+    if art.files.has(ACCURACY_PREDICTOR):
+        count = AccuracyPredictor.from_bytes(art.files.read(ACCURACY_PREDICTOR)).info.get("calib_images")
+    return art.calibration if count is None else art.calibration[:count]

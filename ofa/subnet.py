@@ -7,9 +7,6 @@ head) from here so that both share one definition and one state-dict layout.
 """
 from __future__ import annotations
 
-import io
-import json
-import warnings
 from collections import OrderedDict
 from typing import Mapping
 
@@ -23,18 +20,13 @@ __all__ = [
     "InvertedResidual",
     "SqueezeExcite",
     "SubNet",
-    "ONNX_OPSET",
     "build_part",
     "build_subnet",
-    "export_onnx",
     "load_subnet",
-    "load_subnet_safetensors",
     "make_activation",
 ]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "h_swish": nn.Hardswish}
-
-ONNX_OPSET = 17  # HardSwish needs >= 14
 
 
 def make_activation(name: str) -> nn.Module:
@@ -184,42 +176,3 @@ def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.T
         is_param = isinstance(table[name], nn.Parameter)
         table[name] = nn.Parameter(value) if is_param else value
     return net.eval()
-
-
-def load_subnet_safetensors(data: bytes) -> tuple[SubNet, dict]:
-    """The subnet in a served safetensors file (its bytes) and the file's ``ofa`` metadata.
-
-    The metadata (one canonical JSON value under the key ``ofa``) carries the arch and
-    the search space, so the file alone rebuilds the network.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
-        space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
-        tensors = load(data)
-    except (ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
-                         ) from None
-    for key, value in tensors.items():  # served weights are float32; BN's counters int64
-        want = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
-        if value.dtype != want:
-            raise ValueError(f"{key} has dtype {value.dtype}, expected {want}")
-    return load_subnet(space, arch, tensors).eval(), meta
-
-
-def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
-    """``module`` (in eval mode) as ONNX bytes, input ``image`` and output ``logits``.
-
-    Uses the TorchScript-based exporter: for these static networks it is about ten
-    times faster here than the dynamo path and gives the same bytes on every call.
-    """
-    buf = io.BytesIO()
-    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), buf, opset_version=ONNX_OPSET, input_names=["image"],
-                          output_names=["logits"], dynamic_axes=axes, dynamo=False)
-    return buf.getvalue()

@@ -7,28 +7,18 @@ the tests), so the same request gives byte-identical bytes in any process.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-import ofa
 from ofa.artifact import Artifact
-from ofa.calibrate import calibrate_bn
+from ofa.calibrate import served_images, served_subnet
+from ofa.formats import FORMATS, export_onnx, export_torchscript, subnet_metadata, write_safetensors
 from ofa.space import Arch
-from ofa.subnet import export_onnx
-from ofa.supernet import extract
 
-__all__ = ["FORMATS", "Payload", "WeightsCache", "build_payload", "DEFAULT_CALIBRATION_IMAGES"]
-
-FORMATS = ("safetensors", "onnx", "torchscript")
-# BN statistics from this many of the artifact's calibration images (all it stores, up to 2000).
-DEFAULT_CALIBRATION_IMAGES = 2000
+__all__ = ["FORMATS", "Payload", "WeightsCache", "build_payload"]
 
 
 @dataclass(frozen=True)
@@ -38,122 +28,23 @@ class Payload:
     calibration_images: int
 
 
-def _metadata(art: Artifact, arch: Arch, n_calib: int) -> str:
-    meta = {"format": "ofa-subnet", "version": 1, "arch": arch.to_dict(), "id": arch.id,
-            "space": art.space.to_dict(), "data": art.data.to_dict(), "supernet_digest": art.digest,
-            "calibration_images": n_calib}
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
-
-
-def calibrated_subnet(art: Artifact, arch: Arch, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-                      should_stop=None) -> tuple[torch.nn.Module, int]:
-    images = art.calibration[:calibration_images]
-    sub = extract(art.supernet, arch)
-    calibrate_bn(sub, images, art.data, arch.resolution, should_stop=should_stop)
-    return sub.eval(), len(images)
-
-
-SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
-
-_SCRIPT_CHILD = """
-import io, json, sys
-sys.path.insert(0, sys.argv[1])  # the folder holding this server's ofa package, and nothing else
-import torch
-from safetensors.torch import load
-from ofa.space import Arch, SearchSpace
-from ofa.subnet import load_subnet
-meta = sys.stdin.buffer.readline().decode()
-m = json.loads(meta)
-net = load_subnet(SearchSpace.from_dict(m["space"]), Arch.from_dict(m["arch"]), load(sys.stdin.buffer.read())).eval()
-buf = io.BytesIO()
-torch.jit.save(torch.jit.script(net), buf, _extra_files={"ofa.json": meta.strip()})
-sys.stdout.buffer.write(buf.getvalue())
-"""
-
-
-def _script_in_fresh_process(sub: torch.nn.Module, art: Artifact, arch: Arch, n_calib: int) -> bytes:
-    """TorchScript bytes made in a new interpreter.
-
-    The scripted code names specialised module classes with a per-process counter
-    (``___torch_mangle_N``), so the same subnet scripted after others gives other
-    bytes; a fresh process makes the bytes a function of the subnet alone.
-    """
-    import subprocess
-    import sys
-
-    from safetensors.torch import save
-
-    state = save({k: v.detach().contiguous() for k, v in sub.state_dict().items()})
-    # A clean environment (the scripted code lists module constants in set order, which follows string
-    # hashing: a fixed seed), no user site-packages (-s) and not the working directory on the path (-P):
-    # a torch.py or ofa.py where the server was started is never imported.
-    env = {"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1"}
-    root = str(Path(ofa.__file__).resolve().parent.parent)
-    try:
-        proc = subprocess.run([sys.executable, "-s", "-P", "-c", _SCRIPT_CHILD, root],
-                              input=_metadata(art, arch, n_calib).encode() + b"\n" + state, capture_output=True,
-                              check=False, env=env, cwd="/", timeout=SCRIPT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"the TorchScript export took longer than {SCRIPT_TIMEOUT_S:g} s and was stopped; "
-                           f"retry") from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"TorchScript export failed: {proc.stderr.decode()[-2000:]}")
-    return _fixed_serialization_id(proc.stdout)
-
-
-def _fixed_serialization_id(data: bytes) -> bytes:
-    """Replace the random ``.data/serialization_id`` record of a torch zip by digits of its content's sha256.
-
-    The record is stored uncompressed; its bytes and the CRC-32 in the local and central
-    headers are rewritten in place, so every offset stays valid.
-    """
-    import struct
-    import zipfile
-    import zlib
-
-    zf = zipfile.ZipFile(io.BytesIO(data))
-    info = next((i for i in zf.infolist() if i.filename.endswith(".data/serialization_id")), None)
-    if info is None:
-        return data
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise RuntimeError("unexpected compressed serialization_id record")
-    buf = bytearray(data)
-    name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
-    start = info.header_offset + 30 + name_len + extra_len
-    size = info.file_size
-    rest = hashlib.sha256(bytes(buf[:start]) + bytes(buf[start + size:])).hexdigest()
-    new = str(int(rest, 16)).zfill(size)[-size:].encode()
-    buf[start : start + size] = new
-    crc = zlib.crc32(new)
-    struct.pack_into("<I", buf, info.header_offset + 14, crc)
-    pos, name = zf.start_dir, info.filename.encode()
-    while buf[pos : pos + 4] == b"PK\x01\x02":
-        n, m, k = struct.unpack_from("<HHH", buf, pos + 28)
-        if bytes(buf[pos + 46 : pos + 46 + n]) == name:
-            struct.pack_into("<I", buf, pos + 16, crc)
-            break
-        pos += 46 + n + m + k
-    return bytes(buf)
-
-
-def build_payload(art: Artifact, arch: Arch, fmt: str,
-                  calibration_images: int = DEFAULT_CALIBRATION_IMAGES, should_stop=None) -> Payload:
-    """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`); ``should_stop`` can end the BN
-    re-calibration between batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
+def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None) -> Payload:
+    """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`): the served subnet of
+    :func:`ofa.calibrate.served_subnet`; ``should_stop`` can end the BN re-calibration between
+    batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    images = served_images(art)
     with torch.inference_mode(False), torch.no_grad():
-        sub, n = calibrated_subnet(art, arch, calibration_images, should_stop)
+        sub = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
+        meta = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, len(images))
         if fmt == "safetensors":
-            from safetensors.torch import save
-
-            tensors = {k: v.detach().contiguous() for k, v in sub.state_dict().items()}
-            data = save(tensors, metadata={"ofa": _metadata(art, arch, n)})
+            data = write_safetensors(sub, meta)
         elif fmt == "torchscript":
-            data = _script_in_fresh_process(sub, art, arch, n)
+            data = export_torchscript(sub, meta)
         else:
             data = export_onnx(sub, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
-    return Payload(data, hashlib.sha256(data).hexdigest(), n)
+    return Payload(data, hashlib.sha256(data).hexdigest(), len(images))
 
 
 class WeightsCache:

@@ -82,16 +82,19 @@ def test_static_subnet_rebuilds_from_its_state_dict(supernets):
 
     from safetensors.torch import save
 
-    from ofa.subnet import load_subnet_safetensors
+    from ofa.formats import read_subnet, subnet_metadata, write_safetensors
 
-    meta = {"ofa": json.dumps({"space": json.loads(net.space.to_json()), "arch": arch.to_dict()})}
-    data = save({k: v.contiguous() for k, v in sub.state_dict().items()}, metadata=meta)
-    assert load_subnet_safetensors(data)[1]["arch"] == arch.to_dict()
+    meta = subnet_metadata(arch, net.space, {}, "0" * 64, 1)
+    data = write_safetensors(sub, meta)
+    assert read_subnet(data)[1]["arch"] == arch.to_dict()
     with pytest.raises(ValueError, match="not a served subnet safetensors file"):
-        load_subnet_safetensors(data[:-10])  # truncated
+        read_subnet(data[:-10])  # truncated
     doubled = {k: v.double() if v.is_floating_point() else v.contiguous() for k, v in sub.state_dict().items()}
     with pytest.raises(ValueError, match="has dtype torch.float64, expected torch.float32"):
-        load_subnet_safetensors(save(doubled, metadata=meta))
+        read_subnet(save(doubled, metadata={"ofa": meta}))
+    newer = meta.replace('"version":1', '"version":2')
+    with pytest.raises(ValueError, match="format 'ofa-subnet' version 2; this build reads 'ofa-subnet' version 1"):
+        read_subnet(write_safetensors(sub, newer))
 
 
 def test_concurrent_calls_with_different_archs(supernets):

@@ -1,0 +1,159 @@
+"""The files a subnet is served as: safetensors with its metadata (written and read here), ONNX, TorchScript.
+
+A subnet's safetensors file carries one canonical JSON value under the metadata key ``ofa``
+(:data:`SUBNET_FORMAT`, :data:`SUBNET_VERSION`, the arch, the search space, the data
+description, the supernet's digest and how many images calibrated its BN), so the file alone
+rebuilds the network (:func:`read_subnet`). Every writer is deterministic: the same module
+gives the same bytes in any process. Depends on torch and :mod:`ofa.space` only (the client
+reads files with it).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .space import Arch, SearchSpace
+from .subnet import SubNet, load_subnet
+
+__all__ = ["FORMATS", "ONNX_OPSET", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION", "export_onnx",
+           "export_torchscript", "read_subnet", "subnet_metadata", "write_safetensors"]
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
+ONNX_OPSET = 17  # HardSwish needs >= 14
+SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
+
+
+def subnet_metadata(arch: Arch, space: SearchSpace, data: Mapping[str, Any], supernet_digest: str,
+                    calibration_images: int) -> str:
+    """The ``ofa`` metadata of a served subnet's file: canonical JSON (sorted keys, no spaces)."""
+    meta = {"format": SUBNET_FORMAT, "version": SUBNET_VERSION, "arch": arch.to_dict(), "id": arch.id,
+            "space": space.to_dict(), "data": dict(data), "supernet_digest": supernet_digest,
+            "calibration_images": calibration_images}
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+
+
+def write_safetensors(module: nn.Module, metadata: str) -> bytes:
+    """``module``'s state as safetensors bytes with ``metadata`` (:func:`subnet_metadata`) under ``ofa``."""
+    from safetensors.torch import save
+
+    return save(_tensors(module), metadata={"ofa": metadata})
+
+
+def read_subnet(data: bytes) -> tuple[SubNet, dict[str, Any]]:
+    """The subnet in a served safetensors file (its bytes) and the file's ``ofa`` metadata.
+
+    Refused with a ValueError that says why: not such a file, another format or version,
+    tensors that do not fit the arch, or of another dtype than served (float32; BN counters int64).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
+        space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
+        tensors = load(data)
+    except (ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
+                         ) from None
+    if (meta.get("format"), meta.get("version")) != (SUBNET_FORMAT, SUBNET_VERSION):
+        raise ValueError(f"the file's metadata says format {meta.get('format')!r} version {meta.get('version')!r}; "
+                         f"this build reads {SUBNET_FORMAT!r} version {SUBNET_VERSION}")
+    for key, value in tensors.items():
+        want = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        if value.dtype != want:
+            raise ValueError(f"{key} has dtype {value.dtype}, expected {want}")
+    return load_subnet(space, arch, tensors).eval(), meta
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
+    """``module`` (in eval mode) as ONNX bytes, input ``image`` and output ``logits``.
+
+    Uses the TorchScript-based exporter: for these static networks it is about ten
+    times faster here than the dynamo path and gives the same bytes on every call.
+    """
+    buf = io.BytesIO()
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), buf, opset_version=ONNX_OPSET, input_names=["image"],
+                          output_names=["logits"], dynamic_axes=axes, dynamo=False)
+    return buf.getvalue()
+
+
+def export_torchscript(module: nn.Module, metadata: str) -> bytes:
+    """TorchScript bytes of a subnet, scripted in a new interpreter (:mod:`ofa._torchscript_child`).
+
+    The scripted code names specialised module classes with a per-process counter
+    (``___torch_mangle_N``), so the same subnet scripted after others gives other bytes;
+    a fresh process makes the bytes a function of the subnet alone. ``metadata`` (the
+    safetensors file's) is stored in the archive as ``ofa.json``.
+    """
+    from safetensors.torch import save
+
+    # A clean environment (the scripted code lists module constants in set order, which follows string
+    # hashing: a fixed seed), no user site-packages (-s) and not the working directory on the path (-P):
+    # a torch.py or ofa.py where the server was started is never imported.
+    env = {"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).resolve().parent
+    try:
+        proc = subprocess.run([sys.executable, "-s", "-P", str(here / "_torchscript_child.py"), str(here.parent)],
+                              input=metadata.encode() + b"\n" + save(_tensors(module)), capture_output=True,
+                              check=False, env=env, cwd="/", timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the TorchScript export took longer than {SCRIPT_TIMEOUT_S:g} s and was stopped; "
+                           f"retry") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"TorchScript export failed: {proc.stderr.decode()[-2000:]}")
+    return _fixed_serialization_id(proc.stdout)
+
+
+def _fixed_serialization_id(data: bytes) -> bytes:
+    """Replace the random ``.data/serialization_id`` record of a torch zip by digits of its content's sha256.
+
+    torch writes a random id there on every save and has no switch for it. The record is
+    stored uncompressed; its bytes and the CRC-32 in the local and central headers are
+    rewritten in place, so every offset (and torch's record alignment) stays valid.
+    """
+    import struct
+    import zipfile
+    import zlib
+
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    info = next((i for i in zf.infolist() if i.filename.endswith(".data/serialization_id")), None)
+    if info is None:
+        return data
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise RuntimeError("unexpected compressed serialization_id record")
+    buf = bytearray(data)
+    name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    size = info.file_size
+    rest = hashlib.sha256(bytes(buf[:start]) + bytes(buf[start + size:])).hexdigest()
+    new = str(int(rest, 16)).zfill(size)[-size:].encode()
+    buf[start : start + size] = new
+    crc = zlib.crc32(new)
+    struct.pack_into("<I", buf, info.header_offset + 14, crc)
+    pos, name = zf.start_dir, info.filename.encode()
+    while buf[pos : pos + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack_from("<HHH", buf, pos + 28)
+        if bytes(buf[pos + 46 : pos + 46 + n]) == name:
+            struct.pack_into("<I", buf, pos + 16, crc)
+            break
+        pos += 46 + n + m + k
+    return bytes(buf)
