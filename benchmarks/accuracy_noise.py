@@ -53,7 +53,8 @@ from ofa.artifact import load_artifact
 from ofa.data import load_dataset
 from ofa.evaluate import subnet_correct
 from ofa.predict.accuracy import AccuracyPredictor, arch_features, kendall_tau, tau_ceiling
-from ofa.predict.measure import (MEASUREMENTS, _split, pack_correct, stratified_archs, unpack_correct,
+from ofa.artifact import MEASUREMENTS
+from ofa.predict.measure import (held_out as _split, pack_correct, stratified_archs, unpack_correct,
                                  validation_set)
 from ofa.search.load import load_scorer
 from ofa.space import Arch

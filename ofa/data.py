@@ -183,7 +183,7 @@ def _load_folder(data_dir: Path | None, train: bool, image_size: int) -> tuple[I
     from torchvision.transforms import v2
 
     if data_dir is None:
-        raise DataError("the imagefolder dataset needs --data-dir (a folder with train/ and val/)")
+        raise DataError("data_dir is needed by the imagefolder dataset (a folder with train/ and val/)")
     split = Path(data_dir) / ("train" if train else "val")
     if not split.is_dir():
         raise DataError(f"ImageFolder split not found: {split} (expected {data_dir}/train/CLASS/*.jpg "
@@ -207,7 +207,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = Tr
     """Load a dataset split as uint8 images plus the description a served model needs."""
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is not None and not data_dir.exists():
-        raise DataError(f"--data-dir {data_dir} does not exist")
+        raise DataError(f"data_dir {data_dir} does not exist")
     if name == "fashion-mnist":
         ds = _load_fashion(data_dir, train)
         spec = DataSpec(name, 1, 28, 10, (0.2860,), (0.3530,), FASHION_CLASSES)

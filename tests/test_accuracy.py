@@ -14,7 +14,9 @@ from ofa.predict.accuracy import (AccuracyPredictor, PredictorError, arch_featur
                                   select_and_fit, tau_ceiling)
 from ofa.predict.cost import CostModel
 from ofa.space import space_digest
-from ofa.predict.measure import (MEASUREMENTS, build_accuracy_predictor, pack_correct, stratified_archs,
+from ofa.artifact import MEASUREMENTS
+from ofa.jobs.predictors import build_accuracy_predictor
+from ofa.predict.measure import (pack_correct, stratified_archs,
                                  unpack_correct)
 from ofa.search.load import load_scorer
 from ofa.space import get_space
@@ -125,7 +127,7 @@ def test_scoring_ten_thousand_archs_is_one_numpy_call():
 
 
 def test_too_few_samples_for_the_split_get_random_ones_added():
-    from ofa.predict.measure import MIN_FIT, _split, with_enough_on_each_side
+    from ofa.predict.measure import MIN_FIT, held_out as _split, with_enough_on_each_side
 
     for n, fraction in ((10, 0.5), (10, 0.2), (12, 0.1)):
         archs = stratified_archs(SPACE, n, seed=0)
@@ -232,7 +234,7 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     # and the old predictor put back by hand is refused, with the way out
     add_file(root, "latency/x.json", json.dumps(synthetic_table(art.space)))
     add_file(root, "accuracy_predictor.safetensors", pred.to_bytes())
-    with pytest.raises(ArtifactError, match=r"fitted on the subnets of artifact .*run `ofa predictors --artifact"):
+    with pytest.raises(ArtifactError, match=r"fitted on the subnets of artifact .*fit it on these weights"):
         load_scorer(root)
 
 

@@ -129,7 +129,7 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
 
 
 def test_the_latency_lines_tell_the_table_from_the_machine():
-    from ofa.report import _checks
+    from ofa.jobs.render import _checks
 
     served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
                "measured_latency_ms": ms, "predicted_latency_ms": 2.2, "raw_predicted_latency_ms": 2.0,

@@ -20,19 +20,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .predict.timing import Timing
+from ..artifact import CHECKPOINTS, MANIFEST, add_file, latency_file, load_artifact
+from ..predict.timing import Timing
 
 __all__ = ["check_demo", "run_demo"]
+
+Log = Callable[[str], None]
 
 
 def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50,
                budgets: int = 3, front: int = 16) -> None:
     """Refuse what :func:`run_demo` could only fail on later (step 4 starts after ~10 minutes), naming the field."""
-    from .predict.latency import check_target_name
-    from .predict.profile import check_profile
+    from ..predict.latency import check_target_name
+    from ..predict.profile import check_profile
+    from .predictors import check_predictor_settings
     from .report import check_report_settings
-
-    from .predict.measure import check_predictor_settings
 
     check_target_name(target)
     check_predictor_settings(samples, front=front)
@@ -46,13 +48,12 @@ def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing =
 
 def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str, Any] | None:
     """The artifact's table of ``target`` if it was profiled with exactly these settings (else None)."""
-    from .predict.latency import LatencyTableError, validate_table
+    from ..predict.latency import LatencyTableError, validate_table
 
-    name = f"latency/{target}.json"
-    if name not in art.manifest["files"]:
+    if not art.files.has(latency_file(target)):
         return None
     try:
-        table = validate_table(json.loads((art.path / name).read_text()), art.space)
+        table = validate_table(art.files.read_json(latency_file(target)), art.space)
     except (OSError, ValueError, LatencyTableError):
         return None
     dev, fit = table["device"], table.get("fit") or {}
@@ -62,78 +63,83 @@ def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str
         timing.protocol() else None
 
 
-def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
-             target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
-             front: int = 16, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run the five steps into ``out``; returns the report (also written as OUT/report.json)."""
-    from .artifact import add_file, load_artifact
-    from .predict.latency import validate_table
-    from .predict.measure import build_accuracy_predictor
-    from .predict.profile import profile_space
-    from .report import render_markdown, run_report
-    from .train import config_differences, load_config, train
+def _train_step(art_dir: Path, preset: str, config, progress: bool, log: Log) -> None:
+    """Step 1: train into ``art_dir``, resume a killed run, or reuse a finished one trained the same way."""
+    from ..train import config_differences, train
+    from ..train.checkpoint import has_checkpoint
 
-    check_demo(samples, target, timing, profile_subnets, budgets, front)
-    out = Path(out)
-    art_dir = out / "supernet"
-    config = load_config(preset, None, list(assignments))
-    steps: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    log(f"[1/5] train the {preset!r} supernet into {art_dir}")
-    t = time.perf_counter()
-    if (art_dir / "manifest.json").exists():
-        trained = json.loads((art_dir / "manifest.json").read_text()).get("training", {})
+    if (art_dir / MANIFEST).exists():
+        trained = json.loads((art_dir / MANIFEST).read_text()).get("training", {})
         diff = config_differences(trained, json.loads(json.dumps(config.to_dict())))
         if diff:
-            raise ValueError(f"{art_dir} was trained with different values of {diff} than --preset {preset} "
-                             f"and --set give; use another --out, or delete {art_dir} to train it again")
+            raise ValueError(f"{art_dir} was trained with different values of {diff} than preset {preset!r} "
+                             f"and the assignments give; use another output folder, or delete {art_dir} to train "
+                             f"it again")
         log("  already trained: reusing it (delete the folder to train again)")
-    else:
-        resume = (art_dir / "checkpoints" / "checkpoint.json").exists()
-        if resume:
-            log("  resuming from its last checkpoint")
-        results = train(config, art_dir, resume=resume, progress=progress)
-        last = results[config.phases[-1].name]
-        log("  validation accuracy after the last phase: " +
-            ", ".join(f"{k} {v:.2f}%" for k, v in sorted(last.items())))
-    steps["train"] = time.perf_counter() - t
+        return
+    resume = has_checkpoint(art_dir / CHECKPOINTS)
+    if resume:
+        log("  resuming from its last checkpoint")
+    results = train(config, art_dir, resume=resume, progress=progress)
+    last = results[config.phases[-1].name]
+    log("  validation accuracy after the last phase: " + ", ".join(f"{k} {v:.2f}%" for k, v in sorted(last.items())))
 
-    log(f"[2/5] profile this machine as target {target!r}")
-    t = time.perf_counter()
+
+def _profile_step(art_dir: Path, target: str, timing: Timing, subnets: int, progress: bool, log: Log) -> None:
+    """Step 2: this machine's latency table of ``target`` in the artifact (reused if profiled the same way)."""
+    from ..predict.latency import validate_table
+    from ..predict.profile import profile_space
+
     art = load_artifact(art_dir)
-    table = _profiled_before(art, target, timing, profile_subnets)
+    table = _profiled_before(art, target, timing, subnets)
     if table is not None:
         log("  already profiled with these settings: reusing the table (the report re-times its references, "
             "so the machine's speed now is measured anyway)")
     else:
-        table = profile_space(art.space, target, timing, subnets=profile_subnets, progress=progress)
-        add_file(art_dir, f"latency/{target}.json", json.dumps(validate_table(table, art.space), indent=1,
-                                                                sort_keys=True))
+        table = profile_space(art.space, target, timing, subnets=subnets, progress=progress)
+        add_file(art_dir, latency_file(target), json.dumps(validate_table(table, art.space), indent=1,
+                                                           sort_keys=True))
     held = table["fit"]["quality"].get("held_out") or {}
     log(f"  {len(table['entries'])} blocks and {table['fit']['subnets'] + table['fit']['held_out']} subnets timed "
         f"in {table['profile_seconds']} s ({timing.backend}); model {table['model']['family']}, on "
         f"{held.get('subnets', 0)} held-out subnets {held.get('within_10pct', float('nan')):.0%} within 10%, "
         f"mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}; "
         f"{table['timing']['repeatability']['verdict']}")
-    steps["profile"] = time.perf_counter() - t
 
+
+def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
+             target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
+             front: int = 16, progress: bool = True, log: Log = lambda s: None,
+             command: str | None = None) -> dict[str, Any]:
+    """Run the five steps into ``out``; returns the report (also written as OUT/report.json, its markdown
+    naming ``command``)."""
+    from ..train import load_config
+    from .predictors import build_accuracy_predictor
+    from .report import run_report, write_report
+
+    check_demo(samples, target, timing, profile_subnets, budgets, front)
+    out = Path(out)
+    art_dir = out / "supernet"
+    config = load_config(preset, None, list(assignments))
+    steps: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+    log(f"[1/5] train the {preset!r} supernet into {art_dir}")
+    _train_step(art_dir, preset, config, progress, log)
+    steps["train"], t = time.perf_counter() - t, time.perf_counter()
+    log(f"[2/5] profile this machine as target {target!r}")
+    _profile_step(art_dir, target, timing, profile_subnets, progress, log)
+    steps["profile"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[3/5] measure {samples} subnets ({front} of them along the latency front of {target!r}, where the "
         f"search picks from) and fit the accuracy predictor")
-    t = time.perf_counter()
     rep = build_accuracy_predictor(art_dir, samples=samples, front=front, front_target=target, progress=progress,
                                    log=lambda s: log("  " + s))
-    steps["predictors"] = time.perf_counter() - t
-
+    steps["predictors"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
-    t = time.perf_counter()
     report = run_report(art_dir, target, out, budgets=budgets, progress=progress, log=log)
     steps["serve, search, fetch and measure"] = time.perf_counter() - t
     steps["total"] = time.perf_counter() - t_all
-
     log("[5/5] report")
     report["steps_seconds"] = {k: round(v, 1) for k, v in steps.items()}
     report["predictor_fit"] = {k: rep[k] for k in ("selected", "test", "train_samples", "test_samples")}
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
-    (out / "report.md").write_text(render_markdown(report, command=f"ofa demo --out {out}"))
+    write_report(report, out, command)
     return report

@@ -1,13 +1,14 @@
-"""PNG plots for reports (matplotlib, Agg backend; imported only when a plot is asked for)."""
+"""What reports look like: PNG plots (matplotlib, Agg backend, imported only when a plot is drawn) and markdown."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["plot_pareto", "plot_predicted_vs_measured", "plot_report"]
+from ..predict.latency import Speed
+
+__all__ = ["plot_pareto", "plot_predicted_vs_measured", "plot_report", "render_markdown", "table_rows"]
 
 
 def _pyplot():
@@ -42,23 +43,21 @@ def plot_predicted_vs_measured(measured: Sequence[float], predicted: Sequence[fl
     return Path(out)
 
 
-def plot_pareto(front, out: str | Path, target: str | None, artifact: Path | None = None) -> Path:
-    """The searched front (predicted accuracy vs latency or MACs) over the measured subnets of the artifact."""
+def plot_pareto(front, out: str | Path, target: str | None, scorer=None,
+                measured: dict[str, dict] | None = None) -> Path:
+    """The searched front (predicted accuracy vs latency or MACs) over the ``measured`` subnets (the artifact's
+    measurements, placed by ``scorer``'s predictions of their cost)."""
     plt = _pyplot()
     metric = "latency_ms" if target else "macs"
     scale, label = (1.0, f"predicted latency on {target} (ms)") if target else (1e-6, "MMACs")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    meas = artifact / "accuracy" / "measurements.json" if artifact is not None else None
-    if meas is not None and meas.exists():
-        from .search.load import load_scorer
-        from .space import Arch
+    if measured and scorer is not None:
+        from ..space import Arch
 
-        subnets = json.loads(meas.read_text())["subnets"]
-        scorer = load_scorer(artifact)
-        archs = [Arch.from_dict(v["arch"]) for v in subnets.values()]
+        archs = [Arch.from_dict(v["arch"]) for v in measured.values()]
         codes = scorer.space.encode(archs)
         xs = scorer.latency_of(target)(codes) if target else scorer.cost.macs(codes) * scale
-        ax.scatter(xs, [v["accuracy"] for v in subnets.values()], s=8, color="0.6",
+        ax.scatter(xs, [v["accuracy"] for v in measured.values()], s=8, color="0.6",
                    label=f"measured subnets ({len(archs)}, validation accuracy)")
     xs = [getattr(c, metric) * scale for c in front]
     ax.plot(xs, [c.accuracy for c in front], "o-", color="tab:red", label="searched front (predicted)")
@@ -102,3 +101,136 @@ def plot_report(report: dict, out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Lines saying which served subnets miss the accuracy and latency tolerances, and why."""
+    served, tol = report["served"], report["tolerances"]
+    acc_miss = [s for s in served if abs(s["test_accuracy"] - s["predicted_accuracy"]) > tol["accuracy_points"]]
+    lat_miss = [s for s in served
+                if abs(s["measured_latency_ms"] / s["predicted_latency_ms"] - 1) > tol["latency_relative"]]
+    acc = [f"Accuracy: {len(served) - len(acc_miss)} of {len(served)} served subnets measured within "
+           f"{tol['accuracy_points']:g} point of the prediction on the test split."]
+    if acc_miss:
+        q = report["accuracy_predictor"]
+        pred_err = np.array([s["val_accuracy"] - s["predicted_accuracy"] for s in served])
+        shift = np.array([s["test_accuracy"] - s["val_accuracy"] for s in served])
+        acc.append(
+            f"Not within: {', '.join(s['label'] for s in acc_miss)}. The predictor ({q['family']}, fitted on "
+            f"{q['train_samples']} measured subnets; held-out RMSE {(q['test'] or {}).get('rmse', float('nan')):.2f} "
+            f"points on {q['test_samples']}) predicts *validation* accuracy ({report['val_images']} images): on "
+            f"these subnets it was off by {np.abs(pred_err).mean():.2f} points on average against the validation "
+            f"split itself, and test accuracy differs from validation accuracy by {shift.mean():+.2f} points on "
+            f"average. Search also picks the subnets the predictor rates highest, so its errors are biased "
+            f"upward there (the winner's curse): more measured subnets shrink both.")
+    lat = [f"Latency: {len(served) - len(lat_miss)} of {len(served)} measured within "
+           f"{tol['latency_relative']:.0%} of the prediction the server made at this machine's speed "
+           f"(the references re-timed just before searching)."]
+    ref = report["reference"]
+    raw_err = [s["measured_latency_ms"] / s["raw_predicted_latency_ms"] - 1 for s in served]
+    raw_in = sum(abs(e) <= tol["latency_relative"] for e in raw_err)
+    lat.append(f"Raw, the table as profiled (no recalibration): {raw_in} of {len(served)} within "
+               f"{tol['latency_relative']:.0%} ({min(raw_err, default=0):+.1%} to {max(raw_err, default=0):+.1%}).")
+    held = ((report.get("table_fit") or {}).get("quality") or {}).get("held_out") or {}
+    adj = [s["drift_adjusted_error"] for s in served]
+    lat.append(
+        f"Speed: the {ref['subnets']} reference subnets ran at {Speed.from_dict(ref['speed_before']).describe()} of "
+        f"their profiled time before the searches and {Speed.from_dict(ref['speed_after']).describe()} while the "
+        f"served subnets were timed (timing: "
+        f"{ref['repeatability']['verdict']}). At the second speed the errors range {min(adj, default=0):+.1%} to "
+        f"{max(adj, default=0):+.1%}: that is the table's own error (its model, on {held.get('subnets', 0)} held-out "
+        f"subnets when profiled: {held.get('within_10pct', float('nan')):.0%} within 10%, mean |error| "
+        f"{held.get('mean_abs_rel_error', float('nan')):.1%}); the rest is the machine changing speed.")
+    if lat_miss:
+        lat.append(f"Not within: {', '.join(s['label'] for s in lat_miss)}. A sign shared by all rows is the machine "
+                   f"running at another speed than when the references were re-timed (a shared VM's other tenants: "
+                   f"×1.7 swings within a minute were measured here); a spread is the table's error.")
+    return acc, lat
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def table_rows(report: dict[str, Any]) -> list[str]:
+    """The markdown table: one row per served subnet, the best fitting baseline under each."""
+    head = ("| budget | ≤ ms | subnet | res | acc. predicted | acc. test | Δ | latency predicted | latency measured "
+            "| Δ | MMACs | params | size | search |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    bases = report.get("baselines") or []
+    for s in report["served"]:
+        d_acc = s["test_accuracy"] - s["predicted_accuracy"]
+        d_lat = s["measured_latency_ms"] / s["predicted_latency_ms"] - 1
+        lines.append(f"| {s['label']} | {s['budget_ms']:.3g} | `{s['id']}` | {s['arch']['resolution']} "
+                     f"| {s['predicted_accuracy']:.2f}% | {s['test_accuracy']:.2f}% | {d_acc:+.2f} "
+                     f"| {s['predicted_latency_ms']:.3f} ms | {s['measured_latency_ms']:.3f} ms | {d_lat:+.1%} "
+                     f"| {s['macs'] / 1e6:.2f} | {s['params'] / 1e6:.3f} M | {_fmt_bytes(s['size_bytes'])} "
+                     f"| {s['search_seconds']:.2f} s |")
+        if bases:
+            named = [b for b in bases if s["label"] == "=" + b["name"]]  # the baseline whose latency this is
+            fits = named or [b for b in bases if b["budget_ms"] <= s["budget_ms"]]
+            b = max(fits, key=lambda b: b["test_accuracy"]) if fits else min(bases, key=lambda b: b["latency_ms"])
+            note = "" if fits else " (none fits: fastest)"
+            lines.append(f"| ↳ baseline | | {b['name']}{note} | {b['resolution']} | — | {b['test_accuracy']:.2f}% | "
+                         f"| — | {b['latency_ms']:.3f} ms | | {b['macs'] / 1e6:.2f} | {b['params'] / 1e6:.3f} M "
+                         f"| {_fmt_bytes(b['size_bytes'])} | |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
+    dev = report["device"]
+    q = report["accuracy_predictor"]
+    acc, lat = _checks(report)
+    parts = [
+        f"# Specialised subnets of `{report['space']}` for `{report['target']}`",
+        "",
+        f"Artifact `{report['artifact']}` (digest `{report['digest'][:16]}`), trained on {report['dataset']}; "
+        f"made {report['created']}" + (f" by `{command}`." if command else "."),
+        f"Target `{report['target']}`: {dev.get('cpu')}, {dev.get('threads')} threads, batch {dev.get('batch')}, "
+        f"{dev.get('backend')} {dev.get('backend_version', '')}. Accuracy predictor: {q['family']} on "
+        f"{q['train_samples']} measured subnets (held-out Kendall τ {(q['test'] or {}).get('kendall_tau', float('nan')):.3f}, "
+        f"RMSE {(q['test'] or {}).get('rmse', float('nan')):.2f} points).",
+        "",
+        "Each subnet was found by an `ofa-client search` with the budget as its latency bound against `ofa serve`, fetched as "
+        "BN-re-calibrated safetensors (sha256-verified), and measured here: top-1 on the "
+        f"{report['test_images']:,}-image test split, latency as the median of interleaved timed runs "
+        f"({'onnxruntime' if dev.get('backend') == 'onnxruntime' else 'torch eager'}, "
+        "the table's threads and batch, by the timing protocol of `ofa profile`).",
+        "",
+        *(["Wall time per step: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["steps_seconds"].items())
+           + ".", ""] if report.get("steps_seconds") else []),
+        *table_rows(report),
+        "",
+        *acc,
+        "",
+        *lat,
+        "",
+    ]
+    if report.get("baselines"):
+        parts += [f"Baselines: torchvision `mobilenet_v3_small` as shipped (grey input conv), trained from scratch "
+                  f"on the same training split for {report['baseline_epochs']:g} epochs (all phases of the "
+                  "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
+                  "measured the same way. Budgets named `=…` are a baseline's measured latency in the table's "
+                  "units (divided by how much slower the machine ran than when the table was profiled, from the "
+                  "reference subnets timed with it), so that baseline and subnet meet at equal latency; the "
+                  "latencies compared below come from one interleaved timing of both.", ""]
+        for u in report.get("unmet") or []:
+            parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
+                         f"predicted to be this fast ({u['reason']}).")
+        for s in report["served"]:
+            if s["label"].startswith("="):
+                b = next(b for b in report["baselines"] if b["name"] == s["label"][1:])
+                verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
+                pace = s["measured_latency_ms"] / b["latency_ms"] - 1
+                parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
+                             f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.0%} "
+                             f"{'slower' if pace > 0 else 'faster'}, timed in the same passes) {verdict} it, "
+                             f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
+                             f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
+                             f"{b['params'] / 1e6:.3f} M parameters).")
+        parts.append("")
+    parts += ["![Pareto front](pareto.png)", "",
+              "The line is the front the service searched (predicted validation accuracy vs predicted latency); "
+              "filled markers are the served subnets as measured here (test accuracy vs measured latency), "
+              "joined to their predictions.", ""]
+    return "\n".join(parts)

@@ -212,6 +212,8 @@ def _fit_mlp(data: Sequence[tuple[np.ndarray, np.ndarray]], hidden: int, depth: 
     import torch
     from torch import nn
 
+    from .._torch import seeded
+
     nets = [(d, m) for d in range(len(data)) for m in range(members)]
     n_max = max(len(x) for x, _ in data)
     dims = [data[0][0].shape[1]] + [hidden] * depth + [1]
@@ -224,11 +226,11 @@ def _fit_mlp(data: Sequence[tuple[np.ndarray, np.ndarray]], hidden: int, depth: 
         x, y = data[d]
         xs[b, : len(x)], ys[b, : len(x)], mask[b, : len(x)] = torch.from_numpy(x), torch.from_numpy(
             y.astype(np.float32)), 1.0 / len(x)
-        torch.manual_seed(seed * 1000 + m)
-        for i, (a, c) in enumerate(zip(dims, dims[1:])):
-            lin = nn.Linear(a, c)
-            weights[i].append(lin.weight.detach().T)
-            biases[i].append(lin.bias.detach()[None, :])
+        with seeded(seed * 1000 + m):  # torch's init of each member, and the caller's generator as it was
+            for i, (a, c) in enumerate(zip(dims, dims[1:])):
+                lin = nn.Linear(a, c)
+                weights[i].append(lin.weight.detach().T)
+                biases[i].append(lin.bias.detach()[None, :])
     params = [torch.stack(w).requires_grad_() for w in weights] + [torch.stack(b).requires_grad_() for b in biases]
     ws, bs = params[: len(weights)], params[len(weights):]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -80,7 +80,7 @@ class Scorer:
     def predict_accuracy(self, codes: np.ndarray) -> np.ndarray:
         """Predicted top-1 accuracy (%) of each row of ``codes``; a ValueError without a predictor."""
         if self.accuracy is None:
-            raise ValueError("this artifact has no accuracy predictor; run `ofa predictors --artifact DIR`")
+            raise ValueError("this artifact has no accuracy predictor; fit one with `ofa predictors`")
         return self.accuracy.predict(self.space, codes)
 
     def latency_of(self, target: str) -> LatencyPredictor:
@@ -89,7 +89,7 @@ class Scorer:
             if target in self.refused:
                 raise UnknownTarget(f"target {target!r} cannot be used: {self.refused[target]}")
             raise UnknownTarget(f"target {target!r} has no latency table in this artifact; known targets: "
-                                f"{sorted(self.latency) or 'none (run ofa profile --artifact DIR --target NAME)'}")
+                                f"{sorted(self.latency) or 'none (profile one with `ofa profile`)'}")
         return self.latency[target]
 
     def lower_bound(self, metric: str, target: str | None, resolutions: tuple[int, ...]) -> tuple[float, np.ndarray]:

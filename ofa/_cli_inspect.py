@@ -1,0 +1,169 @@
+"""``ofa spaces``, ``ofa check``, ``ofa info``: what is registered, what an artifact holds."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ._cli_common import DEFAULT_SPACE
+from .artifact import ACCURACY_PREDICTOR, open_artifact
+
+__all__ = ["add_spaces", "run_spaces", "add_check", "run_check", "add_info", "run_info"]
+
+
+def add_spaces(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--json", action="store_true", help="print the full space descriptions as JSON")
+
+
+def run_spaces(args: argparse.Namespace) -> int:
+    from .space import get_space, space_names
+
+    spaces = [get_space(n) for n in space_names()]
+    if args.json:
+        print(json.dumps([s.to_dict() for s in spaces], indent=2))
+        return 0
+    for s in spaces:
+        print(f"{s.name}: {s.description}")
+        print(f"  input {s.in_channels}x{{{','.join(map(str, s.resolutions))}}}px, "
+              f"{s.num_classes} classes, {s.size():.3g} subnets")
+        print(f"  kernel {list(s.kernel_choices)}, expand {list(s.expand_choices)}, "
+              f"depth {list(s.depth_choices)}")
+        for i, st in enumerate(s.stages):
+            print(f"  stage {i + 1}: width {st.width:4d}  stride {st.stride}  {st.act:7s} "
+                  f"{'SE' if st.se else ''}")
+    return 0
+
+
+def add_check(s: argparse.ArgumentParser) -> None:
+    from .space import space_names
+
+    s.add_argument("--space", default=DEFAULT_SPACE, choices=space_names())
+    s.add_argument("--seed", type=int, default=0)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Build a supernet, extract three subnets, print and check their cost and outputs."""
+    import torch
+
+    from .predict import CostModel, count_macs_params
+    from .space import get_space
+    from .supernet import Supernet, extract
+
+    torch.manual_seed(args.seed)  # this command's own process: the supernet's random init
+    space = get_space(args.space)
+    cost = CostModel(space)
+    t0 = time.perf_counter()
+    net = Supernet(space).eval()
+    print(f"supernet for {space.name}: {sum(p.numel() for p in net.parameters()):,} parameters, "
+          f"{space.size():.3g} subnets ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+    archs = {"smallest": space.smallest(), "random": space.sample(args.seed), "largest": space.largest()}
+    print(f"{'subnet':9s} {'arch id':16s} {'res':>4s} {'MACs':>12s} {'params':>10s} "
+          f"{'extract':>8s} {'max |Δlogit|':>12s}  arch")
+    failures = 0
+    for label, arch in archs.items():
+        t = time.perf_counter()
+        sub = extract(net, arch)
+        t_extract = time.perf_counter() - t
+        shape = (space.in_channels, arch.resolution, arch.resolution)
+        macs, params = cost.arch_macs(arch), cost.arch_params(arch)
+        counted = count_macs_params(sub, shape)
+        x = torch.randn(4, *shape)
+        with torch.no_grad():
+            diff = (net(x, arch) - sub(x)).abs().max().item()
+        ok = counted == (macs, params) and diff <= 1e-5
+        failures += not ok
+        print(f"{label:9s} {arch.id:16s} {arch.resolution:4d} {macs:12,d} {params:10,d} "
+              f"{t_extract * 1000:6.1f}ms {diff:12.2e}  {arch}{'' if ok else '  MISMATCH'}")
+    print("all checks passed: analytic MACs/params equal counted ones, subnet logits equal "
+          "the supernet's" if not failures else f"{failures} subnet(s) failed their checks")
+    return 1 if failures else 0
+
+
+def add_info(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--json", action="store_true", help="print the same as JSON")
+
+
+def _target_info(files, name: str) -> dict:
+    from .predict.latency import validate_table
+
+    table = validate_table(files.read_json(name))
+    return {"device": table["device"], "blocks": len(table["entries"]), "model": table["model"],
+            "fit": table.get("fit"), "timing": table.get("timing"), "recalibration": table.get("recalibration"),
+            "references": len(table.get("references", []))}
+
+
+def _artifact_info(root: Path) -> dict:
+    """What ``ofa info`` shows of the artifact at ``root``, as JSON."""
+    files = open_artifact(root)
+    manifest, targets = files.manifest, {}
+    for target, name in files.latency_targets().items():
+        try:
+            targets[target] = _target_info(files, name)
+        except (OSError, ValueError) as e:  # shown, not fatal: the other targets are still of use
+            targets[target] = {"error": str(e)}
+    accuracy = None
+    if files.has(ACCURACY_PREDICTOR):
+        from .predict.accuracy import AccuracyPredictor
+
+        pred = AccuracyPredictor.from_bytes(files.read(ACCURACY_PREDICTOR))
+        accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
+                                              ("test", "train_samples", "test_samples", "learning_curve",
+                                               "calib_images")}}
+    return {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
+            "dataset": manifest["dataset"], "created": manifest["created"],
+            "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets,
+            "accuracy_predictor": accuracy, "phases": [p["name"] for p in manifest.get("training", {}).get("phases", [])]}
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """What an artifact holds: space, data, training figures, latency targets."""
+    root = Path(args.artifact)
+    info = _artifact_info(root)
+    order = info.pop("phases")
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+        return 0
+    _print_info(info, order)
+    return 0
+
+
+def _print_info(info: dict, order: list[str]) -> None:
+    from .predict.latency import Speed
+
+    accuracy, targets = info["accuracy_predictor"], info["targets"]
+    print(f"artifact {info['artifact']}  (digest {info['digest'][:16]}, created {info['created']})")
+    print(f"space {info['space']}, trained on {info['dataset']}")
+    for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
+        accs = info["val_accuracy"][phase]
+        if not accs:  # evaluate_phases "last": the earlier phases were not evaluated
+            continue
+        print(f"  val. accuracy after {phase:9s} " + "  ".join(
+            f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
+    if accuracy is None:
+        print("accuracy predictor: none (run ofa predictors --artifact ...)")
+    else:
+        test = accuracy["test"] or {}
+        print(f"accuracy predictor: {accuracy['family']}, fitted on {accuracy['train_samples']} measured "
+              f"subnets; on {accuracy['test_samples']} held out: Kendall tau {test.get('kendall_tau', float('nan')):.3f}, "
+              f"RMSE {test.get('rmse', float('nan')):.3f} points")
+        if "tau_ceiling" in test:
+            print(f"  the validation split's noise lets any predictor reach at most tau {test['tau_ceiling']:.3f} "
+                  f"on these subnets")
+    print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
+    for name, t in targets.items():
+        if "error" in t:
+            print(f"  {name}: not usable: {t['error']}")
+            continue
+        held = ((t.get("fit") or {}).get("quality") or {}).get("held_out") or {}
+        rep = (t.get("timing") or {}).get("repeatability") or {}
+        print(f"  {name}: {t['blocks']} blocks, {t['device'].get('cpu')}, {t['device'].get('threads')} threads, "
+              f"{t['device'].get('backend')} {t['device'].get('backend_version', '')}; model {t['model']['family']}")
+        print(f"    end to end on {held.get('subnets', 0)} held-out subnets: {held.get('within_10pct', float('nan')):.0%}"
+              f" within 10%, mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman "
+              f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}")
+        recal = t.get("recalibration")
+        print(f"    speed: {Speed.from_dict(recal).describe()} of the profiled time, measured {recal.get('measured_at', '?')} "
+              f"from {len(recal.get('ratios', []))} references" if recal else
+              f"    speed: as profiled ({t['references']} references to re-time with `ofa profile --recalibrate`)")

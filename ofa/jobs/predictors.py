@@ -1,0 +1,244 @@
+"""``ofa predictors``: measure subnets of an artifact, pick and fit the accuracy predictor, store both in it.
+
+Samples are stratified over MACs (corners included); ``front`` of them are taken where the
+search will look (:func:`front_archs`, in rounds, each after a fit on what is measured so
+far). The held-out subnets (``test_fraction``, chosen by arch id) serve only the reported
+quality; the family is chosen by cross-validation on the others. Measurements are kept in
+the artifact, so a rerun measures only what is new, and a fit made before on exactly the same
+measurements and settings is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, Artifact, add_file, load_artifact
+from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, stratified_archs, unpack_correct,
+                               validation_set, with_enough_on_each_side)
+from ..space import Arch, SearchSpace, space_digest
+
+__all__ = ["FRONT_ROUNDS", "build_accuracy_predictor", "check_predictor_settings", "front_archs"]
+
+FRONT_ROUNDS = 2
+Log = Callable[[str], None]
+
+
+def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, front: int = 0) -> None:
+    """Refuse settings :func:`build_accuracy_predictor` cannot use, naming the field."""
+    if samples < 10:
+        raise ValueError(f"samples must be >= 10, got {samples}")
+    if not 0 <= front <= samples - 10:
+        raise ValueError(f"front must be in 0..{samples - 10} (samples - 10), got {front}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int, seed: int,
+                exclude: Iterable[str] = (), latency=None, families: Sequence[str] | None = None) -> list[Arch]:
+    """``k`` new archs (in neither ``measured`` nor ``exclude``) spread along the front that the search
+    would pick from with a predictor fitted on ``measured``: the accuracy-latency front of ``latency``'s
+    target when given (where served subnets come from), else the accuracy-MACs front.
+
+    A search picks the archs its predictor rates highest for their cost, so that is where the
+    predictor's errors matter and are biased upward (the winner's curse): measuring there puts
+    the samples where the served subnets come from. The interim predictor is of the family
+    cross-validation picks on ``measured``, as the final one will be.
+    """
+    from ..predict.accuracy import arch_features, select_and_fit
+    from ..search import Constraints, Scorer, SearchSettings, pareto_front
+
+    ids = sorted(measured)
+    x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
+    interim, _ = select_and_fit(x, np.array([measured[i]["accuracy"] for i in ids]), space_digest(space), families,
+                                seed=seed)
+    target = None if latency is None else latency.target
+    scorer = Scorer(space, interim, {} if latency is None else {target: latency})
+    front = pareto_front(scorer, min(100, 2 * k + 2), target, Constraints(),
+                         SearchSettings(population=100, generations=60, seed=seed))
+    skip = set(measured) | set(exclude)
+    new = [c.arch for c in front if c.arch.id not in skip]
+    picks = np.unique(np.linspace(0, len(new) - 1, min(k, len(new))).round().astype(int)) if new else []
+    return [new[i] for i in picks]
+
+
+@dataclass
+class _Job:
+    """One ``build_accuracy_predictor`` run: the artifact, what it measures on, and how measurements are kept."""
+
+    art: Artifact
+    calib: Any  # torch.Tensor of uint8 images
+    val: Any  # ImageSet
+    spec: Any  # DataSpec
+    header: dict[str, Any]
+    progress: bool
+    log: Log
+
+    def known(self) -> dict[str, dict[str, Any]]:
+        """Measurements stored before with the same artifact, calibration and split (else none)."""
+        if not self.art.files.has(MEASUREMENTS):
+            return {}
+        old = self.art.files.read_json(MEASUREMENTS)
+        if all(old.get(k) == v for k, v in self.header.items()):
+            return old["subnets"]
+        self.log("existing measurements were made differently (artifact, calibration or split); measuring anew")
+        return {}
+
+    def save(self, measured: dict[str, dict[str, Any]]) -> None:
+        add_file(self.art.path, MEASUREMENTS, json.dumps({**self.header, "subnets": measured}, sort_keys=True,
+                                                         indent=0))
+
+    def measure(self, archs: Sequence[Arch], known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return measure_accuracies(self.art.supernet, archs, self.calib, self.val, self.spec, known, self.progress,
+                                  self.save)
+
+
+def _open(root: Path, calib_images: int | None, data_dir: str | None, progress: bool, log: Log) -> _Job:
+    art = load_artifact(root)
+    calib = art.calibration if calib_images is None else art.calibration[:calib_images]
+    if len(calib) < 1:
+        raise ValueError(f"calib_images must be in 1..{len(art.calibration)}, got {calib_images}")
+    val, spec = validation_set(art.manifest["training"], data_dir)
+    header = {"artifact": art.digest, "calib_images": len(calib), "split": "validation", "val_images": len(val)}
+    return _Job(art, calib, val, spec, header, progress, log)
+
+
+def _front_latency(job: _Job, front_target: str | None):
+    """The latency predictor of the artifact's ``front_target`` table (None: along MACs)."""
+    if front_target is None:
+        return None
+    from ..search.load import load_scorer
+
+    scorer = load_scorer(job.art.files)
+    if front_target not in scorer.latency:
+        refused = f" (refused: {scorer.refused})" if scorer.refused else ""
+        raise ValueError(f"front_target {front_target!r} is not a latency target of {job.art.path}; it has "
+                         f"{sorted(scorer.latency)}{refused}")
+    return scorer.latency[front_target]
+
+
+def _measure_front(job: _Job, measured: dict, basis: dict, front: int, seed: int, latency,
+                   families: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """The front rounds: each picks where the search would look with a fit on ``basis`` (this run's picks)."""
+    for r in range(FRONT_ROUNDS if front else 0):
+        k = front // FRONT_ROUNDS + (r < front % FRONT_ROUNDS)
+        # the picks of a round are a function of its basis, k and seed: a rerun finds them measured
+        along = json.dumps(latency.table, sort_keys=True) if latency else "macs"  # the front it was picked along
+        tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r, along]).encode()).hexdigest()[:16]
+        picked = [i for i in sorted(measured) if measured[i].get("front") == tag]
+        if len(picked) < k:
+            # picks measured already (a round killed halfway) are reused, not replaced by others
+            archs = front_archs(job.art.space, basis, k, seed + r, latency=latency, families=families)
+            job.log(f"front round {r + 1}: measuring {len(archs)} subnets where the search would look")
+            measured = job.measure(archs, measured)
+            picked = [a.id for a in archs]
+            for i in picked:
+                measured[i]["front"] = tag
+        else:
+            job.log(f"front round {r + 1}: its {len(picked)} subnets were measured before")
+        basis.update({i: measured[i] for i in picked})
+    return measured
+
+
+def _measure(job: _Job, samples: int, front: int, front_target: str | None, test_fraction: float, seed: int,
+             families: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    latency = _front_latency(job, front_target) if front else None
+    # decided without what earlier runs measured: with it the extras (and so each round's basis, and its picks)
+    # would differ from that run's, and a rerun would measure new front subnets instead of finding them
+    archs = with_enough_on_each_side(job.art.space, stratified_archs(job.art.space, samples - front, seed), [],
+                                     test_fraction, seed)
+    if len(archs) > samples - front:
+        job.log(f"measuring {len(archs) - samples + front} random subnets more: the split by arch id (test "
+                f"fraction {test_fraction}) must leave at least {MIN_FIT} to fit and 2 held out")
+    measured = job.measure(archs, job.known())
+    basis = {a.id: measured[a.id] for a in archs}  # what each front round's interim fit sees: this run's picks
+    measured = _measure_front(job, measured, basis, front, seed, latency, families)
+    job.save(measured)
+    return measured
+
+
+def _held_out_report(pred, ids: list[str], held: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> dict[str, Any]:
+    return {"ids": [i for i, h in zip(ids, held) if h], "measured": y_te.tolist(),
+            "predicted": pred.predict_features(x_te).tolist()}
+
+
+def _fit(job: _Job, measured: dict, x, y, held, seed: int, families, recorded: dict[str, Any]):
+    """Select the family by cross-validation on the fitting side, fit, and grade on the held-out side; the
+    predictor's info records the quality and ``recorded`` (the settings, the artifact, the fit's key)."""
+    from ..predict.accuracy import evaluate, fit_many, select_and_fit, tau_ceiling
+
+    ids, digest = sorted(measured), space_digest(job.art.space)
+    x_tr, y_tr, x_te, y_te = x[~held], y[~held], x[held], y[held]
+    pred, cv = select_and_fit(x_tr, y_tr, digest, families, seed=seed, log=job.log)
+    test = evaluate(pred, x_te, y_te)
+    # measurements made before per-image correctness was kept have none: the ceiling uses the others
+    graded = [unpack_correct(measured[i]["correct"], len(job.val)) for i, h in zip(ids, held)
+              if h and "correct" in measured[i]]
+    if len(graded) >= 2:
+        test = {**test, "tau_ceiling": round(tau_ceiling(np.stack(graded)), 4), "tau_ceiling_subnets": len(graded)}
+        job.log(f"the {len(job.val)}-image validation split lets any predictor reach at most Kendall tau "
+                f"{test['tau_ceiling']:.3f} on these {len(graded)} held-out subnets")
+    order = np.random.default_rng(seed).permutation(len(y_tr))
+    sizes = [max(10, int(round(frac * len(y_tr)))) for frac in (0.25, 0.5, 0.75)]
+    smaller = fit_many(pred.family, [(x_tr[order[:k]], y_tr[order[:k]]) for k in sizes], digest, seed)
+    curve = [{"train_samples": k, **evaluate(fitted, x_te, y_te)}
+             for k, fitted in zip(sizes + [len(y_tr)], smaller + [pred])]
+    info = {"selected": pred.family, "cv": cv, "test": test, "train_samples": int(len(y_tr)),
+            "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(job.calib),
+            "seed": seed, **recorded}
+    job.log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
+    return type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
+
+
+def _stored_fit(job: _Job, fit_key: str):
+    """The stored predictor, if it was fitted on exactly these measurements and settings (else None)."""
+    from ..predict.accuracy import AccuracyPredictor
+
+    if not job.art.files.has(ACCURACY_PREDICTOR):
+        return None
+    old = AccuracyPredictor.from_bytes(job.art.files.read(ACCURACY_PREDICTOR), job.art.space)
+    return old if old.info.get("fit_key") == fit_key and old.info.get("artifact") == job.art.digest else None
+
+
+def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
+                             calib_images: int | None = None, data_dir: str | None = None,
+                             families: Sequence[str] | None = None, front: int = 0, front_target: str | None = None,
+                             progress: bool = True, log: Log = lambda s: None) -> dict[str, Any]:
+    """Measure ``samples`` subnets of the artifact at ``root``, pick and fit a predictor, store both.
+
+    ``front`` of the samples lie along the latency front of the artifact's ``front_target`` table
+    when given, else along MACs. Returns the quality report (what the stored predictor's info
+    holds, plus ``measure_seconds``, ``held_out`` predictions and ``reused``).
+    """
+    from ..predict.accuracy import arch_features
+
+    check_predictor_settings(samples, test_fraction, front)
+    job = _open(Path(root), calib_images, data_dir, progress, log)
+    t0 = time.perf_counter()
+    measured = _measure(job, samples, front, front_target, test_fraction, seed, families)
+    measure_s = round(time.perf_counter() - t0, 1)
+    ids = sorted(measured)
+    x = arch_features(job.art.space, job.art.space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
+    y = np.array([measured[i]["accuracy"] for i in ids])
+    held = held_out(ids, test_fraction)
+    log(f"{len(ids)} measured subnets ({int((~held).sum())} to fit, {int(held.sum())} held out); "
+        f"accuracy {y.min():.2f}-{y.max():.2f}%")
+    fit_key = hashlib.sha256(json.dumps({"measured": [[i, measured[i]["accuracy"]] for i in ids], "seed": seed,
+                                         "test_fraction": test_fraction, "families": families, "front": front,
+                                         "front_target": front_target}, sort_keys=True).encode()).hexdigest()
+    pred = _stored_fit(job, fit_key)
+    if pred is not None:
+        log(f"the stored predictor ({pred.family}) was fitted on these {len(ids)} measurements with these "
+            f"settings: reusing it")
+        return {**pred.info, "measure_seconds": measure_s, "reused": True,
+                "held_out": _held_out_report(pred, ids, held, x[held], y[held])}
+    pred = _fit(job, measured, x, y, held, seed, families, {"front": front, "front_target": front_target,
+                                                             "artifact": job.art.digest, "fit_key": fit_key})
+    add_file(job.art.path, ACCURACY_PREDICTOR, pred.to_bytes())
+    return {**pred.info, "measure_seconds": measure_s,
+            "held_out": _held_out_report(pred, ids, held, x[held], y[held])}

@@ -1,0 +1,80 @@
+"""The product's service driven as a user drives it: ``ofa serve`` in a child process, ``ofa-client`` calls."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["ReportError", "ServerProcess", "ofa_client"]
+
+
+class ReportError(RuntimeError):
+    """A step of the report failed; the message says which and where its log is."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ServerProcess:
+    """``ofa serve`` in a child process on 127.0.0.1 and an OS-chosen port; SIGTERM on exit."""
+
+    def __init__(self, artifacts: Sequence[Path], log_path: Path, startup_timeout: float = 300.0) -> None:
+        # the ofa command's own interface: this is what a user types
+        self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0"]
+        for a in artifacts:
+            self.cmd += ["--artifact", str(a)]
+        self.log_path, self.timeout = Path(log_path), startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def __enter__(self) -> "ServerProcess":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log_path.read_text(errors="replace"))
+            if m:
+                self.address = f"127.0.0.1:{m.group(1)}"
+                return self
+            if self.proc.poll() is not None:
+                raise ReportError(f"ofa serve exited with code {self.proc.returncode} before listening; "
+                                  f"see {self.log_path}")
+            time.sleep(0.2)
+        self.stop()
+        raise ReportError(f"ofa serve did not listen within {self.timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, grace: float = 60.0) -> int | None:
+        """SIGTERM (in-flight calls finish), then wait; kill only if it hangs. Returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _client_command() -> list[str]:
+    exe = Path(sys.executable).with_name("ofa-client")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ofa_client.cli"]
+
+
+def ofa_client(address: str, *args: str, log: Callable[[str], None] = lambda s: None) -> Any:
+    """Run ``ofa-client --json ARGS`` against ``address``; its JSON output, or ReportError with its message."""
+    log(f"  $ ofa-client {' '.join(args)}")
+    r = subprocess.run([*_client_command(), "--address", address, "--json", *args], capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    if r.returncode:
+        raise ReportError(f"ofa-client {args[0]} exited with code {r.returncode}: {r.stderr.strip()}", r.returncode)
+    return json.loads(r.stdout)

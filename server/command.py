@@ -1,0 +1,21 @@
+"""``ofa serve`` as a command of the ``ofa`` CLI (entry point ``ofa.commands: serve``): cheap to import."""
+from __future__ import annotations
+
+import argparse
+
+from ofa._cli_common import Command
+
+from .args import add_arguments
+
+__all__ = ["COMMAND"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .main import serve  # grpc, torch and the artifacts load only for this command
+
+    return serve(args)
+
+
+COMMAND = Command("serve", "serve artifacts over gRPC (search, Pareto fronts, weights)", add_arguments, _serve,
+                  description="Serve one or more supernet artifacts over gRPC (ofa.v1.SubnetService, health and "
+                  "reflection). SIGTERM stops it after in-flight calls finish.")
