@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from ofa.space import ArchError, SearchSpace, get_space, register_space, space_names
+from ofa.space import (ArchError, SearchSpace, get_space, out_size, register_space, space_digest, space_names,
+                       squeeze_channels)
 
 
 def test_registry_has_both_spaces_and_refuses_duplicates():
@@ -137,4 +138,37 @@ def test_blocks_resolve_channels_like_the_reference():
     b = blocks[1]  # first block of stage 1: 16 -> 96 -> 24, stride 2
     assert (b.in_ch, b.mid_ch, b.out_ch, b.stride, b.residual) == (16, 96, 24, 2, False)
     se = blocks[5]  # first block of stage 2 (SE): mid 144, squeeze make_divisible(36) = 40
-    assert (se.mid_ch, se.se_ch) == (144, 40)
+    assert (se.mid_ch, se.se_ch) == (144, 40) == (se.mid_ch, squeeze_channels(144))
+
+
+def test_slot_walk_chains_channels_and_map_sizes(space):
+    for r in space.resolutions:
+        size, in_ch = space.stem_size(r), space.first_block_width
+        slots = space.slots(r)
+        assert [s.index for s in slots] == list(range(space.num_slots))
+        for slot in slots:
+            assert (slot.in_ch, slot.in_size) == (in_ch, size)
+            assert slot.stride == (slot.spec.stride if slot.position == 0 else 1)
+            assert slot.out_size == out_size(size, slot.stride)
+            in_ch, size = slot.spec.width, slot.out_size
+        assert space.head_size(r) == size
+
+
+def test_active_slots_are_the_blocks_the_codes_use(space):
+    for arch in space.sample(3, n=50):
+        active = list(space.active_slots(arch))
+        assert [s.index for s, _, _ in active] == np.flatnonzero(space.active_mask(space.encode([arch]))[0]).tolist()
+        assert [(k, e) for _, k, e in active] == list(zip(arch.kernel, arch.expand))
+        assert space.blocks(arch)[1:] == [space.block_at(s, k, e) for s, k, e in active]
+
+
+# Stored latency tables and accuracy predictors name their space by this digest: it must not drift.
+@pytest.mark.parametrize("name, digest", [("mbv3-imagenet", "9db92646c41df3bf"),
+                                          ("mbv3-small-images", "030334a9166c77b6")])
+def test_space_digest_is_stable(name, digest):
+    assert space_digest(get_space(name))[:16] == digest
+
+
+def test_space_digest_follows_the_definition(space):
+    assert space_digest(SearchSpace.from_dict(space.to_dict())) == space_digest(space)
+    assert space_digest(dataclasses.replace(space, num_classes=space.num_classes + 1)) != space_digest(space)
