@@ -9,7 +9,6 @@ same total number of epochs as all of its phases together, with a cosine schedul
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Mapping
 
@@ -18,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ._torch import seeded
 from .data import DataSpec, ImageSet, augment, prepare_batch
+from .train.schedule import set_lr, sgd, warmup_cosine
 
 __all__ = ["mobilenet_v3_small_baseline", "train_from_scratch"]
 
@@ -32,14 +33,9 @@ def train_from_scratch(net: nn.Module, resolution: int, train_set: ImageSet, spe
     momentum, augmentation, label smoothing, and the first phase's lr and warm-up).
     Returns the net in eval mode and {steps, seconds, img_per_s}.
     """
-    torch.manual_seed(seed)
     net = net.to(memory_format=torch.channels_last).train()
     first = training["phases"][0]
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": training["weight_decay"]},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=first["lr"],
-                          momentum=training["momentum"], nesterov=training["nesterov"])
+    opt = sgd(net, first["lr"], training["weight_decay"], training["momentum"], training["nesterov"])
     bs = training["batch_size"]
     per_epoch = len(train_set) // bs
     if per_epoch < 1:
@@ -49,23 +45,19 @@ def train_from_scratch(net: nn.Module, resolution: int, train_set: ImageSet, spe
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_set), generator=g)
     t0 = time.perf_counter()
-    for step in tqdm(range(total), desc=desc, unit="step", disable=not progress, dynamic_ncols=True):
-        b = step % per_epoch
-        if b == 0 and step:
-            order = torch.randperm(len(train_set), generator=g)
-        idx = order[b * bs : (b + 1) * bs]
-        x = prepare_batch(augment(train_set.images[idx], training["augment_padding"], training["augment_flip"]),
-                          resolution, spec)
-        if step < warmup:
-            lr = first["lr"] * (step + 1) / warmup
-        else:
-            lr = 0.5 * first["lr"] * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = F.cross_entropy(net(x), train_set.labels[idx], label_smoothing=training["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with seeded(seed):  # augmentation and dropout draw from torch's generator
+        for step in tqdm(range(total), desc=desc, unit="step", disable=not progress, dynamic_ncols=True):
+            b = step % per_epoch
+            if b == 0 and step:
+                order = torch.randperm(len(train_set), generator=g)
+            idx = order[b * bs : (b + 1) * bs]
+            x = prepare_batch(augment(train_set.images[idx], training["augment_padding"], training["augment_flip"]),
+                              resolution, spec)
+            set_lr(opt, warmup_cosine(first["lr"], step, total, warmup, divide_first=False))
+            loss = F.cross_entropy(net(x), train_set.labels[idx], label_smoothing=training["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     seconds = time.perf_counter() - t0
     return net.eval(), {"steps": total, "seconds": round(seconds, 1), "img_per_s": round(total * bs / seconds, 1)}
 

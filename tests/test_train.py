@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -143,7 +144,7 @@ def test_sandwich_rule_runs(tiny_data, tmp_path):
     train(cfg, tmp_path, progress=False)
     trace = [json.loads(line) for line in (tmp_path / "trace-rank0.jsonl").read_text().splitlines()]
     from ofa.space import get_space
-    from ofa.train.loop import phase_space
+    from ofa.train.config import phase_space
     space = phase_space(get_space("mbv3-small-images"), cfg.phase("depth-2"))
     depth_steps = [t for t in trace if t["phase"] == "depth-2"]
     assert depth_steps and all(t["archs"][0] == space.largest(t["resolution"]).id for t in depth_steps)
@@ -178,7 +179,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     ("phases.kernel.speed=1", r"unknown key phases.kernel.'speed'"),
     ("phases.kernel.kernels=3,4", None),
     ("phases=1", "phase keys are written phases.NAME.KEY"),
-    ("nonsense", "--set takes KEY=VALUE"),
+    ("nonsense", "a config assignment takes KEY=VALUE"),
 ])
 def test_bad_config_values_are_refused(assignment, message, tiny_data, tmp_path):
     if message is None:  # type-correct but outside the space: refused when the run starts
@@ -218,7 +219,7 @@ def test_config_file_and_presets(tmp_path):
 
 
 def test_missing_and_malformed_data_say_where_they_looked(tmp_path):
-    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'nope'} does not exist"):
+    with pytest.raises(DataError, match=f"data_dir {tmp_path / 'nope'} does not exist"):
         load_dataset("fashion-mnist", tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -292,3 +293,84 @@ def test_manifest_digest_and_paths_are_checked(tiny_data, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(dropped))
     with pytest.raises(ValueError, match=r"does not list \['supernet.safetensors'\]"):
         load_artifact(tmp_path)
+
+
+def test_the_schedule_warms_up_linearly_then_decays_to_zero():
+    from ofa.train.schedule import warmup_cosine
+
+    assert [warmup_cosine(0.4, s, 10, 4) for s in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert warmup_cosine(0.4, 4, 10, 4) == 0.4
+    assert 0 < warmup_cosine(0.4, 9, 10, 4) < 0.4 * 0.1
+    # the two roundings of the angle that the supernet's and the baselines' weights were trained with
+    trainer = [0.5 * 0.1 * (1 + math.cos(math.pi * ((s - 3) / 997))) for s in range(3, 1000)]
+    scratch = [0.5 * 0.1 * (1 + math.cos(math.pi * (s - 3) / 997)) for s in range(3, 1000)]
+    assert [warmup_cosine(0.1, s, 1000, 3) for s in range(3, 1000)] == trainer
+    assert [warmup_cosine(0.1, s, 1000, 3, divide_first=False) for s in range(3, 1000)] == scratch
+
+
+def test_weight_decay_spares_biases_norms_and_kernel_transforms():
+    from ofa.space import get_space
+    from ofa.supernet import Supernet
+    from ofa.train.schedule import sgd
+
+    net = Supernet(get_space("mbv3-small-images"))
+    decayed, spared = sgd(net, 0.1, 3e-5, 0.9, True).param_groups
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert decayed["weight_decay"] == 3e-5 and spared["weight_decay"] == 0.0
+    assert all(p.dim() > 1 and "transform_" not in names[id(p)] for p in decayed["params"])
+    assert any("transform_" in names[id(p)] for p in spared["params"])
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(net.parameters()))
+
+
+def test_num_threads_is_restored():
+    from ofa._torch import num_threads
+
+    before = torch.get_num_threads()
+    with num_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with num_threads(0):  # 0: torch's setting is left alone
+        assert torch.get_num_threads() == before
+
+
+def test_seeded_draws_what_manual_seed_draws_and_restores_the_generator():
+    from ofa._torch import seeded
+
+    torch.manual_seed(7)
+    want = torch.randn(5)
+    state = torch.random.get_rng_state()
+    with seeded(7):
+        got = torch.randn(5)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_training_leaves_torch_threads_and_generator_as_it_found_them(tiny_data, tmp_path):
+    threads, state = torch.get_num_threads(), torch.random.get_rng_state()
+    train(tiny_config(tiny_data, "threads=1" if threads > 1 else "threads=2"), tmp_path, only_phase="full",
+          progress=False)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_baseline_is_a_function_of_its_seed_and_leaves_the_generator_alone(tiny_data):
+    import copy
+
+    from ofa.data import load_dataset, split_validation
+    from ofa.scratch import mobilenet_v3_small_baseline, train_from_scratch
+
+    cfg = tiny_config(tiny_data)
+    full, spec = load_dataset(cfg.dataset, str(tiny_data), True, cfg.image_size)
+    train_set, _ = split_validation(full, 100, 0)
+    torch.manual_seed(0)
+    net = mobilenet_v3_small_baseline(0.25, 1, 10)
+    weights = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever the generator's state, the seed decides the weights
+        state = torch.random.get_rng_state()
+        trained, stats = train_from_scratch(copy.deepcopy(net), 28, train_set, spec, cfg.to_dict(), 0.2, seed=3,
+                                            progress=False)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        weights.append(trained.state_dict())
+    assert stats["steps"] == 3
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

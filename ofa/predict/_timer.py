@@ -44,28 +44,27 @@ def _onnx_runs(job: dict) -> list:
 
 
 def _torch_runs(job: dict) -> list:
-    sys.path.insert(0, job["root"])  # the folder that holds the ofa package
     import torch
 
+    from ofa._torch import seeded
+    from ofa.formats import read_subnet
     from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
-    from ofa.subnet import load_subnet_safetensors
 
-    torch.set_num_threads(job["threads"])
-    torch.manual_seed(0)
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
     runs = []
-    for item in job["items"]:
-        if "safetensors" in item:
-            with open(item["safetensors"], "rb") as f:
-                module = load_subnet_safetensors(f.read())[0]
-        else:
-            module = module_of(space, item["part"])
-        x = torch.randn(*item["shape"])
-        module = module.eval()
-        if job.get("channels_last"):
-            module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-        runs.append(lambda m=module, x=x: m(x))
+    with seeded(0):  # random weights and inputs: their values do not change the time, but stay the same
+        for item in job["items"]:
+            if "safetensors" in item:
+                with open(item["safetensors"], "rb") as f:
+                    module = read_subnet(f.read())[0]
+            else:
+                module = module_of(space, item["part"])
+            x = torch.randn(*item["shape"])
+            module = module.eval()
+            if job.get("channels_last"):
+                module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+            runs.append(lambda m=module, x=x: m(x))
     torch.inference_mode().__enter__()  # for the rest of this process
     return runs
 
@@ -113,18 +112,20 @@ def _export(job: dict, report) -> None:
     sys.path.insert(0, job["root"])
     import torch
 
+    from ofa._torch import num_threads, seeded
+    from ofa.formats import export_onnx
     from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
-    from ofa.subnet import export_onnx
 
-    torch.set_num_threads(1)
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
-    for k, (part, shape, path, seed) in enumerate(job["export"]):
-        torch.manual_seed(seed)
-        module = module_of(space, part).eval()
-        with open(path, "wb") as f:
-            f.write(export_onnx(module, torch.randn(*shape), dynamic_batch=False))
-        report({"exported": k + 1})
+    with num_threads(1):
+        for k, (part, shape, path, seed) in enumerate(job["export"]):
+            with seeded(seed):
+                module = module_of(space, part).eval()
+                x = torch.randn(*shape)
+            with open(path, "wb") as f:
+                f.write(export_onnx(module, x, dynamic_batch=False))
+            report({"exported": k + 1})
     report({"result": "exported"})
 
 
@@ -139,9 +140,18 @@ def main() -> None:
     if "export" in job:
         _export(job, report)
         return
-    runs = _onnx_runs(job) if job["backend"] == "onnxruntime" else _torch_runs(job)
-    report({"loaded": len(runs)})
-    report({"result": _time(job, runs, report)})
+    if job["backend"] == "onnxruntime":
+        runs = _onnx_runs(job)
+        report({"loaded": len(runs)})
+        report({"result": _time(job, runs, report)})
+        return
+    sys.path.insert(0, job["root"])  # the folder that holds the ofa package
+    from ofa._torch import num_threads
+
+    with num_threads(job["threads"]):
+        runs = _torch_runs(job)
+        report({"loaded": len(runs)})
+        report({"result": _time(job, runs, report)})
 
 
 if __name__ == "__main__":

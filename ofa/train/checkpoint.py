@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from .._io import atomic_save_tensors, atomic_write_text
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "has_checkpoint", "load_checkpoint", "momentum_buffers", "restore_momentum", "save_checkpoint"]
 
 INDEX = "checkpoint.json"
+TEACHER = "teacher.safetensors"  # the full net the later phases distil from, kept with the checkpoints
 
 
 @dataclass
@@ -31,6 +32,20 @@ class Checkpoint:
     state: dict[str, Any]                   # phase, step_in_phase, global_step, metrics, config
     model: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]      # momentum buffer per parameter name
+
+
+def momentum_buffers(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's momentum buffers by parameter name: the part of its state a checkpoint keeps."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    return {names[id(p)]: s["momentum_buffer"] for p, s in opt.state.items()
+            if s.get("momentum_buffer") is not None}
+
+
+def restore_momentum(net: torch.nn.Module, opt: torch.optim.Optimizer, buffers: dict[str, torch.Tensor]) -> None:
+    """Put :func:`momentum_buffers` back into a new optimizer over ``net`` (on its parameters' devices)."""
+    for name, p in net.named_parameters():
+        if name in buffers:
+            opt.state[p]["momentum_buffer"] = buffers[name].to(p.device).clone()
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], model: dict[str, torch.Tensor],
@@ -48,6 +63,11 @@ def save_checkpoint(folder: Path, state: dict[str, Any], model: dict[str, torch.
     for temp in folder.glob(".*.tmp"):  # left by a run killed while writing (this run is the folder's writer)
         temp.unlink(missing_ok=True)
     return folder / name
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint to resume from."""
+    return (folder / INDEX).exists()
 
 
 def load_checkpoint(folder: Path) -> Checkpoint | None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "config_differences", "load_config",
-           "parse_assignments"]
+from ..space import SearchSpace, get_space
+
+__all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "check_config", "config_differences",
+           "load_config", "parse_assignments", "phase_space"]
 
 
 class ConfigError(ValueError):
@@ -148,6 +150,64 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+# ---- validation -----------------------------------------------------------------
+def phase_space(space: SearchSpace, phase: Phase) -> SearchSpace:
+    """The space restricted to the choices a phase trains (its archs are valid in ``space``)."""
+    for field, allowed in (("kernels", space.kernel_choices), ("expands", space.expand_choices),
+                           ("depths", space.depth_choices)):
+        bad = sorted(set(getattr(phase, field)) - set(allowed))
+        if bad:
+            raise ConfigError(f"phases.{phase.name}.{field} has {bad}, not in the space's choices {list(allowed)}")
+    return dataclasses.replace(
+        space,
+        kernel_choices=phase.kernels or space.kernel_choices,
+        expand_choices=phase.expands or space.expand_choices,
+        depth_choices=phase.depths or space.depth_choices,
+    )
+
+
+def _check_phases(config: TrainConfig) -> None:
+    names = [p.name for p in config.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"phase names must be unique, got {names}")
+    for p in config.phases:
+        if p.epochs <= 0 or p.lr <= 0:
+            raise ConfigError(f"phases.{p.name}: epochs and lr must be > 0, got {p.epochs} and {p.lr}")
+        if p.subnets_per_step < 1:
+            raise ConfigError(f"phases.{p.name}.subnets_per_step must be >= 1, got {p.subnets_per_step}")
+        if p.warmup_epochs > p.epochs:
+            raise ConfigError(f"phases.{p.name}.warmup_epochs must be <= its epochs ({p.epochs}), "
+                              f"got {p.warmup_epochs}")
+        if config.sandwich and p.subnets_per_step < 2 and p.name != config.phases[0].name:
+            raise ConfigError(f"phases.{p.name}: the sandwich rule needs subnets_per_step >= 2")
+        phase_space(get_space(config.space), p)  # choices outside the space fail now, not hours later
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a config the trainer cannot run (raises :class:`ConfigError` naming the key), before any work."""
+    if config.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
+    if not config.phases:
+        raise ConfigError("phases must not be empty")
+    _check_phases(config)
+    allowed = get_space(config.space).resolutions
+    bad = sorted(set(config.resolutions) - set(allowed))
+    if bad or len(set(config.resolutions)) != len(config.resolutions):
+        raise ConfigError(f"resolutions must be distinct values from the space's {list(allowed)}, "
+                          f"got {list(config.resolutions)}")
+    for key in ("checkpoint_every", "log_every", "calib_size", "eval_batch_size", "val_size", "image_size"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if not 0 <= config.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError("nesterov needs momentum > 0: set momentum in (0, 1) or nesterov=false")
+    if config.evaluate_phases not in ("all", "last"):
+        raise ConfigError(f"evaluate_phases must be 'all' or 'last', got {config.evaluate_phases!r}")
+
+
 # ---- overrides ------------------------------------------------------------------
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
@@ -233,7 +293,7 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"a config assignment takes KEY=VALUE, got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
