@@ -120,40 +120,30 @@ def export_torchscript(module: nn.Module, metadata: str) -> bytes:
                            f"retry") from None
     if proc.returncode != 0:
         raise RuntimeError(f"TorchScript export failed: {proc.stderr.decode()[-2000:]}")
-    return _fixed_serialization_id(proc.stdout)
+    return _canonical_archive(proc.stdout)
 
 
-def _fixed_serialization_id(data: bytes) -> bytes:
-    """Replace the random ``.data/serialization_id`` record of a torch zip by digits of its content's sha256.
+def _canonical_archive(data: bytes) -> bytes:
+    """The TorchScript zip rewritten so that its bytes are a function of the subnet and torch alone.
 
-    torch writes a random id there on every save and has no switch for it. The record is
-    stored uncompressed; its bytes and the CRC-32 in the local and central headers are
-    rewritten in place, so every offset (and torch's record alignment) stays valid.
+    Without its ``.debug_pkl`` records: they hold source locations, the path and line numbers of
+    this package's files where the server runs, so two installs (or a release that only moved
+    lines) served two byte streams; torch loads and runs an archive without them. With fixed
+    timestamps, and ``.data/serialization_id`` (random on every save) replaced by digits of the
+    other records' sha256.
     """
-    import struct
     import zipfile
-    import zlib
 
-    zf = zipfile.ZipFile(io.BytesIO(data))
-    info = next((i for i in zf.infolist() if i.filename.endswith(".data/serialization_id")), None)
-    if info is None:
-        return data
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise RuntimeError("unexpected compressed serialization_id record")
-    buf = bytearray(data)
-    name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
-    start = info.header_offset + 30 + name_len + extra_len
-    size = info.file_size
-    rest = hashlib.sha256(bytes(buf[:start]) + bytes(buf[start + size:])).hexdigest()
-    new = str(int(rest, 16)).zfill(size)[-size:].encode()
-    buf[start : start + size] = new
-    crc = zlib.crc32(new)
-    struct.pack_into("<I", buf, info.header_offset + 14, crc)
-    pos, name = zf.start_dir, info.filename.encode()
-    while buf[pos : pos + 4] == b"PK\x01\x02":
-        n, m, k = struct.unpack_from("<HHH", buf, pos + 28)
-        if bytes(buf[pos + 46 : pos + 46 + n]) == name:
-            struct.pack_into("<I", buf, pos + 16, crc)
-            break
-        pos += 46 + n + m + k
-    return bytes(buf)
+    src = zipfile.ZipFile(io.BytesIO(data))
+    records = [(i.filename, src.read(i)) for i in src.infolist() if not i.filename.endswith(".debug_pkl")]
+    digest = hashlib.sha256(b"".join(name.encode() + body for name, body in records
+                                     if not name.endswith(".data/serialization_id"))).hexdigest()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, body in records:
+            if name.endswith(".data/serialization_id"):
+                body = str(int(digest, 16)).zfill(len(body))[-len(body):].encode()
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3  # as written on Linux, wherever it is written
+            archive.writestr(info, body)
+    return out.getvalue()

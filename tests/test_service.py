@@ -84,15 +84,26 @@ def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, ar
         assert client.fetch(best.id, fmt).data == w.data
 
 
-def test_weights_are_byte_identical_across_processes(client, artifact):
+def test_weights_are_byte_identical_across_processes_and_installs(client, artifact, tmp_path):
     best = client.search(seed=11)
     local = {fmt: client.fetch(best, fmt).sha256 for fmt in ("safetensors", "torchscript", "onnx")}
+    # another process, running a copy of the code installed elsewhere whose lines moved (TorchScript records
+    # source locations: a replica installed in another folder, or a release, must not serve other bytes)
+    import ofa
+    import ofa_server
+
+    install = tmp_path / "elsewhere"
+    shutil.copytree(Path(ofa.__file__).parent, install / "ofa")
+    shutil.copytree(Path(ofa_server.__file__).parent, install / "ofa_server")
+    subnet_py = install / "ofa" / "subnet.py"
+    subnet_py.write_text("# moved down a line\n" + subnet_py.read_text())
     code = ("import json, sys; from ofa.artifact import load_artifact; from ofa.space import Arch; "
             "from ofa_server.weights import build_payload; art = load_artifact(sys.argv[1]); "
-            "a = Arch.from_dict(json.loads(sys.argv[2])); "
+            "a = Arch.from_dict(json.loads(sys.argv[2])); import ofa; assert ofa.__file__.startswith(sys.argv[3]); "
             "print(json.dumps({f: build_payload(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
-    out = subprocess.run([sys.executable, "-c", code, str(artifact), json.dumps(best.arch)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, str(artifact), json.dumps(best.arch), str(install)],
+                         check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(install)}).stdout
     assert json.loads(out.strip().splitlines()[-1]) == local
 
 
