@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from ..artifact import CHECKPOINTS, MANIFEST, add_file, latency_file, load_artifact
 from ..predict.timing import Timing
+from .report import Report, check_report_settings, run_report, write_report
 
 __all__ = ["check_demo", "run_demo"]
 
@@ -34,7 +35,6 @@ def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing =
     from ..predict.latency import check_target_name
     from ..predict.profile import check_profile
     from .predictors import check_predictor_settings
-    from .report import check_report_settings
 
     check_target_name(target)
     check_predictor_settings(samples, front=front)
@@ -110,12 +110,11 @@ def _profile_step(art_dir: Path, target: str, timing: Timing, subnets: int, prog
 def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
              target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
              front: int = 16, progress: bool = True, log: Log = lambda s: None,
-             command: str | None = None) -> dict[str, Any]:
+             command: str | None = None) -> Report:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json, its markdown
     naming ``command``)."""
     from ..train import load_config
     from .predictors import build_accuracy_predictor
-    from .report import run_report, write_report
 
     check_demo(samples, target, timing, profile_subnets, budgets, front)
     out = Path(out)

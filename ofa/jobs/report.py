@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict
 
 import numpy as np
 
@@ -28,13 +28,40 @@ from ..artifact import ACCURACY_PREDICTOR, Artifact, latency_file
 from .baselines import Baseline, train_baselines
 from .service import ReportError, ServerProcess, ofa_client
 
-__all__ = ["ReportError", "budgets_from_front", "check_report_settings", "run_report", "write_report"]
+__all__ = ["Report", "ReportError", "budgets_from_front", "check_report_settings", "run_report", "write_report"]
 
 ACCURACY_TOLERANCE = 1.0   # points: a served subnet's test accuracy vs its prediction
 LATENCY_TOLERANCE = 0.10   # relative: measured vs predicted latency
 _LABELS = {1: ("middle",), 2: ("tight", "loose"), 3: ("tight", "middle", "loose"),
            5: ("tightest", "tight", "middle", "loose", "loosest")}
 Log = Callable[[str], None]
+
+
+class Report(TypedDict, total=False):
+    """What :func:`run_report` returns and report.json holds (JSON values only: it is written as it is)."""
+
+    artifact: str
+    digest: str
+    space: str
+    dataset: str
+    target: str
+    device: dict[str, Any]  # the latency table's device: cpu, threads, batch, backend
+    table_fit: dict[str, Any] | None  # the table's model quality when profiled
+    reference: dict[str, Any]  # the references re-timed before the searches and with the served subnets
+    timing: dict[str, Any]  # the timing protocol
+    accuracy_predictor: dict[str, Any]
+    health: str
+    front: list[dict[str, Any]]  # the Pareto front the server returned
+    served: list[dict[str, Any]]  # per budget: the subnet as served, its files, and what was measured here
+    unmet: list[dict[str, Any]]  # budgets no subnet meets (a baseline's latency)
+    baselines: list[dict[str, Any]]
+    baseline_epochs: float | None
+    test_images: int
+    val_images: int
+    tolerances: dict[str, float]
+    created: str
+    steps_seconds: dict[str, float]  # added by the demo
+    predictor_fit: dict[str, Any]  # added by the demo
 
 
 def check_report_settings(budgets: int = 1, budget_ms: Sequence[float] = ()) -> None:
@@ -208,7 +235,7 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
 
 def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int = 3,
                budget_ms: Sequence[float] = (), baselines: Sequence[float] = (), baseline_epochs: float | None = None,
-               data_dir: str | None = None, progress: bool = True, log: Log = lambda s: None) -> dict[str, Any]:
+               data_dir: str | None = None, progress: bool = True, log: Log = lambda s: None) -> Report:
     """Serve ``artifact``, specialise it for the budgets through ``ofa-client``, measure; the report (a dict
     that is report.json; :func:`write_report` writes it with its markdown and plot).
 
@@ -240,7 +267,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     test_images, val_images = _measure_accuracy(run, served["served"], bases, data_dir)
     reference = {"subnets": len(run.refs), "ratios_before": served["ratios_before"],
                  "speed_before": served["speed_before"], **after}
-    return {
+    return Report(**{
         "artifact": str(art.path), "digest": art.digest, "space": space.name, "dataset": training["dataset"],
         "target": target, "device": run.table["device"], "table_fit": run.table.get("fit"), "reference": reference,
         "timing": run.timing.protocol(), "accuracy_predictor": _predictor_quality(art), "health": served["health"],
@@ -249,10 +276,10 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         "test_images": test_images, "val_images": val_images,
         "tolerances": {"accuracy_points": ACCURACY_TOLERANCE, "latency_relative": LATENCY_TOLERANCE},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    })
 
 
-def write_report(report: dict[str, Any], out: str | Path, command: str | None = None) -> Path:
+def write_report(report: Report, out: str | Path, command: str | None = None) -> Path:
     """report.json, report.md (naming ``command``, if given) and pareto.png in ``out``; the markdown's path."""
     from .render import plot_report, render_markdown
 
