@@ -85,10 +85,7 @@ def add_info(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print the same as JSON")
 
 
-def _target_info(files, name: str) -> dict:
-    from .predict.latency import validate_table
-
-    table = validate_table(files.read_json(name))
+def _target_info(table: dict) -> dict:
     return {"device": table["device"], "blocks": len(table["entries"]), "model": table["model"],
             "fit": table.get("fit"), "timing": table.get("timing"), "recalibration": table.get("recalibration"),
             "references": len(table.get("references", []))}
@@ -96,13 +93,17 @@ def _target_info(files, name: str) -> dict:
 
 def _artifact_info(root: Path) -> dict:
     """What ``ofa info`` shows of the artifact at ``root``, as JSON."""
+    from .predict.latency import validate_table
+
     files = open_artifact(root)
     manifest, targets = files.manifest, {}
     for target, name in files.latency_targets().items():
         try:
-            targets[target] = _target_info(files, name)
+            table = validate_table(files.read_json(name))
         except (OSError, ValueError) as e:  # shown, not fatal: the other targets are still of use
             targets[target] = {"error": str(e)}
+            continue
+        targets[table["target"]] = _target_info(table)
     accuracy = None
     if files.has(ACCURACY_PREDICTOR):
         from .predict.accuracy import AccuracyPredictor

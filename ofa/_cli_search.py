@@ -88,7 +88,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
             space = get_space(name)
     elif args.artifact and args.target:
         files = open_artifact(args.artifact)
-        space = files.space()
+        space = _profile_space(args) if args.space_file else files.space()
         if not files.has(latency_file(args.target)):
             raise ValueError(f"{args.artifact} has no latency table for --target {args.target!r}; profile it first")
         table = files.read_json(latency_file(args.target))

@@ -71,7 +71,7 @@ class ArtifactFiles:
     verification. Made by :func:`open_artifact`.
     """
 
-    KEEP_BYTES = 4 << 20  # files up to this size stay in memory once read (tables, predictor, measurements)
+    KEEP_BYTES = 16 << 20  # files up to this size are kept once read (tables, predictor, measurements)
 
     def __init__(self, root: Path, manifest: dict[str, Any], verify: bool) -> None:
         self.root, self.manifest, self.verify = root, manifest, verify
@@ -124,11 +124,17 @@ class ArtifactFiles:
             raise ArtifactError(f"{self.root}: {name} does not match its sha256 in the manifest")
         return self.root / name
 
+    def read_small(self) -> None:
+        """Read (and check) every listed file up to :attr:`KEEP_BYTES` now: they are kept."""
+        for name in self.names:
+            if name not in self._kept and (self.root / name).stat().st_size <= self.KEEP_BYTES:
+                self.read(name)
+
     def verify_all(self, done: Iterable[str] = ()) -> None:
         """Check every listed file not checked yet (``done``: checked already); small ones are kept."""
+        self.read_small()
         for name in sorted(set(self.names) - set(self._kept) - set(done)):
-            size = (self.root / name).stat().st_size
-            self.read(name) if size <= self.KEEP_BYTES else self.verified_path(name)
+            self.verified_path(name)
 
     def space(self) -> "SearchSpace":
         from .space import SearchSpace
@@ -140,12 +146,16 @@ class ArtifactFiles:
 
 
 def open_artifact(path: str | Path, verify: bool = True) -> ArtifactFiles:
-    """The manifest of the artifact at ``path``, checked (format version, entries inside the folder, files
-    present, identity); an interrupted write is repaired first (:func:`repair_artifact`)."""
+    """The files of the artifact at ``path``: the manifest checked (format version, entries inside the
+    folder, files present, identity) and every file up to ``ArtifactFiles.KEEP_BYTES`` read (and, with
+    ``verify``, hashed) under the shared lock, so what is read later belongs to the same commit; the
+    weights are read by :func:`load_artifact`. An interrupted write is repaired first (:func:`repair_artifact`)."""
     path = Path(path)
     repair_artifact(path)
     with folder_lock(path, exclusive=False):  # not halfway through another process's commit
-        return ArtifactFiles(path, _checked_manifest(path, verify), verify)
+        files = ArtifactFiles(path, _checked_manifest(path, verify), verify)
+        files.read_small()
+    return files
 
 
 def _checked_manifest(path: Path, verify: bool) -> dict[str, Any]:

@@ -151,7 +151,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def run(config: ServeConfig) -> int:
     """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then finish the calls in flight; returns 0."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # this process's log (replacing the ofa command's, which has no times: a server's lines need them)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if config.threads:
         import torch
 

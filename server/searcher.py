@@ -1,6 +1,6 @@
 """Searches in worker processes: a search is CPU-bound Python + numpy, and in the server's
 process it would share one GIL with every streaming fetch (measured: a 0.4 s search took
-9 s under 32 clients). Each worker loads the artifacts' scorers once; a shared flag per
+9 s under 32 clients). Each worker gets the server's scorers when it starts; a shared flag per
 slot lets the server stop a search whose call was cancelled or timed out, and the call's
 deadline travels with the job. A worker that dies or hangs is replaced (:class:`SearchPool`).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -80,8 +81,8 @@ class _TableMissing(Exception):
 
 
 class _WorkerState:
-    """What one worker process keeps between tasks: the slots' stop flags, a scorer per artifact (a cache of
-    read-only files) and the registered tables it was sent (the most recently used ``tables_kept``)."""
+    """What one worker process keeps between tasks: the slots' stop flags, a scorer per artifact and the
+    registered tables it was sent (the most recently used ``tables_kept``)."""
 
     def __init__(self, flags, tables_kept: int, scorers: dict[str, Scorer]) -> None:
         self.flags, self.tables_kept = flags, tables_kept
@@ -89,12 +90,11 @@ class _WorkerState:
         self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
 
     def scorer(self, artifact_dir: str) -> Scorer:
-        from ofa.search.load import load_scorer
+        if artifact_dir not in self.scorers:  # one the server did not send: read here
+            from ofa.search.load import load_scorer
 
-        scorer = self.scorers.get(artifact_dir)
-        if scorer is None:
-            scorer = self.scorers[artifact_dir] = load_scorer(artifact_dir)
-        return scorer
+            self.scorers[artifact_dir] = load_scorer(artifact_dir)
+        return self.scorers[artifact_dir]
 
     def registered(self, scorer: Scorer, table: tuple[int, dict | None]) -> LatencyPredictor:
         """The predictor of a registered table, sent once per worker: (version, table or None once sent)."""
@@ -130,16 +130,16 @@ class _WorkerState:
         return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end))
 
 
-def _worker_main(conn, flags, scorers: dict[str, Scorer], tables_kept: int) -> None:
-    """A worker: say ready, then run one task at a time until the pipe closes (``scorers`` came with it)."""
-    # one BLAS thread per worker: the workers already run one search per core, and
-    # oversubscribed BLAS threads spin against each other (before numpy is imported here)
+def _worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
+    """A worker: say ready, then run one task at a time until the pipe closes (``scorers``: pickled ones)."""
+    # one BLAS thread per worker: the workers already run one search per core, and oversubscribed BLAS
+    # threads spin against each other (set before numpy loads: the scorers are unpickled after it)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    # A search is batch work; streaming weights is waited on. At a lower priority the
-    # searches take the cores only when the server's own threads do not need them.
+    # A search is batch work; streaming weights is waited on: at a lower priority, searches take the cores
+    # only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)
-    state = _WorkerState(flags, tables_kept, scorers)
+    state = _WorkerState(flags, tables_kept, pickle.loads(scorers))  # the parent's pipe, not a file
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -219,7 +219,7 @@ class SearchPool:
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, self._scorers, self.tables_kept),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept),
                                  daemon=True, name="ofa-search")
         proc.start()
         child.close()

@@ -101,10 +101,10 @@ def test_weights_are_byte_identical_across_processes_and_installs(client, artifa
             "from ofa_server.weights import build_payload; art = load_artifact(sys.argv[1]); "
             "a = Arch.from_dict(json.loads(sys.argv[2])); import ofa; assert ofa.__file__.startswith(sys.argv[3]); "
             "print(json.dumps({f: build_payload(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
-    out = subprocess.run([sys.executable, "-c", code, str(artifact), json.dumps(best.arch), str(install)],
-                         check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(install)}).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == local
+    r = subprocess.run([sys.executable, "-P", "-c", code, str(artifact), json.dumps(best.arch), str(install)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(install)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == local
 
 
 def test_listing_health_and_targets(client, server):
