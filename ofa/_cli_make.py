@@ -176,7 +176,8 @@ def run_demo(args: argparse.Namespace) -> int:
     flag_errors(lambda: demo.check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets,
                                     args.front))
     report = demo.run_demo(args.out, args.preset, args.set or [], args.samples, args.target, timing,
-                           args.profile_subnets, args.budgets, args.front, progress=not args.no_progress, log=print)
+                           args.profile_subnets, args.budgets, args.front, progress=not args.no_progress, log=print,
+                           command=f"ofa demo --out {Path(args.out)}")
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "

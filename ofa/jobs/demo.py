@@ -140,5 +140,5 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     log("[5/5] report")
     report["steps_seconds"] = {k: round(v, 1) for k, v in steps.items()}
     report["predictor_fit"] = {k: rep[k] for k in ("selected", "test", "train_samples", "test_samples")}
-    write_report(report, out, command or f"ofa demo --out {out}")
+    write_report(report, out, command)
     return report
