@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 __all__ = ["ServeConfig", "add_arguments", "config_of"]
 
+LOG_FORMATS = ("text", "json")
 # flags whose value must be at least 1, in the order they are checked
 _AT_LEAST_ONE = ("workers", "max_searches", "cache_mb", "max_search_seconds", "max_health_watches", "max_targets",
                  "max_connection_age_s", "stream_stall_s", "stream_preempt_s", "max_streams", "max_streams_per_peer",
@@ -42,6 +43,9 @@ class ServeConfig:
     token_file: str | None = None
     grace: float = 30.0
     threads: int = 0
+    metrics_port: int | None = None  # None: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -51,6 +55,10 @@ class ServeConfig:
         for name in _AT_LEAST_ONE:
             if not getattr(self, name) >= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.max_per_peer < 0:
             raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {self.max_per_peer}")
 
@@ -123,3 +131,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "client that registered it)")
     p.add_argument("--grace", type=float, default=_D.grace, help="seconds in-flight calls get on SIGTERM (default 30)")
     p.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads for weight builds (0: default)")
+    _add_operations(p)
+
+
+def _add_operations(p: argparse.ArgumentParser) -> None:
+    """The flags for the people who run it: metrics and the log's format."""
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics (0: a free "
+                   "port, logged; default: no metrics)")
+    p.add_argument("--metrics-host", default=ServeConfig.metrics_host,
+                   help="address of the metrics endpoint (default 127.0.0.1: this machine only)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=ServeConfig.log_format,
+                   help="text (default) or json: one JSON object per line (time, level, rpc, code, ms, peer, "
+                   "message), a line per call")

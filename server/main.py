@@ -18,6 +18,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from .args import ServeConfig, add_arguments, config_of
 from .auth import TokenAuth, Tokens
+from .metrics import Metrics, MetricsInterceptor, configure_logging
 from .registry import Registry
 from .service import SubnetService
 
@@ -85,8 +86,15 @@ class Server:
                  tls: tuple[bytes, bytes] | None = None) -> None:
         self.health = BoundedHealth(config.max_health_watches)
         self._serving = threading.Event()  # between start and stop: health follows the search workers
+        self.metrics = Metrics() if config.metrics_port is not None else None
+        self.metrics_http, self.metrics_port = None, None
+        if self.metrics is not None:  # first: a taken metrics port stops the start (naming its flag) at once
+            self.metrics_http = self.metrics.serve(config.metrics_port, config.metrics_host)
+            self.metrics_port = self.metrics_http.server_port
         self.service = SubnetService(registry, config, tokens, on_ready=self._workers_ready)
-        self.grpc = self._grpc_server(config, tokens)
+        if self.metrics is not None:
+            self.metrics.bind(self.service, registry)
+        self.grpc = self._grpc_server(config, tokens, self.metrics)
         pb_grpc.add_SubnetServiceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -100,12 +108,13 @@ class Server:
         self.host = config.host
 
     @staticmethod
-    def _grpc_server(config: ServeConfig, tokens: Tokens | None) -> grpc.Server:
+    def _grpc_server(config: ServeConfig, tokens: Tokens | None, metrics: Metrics | None) -> grpc.Server:
         # weight streams and health watches each hold a thread while open (a client that stops reading
         # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
         held = config.max_streams + config.max_health_watches
         return grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers + held, thread_name_prefix="ofa-rpc"),
-                           interceptors=[TokenAuth(tokens)] if tokens else [],
+                           # outermost first: a call refused for its token is counted and logged too
+                           interceptors=[MetricsInterceptor(metrics)] + ([TokenAuth(tokens)] if tokens else []),
                            maximum_concurrent_rpcs=held + 4 * config.workers,
                            options=[("grpc.max_receive_message_length", 16 << 20),
                                     # dead peers are found, and no connection (nor a stream stuck on
@@ -138,6 +147,9 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
         self.service.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
     def wait(self) -> None:
         """Block until the server has stopped."""
@@ -151,8 +163,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def run(config: ServeConfig) -> int:
     """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then finish the calls in flight; returns 0."""
-    # this process's log (replacing the ofa command's, which has no times: a server's lines need them)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging(config.log_format)  # this process's log, with times (replacing the ofa command's)
     if config.threads:
         import torch
 
@@ -164,8 +175,9 @@ def run(config: ServeConfig) -> int:
     registry = Registry(list(config.artifacts), config.targets_dir, list(config.names), max_targets=config.max_targets,
                         table_bytes=config.max_table_bytes)
     server = Server(registry, config, tokens, tls).start()
+    metrics = f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics else ""
     print(f"ofa serve: listening on {config.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
-          f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}",
+          f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}{metrics}",
           flush=True)
     _wait_for_signal(server, config.grace)
     log.info("stopped")

@@ -1,0 +1,82 @@
+"""What an operator sees: Prometheus metrics on --metrics-port, one access-log line per call, JSON logs."""
+import json
+import logging
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import served_copy
+from ofa_client import Client, InvalidArgument
+from ofa_server.main import ServeConfig, Server
+from ofa_server.metrics import JsonFormatter
+from ofa_server.registry import Registry
+
+TARGET = "synthetic-cpu"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    art = served_copy(tiny_artifact, tmp_path_factory.mktemp("served") / "tiny", TARGET)
+    srv = Server(Registry([str(art)]), ServeConfig(port=0, max_searches=2, metrics_port=0)).start()
+    yield srv
+    srv.stop(0)
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_calls_by_rpc_and_code_and_show_the_service(server, caplog):
+    with caplog.at_level(logging.INFO, logger="ofa_server.access"), \
+            Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        best = client.search(target=TARGET, seed=3)
+        client.fetch(best, "safetensors")
+        client.fetch(best, "safetensors")  # the second from the cache
+        with pytest.raises(InvalidArgument):
+            client.search(target=TARGET, max_latency_ms=-1)
+    m = _scrape(server.metrics_port)
+    calls = lambda rpc, code: m.get(("ofa_rpc_calls_total", (("code", code), ("rpc", rpc))), 0)
+    assert calls("SearchSubnet", "OK") == 1 and calls("SearchSubnet", "INVALID_ARGUMENT") == 1
+    assert calls("GetSubnetWeights", "OK") == 2
+    assert m[("ofa_rpc_seconds_count", (("rpc", "SearchSubnet"),))] == 2
+    assert m[("ofa_weight_cache_misses_total", ())] == 1 and m[("ofa_weight_cache_hits_total", ())] >= 1
+    assert m[("ofa_weight_cache_bytes", ())] > 0 and m[("ofa_search_workers_alive", ())] == 2
+    assert m[("ofa_searches_in_flight", ())] == 0 and m[("ofa_registered_targets", ())] == 0
+    assert m[("ofa_searches_refused_total", ())] == 0
+    # one access line per call, with what a JSON log carries
+    lines = [r for r in caplog.records if r.name == "ofa_server.access"]
+    assert [(r.rpc, r.code) for r in lines if r.rpc != "Check"] == [
+        ("SearchSubnet", "OK"), ("GetSubnetWeights", "OK"), ("GetSubnetWeights", "OK"),
+        ("SearchSubnet", "INVALID_ARGUMENT")]
+    record = json.loads(JsonFormatter().format(lines[0]))
+    assert set(record) >= {"time", "level", "rpc", "code", "ms", "peer", "message"} and record["code"] == "OK"
+
+
+def test_a_taken_metrics_port_is_refused_with_the_flag(tiny_artifact, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        art = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
+        with pytest.raises(OSError, match=f"--metrics-port {port} on 127.0.0.1: Address already in use"):
+            Server(Registry([str(art)]), ServeConfig(port=0, metrics_port=port))
+
+
+def test_bad_operations_flags_are_refused():
+    with pytest.raises(ValueError, match="--metrics-port must be in 0..65535, got 70000"):
+        ServeConfig(metrics_port=70000)
+    with pytest.raises(ValueError, match=r"--log-format must be one of \['text', 'json'\], got 'xml'"):
+        ServeConfig(log_format="xml")
+
+
+def test_the_json_log_is_one_object_a_line():
+    rec = logging.LogRecord("ofa_server", logging.WARNING, __file__, 1, "a %s\nof two lines", ("message",), None)
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert (out["level"], out["logger"], out["message"]) == ("WARNING", "ofa_server", "a message\nof two lines")
+    assert out["time"][:2] == "20" and "rpc" not in out
