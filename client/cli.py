@@ -160,7 +160,8 @@ def _constraint_args(s: argparse.ArgumentParser) -> None:
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("OFA_SERVER", "127.0.0.1:50051"),
-                   help="server host:port (default $OFA_SERVER or 127.0.0.1:50051)")
+                   help="server host:port, or replicas as ipv4:HOST:PORT,HOST:PORT (round robin; default "
+                   "$OFA_SERVER or 127.0.0.1:50051)")
     p.add_argument("--supernet", help="which supernet (needed when the server holds several)")
     p.add_argument("--token-file", help="file with the bearer token (default: $OFA_TOKEN if set)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")

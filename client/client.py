@@ -162,7 +162,8 @@ class Weights:
 
 # ---- the client --------------------------------------------------------------------
 class Client:
-    """A connection to an ``ofa serve`` server.
+    """A connection to an ``ofa serve`` server, or to several replicas: ``address`` in gRPC's name syntax,
+    e.g. ``ipv4:10.0.0.5:50051,10.0.0.6:50051``, spreads the calls round robin over the ones that are up.
 
     ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
     certificates. ``token``: the bearer token, if the server requires one. ``retries``: how
@@ -182,6 +183,8 @@ class Client:
         # a connection of its own: grpc would share one among every channel of a process with the same
         # options, and the server's per-connection limits (--max-per-peer) would then count them as one client
         options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
+        if "," in address:  # several replicas (``ipv4:HOST:P1,HOST:P2``): spread the calls, skip one that is down
+            options.append(("grpc.lb_policy_name", "round_robin"))
         if tls:
             roots = Path(tls).read_bytes() if isinstance(tls, (str, Path)) and tls is not True else None
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options)

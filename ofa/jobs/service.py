@@ -24,11 +24,13 @@ class ReportError(RuntimeError):
 class ServerProcess:
     """``ofa serve`` in a child process on 127.0.0.1 and an OS-chosen port; SIGTERM on exit."""
 
-    def __init__(self, artifacts: Sequence[Path], log_path: Path, startup_timeout: float = 300.0) -> None:
+    def __init__(self, artifacts: Sequence[Path], log_path: Path, startup_timeout: float = 300.0,
+                 extra: Sequence[str] = ()) -> None:
         # the ofa command's own interface: this is what a user types
         self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0"]
         for a in artifacts:
             self.cmd += ["--artifact", str(a)]
+        self.cmd += list(extra)  # more of the command's own arguments
         self.log_path, self.timeout = Path(log_path), startup_timeout
         self.proc: subprocess.Popen | None = None
         self.address = ""
