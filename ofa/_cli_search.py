@@ -142,7 +142,8 @@ def run_pareto(args: argparse.Namespace) -> int:
     from .search import SearchSettings, pareto_front
     from .search.load import load_scorer
 
-    scorer = load_scorer(args.artifact)
+    files = open_artifact(args.artifact)
+    scorer = load_scorer(files)
     t0 = time.perf_counter()
     front = pareto_front(scorer, args.k, args.target, _constraints(args),
                          SearchSettings(population=args.population, generations=args.generations, seed=args.seed))
@@ -150,7 +151,6 @@ def run_pareto(args: argparse.Namespace) -> int:
     if args.plot:
         from .jobs.render import plot_pareto
 
-        files = open_artifact(args.artifact)
         measured = files.read_json(MEASUREMENTS)["subnets"] if files.has(MEASUREMENTS) else None
         plot_pareto(front, args.plot, args.target, scorer, measured)
     if args.json:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import MEASUREMENTS, Artifact, load_artifact
+from ofa.calibrate import served_images
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
@@ -44,11 +45,13 @@ class ServedSupernet:
     scorer: Scorer  # the artifact's own targets; a registered one is added by the search worker
     artifact_targets: dict[str, dict[str, Any]]
     digest16: str = field(init=False)
+    calibration: Any = field(init=False)  # the images its subnets are calibrated on (decided once)
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.digest16 = space_digest(self.artifact.space)[:16]
+        self.calibration = served_images(self.artifact)
 
     def remember(self, arch: Arch, limit: int = 100_000) -> None:
         """Keep ``arch`` by its id (a search returned it), so that its weights can be asked for by id alone."""

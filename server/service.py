@@ -284,7 +284,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         if payload is None:
             with self._slot(self._builds, context):
                 payload = self.cache.get_or_build(key, lambda: build_payload(
-                    sn.artifact, arch, fmt, should_stop=lambda: not context.is_active()), searched)
+                    sn.artifact, arch, fmt, should_stop=lambda: not context.is_active(), images=sn.calibration),
+                    searched)
         header = cv.weights_header(request.format, payload, arch, sn.artifact)
         # the chunks are cut as they are sent: a list of them would hold a second copy of the payload
         chunks = (pb.GetSubnetWeightsResponse(chunk=payload.data[i : i + CHUNK_BYTES])

@@ -28,13 +28,15 @@ class Payload:
     calibration_images: int
 
 
-def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None) -> Payload:
+def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None, images: torch.Tensor | None = None
+                  ) -> Payload:
     """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`): the served subnet of
-    :func:`ofa.calibrate.served_subnet`; ``should_stop`` can end the BN re-calibration between
+    :func:`ofa.calibrate.served_subnet`, calibrated on ``images`` (default :func:`ofa.calibrate.served_images`;
+    a server passes the ones it chose once); ``should_stop`` can end the BN re-calibration between
     batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    images = served_images(art)
+    images = served_images(art) if images is None else images
     with torch.inference_mode(False), torch.no_grad():
         sub = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
         meta = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, len(images))
