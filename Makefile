@@ -18,10 +18,13 @@ test: install dataset reference
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the client is its own distribution (client/pyproject.toml), which the project depends on: installed first
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
+	@# a venv made before the split: replacing the old project removed the ofa-client script it had installed
+	test -x $(VENV)/bin/ofa-client || $(PY) -m pip install --quiet --no-deps --force-reinstall -e ./client
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, when apt can install it.

@@ -1,4 +1,5 @@
-"""Client of the Once-for-All supernet server (installed as ``ofa_client``; no torch needed).
+"""Client of the Once-for-All supernet server: the distribution ``ofa-client`` (``pip install ./client``),
+imported as ``ofa_client``; grpcio and protobuf only.
 
     from ofa_client import Client
     with Client("127.0.0.1:50051") as c:
@@ -7,8 +8,9 @@
 """
 from .client import FORMATS, Client, SubnetInfo, Weights
 from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, VersionMismatch)
+from .v1 import API_VERSION
 
-__all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible", "IntegrityError",
+__all__ = ["API_VERSION", "AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible", "IntegrityError",
            "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
-           "Unavailable", "Weights"]
+           "Unavailable", "VersionMismatch", "Weights"]

@@ -1,163 +1,32 @@
 """The client library: search, Pareto fronts, verified weight downloads, targets.
 
 Needs only grpcio and protobuf (and the standard library); ``load_module`` imports
-torch when called.
+torch when called (and the server project's ``ofa`` package for safetensors weights).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import grpc
 
 from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, error_from_rpc)
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, VersionMismatch,
+                     error_from_rpc)
+from .v1 import API_VERSION
 from .v1 import subnet_service_pb2 as pb
 from .v1 import subnet_service_pb2_grpc as pb_grpc
+from .values import SubnetInfo, Weights, arch_to_dict, arch_to_pb, reference_timings_of
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError",
            "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
-           "Unavailable", "Weights", "FORMATS", "reference_timings_of"]
+           "Unavailable", "VersionMismatch", "Weights", "FORMATS", "reference_timings_of"]
 
 FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
            "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
-
-
-# ---- values ------------------------------------------------------------------------
-def _arch_dict(a: pb.Arch) -> dict[str, Any]:
-    return {"kernel": list(a.kernel), "expand": list(a.expand), "depth": list(a.depth), "resolution": a.resolution}
-
-
-def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
-    """Reference timings as messages, from {subnet_id: ms}, a list of {"subnet_id", "ms"} objects, or the
-    path (or JSON object) of a file written by ``ofa profile --recalibrate --timings-out`` (its
-    ``reference_timings``). A wrong shape is a ValueError naming the field."""
-    if value is None:
-        return []
-    if isinstance(value, (str, Path)):
-        try:
-            value = json.loads(Path(value).read_text())
-        except ValueError as e:
-            raise ValueError(f"reference timings file {value}: not JSON ({e})") from None
-    if isinstance(value, Mapping) and "reference_timings" in value:
-        value = value["reference_timings"]
-    if isinstance(value, Mapping):
-        value = [{"subnet_id": k, "ms": v} for k, v in value.items()]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("reference_timings must be a list of {\"subnet_id\": id, \"ms\": number}")
-    out = []
-    for i, t in enumerate(value):
-        if (not isinstance(t, Mapping) or not isinstance(t.get("subnet_id"), str)
-                or isinstance(t.get("ms"), bool) or not isinstance(t.get("ms"), (int, float))):
-            raise ValueError(f"reference_timings[{i}] must be {{\"subnet_id\": id, \"ms\": number}}, "
-                             f"got {t!r}"[:200])
-        out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"])))
-    return out
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _pb_arch(arch: Any) -> pb.Arch:
-    """An arch dict as the message; a wrong shape is a ValueError naming the field (the server checks the values)."""
-    if not isinstance(arch, Mapping):
-        raise ValueError(f"arch must be an object with kernel, expand, depth and resolution, got {type(arch).__name__}")
-    for key in ("kernel", "expand", "depth"):
-        if not isinstance(arch.get(key), (list, tuple)) or not all(_int(x) for x in arch[key]):
-            raise ValueError(f"arch.{key} must be a list of integers, got {arch.get(key)!r}"[:200])
-    if not _int(arch.get("resolution")):
-        raise ValueError(f"arch.resolution must be an integer, got {arch.get('resolution')!r}"[:200])
-    return pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"], resolution=arch["resolution"])
-
-
-@dataclass(frozen=True)
-class SubnetInfo:
-    """A search result: the subnet's id and arch, its predictions and exact cost, and where it was found."""
-
-    id: str
-    arch: dict[str, Any]
-    predicted_accuracy: float
-    predicted_latency_ms: float | None
-    macs: int
-    params: int
-    search_seconds: float
-    supernet: str
-    target: str
-    # the device speed the latency prediction used: speed x as profiled + speed_offset_ms (1, 0: as profiled)
-    speed: float = 0.0
-    speed_offset_ms: float = 0.0
-
-    @classmethod
-    def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
-        """The result in a ``Subnet`` message (no latency prediction without a target: None)."""
-        return cls(m.id, _arch_dict(m.arch), m.predicted_accuracy,
-                   m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
-                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A verified download: the bytes and what the header said about them."""
-
-    data: bytes = field(repr=False)
-    format: str
-    sha256: str
-    subnet_id: str
-    arch: dict[str, Any]
-    input_shape: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    supernet_digest: str
-
-    def save(self, path: str | Path) -> Path:
-        """Write the bytes to ``path`` atomically: a new temporary file of its own (created exclusively, so
-        never through a symlink), fsynced, then renamed over ``path``; nothing is left behind on failure."""
-        import os
-        import tempfile
-
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # the rename itself survives a power cut once the folder is synced
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-        return path
-
-    def load_module(self):
-        """The subnet as a ready ``torch.nn.Module`` in eval mode (safetensors or TorchScript; needs torch)."""
-        import io
-
-        import torch
-
-        if self.format == "torchscript":
-            return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
-        if self.format != "safetensors":
-            raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
-        from ofa.formats import read_subnet
-
-        return read_subnet(self.data)[0]
 
 
 # ---- the client --------------------------------------------------------------------
@@ -174,6 +43,7 @@ class Client:
     """
 
     RETRY_DELAY_S = 0.5
+    API_VERSION = API_VERSION  # "MAJOR.MINOR" this client speaks; a server's is checked before the first call
 
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls: bool | str = False,
                  timeout: float = 60.0, supernet: str = "", retries: int = 1,
@@ -194,6 +64,7 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout, self.supernet, self.address, self.retries = timeout, supernet, address, retries
         self.max_download_bytes = max_download_bytes
+        self.server_api_version: str | None = None  # known after the first call
 
     def close(self) -> None:
         """Close the channel (a ``with Client(...)`` block does it on exit)."""
@@ -206,6 +77,35 @@ class Client:
         self.close()
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        if method != "ListSupernets":
+            self._check_version(timeout)
+        resp = self._send(method, request, timeout)
+        if method == "ListSupernets":
+            self._accept_version(resp.api_version or "1.0")  # servers older than the field speak 1.0
+        return resp
+
+    def _check_version(self, timeout: float | None = None) -> None:
+        """Once per client, before its first call: ask which API version the server speaks (ListSupernets)."""
+        if self.server_api_version is None:
+            self._call("ListSupernets", pb.ListSupernetsRequest(), timeout)
+
+    def _accept_version(self, server: str) -> None:
+        """Refuse a server whose API is another major version, or a minor older than this client's (whose
+        newer fields such a server would silently ignore)."""
+        try:
+            major, minor = (int(x) for x in server.split("."))
+        except ValueError:
+            raise VersionMismatch("VERSION", f"the server reports API version {server[:40]!r}, not MAJOR.MINOR") \
+                from None
+        mine = tuple(int(x) for x in API_VERSION.split("."))
+        if major != mine[0] or minor < mine[1]:
+            raise VersionMismatch("VERSION", f"the server at {self.address} speaks API {server}; this ofa-client "
+                                  f"speaks {API_VERSION} and needs a server of API {API_VERSION} or a later "
+                                  f"{mine[0]}.x: install the ofa-client of the server's release (pip install ./client "
+                                  "from its checkout)")
+        self.server_api_version = server
+
+    def _send(self, method: str, request: Any, timeout: float | None) -> Any:
         retries = 0 if method in ("RegisterTarget", "DeleteTarget") else self.retries
         for attempt in range(retries + 1):
             try:
@@ -298,12 +198,13 @@ class Client:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
         req, arch = self._weights_request(subnet, FORMATS[format], supernet)
+        self._check_version(timeout)
         header, data = self._download(req, arch, timeout)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
                                  f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
-        return Weights(data, format, header.sha256, header.subnet_id, _arch_dict(header.arch),
+        return Weights(data, format, header.sha256, header.subnet_id, arch_to_dict(header.arch),
                        tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
 
     def _weights_request(self, subnet: str | SubnetInfo | Mapping[str, Any], format: int,
@@ -322,7 +223,7 @@ class Client:
         if isinstance(subnet_id, str) and subnet_id:
             req.subnet_id = subnet_id
         if arch is not None:
-            req.arch.CopyFrom(_pb_arch(arch))
+            req.arch.CopyFrom(arch_to_pb(arch))
         return req, arch
 
     def _download(self, req: pb.GetSubnetWeightsRequest, arch: Any,
@@ -361,7 +262,7 @@ class Client:
         if req.subnet_id and header.subnet_id != req.subnet_id:
             raise IntegrityError("DATA_LOSS", f"asked for subnet {req.subnet_id}, the header says "
                                  f"{header.subnet_id[:40]!r}")
-        if arch is not None and _arch_dict(header.arch) != _arch_dict(req.arch):
+        if arch is not None and arch_to_dict(header.arch) != arch_to_dict(req.arch):
             raise IntegrityError("DATA_LOSS", "the header's arch is not the arch asked for")
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

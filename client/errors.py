@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = ["AlreadyExists", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError", "InvalidArgument",
-           "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable", "error_from_rpc"]
+           "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable", "VersionMismatch", "error_from_rpc"]
 
 
 class ClientError(Exception):
@@ -76,6 +76,11 @@ class PermissionDenied(ClientError):
 class IntegrityError(ClientError):
     """Downloaded bytes that do not match the header's size or sha256."""
     exit_code = 7
+
+
+class VersionMismatch(ClientError):
+    """The server speaks an API version this client cannot use (another major, or an older minor)."""
+    exit_code = 8
 
 
 _BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.FAILED_PRECONDITION: Infeasible,

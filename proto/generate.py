@@ -10,6 +10,7 @@ the sibling module ``ofa.v1``; that import is rewritten to a relative one.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = sorted((ROOT / "proto" / "ofa" / "v1").glob("*.proto"))
 DEST = ROOT / "client" / "v1"
+VERSION_LINE = re.compile(r"^// API version (\d+\.\d+)\.", re.M)
+
+
+def package_init() -> str:
+    """``v1/__init__.py``: the API version the .proto files state (their line ``// API version M.N.``)."""
+    versions = {m.group(1) for p in PROTOS for m in VERSION_LINE.finditer(p.read_text())}
+    if len(versions) != 1:
+        sys.exit(f"the .proto files must state one API version in a line '// API version M.N.', found {versions}")
+    return ('"""Generated gRPC modules of the ofa.v1 API (see proto/generate.py)."""\n\n'
+            f'API_VERSION = "{versions.pop()}"  # from the .proto files: the server reports it, the client checks it\n')
 
 
 def generate() -> dict[str, str]:
@@ -34,6 +45,7 @@ def generate() -> dict[str, str]:
                 mod = proto.stem + "_pb2"
                 text = text.replace(f"from ofa.v1 import {mod}", f"from . import {mod}")
             out[path.name] = text
+        out["__init__.py"] = package_init()
         return out
 
 
@@ -49,7 +61,6 @@ def main() -> None:
         print("client/v1 is up to date")
         return
     DEST.mkdir(parents=True, exist_ok=True)
-    (DEST / "__init__.py").write_text('"""Generated gRPC modules of the ofa.v1 API (see proto/generate.py)."""\n')
     for name, text in files.items():
         (DEST / name).write_text(text)
         print(f"wrote {DEST / name}")

@@ -21,6 +21,7 @@ from ofa.calibrate import CalibrationCancelled
 from ofa.predict.latency import LatencyTableError, Speed
 from ofa.search import Constraints, Infeasible, SearchCancelled, SearchSettings, UnknownTarget
 from ofa.space import Arch
+from ofa_client.v1 import API_VERSION
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
@@ -169,7 +170,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     # ---- RPCs --------------------------------------------------------------------
     @_handled
     def ListSupernets(self, request: pb.ListSupernetsRequest, context) -> pb.ListSupernetsResponse:
-        return pb.ListSupernetsResponse(supernets=[
+        return pb.ListSupernetsResponse(api_version=API_VERSION, supernets=[
             cv.supernet_to_pb(name, sn.artifact, sn.scorer.accuracy, self.registry.known_targets(sn))
             for name, sn in sorted(self.registry.supernets.items())])
 

@@ -337,10 +337,14 @@ class _LyingServer:
         from concurrent import futures
 
         import grpc
+        from ofa_client.v1 import API_VERSION
         from ofa_client.v1 import subnet_service_pb2 as pb
         from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
         class Lying(pb_grpc.SubnetServiceServicer):
+            def ListSupernets(self, request, context):  # the client's version check before its first call
+                return pb.ListSupernetsResponse(api_version=API_VERSION)
+
             def GetSubnetWeights(self, request, context):
                 data = b"x" * 10
                 header = pb.WeightsHeader(format=request.format, total_bytes=len(data), subnet_id=request.subnet_id,

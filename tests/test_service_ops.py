@@ -50,6 +50,7 @@ def test_metrics_count_calls_by_rpc_and_code_and_show_the_service(server, caplog
     # one access line per call, with what a JSON log carries
     lines = [r for r in caplog.records if r.name == "ofa_server.access"]
     assert [(r.rpc, r.code) for r in lines if r.rpc != "Check"] == [
+        ("ListSupernets", "OK"),  # the client's API version check, once
         ("SearchSubnet", "OK"), ("GetSubnetWeights", "OK"), ("GetSubnetWeights", "OK"),
         ("SearchSubnet", "INVALID_ARGUMENT")]
     record = json.loads(JsonFormatter().format(lines[0]))

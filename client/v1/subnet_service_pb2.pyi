@@ -119,10 +119,12 @@ class ListSupernetsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListSupernetsResponse(_message.Message):
-    __slots__ = ("supernets",)
+    __slots__ = ("supernets", "api_version")
     SUPERNETS_FIELD_NUMBER: _ClassVar[int]
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
     supernets: _containers.RepeatedCompositeFieldContainer[Supernet]
-    def __init__(self, supernets: _Optional[_Iterable[_Union[Supernet, _Mapping]]] = ...) -> None: ...
+    api_version: str
+    def __init__(self, supernets: _Optional[_Iterable[_Union[Supernet, _Mapping]]] = ..., api_version: _Optional[str] = ...) -> None: ...
 
 class ReferenceSubnet(_message.Message):
     __slots__ = ("subnet_id", "arch", "profiled_ms")

@@ -1,0 +1,151 @@
+"""What the client's calls take and return: search results, verified downloads, reference timings, archs.
+
+Needs only protobuf (and the standard library); ``Weights.load_module`` imports torch when called.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .v1 import subnet_service_pb2 as pb
+
+__all__ = ["SubnetInfo", "Weights", "arch_to_dict", "arch_to_pb", "reference_timings_of"]
+
+
+def arch_to_dict(a: pb.Arch) -> dict[str, Any]:
+    return {"kernel": list(a.kernel), "expand": list(a.expand), "depth": list(a.depth), "resolution": a.resolution}
+
+
+def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
+    """Reference timings as messages, from {subnet_id: ms}, a list of {"subnet_id", "ms"} objects, or the
+    path (or JSON object) of a file written by ``ofa profile --recalibrate --timings-out`` (its
+    ``reference_timings``). A wrong shape is a ValueError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        try:
+            value = json.loads(Path(value).read_text())
+        except ValueError as e:
+            raise ValueError(f"reference timings file {value}: not JSON ({e})") from None
+    if isinstance(value, Mapping) and "reference_timings" in value:
+        value = value["reference_timings"]
+    if isinstance(value, Mapping):
+        value = [{"subnet_id": k, "ms": v} for k, v in value.items()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("reference_timings must be a list of {\"subnet_id\": id, \"ms\": number}")
+    out = []
+    for i, t in enumerate(value):
+        if (not isinstance(t, Mapping) or not isinstance(t.get("subnet_id"), str)
+                or isinstance(t.get("ms"), bool) or not isinstance(t.get("ms"), (int, float))):
+            raise ValueError(f"reference_timings[{i}] must be {{\"subnet_id\": id, \"ms\": number}}, "
+                             f"got {t!r}"[:200])
+        out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"])))
+    return out
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def arch_to_pb(arch: Any) -> pb.Arch:
+    """An arch dict as the message; a wrong shape is a ValueError naming the field (the server checks the values)."""
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"arch must be an object with kernel, expand, depth and resolution, got {type(arch).__name__}")
+    for key in ("kernel", "expand", "depth"):
+        if not isinstance(arch.get(key), (list, tuple)) or not all(_int(x) for x in arch[key]):
+            raise ValueError(f"arch.{key} must be a list of integers, got {arch.get(key)!r}"[:200])
+    if not _int(arch.get("resolution")):
+        raise ValueError(f"arch.resolution must be an integer, got {arch.get('resolution')!r}"[:200])
+    return pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"], resolution=arch["resolution"])
+
+
+@dataclass(frozen=True)
+class SubnetInfo:
+    """A search result: the subnet's id and arch, its predictions and exact cost, and where it was found."""
+
+    id: str
+    arch: dict[str, Any]
+    predicted_accuracy: float
+    predicted_latency_ms: float | None
+    macs: int
+    params: int
+    search_seconds: float
+    supernet: str
+    target: str
+    # the device speed the latency prediction used: speed x as profiled + speed_offset_ms (1, 0: as profiled)
+    speed: float = 0.0
+    speed_offset_ms: float = 0.0
+
+    @classmethod
+    def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
+        """The result in a ``Subnet`` message (no latency prediction without a target: None)."""
+        return cls(m.id, arch_to_dict(m.arch), m.predicted_accuracy,
+                   m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A verified download: the bytes and what the header said about them."""
+
+    data: bytes = field(repr=False)
+    format: str
+    sha256: str
+    subnet_id: str
+    arch: dict[str, Any]
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    supernet_digest: str
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bytes to ``path`` atomically: a new temporary file of its own (created exclusively, so
+        never through a symlink), fsynced, then renamed over ``path``; nothing is left behind on failure."""
+        import os
+        import tempfile
+
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # the rename itself survives a power cut once the folder is synced
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+        return path
+
+    def load_module(self):
+        """The subnet as a ready ``torch.nn.Module`` in eval mode (safetensors or TorchScript; needs torch)."""
+        import io
+
+        import torch
+
+        if self.format == "torchscript":
+            return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
+        if self.format != "safetensors":
+            raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
+        try:
+            from ofa.formats import read_subnet
+        except ImportError:
+            raise ImportError("load_module of safetensors weights builds the network with the server project's "
+                              "package ofa (pip install it next to ofa-client), or fetch format 'torchscript', "
+                              "which needs torch only") from None
+
+        return read_subnet(self.data)[0]
