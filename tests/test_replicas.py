@@ -1,6 +1,8 @@
 """Two `ofa serve` replicas behind one client address, sharing a targets folder (issue 22)."""
 import json
 import signal
+import threading
+import time
 
 import pytest
 
@@ -31,12 +33,21 @@ def test_two_replicas_answer_as_one_service_and_one_may_die(tiny_artifact, tmp_p
                 best = c.search(target="phone-r", seed=1)
                 answers.append((best.id, c.fetch(best, "safetensors").sha256, c.fetch(best, "onnx").sha256))
         assert answers[0] == answers[1] and answers[0][0] in ids
-        # one replica killed while the client keeps asking: every call is answered (UNAVAILABLE is re-sent)
+        # one replica killed while the client keeps asking (from another thread, 50 ms into the fourth call,
+        # so that a call may be in flight on it): every call is answered (UNAVAILABLE is re-sent)
         with Client(both, timeout=120, retries=3) as c:
-            got = []
+            got, third = [], threading.Event()
+
+            def kill_b():
+                third.wait(120)
+                time.sleep(0.05)
+                b.proc.send_signal(signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_b)
+            killer.start()
             for i in range(8):
-                if i == 3:
-                    b.proc.send_signal(signal.SIGKILL)
-                    b.proc.wait()
                 got.append(c.search(target="phone-r", seed=1).id)
-        assert set(got) == ids
+                if i == 2:
+                    third.set()
+            killer.join()
+        assert b.proc.wait(30) == -signal.SIGKILL and set(got) == ids and len(got) == 8

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import served_copy
-from ofa_client import Client, InvalidArgument
+from ofa_client import Client, InvalidArgument, ResourceExhausted
 from ofa_server.main import ServeConfig, Server
 from ofa_server.metrics import JsonFormatter
 from ofa_server.registry import Registry
@@ -38,21 +38,30 @@ def test_metrics_count_calls_by_rpc_and_code_and_show_the_service(server, caplog
         client.fetch(best, "safetensors")  # the second from the cache
         with pytest.raises(InvalidArgument):
             client.search(target=TARGET, max_latency_ms=-1)
+        slots = server.service.search_slots  # both search slots taken: the next search is refused
+        assert slots.acquire("peer-a") is None and slots.acquire("peer-b") is None
+        try:
+            with pytest.raises(ResourceExhausted, match="limit of 2 concurrent searches"):
+                client.search(target=TARGET)
+        finally:
+            slots.release("peer-a")
+            slots.release("peer-b")
     m = _scrape(server.metrics_port)
     calls = lambda rpc, code: m.get(("ofa_rpc_calls_total", (("code", code), ("rpc", rpc))), 0)
     assert calls("SearchSubnet", "OK") == 1 and calls("SearchSubnet", "INVALID_ARGUMENT") == 1
     assert calls("GetSubnetWeights", "OK") == 2
-    assert m[("ofa_rpc_seconds_count", (("rpc", "SearchSubnet"),))] == 2
+    assert calls("SearchSubnet", "RESOURCE_EXHAUSTED") == 1
+    assert m[("ofa_rpc_seconds_count", (("rpc", "SearchSubnet"),))] == 3
     assert m[("ofa_weight_cache_misses_total", ())] == 1 and m[("ofa_weight_cache_hits_total", ())] >= 1
     assert m[("ofa_weight_cache_bytes", ())] > 0 and m[("ofa_search_workers_alive", ())] == 2
     assert m[("ofa_searches_in_flight", ())] == 0 and m[("ofa_registered_targets", ())] == 0
-    assert m[("ofa_searches_refused_total", ())] == 0
+    assert m[("ofa_searches_refused_total", ())] == 1
     # one access line per call, with what a JSON log carries
     lines = [r for r in caplog.records if r.name == "ofa_server.access"]
     assert [(r.rpc, r.code) for r in lines if r.rpc != "Check"] == [
         ("ListSupernets", "OK"),  # the client's API version check, once
         ("SearchSubnet", "OK"), ("GetSubnetWeights", "OK"), ("GetSubnetWeights", "OK"),
-        ("SearchSubnet", "INVALID_ARGUMENT")]
+        ("SearchSubnet", "INVALID_ARGUMENT"), ("SearchSubnet", "RESOURCE_EXHAUSTED")]
     record = json.loads(JsonFormatter().format(lines[0]))
     assert set(record) >= {"time", "level", "rpc", "code", "ms", "peer", "message"} and record["code"] == "OK"
 
