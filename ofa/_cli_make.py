@@ -64,30 +64,53 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_import_reference(s: argparse.ArgumentParser) -> None:
-    from .space import space_names
+    from .reference import REFERENCE_SPACES
 
-    s.add_argument("--checkpoint", required=True, help="the reference checkpoint (state_dict .pth)")
-    s.add_argument("--out", required=True, help="where to write the safetensors file")
-    s.add_argument("--space", default="mbv3-imagenet", choices=space_names())
+    s.add_argument("--checkpoint", required=True, help="the reference checkpoint (OFAMobileNetV3 state_dict .pth)")
+    s.add_argument("--out", required=True,
+                   help="the artifact folder to write (weights, space, ImageNet's data description, manifest; "
+                   "the calibration set and accuracy predictor when given); a FILE.safetensors writes the weights "
+                   "alone")
+    s.add_argument("--space", choices=REFERENCE_SPACES,
+                   help="the reference space (default: the one whose widths the checkpoint has)")
+    s.add_argument("--calib-dir",
+                   help="a folder of training images (ImageFolder's CLASS/*.jpg, or any tree): --calib-images of "
+                   "them, drawn with --seed and cropped as the reference's training transform, become the "
+                   "calibration set the server re-calibrates BatchNorm on; without it `ofa serve` refuses the "
+                   "artifact")
+    s.add_argument("--calib-images", type=int, default=2000,
+                   help="calibration images to draw (default 2000, as the reference calibrates)")
+    s.add_argument("--accuracy-predictor",
+                   help="the reference's pretrained accuracy predictor (.pth, its 3x400 MLP), stored as the "
+                   "artifact's predictor")
+    s.add_argument("--seed", type=int, default=0)
 
 
 def run_import_reference(args: argparse.Namespace) -> int:
-    """Convert a reference OFAMobileNetV3 checkpoint into our safetensors layout."""
-    import torch
-    from safetensors.torch import save_file
-
-    from .reference import load_reference_state_dict
+    """A reference OFAMobileNetV3 checkpoint as an artifact (or, --out FILE.safetensors, its weights alone)."""
+    from .reference import (import_reference, load_reference_state_dict, read_state_dict,
+                            reference_space)
     from .space import get_space
     from .supernet import Supernet
 
-    # weights_only=True: tensors and containers only, no arbitrary objects are built.
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        ckpt = ckpt["state_dict"]
-    net = load_reference_state_dict(Supernet(get_space(args.space)), ckpt)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(state, args.out, metadata={"space": args.space})
-    print(f"wrote {args.out}: {len(state)} tensors for space {args.space}")
+    def run() -> dict:
+        if args.out.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            state = read_state_dict(args.checkpoint)
+            space = get_space(args.space) if args.space else reference_space(state)
+            net = load_reference_state_dict(Supernet(space), state)
+            tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+            save_file(tensors, args.out, metadata={"space": space.name})
+            return {"out": args.out, "space": space.name, "tensors": len(tensors)}
+        return import_reference(args.checkpoint, args.out, get_space(args.space) if args.space else None,
+                                args.calib_dir, args.calib_images, args.seed, args.accuracy_predictor)
+
+    summary = flag_errors(run)
+    print(json.dumps(summary, indent=1))
+    if args.calib_dir is None and not args.out.endswith(".safetensors"):
+        print("note: no --calib-dir, so the artifact has no calibration set: `ofa profile` can time it, `ofa serve` "
+              "refuses it until you run this again with --calib-dir TRAIN_IMAGES", file=sys.stderr)
     return 0
 
 

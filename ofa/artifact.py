@@ -4,7 +4,8 @@
     space.json               the search space (SearchSpace.to_json)
     data.json                the data description (channels, size, classes, mean/std, class names)
     supernet.safetensors     the supernet weights
-    calibration.safetensors  uint8 training images for BN re-calibration (the server needs no dataset)
+    calibration.safetensors  uint8 training images for BN re-calibration (the server needs no dataset;
+                             an imported checkpoint may lack it until given a folder of images)
 
 Later stages add files (the accuracy predictor, latency tables) and record them in
 the manifest the same way.
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: the sc
     from .space import SearchSpace
     from .supernet import Supernet
 
-__all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CHECKPOINTS", "FORMAT_VERSION",
+__all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CALIBRATION", "CHECKPOINTS", "FORMAT_VERSION",
            "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING", "add_file", "latency_file", "load_artifact",
            "open_artifact", "repair_artifact", "write_artifact"]
 
@@ -171,7 +172,7 @@ def _checked_manifest(path: Path, verify: bool) -> dict[str, Any]:
         raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not "
                             f"supported (this build reads {FORMAT_VERSION})")
     files = manifest["files"]
-    missing = [n for n in CORE_FILES if n not in files]
+    missing = [n for n in CORE_FILES if n not in files and n != CALIBRATION]  # (see write_artifact)
     if missing:
         raise ArtifactError(f"{path}: the manifest does not list {missing}")
     root = path.resolve()
@@ -188,14 +189,15 @@ def _checked_manifest(path: Path, verify: bool) -> dict[str, Any]:
 
 @dataclass
 class Artifact:
-    """A loaded artifact: the supernet built, its space, data description and calibration images."""
+    """A loaded artifact: the supernet built, its space, data description and calibration images (None: the
+    artifact has none, as an imported checkpoint given no images)."""
 
     path: Path
     manifest: dict[str, Any]
     space: SearchSpace
     data: DataSpec
     supernet: Supernet
-    calibration: torch.Tensor
+    calibration: torch.Tensor | None
     files: ArtifactFiles
 
     @property
@@ -205,7 +207,8 @@ class Artifact:
 
 
 def _identity(digests: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps({n: digests[n] for n in CORE_FILES}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({n: digests[n] for n in CORE_FILES if n in digests},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -294,9 +297,10 @@ def _commit(folder: Path, files: dict[str, bytes], update) -> dict[str, Any]:
     return manifest
 
 
-def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor,
+def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: torch.Tensor | None,
                    config: dict[str, Any], metrics: dict[str, Any]) -> Path:
-    """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests."""
+    """Write (or overwrite) the artifact files in ``out`` and a manifest naming their digests (without
+    ``calibration``, the artifact has no calibration set: it can be profiled, not served)."""
     import torch
     from safetensors.torch import save
 
@@ -307,8 +311,9 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
         SPACE: space.to_json().encode(),
         DATA: json.dumps(data.to_dict(), sort_keys=True).encode(),
         SUPERNET: save(state, metadata={"space": space.name}),
-        CALIBRATION: save({"images": calibration.to(torch.uint8).contiguous()}),
     }
+    if calibration is not None:
+        files[CALIBRATION] = save({"images": calibration.to(torch.uint8).contiguous()})
 
     def update(old: dict[str, Any] | None, digests: dict[str, str]) -> dict[str, Any]:
         old = old or {}
@@ -377,7 +382,7 @@ def _load(files: ArtifactFiles) -> Artifact:
         data = DataSpec.from_dict(files.read_json(DATA))
         supernet = Supernet(space)
         supernet.load_state_dict(load_file(str(files.verified_path(SUPERNET))))
-        calibration = load_file(str(files.verified_path(CALIBRATION)))["images"]
+        calibration = load_file(str(files.verified_path(CALIBRATION)))["images"] if files.has(CALIBRATION) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
         if isinstance(e, ArtifactError):
             raise

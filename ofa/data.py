@@ -30,6 +30,8 @@ __all__ = [
     "DataSpec",
     "ImageSet",
     "augment",
+    "folder_calibration",
+    "imagenet_spec",
     "load_dataset",
     "prepare_batch",
 ]
@@ -89,6 +91,7 @@ class ImageSet:
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 
@@ -179,17 +182,25 @@ def _load_cifar10(data_dir: Path | None, train: bool) -> ImageSet:
 
 def _load_folder(data_dir: Path | None, train: bool, image_size: int) -> tuple[ImageSet, tuple[str, ...]]:
     """An ImageFolder tree (``train/CLASS/*.jpg``, ``val/CLASS/*.jpg``), decoded once to uint8."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
     if data_dir is None:
         raise DataError("data_dir is needed by the imagefolder dataset (a folder with train/ and val/)")
     split = Path(data_dir) / ("train" if train else "val")
     if not split.is_dir():
         raise DataError(f"ImageFolder split not found: {split} (expected {data_dir}/train/CLASS/*.jpg "
                         f"and {data_dir}/val/CLASS/*.jpg)")
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                     v2.RGB()])
+    return image_folder(split, image_size)
+
+
+def image_folder(split: Path, image_size: int, crop: float = 1.0) -> tuple[ImageSet, tuple[str, ...]]:
+    """The images of one ImageFolder split (``CLASS/*.jpg``, classes in sorted order), each resized to
+    ``image_size / crop`` and centre-cropped to ``image_size``, decoded once to uint8 through a ``DataLoader``."""
+    import math
+
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(math.ceil(image_size / crop)), antialias=True),
+                     v2.CenterCrop(image_size), v2.RGB()])
     try:
         ds = ImageFolder(str(split), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
@@ -216,13 +227,62 @@ def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = Tr
         spec = DataSpec(name, 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10_CLASSES)
     elif name == "imagefolder":
         ds, classes = _load_folder(data_dir, train, image_size)
-        spec = DataSpec(name, 3, image_size, len(classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                        classes)
+        spec = DataSpec(name, 3, image_size, len(classes), IMAGENET_MEAN, IMAGENET_STD, classes)
     else:
         raise DataError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} in {data_dir or 'the default location'} has no images")
     return ds, spec
+
+
+def imagenet_spec(image_size: int = 224) -> DataSpec:
+    """ImageNet-1k as the reference's supernets were trained on it: mean/std and the 1000 class names in the
+    classifier's order (torchvision's list, which ships with it: nothing is downloaded)."""
+    from torchvision.models import MobileNet_V3_Large_Weights
+
+    names = tuple(MobileNet_V3_Large_Weights.IMAGENET1K_V1.meta["categories"])
+    return DataSpec("imagenet", 3, image_size, len(names), IMAGENET_MEAN, IMAGENET_STD, names)
+
+
+def folder_calibration(folder: str | Path, count: int, size: int, seed: int) -> tuple[torch.Tensor, int]:
+    """``count`` images drawn with ``seed`` from a tree of images (ImageFolder's ``CLASS/*.jpg``, or any
+    folders), each decoded and cropped as the reference's ImageNet training transform does (a random
+    resized crop to ``size``, scale 0.08-1, and a horizontal flip), as uint8 (n, 3, size, size); and how
+    many files could not be read (each skipped, with the next draw in its place)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from torchvision.transforms import v2
+
+    from ._torch import seeded
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"calib_dir {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"calib_dir {folder} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files)")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    crop = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip()])
+    images, bad = [], []
+    with seeded(seed):
+        for i in order:
+            if len(images) == count:
+                break
+            try:
+                with Image.open(files[i]) as im:
+                    images.append(crop(im.convert("RGB")))
+            except (OSError, UnidentifiedImageError, ValueError) as e:  # a corrupt or truncated file
+                bad.append(f"{files[i]}: {e}")
+    if bad:
+        log.warning("calibration: %d of the files drawn could not be read and were skipped (first: %s)",
+                    len(bad), bad[0][:300])
+    if not images:
+        raise DataError(f"calib_dir {folder}: none of its {len(files)} image files could be read")
+    if len(images) < count:
+        log.warning("calibration: %s holds %d readable images, fewer than the %d asked for", folder,
+                    len(images), count)
+    return torch.stack(images), len(bad)
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:

@@ -362,20 +362,23 @@ def space_names() -> list[str]:
     return sorted(_SPACES)
 
 
-# The reference OFA-MobileNetV3 (width 1.0), as in the paper's Table.
-register_space(SearchSpace(
-    name="mbv3-imagenet", in_channels=3, num_classes=1000, resolutions=tuple(range(128, 225, 4)),
-    stem_width=16, stem_stride=2, first_block_width=16,
-    stages=(
-        StageSpec(24, 2, "relu", False),
-        StageSpec(40, 2, "relu", True),
-        StageSpec(80, 2, "h_swish", False),
-        StageSpec(112, 1, "h_swish", True),
-        StageSpec(160, 2, "h_swish", True),
-    ),
-    final_expand_width=960, head_width=1280,
-    description="OFA-MobileNetV3 w1.0 (ImageNet, 128-224 px); checkpoint-compatible with the reference",
-))
+def _reference_mbv3(width_mult: float) -> SearchSpace:
+    """The reference's OFAMobileNetV3 at ``width_mult``: its base widths scaled and rounded by its rule
+    (:func:`make_divisible`, as the reference rounds), so that its checkpoints load as they are."""
+    w = lambda c: make_divisible(c * width_mult)  # noqa: E731
+    return SearchSpace(
+        name="mbv3-imagenet" if width_mult == 1.0 else f"mbv3-imagenet-w{width_mult}", in_channels=3,
+        num_classes=1000, resolutions=tuple(range(128, 225, 4)), stem_width=w(16), stem_stride=2,
+        first_block_width=w(16), stages=(StageSpec(w(24), 2, "relu", False), StageSpec(w(40), 2, "relu", True),
+                                         StageSpec(w(80), 2, "h_swish", False), StageSpec(w(112), 1, "h_swish", True),
+                                         StageSpec(w(160), 2, "h_swish", True)),
+        final_expand_width=w(960), head_width=w(1280),
+        description=f"OFA-MobileNetV3 w{width_mult} (ImageNet, 128-224 px); checkpoint-compatible with the reference")
+
+
+# The reference OFA-MobileNetV3 supernets, as in the paper's Table (its two released widths).
+register_space(_reference_mbv3(1.0))
+register_space(_reference_mbv3(1.2))
 
 # Small images (Fashion-MNIST 28 px, CIFAR 32 px): a stride-1 stem of 8 channels and
 # three downsamplings instead of five, so a 28 px input ends on a 4x4 map. Measured

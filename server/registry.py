@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ofa._io import atomic_create_text, atomic_write_text
-from ofa.artifact import MEASUREMENTS, Artifact, load_artifact
+from ofa.artifact import CALIBRATION, MEASUREMENTS, Artifact, ArtifactError, load_artifact
 from ofa.calibrate import served_images
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
@@ -147,6 +147,11 @@ class Registry:
             if name in self.supernets:
                 raise ValueError(f"two artifacts are both named {name!r}; give --name for each")
             art = load_artifact(d)
+            if art.calibration is None:
+                raise ArtifactError(f"{d} has no calibration set ({CALIBRATION}): the server re-calibrates every "
+                                    "subnet's BatchNorm on training images before it serves it. Add them with "
+                                    f"`ofa import-reference --checkpoint CKPT --out {d} --calib-dir TRAIN_IMAGES` "
+                                    "(a folder of a few thousand training images or more)")
             scorer = load_scorer(art.files)  # the files load_artifact verified: not hashed again
             tables = {name: pred.table for name, pred in scorer.latency.items()}
             for name, why in scorer.refused.items():

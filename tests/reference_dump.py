@@ -1,15 +1,18 @@
 """Run inside a process whose ``ofa`` is the reference package (PyPI ``ofa``).
 
-Builds a random-initialised ``OFAMobileNetV3`` (k 3/5/7, e 3/4/6, d 2/3/4), makes its
-BN statistics and kernel-transform matrices non-trivial so that every part of the
-mapping is exercised, and writes its state dict, some archs, inputs and its logits.
-Usage: python reference_dump.py REF_DIR OUT_DIR N_ARCHS
+Builds a random-initialised ``OFAMobileNetV3`` (k 3/5/7, e 3/4/6, d 2/3/4) of width WIDTH
+(default 1.0), makes its BN statistics and kernel-transform matrices non-trivial so that
+every part of the mapping is exercised, and writes its state dict, some archs, inputs and
+its logits; and a seeded random reference ``AccuracyPredictor`` (its 3x400 MLP over the
+arch encoding of the 25 resolutions), its state dict and its predictions for those archs.
+Usage: python reference_dump.py REF_DIR OUT_DIR N_ARCHS [WIDTH]
 """
 import json
 import random
 import sys
 
 ref_dir, out_dir, n_archs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+width = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 sys.path.insert(0, ref_dir)
 
 import ofa  # noqa: E402
@@ -23,7 +26,7 @@ from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3  # no
 
 torch.manual_seed(0)
 random.seed(0)
-net = OFAMobileNetV3(ks_list=[3, 5, 7], expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
+net = OFAMobileNetV3(ks_list=[3, 5, 7], expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4], width_mult=width)
 with torch.no_grad():
     for name, t in net.state_dict().items():
         if name.endswith("running_mean"):
@@ -55,5 +58,20 @@ for i in range(n_archs):
     tensors[f"__logits_{i}"] = y
     records.append({"ks": cfg["ks"], "e": cfg["e"], "d": cfg["d"], "r": r})
 save_file(tensors, f"{out_dir}/reference.safetensors")
+
+from ofa.nas.accuracy_predictor import AccuracyPredictor, MobileNetArchEncoder  # noqa: E402
+
+torch.manual_seed(1)
+encoder = MobileNetArchEncoder(image_size_list=resolutions, ks_list=[3, 5, 7], expand_list=[3, 4, 6],
+                               depth_list=[2, 3, 4])
+predictor = AccuracyPredictor(encoder, hidden_size=400, n_layers=3, device="cpu")
+with torch.no_grad():
+    predictor.base_acc.fill_(0.78)
+torch.save(predictor.state_dict(), f"{out_dir}/acc_predictor.pth")
+with torch.no_grad():
+    predicted = predictor.predict_acc([{"ks": r["ks"], "e": r["e"], "d": r["d"], "image_size": r["r"]}
+                                       for r in records])
+for r, p in zip(records, predicted.tolist()):
+    r["predicted_accuracy"] = p
 with open(f"{out_dir}/archs.json", "w") as f:
     json.dump(records, f)

@@ -100,6 +100,9 @@ class _Job:
 
 def _open(root: Path, calib_images: int | None, data_dir: str | None, progress: bool, log: Log) -> _Job:
     art = load_artifact(root)
+    if art.calibration is None:
+        raise ValueError(f"{root} has no calibration set: its subnets cannot be re-calibrated to be measured "
+                         "(import the checkpoint again with a calib_dir of training images)")
     calib = art.calibration if calib_images is None else art.calibration[:calib_images]
     if len(calib) < 1:
         raise ValueError(f"calib_images must be in 1..{len(art.calibration)}, got {calib_images}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,7 +54,11 @@ def stratified_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
 
 
 def validation_set(training: dict[str, Any], data_dir: str | None = None) -> tuple[ImageSet, DataSpec]:
-    """The validation split a training run held out, rebuilt from its recorded config."""
+    """The validation split a training run held out, rebuilt from its recorded config; for an imported
+    reference checkpoint, the ImageFolder tree ``data_dir`` (``CLASS/*.jpg``, or a ``val/`` in it)
+    prepared as the reference evaluates (resize to resolution / 0.875, centre crop)."""
+    if training.get("imported_from"):
+        return _imported_validation(training, data_dir)
     full, spec = load_dataset(training["dataset"], data_dir or training.get("data_dir") or None, True,
                               training.get("image_size", 224))
     _, val = split_validation(full, training["val_size"], training["seed"])
@@ -118,3 +123,18 @@ def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Seque
             held = bool(held_out([extra.id], test_fraction)[0])
             n_held, n_fit = n_held + held, n_fit + (not held)
     raise ValueError(f"test_fraction {test_fraction} holds out too few subnets: 10,000 more would not give 2")
+
+
+def _imported_validation(training: dict[str, Any], data_dir: str | None) -> tuple[ImageSet, DataSpec]:
+    from ..data import DataError, image_folder, imagenet_spec
+
+    if not data_dir:
+        raise DataError("data_dir is needed to measure an imported supernet: its validation images as an "
+                        "ImageFolder tree (CLASS/*.jpg, classes in the classifier's order: ImageNet's val)")
+    split = Path(data_dir) / "val" if (Path(data_dir) / "val").is_dir() else Path(data_dir)
+    spec = imagenet_spec(training["image_size"])
+    val, classes = image_folder(split, spec.image_size, training.get("eval_crop", 1.0))
+    if len(classes) != spec.num_classes:
+        raise DataError(f"data_dir {split} has {len(classes)} class folders; the supernet classifies "
+                        f"{spec.num_classes} (ImageNet's, in the sorted order of their folder names)")
+    return val, spec
