@@ -93,4 +93,22 @@ def search() -> dict:
     return {"runs": runs, "check_accuracy": check_acc, "check_mflops": check_macs}
 
 
-print(json.dumps({"train_step": train_step, "extract": extract, "search": search}[task]()))
+def random_checkpoint() -> dict:
+    """The .pth files a user of the reference holds, with random weights (the pretrained ones cannot be
+    downloaded here): an OFAMobileNetV3 of ``width`` and an AccuracyPredictor (3x400, 25 resolutions)."""
+    from ofa.nas.accuracy_predictor import AccuracyPredictor, MobileNetArchEncoder
+
+    model = OFAMobileNetV3(ks_list=[3, 5, 7], expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4],
+                           width_mult=args["width"])
+    torch.save({"state_dict": model.state_dict()}, args["checkpoint"])
+    encoder = MobileNetArchEncoder(image_size_list=list(range(128, 225, 4)), ks_list=[3, 5, 7],
+                                   expand_list=[3, 4, 6], depth_list=[2, 3, 4])
+    predictor = AccuracyPredictor(encoder, hidden_size=400, n_layers=3, device="cpu")
+    with torch.no_grad():
+        predictor.base_acc.fill_(0.78)
+    torch.save(predictor.state_dict(), args["predictor"])
+    return {"tensors": len(model.state_dict())}
+
+
+print(json.dumps({"train_step": train_step, "extract": extract, "search": search,
+                  "random_checkpoint": random_checkpoint}[task]()))

@@ -136,7 +136,7 @@ def import_reference(checkpoint: str | Path, out: str | Path, space: SearchSpace
     from ._io import sha256_file
     from .artifact import ACCURACY_PREDICTOR, add_file, write_artifact
     from .data import folder_calibration, imagenet_spec
-    from .predict.accuracy import from_reference
+    from .predict.reference_predictor import from_reference
 
     if not 1 <= calib_images <= 100_000:
         raise ValueError(f"calib_images must be in 1..100000, got {calib_images}")

@@ -3,8 +3,9 @@
 Builds a random-initialised ``OFAMobileNetV3`` (k 3/5/7, e 3/4/6, d 2/3/4) of width WIDTH
 (default 1.0), makes its BN statistics and kernel-transform matrices non-trivial so that
 every part of the mapping is exercised, and writes its state dict, some archs, inputs and
-its logits; and a seeded random reference ``AccuracyPredictor`` (its 3x400 MLP over the
-arch encoding of the 25 resolutions), its state dict and its predictions for those archs.
+its logits; and seeded random reference accuracy predictors (``ofa.nas``'s 3x400 MLP over the
+arch encoding of the 25 resolutions, and the tutorial's, the layout of the released
+``acc_predictor.pth``), their state dicts and their predictions for those archs.
 Usage: python reference_dump.py REF_DIR OUT_DIR N_ARCHS [WIDTH]
 """
 import json
@@ -71,7 +72,20 @@ torch.save(predictor.state_dict(), f"{out_dir}/acc_predictor.pth")
 with torch.no_grad():
     predicted = predictor.predict_acc([{"ks": r["ks"], "e": r["e"], "d": r["d"], "image_size": r["r"]}
                                        for r in records])
-for r, p in zip(records, predicted.tolist()):
-    r["predicted_accuracy"] = p
+import importlib.util  # noqa: E402  (the module alone: ofa.tutorial's __init__ imports gdown, not installed)
+
+_spec = importlib.util.spec_from_file_location("reference_tutorial_predictor",
+                                               f"{ofa.__path__[0]}/tutorial/accuracy_predictor.py")
+_tutorial = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tutorial)
+TutorialPredictor = _tutorial.AccuracyPredictor
+
+torch.manual_seed(2)
+tutorial = TutorialPredictor(pretrained=False, device="cpu")  # the layout of the released acc_predictor.pth
+torch.save(tutorial.model.state_dict(), f"{out_dir}/acc_predictor_tutorial.pth")
+tutorial_predicted = tutorial.predict_accuracy([{"ks": r["ks"], "e": r["e"], "d": r["d"], "r": [r["r"]]}
+                                                for r in records]).reshape(-1)
+for r, p, q in zip(records, predicted.tolist(), tutorial_predicted.tolist()):
+    r["predicted_accuracy"], r["tutorial_predicted_accuracy"] = p, q
 with open(f"{out_dir}/archs.json", "w") as f:
     json.dump(records, f)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import reference_dir
 from ofa.cli import main as ofa_main
-from ofa.predict.accuracy import PredictorError, from_reference
+from ofa.predict.accuracy import PredictorError
+from ofa.predict.reference_predictor import from_reference
 from ofa.reference import ReferenceImportError, load_reference_state_dict, reference_space
 from ofa.space import Arch, get_space
 from ofa.supernet import Supernet, extract
@@ -91,18 +92,21 @@ def test_import_reference_command_writes_the_weights_alone(dump, tmp_path):
         assert torch.equal(v, w), k
 
 
-def test_the_reference_accuracy_predictor_predicts_as_in_the_reference(dump):
+@pytest.mark.parametrize("layout", ["nas", "tutorial"])
+def test_the_reference_accuracy_predictors_predict_as_in_the_reference(dump, layout):
     out, _, _, records, space = dump
-    state = {k: v.numpy() for k, v in torch.load(out / "acc_predictor.pth", weights_only=True).items()}
+    file, key = {"nas": ("acc_predictor.pth", "predicted_accuracy"),
+                 "tutorial": ("acc_predictor_tutorial.pth", "tutorial_predicted_accuracy")}[layout]
+    state = {k: v.numpy() for k, v in torch.load(out / file, weights_only=True).items()}
     pred = from_reference(state, space)
     archs = [space.arch_from_reference(r["ks"], r["e"], r["d"], r["r"]) for r in records]
     got = pred.predict(space, space.encode(archs))
-    want = np.array([r["predicted_accuracy"] for r in records]) * 100
+    want = np.array([r[key] for r in records]) * 100
     assert np.abs(got - want).max() <= 1e-4 and want.std() > 0.01, (got, want)
-    with pytest.raises(PredictorError, match="takes 145 features; space 'mbv3-small-images' encodes an arch in"):
+    with pytest.raises(PredictorError, match="space 'mbv3-small-images'"):
         from_reference(state, get_space("mbv3-small-images"))
-    with pytest.raises(PredictorError, match=r"missing \['base_acc'\]"):
-        from_reference({k: v for k, v in state.items() if k != "base_acc"}, space)
+    with pytest.raises(PredictorError, match="not a reference AccuracyPredictor state dict"):
+        from_reference(dict(list(state.items())[1:]), space)
 
 
 def _jpeg_folder(root: Path, per_class: int = 6) -> Path:
@@ -176,3 +180,27 @@ def test_an_imported_checkpoint_is_served_as_the_reference_serves_it(dump, tmp_p
     assert want.abs().max() > 1e-3  # the comparison is not of zeros
     assert (got - want).abs().max() <= 1e-4 and np.abs(got_onnx - want.numpy()).max() <= 1e-4
     assert abs(best.predicted_accuracy - 100 * ref["predicted_accuracy"]) <= 1e-4
+
+
+def test_an_imported_supernet_is_measured_on_an_image_folder_of_its_classes(tmp_path):
+    """`ofa predictors --data-dir VAL` on an imported artifact: ImageNet's val tree, prepared as the reference
+    evaluates; a tree of other classes, or none, is refused with the reason."""
+    from PIL import Image
+
+    from ofa.data import DataError
+    from ofa.predict.measure import validation_set
+
+    training = {"imported_from": "reference OFAMobileNetV3", "image_size": 224, "eval_crop": 0.875}
+    with pytest.raises(DataError, match="data_dir is needed to measure an imported supernet"):
+        validation_set(training, None)
+    small = _jpeg_folder(tmp_path / "two")
+    (small / "n01440764" / "broken.jpg").unlink()
+    with pytest.raises(DataError, match="has 2 class folders; the supernet classifies 1000"):
+        validation_set(training, str(small))
+    val = tmp_path / "imagenet" / "val"
+    for i in range(1000):
+        (val / f"n{i:08d}").mkdir(parents=True)
+        Image.new("RGB", (40 + i % 7, 32), (i % 256, 7 * i % 256, 0)).save(val / f"n{i:08d}" / "0.jpg")
+    images, spec = validation_set(training, str(val.parent))  # the root holding val/, or val/ itself
+    assert images.images.shape == (1000, 3, 224, 224) and images.labels.tolist() == list(range(1000))
+    assert spec.num_classes == 1000 and spec.mean == (0.485, 0.456, 0.406)

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..space import SearchSpace
 
-__all__ = ["AccuracyPredictor", "PredictorError", "REFERENCE_FAMILY", "arch_features", "fit_family", "fit_many",
-           "from_reference", "kendall_tau", "tau_ceiling", "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
+__all__ = ["AccuracyPredictor", "PredictorError", "arch_features", "fit_family", "fit_many", "kendall_tau", "tau_ceiling",
+           "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
 
 PREDICTOR_FORMAT = "ofa-accuracy-predictor"
 PREDICTOR_VERSION = 1
@@ -320,36 +320,3 @@ def evaluate(pred: AccuracyPredictor, x: np.ndarray, y: np.ndarray) -> dict[str,
     """Kendall τ, RMSE and MAE (points) of ``pred`` on measured (features, accuracy)."""
     return _scores(pred.predict_features(np.asarray(x, np.float32)), np.asarray(y, float))
 
-
-REFERENCE_FAMILY = "reference-mlp-3x400"
-
-
-def from_reference(state: dict[str, np.ndarray], space: SearchSpace, source: dict[str, Any] | None = None,
-                   scale: float = 100.0) -> AccuracyPredictor:
-    """The reference's pretrained ``AccuracyPredictor`` (its state dict as numpy arrays) as one of ours
-    (no import of torch: the caller reads the checkpoint).
-
-    Its network is ours: ``layers.{0,1,2}.0`` are Linear + ReLU over the same one-hot encoding,
-    ``layers.3`` a Linear to one output without bias, plus ``base_acc``; its accuracies are fractions,
-    ours percent (``scale``). The input width must be this space's encoding (its resolutions and
-    slots): a predictor made for another space is refused, naming both widths."""
-    from ..space import space_digest
-
-    want = feature_length(space)
-    keys = [f"layers.{i}.0.{k}" for i in range(3) for k in ("weight", "bias")] + ["layers.3.weight", "base_acc"]
-    missing = [k for k in keys if k not in state]
-    if missing or set(state) - set(keys):
-        raise PredictorError(f"not a reference AccuracyPredictor state dict (3 hidden layers): missing {missing[:3]}, "
-                             f"unexpected {sorted(set(state) - set(keys))[:3]}")
-    w = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-    if w["layers.0.0.weight"].ndim != 2 or w["layers.0.0.weight"].shape[1] != want:
-        raise PredictorError(f"the reference predictor takes {w['layers.0.0.weight'].shape[-1]} features; "
-                             f"space {space.name!r} encodes an arch in {want} (its {len(space.resolutions)} "
-                             f"resolutions and {space.num_slots} block slots)")
-    layers = tuple((w[f"layers.{i}.0.weight"].T.copy(), w[f"layers.{i}.0.bias"]) for i in range(3))
-    layers += ((w["layers.3.weight"].T * np.float32(scale), np.zeros(1, np.float32)),)
-    if w["base_acc"].shape != (1,):
-        raise PredictorError(f"base_acc must hold one number, got shape {w['base_acc'].shape}")
-    pred = AccuracyPredictor(space_digest(space), REFERENCE_FAMILY, (layers,), float(w["base_acc"][0]) * scale,
-                             {"imported": dict(source or {}), "scale": scale})
-    return AccuracyPredictor.from_bytes(pred.to_bytes(), space, "the imported reference predictor")  # checked
