@@ -111,11 +111,14 @@ def _artifact_info(root: Path) -> dict:
         pred = AccuracyPredictor.from_bytes(files.read(ACCURACY_PREDICTOR))
         accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
                                               ("test", "train_samples", "test_samples", "learning_curve",
-                                               "calib_images")}}
+                                               "calib_images", "imported")}}
     return {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
             "dataset": manifest["dataset"], "created": manifest["created"],
             "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets,
-            "accuracy_predictor": accuracy, "phases": [p["name"] for p in manifest.get("training", {}).get("phases", [])]}
+            "accuracy_predictor": accuracy, "phases": [p["name"] for p in manifest.get("training", {}).get("phases", [])],
+            "imported_from": {k: manifest["training"].get(k) for k in ("imported_from", "checkpoint", "sha256",
+                                                                        "calib_dir", "calib_images")}
+            if manifest.get("training", {}).get("imported_from") else None}
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -135,7 +138,13 @@ def _print_info(info: dict, order: list[str]) -> None:
 
     accuracy, targets = info["accuracy_predictor"], info["targets"]
     print(f"artifact {info['artifact']}  (digest {info['digest'][:16]}, created {info['created']})")
-    print(f"space {info['space']}, trained on {info['dataset']}")
+    imported = info["imported_from"]
+    if imported:
+        print(f"space {info['space']}, imported from {imported['checkpoint']} (sha256 {imported['sha256'][:16]}, "
+              f"{imported['imported_from']}); calibration: {imported['calib_images']} images"
+              + (f" of {imported['calib_dir']}" if imported["calib_dir"] else " (none: ofa serve refuses it)"))
+    else:
+        print(f"space {info['space']}, trained on {info['dataset']}")
     for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
         accs = info["val_accuracy"][phase]
         if not accs:  # evaluate_phases "last": the earlier phases were not evaluated
@@ -144,6 +153,10 @@ def _print_info(info: dict, order: list[str]) -> None:
             f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
     if accuracy is None:
         print("accuracy predictor: none (run ofa predictors --artifact ...)")
+    elif accuracy.get("imported"):
+        src = accuracy["imported"]
+        print(f"accuracy predictor: {accuracy['family']}, imported from {src.get('checkpoint')} "
+              f"({src.get('layout')} layout)")
     else:
         test = accuracy["test"] or {}
         print(f"accuracy predictor: {accuracy['family']}, fitted on {accuracy['train_samples']} measured "
