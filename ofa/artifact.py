@@ -7,8 +7,7 @@
     calibration.safetensors  uint8 training images for BN re-calibration (the server needs no dataset;
                              an imported checkpoint may lack it until given a folder of images)
 
-Later stages add files (the accuracy predictor, latency tables) and record them in
-the manifest the same way.
+Later stages add files (accuracy predictor, latency tables, fine-tuned subnets), recorded the same way.
 
 Every write is a commit that a kill at any moment cannot break (:func:`_commit`): the new
 files are staged under temporary names, then ``manifest.pending.json`` (the new manifest and
@@ -38,9 +37,9 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: the sc
     from .space import SearchSpace
     from .supernet import Supernet
 
-__all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CALIBRATION", "CHECKPOINTS", "FORMAT_VERSION",
-           "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING", "add_file", "latency_file", "load_artifact",
-           "open_artifact", "repair_artifact", "write_artifact"]
+__all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CALIBRATION", "CHECKPOINTS",
+           "FINETUNED_DIR", "FORMAT_VERSION", "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING", "add_file",
+           "finetuned_file", "latency_file", "load_artifact", "open_artifact", "repair_artifact", "write_artifact"]
 
 log = logging.getLogger("ofa")
 
@@ -53,15 +52,21 @@ CORE_FILES = (CALIBRATION, DATA, SPACE, SUPERNET)
 ACCURACY_PREDICTOR = "accuracy_predictor.safetensors"
 MEASUREMENTS = "accuracy/measurements.json"
 LATENCY_DIR = "latency/"
+FINETUNED_DIR = "finetuned/"  # fine-tuned subnets (``ofa finetune``), served in place of the extracted ones
 METRICS_LOG = "metrics.jsonl"  # training's per-epoch log, next to the artifact's files (not in the manifest)
 CHECKPOINTS = "checkpoints"  # training's checkpoints (not in the manifest; their writer cleans its own temp files)
 # made from the weights: invalid after new ones
-WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/")
+WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/", FINETUNED_DIR)
 
 
 def latency_file(target: str) -> str:
     """The artifact file of ``target``'s latency table."""
     return f"{LATENCY_DIR}{target}.json"
+
+
+def finetuned_file(arch_id: str) -> str:
+    """The artifact file of the fine-tuned subnet ``arch_id`` (a served subnet safetensors file)."""
+    return f"{FINETUNED_DIR}{arch_id}.safetensors"
 
 
 class ArtifactFiles:
@@ -94,6 +99,11 @@ class ArtifactFiles:
         """{target: file name} of the latency tables the manifest lists."""
         return {n[len(LATENCY_DIR):-len(".json")]: n for n in self.names
                 if n.startswith(LATENCY_DIR) and n.endswith(".json")}
+
+    def finetuned(self) -> dict[str, str]:
+        """{arch id: file name} of the fine-tuned subnets the manifest lists."""
+        return {n[len(FINETUNED_DIR):-len(".safetensors")]: n for n in self.names
+                if n.startswith(FINETUNED_DIR) and n.endswith(".safetensors")}
 
     def read(self, name: str) -> bytes:
         """The bytes of ``name``; with ``verify`` they must match the manifest's sha256."""
@@ -319,8 +329,8 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
         old = old or {}
         # The identity covers what decides the served weights; tables added later do not change it.
         identity = _identity(digests)
-        # Latency tables depend on the space only and stay; the accuracy predictor and its
-        # measurements describe the old weights, so new weights drop them from the manifest.
+        # Latency tables depend on the space only and stay; the accuracy predictor, its measurements
+        # and the fine-tuned subnets describe the old weights, so new weights drop them from the manifest.
         kept = {n: d for n, d in (old.get("files") or {}).items() if n not in CORE_FILES and (out / n).exists()}
         if old.get("digest") != identity:
             kept = {n: d for n, d in kept.items() if not n.startswith(WEIGHT_DEPENDENT)}

@@ -11,7 +11,7 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from . import _cli_inspect, _cli_make, _cli_search
+from . import _cli_finetune, _cli_inspect, _cli_make, _cli_search
 from ._cli_common import Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -56,6 +56,8 @@ COMMANDS: tuple[Command, ...] = (
                        "are kept: a later run measures only subnets not measured yet and fits on all. "
                        "The report includes the highest tau any predictor could expect against "
                        "measurements on a validation split of this size (from per-image correctness)."),
+    Command("finetune", "fine-tune one subnet with distillation; the server then serves it",
+            _cli_finetune.add_finetune, _cli_finetune.run_finetune, description=_cli_finetune.DESCRIPTION),
     Command("search", "find the most accurate subnet under constraints",
             _cli_search.add_search, _cli_search.run_search,
             description="Regularised evolution over the artifact's predictors. Exit code 3 "

@@ -99,7 +99,7 @@ def test_artifact_file_names_live_in_one_module():
 
     names = [artifact.MANIFEST, artifact.PENDING, artifact.SPACE, artifact.DATA, artifact.SUPERNET,
              artifact.CALIBRATION, artifact.ACCURACY_PREDICTOR, artifact.MEASUREMENTS, artifact.METRICS_LOG,
-             artifact.LATENCY_DIR]
+             artifact.LATENCY_DIR, artifact.FINETUNED_DIR]
     found = [f"{MODULES[m].relative_to(ROOT)}:{c.lineno}: {c.value[:60]!r}" for m, tree in TREES.items()
              if m != "ofa.artifact" for c, _ in _strings(tree)
              if any(n in c.value for n in names) or c.value == artifact.CHECKPOINTS]
