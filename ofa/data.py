@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ._images import DataError, DataSpec, ImageSet
+from .folder import FolderIndex, decoded_bytes, open_folder
 
 __all__ = [
     "DATASETS",
@@ -30,10 +32,14 @@ __all__ = [
     "DataSpec",
     "ImageSet",
     "augment",
+    "calibration_choice",
     "folder_calibration",
+    "imagefolder_spec",
     "imagenet_spec",
     "load_dataset",
     "prepare_batch",
+    "STREAM_ABOVE_BYTES",
+    "training_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,52 +47,6 @@ log = logging.getLogger(__name__)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class DataError(ValueError):
-    """A dataset that is missing or malformed; the message says where we looked."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model trained on this data expects: stored size, channels, classes, normalisation."""
-
-    name: str
-    channels: int
-    image_size: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: tuple[str, ...]
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataSpec":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-@dataclass
-class ImageSet:
-    """uint8 images (N, C, S, S) with int64 labels, in memory."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index])
-
-    def batches(self, batch_size: int, order: torch.Tensor | None = None,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in ``order`` (default: as stored), beginning with batch number ``start``."""
-        order = torch.arange(len(self)) if order is None else order
-        for b in range(start, (len(order) + batch_size - 1) // batch_size):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            yield self.images[idx], self.labels[idx]
 
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -188,26 +148,8 @@ def _load_folder(data_dir: Path | None, train: bool, image_size: int) -> tuple[I
     if not split.is_dir():
         raise DataError(f"ImageFolder split not found: {split} (expected {data_dir}/train/CLASS/*.jpg "
                         f"and {data_dir}/val/CLASS/*.jpg)")
-    return image_folder(split, image_size)
-
-
-def image_folder(split: Path, image_size: int, crop: float = 1.0) -> tuple[ImageSet, tuple[str, ...]]:
-    """The images of one ImageFolder split (``CLASS/*.jpg``, classes in sorted order), each resized to
-    ``image_size / crop`` and centre-cropped to ``image_size``, decoded once to uint8 through a ``DataLoader``."""
-    import math
-
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(math.ceil(image_size / crop)), antialias=True),
-                     v2.CenterCrop(image_size), v2.RGB()])
-    try:
-        ds = ImageFolder(str(split), transform=tf)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"could not read ImageFolder {split}: {e}") from None
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(4, os.cpu_count() or 1))
-    xs, ys = zip(*loader)
-    return ImageSet(torch.cat(xs), torch.cat(ys)), tuple(ds.classes)
+    index = open_folder(split)
+    return index.load(image_size), index.classes
 
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -227,12 +169,17 @@ def load_dataset(name: str, data_dir: str | Path | None = None, train: bool = Tr
         spec = DataSpec(name, 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10_CLASSES)
     elif name == "imagefolder":
         ds, classes = _load_folder(data_dir, train, image_size)
-        spec = DataSpec(name, 3, image_size, len(classes), IMAGENET_MEAN, IMAGENET_STD, classes)
+        spec = imagefolder_spec(image_size, classes)
     else:
         raise DataError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} in {data_dir or 'the default location'} has no images")
     return ds, spec
+
+
+def imagefolder_spec(image_size: int, classes: Sequence[str]) -> DataSpec:
+    """An ImageFolder dataset's description: RGB at ``image_size``, ImageNet's mean/std, its classes."""
+    return DataSpec("imagefolder", 3, image_size, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
 
 
 def imagenet_spec(image_size: int = 224) -> DataSpec:
@@ -320,12 +267,35 @@ def split_validation(ds: ImageSet, size: int, seed: int) -> tuple[ImageSet, Imag
     return ds.subset(perm[size:].sort().values), ds.subset(perm[:size].sort().values)
 
 
+def calibration_choice(n: int, count: int, seed: int) -> torch.Tensor:
+    """Which ``count`` of ``n`` training images (sorted indices, chosen with a seed) are the calibration set."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randperm(n, generator=g)[: min(count, n)].sort().values
+
+
 def calibration_images(ds: ImageSet, count: int, seed: int) -> torch.Tensor:
     """``count`` training images (uint8) chosen with a seed, for BN re-calibration."""
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randperm(len(ds), generator=g)[: min(count, len(ds))]
-    return ds.images[idx.sort().values].contiguous()
+    return ds.images[calibration_choice(len(ds), count, seed)].contiguous()
 
 
 def class_balance(labels: Sequence[int], num_classes: int) -> list[int]:
     return torch.bincount(torch.as_tensor(labels), minlength=num_classes).tolist()
+
+
+STREAM_ABOVE_BYTES = 4 << 30  # data_mode "auto": an ImageFolder larger than this decoded is streamed
+
+
+def training_data(dataset: str, data_dir: str, data_mode: str, image_size: int,
+                  workers: int) -> tuple[ImageSet | FolderIndex, DataSpec]:
+    """A run's training data: in memory, or, for an ImageFolder with ``data_mode`` "stream" (or "auto" and
+    more than :data:`STREAM_ABOVE_BYTES` decoded at ``image_size``), the index of ``data_dir/train`` to stream."""
+    if dataset == "imagefolder" and data_mode != "memory":
+        if not data_dir:
+            raise DataError("data_dir is needed by the imagefolder dataset (a folder with train/ and val/)")
+        index = open_folder(Path(data_dir) / "train", workers)
+        size = decoded_bytes(index, image_size)
+        if data_mode == "stream" or size > STREAM_ABOVE_BYTES:
+            log.info("streaming %d images of %s (%.1f GiB decoded at %d px) through %d workers", len(index),
+                     index.root, size / 2**30, image_size, workers)
+            return index, imagefolder_spec(image_size, index.classes)
+    return load_dataset(dataset, data_dir or None, True, image_size)

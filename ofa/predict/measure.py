@@ -126,15 +126,16 @@ def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Seque
 
 
 def _imported_validation(training: dict[str, Any], data_dir: str | None) -> tuple[ImageSet, DataSpec]:
-    from ..data import DataError, image_folder, imagenet_spec
+    from ..data import DataError, imagenet_spec
+    from ..folder import open_folder
 
     if not data_dir:
         raise DataError("data_dir is needed to measure an imported supernet: its validation images as an "
                         "ImageFolder tree (CLASS/*.jpg, classes in the classifier's order: ImageNet's val)")
     split = Path(data_dir) / "val" if (Path(data_dir) / "val").is_dir() else Path(data_dir)
     spec = imagenet_spec(training["image_size"])
-    val, classes = image_folder(split, spec.image_size, training.get("eval_crop", 1.0))
-    if len(classes) != spec.num_classes:
-        raise DataError(f"data_dir {split} has {len(classes)} class folders; the supernet classifies "
+    index = open_folder(split)
+    if len(index.classes) != spec.num_classes:
+        raise DataError(f"data_dir {split} has {len(index.classes)} class folders; the supernet classifies "
                         f"{spec.num_classes} (ImageNet's, in the sorted order of their folder names)")
-    return val, spec
+    return index.load(spec.image_size, training.get("eval_crop", 1.0)), spec

@@ -98,6 +98,9 @@ class TrainConfig:
     eval_batch_size: int = 200         # faster than 1000 at 24-32 px on 2 cores (measured: 2.2 s vs 2.9 s)
     evaluate_phases: str = "all"       # "all": corners' validation accuracy after every phase; "last": after the last
     image_size: int = 224              # stored size for ImageFolder data
+    data_mode: str = "auto"            # ImageFolder: "memory" (decoded once), "stream" (read per batch in workers),
+                                       # "auto" (stream when decoding it all would take more than 4 GiB)
+    loader_workers: int = 2            # decoding processes when streaming
     threads: int = 0                   # torch CPU threads (0: leave torch's default)
     device: str = "auto"               # auto, cpu, cuda, cuda:N
     amp: bool = True                   # bf16/fp16 autocast on CUDA; ignored on CPU
@@ -204,6 +207,12 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs momentum > 0: set momentum in (0, 1) or nesterov=false")
+    if config.data_mode not in ("auto", "memory", "stream"):
+        raise ConfigError(f"data_mode must be one of ['auto', 'memory', 'stream'], got {config.data_mode!r}")
+    if config.data_mode == "stream" and config.dataset != "imagefolder":
+        raise ConfigError(f"data_mode 'stream' reads an imagefolder dataset; {config.dataset} is held in memory")
+    if config.loader_workers < 0:
+        raise ConfigError(f"loader_workers must be >= 0, got {config.loader_workers}")
     if config.evaluate_phases not in ("all", "last"):
         raise ConfigError(f"evaluate_phases must be 'all' or 'last', got {config.evaluate_phases!r}")
 

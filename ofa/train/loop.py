@@ -30,9 +30,10 @@ from tqdm import tqdm
 from .._io import atomic_save_tensors, sha256_file
 from .._torch import num_threads, seeded
 from ..artifact import CHECKPOINTS, METRICS_LOG
-from ..data import DataSpec, augment, calibration_images, load_dataset, prepare_batch, split_validation
+from ..data import DataError, DataSpec, augment, calibration_choice, prepare_batch, split_validation, training_data
 from ..evaluate import subnet_accuracy
 from ..space import Arch, SearchSpace, get_space
+from ..folder import FolderIndex, StepBatch
 from ..subnet import load_subnet
 from ..supernet import Supernet
 from .checkpoint import TEACHER, momentum_buffers, restore_momentum, save_checkpoint
@@ -65,6 +66,7 @@ class _PhaseRun:
     amp: bool
     amp_dtype: torch.dtype
     scaler: torch.amp.GradScaler
+    stream: Any = None  # the steps' batches decoded ahead (streamed ImageFolder), else None
 
 
 @dataclasses.dataclass
@@ -104,14 +106,21 @@ class Trainer:
         base = get_space(config.space)
         if self.world > 1 and self.rank != 0:
             dist.barrier()  # rank 0 prepares (decompresses, or downloads) the dataset first
-        full, self.spec = load_dataset(config.dataset, config.data_dir or None, True, config.image_size)
+        full, self.spec = training_data(config.dataset, config.data_dir, config.data_mode, config.image_size,
+                                        config.loader_workers)
         if self.world > 1 and self.rank == 0:
             dist.barrier()
         self.space = self._fit_space(base, self.spec, config.resolutions)
         self.train_set, self.val_set = split_validation(full, config.val_size, config.seed)
         if config.train_subset:
             self.train_set = self.train_set.subset(torch.arange(min(config.train_subset, len(self.train_set))))
-        self.calib = calibration_images(self.train_set, config.calib_size, config.seed)
+        self.streams, self.unreadable = isinstance(full, FolderIndex), 0
+        chosen = calibration_choice(len(self.train_set), config.calib_size, config.seed)
+        if self.streams:  # what the run keeps is decoded (bounded by val_size and calib_size), the rest streams
+            self.val_set = self.val_set.load(config.image_size)
+            self.calib = self.train_set.subset(chosen).load(config.image_size).images.contiguous()
+        else:
+            self.calib = self.train_set.images[chosen].contiguous()
         self.steps_per_epoch = len(self.train_set) // (config.batch_size * self.world)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"batch_size {config.batch_size} x {self.world} processes exceeds the "
@@ -244,19 +253,45 @@ class Trainer:
         amp = self.device.type == "cuda" and cfg.amp
         amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-        return _PhaseRun(pi, phase, sub, total, model, opt, teacher, amp, amp_dtype, scaler)
+        return _PhaseRun(pi, phase, sub, total, model, opt, teacher, amp, amp_dtype, scaler,
+                         self._stream(pi, sub, start, total) if self.streams else None)
+
+    def _stream(self, pi: int, sub: SearchSpace, start: int, total: int):
+        """The steps' images read ahead (streamed ImageFolder): at each step's resolution, seeded by their place."""
+        def plan():
+            for s in range(start, total):
+                idx, archs = self._plan(pi, sub, s)
+                yield StepBatch(s, idx.tolist(), archs[0].resolution,
+                                [_seed(self.config.seed, pi, s, 3, self.rank, j) for j in range(len(idx))])
+        return self.train_set.stream(plan())
+
+    def _plan(self, pi: int, sub: SearchSpace, step: int) -> tuple[torch.Tensor, list[Arch]]:
+        """A step's images (indices into the training split) and subnets: functions of (seed, phase, step, rank)."""
+        cfg = self.config
+        epoch, b = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
+            _seed(cfg.seed, pi, epoch)))[self.rank :: self.world]
+        rng = np.random.default_rng(_seed(cfg.seed, pi, step, 1))
+        return order[b * cfg.batch_size : (b + 1) * cfg.batch_size], self._sample(sub, rng,
+                                                                                   cfg.phases[pi].subnets_per_step)
 
     def _step(self, run: _PhaseRun, step: int) -> tuple[float, int, float]:
         """One optimizer step; returns its loss per subnet, its number of images and its lr."""
         cfg, pi, phase = self.config, run.index, run.phase
-        epoch, b = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
-            _seed(cfg.seed, pi, epoch)))[self.rank :: self.world]
-        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        rng = np.random.default_rng(_seed(cfg.seed, pi, step, 1))
-        archs = self._sample(run.sub, rng, phase.subnets_per_step)
+        idx, archs = self._plan(pi, run.sub, step)
         with seeded(_seed(cfg.seed, pi, step, 2, self.rank), self.device):  # augmentation and dropout
-            images = augment(self.train_set.images[idx], cfg.augment_padding, cfg.augment_flip)
+            if run.stream is not None:
+                planned, images, ok = next(run.stream)
+                assert planned.step == step, (planned.step, step)
+                if not ok.all():  # unreadable files: left out of this batch, counted
+                    self.unreadable += int((~ok).sum())
+                    log.warning("step %d: %d unreadable images skipped (%d so far; first: %s)", step,
+                                int((~ok).sum()), self.unreadable, self.train_set.files[int(idx[~ok][0])])
+                    idx = idx[ok]
+                    if len(idx) == 0:
+                        raise DataError(f"every image of step {step} was unreadable: check {self.train_set.root}")
+            else:
+                images = augment(self.train_set.images[idx], cfg.augment_padding, cfg.augment_flip)
             x = prepare_batch(images, archs[0].resolution, self.spec, self.device)
             y = self.train_set.labels[idx].to(self.device)
             if cfg.trace:
