@@ -25,8 +25,8 @@ def add_train(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help=f"artifact folder (checkpoints and {METRICS_LOG} go there too)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (35-55 min "
-                   "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs; its ImageFolder data is held "
-                   "in memory, ~150 KB an image at 224 px). Default: quick")
+                   "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs; its ImageFolder data is streamed "
+                   "through DataLoader workers, see data_mode). Default: quick")
     s.add_argument("--config", help="JSON file of config keys to override (same keys as --set)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")

@@ -2,11 +2,11 @@
 
 Images are kept as uint8 tensors (N, C, S, S) at the dataset's stored size ``S``; the
 trainer resizes each batch to the resolution it draws and normalises it there, so
-the same batches serve every resolution. Every dataset lives in memory: an ImageFolder
-tree is decoded once, through a torchvision ``DataLoader``, at ``image_size``. At 224 px
-that is 150 KB an image, so all of ImageNet's 1.28M training images would take about
-190 GB in each training process: train on a subset folder, or on a machine with the
-memory.
+the same batches serve every resolution. Fashion-MNIST and CIFAR-10 live in memory; an
+ImageFolder tree is decoded once at ``image_size`` (150 KB an image at 224 px) when that
+takes at most :data:`STREAM_ABOVE_BYTES`, and streamed otherwise (:func:`training_data`,
+:mod:`ofa.folder`: decoded per batch in ``DataLoader`` workers, memory bounded whatever
+the folder's size); ``data_mode`` says which when the size should not.
 
 Nothing here downloads while local files exist: Fashion-MNIST is read from Debian's
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or ``--data-dir``;
