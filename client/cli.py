@@ -38,7 +38,7 @@ def _constraint_kwargs(args: argparse.Namespace) -> dict:
 def _line(s) -> str:
     lat = f"{s.predicted_latency_ms:.3f} ms  " if s.predicted_latency_ms is not None else ""
     return (f"{s.id}  accuracy {s.predicted_accuracy:.2f}%  {lat}{s.macs / 1e6:.2f} MMACs  "
-            f"{s.params / 1e6:.3f} M params  res {s.arch['resolution']}")
+            f"{s.params / 1e6:.3f} M params  res {s.arch['resolution']}" + ("  fine-tuned" if s.fine_tuned else ""))
 
 
 def _search(c: Client, args: argparse.Namespace) -> int:
@@ -85,9 +85,11 @@ def _fetch(c: Client, args: argparse.Namespace) -> int:
     w = c.fetch(subnet, args.format)
     w.save(args.out)
     info = {"out": args.out, "bytes": len(w.data), "sha256": w.sha256, "subnet_id": w.subnet_id,
-            "format": w.format, "input_shape": list(w.input_shape), "mean": list(w.mean), "std": list(w.std)}
+            "format": w.format, "input_shape": list(w.input_shape), "mean": list(w.mean), "std": list(w.std),
+            "fine_tuned": w.fine_tuned}
     print(json.dumps(info, sort_keys=True) if args.json else
-          f"wrote {args.out}: {len(w.data)} bytes, sha256 {w.sha256} (verified), input {list(w.input_shape)}")
+          f"wrote {args.out}: {len(w.data)} bytes, sha256 {w.sha256} (verified), input {list(w.input_shape)}"
+          + (", fine-tuned" if w.fine_tuned else ""))
     return 0
 
 

@@ -205,7 +205,8 @@ class Client:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
                                  f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
         return Weights(data, format, header.sha256, header.subnet_id, arch_to_dict(header.arch),
-                       tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest)
+                       tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest,
+                       header.fine_tuned)
 
     def _weights_request(self, subnet: str | SubnetInfo | Mapping[str, Any], format: int,
                          supernet: str | None) -> tuple[pb.GetSubnetWeightsRequest, Any]:

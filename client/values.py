@@ -77,13 +77,14 @@ class SubnetInfo:
     # the device speed the latency prediction used: speed x as profiled + speed_offset_ms (1, 0: as profiled)
     speed: float = 0.0
     speed_offset_ms: float = 0.0
+    fine_tuned: bool = False  # the server holds this subnet fine-tuned: a fetch returns those weights
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
         """The result in a ``Subnet`` message (no latency prediction without a target: None)."""
         return cls(m.id, arch_to_dict(m.arch), m.predicted_accuracy,
                    m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
-                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms)
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms, m.fine_tuned)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""
@@ -103,6 +104,7 @@ class Weights:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     supernet_digest: str
+    fine_tuned: bool = False  # the artifact's fine-tuned subnet (ofa finetune), not the supernet's shared weights
 
     def save(self, path: str | Path) -> Path:
         """Write the bytes to ``path`` atomically: a new temporary file of its own (created exclusively, so

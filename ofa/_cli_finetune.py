@@ -43,7 +43,7 @@ def add_finetune(s: argparse.ArgumentParser) -> None:
 
 def _arch(args: argparse.Namespace):
     """The arch of --arch or --id; an id the artifact does not know is refused, telling to pass --arch."""
-    from .formats import read_subnet
+    from .finetune import finetuned_archs
     from .space import Arch
 
     files = open_artifact(args.artifact)
@@ -54,8 +54,7 @@ def _arch(args: argparse.Namespace):
     known = {a.id: a for a in (space.smallest(), space.largest())}
     if files.has(MEASUREMENTS):
         known.update((i, Arch.from_dict(m["arch"])) for i, m in files.read_json(MEASUREMENTS)["subnets"].items())
-    for sid, name in files.finetuned().items():
-        known.setdefault(sid, Arch.from_dict(read_subnet(files.read(name))[1]["arch"]))
+    known.update(finetuned_archs(files))
     if args.id not in known:
         raise LookupError(f"--id {args.id!r} is not a subnet this artifact knows (its measured or fine-tuned "
                           "subnets, smallest, largest): pass the subnet with --arch JSON")

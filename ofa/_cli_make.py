@@ -26,17 +26,24 @@ def add_train(s: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: the demo (~6 min on 2 CPU cores); fashion: the quality run (35-55 min "
                    "on 2 CPU cores); cifar10; imagenet: the reference recipe (GPUs; its ImageFolder data is streamed "
-                   "through DataLoader workers, see data_mode). Default: quick")
+                   "through DataLoader workers, see data_mode); transfer: two short phases for a run that starts "
+                   "from an existing supernet (--init-from). Default: quick")
     s.add_argument("--config", help="JSON file of config keys to override (same keys as --set)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. batch_size=64 or phases.kernel.epochs=2 (repeatable)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    s.add_argument("--phase", help="run only this phase (full, kernel, depth-1, depth-2, expand-1, expand-2), from "
+    s.add_argument("--phase", help="run only this phase of the preset's (full, kernel, depth-1, depth-2, expand-1, "
+                   "expand-2; transfer: full, elastic), from "
                    "the checkpoint the phase before it left (kept in checkpoints/after-PHASE/); its "
                    "settings and later phases' may differ from that run's")
     s.add_argument("--dataset", help="fashion-mnist, cifar10 or imagefolder (default: the preset's)")
     s.add_argument("--data-dir", dest="data_dir", help="where the dataset lies (default: Debian's Fashion-MNIST)")
     s.add_argument("--space", help="search space (default mbv3-small-images; see `ofa spaces`)")
+    s.add_argument("--init-from", dest="init_from", metavar="SUPERNET",
+                   help="start from this supernet: an artifact folder or a reference OFAMobileNetV3 checkpoint (.pth) "
+                   "of the same space (--space; the data's channels, classes and resolutions may differ): its weights "
+                   "are copied, the classifier (and the first conv, for another channel count) made fresh. "
+                   "Use with --preset transfer")
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.add_argument("--threads", type=int, help="torch CPU threads")
@@ -49,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import load_config, train
 
     assignments = list(args.set or [])
-    for flag in ("space", "dataset", "data_dir", "seed", "device", "threads"):
+    for flag in ("space", "dataset", "data_dir", "init_from", "seed", "device", "threads"):
         value = getattr(args, flag)
         if value is not None:
             assignments.append(f"{flag}={value}")
@@ -114,6 +121,14 @@ def run_import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _families_flag(s: argparse.ArgumentParser) -> None:
+    from .predict.accuracy import FAMILIES
+
+    s.add_argument("--families", type=lambda v: [f for f in v.replace(",", " ").split() if f],
+                   help="accuracy predictor families to choose from by cross-validation, comma-separated "
+                   f"(default: all of {', '.join(FAMILIES)}; the MLPs take most of the fitting time)")
+
+
 def add_predictors(s: argparse.ArgumentParser) -> None:
     s.add_argument("--artifact", required=True)
     s.add_argument("--samples", type=int, default=300,
@@ -130,6 +145,7 @@ def add_predictors(s: argparse.ArgumentParser) -> None:
     s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")
     s.add_argument("--data-dir", help="where the training dataset lies, if not where training found it")
     s.add_argument("--plot", help="write a predicted-vs-measured plot (PNG) of the held-out subnets here")
+    _families_flag(s)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     s.add_argument("--no-progress", action="store_true")
@@ -142,13 +158,14 @@ def run_predictors(args: argparse.Namespace) -> int:
 
     from .jobs.predictors import build_accuracy_predictor, check_predictor_settings
 
-    flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front))
+    flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front, args.families))
     if args.threads:
         torch.set_num_threads(args.threads)  # this process's own setting: the command ends with it
     report = build_accuracy_predictor(args.artifact, samples=args.samples, seed=args.seed,
                                       test_fraction=args.test_fraction, calib_images=args.calib_images,
                                       data_dir=args.data_dir, front=args.front, front_target=args.front_target,
-                                      progress=not args.no_progress, log=(lambda s: None) if args.json else print)
+                                      families=args.families, progress=not args.no_progress,
+                                      log=(lambda s: None) if args.json else print)
     if args.plot:
         from .jobs.render import plot_predicted_vs_measured
 
@@ -176,6 +193,7 @@ def add_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--samples", type=int, default=40, help="subnets measured for the accuracy predictor (default 40)")
     s.add_argument("--front", type=int, default=16,
                    help="of them, this many along the front the search picks from (default 16; see ofa predictors)")
+    _families_flag(s)
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
     s.add_argument("--profile-backend", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -197,10 +215,10 @@ def run_demo(args: argparse.Namespace) -> int:
     timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
     flag_errors(timing.check, prefix="--profile-")
     flag_errors(lambda: demo.check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets,
-                                    args.front))
+                                    args.front, args.families))
     report = demo.run_demo(args.out, args.preset, args.set or [], args.samples, args.target, timing,
                            args.profile_subnets, args.budgets, args.front, progress=not args.no_progress, log=print,
-                           command=f"ofa demo --out {Path(args.out)}")
+                           command=f"ofa demo --out {Path(args.out)}", families=args.families)
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "

@@ -66,7 +66,7 @@ COMMANDS: tuple[Command, ...] = (
             _cli_search.add_pareto, _cli_search.run_pareto),
     Command("info", "show what an artifact holds and how good its predictors are",
             _cli_inspect.add_info, _cli_inspect.run_info),
-    Command("import-reference", "convert a reference OFAMobileNetV3 checkpoint (.pth) to safetensors",
+    Command("import-reference", "make an artifact (or safetensors file) from a reference OFAMobileNetV3 .pth",
             _cli_make.add_import_reference, _cli_make.run_import_reference),
 )
 PLUGINS = "ofa.commands"  # entry-point group: name -> a Command (e.g. serve = "ofa_server.command:COMMAND")

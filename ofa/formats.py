@@ -26,7 +26,7 @@ from .space import Arch, SearchSpace
 from .subnet import SubNet, load_subnet
 
 __all__ = ["FORMATS", "ONNX_OPSET", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION", "export_onnx",
-           "export_torchscript", "read_subnet", "subnet_metadata", "write_safetensors"]
+           "export_torchscript", "read_subnet", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
@@ -54,6 +54,19 @@ def write_safetensors(module: nn.Module, metadata: str) -> bytes:
     return save(_tensors(module), metadata={"ofa": metadata})
 
 
+def subnet_file_metadata(data: bytes) -> dict[str, Any]:
+    """The ``ofa`` metadata of a served subnet safetensors file (its bytes), read from the header alone."""
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
+        if not isinstance(meta, dict):
+            raise TypeError("the metadata is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
+                         ) from None
+    return meta
+
+
 def read_subnet(data: bytes) -> tuple[SubNet, dict[str, Any]]:
     """The subnet in a served safetensors file (its bytes) and the file's ``ofa`` metadata.
 
@@ -63,9 +76,8 @@ def read_subnet(data: bytes) -> tuple[SubNet, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    meta = subnet_file_metadata(data)
     try:
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["ofa"])
         space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
         tensors = load(data)
     except (ValueError, KeyError, TypeError, SafetensorError) as e:

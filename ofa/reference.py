@@ -9,6 +9,7 @@ from a folder of training images, and the predictor when given.
 """
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,7 +101,7 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     tensors and containers only, no arbitrary objects are built."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:  # torch's unpickler raises several kinds
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # torch's raises several kinds
         raise ReferenceImportError(f"{what} {path}: cannot be read as a torch state dict ({str(e)[:200]})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         ckpt = ckpt["state_dict"]

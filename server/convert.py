@@ -4,7 +4,7 @@ values (``Arch``, ``Candidate``, a latency table...)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Container
 
 import grpc
 
@@ -204,11 +204,14 @@ def arch_to_pb(arch: Arch) -> pb.Arch:
     return pb.Arch(kernel=arch.kernel, expand=arch.expand, depth=arch.depth, resolution=arch.resolution)
 
 
-def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None, speed: Speed) -> pb.Subnet:
-    """A searched subnet as answered: ``speed`` is the device speed the latency was predicted at."""
+def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None, speed: Speed,
+                 fine_tuned: Container[str] = ()) -> pb.Subnet:
+    """A searched subnet as answered: ``speed`` is the device speed the latency was predicted at;
+    ``fine_tuned``: the ids whose weights the artifact holds fine-tuned."""
     msg = pb.Subnet(id=c.arch.id, arch=arch_to_pb(c.arch), predicted_accuracy=c.accuracy, macs=c.macs,
                     params=c.params, search_seconds=seconds, supernet=supernet, target=target or "",
-                    speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0)
+                    speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0,
+                    fine_tuned=c.arch.id in fine_tuned)
     if c.latency_ms is not None:
         msg.predicted_latency_ms = c.latency_ms
     return msg
@@ -262,4 +265,4 @@ def weights_header(fmt: int, payload: "Payload", arch: Arch, artifact: "Artifact
     return pb.WeightsHeader(format=fmt, total_bytes=len(payload.data), sha256=payload.sha256, subnet_id=arch.id,
                             arch=arch_to_pb(arch), input_shape=[1, d.channels, arch.resolution, arch.resolution],
                             mean=d.mean, std=d.std, supernet_digest=artifact.digest,
-                            calibration_images=payload.calibration_images)
+                            calibration_images=payload.calibration_images, fine_tuned=payload.fine_tuned)

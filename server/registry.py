@@ -22,6 +22,7 @@ from typing import Any
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import CALIBRATION, MEASUREMENTS, Artifact, ArtifactError, load_artifact
 from ofa.calibrate import served_images
+from ofa.finetune import finetuned_archs
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import load_scorer
@@ -46,12 +47,14 @@ class ServedSupernet:
     artifact_targets: dict[str, dict[str, Any]]
     digest16: str = field(init=False)
     calibration: Any = field(init=False)  # the images its subnets are calibrated on (decided once)
+    fine_tuned: dict[str, Arch] = field(init=False)  # id -> arch of the artifact's fine-tuned subnets
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.digest16 = space_digest(self.artifact.space)[:16]
         self.calibration = served_images(self.artifact)
+        self.fine_tuned = finetuned_archs(self.artifact.files)
 
     def remember(self, arch: Arch, limit: int = 100_000) -> None:
         """Keep ``arch`` by its id (a search returned it), so that its weights can be asked for by id alone."""
@@ -62,9 +65,9 @@ class ServedSupernet:
                 self.known.popitem(last=False)
 
     def lookup(self, subnet_id: str) -> Arch | None:
-        """The arch of a subnet id this server returned, or None."""
+        """The arch of a subnet id this server returned or the artifact holds fine-tuned, or None."""
         with self.lock:
-            return self.known.get(subnet_id)
+            return self.known.get(subnet_id) or self.fine_tuned.get(subnet_id)
 
 
 @dataclass(frozen=True)

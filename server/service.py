@@ -245,7 +245,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         cv.check_work(s.settings, 1, self.max_search_work)
         result = self._run(s, SearchJob(s.constraints, s.target, s.settings), context)
         s.sn.remember(result.best.arch)
-        return cv.subnet_to_pb(result.best, result.seconds, s.sn.name, s.target, s.applied)
+        return cv.subnet_to_pb(result.best, result.seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned)
 
     @_handled
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
@@ -257,7 +257,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         seconds = time.perf_counter() - t0
         for c in front:
             s.sn.remember(c.arch)
-        return pb.ParetoFront(points=[cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied) for c in front],
+        return pb.ParetoFront(points=[cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned)
+                                      for c in front],
                               search_seconds=seconds)
 
     def _arch(self, sn: ServedSupernet, request: pb.GetSubnetWeightsRequest) -> Arch:

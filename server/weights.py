@@ -7,15 +7,16 @@ the tests), so the same request gives byte-identical bytes in any process.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from ofa.artifact import Artifact
+from ofa.artifact import Artifact, ArtifactError
 from ofa.calibrate import served_images, served_subnet
-from ofa.formats import FORMATS, export_onnx, export_torchscript, subnet_metadata, write_safetensors
+from ofa.formats import FORMATS, export_onnx, export_torchscript, read_subnet, subnet_metadata, write_safetensors
 from ofa.space import Arch
 
 __all__ = ["FORMATS", "Payload", "WeightsCache", "build_payload"]
@@ -26,6 +27,7 @@ class Payload:
     data: bytes
     sha256: str
     calibration_images: int
+    fine_tuned: bool = False  # the artifact's fine-tuned subnet of the arch (``ofa finetune``), not the extracted one
 
 
 def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None, images: torch.Tensor | None = None
@@ -33,9 +35,14 @@ def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None, images:
     """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`): the served subnet of
     :func:`ofa.calibrate.served_subnet`, calibrated on ``images`` (default :func:`ofa.calibrate.served_images`;
     a server passes the ones it chose once); ``should_stop`` can end the BN re-calibration between
-    batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
+    batches (:class:`ofa.calibrate.CalibrationCancelled`). Where the artifact records a fine-tuned subnet
+    of ``arch`` (``ofa finetune``), that one is served instead (``Payload.fine_tuned``)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    tuned = art.files.finetuned().get(arch.id)
+    if tuned is not None:
+        with torch.inference_mode(False), torch.no_grad():
+            return _fine_tuned(art, arch, fmt, tuned)
     images = served_images(art) if images is None else images
     with torch.inference_mode(False), torch.no_grad():
         sub = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
@@ -47,6 +54,21 @@ def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None, images:
         else:
             data = export_onnx(sub, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
     return Payload(data, hashlib.sha256(data).hexdigest(), len(images))
+
+
+def _fine_tuned(art: Artifact, arch: Arch, fmt: str, name: str) -> Payload:
+    """The fine-tuned subnet ``name`` the artifact records for ``arch``: its file as it is (safetensors, the
+    served format with ``finetuned`` in its metadata), or that module exported; refused when the file is
+    not of this arch and these weights."""
+    data = art.files.read(name)  # checked against the manifest's sha256
+    module, meta = read_subnet(data)
+    if meta.get("id") != arch.id or meta.get("supernet_digest") != art.digest or "finetuned" not in meta:
+        raise ArtifactError(f"{art.path}: {name} is not a fine-tuned subnet {arch.id} of this supernet")
+    if fmt == "torchscript":
+        data = export_torchscript(module, json.dumps(meta, sort_keys=True, separators=(",", ":")))
+    elif fmt == "onnx":
+        data = export_onnx(module, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
+    return Payload(data, hashlib.sha256(data).hexdigest(), int(meta["calibration_images"]), True)
 
 
 class WeightsCache:

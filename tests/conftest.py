@@ -98,6 +98,21 @@ def tiny_artifact(tiny_data, tmp_path_factory):
     return out
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The disk and memory left at the end: a run that failed for want of either says so in its last lines."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free  # the run's own folder is gone when it passed
+    try:
+        with open("/proc/meminfo") as f:
+            mem = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)}
+    except OSError:
+        mem = {}
+    terminalreporter.write_line(f"disk: {free / 2**30:.1f} GiB free where the tests write; memory: "
+                                f"{mem.get('MemAvailable', 0) / 2**20:.1f} GiB available")
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Derived dataset files go to a per-session cache, not the user's ~/.cache."""

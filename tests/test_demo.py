@@ -18,6 +18,8 @@ from ofa.predict.latency import Speed
 
 # the protocol at its smallest: two passes of one short sample per network, few subnets to fit
 _FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-subnets", "12", "--no-progress"]
+# the ridge families only: the MLPs' fits were 170 of the test's 250 s here (tests/test_accuracy.py fits them)
+_FAST_FIT = ["--families", "ridge-3,ridge-30"]
 
 
 def _run(args, tmp_path):
@@ -30,7 +32,8 @@ def _run(args, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     out = tmp_path / "demo"
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE], tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE, *_FAST_FIT],
+             tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/5] train", "[2/5] profile", "[3/5] measure", "[4/5] serve", "[5/5] report"):
         assert step in r.stdout
@@ -72,7 +75,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert lines == ["  already trained: reusing it (delete the folder to train again)"]
     assert "latency front of 'this-machine'" in r.stdout
     rep = build_accuracy_predictor(out / "supernet", samples=12, front=2, front_target="this-machine",
-                                   progress=False, log=lines.append)
+                                   families=_FAST_FIT[1].split(","), progress=False, log=lines.append)
     # the front rounds went along this machine's latency front, and are found measured; so is the fit
     assert sum("were measured before" in line for line in lines) == 2 and rep["reused"], lines
     # other training settings into the same folder are refused, not served from the old supernet
@@ -82,7 +85,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "1"),
                                          ("--profile-sample-ms", "0"), ("--profile-subnets", "-1"),
-                                         ("--target", "a b")])
+                                         ("--target", "a b"), ("--families", "lasso")])
 def test_demo_refuses_bad_numbers_before_any_work(flag, value, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
     assert f"{flag} must be" in capsys.readouterr().err  # the message names the flag given

@@ -255,7 +255,7 @@ class SearchSubnetRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class Subnet(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
     SPEED_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNED_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -278,7 +279,8 @@ class Subnet(_message.Message):
     target: str
     speed: float
     speed_offset_ms: float
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ...) -> None: ...
+    fine_tuned: bool
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ...) -> None: ...
 
 class GetParetoFrontRequest(_message.Message):
     __slots__ = ("supernet", "target", "points", "constraints", "seed", "options", "reference_timings")
@@ -319,7 +321,7 @@ class GetSubnetWeightsRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., format: _Optional[_Union[WeightsFormat, str]] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("format", "total_bytes", "sha256", "subnet_id", "arch", "input_shape", "mean", "std", "supernet_digest", "calibration_images")
+    __slots__ = ("format", "total_bytes", "sha256", "subnet_id", "arch", "input_shape", "mean", "std", "supernet_digest", "calibration_images", "fine_tuned")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +332,7 @@ class WeightsHeader(_message.Message):
     STD_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNED_FIELD_NUMBER: _ClassVar[int]
     format: WeightsFormat
     total_bytes: int
     sha256: str
@@ -340,7 +343,8 @@ class WeightsHeader(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     supernet_digest: str
     calibration_images: int
-    def __init__(self, format: _Optional[_Union[WeightsFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., supernet_digest: _Optional[str] = ..., calibration_images: _Optional[int] = ...) -> None: ...
+    fine_tuned: bool
+    def __init__(self, format: _Optional[_Union[WeightsFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., supernet_digest: _Optional[str] = ..., calibration_images: _Optional[int] = ..., fine_tuned: _Optional[bool] = ...) -> None: ...
 
 class GetSubnetWeightsResponse(_message.Message):
     __slots__ = ("header", "chunk")

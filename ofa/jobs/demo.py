@@ -30,14 +30,14 @@ Log = Callable[[str], None]
 
 
 def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50,
-               budgets: int = 3, front: int = 16) -> None:
+               budgets: int = 3, front: int = 16, families: Sequence[str] | None = None) -> None:
     """Refuse what :func:`run_demo` could only fail on later (step 4 starts after ~10 minutes), naming the field."""
     from ..predict.latency import check_target_name
     from ..predict.profile import check_profile
     from .predictors import check_predictor_settings
 
     check_target_name(target)
-    check_predictor_settings(samples, front=front)
+    check_predictor_settings(samples, front=front, families=families)
     timing.check()
     try:
         check_profile(profile_subnets)
@@ -110,13 +110,13 @@ def _profile_step(art_dir: Path, target: str, timing: Timing, subnets: int, prog
 def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
              target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
              front: int = 16, progress: bool = True, log: Log = lambda s: None,
-             command: str | None = None) -> Report:
+             command: str | None = None, families: Sequence[str] | None = None) -> Report:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json, its markdown
     naming ``command``)."""
     from ..train import load_config
     from .predictors import build_accuracy_predictor
 
-    check_demo(samples, target, timing, profile_subnets, budgets, front)
+    check_demo(samples, target, timing, profile_subnets, budgets, front, families)
     out = Path(out)
     art_dir = out / "supernet"
     config = load_config(preset, None, list(assignments))
@@ -130,8 +130,8 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     steps["profile"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[3/5] measure {samples} subnets ({front} of them along the latency front of {target!r}, where the "
         f"search picks from) and fit the accuracy predictor")
-    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, front_target=target, progress=progress,
-                                   log=lambda s: log("  " + s))
+    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, front_target=target, families=families,
+                                   progress=progress, log=lambda s: log("  " + s))
     steps["predictors"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
     report = run_report(art_dir, target, out, budgets=budgets, progress=progress, log=log)

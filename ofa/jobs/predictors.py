@@ -29,8 +29,14 @@ FRONT_ROUNDS = 2
 Log = Callable[[str], None]
 
 
-def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, front: int = 0) -> None:
+def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, front: int = 0,
+                             families: Sequence[str] | None = None) -> None:
     """Refuse settings :func:`build_accuracy_predictor` cannot use, naming the field."""
+    from ..predict.accuracy import FAMILIES
+
+    unknown = sorted(set(families or ()) - set(FAMILIES))
+    if unknown or (families is not None and not families):
+        raise ValueError(f"families must be names of {sorted(FAMILIES)}, got {list(families or ())}")
     if samples < 10:
         raise ValueError(f"samples must be >= 10, got {samples}")
     if not 0 <= front <= samples - 10:
@@ -220,7 +226,7 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
     """
     from ..predict.accuracy import arch_features
 
-    check_predictor_settings(samples, test_fraction, front)
+    check_predictor_settings(samples, test_fraction, front, families)
     job = _open(Path(root), calib_images, data_dir, progress, log)
     t0 = time.perf_counter()
     measured = _measure(job, samples, front, front_target, test_fraction, seed, families)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ..space import SearchSpace, get_space
 
 __all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "check_config", "config_differences",
-           "load_config", "parse_assignments", "phase_space"]
+           "load_config", "parse_assignments", "phase_space", "resolve_device"]
 
 
 class ConfigError(ValueError):
@@ -105,6 +105,7 @@ class TrainConfig:
     device: str = "auto"               # auto, cpu, cuda, cuda:N
     amp: bool = True                   # bf16/fp16 autocast on CUDA; ignored on CPU
     trace: bool = False                # each rank logs its subnets, batch and weights digests per step
+    init_from: str = ""                # start from this supernet (artifact folder or reference .pth; ofa.train.transfer)
     phases: tuple[Phase, ...] = QUICK_PHASES
 
     def phase(self, name: str) -> Phase:
@@ -143,6 +144,16 @@ PRESETS: dict[str, TrainConfig] = {
     "cifar10": TrainConfig(
         dataset="cifar10", val_size=5000, calib_size=2000,
         phases=progressive_shrinking((60, 40, 8, 40, 8, 40), lr=0.1, warmup=1.0),
+    ),
+    # Transfer (init_from): the source supernet already serves every choice, so the schedule is two
+    # phases on the new data: the largest subnet with its fresh classifier (the later phases' in-place
+    # teacher), then every choice at once with the sandwich rule; rates a half of the quick preset's,
+    # the weights start trained. A 1,000-image validation split: the new sets are often small. All the
+    # space's resolutions (for any space: the source's decides it).
+    "transfer": TrainConfig(
+        val_size=1000, calib_size=1000, checkpoint_every=100, sandwich=True,
+        phases=(Phase("full", 2.0, 0.05, 0.2, 1, 0.0, (7,), (6,), (4,)),
+                Phase("elastic", 6.0, 0.05, 0.2, 3, 1.0)),
     ),
     # The reference's ImageNet recipe (for GPUs; lr for a global batch of 2048).
     "imagenet": TrainConfig(
@@ -215,6 +226,26 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"loader_workers must be >= 0, got {config.loader_workers}")
     if config.evaluate_phases not in ("all", "last"):
         raise ConfigError(f"evaluate_phases must be 'all' or 'last', got {config.evaluate_phases!r}")
+
+
+def resolve_device(want: str):
+    """The torch device of a config's ``device`` (auto: CUDA when there is one; ``cuda``: this process's
+    LOCAL_RANK's GPU, made current), refused with the allowed values."""
+    import os
+
+    import torch
+
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {want!r} requested but CUDA is not available; use device=cpu")
+        if want == "cuda":
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(want))
+    elif want != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {want!r}")
+    return torch.device(want)
 
 
 # ---- overrides ------------------------------------------------------------------

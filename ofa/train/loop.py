@@ -37,10 +37,11 @@ from ..folder import FolderIndex, StepBatch
 from ..subnet import load_subnet
 from ..supernet import Supernet
 from .checkpoint import TEACHER, momentum_buffers, restore_momentum, save_checkpoint
-from .config import ConfigError, Phase, TrainConfig, check_config, phase_space
+from .config import ConfigError, Phase, TrainConfig, check_config, phase_space, resolve_device
 from .objective import Objective
 from .resume import TRAINER_VERSION, Start, plan_start, snapshot_dir
 from .schedule import lr_at, set_lr, sgd
+from .transfer import init_from, load_source
 
 __all__ = ["Trainer", "train"]
 
@@ -87,9 +88,11 @@ class Trainer:
         self.config, self.out, self.progress = config, Path(out), progress
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.device = self._device()
+        self.device = resolve_device(config.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        # a source to start from is read (and its space checked) before the data
+        self.source = load_source(config.init_from, get_space(config.space)) if config.init_from else None
         with num_threads(config.threads):
             self._load_data()
             with seeded(config.seed):  # the initial weights are the seed's
@@ -125,20 +128,6 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"batch_size {config.batch_size} x {self.world} processes exceeds the "
                               f"{len(self.train_set)} training images")
-
-    def _device(self) -> torch.device:
-        want = self.config.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {want!r} requested but CUDA is not available; use device=cpu")
-            if want == "cuda":
-                want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(torch.device(want))
-        elif want != "cpu":
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {want!r}")
-        return torch.device(want)
 
     @staticmethod
     def _fit_space(space: SearchSpace, spec: DataSpec, resolutions: tuple[int, ...]) -> SearchSpace:
@@ -209,6 +198,10 @@ class Trainer:
         if ckpt is not None:
             self.supernet.load_state_dict(ckpt.model)
             self._teacher_digest = ckpt.state.get("teacher_sha256")
+        elif self.source is not None:  # a fresh run from a supernet that exists
+            record = init_from(self.supernet, self.source)
+            log.info("init_from %s: %d tensors copied, %s fresh", record["source"], record["copied"], record["fresh"])
+            self._log(record)
         return start
 
     def _run_phase(self, pi: int, phase: Phase, start: int, global_step: int,
