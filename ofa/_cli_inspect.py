@@ -93,6 +93,7 @@ def _target_info(table: dict) -> dict:
 
 def _artifact_info(root: Path) -> dict:
     """What ``ofa info`` shows of the artifact at ``root``, as JSON."""
+    from .formats import subnet_file_metadata
     from .predict.latency import validate_table
 
     files = open_artifact(root)
@@ -118,7 +119,10 @@ def _artifact_info(root: Path) -> dict:
             "accuracy_predictor": accuracy, "phases": [p["name"] for p in manifest.get("training", {}).get("phases", [])],
             "imported_from": {k: manifest["training"].get(k) for k in ("imported_from", "checkpoint", "sha256",
                                                                         "calib_dir", "calib_images")}
-            if manifest.get("training", {}).get("imported_from") else None}
+            if manifest.get("training", {}).get("imported_from") else None,
+            "init_from": manifest.get("training", {}).get("init_from") or None,
+            "fine_tuned": {sid: subnet_file_metadata(files.read(name)).get("finetuned", {})
+                           for sid, name in files.finetuned().items()}}
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -130,6 +134,9 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
     _print_info(info, order)
+    for sid, tuned in info["fine_tuned"].items():
+        print(f"fine-tuned subnet {sid} (served in place of the extracted one): epochs {tuned.get('epochs')}, "
+              f"test accuracy {tuned.get('test_accuracy_before')} -> {tuned.get('test_accuracy_after')}%")
     return 0
 
 
@@ -144,7 +151,8 @@ def _print_info(info: dict, order: list[str]) -> None:
               f"{imported['imported_from']}); calibration: {imported['calib_images']} images"
               + (f" of {imported['calib_dir']}" if imported["calib_dir"] else " (none: ofa serve refuses it)"))
     else:
-        print(f"space {info['space']}, trained on {info['dataset']}")
+        print(f"space {info['space']}, trained on {info['dataset']}"
+              + (f", starting from {info['init_from']}" if info["init_from"] else ""))
     for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
         accs = info["val_accuracy"][phase]
         if not accs:  # evaluate_phases "last": the earlier phases were not evaluated

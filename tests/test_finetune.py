@@ -83,6 +83,12 @@ def test_the_server_serves_the_fine_tuned_subnet_and_says_so(tuned, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), module.state_dict().values()))
 
 
+def test_ofa_info_lists_the_fine_tuned_subnet(tuned, capsys):
+    art, _, summary = tuned
+    assert ofa_main(["info", "--artifact", str(art)]) == 0
+    assert f"fine-tuned subnet {summary['id']} (served in place of the extracted one): epochs 1," in capsys.readouterr().out
+
+
 def test_finetune_refuses_what_it_cannot_run(tuned, tmp_path, capsys):
     art, _, _ = tuned
     out = str(tmp_path / "x.safetensors")

@@ -32,8 +32,9 @@ WIDTHS = {1.0: "mbv3-imagenet", 1.2: "mbv3-imagenet-w1.2"}
 def dump(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"reference-w{request.param}")
     script = Path(__file__).with_name("reference_dump.py")
-    subprocess.run([sys.executable, str(script), str(reference_dir()), str(out), str(N_ARCHS), str(request.param)],
-                   check=True, cwd="/")
+    r = subprocess.run([sys.executable, str(script), str(reference_dir()), str(out), str(N_ARCHS), str(request.param)],
+                       cwd="/", capture_output=True, text=True)
+    assert r.returncode == 0, f"the reference dump exited with {r.returncode}: {r.stderr[-3000:]}"
     tensors = load_file(out / "reference.safetensors")
     state = {k: v for k, v in tensors.items() if not k.startswith("__")}
     return out, state, tensors, json.loads((out / "archs.json").read_text()), get_space(WIDTHS[request.param])

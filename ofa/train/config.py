@@ -152,8 +152,8 @@ PRESETS: dict[str, TrainConfig] = {
     # space's resolutions (for any space: the source's decides it).
     "transfer": TrainConfig(
         val_size=1000, calib_size=1000, checkpoint_every=100, sandwich=True,
-        phases=(Phase("full", 2.0, 0.05, 0.2, 1, 0.0, (7,), (6,), (4,)),
-                Phase("elastic", 6.0, 0.05, 0.2, 3, 1.0)),
+        phases=(Phase("full", 1.0, 0.05, 0.1, 1, 0.0, (7,), (6,), (4,)),
+                Phase("elastic", 4.0, 0.05, 0.1, 3, 1.0)),
     ),
     # The reference's ImageNet recipe (for GPUs; lr for a global batch of 2048).
     "imagenet": TrainConfig(
