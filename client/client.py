@@ -18,6 +18,10 @@ from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, I
                      error_from_rpc)
 from .v1 import API_VERSION
 from .v1 import subnet_service_pb2 as pb
+
+# The oldest server API this client works with: the same major, and a minor whose requests carry every field
+# this client sends (1.1 added answers only, `fine_tuned`, which a 1.0 server leaves false).
+OLDEST_SERVER_API = "1.0"
 from .v1 import subnet_service_pb2_grpc as pb_grpc
 from .values import SubnetInfo, Weights, arch_to_dict, arch_to_pb, reference_timings_of
 
@@ -90,18 +94,18 @@ class Client:
             self._call("ListSupernets", pb.ListSupernetsRequest(), timeout)
 
     def _accept_version(self, server: str) -> None:
-        """Refuse a server whose API is another major version, or a minor older than this client's (whose
-        newer fields such a server would silently ignore)."""
+        """Refuse a server whose API is another major version, or a minor older than :data:`OLDEST_SERVER_API`
+        (one that would silently ignore request fields this client sends)."""
         try:
             major, minor = (int(x) for x in server.split("."))
         except ValueError:
             raise VersionMismatch("VERSION", f"the server reports API version {server[:40]!r}, not MAJOR.MINOR") \
                 from None
-        mine = tuple(int(x) for x in API_VERSION.split("."))
-        if major != mine[0] or minor < mine[1]:
+        oldest = tuple(int(x) for x in OLDEST_SERVER_API.split("."))
+        if major != oldest[0] or minor < oldest[1]:
             raise VersionMismatch("VERSION", f"the server at {self.address} speaks API {server}; this ofa-client "
-                                  f"speaks {API_VERSION} and needs a server of API {API_VERSION} or a later "
-                                  f"{mine[0]}.x: install the ofa-client of the server's release (pip install ./client "
+                                  f"speaks {API_VERSION} and needs a server of API {OLDEST_SERVER_API} or a later "
+                                  f"{oldest[0]}.x: install the ofa-client of the server's release (pip install ./client "
                                   "from its checkout)")
         self.server_api_version = server
 

@@ -126,8 +126,8 @@ class _VersionServer:
 
 
 @pytest.mark.parametrize("version, message", [
-    ("2.0", "speaks API 2.0; this ofa-client speaks 1.0 and needs a server of API 1.0 or a later 1.x"),
-    ("0.9", "speaks API 0.9; this ofa-client speaks 1.0"),
+    ("2.0", f"speaks API 2.0; this ofa-client speaks {API_VERSION} and needs a server of API 1.0 or a later 1.x"),
+    ("0.9", f"speaks API 0.9; this ofa-client speaks {API_VERSION}"),
     ("banana" * 20, "reports API version 'bananabanana"),
 ])
 def test_a_server_of_another_api_version_is_refused_before_the_first_call(version, message, capsys):

@@ -149,7 +149,8 @@ PRESETS: dict[str, TrainConfig] = {
     # phases on the new data: the largest subnet with its fresh classifier (the later phases' in-place
     # teacher), then every choice at once with the sandwich rule; rates a half of the quick preset's,
     # the weights start trained. A 1,000-image validation split: the new sets are often small. All the
-    # space's resolutions (for any space: the source's decides it).
+    # space's resolutions (for any space: the source's decides it). 5,000 images at 24/28 px: 301 s on 2
+    # cores, 1.3-1.6 points above the same schedule from scratch (docs/training.md).
     "transfer": TrainConfig(
         val_size=1000, calib_size=1000, checkpoint_every=100, sandwich=True,
         phases=(Phase("full", 1.0, 0.05, 0.1, 1, 0.0, (7,), (6,), (4,)),
