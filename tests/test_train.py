@@ -214,7 +214,7 @@ def test_config_file_and_presets(tmp_path):
         load_config("quick", str(f))
     with pytest.raises(ConfigError, match="unknown preset 'fast'; choose from"):
         load_config("fast")
-    assert set(PRESETS) == {"quick", "fashion", "cifar10", "imagenet"}
+    assert set(PRESETS) == {"quick", "fashion", "cifar10", "imagenet", "transfer"}
     assert apply_overrides(PRESETS["quick"], {}) == PRESETS["quick"]
 
 
