@@ -1,4 +1,5 @@
-"""The values the dataset code passes around: a dataset's description, images in memory, the error.
+"""The values the dataset code passes around: a dataset's description, images in memory, the error;
+and how an image file is read and cropped for training.
 
 Their own module so that both :mod:`ofa.data` (the datasets) and :mod:`ofa.folder` (image folders,
 decoded in workers) use them without importing each other.
@@ -6,11 +7,14 @@ decoded in workers) use them without importing each other.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-__all__ = ["DataError", "DataSpec", "ImageSet"]
+__all__ = ["UNREADABLE", "DataError", "DataSpec", "ImageSet", "read_rgb", "training_crop"]
+
+UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises for a corrupt, truncated or non-image file
 
 
 class DataError(ValueError):
@@ -57,3 +61,21 @@ class ImageSet:
         for b in range(start, (len(order) + batch_size - 1) // batch_size):
             idx = order[b * batch_size : (b + 1) * batch_size]
             yield self.images[idx], self.labels[idx]
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """An image file decoded as RGB, uint8 (3, H, W); raises one of :data:`UNREADABLE` when it cannot be."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    with Image.open(path) as im:
+        return v2.functional.pil_to_tensor(im.convert("RGB"))
+
+
+def training_crop(size: int, colour: bool) -> torch.nn.Module:
+    """The reference's ImageNet training transform of a uint8 image: a random resized crop to ``size``
+    (scale 0.08-1), a horizontal flip and, with ``colour``, brightness ±32/255 and saturation ±0.5."""
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    return v2.Compose(ops + ([v2.ColorJitter(brightness=32 / 255, saturation=0.5)] if colour else []))

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._images import DataError, DataSpec, ImageSet
+from ._images import UNREADABLE, DataError, DataSpec, ImageSet, read_rgb, training_crop
 from .folder import FolderIndex, decoded_bytes, open_folder
 
 __all__ = [
@@ -196,9 +196,7 @@ def folder_calibration(folder: str | Path, count: int, size: int, seed: int) -> 
     folders), each decoded and cropped as the reference's ImageNet training transform does (a random
     resized crop to ``size``, scale 0.08-1, and a horizontal flip), as uint8 (n, 3, size, size); and how
     many files could not be read (each skipped, with the next draw in its place)."""
-    from PIL import Image, UnidentifiedImageError
     from torchvision.datasets.folder import IMG_EXTENSIONS
-    from torchvision.transforms import v2
 
     from ._torch import seeded
 
@@ -209,17 +207,15 @@ def folder_calibration(folder: str | Path, count: int, size: int, seed: int) -> 
     if not files:
         raise DataError(f"calib_dir {folder} holds no images (looked for {', '.join(IMG_EXTENSIONS)} files)")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    crop = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip()])
+    crop = training_crop(size, colour=False)
     images, bad = [], []
     with seeded(seed):
         for i in order:
             if len(images) == count:
                 break
             try:
-                with Image.open(files[i]) as im:
-                    images.append(crop(im.convert("RGB")))
-            except (OSError, UnidentifiedImageError, ValueError) as e:  # a corrupt or truncated file
+                images.append(crop(read_rgb(files[i])))
+            except UNREADABLE as e:  # a corrupt or truncated file
                 bad.append(f"{files[i]}: {e}")
     if bad:
         log.warning("calibration: %d of the files drawn could not be read and were skipped (first: %s)",

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ._images import DataError, ImageSet
+from ._images import UNREADABLE, DataError, ImageSet, read_rgb, training_crop
 
 __all__ = ["FolderIndex", "StepBatch", "decoded_bytes", "open_folder"]
 
@@ -48,24 +48,20 @@ class _Decode(torch.utils.data.Dataset):
         return 0
 
     def __getitem__(self, item: tuple) -> torch.Tensor | None:
-        from PIL import Image, UnidentifiedImageError
         from torchvision.transforms import v2
 
         from ._torch import seeded
 
         try:
-            with Image.open(item[1]) as im:
-                img = v2.functional.pil_to_tensor(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # corrupt, truncated, not an image
+            img = read_rgb(item[1])
+        except UNREADABLE:
             return None
         if item[0] == "eval":
             size, crop = item[2], item[3]
             img = v2.functional.resize(img, [int(math.ceil(size / crop))], antialias=True)
             return v2.functional.center_crop(img, [size, size])
-        tf = v2.Compose([v2.RandomResizedCrop(item[2], scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                         v2.ColorJitter(brightness=32 / 255, saturation=0.5)])
         with seeded(item[3]):
-            return tf(img)
+            return training_crop(item[2], colour=True)(img)
 
 
 def _collate(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor]:

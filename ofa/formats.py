@@ -32,6 +32,7 @@ FORMATS = ("safetensors", "onnx", "torchscript")
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
 ONNX_OPSET = 17  # HardSwish needs >= 14
 SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
+_NOT_SUBNET_FILE = "not a served subnet safetensors file (metadata key 'ofa' with arch and space)"
 
 
 def subnet_metadata(arch: Arch, space: SearchSpace, data: Mapping[str, Any], supernet_digest: str,
@@ -62,8 +63,7 @@ def subnet_file_metadata(data: bytes) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise TypeError("the metadata is not an object")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
-                         ) from None
+        raise ValueError(f"{_NOT_SUBNET_FILE}: {e}") from None
     return meta
 
 
@@ -81,8 +81,7 @@ def read_subnet(data: bytes) -> tuple[SubNet, dict[str, Any]]:
         space, arch = SearchSpace.from_dict(meta["space"]), Arch.from_dict(meta["arch"])
         tensors = load(data)
     except (ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise ValueError(f"not a served subnet safetensors file (metadata key 'ofa' with arch and space): {e}"
-                         ) from None
+        raise ValueError(f"{_NOT_SUBNET_FILE}: {e}") from None
     if (meta.get("format"), meta.get("version")) != (SUBNET_FORMAT, SUBNET_VERSION):
         raise ValueError(f"the file's metadata says format {meta.get('format')!r} version {meta.get('version')!r}; "
                          f"this build reads {SUBNET_FORMAT!r} version {SUBNET_VERSION}")

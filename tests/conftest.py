@@ -75,6 +75,24 @@ def write_idx_dataset(folder: Path, n_train: int = 640, n_test: int = 160, seed:
     return folder
 
 
+def jpeg_tree(folder: Path, classes, per_class: int = 24, size: int = 64) -> Path:
+    """``folder/CLASS/*.jpg`` for each name in ``classes``: seeded random images of varied shapes, each
+    class around its own colour, and ``folder/CLASS0/999-broken.jpg``, which is no image (returned)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 200, 3) + 40 * c
+            pixels = (rng.integers(0, 56, (size, size + 8 * (i % 3), 3)) + base).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i:03d}.jpg", quality=90)
+    broken = folder / classes[0] / "999-broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    return broken
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return write_idx_dataset(tmp_path_factory.mktemp("tiny-fmnist"))

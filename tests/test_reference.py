@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import reference_dir
+from conftest import jpeg_tree, reference_dir
 from ofa.cli import main as ofa_main
 from ofa.predict.accuracy import PredictorError
 from ofa.predict.reference_predictor import from_reference
@@ -110,18 +110,7 @@ def test_the_reference_accuracy_predictors_predict_as_in_the_reference(dump, lay
         from_reference(dict(list(state.items())[1:]), space)
 
 
-def _jpeg_folder(root: Path, per_class: int = 6) -> Path:
-    """A small ImageFolder tree of random JPEGs of varied shapes, and one file that is no image."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("n01440764", "n01443537"):
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (40 + 12 * i, 64, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / c / f"{i}.jpg", quality=90)
-    (root / "n01440764" / "broken.jpg").write_bytes(b"not a jpeg")
-    return root
+_IMAGENET_FIRST_TWO = ("n01440764", "n01443537")  # an ImageFolder tree of two ImageNet classes
 
 
 def test_an_imported_checkpoint_is_served_as_the_reference_serves_it(dump, tmp_path, caplog):
@@ -139,7 +128,8 @@ def test_an_imported_checkpoint_is_served_as_the_reference_serves_it(dump, tmp_p
 
     out, state, _, _, space = dump
     torch.save(state, tmp_path / "ckpt.pth")
-    train = _jpeg_folder(tmp_path / "train")
+    train = tmp_path / "train"
+    jpeg_tree(train, _IMAGENET_FIRST_TWO, per_class=6)
     bare = tmp_path / "bare"
     assert ofa_main(["import-reference", "--checkpoint", str(tmp_path / "ckpt.pth"), "--out", str(bare)]) == 0
     with pytest.raises(ArtifactError, match=r"has no calibration set .*--calib-dir TRAIN_IMAGES"):
@@ -179,7 +169,8 @@ def test_an_imported_checkpoint_is_served_as_the_reference_serves_it(dump, tmp_p
     session = ort.InferenceSession(onnx.data, providers=["CPUExecutionProvider"])
     got_onnx = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert want.abs().max() > 1e-3  # the comparison is not of zeros
-    assert (got - want).abs().max() <= 1e-4 and np.abs(got_onnx - want.numpy()).max() <= 1e-4
+    tol = 1e-4 + 1e-5 * float(want.abs().max())  # float32 rounding grows with the logits' scale (~50 here)
+    assert (got - want).abs().max() <= tol and np.abs(got_onnx - want.numpy()).max() <= tol
     assert abs(best.predicted_accuracy - 100 * ref["predicted_accuracy"]) <= 1e-4
 
 
@@ -194,8 +185,8 @@ def test_an_imported_supernet_is_measured_on_an_image_folder_of_its_classes(tmp_
     training = {"imported_from": "reference OFAMobileNetV3", "image_size": 224, "eval_crop": 0.875}
     with pytest.raises(DataError, match="data_dir is needed to measure an imported supernet"):
         validation_set(training, None)
-    small = _jpeg_folder(tmp_path / "two")
-    (small / "n01440764" / "broken.jpg").unlink()
+    small = tmp_path / "two"
+    jpeg_tree(small, _IMAGENET_FIRST_TWO, per_class=6).unlink()
     with pytest.raises(DataError, match="has 2 class folders; the supernet classifies 1000"):
         validation_set(training, str(small))
     val = tmp_path / "imagenet" / "val"

@@ -3,11 +3,11 @@ unreadable files counted and skipped, a resumed streaming run equal to an uninte
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import jpeg_tree
 from ofa.data import DataError
 from ofa.data import training_data
 from ofa.folder import StepBatch, open_folder
@@ -15,25 +15,11 @@ from ofa.train import load_config, train
 from ofa.train.loop import Trainer
 
 
-def jpeg_folder(root: Path, classes: int = 3, per_class: int = 24, size: int = 64) -> Path:
-    """``root/train/CLASS/*.jpg``: seeded random images of varied shapes, and one file that is no image."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        folder = root / "train" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 200, 3) + 40 * c
-            pixels = (rng.integers(0, 56, (size, size + 8 * (i % 3), 3)) + base).clip(0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
-    (root / "train" / "class0" / "999-broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return jpeg_folder(tmp_path_factory.mktemp("jpegs"))
+    root = tmp_path_factory.mktemp("jpegs")
+    jpeg_tree(root / "train", [f"class{c}" for c in range(3)])
+    return root
 
 
 def _plan(steps, n: int = 6):
