@@ -37,8 +37,16 @@ def _constraint_kwargs(args: argparse.Namespace) -> dict:
 
 def _line(s) -> str:
     lat = f"{s.predicted_latency_ms:.3f} ms  " if s.predicted_latency_ms is not None else ""
-    return (f"{s.id}  accuracy {s.predicted_accuracy:.2f}%  {lat}{s.macs / 1e6:.2f} MMACs  "
-            f"{s.params / 1e6:.3f} M params  res {s.arch['resolution']}" + ("  fine-tuned" if s.fine_tuned else ""))
+    acc = f"accuracy {s.predicted_accuracy:.2f}%"
+    if s.predicted_accuracy_low is not None:
+        acc += f" [{s.predicted_accuracy_low:.2f}, {s.predicted_accuracy_high:.2f}] at {s.interval_level:.0%}"
+    notes = [n for n, on in (("fine-tuned", s.fine_tuned),
+                             ("EXTRAPOLATED: outside the measured subnets", s.extrapolated),
+                             ("latency table profiled on a noisy machine", s.latency_noisy)) if on]
+    if s.measured_accuracy is not None:
+        notes.insert(0, f"measured {s.measured_accuracy:.2f}% on {s.measured_images} {s.measured_split} images")
+    return (f"{s.id}  {acc}  {lat}{s.macs / 1e6:.2f} MMACs  {s.params / 1e6:.3f} M params  "
+            f"res {s.arch['resolution']}" + "".join(f"  ({n})" for n in notes))
 
 
 def _search(c: Client, args: argparse.Namespace) -> int:
@@ -101,7 +109,8 @@ def _targets(c: Client, args: argparse.Namespace) -> int:
         print(f"{t['name']:24s} {t['source']:10s} {t['cpu']}, {t['threads']} threads, {t['backend']} "
               f"{t['backend_version']}, {t['blocks']} blocks, model {t['model_family']}: held out "
               f"{t['held_out_within_10pct']:.0%} within 10%, mean |error| {t['mean_abs_rel_error']:.1%}; "
-              f"speed x{t['speed']:.3f}; {len(t['references'])} references")
+              f"speed x{t['speed']:.3f}; {len(t['references'])} references"
+              + (f"; NOISY: {t['noise']}" if t.get("noisy") else ""))
     return 0
 
 
@@ -114,7 +123,10 @@ def _supernets(c: Client, args: argparse.Namespace) -> int:
         print(f"{s['name']}: space {s['space']['name']}, data {s['data']['dataset']}, digest {s['digest'][:16]}, "
               f"targets {s.get('targets', [])}" + (f", predictor tau {q.get('kendall_tau', 0):.3f}" if q else "")
               + (f" (at most {q['kendall_tau_ceiling']:.3f} on its validation split)"
-                 if q and q.get("kendall_tau_ceiling") else ""))
+                 if q and q.get("kendall_tau_ceiling") else "")
+              + (f"; {q['interval_level']:.0%} intervals covered {q.get('interval_coverage', 0):.0%} of held-out "
+                 f"subnets (mean +/-{q.get('interval_half_width', 0):.2f} points)" if q and q.get("interval_level")
+                 else ""))
     return 0
 
 

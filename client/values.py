@@ -78,13 +78,30 @@ class SubnetInfo:
     speed: float = 0.0
     speed_offset_ms: float = 0.0
     fine_tuned: bool = False  # the server holds this subnet fine-tuned: a fetch returns those weights
+    # predicted_accuracy lies in [low, high] with probability interval_level (None: the predictor has no interval)
+    predicted_accuracy_low: float | None = None
+    predicted_accuracy_high: float | None = None
+    interval_level: float | None = None
+    measured_distance: float | None = None  # arch choices to the nearest measured subnet
+    extrapolated: bool = False  # outside what the predictor was fitted on: trust the prediction less
+    # this very subnet's accuracy as measured by the server's artifact (None: never measured), and on what split
+    measured_accuracy: float | None = None
+    measured_split: str = ""
+    measured_images: int = 0
+    latency_noisy: bool = False  # the target's table was profiled on a machine too noisy to trust (see targets)
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
-        """The result in a ``Subnet`` message (no latency prediction without a target: None)."""
+        """The result in a ``Subnet`` message (no latency prediction without a target: None; no interval
+        or measurement from a server that sends none, API 1.1 and older)."""
+        iv = m.predicted_accuracy_interval if m.HasField("predicted_accuracy_interval") else None
+        ma = m.measured_accuracy if m.HasField("measured_accuracy") else None
         return cls(m.id, arch_to_dict(m.arch), m.predicted_accuracy,
                    m.predicted_latency_ms if m.HasField("predicted_latency_ms") else None,
-                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms, m.fine_tuned)
+                   m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms, m.fine_tuned,
+                   iv.low if iv else None, iv.high if iv else None, iv.level if iv else None,
+                   iv.measured_distance if iv else None, m.extrapolated,
+                   ma.accuracy if ma else None, ma.split if ma else "", ma.images if ma else 0, m.latency_noisy)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""

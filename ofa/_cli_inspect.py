@@ -112,7 +112,8 @@ def _artifact_info(root: Path) -> dict:
         pred = AccuracyPredictor.from_bytes(files.read(ACCURACY_PREDICTOR))
         accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
                                               ("test", "train_samples", "test_samples", "learning_curve",
-                                               "calib_images", "imported")}}
+                                               "calib_images", "imported", "closed_loop")},
+                    "interval": pred.interval.to_meta() if pred.interval is not None else None}
     return {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
             "dataset": manifest["dataset"], "created": manifest["created"],
             "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets,
@@ -173,6 +174,19 @@ def _print_info(info: dict, order: list[str]) -> None:
         if "tau_ceiling" in test:
             print(f"  the validation split's noise lets any predictor reach at most tau {test['tau_ceiling']:.3f} "
                   f"on these subnets")
+        iv = accuracy.get("interval")
+        if iv:
+            print(f"  {iv['level']:.0%} intervals: +/-{iv['q']:.2f} points at a measured subnet, growing by that "
+                  f"every {iv['kappa']:g} arch choices away; they covered "
+                  f"{test.get('interval_coverage', float('nan')):.0%} of the held-out subnets "
+                  f"(mean +/-{test.get('interval_half_width', float('nan')):.2f})")
+        else:
+            print("  no interval (fitted before intervals, or imported): predictions carry no uncertainty")
+        loop = accuracy.get("closed_loop")
+        if loop:
+            print(f"  closed loop: {loop['rounds']} round(s), {loop['measured']} search picks measured; the last "
+                  f"round's picks: {loop['within']} of {loop['picks']} inside their interval "
+                  f"({'agreed' if loop['agreed'] else 'budget ran out before they agreed'})")
     print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
     for name, t in targets.items():
         if "error" in t:
@@ -184,7 +198,8 @@ def _print_info(info: dict, order: list[str]) -> None:
               f"{t['device'].get('backend')} {t['device'].get('backend_version', '')}; model {t['model']['family']}")
         print(f"    end to end on {held.get('subnets', 0)} held-out subnets: {held.get('within_10pct', float('nan')):.0%}"
               f" within 10%, mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman "
-              f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}")
+              f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}"
+              + ("  [NOISY TABLE: every answer using it says so]" if rep and not rep.get("trusted", True) else ""))
         recal = t.get("recalibration")
         print(f"    speed: {Speed.from_dict(recal).describe()} of the profiled time, measured {recal.get('measured_at', '?')} "
               f"from {len(recal.get('ratios', []))} references" if recal else

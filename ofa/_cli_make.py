@@ -140,6 +140,12 @@ def add_predictors(s: argparse.ArgumentParser) -> None:
     s.add_argument("--front-target",
                    help="take the --front samples along this latency target's front (the artifact's table; where "
                    "the subnets served for it come from) instead of the accuracy-MACs front")
+    s.add_argument("--loop-rounds", type=int, default=0,
+                   help="closed loop (needs --front-target): after the fit, measure the subnets the search would serve "
+                   "for --loop-budgets budgets along the target's front, refit, and repeat until their measurements "
+                   "lie in their predicted intervals or this many rounds ran (default 0: no loop)")
+    s.add_argument("--loop-budgets", type=int, default=5,
+                   help="latency budgets per closed-loop round, spread as `ofa report` spreads them (default 5)")
     s.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of subnets held out for the reported quality (default 0.2)")
     s.add_argument("--calib-images", type=int, help="BN calibration images per subnet (default: all stored)")
@@ -158,12 +164,14 @@ def run_predictors(args: argparse.Namespace) -> int:
 
     from .jobs.predictors import build_accuracy_predictor, check_predictor_settings
 
-    flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front, args.families))
+    flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front, args.families,
+                                                 args.loop_rounds, args.loop_budgets, args.front_target))
     if args.threads:
         torch.set_num_threads(args.threads)  # this process's own setting: the command ends with it
     report = build_accuracy_predictor(args.artifact, samples=args.samples, seed=args.seed,
                                       test_fraction=args.test_fraction, calib_images=args.calib_images,
                                       data_dir=args.data_dir, front=args.front, front_target=args.front_target,
+                                      loop_rounds=args.loop_rounds, loop_budgets=args.loop_budgets,
                                       families=args.families, progress=not args.no_progress,
                                       log=(lambda s: None) if args.json else print)
     if args.plot:
@@ -193,6 +201,12 @@ def add_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--samples", type=int, default=40, help="subnets measured for the accuracy predictor (default 40)")
     s.add_argument("--front", type=int, default=16,
                    help="of them, this many along the front the search picks from (default 16; see ofa predictors)")
+    s.add_argument("--loop-rounds", type=int, default=2,
+                   help="closed-loop rounds after the fit: measure what the search would serve, refit (default 2; "
+                   "see ofa predictors)")
+    s.add_argument("--loop-budgets", type=int, default=5, help="budgets per closed-loop round (default 5)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seeds the training (and its validation split) and the predictor's samples (default 0)")
     _families_flag(s)
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
@@ -215,10 +229,12 @@ def run_demo(args: argparse.Namespace) -> int:
     timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
     flag_errors(timing.check, prefix="--profile-")
     flag_errors(lambda: demo.check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets,
-                                    args.front, args.families))
+                                    args.front, args.families, args.loop_rounds, args.loop_budgets))
     report = demo.run_demo(args.out, args.preset, args.set or [], args.samples, args.target, timing,
                            args.profile_subnets, args.budgets, args.front, progress=not args.no_progress, log=print,
-                           command=f"ofa demo --out {Path(args.out)}", families=args.families)
+                           command=f"ofa demo --out {Path(args.out)}" + (f" --seed {args.seed}" if args.seed else ""),
+                           families=args.families, loop_rounds=args.loop_rounds, loop_budgets=args.loop_budgets,
+                           seed=args.seed)
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "

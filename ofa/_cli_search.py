@@ -42,7 +42,11 @@ def _settings(args: argparse.Namespace):
 
 def _describe(c) -> str:
     lat = f"{c.latency_ms:.3f} ms, " if c.latency_ms is not None else ""
-    return f"{c.arch.id}  accuracy {c.accuracy:.2f}%  {lat}{c.macs / 1e6:.2f} MMACs  {c.params / 1e6:.3f} M params"
+    acc = f"accuracy {c.accuracy:.2f}%"
+    if c.accuracy_low is not None:
+        acc += f" [{c.accuracy_low:.2f}, {c.accuracy_high:.2f}]"
+    return (f"{c.arch.id}  {acc}  {lat}{c.macs / 1e6:.2f} MMACs  {c.params / 1e6:.3f} M params"
+            + ("  (EXTRAPOLATED: outside the measured subnets)" if c.extrapolated else ""))
 
 
 def _profile_space(args: argparse.Namespace):

@@ -4,11 +4,11 @@ values (``Arch``, ``Candidate``, a latency table...)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Container
+from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import grpc
 
-from ofa.predict.latency import LatencyTableError, Speed, check_target_name
+from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_noise
 from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.v1 import subnet_service_pb2 as pb
@@ -16,6 +16,7 @@ from ofa_client.v1 import subnet_service_pb2 as pb
 if TYPE_CHECKING:
     from ofa.artifact import Artifact
     from ofa.predict.accuracy import AccuracyPredictor
+    from ofa.search.load import Measured
 
     from .weights import Payload
 
@@ -205,15 +206,24 @@ def arch_to_pb(arch: Arch) -> pb.Arch:
 
 
 def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None, speed: Speed,
-                 fine_tuned: Container[str] = ()) -> pb.Subnet:
+                 fine_tuned: Container[str] = (), level: float = 0.0,
+                 measured: "Mapping[str, Measured] | None" = None, table: dict[str, Any] | None = None) -> pb.Subnet:
     """A searched subnet as answered: ``speed`` is the device speed the latency was predicted at;
-    ``fine_tuned``: the ids whose weights the artifact holds fine-tuned."""
+    ``fine_tuned``: the ids whose weights the artifact holds fine-tuned; ``level``: the accuracy
+    interval's; ``measured``: accuracies measured on the artifact's weights; ``table``: the target's."""
     msg = pb.Subnet(id=c.arch.id, arch=arch_to_pb(c.arch), predicted_accuracy=c.accuracy, macs=c.macs,
                     params=c.params, search_seconds=seconds, supernet=supernet, target=target or "",
                     speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0,
-                    fine_tuned=c.arch.id in fine_tuned)
+                    fine_tuned=c.arch.id in fine_tuned, extrapolated=c.extrapolated,
+                    latency_noisy=bool(table and table_noise(table)))
     if c.latency_ms is not None:
         msg.predicted_latency_ms = c.latency_ms
+    if c.accuracy_low is not None and c.accuracy_high is not None:
+        msg.predicted_accuracy_interval.CopyFrom(pb.AccuracyInterval(
+            low=c.accuracy_low, high=c.accuracy_high, level=level, measured_distance=c.measured_distance or 0.0))
+    m = (measured or {}).get(c.arch.id)
+    if m is not None:
+        msg.measured_accuracy.CopyFrom(pb.MeasuredAccuracy(accuracy=m.accuracy, split=m.split, images=m.images))
     return msg
 
 
@@ -237,7 +247,10 @@ def supernet_to_pb(name: str, artifact: "Artifact", accuracy: "AccuracyPredictor
             family=accuracy.family, train_samples=int(accuracy.info.get("train_samples", 0)),
             test_samples=int(accuracy.info.get("test_samples", 0)),
             kendall_tau=float(test.get("kendall_tau", 0.0)), rmse=float(test.get("rmse", 0.0)),
-            kendall_tau_ceiling=float(test.get("tau_ceiling", 0.0))))
+            kendall_tau_ceiling=float(test.get("tau_ceiling", 0.0)),
+            interval_level=accuracy.interval.level if accuracy.interval is not None else 0.0,
+            interval_coverage=float(test.get("interval_coverage", 0.0)),
+            interval_half_width=float(test.get("interval_half_width", 0.0))))
     return msg
 
 
@@ -256,7 +269,8 @@ def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -
                      blocks=len(table["entries"]), mean_abs_rel_error=float(held.get("mean_abs_rel_error", 0.0)),
                      source=source, references=refs, held_out_within_10pct=float(held.get("within_10pct", 0.0)),
                      held_out_spearman=float(held.get("spearman", 0.0)),
-                     model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms)
+                     model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms,
+                     noisy=bool(table_noise(table)), noise=table_noise(table))
 
 
 def weights_header(fmt: int, payload: "Payload", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:

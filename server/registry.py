@@ -25,7 +25,7 @@ from ofa.calibrate import served_images
 from ofa.finetune import finetuned_archs
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
-from ofa.search.load import load_scorer
+from ofa.search.load import Measured, load_measured, load_scorer
 from ofa.space import Arch, space_digest
 
 from .convert import LIMITS, bounded
@@ -48,6 +48,7 @@ class ServedSupernet:
     digest16: str = field(init=False)
     calibration: Any = field(init=False)  # the images its subnets are calibrated on (decided once)
     fine_tuned: dict[str, Arch] = field(init=False)  # id -> arch of the artifact's fine-tuned subnets
+    measured: dict[str, Measured] = field(init=False)  # id -> accuracy measured on these weights
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,6 +56,7 @@ class ServedSupernet:
         self.digest16 = space_digest(self.artifact.space)[:16]
         self.calibration = served_images(self.artifact)
         self.fine_tuned = finetuned_archs(self.artifact.files)
+        self.measured = load_measured(self.artifact.files)
 
     def remember(self, arch: Arch, limit: int = 100_000) -> None:
         """Keep ``arch`` by its id (a search returned it), so that its weights can be asked for by id alone."""

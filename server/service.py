@@ -245,7 +245,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         cv.check_work(s.settings, 1, self.max_search_work)
         result = self._run(s, SearchJob(s.constraints, s.target, s.settings), context)
         s.sn.remember(result.best.arch)
-        return cv.subnet_to_pb(result.best, result.seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned)
+        return self._subnet_pb(s, result.best, result.seconds)
 
     @_handled
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
@@ -257,9 +257,15 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         seconds = time.perf_counter() - t0
         for c in front:
             s.sn.remember(c.arch)
-        return pb.ParetoFront(points=[cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned)
-                                      for c in front],
+        return pb.ParetoFront(points=[self._subnet_pb(s, c, seconds) for c in front],
                               search_seconds=seconds)
+
+    @staticmethod
+    def _subnet_pb(s: _Search, c, seconds: float) -> pb.Subnet:
+        interval = s.sn.scorer.accuracy.interval
+        return cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned,
+                               interval.level if interval is not None else 0.0, s.sn.measured,
+                               s.found.table if s.found else None)
 
     def _arch(self, sn: ServedSupernet, request: pb.GetSubnetWeightsRequest) -> Arch:
         """The arch a weights request asks for: by its arch, its subnet id, or both (which must agree)."""

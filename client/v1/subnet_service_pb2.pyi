@@ -83,20 +83,26 @@ class DataDescription(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., channels: _Optional[int] = ..., image_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictorQuality(_message.Message):
-    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse", "kendall_tau_ceiling")
+    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse", "kendall_tau_ceiling", "interval_level", "interval_coverage", "interval_half_width")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     KENDALL_TAU_FIELD_NUMBER: _ClassVar[int]
     RMSE_FIELD_NUMBER: _ClassVar[int]
     KENDALL_TAU_CEILING_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
     family: str
     train_samples: int
     test_samples: int
     kendall_tau: float
     rmse: float
     kendall_tau_ceiling: float
-    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ..., kendall_tau_ceiling: _Optional[float] = ...) -> None: ...
+    interval_level: float
+    interval_coverage: float
+    interval_half_width: float
+    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ..., kendall_tau_ceiling: _Optional[float] = ..., interval_level: _Optional[float] = ..., interval_coverage: _Optional[float] = ..., interval_half_width: _Optional[float] = ...) -> None: ...
 
 class Supernet(_message.Message):
     __slots__ = ("name", "digest", "space", "data", "accuracy_predictor", "targets")
@@ -145,7 +151,7 @@ class ReferenceTiming(_message.Message):
     def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms")
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms", "noisy", "noise")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +168,8 @@ class Target(_message.Message):
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
     SPEED_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
+    NOISY_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
     name: str
     supernet: str
     cpu: str
@@ -178,7 +186,9 @@ class Target(_message.Message):
     model_family: str
     speed: float
     speed_offset_ms: float
-    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ...) -> None: ...
+    noisy: bool
+    noise: str
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., noisy: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ("supernet",)
@@ -255,7 +265,7 @@ class SearchSubnetRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned", "predicted_accuracy_interval", "extrapolated", "measured_accuracy", "latency_noisy")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +278,10 @@ class Subnet(_message.Message):
     SPEED_FIELD_NUMBER: _ClassVar[int]
     SPEED_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
     FINE_TUNED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ACCURACY_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_NOISY_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -280,7 +294,33 @@ class Subnet(_message.Message):
     speed: float
     speed_offset_ms: float
     fine_tuned: bool
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ...) -> None: ...
+    predicted_accuracy_interval: AccuracyInterval
+    extrapolated: bool
+    measured_accuracy: MeasuredAccuracy
+    latency_noisy: bool
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., predicted_accuracy_interval: _Optional[_Union[AccuracyInterval, _Mapping]] = ..., extrapolated: _Optional[bool] = ..., measured_accuracy: _Optional[_Union[MeasuredAccuracy, _Mapping]] = ..., latency_noisy: _Optional[bool] = ...) -> None: ...
+
+class AccuracyInterval(_message.Message):
+    __slots__ = ("low", "high", "level", "measured_distance")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    low: float
+    high: float
+    level: float
+    measured_distance: float
+    def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ..., level: _Optional[float] = ..., measured_distance: _Optional[float] = ...) -> None: ...
+
+class MeasuredAccuracy(_message.Message):
+    __slots__ = ("accuracy", "split", "images")
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    accuracy: float
+    split: str
+    images: int
+    def __init__(self, accuracy: _Optional[float] = ..., split: _Optional[str] = ..., images: _Optional[int] = ...) -> None: ...
 
 class GetParetoFrontRequest(_message.Message):
     __slots__ = ("supernet", "target", "points", "constraints", "seed", "options", "reference_timings")

@@ -4,7 +4,8 @@
 2. profile this machine as a latency target (onnxruntime by default: how a subnet fetched as
    ONNX runs);
 3. measure subnets (some along that target's latency front, where the search will pick from)
-   and fit the accuracy predictor into it;
+   and fit the accuracy predictor into it; then the closed loop: measure the subnets the
+   search would serve for a spread of budgets, refit, until they agree with their intervals;
 4. start ``ofa serve`` on loopback and, with ``ofa-client``, request and fetch the best
    subnet for a tight, a middle and a loose latency budget; stop the server;
 5. measure the served subnets (test accuracy, latency here) and write OUT/report.md,
@@ -30,14 +31,16 @@ Log = Callable[[str], None]
 
 
 def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50,
-               budgets: int = 3, front: int = 16, families: Sequence[str] | None = None) -> None:
+               budgets: int = 3, front: int = 16, families: Sequence[str] | None = None, loop_rounds: int = 2,
+               loop_budgets: int = 5) -> None:
     """Refuse what :func:`run_demo` could only fail on later (step 4 starts after ~10 minutes), naming the field."""
     from ..predict.latency import check_target_name
     from ..predict.profile import check_profile
     from .predictors import check_predictor_settings
 
     check_target_name(target)
-    check_predictor_settings(samples, front=front, families=families)
+    check_predictor_settings(samples, front=front, families=families, loop_rounds=loop_rounds,
+                             loop_budgets=loop_budgets, front_target=target)
     timing.check()
     try:
         check_profile(profile_subnets)
@@ -110,16 +113,17 @@ def _profile_step(art_dir: Path, target: str, timing: Timing, subnets: int, prog
 def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] = (), samples: int = 40,
              target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
              front: int = 16, progress: bool = True, log: Log = lambda s: None,
-             command: str | None = None, families: Sequence[str] | None = None) -> Report:
+             command: str | None = None, families: Sequence[str] | None = None, loop_rounds: int = 2,
+             loop_budgets: int = 5, seed: int = 0) -> Report:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json, its markdown
-    naming ``command``)."""
+    naming ``command``). ``seed`` seeds the training (its split too) and the predictor's samples."""
     from ..train import load_config
     from .predictors import build_accuracy_predictor
 
-    check_demo(samples, target, timing, profile_subnets, budgets, front, families)
+    check_demo(samples, target, timing, profile_subnets, budgets, front, families, loop_rounds, loop_budgets)
     out = Path(out)
     art_dir = out / "supernet"
-    config = load_config(preset, None, list(assignments))
+    config = load_config(preset, None, [f"seed={seed}", *assignments])
     steps: dict[str, float] = {}
     t_all = t = time.perf_counter()
     log(f"[1/5] train the {preset!r} supernet into {art_dir}")
@@ -129,8 +133,10 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     _profile_step(art_dir, target, timing, profile_subnets, progress, log)
     steps["profile"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[3/5] measure {samples} subnets ({front} of them along the latency front of {target!r}, where the "
-        f"search picks from) and fit the accuracy predictor")
-    rep = build_accuracy_predictor(art_dir, samples=samples, front=front, front_target=target, families=families,
+        f"search picks from), fit the accuracy predictor, then measure what the search would serve and refit "
+        f"(closed loop, at most {loop_rounds} rounds of {loop_budgets} budgets)")
+    rep = build_accuracy_predictor(art_dir, samples=samples, seed=seed, front=front, front_target=target,
+                                   families=families, loop_rounds=loop_rounds, loop_budgets=loop_budgets,
                                    progress=progress, log=lambda s: log("  " + s))
     steps["predictors"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
@@ -139,6 +145,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
     steps["total"] = time.perf_counter() - t_all
     log("[5/5] report")
     report["steps_seconds"] = {k: round(v, 1) for k, v in steps.items()}
-    report["predictor_fit"] = {k: rep[k] for k in ("selected", "test", "train_samples", "test_samples")}
+    report["predictor_fit"] = {k: rep.get(k) for k in ("selected", "test", "train_samples", "test_samples",
+                                                       "closed_loop")}
     write_report(report, out, command)
     return report

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,15 +23,26 @@ from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, stratified
                                validation_set, with_enough_on_each_side)
 from ..space import Arch, SearchSpace, space_digest
 
-__all__ = ["FRONT_ROUNDS", "build_accuracy_predictor", "check_predictor_settings", "front_archs"]
+__all__ = ["FRONT_ROUNDS", "LOOP_BUDGETS", "LOOP_ROUNDS", "build_accuracy_predictor", "check_predictor_settings",
+           "front_archs", "search_picks"]
 
 FRONT_ROUNDS = 2
+LOOP_ROUNDS = 2  # closed-loop rounds at most: search, measure the picks, refit
+LOOP_BUDGETS = 5  # latency budgets per round, spread along the front as a report spreads its budgets
 Log = Callable[[str], None]
 
 
 def check_predictor_settings(samples: int = 10, test_fraction: float = 0.2, front: int = 0,
-                             families: Sequence[str] | None = None) -> None:
+                             families: Sequence[str] | None = None, loop_rounds: int = 0,
+                             loop_budgets: int = LOOP_BUDGETS, front_target: str | None = None) -> None:
     """Refuse settings :func:`build_accuracy_predictor` cannot use, naming the field."""
+    if not 0 <= loop_rounds <= 10:
+        raise ValueError(f"loop_rounds must be in 0..10, got {loop_rounds}")
+    if loop_rounds and front_target is None:
+        raise ValueError("loop_rounds needs a front_target: the closed loop measures what the search serves for "
+                         "a latency target")
+    if not 1 <= loop_budgets <= 20:
+        raise ValueError(f"loop_budgets must be in 1..20, got {loop_budgets}")
     from ..predict.accuracy import FAMILIES
 
     unknown = sorted(set(families or ()) - set(FAMILIES))
@@ -71,6 +82,59 @@ def front_archs(space: SearchSpace, measured: dict[str, dict[str, Any]], k: int,
     new = [c.arch for c in front if c.arch.id not in skip]
     picks = np.unique(np.linspace(0, len(new) - 1, min(k, len(new))).round().astype(int)) if new else []
     return [new[i] for i in picks]
+
+
+def search_picks(space: SearchSpace, predictor, latency, budgets: int, seed: int = 0) -> list:
+    """The candidates the service would return for ``budgets`` latency budgets spread along the front of
+    ``latency``'s target (as ``ofa report`` spreads them: 10% to 90% of the front's range), searched with
+    the service's default settings and ``seed``."""
+    from ..search import Constraints, Scorer, SearchSettings, pareto_front, search
+    from .report import budgets_from_front
+
+    scorer = Scorer(space, predictor, {latency.target: latency})
+    front = pareto_front(scorer, 10, latency.target, Constraints(), SearchSettings(generations=100, seed=seed))
+    plan = budgets_from_front([c.latency_ms for c in front], budgets)
+    return [search(scorer, Constraints(max_latency_ms=ms), latency.target, SearchSettings(seed=seed)).best
+            for _, ms in plan]
+
+
+def _closed_loop(job: "_Job", measured: dict, fit: Callable[[dict], Any], pred, latency, rounds: int,
+                 budgets: int) -> tuple[Any, dict, dict[str, Any]]:
+    """Measure what the search would serve, refit, repeat: until every pick's measured accuracy lies in its
+    predicted interval, or ``rounds`` run out. The picks stay in the measurements (so the server can say a
+    served subnet's *measured* accuracy); returns the last predictor, the measurements and a summary."""
+    history: list[dict[str, Any]] = []
+    agreed, added = False, 0
+    for r in range(rounds):
+        picks = list({c.arch.id: c for c in search_picks(job.art.space, pred, latency, budgets)}.values())
+        new = [c.arch for c in picks if c.arch.id not in measured]
+        job.log(f"closed loop round {r + 1}: the search picks {len(picks)} subnets for {budgets} budgets on "
+                f"{latency.target!r}; measuring the {len(new)} not measured yet")
+        measured = job.measure(new, measured)
+        for a in new:
+            measured[a.id]["loop"] = r + 1
+        added += len(new)
+        job.save(measured)
+        rows = [{"id": c.arch.id, "predicted": c.accuracy, "low": c.accuracy_low, "high": c.accuracy_high,
+                 "extrapolated": c.extrapolated, "measured": measured[c.arch.id]["accuracy"]} for c in picks]
+        for row in rows:
+            low, high = (row["low"], row["high"]) if row["low"] is not None else (row["predicted"],) * 2
+            row["inside"] = bool(low <= row["measured"] <= high)
+        inside = sum(row["inside"] for row in rows)
+        history.append({"round": r + 1, "family": pred.family, "picks": rows, "inside": inside})
+        job.log(f"  {inside} of {len(rows)} picks measured inside their predicted interval (errors "
+                + ", ".join(f"{row['measured'] - row['predicted']:+.2f}" for row in rows) + " points)")
+        if inside == len(rows):
+            agreed = True
+            break
+        pred = fit(measured)  # the picks' measurements join the fit (or the held-out side, by their id)
+    summary = {"rounds": len(history), "measured": added, "picks": len(history[-1]["picks"]) if history else 0,
+               "within": history[-1]["inside"] if history else 0, "agreed": agreed, "budgets": budgets,
+               "target": latency.target, "history": history}
+    if not agreed and history:
+        job.log(f"  the closed loop's {rounds} rounds ran out before the picks agreed with their predictions; "
+                f"the predictor is refitted on every measurement")
+    return pred, measured, summary
 
 
 @dataclass
@@ -201,7 +265,7 @@ def _fit(job: _Job, measured: dict, x, y, held, seed: int, families, recorded: d
             "test_samples": int(len(y_te)), "learning_curve": curve, "calib_images": len(job.calib),
             "seed": seed, **recorded}
     job.log(f"selected {pred.family}: held-out Kendall tau {test['kendall_tau']:.3f}, RMSE {test['rmse']:.3f} points")
-    return type(pred)(pred.space_digest, pred.family, pred.members, pred.base, info)
+    return replace(pred, info=info)
 
 
 def _stored_fit(job: _Job, fit_key: str):
@@ -214,40 +278,60 @@ def _stored_fit(job: _Job, fit_key: str):
     return old if old.info.get("fit_key") == fit_key and old.info.get("artifact") == job.art.digest else None
 
 
+def _dataset(space: SearchSpace, measured: dict, test_fraction: float):
+    """ids, features, accuracies and the held-out mask of the measurements."""
+    from ..predict.accuracy import arch_features
+
+    ids = sorted(measured)
+    x = arch_features(space, space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
+    return ids, x, np.array([measured[i]["accuracy"] for i in ids]), held_out(ids, test_fraction)
+
+
 def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0, test_fraction: float = 0.2,
                              calib_images: int | None = None, data_dir: str | None = None,
                              families: Sequence[str] | None = None, front: int = 0, front_target: str | None = None,
+                             loop_rounds: int = 0, loop_budgets: int = LOOP_BUDGETS,
                              progress: bool = True, log: Log = lambda s: None) -> dict[str, Any]:
     """Measure ``samples`` subnets of the artifact at ``root``, pick and fit a predictor, store both.
 
     ``front`` of the samples lie along the latency front of the artifact's ``front_target`` table
-    when given, else along MACs. Returns the quality report (what the stored predictor's info
-    holds, plus ``measure_seconds``, ``held_out`` predictions and ``reused``).
+    when given, else along MACs. With ``loop_rounds`` (and a ``front_target``), the closed loop then
+    measures what the search would serve for ``loop_budgets`` budgets and refits, until the picks'
+    measurements lie in their intervals. Returns the quality report (what the stored predictor's
+    info holds, plus ``measure_seconds``, ``held_out`` predictions and ``reused``).
     """
-    from ..predict.accuracy import arch_features
-
-    check_predictor_settings(samples, test_fraction, front, families)
+    check_predictor_settings(samples, test_fraction, front, families, loop_rounds, loop_budgets, front_target)
     job = _open(Path(root), calib_images, data_dir, progress, log)
     t0 = time.perf_counter()
     measured = _measure(job, samples, front, front_target, test_fraction, seed, families)
-    measure_s = round(time.perf_counter() - t0, 1)
-    ids = sorted(measured)
-    x = arch_features(job.art.space, job.art.space.encode([Arch.from_dict(measured[i]["arch"]) for i in ids]))
-    y = np.array([measured[i]["accuracy"] for i in ids])
-    held = held_out(ids, test_fraction)
-    log(f"{len(ids)} measured subnets ({int((~held).sum())} to fit, {int(held.sum())} held out); "
-        f"accuracy {y.min():.2f}-{y.max():.2f}%")
-    fit_key = hashlib.sha256(json.dumps({"measured": [[i, measured[i]["accuracy"]] for i in ids], "seed": seed,
-                                         "test_fraction": test_fraction, "families": families, "front": front,
-                                         "front_target": front_target}, sort_keys=True).encode()).hexdigest()
-    pred = _stored_fit(job, fit_key)
+    settings = {"seed": seed, "test_fraction": test_fraction, "families": families, "front": front,
+                "front_target": front_target, "loop_rounds": loop_rounds, "loop_budgets": loop_budgets}
+
+    def key_of(m: dict) -> str:
+        return hashlib.sha256(json.dumps({"measured": [[i, m[i]["accuracy"]] for i in sorted(m)], **settings},
+                                         sort_keys=True).encode()).hexdigest()
+
+    def fit(m: dict):
+        ids, x, y, held = _dataset(job.art.space, m, test_fraction)
+        log(f"{len(ids)} measured subnets ({int((~held).sum())} to fit, {int(held.sum())} held out); "
+            f"accuracy {y.min():.2f}-{y.max():.2f}%")
+        return _fit(job, m, x, y, held, seed, families, {"front": front, "front_target": front_target,
+                                                         "artifact": job.art.digest, "fit_key": key_of(m)})
+
+    pred = _stored_fit(job, key_of(measured))
     if pred is not None:
-        log(f"the stored predictor ({pred.family}) was fitted on these {len(ids)} measurements with these "
+        log(f"the stored predictor ({pred.family}) was fitted on these {len(measured)} measurements with these "
             f"settings: reusing it")
-        return {**pred.info, "measure_seconds": measure_s, "reused": True,
+        ids, x, y, held = _dataset(job.art.space, measured, test_fraction)
+        return {**pred.info, "measure_seconds": round(time.perf_counter() - t0, 1), "reused": True,
                 "held_out": _held_out_report(pred, ids, held, x[held], y[held])}
-    pred = _fit(job, measured, x, y, held, seed, families, {"front": front, "front_target": front_target,
-                                                             "artifact": job.art.digest, "fit_key": fit_key})
+    pred = fit(measured)
+    if loop_rounds:
+        pred, measured, loop = _closed_loop(job, measured, fit, pred, _front_latency(job, front_target), loop_rounds,
+                                            loop_budgets)
+        # the key of what it was finally fitted on: a rerun with these settings finds it and reuses it
+        pred = replace(pred, info={**pred.info, "closed_loop": loop, "fit_key": key_of(measured)})
     add_file(job.art.path, ACCURACY_PREDICTOR, pred.to_bytes())
-    return {**pred.info, "measure_seconds": measure_s,
+    ids, x, y, held = _dataset(job.art.space, measured, test_fraction)
+    return {**pred.info, "measure_seconds": round(time.perf_counter() - t0, 1),
             "held_out": _held_out_report(pred, ids, held, x[held], y[held])}

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from ..space import SearchSpace
+from .interval import DEFAULT_LEVEL, Interval, conformal_interval
 
-__all__ = ["AccuracyPredictor", "PredictorError", "arch_features", "fit_family", "fit_many", "kendall_tau", "tau_ceiling",
+__all__ = ["AccuracyPredictor", "Bounds", "PredictorError", "arch_features", "fit_family", "fit_many", "kendall_tau", "tau_ceiling",
            "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
 
 PREDICTOR_FORMAT = "ofa-accuracy-predictor"
@@ -98,15 +99,29 @@ _erf = np.vectorize(math.erf, otypes=[float])
 Layers = tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
+class Bounds(NamedTuple):
+    """Predictions of N archs with their uncertainty (all (N,) arrays): the point prediction, the interval
+    (``low == high == prediction`` for a predictor without one), and whether each lies outside what was
+    measured (distance in arch choices to the nearest measured subnet; inf without an interval)."""
+
+    prediction: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    distance: np.ndarray
+    extrapolated: np.ndarray
+
+
 @dataclass(frozen=True)
 class AccuracyPredictor:
-    """Predicted top-1 accuracy (%) of encoded archs: mean of the members, plus ``base``."""
+    """Predicted top-1 accuracy (%) of encoded archs: mean of the members, plus ``base``; with an
+    :class:`~ofa.predict.interval.Interval` when it was calibrated (every fit by :func:`select_and_fit`)."""
 
     space_digest: str
     family: str
     members: tuple[Layers, ...]
     base: float
     info: dict[str, Any] = field(default_factory=dict)
+    interval: Interval | None = None
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         """(N,) predictions from (N, F) features."""
@@ -124,6 +139,19 @@ class AccuracyPredictor:
         """(N,) predicted accuracies (%) of N encoded archs of ``space``."""
         return self.predict_features(arch_features(space, codes))
 
+    def bounds_features(self, x: np.ndarray) -> Bounds:
+        """Predictions of (N, F) features with their intervals."""
+        pred = self.predict_features(x)
+        if self.interval is None:
+            return Bounds(pred, pred, pred, np.full(len(pred), np.inf), np.zeros(len(pred), bool))
+        dist = self.interval.distance(x)
+        half = self.interval.half_width(dist)
+        return Bounds(pred, pred - half, pred + half, dist, self.interval.extrapolated(pred, dist))
+
+    def bounds(self, space: SearchSpace, codes: np.ndarray) -> Bounds:
+        """Predictions of N encoded archs of ``space`` with their intervals."""
+        return self.bounds_features(arch_features(space, codes))
+
     # ---- file format -----------------------------------------------------------
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
@@ -134,6 +162,9 @@ class AccuracyPredictor:
         meta = {"format": PREDICTOR_FORMAT, "version": PREDICTOR_VERSION, "space_digest": self.space_digest,
                 "family": self.family, "members": len(self.members),
                 "layers": [len(layers) for layers in self.members], "base": self.base, "info": self.info}
+        if self.interval is not None:  # optional: a file without one (older, or imported) reads as before
+            tensors["interval.anchors"] = np.ascontiguousarray(self.interval.anchors, dtype=np.uint8)
+            meta["interval"] = self.interval.to_meta()
         return save(tensors, metadata={"ofa": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
     @classmethod
@@ -159,7 +190,10 @@ class AccuracyPredictor:
                 for m, n in enumerate(meta["layers"]))
             pred = cls(str(meta["space_digest"]), str(meta["family"]), members, float(meta["base"]),
                        dict(meta.get("info", {})))
-        except (KeyError, TypeError, ValueError) as e:
+            if "interval" in meta:
+                pred = replace(pred, interval=Interval.from_meta(meta["interval"], tensors["interval.anchors"],
+                                                                 members[0][0][0].shape[0]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise PredictorError(f"{where}: incomplete predictor ({e})") from None
         if not members or not all(members):
             raise PredictorError(f"{where}: layers must list at least one member, each of at least one layer; "
@@ -290,9 +324,10 @@ FOLDS = 5  # cross-validation folds when selecting the family
 
 
 def select_and_fit(x: np.ndarray, y: np.ndarray, space_digest: str, families: Sequence[str] | None = None,
-                   folds: int = FOLDS, seed: int = 0, log: Callable[[str], None] = lambda s: None
-                   ) -> tuple[AccuracyPredictor, dict[str, dict[str, float]]]:
-    """Pick the family with the best ``folds``-fold cross-validated Kendall τ (then RMSE), fit it on all.
+                   folds: int = FOLDS, seed: int = 0, log: Callable[[str], None] = lambda s: None,
+                   level: float = DEFAULT_LEVEL) -> tuple[AccuracyPredictor, dict[str, dict[str, float]]]:
+    """Pick the family with the best ``folds``-fold cross-validated Kendall τ (then RMSE), fit it on all,
+    and calibrate its interval at ``level`` on the chosen family's out-of-fold residuals.
 
     Returns the fitted predictor and each family's cross-validated scores.
     """
@@ -303,20 +338,31 @@ def select_and_fit(x: np.ndarray, y: np.ndarray, space_digest: str, families: Se
     fold = np.random.default_rng(seed).permutation(len(y)) % folds
     results: dict[str, dict[str, float]] = {}
     on_all: dict[str, AccuracyPredictor] = {}
+    oof: dict[str, np.ndarray] = {}
     for fam in families:  # the folds and the fit on all of them, fitted together
         *per_fold, on_all[fam] = fit_many(fam, [(x[fold != f], y[fold != f]) for f in range(folds)] + [(x, y)],
                                           space_digest, seed)
-        pred = np.zeros_like(y)
+        oof[fam] = np.zeros_like(y)
         for f, fitted in enumerate(per_fold):
-            pred[fold == f] = fitted.predict_features(x[fold == f])
-        results[fam] = _scores(pred, y)
+            oof[fam][fold == f] = fitted.predict_features(x[fold == f])
+        results[fam] = _scores(oof[fam], y)
         log(f"  {fam:22s} cross-validated: tau {results[fam]['kendall_tau']:.3f}  rmse {results[fam]['rmse']:.3f}")
     best = max(families, key=lambda f: (results[f]["kendall_tau"], -results[f]["rmse"]))
-    chosen = on_all[best]
-    return type(chosen)(chosen.space_digest, best, chosen.members, chosen.base, {"cv": results, "selected": best}), results
+    interval = conformal_interval(x, y, oof[best], fold, level)
+    log(f"  {level:.0%} interval: +/-{interval.q:.2f} points near a measured subnet, "
+        f"+/-{interval.q * 2:.2f} at {interval.kappa:g} choices from one")
+    return replace(on_all[best], family=best, info={"cv": results, "selected": best}, interval=interval), results
 
 
 def evaluate(pred: AccuracyPredictor, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Kendall τ, RMSE and MAE (points) of ``pred`` on measured (features, accuracy)."""
-    return _scores(pred.predict_features(np.asarray(x, np.float32)), np.asarray(y, float))
+    """Kendall τ, RMSE and MAE (points) of ``pred`` on measured (features, accuracy); with an interval, its
+    coverage of the measurements and mean half-width (points)."""
+    x, y = np.asarray(x, np.float32), np.asarray(y, float)
+    b = pred.bounds_features(x)
+    scores = _scores(b.prediction, y)
+    if pred.interval is not None and len(y):
+        scores["interval_coverage"] = round(float(np.mean((b.low <= y) & (y <= b.high))), 4)
+        scores["interval_half_width"] = round(float(np.mean(b.high - b.low) / 2), 4)
+        scores["extrapolated"] = int(b.extrapolated.sum())
+    return scores
 

@@ -32,7 +32,7 @@ from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError,
                      check_target_name)
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "TABLE_FORMAT", "TABLE_KEYS",
+__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_noise", "TABLE_FORMAT", "TABLE_KEYS",
            "TABLE_VERSION", "block_plan", "validate_table"]
 
 MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
@@ -231,6 +231,15 @@ class LatencyPredictor:
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         return self.finish(self.raw(codes))
+
+
+def table_noise(table: Mapping[str, Any]) -> str:
+    """Why a table's timings are not to be trusted ("" when its profile's repeatability check passed): the
+    protocol's own verdict, carried into every answer that uses the table."""
+    rep = (table.get("timing") or {}).get("repeatability") or {}
+    if rep.get("trusted", True):
+        return ""
+    return str(rep.get("verdict") or "the profile's repeatability check failed")
 
 
 def describe_cpu() -> str:

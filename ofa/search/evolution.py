@@ -6,7 +6,10 @@ mutation may switch on). Each generation draws children by mutation (per block: 
 and expand ratio; per stage: depth; the resolution) and uniform crossover from the top
 ``parent_ratio`` of the population, scores them all at once — exact MACs and params,
 the target's latency table, then the accuracy predictor on the feasible ones — and
-keeps the best, feasible before infeasible. Nothing loops without bound: a generation
+keeps the best, feasible before infeasible. What it maximises is the lower end of the predicted
+accuracy's interval (:mod:`ofa.predict.interval`), not the point prediction: an arch far from
+every measured subnet has a wide interval, so the search does not walk to where the predictor
+extrapolates unless the gain outweighs that doubt. Nothing loops without bound: a generation
 is a fixed number of array operations, and an infeasible constraint is found before the
 search starts from exact lower bounds (every metric is a sum over blocks).
 """
@@ -42,17 +45,27 @@ class SearchCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One arch found by a search, with its predicted accuracy and exact cost (latency on the target, if any)."""
+    """One arch found by a search, with its predicted accuracy and exact cost (latency on the target, if any).
+
+    ``accuracy_low``/``accuracy_high`` bound the prediction at the predictor's interval level (None for a
+    predictor without an interval); ``extrapolated``: the arch lies outside what was measured;
+    ``measured_distance``: arch choices to the nearest measured subnet (None without an interval)."""
 
     arch: Arch
     accuracy: float
     macs: int
     params: int
     latency_ms: float | None = None
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
+    extrapolated: bool = False
+    measured_distance: float | None = None
 
     def to_dict(self) -> dict:
-        """The JSON form: id, arch, accuracy, latency_ms, macs, params."""
+        """The JSON form: id, arch, accuracy (with its interval), latency_ms, macs, params."""
         return {"id": self.arch.id, "arch": self.arch.to_dict(), "accuracy": self.accuracy,
+                "accuracy_low": self.accuracy_low, "accuracy_high": self.accuracy_high,
+                "extrapolated": self.extrapolated, "measured_distance": self.measured_distance,
                 "latency_ms": self.latency_ms, "macs": self.macs, "params": self.params}
 
 
@@ -97,8 +110,8 @@ class _Run:
         self.high = sp.code_choices()
         self.n_slots, self.n_stages = sp.num_slots, sp.num_stages
         self.evaluated = 0
-        # predicted accuracy by network key: evolution comes back to ~30% of the archs it scores
-        self._accuracy: dict[int, float] = {}
+        # (predicted accuracy, its lower bound) by network key: evolution comes back to ~30% of the archs it scores
+        self._accuracy: dict[int, tuple[float, float]] = {}
         self.seeds = self._check_feasible()
 
     def _check_feasible(self) -> list[np.ndarray]:
@@ -125,28 +138,32 @@ class _Run:
         for metric, bound in _bounds(self.c):
             violation += np.maximum(out[metric] / bound - 1.0, 0.0)
         acc = np.full(len(codes), -np.inf)
+        low = acc.copy()
         ok = violation == 0
         if self.objective == "accuracy" or self.c.min_accuracy is not None:
             # the predictor runs on rows that meet the cost bounds only (or on all, if none does)
             rows = ok if ok.any() else np.ones(len(codes), bool)
-            acc[rows] = self._predict_accuracy(codes[rows])
+            acc[rows], low[rows] = self._predict_accuracy(codes[rows]).T
         if self.c.min_accuracy is not None:
             violation = violation + np.where(np.isfinite(acc), np.maximum(self.c.min_accuracy - acc, 0) / 100, 1.0)
         out["accuracy"] = acc
         out["violation"] = violation
-        out["fitness"] = acc if self.objective == "accuracy" else -out[self.objective].astype(float)
+        # what the search stands behind: the interval's lower end (the prediction itself without an interval)
+        out["fitness"] = low if self.objective == "accuracy" else -out[self.objective].astype(float)
         self.evaluated += len(codes)
         return out
 
     def _predict_accuracy(self, codes: np.ndarray) -> np.ndarray:
+        """(N, 2): each row's predicted accuracy and the lower end of its interval."""
         keys = _keys(self.scorer.space, codes).tolist()
         memo = self._accuracy
         if len(memo) > _MEMO_ENTRIES:  # a search at the limits scores ~2M archs: bound the memory
             memo.clear()
         new = [i for i, k in enumerate(keys) if k not in memo]
         if new:
-            memo.update(zip((keys[i] for i in new), self.scorer.predict_accuracy(codes[new]).tolist()))
-        return np.array([memo[k] for k in keys])
+            b = self.scorer.accuracy_bounds(codes[new])
+            memo.update(zip((keys[i] for i in new), zip(b.prediction.tolist(), b.low.tolist())))
+        return np.array([memo[k] for k in keys], dtype=float).reshape(len(keys), 2)
 
     @staticmethod
     def order(metrics: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -232,13 +249,19 @@ def _evolve(run: _Run, population: np.ndarray, generations: int,
 
 
 def _candidate(run: _Run, codes: np.ndarray, metrics: Mapping[str, np.ndarray], i: int) -> Candidate:
-    acc = metrics["accuracy"][i]
-    if not np.isfinite(acc) and run.scorer.accuracy is not None:
-        acc = run.scorer.predict_accuracy(codes[i : i + 1])[0]
     lat = metrics.get("latency_ms")
-    return Candidate(run.scorer.space.decode(codes[i : i + 1])[0], round(float(acc), 4) if np.isfinite(acc) else float("nan"),
-                     int(metrics["macs"][i]), int(metrics["params"][i]),
-                     None if lat is None else round(float(lat[i]), 4))
+    arch = run.scorer.space.decode(codes[i : i + 1])[0]
+    cost = dict(macs=int(metrics["macs"][i]), params=int(metrics["params"][i]),
+                latency_ms=None if lat is None else round(float(lat[i]), 4))
+    if run.scorer.accuracy is None:
+        return Candidate(arch, float("nan"), **cost)
+    b = run.scorer.accuracy_bounds(codes[i : i + 1])
+    interval = run.scorer.accuracy.interval is not None
+    return Candidate(arch, round(float(b.prediction[0]), 4), **cost,
+                     accuracy_low=round(float(b.low[0]), 4) if interval else None,
+                     accuracy_high=round(float(b.high[0]), 4) if interval else None,
+                     extrapolated=bool(b.extrapolated[0]),
+                     measured_distance=float(b.distance[0]) if interval else None)
 
 
 def _infeasible_after_search(run: _Run, metrics: Mapping[str, np.ndarray]) -> Infeasible:
@@ -303,10 +326,13 @@ def pareto_front(scorer: Scorer, k: int = 10, target: str | None = None, constra
     for population, metrics, i in found:
         cand = _candidate(probe, population, metrics, i)
         cands[cand.arch.id] = cand
-    points = sorted(cands.values(), key=lambda c: (getattr(c, metric), -c.accuracy))
+    def stood_behind(c: Candidate) -> float:  # what the searches maximised
+        return c.accuracy if c.accuracy_low is None else c.accuracy_low
+
+    points = sorted(cands.values(), key=lambda c: (getattr(c, metric), -stood_behind(c)))
     front, best_acc = [], -np.inf
     for cand in points:  # sorted by cost: keep each that is more accurate than every cheaper one
-        if cand.accuracy > best_acc:
+        if stood_behind(cand) > best_acc:
             front.append(cand)
-            best_acc = cand.accuracy
+            best_acc = stood_behind(cand)
     return front

@@ -2,13 +2,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
-from ..artifact import ACCURACY_PREDICTOR, ArtifactError, ArtifactFiles, open_artifact
+from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, ArtifactError, ArtifactFiles, open_artifact
 from ..predict.accuracy import AccuracyPredictor
 from ..predict.latency import LatencyPredictor, LatencyTableError
 from .scorer import Scorer
 
-__all__ = ["load_scorer"]
+__all__ = ["Measured", "load_measured", "load_scorer"]
+
+
+class Measured(NamedTuple):
+    """A subnet's measured top-1 accuracy (%), on which split and how many images."""
+
+    accuracy: float
+    split: str
+    images: int
+
+
+def load_measured(files: ArtifactFiles) -> dict[str, Measured]:
+    """The accuracies ``ofa predictors`` measured on these very weights, by subnet id (none if they were
+    measured on other weights: a measurement never stands for another artifact's subnet)."""
+    if not files.has(MEASUREMENTS):
+        return {}
+    data = files.read_json(MEASUREMENTS)
+    if not isinstance(data, dict) or data.get("artifact") != files.digest:
+        return {}
+    split, images = str(data.get("split", "validation")), int(data.get("val_images", 0))
+    return {str(i): Measured(float(m["accuracy"]), split, images) for i, m in (data.get("subnets") or {}).items()
+            if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))}
 
 
 def load_scorer(artifact: str | Path | ArtifactFiles, verify: bool = True) -> Scorer:

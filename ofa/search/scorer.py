@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..predict.accuracy import AccuracyPredictor
+from ..predict.accuracy import AccuracyPredictor, Bounds
 from ..predict.cost import CostModel
 from ..predict.latency import LatencyPredictor
 from ..space import SearchSpace
@@ -82,6 +82,12 @@ class Scorer:
         if self.accuracy is None:
             raise ValueError("this artifact has no accuracy predictor; fit one with `ofa predictors`")
         return self.accuracy.predict(self.space, codes)
+
+    def accuracy_bounds(self, codes: np.ndarray) -> Bounds:
+        """Predicted accuracy of each row of ``codes`` with its interval and extrapolation flag."""
+        if self.accuracy is None:
+            raise ValueError("this artifact has no accuracy predictor; fit one with `ofa predictors`")
+        return self.accuracy.bounds(self.space, codes)
 
     def latency_of(self, target: str) -> LatencyPredictor:
         """The latency table of ``target``; :class:`UnknownTarget` says why there is none."""
