@@ -129,6 +129,12 @@ def _families_flag(s: argparse.ArgumentParser) -> None:
                    f"(default: all of {', '.join(FAMILIES)}; the MLPs take most of the fitting time)")
 
 
+def _noisy_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--accept-noisy-timing", action="store_true",
+                   help="use a latency timing that the protocol's repeatability check calls too noisy even after "
+                   "two more tries with more rounds, labelled as untrusted in the report (default: stop and say so)")
+
+
 def add_predictors(s: argparse.ArgumentParser) -> None:
     s.add_argument("--artifact", required=True)
     s.add_argument("--samples", type=int, default=300,
@@ -207,6 +213,7 @@ def add_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--loop-budgets", type=int, default=5, help="budgets per closed-loop round (default 5)")
     s.add_argument("--seed", type=int, default=0,
                    help="seeds the training (and its validation split) and the predictor's samples (default 0)")
+    _noisy_flag(s)
     _families_flag(s)
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
@@ -234,7 +241,7 @@ def run_demo(args: argparse.Namespace) -> int:
                            args.profile_subnets, args.budgets, args.front, progress=not args.no_progress, log=print,
                            command=f"ofa demo --out {Path(args.out)}" + (f" --seed {args.seed}" if args.seed else ""),
                            families=args.families, loop_rounds=args.loop_rounds, loop_budgets=args.loop_budgets,
-                           seed=args.seed)
+                           seed=args.seed, accept_noisy=args.accept_noisy_timing)
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}; "
@@ -252,6 +259,7 @@ def add_report(s: argparse.ArgumentParser) -> None:
                    help="also train mobilenet_v3_small with this width multiplier as a baseline (repeatable)")
     s.add_argument("--baseline-epochs", type=float, help="default: all of the artifact's training epochs")
     s.add_argument("--data-dir", help="where the dataset lies, if not where training found it")
+    _noisy_flag(s)
     s.add_argument("--no-progress", action="store_true")
 
 
@@ -262,7 +270,7 @@ def run_report(args: argparse.Namespace) -> int:
     flag_errors(lambda: job.check_report_settings(args.budgets, args.budget_ms or ()))
     report = job.run_report(args.artifact, args.target, args.out, args.budgets, args.budget_ms or (),
                             args.baseline or (), args.baseline_epochs, args.data_dir, progress=not args.no_progress,
-                            log=print)
+                            log=print, accept_noisy=args.accept_noisy_timing)
     command = "ofa report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
     job.write_report(report, args.out, command)
     print()

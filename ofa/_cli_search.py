@@ -101,7 +101,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     if not (args.out or args.artifact or args.timings_out):
         raise ValueError("--recalibrate with --table writes nothing without --out FILE or --timings-out FILE")
     table = validate_table(table, space)
-    table, timings = recalibrate(space, table, progress=not args.no_progress)
+    table, timings = recalibrate(space, table, progress=not args.no_progress, accept_noisy=args.accept_noisy_timing)
     recal = table["recalibration"]
     print(f"{len(recal['ratios'])} reference subnets re-timed in {timings.seconds:.1f} s: the device runs at "
           f"{Speed.from_dict(recal).describe()} of its profiled time now (ratios {min(recal['ratios']):.3f}-"
@@ -195,6 +195,9 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    help="re-time the references of --table FILE (or of --artifact DIR's --target) on this device "
                    "now and store the device's speed in the table (--out, or back into the artifact)")
     s.add_argument("--table", help="with --recalibrate: the latency table to re-time")
+    s.add_argument("--accept-noisy-timing", action="store_true",
+                   help="with --recalibrate: use the re-timing even when the protocol's repeatability check calls "
+                   "it too noisy after two more tries with more rounds (its verdict is recorded); default: refuse")
     s.add_argument("--timings-out", help="with --recalibrate: also write the references' timings here, for "
                    "`ofa-client search --reference-timings FILE`")
     s.add_argument("--seed", type=int, default=0)

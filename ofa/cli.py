@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ._cli_common import configure_logging
+    from .predict.timing import TimingError
     from .search import Infeasible
 
     try:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except Infeasible as e:
         print(f"ofa {args.command}: infeasible: {e}", file=sys.stderr)
         return 3
-    except (ValueError, LookupError, OSError, SafetensorError) as e:
+    except (ValueError, LookupError, OSError, SafetensorError, TimingError) as e:
         print(f"ofa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

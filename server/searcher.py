@@ -89,6 +89,19 @@ class _WorkerState:
         self.scorers = dict(scorers)  # artifact dir -> Scorer, as the server verified it (not read again here)
         self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
 
+    def warm_up(self) -> int:
+        """One tiny search on each scorer with an accuracy predictor, before the worker says it is ready: the
+        first call's costs (lazy imports, first use of each numpy path) are paid now, not by the first
+        request, nor by whatever a client times just after the server says SERVING. Returns how many."""
+        from ofa.search import Constraints, SearchSettings, search
+
+        warmed = 0
+        for scorer in self.scorers.values():
+            if scorer.accuracy is not None:
+                search(scorer, Constraints(), None, SearchSettings(population=8, generations=2))
+                warmed += 1
+        return warmed
+
     def scorer(self, artifact_dir: str) -> Scorer:
         if artifact_dir not in self.scorers:  # one the server did not send: read here
             from ofa.search.load import load_scorer
@@ -140,7 +153,7 @@ def _worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
     # only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)
     state = _WorkerState(flags, tables_kept, pickle.loads(scorers))  # the parent's pipe, not a file
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), state.warm_up()))
     while True:
         try:
             task = conn.recv()
@@ -171,6 +184,7 @@ class _Worker:
     proc: Any
     conn: Any
     sent: set[int] = field(default_factory=set)  # the versions of the registered tables it was sent
+    warmed: int = 0  # scorers it searched once before saying it was ready
 
 
 class SearchPool:
@@ -230,7 +244,9 @@ class SearchPool:
         try:
             while time.monotonic() < end:
                 if w.conn.poll(0.1):
-                    return w.conn.recv()[0] == "ready"
+                    msg = w.conn.recv()
+                    w.warmed = msg[2] if msg[0] == "ready" else 0
+                    return msg[0] == "ready"
                 if not w.proc.is_alive():  # it failed to start: say so now, not after the timeout
                     return False
         except (EOFError, OSError):
@@ -242,6 +258,11 @@ class SearchPool:
         """Workers alive and able to take a search (idle or busy)."""
         with self._lock:
             return len(self._free) + len(self._busy)
+
+    def warmed(self) -> list[int]:
+        """By slot, how many scorers each started worker searched once before it said it was ready."""
+        with self._lock:
+            return [w.warmed for w in self._workers if w is not None]
 
     def worker_pids(self) -> list[int]:
         """The process ids of the workers now started, by slot."""

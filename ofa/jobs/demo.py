@@ -114,7 +114,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
              target: str = "this-machine", timing: Timing = Timing(), profile_subnets: int = 50, budgets: int = 3,
              front: int = 16, progress: bool = True, log: Log = lambda s: None,
              command: str | None = None, families: Sequence[str] | None = None, loop_rounds: int = 2,
-             loop_budgets: int = 5, seed: int = 0) -> Report:
+             loop_budgets: int = 5, seed: int = 0, accept_noisy: bool = False) -> Report:
     """Run the five steps into ``out``; returns the report (also written as OUT/report.json, its markdown
     naming ``command``). ``seed`` seeds the training (its split too) and the predictor's samples."""
     from ..train import load_config
@@ -140,7 +140,7 @@ def run_demo(out: str | Path, preset: str = "quick", assignments: Sequence[str] 
                                    progress=progress, log=lambda s: log("  " + s))
     steps["predictors"], t = time.perf_counter() - t, time.perf_counter()
     log(f"[4/5] serve it and ask ofa-client for {budgets} latency budgets")
-    report = run_report(art_dir, target, out, budgets=budgets, progress=progress, log=log)
+    report = run_report(art_dir, target, out, budgets=budgets, progress=progress, log=log, accept_noisy=accept_noisy)
     steps["serve, search, fetch and measure"] = time.perf_counter() - t
     steps["total"] = time.perf_counter() - t_all
     log("[5/5] report")

@@ -111,6 +111,17 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
                 if abs(s["measured_latency_ms"] / s["predicted_latency_ms"] - 1) > tol["latency_relative"]]
     acc = [f"Accuracy: {len(served) - len(acc_miss)} of {len(served)} served subnets measured within "
            f"{tol['accuracy_points']:g} point of the prediction on the test split."]
+    with_iv = [s for s in served if s.get("predicted_accuracy_low") is not None]
+    if with_iv:
+        inside = sum(s["predicted_accuracy_low"] <= s["test_accuracy"] <= s["predicted_accuracy_high"] for s in with_iv)
+        acc.append(f"Intervals: {inside} of {len(with_iv)} test accuracies inside their "
+                   f"{with_iv[0]['interval_level']:.0%} interval (half-widths "
+                   + ", ".join(f"{(s['predicted_accuracy_high'] - s['predicted_accuracy_low']) / 2:.2f}"
+                               for s in with_iv) + " points)"
+                   + "; extrapolated: " + (", ".join(s["label"] for s in with_iv if s.get("extrapolated")) or "none")
+                   + "; measured before serving (validation): "
+                   + (", ".join(f"{s['label']} {s['measured_accuracy']:.2f}%" for s in served
+                                if s.get("measured_accuracy") is not None) or "none") + ".")
     if acc_miss:
         q = report["accuracy_predictor"]
         pred_err = np.array([s["val_accuracy"] - s["predicted_accuracy"] for s in served])
@@ -127,6 +138,12 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
            f"{tol['latency_relative']:.0%} of the prediction the server made at this machine's speed "
            f"(the references re-timed just before searching)."]
     ref = report["reference"]
+    if ref.get("untrusted_timings"):
+        lat.append(f"**UNTRUSTED**: {', '.join(ref['untrusted_timings'])} failed the timing protocol's repeatability "
+                   f"check even with more rounds and were used only because --accept-noisy-timing was given.")
+    if any(s.get("latency_noisy") for s in served):
+        lat.append("**NOISY TABLE**: the target's table was profiled on a machine its own check called too noisy; "
+                   "every answer said so (`latency_noisy`).")
     raw_err = [s["measured_latency_ms"] / s["raw_predicted_latency_ms"] - 1 for s in served]
     raw_in = sum(abs(e) <= tol["latency_relative"] for e in raw_err)
     lat.append(f"Raw, the table as profiled (no recalibration): {raw_in} of {len(served)} within "
@@ -154,15 +171,18 @@ def _fmt_bytes(n: int) -> str:
 
 def table_rows(report: dict[str, Any]) -> list[str]:
     """The markdown table: one row per served subnet, the best fitting baseline under each."""
-    head = ("| budget | ≤ ms | subnet | res | acc. predicted | acc. test | Δ | latency predicted | latency measured "
-            "| Δ | MMACs | params | size | search |")
+    head = ("| budget | ≤ ms | subnet | res | acc. predicted | interval | acc. test | Δ | latency predicted "
+            "| latency measured | Δ | MMACs | params | size | search |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     bases = report.get("baselines") or []
     for s in report["served"]:
         d_acc = s["test_accuracy"] - s["predicted_accuracy"]
         d_lat = s["measured_latency_ms"] / s["predicted_latency_ms"] - 1
+        iv = ("—" if s.get("predicted_accuracy_low") is None else
+              f"{s['predicted_accuracy_low']:.2f}–{s['predicted_accuracy_high']:.2f}"
+              + (" (extrapolated)" if s.get("extrapolated") else ""))
         lines.append(f"| {s['label']} | {s['budget_ms']:.3g} | `{s['id']}` | {s['arch']['resolution']} "
-                     f"| {s['predicted_accuracy']:.2f}% | {s['test_accuracy']:.2f}% | {d_acc:+.2f} "
+                     f"| {s['predicted_accuracy']:.2f}% | {iv} | {s['test_accuracy']:.2f}% | {d_acc:+.2f} "
                      f"| {s['predicted_latency_ms']:.3f} ms | {s['measured_latency_ms']:.3f} ms | {d_lat:+.1%} "
                      f"| {s['macs'] / 1e6:.2f} | {s['params'] / 1e6:.3f} M | {_fmt_bytes(s['size_bytes'])} "
                      f"| {s['search_seconds']:.2f} s |")
@@ -171,7 +191,7 @@ def table_rows(report: dict[str, Any]) -> list[str]:
             fits = named or [b for b in bases if b["budget_ms"] <= s["budget_ms"]]
             b = max(fits, key=lambda b: b["test_accuracy"]) if fits else min(bases, key=lambda b: b["latency_ms"])
             note = "" if fits else " (none fits: fastest)"
-            lines.append(f"| ↳ baseline | | {b['name']}{note} | {b['resolution']} | — | {b['test_accuracy']:.2f}% | "
+            lines.append(f"| ↳ baseline | | {b['name']}{note} | {b['resolution']} | — | — | {b['test_accuracy']:.2f}% | "
                          f"| — | {b['latency_ms']:.3f} ms | | {b['macs'] / 1e6:.2f} | {b['params'] / 1e6:.3f} M "
                          f"| {_fmt_bytes(b['size_bytes'])} | |")
     return lines

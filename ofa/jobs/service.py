@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -10,7 +11,38 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["ReportError", "ServerProcess", "ofa_client"]
+__all__ = ["ReportError", "ServerProcess", "ofa_client", "tree_cpu_seconds"]
+
+IDLE_SHARE = 0.02  # of one core, over IDLE_WINDOW_S: below this a server's processes count as idle
+IDLE_WINDOW_S = 0.5
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by process ``pid`` and all its descendants (Linux /proc; None
+    where it cannot be read). Finished children that were waited for count in their parent's cutime/cstime."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # gone meanwhile
+                stats[int(entry)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))  # ppid; u, s, cu, cs
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid not in stats:
+        return None
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _) in stats.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(stats[p][1] for p in tree) / tick
 
 
 class ReportError(RuntimeError):
@@ -51,6 +83,26 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise ReportError(f"ofa serve did not listen within {self.timeout:.0f} s; see {self.log_path}")
+
+    def wait_idle(self, timeout: float = 60.0) -> str:
+        """Wait until the server's processes (the server and its search workers) use less than
+        :data:`IDLE_SHARE` of a core over :data:`IDLE_WINDOW_S`, so that what is timed next measures the
+        machine, not the server starting; at most ``timeout`` seconds. Returns what it found, for the log."""
+        t0 = time.monotonic()
+        last = tree_cpu_seconds(self.proc.pid) if self.proc is not None else None
+        if last is None:
+            return "the server's CPU use cannot be read here (no /proc): not waiting for it to be idle"
+        while time.monotonic() - t0 < timeout:
+            time.sleep(IDLE_WINDOW_S)
+            now = tree_cpu_seconds(self.proc.pid)
+            if now is None:
+                raise ReportError(f"ofa serve exited with code {self.proc.poll()}; see {self.log_path}")
+            share, last = (now - last) / IDLE_WINDOW_S, now
+            if share < IDLE_SHARE:
+                return (f"the server is idle ({share:.1%} of a core over {IDLE_WINDOW_S:g} s) after "
+                        f"{time.monotonic() - t0:.1f} s: timing now")
+        return (f"the server still used {share:.0%} of a core after {timeout:.0f} s; timing anyway (the "
+                f"repeatability check will say whether it disturbed the timing)")
 
     def stop(self, grace: float = 60.0) -> int | None:
         """SIGTERM (in-flight calls finish), then wait; kill only if it hangs. Returns the exit code."""

@@ -25,7 +25,7 @@ import numpy as np
 from ..space import Arch, SearchSpace, space_digest
 from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
 from .latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
-from .timing import Part, Timing, Timings, subnet_part, time_parts
+from .timing import NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
 
 __all__ = ["backend_version", "check_profile", "recalibrate", "reference_archs", "reference_timings", "profile_space", "speed_of",
            "timing_of_table"]
@@ -157,16 +157,24 @@ def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], 
 
 
 def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = True,
-                rounds: int = 12) -> tuple[dict[str, Any], Timings]:
+                rounds: int = 12, accept_noisy: bool = False) -> tuple[dict[str, Any], Timings]:
     """Re-time the table's references on this device now; the table with its ``recalibration`` set to the
-    :class:`Speed` fitted on them (seconds of work: ten subnets), and the timings."""
+    :class:`Speed` fitted on them (seconds of work: ten subnets), and the timings. A run the protocol's
+    repeatability check calls too noisy is timed again with more rounds, then refused
+    (:class:`~ofa.predict.timing.NoisyTiming`), or with ``accept_noisy`` used, its verdict recorded."""
     pred = LatencyPredictor(space, table)
     refs = pred.references
     if not refs:
         raise ValueError(f"the table of target {table['target']!r} has no reference subnets to re-time; "
                          "profile it again")
     timing = timing_of_table(table, rounds=rounds)
-    timings = time_parts(space, [subnet_part(space, a) for a, _ in refs], timing, progress, desc="re-time references")
+    parts = [subnet_part(space, a) for a, _ in refs]
+    try:
+        timings = time_parts_trusted(space, parts, timing, progress, desc="re-time references")
+    except NoisyTiming as e:
+        if not accept_noisy:
+            raise
+        timings = e.timings
     ratios, speed = speed_of(timings.ms, np.array([m for _, m in refs]))
     recal = {**speed.to_dict(), "ratios": ratios,
              "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

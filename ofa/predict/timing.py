@@ -29,8 +29,8 @@ import numpy as np
 
 from ..space import Arch, BlockSpec, SearchSpace
 
-__all__ = ["BACKENDS", "Part", "STATISTIC", "Timing", "TimingError", "Timings", "spearman", "subnet_part",
-           "time_parts"]
+__all__ = ["BACKENDS", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings", "spearman",
+           "subnet_part", "time_parts", "time_parts_trusted"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,15 @@ SILENCE_S = 900.0     # a worker that reports nothing for this long is stuck and
 
 class TimingError(RuntimeError):
     """The timing worker failed or hung; the message says how and ends with its stderr."""
+
+
+class NoisyTiming(TimingError):
+    """Every attempt of :func:`time_parts_trusted` failed the protocol's own repeatability check; ``timings``
+    is the last (a caller that accepts noise must say it used an untrusted run)."""
+
+    def __init__(self, message: str, timings: "Timings") -> None:
+        super().__init__(message)
+        self.timings = timings
 
 
 @dataclass(frozen=True)
@@ -326,3 +335,22 @@ def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing,
     if not rep["trusted"]:
         log.warning("%s", rep["verdict"])
     return timings
+
+
+def time_parts_trusted(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
+                       desc: str = "timing", attempts: int = 3, say=log.warning) -> Timings:
+    """:func:`time_parts`, timed again with twice the rounds while the protocol's repeatability check calls the
+    run too noisy to trust; :class:`NoisyTiming` when ``attempts`` runs all failed it. A gate for figures
+    that decide an answer (a device's speed now, a served subnet's latency): an untrusted run is never
+    used silently."""
+    for attempt in range(1, attempts + 1):
+        timings = time_parts(space, parts, timing, progress, desc)
+        rep = timings.repeatability()
+        if rep["trusted"]:
+            return timings
+        if attempt < attempts:
+            say(f"{desc}: {rep['verdict']}; timing again with {2 * timing.rounds} rounds "
+                f"(attempt {attempt + 1} of {attempts})")
+            timing = timing.replace(rounds=2 * timing.rounds)
+    raise NoisyTiming(f"{desc}: {attempts} attempts, the last with {timing.rounds} rounds, and {rep['verdict']}",
+                      timings)
