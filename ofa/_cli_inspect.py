@@ -141,25 +141,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_info(info: dict, order: list[str]) -> None:
-    from .predict.latency import Speed
-
-    accuracy, targets = info["accuracy_predictor"], info["targets"]
-    print(f"artifact {info['artifact']}  (digest {info['digest'][:16]}, created {info['created']})")
-    imported = info["imported_from"]
-    if imported:
-        print(f"space {info['space']}, imported from {imported['checkpoint']} (sha256 {imported['sha256'][:16]}, "
-              f"{imported['imported_from']}); calibration: {imported['calib_images']} images"
-              + (f" of {imported['calib_dir']}" if imported["calib_dir"] else " (none: ofa serve refuses it)"))
-    else:
-        print(f"space {info['space']}, trained on {info['dataset']}"
-              + (f", starting from {info['init_from']}" if info["init_from"] else ""))
-    for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
-        accs = info["val_accuracy"][phase]
-        if not accs:  # evaluate_phases "last": the earlier phases were not evaluated
-            continue
-        print(f"  val. accuracy after {phase:9s} " + "  ".join(
-            f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
+def _print_accuracy(accuracy: dict | None) -> None:
     if accuracy is None:
         print("accuracy predictor: none (run ofa predictors --artifact ...)")
     elif accuracy.get("imported"):
@@ -187,6 +169,28 @@ def _print_info(info: dict, order: list[str]) -> None:
             print(f"  closed loop: {loop['rounds']} round(s), {loop['measured']} search picks measured; the last "
                   f"round's picks: {loop['within']} of {loop['picks']} inside their interval "
                   f"({'agreed' if loop['agreed'] else 'budget ran out before they agreed'})")
+
+
+def _print_info(info: dict, order: list[str]) -> None:
+    from .predict.latency import Speed
+
+    accuracy, targets = info["accuracy_predictor"], info["targets"]
+    print(f"artifact {info['artifact']}  (digest {info['digest'][:16]}, created {info['created']})")
+    imported = info["imported_from"]
+    if imported:
+        print(f"space {info['space']}, imported from {imported['checkpoint']} (sha256 {imported['sha256'][:16]}, "
+              f"{imported['imported_from']}); calibration: {imported['calib_images']} images"
+              + (f" of {imported['calib_dir']}" if imported["calib_dir"] else " (none: ofa serve refuses it)"))
+    else:
+        print(f"space {info['space']}, trained on {info['dataset']}"
+              + (f", starting from {info['init_from']}" if info["init_from"] else ""))
+    for phase in sorted(info["val_accuracy"], key=lambda p: order.index(p) if p in order else len(order)):
+        accs = info["val_accuracy"][phase]
+        if not accs:  # evaluate_phases "last": the earlier phases were not evaluated
+            continue
+        print(f"  val. accuracy after {phase:9s} " + "  ".join(
+            f"{k} {accs[k]:.2f}%" for k in ("smallest", "middle-1", "middle-2", "largest") if k in accs))
+    _print_accuracy(accuracy)
     print(f"latency targets: {', '.join(targets) or 'none (run ofa profile --artifact ...)'}")
     for name, t in targets.items():
         if "error" in t:

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ._cli_common import configure_logging
-    from .predict.timing import TimingError
+    from .predict.timing import NoisyTiming, TimingError
     from .search import Infeasible
 
     try:
@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except Infeasible as e:
         print(f"ofa {args.command}: infeasible: {e}", file=sys.stderr)
         return 3
+    except NoisyTiming as e:
+        hint = ("; or pass --accept-noisy-timing to use the timing labelled as untrusted"
+                if hasattr(args, "accept_noisy_timing") else "")
+        print(f"ofa {args.command}: error: {e}{hint}", file=sys.stderr)
+        return 2
     except (ValueError, LookupError, OSError, SafetensorError, TimingError) as e:
         print(f"ofa {args.command}: error: {e}", file=sys.stderr)
         return 2

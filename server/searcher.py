@@ -8,167 +8,21 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-if TYPE_CHECKING:  # the worker imports numpy only after it has set its BLAS threads
-    from ofa.predict.latency import LatencyPredictor, Speed
-    from ofa.search import Candidate, Constraints, Scorer, SearchResult, SearchSettings
+from .search_worker import TABLES_KEPT, Job, ParetoJob, SearchJob, Stop, Task, worker_main
+
+if TYPE_CHECKING:
+    from ofa.predict.latency import Speed
+    from ofa.search import Scorer
 
 __all__ = ["Job", "ParetoJob", "SearchJob", "SearchPool", "WorkerLost"]
 
 log = logging.getLogger("ofa_server")
-
-SEARCH_NICENESS = 10  # added to the workers' nice value (CFS then weights them about 1:10)
-TABLES_KEPT = 16  # registered tables a worker keeps (the most recently used)
-Stop = Callable[[], bool]
-
-
-# ---- jobs: what a worker runs (each job type knows its function) --------------------
-@dataclass(frozen=True)
-class SearchJob:
-    """The best arch under ``constraints`` (:func:`ofa.search.search`)."""
-
-    constraints: Constraints
-    target: str | None
-    settings: SearchSettings
-
-    def run(self, scorer: Scorer, should_stop: Stop) -> SearchResult:
-        """Run the search on ``scorer`` (in a worker)."""
-        from ofa.search import search
-
-        return search(scorer, self.constraints, self.target, self.settings, should_stop=should_stop)
-
-
-@dataclass(frozen=True)
-class ParetoJob:
-    """Up to ``points`` archs on the accuracy-latency front (:func:`ofa.search.pareto_front`)."""
-
-    points: int
-    target: str | None
-    constraints: Constraints
-    settings: SearchSettings
-
-    def run(self, scorer: Scorer, should_stop: Stop) -> list[Candidate]:
-        """Search the front on ``scorer`` (in a worker)."""
-        from ofa.search import pareto_front
-
-        return pareto_front(scorer, self.points, self.target, self.constraints, self.settings, should_stop=should_stop)
-
-
-Job = Union[SearchJob, ParetoJob]
-
-
-@dataclass(frozen=True)
-class _Task:
-    """What crosses the pipe to a worker: a job and the scorer it runs on."""
-
-    job: Job
-    artifact_dir: str
-    table: tuple[int, dict | None] | None  # a registered target's (version, table or None once this worker has it)
-    speed: Speed | None  # the device's speed now, from the request's timings
-    slot: int
-    deadline: float | None  # a time.monotonic() value
-
-
-class _TableMissing(Exception):
-    """The task names a registered table by version that this worker does not keep: send it."""
-
-
-class _WorkerState:
-    """What one worker process keeps between tasks: the slots' stop flags, a scorer per artifact and the
-    registered tables it was sent (the most recently used ``tables_kept``)."""
-
-    def __init__(self, flags, tables_kept: int, scorers: dict[str, Scorer]) -> None:
-        self.flags, self.tables_kept = flags, tables_kept
-        self.scorers = dict(scorers)  # artifact dir -> Scorer, as the server verified it (not read again here)
-        self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
-
-    def warm_up(self) -> int:
-        """One tiny search on each scorer with an accuracy predictor, before the worker says it is ready: the
-        first call's costs (lazy imports, first use of each numpy path) are paid now, not by the first
-        request, nor by whatever a client times just after the server says SERVING. Returns how many."""
-        from ofa.search import Constraints, SearchSettings, search
-
-        warmed = 0
-        for scorer in self.scorers.values():
-            if scorer.accuracy is not None:
-                search(scorer, Constraints(), None, SearchSettings(population=8, generations=2))
-                warmed += 1
-        return warmed
-
-    def scorer(self, artifact_dir: str) -> Scorer:
-        if artifact_dir not in self.scorers:  # one the server did not send: read here
-            from ofa.search.load import load_scorer
-
-            self.scorers[artifact_dir] = load_scorer(artifact_dir)
-        return self.scorers[artifact_dir]
-
-    def registered(self, scorer: Scorer, table: tuple[int, dict | None]) -> LatencyPredictor:
-        """The predictor of a registered table, sent once per worker: (version, table or None once sent)."""
-        from ofa.predict.latency import LatencyPredictor
-
-        version, body = table
-        pred = self.tables.get(version)
-        if pred is None:
-            if body is None:
-                raise _TableMissing(version)
-            pred = self.tables[version] = LatencyPredictor(scorer.space, body)
-        self.tables.move_to_end(version)
-        while len(self.tables) > self.tables_kept:
-            self.tables.popitem(last=False)
-        return pred
-
-    def run(self, task: _Task) -> Any:
-        from ofa.search import Scorer
-
-        scorer = self.scorer(task.artifact_dir)
-        target = task.job.target
-        latency = dict(scorer.latency)
-        if task.table is not None:
-            pred = self.registered(scorer, task.table)
-            latency[pred.table["target"]] = pred
-        if task.speed is not None and target in latency:
-            latency[target] = latency[target].with_speed(task.speed)
-        if latency != scorer.latency:
-            scorer = Scorer(scorer.space, scorer.accuracy, latency, scorer.refused)
-        # the call's deadline is kept here too (CLOCK_MONOTONIC is one clock for all processes), so a search
-        # stops at it even when the server's flag does not reach it
-        slot, end = task.slot, task.deadline
-        return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end))
-
-
-def _worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
-    """A worker: say ready, then run one task at a time until the pipe closes (``scorers``: pickled ones)."""
-    # one BLAS thread per worker: the workers already run one search per core, and oversubscribed BLAS
-    # threads spin against each other (set before numpy loads: the scorers are unpickled after it)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
-    # A search is batch work; streaming weights is waited on: at a lower priority, searches take the cores
-    # only when the server's own threads do not need them.
-    os.nice(SEARCH_NICENESS)
-    state = _WorkerState(flags, tables_kept, pickle.loads(scorers))  # the parent's pipe, not a file
-    conn.send(("ready", os.getpid(), state.warm_up()))
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            out = ("ok", state.run(task))
-        except _TableMissing:
-            out = ("missing", None)
-        except Exception as e:  # noqa: BLE001 - Infeasible, SearchCancelled... are the caller's to map
-            out = ("error", e)
-        try:
-            conn.send(out)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the caller
-            conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))
 
 
 class WorkerLost(RuntimeError):
@@ -233,7 +87,7 @@ class SearchPool:
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept),
+        proc = self._ctx.Process(target=worker_main, args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept),
                                  daemon=True, name="ofa-search")
         proc.start()
         child.close()
@@ -332,7 +186,7 @@ class SearchPool:
         slot, w = self._take()
         self._flags[slot] = 0
         offered = None if table is None else (table[0], None if table[0] in w.sent else table[1])
-        task = _Task(job, artifact_dir, offered, speed, slot, deadline)
+        task = Task(job, artifact_dir, offered, speed, slot, deadline)
         try:
             status, value = self._answer(slot, w, task, table, cancelled)
             self._done(slot, w, table)
@@ -353,13 +207,13 @@ class SearchPool:
             self._busy.add(slot)
             return slot, self._workers[slot]
 
-    def _send(self, w: _Worker, task: _Task) -> None:
+    def _send(self, w: _Worker, task: Task) -> None:
         if task.table is not None and task.table[1] is not None:
             with self._lock:
                 self.tables_sent += 1
         w.conn.send(task)
 
-    def _answer(self, slot: int, w: _Worker, task: _Task, table: tuple[int, dict] | None,
+    def _answer(self, slot: int, w: _Worker, task: Task, table: tuple[int, dict] | None,
                 cancelled: Stop) -> tuple[str, Any]:
         """Send ``task`` and wait for the worker's (status, value); stop the job when the call is cancelled
         or past its deadline, and give up on a worker that dies, hangs or runs too long."""

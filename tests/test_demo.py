@@ -67,7 +67,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     # a second run reuses the trained supernet and the measured subnets (its steps 1 and 3 here, in-process:
     # step 4 would serve and measure again, and is the same code as above)
     from ofa.jobs.demo import _train_step
-    from ofa.jobs.predictors import build_accuracy_predictor
+    from ofa.jobs.predictors import LOOP_BUDGETS, LOOP_ROUNDS, build_accuracy_predictor
     from ofa.train import load_config
 
     lines = []
@@ -75,7 +75,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path):
     assert lines == ["  already trained: reusing it (delete the folder to train again)"]
     assert "latency front of 'this-machine'" in r.stdout
     rep = build_accuracy_predictor(out / "supernet", samples=12, front=2, front_target="this-machine",
-                                   families=_FAST_FIT[1].split(","), progress=False, log=lines.append)
+                                   families=_FAST_FIT[1].split(","), loop_rounds=LOOP_ROUNDS,
+                                   loop_budgets=LOOP_BUDGETS, progress=False, log=lines.append)  # the demo's
     # the front rounds went along this machine's latency front, and are found measured; so is the fit
     assert sum("were measured before" in line for line in lines) == 2 and rep["reused"], lines
     # other training settings into the same folder are refused, not served from the old supernet
@@ -139,7 +140,7 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
 
 
 def test_the_latency_lines_tell_the_table_from_the_machine():
-    from ofa.jobs.render import _checks
+    from ofa.jobs.render import _accuracy_checks, _latency_checks
 
     served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
                "measured_latency_ms": ms, "predicted_latency_ms": 2.2, "raw_predicted_latency_ms": 2.0,
@@ -151,7 +152,7 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
               "reference": {"subnets": 10, "speed_before": {"scale": 1.1}, "speed_after": {"scale": 1.15},
                             "ratios_before": [1.1],
                             "ratios_after": [1.15], "repeatability": {"verdict": "the two halves of the rounds agree"}}}
-    accuracy, latency = _checks(report)
+    accuracy, latency = _accuracy_checks(report), _latency_checks(report)
     assert accuracy == ["Accuracy: 2 of 2 served subnets measured within 1 point of the prediction on the test split."]
     assert latency[0].startswith("Latency: 1 of 2 measured within 10% of the prediction the server made")
     assert latency[1] == "Raw, the table as profiled (no recalibration): 0 of 2 within 10% (+15.0% to +40.0%)."

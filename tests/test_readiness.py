@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import ofa.predict.timing as timing_mod
-from ofa.jobs.service import ReportError, ServerProcess, tree_cpu_seconds
+from ofa.jobs import report
+from ofa.jobs.service import ServerProcess, tree_cpu_seconds
 from ofa.predict.timing import NoisyTiming, Timing, Timings, time_parts_trusted
 
 
@@ -51,7 +52,6 @@ def test_a_run_that_stays_noisy_is_refused_with_its_verdict_and_the_last_timings
 
 
 def test_the_report_refuses_an_untrusted_timing_unless_told_and_then_labels_it(monkeypatch):
-    from ofa.jobs import report
 
     last = _timings(0.3, 6)
 
@@ -60,10 +60,22 @@ def test_the_report_refuses_an_untrusted_timing_unless_told_and_then_labels_it(m
 
     monkeypatch.setattr(timing_mod, "time_parts_trusted", always_noisy)
     run = report._Run(art=SimpleNamespace(space=None), target="t", out=None, table={}, timing=Timing(), progress=False, log=lambda s: None)
-    with pytest.raises(ReportError, match="--accept-noisy-timing"):
+    with pytest.raises(NoisyTiming, match="too noisy. The latency figures would not be trustworthy"):
         run.time([], "re-time references")
     run.accept_noisy = True
     assert run.time([], "re-time references") is last and run.untrusted == ["re-time references"]
+
+
+def test_the_cli_names_the_flag_that_accepts_a_noisy_timing(monkeypatch, tmp_path, capsys):
+    from ofa.cli import main
+
+    def noisy(*a, **k):
+        raise NoisyTiming("re-time references: 3 attempts, too noisy", _timings(0.3, 6))
+
+    monkeypatch.setattr(report, "run_report", noisy)
+    assert main(["report", "--artifact", str(tmp_path), "--target", "t", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "ofa report: error: re-time references: 3 attempts, too noisy" in err and "--accept-noisy-timing" in err
 
 
 _BURN_THEN_IDLE = """

@@ -103,12 +103,10 @@ def plot_report(report: dict, out: str | Path) -> Path:
     return Path(out)
 
 
-def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Lines saying which served subnets miss the accuracy and latency tolerances, and why."""
+def _accuracy_checks(report: dict[str, Any]) -> list[str]:
+    """Lines saying which served subnets miss the accuracy tolerance, and why."""
     served, tol = report["served"], report["tolerances"]
     acc_miss = [s for s in served if abs(s["test_accuracy"] - s["predicted_accuracy"]) > tol["accuracy_points"]]
-    lat_miss = [s for s in served
-                if abs(s["measured_latency_ms"] / s["predicted_latency_ms"] - 1) > tol["latency_relative"]]
     acc = [f"Accuracy: {len(served) - len(acc_miss)} of {len(served)} served subnets measured within "
            f"{tol['accuracy_points']:g} point of the prediction on the test split."]
     with_iv = [s for s in served if s.get("predicted_accuracy_low") is not None]
@@ -134,13 +132,22 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"split itself, and test accuracy differs from validation accuracy by {shift.mean():+.2f} points on "
             f"average. Search also picks the subnets the predictor rates highest, so its errors are biased "
             f"upward there (the winner's curse): more measured subnets shrink both.")
+    return acc
+
+
+def _latency_checks(report: dict[str, Any]) -> list[str]:
+    """Lines saying which served subnets miss the latency tolerance, and why."""
+    served, tol = report["served"], report["tolerances"]
+    lat_miss = [s for s in served
+                if abs(s["measured_latency_ms"] / s["predicted_latency_ms"] - 1) > tol["latency_relative"]]
     lat = [f"Latency: {len(served) - len(lat_miss)} of {len(served)} measured within "
            f"{tol['latency_relative']:.0%} of the prediction the server made at this machine's speed "
            f"(the references re-timed just before searching)."]
     ref = report["reference"]
     if ref.get("untrusted_timings"):
         lat.append(f"**UNTRUSTED**: {', '.join(ref['untrusted_timings'])} failed the timing protocol's repeatability "
-                   f"check even with more rounds and were used only because --accept-noisy-timing was given.")
+                   f"check even with more rounds and were used, labelled, only because the run was told to accept noisy "
+                   f"timings.")
     if any(s.get("latency_noisy") for s in served):
         lat.append("**NOISY TABLE**: the target's table was profiled on a machine its own check called too noisy; "
                    "every answer said so (`latency_noisy`).")
@@ -162,7 +169,7 @@ def _checks(report: dict[str, Any]) -> tuple[list[str], list[str]]:
         lat.append(f"Not within: {', '.join(s['label'] for s in lat_miss)}. A sign shared by all rows is the machine "
                    f"running at another speed than when the references were re-timed (a shared VM's other tenants: "
                    f"×1.7 swings within a minute were measured here); a spread is the table's error.")
-    return acc, lat
+    return lat
 
 
 def _fmt_bytes(n: int) -> str:
@@ -200,7 +207,7 @@ def table_rows(report: dict[str, Any]) -> list[str]:
 def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
     dev = report["device"]
     q = report["accuracy_predictor"]
-    acc, lat = _checks(report)
+    acc, lat = _accuracy_checks(report), _latency_checks(report)
     parts = [
         f"# Specialised subnets of `{report['space']}` for `{report['target']}`",
         "",
