@@ -159,3 +159,11 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
     assert "ran at x1.100 of their profiled time before the searches and x1.150 while" in latency[2]
     assert "+0.0% to +21.7%" in latency[2] and "20 held-out subnets when profiled: 95% within 10%" in latency[2]
     assert latency[3].startswith("Not within: loose.")
+
+
+def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():
+    from ofa.jobs.report import budgets_from_front
+
+    front = [0.27814, 0.27861, 0.2791]  # rounded to 3 decimals, the tight budget fell below 0.27814
+    budgets = [b for _, b in budgets_from_front(front, 3)]
+    assert all(min(front) <= b <= max(front) + 1e-4 for b in budgets) and budgets == sorted(budgets)

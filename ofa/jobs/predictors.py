@@ -21,6 +21,7 @@ import numpy as np
 from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, Artifact, add_file, load_artifact
 from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, stratified_archs, unpack_correct,
                                validation_set, with_enough_on_each_side)
+from ..predict.interval import METHOD as INTERVAL_METHOD
 from ..space import Arch, SearchSpace, space_digest
 
 __all__ = ["FRONT_ROUNDS", "LOOP_BUDGETS", "LOOP_ROUNDS", "build_accuracy_predictor", "check_predictor_settings",
@@ -305,7 +306,8 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
     t0 = time.perf_counter()
     measured = _measure(job, samples, front, front_target, test_fraction, seed, families)
     settings = {"seed": seed, "test_fraction": test_fraction, "families": families, "front": front,
-                "front_target": front_target, "loop_rounds": loop_rounds, "loop_budgets": loop_budgets}
+                "front_target": front_target, "loop_rounds": loop_rounds, "loop_budgets": loop_budgets,
+                "interval": INTERVAL_METHOD}  # a fit with another interval method is not reused
 
     def key_of(m: dict) -> str:
         return hashlib.sha256(json.dumps({"measured": [[i, m[i]["accuracy"]] for i in sorted(m)], **settings},

@@ -17,6 +17,7 @@ Writes ``report.md``, ``report.json``, ``pareto.png``, ``server.log`` and
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,9 @@ def budgets_from_front(latencies: Sequence[float], n: int) -> list[tuple[str, fl
     lo, hi = min(latencies), max(latencies)
     labels = _LABELS.get(n, tuple(f"budget-{i + 1}" for i in range(n)))
     fracs = [0.5] if n == 1 else np.linspace(0.1, 0.9, n)
-    return [(label, round(lo + f * (hi - lo), 3)) for label, f in zip(labels, fracs)]
+    # rounded up: a budget at the front's fastest point stays at or above it (rounded down it fell below the
+    # smallest achievable latency, and the search refused it)
+    return [(label, math.ceil((lo + f * (hi - lo)) * 1e4) / 1e4) for label, f in zip(labels, fracs)]
 
 
 @dataclass
