@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def stored(root: Path, test_fraction: float, test_split: bool = False, test_cach
     correct = np.stack([unpack_correct(m["subnets"][i]["correct"], n_img) for i in ids]).astype(np.float64)
     measured = 100 * correct.mean(1)
     pred = AccuracyPredictor.from_bytes((root / "accuracy_predictor.safetensors").read_bytes(), art.space)
-    predicted = pred.predict_features(arch_features(art.space, art.space.encode(archs)))
+    predicted = replace(pred, shift=None).predict_features(arch_features(art.space, art.space.encode(archs)))
     res = np.array([a.resolution for a in archs])
     i, j = np.triu_indices(len(ids), 1)
     same = res[i] == res[j]

@@ -113,7 +113,8 @@ def _artifact_info(root: Path) -> dict:
         accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
                                               ("test", "train_samples", "test_samples", "learning_curve",
                                                "calib_images", "imported", "closed_loop")},
-                    "interval": pred.interval.to_meta() if pred.interval is not None else None}
+                    "interval": pred.interval.to_meta() if pred.interval is not None else None,
+                    "shift": pred.shift.to_meta() if pred.shift is not None else None}
     return {"artifact": str(root), "digest": manifest["digest"], "space": manifest["space"],
             "dataset": manifest["dataset"], "created": manifest["created"],
             "val_accuracy": manifest.get("metrics", {}).get("val_accuracy", {}), "targets": targets,
@@ -164,11 +165,22 @@ def _print_accuracy(accuracy: dict | None) -> None:
                   f"(mean +/-{test.get('interval_half_width', float('nan')):.2f})")
         else:
             print("  no interval (fitted before intervals, or imported): predictions carry no uncertainty")
+        _print_shift(accuracy.get("shift"))
         loop = accuracy.get("closed_loop")
         if loop:
             print(f"  closed loop: {loop['rounds']} round(s), {loop['measured']} search picks measured; the last "
                   f"round's picks: {loop['within']} of {loop['picks']} inside their interval "
                   f"({'agreed' if loop['agreed'] else 'budget ran out before they agreed'})")
+
+
+def _print_shift(shift: dict | None) -> None:
+    if not shift:
+        print("  predictions are of the validation split's accuracy (no test split measured)")
+        return
+    n = shift["info"]
+    print(f"  predictions are for the test distribution: validation accuracy {shift['offset']:+.2f} points, the "
+          f"shift measured on {n.get('subnets')} subnets ({n.get('shift_images')} test images); intervals include "
+          f"its uncertainty (sigma {shift['sigma']:.2f}) and a check on {n.get('eval_images')} other test images")
 
 
 def _print_info(info: dict, order: list[str]) -> None:

@@ -38,6 +38,9 @@ __all__ = [
     "imagenet_spec",
     "load_dataset",
     "prepare_batch",
+    "SHIFT_SHARE",
+    "split_test",
+    "split_validation",
     "STREAM_ABOVE_BYTES",
     "training_data",
 ]
@@ -261,6 +264,21 @@ def split_validation(ds: ImageSet, size: int, seed: int) -> tuple[ImageSet, Imag
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(ds), generator=g)
     return ds.subset(perm[size:].sort().values), ds.subset(perm[:size].sort().values)
+
+
+SHIFT_SHARE = 0.5  # of a test split: measures the validation-to-test shift; the rest checks served subnets
+
+
+def split_test(ds: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A test split cut in two, seeded: (shift half, evaluation half). ``ofa predictors`` measures the
+    validation-to-test shift on the first (:mod:`ofa.predict.shift`); served subnets are checked on the
+    second, which no predictor has seen."""
+    if len(ds) < 2:
+        raise DataError(f"a test split of {len(ds)} images cannot be cut in two")
+    g = torch.Generator().manual_seed(seed + 2)
+    perm = torch.randperm(len(ds), generator=g)
+    n = max(1, min(len(ds) - 1, round(SHIFT_SHARE * len(ds))))
+    return ds.subset(perm[:n].sort().values), ds.subset(perm[n:].sort().values)
 
 
 def calibration_choice(n: int, count: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 import json
 import shutil
 
@@ -189,6 +190,19 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     stored = (root / "accuracy_predictor.safetensors").read_bytes()
     pred = AccuracyPredictor.from_bytes(stored, art.space)
     assert pred.info["test"] == report["test"]
+    # the tiny dataset's test split: half of it measured the validation-to-test shift on 10 subnets (the most
+    # accurate, no loop or front here), whose per-image correctness is kept as the accuracy's
+    shifted = {i: v for i, v in measured["subnets"].items() if "shift_correct" in v}
+    assert len(shifted) == 10 and measured["shift_images"] == 80
+    for v in shifted.values():
+        assert 100 * unpack_correct(v["shift_correct"], 80).mean() == pytest.approx(v["shift_accuracy"], abs=1e-4)
+    gaps = [v["shift_accuracy"] - v["accuracy"] for v in shifted.values()]
+    assert pred.shift is not None and pred.shift.offset == pytest.approx(np.mean(gaps), abs=1e-3)
+    assert pred.shift.info["eval_images"] == 80 and pred.shift.sigma > 0
+    # predictions are for the test distribution; the quality figures stay those measured on validation
+    x = arch_features(art.space, art.space.encode([art.space.largest(art.space.resolutions[-1])]))
+    assert pred.predict_features(x)[0] == pytest.approx(replace(pred, shift=None).predict_features(x)[0]
+                                                        + pred.shift.offset, abs=1e-6)
     # the same measurements and settings again: the predictor such a fit makes is the stored one
     again = build_accuracy_predictor(root, samples=14, test_fraction=0.3, progress=False, log=lambda s: None,
                                      families=["ridge-0.3", "ridge-3"])

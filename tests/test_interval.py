@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import served_copy, until
 from ofa.artifact import MEASUREMENTS, add_file, load_artifact
@@ -169,3 +170,40 @@ def test_the_client_cli_prints_the_interval_and_the_flags(interval_artifact, tmp
         assert "at 90%" in out and "measured 71.25% on 100 validation images" in out and "noisy" in out
     finally:
         srv.stop(0)
+
+
+def test_the_shift_to_the_test_distribution_moves_predictions_and_widens_intervals_and_survives_the_file():
+    from ofa.data import ImageSet, split_test
+    from ofa.predict.shift import MIN_SUBNETS, Shift, estimate_shift
+
+    rng = np.random.default_rng(7)
+    hard = rng.random(4000) < 0.2  # images the subnets share as hard: what makes the error not shrink with subnets
+    val = (rng.random((12, 4000)) < 0.9) & ~hard
+    test = (rng.random((12, 3000)) < 0.88) & ~hard[:3000]
+    shift = estimate_shift(val, test, eval_images=3000, level=0.9)
+    assert shift.offset == pytest.approx(100 * (test.mean() - val.mean()), abs=1e-3) and shift.offset < 0
+    info = shift.info
+    assert info["subnets"] == 12 and info["eval_images"] == 3000 and len(info["gaps"]) == 12
+    assert shift.sigma == pytest.approx(np.sqrt(info["standard_error"] ** 2 + info["spread"] ** 2
+                                                + info["evaluation_noise"] ** 2), abs=1e-3)
+    assert shift.half_width == pytest.approx(1.6449 * shift.sigma, rel=1e-3)
+    assert estimate_shift(val[: MIN_SUBNETS - 1], test[: MIN_SUBNETS - 1], 3000, 0.9) is None
+    with pytest.raises(ValueError, match="same subnets"):
+        estimate_shift(val, test[:5], 3000, 0.9)
+    # applied: every prediction moves by the offset, each interval combines both half-widths
+    x = arch_features(SPACE, SPACE.sample_codes(2, 40))
+    pred, _ = select_and_fit(x, 70 + rng.normal(0, 1, 40), space_digest(SPACE), ["ridge-3"])
+    moved = replace(pred, shift=shift)
+    b, b0 = moved.bounds_features(x), pred.bounds_features(x)
+    assert np.allclose(b.prediction, b0.prediction + shift.offset)
+    assert np.allclose((b.high - b.low) / 2, np.hypot((b0.high - b0.low) / 2, shift.half_width))
+    assert np.array_equal(b.extrapolated, b0.extrapolated)  # judged against what was measured, on validation
+    back = AccuracyPredictor.from_bytes(moved.to_bytes(), SPACE)
+    assert back.shift == shift and AccuracyPredictor.from_bytes(pred.to_bytes(), SPACE).shift is None
+    with pytest.raises(PredictorError, match="shift"):
+        AccuracyPredictor.from_bytes(replace(pred, shift=Shift(float("nan"), 1.0, 0.9, {})).to_bytes(), SPACE)
+    # the two halves of a test split: disjoint, complete, the same for a seed
+    images = ImageSet(torch.zeros(11, 1, 2, 2, dtype=torch.uint8), torch.arange(11))
+    a, e = split_test(images, 3)
+    assert len(a) + len(e) == 11 and not set(a.labels.tolist()) & set(e.labels.tolist())
+    assert split_test(images, 3)[0].labels.tolist() == a.labels.tolist()

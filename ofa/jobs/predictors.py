@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, Artifact, add_file, load_artifact
-from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, stratified_archs, unpack_correct,
-                               validation_set, with_enough_on_each_side)
+from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, measure_shift, stratified_archs, test_halves,
+                               unpack_correct, validation_set, with_enough_on_each_side)
 from ..predict.interval import METHOD as INTERVAL_METHOD
+from ..predict.shift import METHOD as SHIFT_METHOD
 from ..space import Arch, SearchSpace, space_digest
 
 __all__ = ["FRONT_ROUNDS", "LOOP_BUDGETS", "LOOP_ROUNDS", "build_accuracy_predictor", "check_predictor_settings",
@@ -149,6 +150,7 @@ class _Job:
     header: dict[str, Any]
     progress: bool
     log: Log
+    halves: Any  # (shift half, evaluation half) of the test split, or None
 
     def known(self) -> dict[str, dict[str, Any]]:
         """Measurements stored before with the same artifact, calibration and split (else none)."""
@@ -178,8 +180,10 @@ def _open(root: Path, calib_images: int | None, data_dir: str | None, progress: 
     if len(calib) < 1:
         raise ValueError(f"calib_images must be in 1..{len(art.calibration)}, got {calib_images}")
     val, spec = validation_set(art.manifest["training"], data_dir)
-    header = {"artifact": art.digest, "calib_images": len(calib), "split": "validation", "val_images": len(val)}
-    return _Job(art, calib, val, spec, header, progress, log)
+    halves = test_halves(art.manifest["training"], data_dir)
+    header = {"artifact": art.digest, "calib_images": len(calib), "split": "validation", "val_images": len(val),
+              "shift_images": len(halves[0]) if halves else 0}
+    return _Job(art, calib, val, spec, header, progress, log, halves)
 
 
 def _front_latency(job: _Job, front_target: str | None):
@@ -236,9 +240,38 @@ def _measure(job: _Job, samples: int, front: int, front_target: str | None, test
     return measured
 
 
+SHIFT_SUBNETS = 10  # measured on the test split's shift half
+
+
+def _with_shift(job: _Job, pred, measured: dict) -> tuple[Any, dict]:
+    """``pred`` with the validation-to-test shift measured on the subnets where the search serves from (the
+    closed loop's and front rounds' picks, then the most accurate), when the dataset has a test split."""
+    from ..predict.interval import DEFAULT_LEVEL
+    from ..predict.shift import estimate_shift
+
+    if job.halves is None:
+        job.log("no test split: predictions are of the validation split's accuracy")
+        return pred, measured
+    # the loop's picks (what the search serves), then the front rounds', then the most accurate: 10 (the
+    # offset's error is the images' more than the subnets': more subnets would cost time, not error)
+    ids = sorted(measured, key=lambda i: (not measured[i].get("loop"), not measured[i].get("front"),
+                                          -measured[i]["accuracy"], i))[:SHIFT_SUBNETS]
+    measured = measure_shift(job.art.supernet, [Arch.from_dict(measured[i]["arch"]) for i in ids], job.calib,
+                             job.halves[0], job.spec, measured, job.progress)
+    job.save(measured)
+    shift = estimate_shift(np.stack([unpack_correct(measured[i]["correct"], len(job.val)) for i in ids]),
+                           np.stack([unpack_correct(measured[i]["shift_correct"], len(job.halves[0])) for i in ids]),
+                           len(job.halves[1]), pred.interval.level if pred.interval else DEFAULT_LEVEL)
+    if shift is not None:
+        job.log(f"validation to test shift on {len(ids)} subnets ({len(job.halves[0])} test images): "
+                f"{shift.offset:+.2f} points, +/-{shift.half_width:.2f} at {shift.level:.0%} on a check of "
+                f"{len(job.halves[1])} other test images")
+    return replace(pred, shift=shift), measured
+
+
 def _held_out_report(pred, ids: list[str], held: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> dict[str, Any]:
     return {"ids": [i for i, h in zip(ids, held) if h], "measured": y_te.tolist(),
-            "predicted": pred.predict_features(x_te).tolist()}
+            "predicted": replace(pred, shift=None).predict_features(x_te).tolist()}  # validation, as measured
 
 
 def _fit(job: _Job, measured: dict, x, y, held, seed: int, families, recorded: dict[str, Any]):
@@ -307,7 +340,7 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
     measured = _measure(job, samples, front, front_target, test_fraction, seed, families)
     settings = {"seed": seed, "test_fraction": test_fraction, "families": families, "front": front,
                 "front_target": front_target, "loop_rounds": loop_rounds, "loop_budgets": loop_budgets,
-                "interval": INTERVAL_METHOD}  # a fit with another interval method is not reused
+                "interval": INTERVAL_METHOD, "shift": SHIFT_METHOD}  # a fit made another way is not reused
 
     def key_of(m: dict) -> str:
         return hashlib.sha256(json.dumps({"measured": [[i, m[i]["accuracy"]] for i in sorted(m)], **settings},
@@ -333,6 +366,7 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
                                             loop_budgets)
         # the key of what it was finally fitted on: a rerun with these settings finds it and reuses it
         pred = replace(pred, info={**pred.info, "closed_loop": loop, "fit_key": key_of(measured)})
+    pred, measured = _with_shift(job, pred, measured)
     add_file(job.art.path, ACCURACY_PREDICTOR, pred.to_bytes())
     ids, x, y, held = _dataset(job.art.space, measured, test_fraction)
     return {**pred.info, "measure_seconds": round(time.perf_counter() - t0, 1),

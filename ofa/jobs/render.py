@@ -127,11 +127,12 @@ def _accuracy_checks(report: dict[str, Any]) -> list[str]:
         acc.append(
             f"Not within: {', '.join(s['label'] for s in acc_miss)}. The predictor ({q['family']}, fitted on "
             f"{q['train_samples']} measured subnets; held-out RMSE {(q['test'] or {}).get('rmse', float('nan')):.2f} "
-            f"points on {q['test_samples']}) predicts *validation* accuracy ({report['val_images']} images): on "
-            f"these subnets it was off by {np.abs(pred_err).mean():.2f} points on average against the validation "
-            f"split itself, and test accuracy differs from validation accuracy by {shift.mean():+.2f} points on "
-            f"average. Search also picks the subnets the predictor rates highest, so its errors are biased "
-            f"upward there (the winner's curse): more measured subnets shrink both.")
+            f"points on {q['test_samples']}) is fitted on *validation* accuracy ({report['val_images']} images)"
+            + (f" and adds the validation-to-test shift it measured ({q['shift']['offset']:+.2f} points)"
+               if q.get("shift") else "") + f": on these subnets the fit was off by {np.abs(pred_err).mean():.2f} "
+            f"points on average against the validation split itself, and test accuracy differs from validation "
+            f"accuracy by {shift.mean():+.2f} points on average. Search also picks the subnets the predictor rates "
+            f"highest, so its errors are biased upward there (the winner's curse): more measured subnets shrink both.")
     return acc
 
 
@@ -220,7 +221,10 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         "",
         "Each subnet was found by an `ofa-client search` with the budget as its latency bound against `ofa serve`, fetched as "
         "BN-re-calibrated safetensors (sha256-verified), and measured here: top-1 on the "
-        f"{report['test_images']:,}-image test split, latency as the median of interleaved timed runs "
+        f"{report['test_images']:,}-image "
+        + (f"evaluation half of the test split (the other half measured the predictor's validation-to-test shift, "
+           f"{q['shift']['offset']:+.2f} points)" if q.get("shift") else "test split")
+        + ", latency as the median of interleaved timed runs "
         f"({'onnxruntime' if dev.get('backend') == 'onnxruntime' else 'torch eager'}, "
         "the table's threads and batch, by the timing protocol of `ofa profile`).",
         "",

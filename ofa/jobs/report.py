@@ -237,8 +237,9 @@ def _time_served(run: _Run, served: list[dict[str, Any]], bases: list[Baseline])
 
 def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Baseline],
                       data_dir: str | None) -> tuple[int, int]:
-    """Test (and validation) accuracy of the fetched files and the baselines; the two splits' sizes."""
-    from ..data import load_dataset
+    """Test (and validation) accuracy of the fetched files and the baselines; the two splits' sizes. Where the
+    predictor measured the validation-to-test shift on half the test split, only the other half checks."""
+    from ..data import load_dataset, split_test
     from ..evaluate import accuracy
     from ..formats import read_subnet
     from ..predict.measure import validation_set
@@ -246,6 +247,8 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
     training = run.art.manifest["training"]
     test, spec = load_dataset(training["dataset"], data_dir or training.get("data_dir") or None, False,
                               training.get("image_size", 224))
+    if _predictor_quality(run.art)["shift"] is not None:
+        test = split_test(test, training["seed"])[1]  # the evaluation half: no predictor measured it
     val, _ = validation_set(training, data_dir)
     for s in served:
         module, r = read_subnet((run.out / s["file"]).read_bytes())[0], s["arch"]["resolution"]
@@ -322,4 +325,5 @@ def _predictor_quality(art: Artifact) -> dict[str, Any]:
     pred = AccuracyPredictor.from_bytes(art.files.read(ACCURACY_PREDICTOR))
     return {"family": pred.family, "train_samples": pred.info.get("train_samples"),
             "test_samples": pred.info.get("test_samples"), "test": pred.info.get("test"),
-            "interval": pred.interval.to_meta() if pred.interval is not None else None}
+            "interval": pred.interval.to_meta() if pred.interval is not None else None,
+            "shift": pred.shift.to_meta() if pred.shift is not None else None}

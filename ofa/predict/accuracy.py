@@ -22,6 +22,7 @@ import numpy as np
 
 from ..space import SearchSpace
 from .interval import DEFAULT_LEVEL, Interval, conformal_interval
+from .shift import Shift
 
 __all__ = ["AccuracyPredictor", "Bounds", "PredictorError", "arch_features", "fit_family", "fit_many", "kendall_tau", "tau_ceiling",
            "select_and_fit", "evaluate", "FAMILIES", "PREDICTOR_FORMAT"]
@@ -114,7 +115,9 @@ class Bounds(NamedTuple):
 @dataclass(frozen=True)
 class AccuracyPredictor:
     """Predicted top-1 accuracy (%) of encoded archs: mean of the members, plus ``base``; with an
-    :class:`~ofa.predict.interval.Interval` when it was calibrated (every fit by :func:`select_and_fit`)."""
+    :class:`~ofa.predict.interval.Interval` when it was calibrated (every fit by :func:`select_and_fit`);
+    with a :class:`~ofa.predict.shift.Shift` (set by ``ofa predictors`` where the dataset has a test split)
+    every prediction is for the test distribution: the validation prediction plus the measured offset."""
 
     space_digest: str
     family: str
@@ -122,9 +125,14 @@ class AccuracyPredictor:
     base: float
     info: dict[str, Any] = field(default_factory=dict)
     interval: Interval | None = None
+    shift: Shift | None = None
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         """(N,) predictions from (N, F) features."""
+        return self._validation(x) + (self.shift.offset if self.shift is not None else 0.0)
+
+    def _validation(self, x: np.ndarray) -> np.ndarray:
+        """(N,) predictions of the validation accuracy the members were fitted on."""
         total = np.zeros(len(x), dtype=np.float64)
         for layers in self.members:
             h = x
@@ -140,13 +148,17 @@ class AccuracyPredictor:
         return self.predict_features(arch_features(space, codes))
 
     def bounds_features(self, x: np.ndarray) -> Bounds:
-        """Predictions of (N, F) features with their intervals."""
+        """Predictions of (N, F) features with their intervals (with a shift: the conformal half-width and the
+        shift's, combined as independent errors)."""
+        val = self._validation(x)
         pred = self.predict_features(x)
         if self.interval is None:
             return Bounds(pred, pred, pred, np.full(len(pred), np.inf), np.zeros(len(pred), bool))
         dist = self.interval.distance(x)
         half = self.interval.half_width(dist)
-        return Bounds(pred, pred - half, pred + half, dist, self.interval.extrapolated(pred, dist))
+        if self.shift is not None:
+            half = np.hypot(half, self.shift.half_width)
+        return Bounds(pred, pred - half, pred + half, dist, self.interval.extrapolated(val, dist))
 
     def bounds(self, space: SearchSpace, codes: np.ndarray) -> Bounds:
         """Predictions of N encoded archs of ``space`` with their intervals."""
@@ -165,6 +177,8 @@ class AccuracyPredictor:
         if self.interval is not None:  # optional: a file without one (older, or imported) reads as before
             tensors["interval.anchors"] = np.ascontiguousarray(self.interval.anchors, dtype=np.uint8)
             meta["interval"] = self.interval.to_meta()
+        if self.shift is not None:
+            meta["shift"] = self.shift.to_meta()
         return save(tensors, metadata={"ofa": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
     @classmethod
@@ -193,6 +207,8 @@ class AccuracyPredictor:
             if "interval" in meta:
                 pred = replace(pred, interval=Interval.from_meta(meta["interval"], tensors["interval.anchors"],
                                                                  members[0][0][0].shape[0]))
+            if "shift" in meta:
+                pred = replace(pred, shift=Shift.from_meta(meta["shift"]))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise PredictorError(f"{where}: incomplete predictor ({e})") from None
         if not members or not all(members):
@@ -356,7 +372,9 @@ def select_and_fit(x: np.ndarray, y: np.ndarray, space_digest: str, families: Se
 
 def evaluate(pred: AccuracyPredictor, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Kendall τ, RMSE and MAE (points) of ``pred`` on measured (features, accuracy); with an interval, its
-    coverage of the measurements and mean half-width (points)."""
+    coverage of the measurements and mean half-width (points). Measurements are of the validation split, so a
+    predictor's shift to the test distribution is left out."""
+    pred = replace(pred, shift=None)
     x, y = np.asarray(x, np.float32), np.asarray(y, float)
     b = pred.bounds_features(x)
     scores = _scores(b.prediction, y)

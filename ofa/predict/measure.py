@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import DataSpec, ImageSet, load_dataset, split_validation
+from ..data import DataError, DataSpec, ImageSet, load_dataset, split_test, split_validation
 from ..evaluate import EVAL_BATCH, percent_correct, subnet_correct
 from ..space import Arch, SearchSpace
 from ..supernet import Supernet
 from .accuracy import FOLDS
 from .cost import CostModel
 
-__all__ = ["MIN_FIT", "held_out", "measure_accuracies", "pack_correct", "stratified_archs", "unpack_correct",
-           "validation_set", "with_enough_on_each_side"]
+__all__ = ["MIN_FIT", "held_out", "measure_accuracies", "measure_shift", "pack_correct", "stratified_archs",
+           "test_halves", "unpack_correct", "validation_set", "with_enough_on_each_side"]
 
 
 def stratified_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
@@ -65,6 +65,19 @@ def validation_set(training: dict[str, Any], data_dir: str | None = None) -> tup
     return val, spec
 
 
+def test_halves(training: dict[str, Any], data_dir: str | None = None) -> tuple[ImageSet, ImageSet] | None:
+    """The test split of a training run's dataset cut in two (:func:`ofa.data.split_test`: the shift half,
+    the evaluation half); None for an imported supernet or a dataset without a test split."""
+    if training.get("imported_from"):
+        return None
+    try:
+        test, _ = load_dataset(training["dataset"], data_dir or training.get("data_dir") or None, False,
+                               training.get("image_size", 224))
+    except DataError:
+        return None
+    return split_test(test, training["seed"])
+
+
 def pack_correct(hits: np.ndarray) -> str:
     """Per-image correctness (bool) as base64 text: one bit per image."""
     return base64.b64encode(np.packbits(np.asarray(hits, dtype=bool)).tobytes()).decode()
@@ -98,6 +111,20 @@ def measure_accuracies(supernet: Supernet, archs: Sequence[Arch], calib: torch.T
     return out
 
 
+def measure_shift(supernet: Supernet, archs: Sequence[Arch], calib: torch.Tensor, shift: ImageSet, spec: DataSpec,
+                  measured: dict[str, dict[str, Any]], progress: bool = True) -> dict[str, dict[str, Any]]:
+    """``measured`` with each of ``archs`` (measured already) also measured on the test split's shift half:
+    ``shift_accuracy`` and ``shift_correct``; ones measured there before are kept."""
+    out = dict(measured)
+    todo = [a for a in archs if "shift_correct" not in out[a.id]]
+    for arch in tqdm(todo, desc="measuring on test images", unit="subnet", disable=not progress,
+                     dynamic_ncols=True):
+        hits = subnet_correct(supernet, arch, calib, shift, spec).numpy()
+        out[arch.id] = {**out[arch.id], "shift_accuracy": round(percent_correct(hits), 4),
+                        "shift_correct": pack_correct(hits)}
+    return out
+
+
 MIN_FIT = 2 * FOLDS  # subnets to fit on: select_and_fit's folds of at least 2
 
 
@@ -126,7 +153,7 @@ def with_enough_on_each_side(space: SearchSpace, archs: list[Arch], known: Seque
 
 
 def _imported_validation(training: dict[str, Any], data_dir: str | None) -> tuple[ImageSet, DataSpec]:
-    from ..data import DataError, imagenet_spec
+    from ..data import imagenet_spec
     from ..folder import open_folder
 
     if not data_dir:
