@@ -13,10 +13,15 @@ and stop reading after the header. With ``--full-disk KIB``, the server's ``--ta
 tmpfs of that size (RLIMIT_FSIZE on the server where mounting is not allowed) and one more
 client registers (replace=true) 12 target names in turn: each answer must be OK or
 RESOURCE_EXHAUSTED, and every name whose registration was acknowledged must be on disk, whole,
-at the end.
+at the end. A hostile client (issue 34): with ``--half-open N,M``, N connections each open M calls
+(half health Checks, half searches) whose request never comes, a fresh batch every second for the
+whole run (raw HTTP/2, tests/halfopen.py): the probe's health p99 and the clients' searches and
+fetches are measured under it; with ``--made-up-paths K`` the server requires a token, and K calls
+without one to made-up method paths go first: the size of ``/metrics`` before and after them.
 
     python benchmarks/chaos.py --artifact runs/demo/supernet --target this-machine [--clients 16]
-        [--seconds 60] [--kill-every 10] [--slow-readers 16] [--full-disk 64] [--json FILE]
+        [--seconds 60] [--kill-every 10] [--slow-readers 16] [--full-disk 64] [--half-open 4,64]
+        [--made-up-paths 10000] [--json FILE]
 """
 from __future__ import annotations
 
@@ -37,8 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fingerprint
+from common import ROOT, fingerprint
 from ofa_client import Client, ClientError
+
+sys.path.insert(0, str(ROOT / "tests"))
+from halfopen import HalfOpen  # noqa: E402  (test support: a raw HTTP/2 client)
 
 RETRYABLE = {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
 
@@ -89,6 +97,10 @@ def main() -> None:
                    help="also this many clients that open a weight stream, read its header and then nothing")
     p.add_argument("--full-disk", type=int, default=0, metavar="KIB",
                    help="the targets folder on a full disk of this many KiB, and a client registering targets")
+    p.add_argument("--half-open", default="", metavar="N,M",
+                   help="N connections, each with M calls that never send their request, renewed every second")
+    p.add_argument("--made-up-paths", type=int, default=0, metavar="K",
+                   help="require a token, and first send K tokenless calls to made-up method paths")
     p.add_argument("--json")
     a = p.parse_args()
     fp = fingerprint()
@@ -111,6 +123,41 @@ def small_disk(kib: int):
                 subprocess.run(["umount", d], check=False)
 
 
+def attack(port: int, shape: str, stop: threading.Event, ended: Counter) -> None:
+    """Half-open calls (``N,M``: connections, calls each), half health Checks and half searches, a fresh batch
+    every second until ``stop``; ``ended`` counts how the server ended them (and ``open`` the ones it had not)."""
+    n, m = (int(x) for x in shape.split(","))
+    paths = ["/grpc.health.v1.Health/Check", "/ofa.v1.SubnetService/SearchSubnet"]
+    while not stop.is_set():
+        batch = HalfOpen(port, n, m, paths).open()
+        stop.wait(1.0)
+        counts = batch.counts()
+        batch.close()
+        ended.update(counts)
+        ended["open"] += batch.opened - sum(counts.values())
+
+
+def made_up_paths(address: str, metrics_url: str, k: int) -> dict:
+    """``k`` tokenless calls to made-up method paths: how they were answered and /metrics' size around them."""
+    import urllib.request
+
+    import grpc
+
+    def size() -> int:
+        with urllib.request.urlopen(metrics_url, timeout=30) as r:
+            return len(r.read())
+
+    before, codes = size(), Counter()
+    with grpc.insecure_channel(address) as ch:
+        for i in range(k):
+            try:
+                ch.unary_unary(f"/made.up.Service{i}/Method{i}")(b"", timeout=30)
+                codes["OK"] += 1
+            except grpc.RpcError as e:
+                codes[e.code().name] += 1
+    return {"calls": k, "codes": dict(codes), "metrics_bytes_before": before, "metrics_bytes_after": size()}
+
+
 def run(a, fp: dict, disk: dict | None) -> None:
     cmd = [sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0"]
     limit = None
@@ -119,13 +166,19 @@ def run(a, fp: dict, disk: dict | None) -> None:
         if disk["how"] == "RLIMIT_FSIZE":
             size = disk["kib"] << 10
             limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))  # noqa: E731
+    token = "chaos-token" if a.made_up_paths else None
+    token_file = Path(tempfile.mkstemp(prefix="ofa-chaos-token-")[1])
+    token_file.write_text(f"{token}\n")
+    cmd += ["--metrics-port", "0", "--drain-delay-s", "0"] + (["--token-file", str(token_file)] if token else [])
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=limit)
     try:
         line = server.stdout.readline()
         if "listening on 127.0.0.1:" not in line:
             raise SystemExit(f"the server did not start: {line!r}")
         address = f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
-        with Client(address) as c:
+        metrics_url = line.split("metrics on ")[1].split()[0]
+        made_up = made_up_paths(address, metrics_url, a.made_up_paths) if a.made_up_paths else None
+        with Client(address, token=token) as c:
             front = c.pareto(a.target, points=5)
             lo, hi = front[0].predicted_latency_ms, front[-1].predicted_latency_ms
             known = [c.search(a.target, max_latency_ms=x.predicted_latency_ms) for x in front[:3]]
@@ -137,7 +190,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
 
         def client(k: int) -> None:
             rng = random.Random(k)
-            with Client(address, retries=0, timeout=30) as c:
+            with Client(address, token=token, retries=0, timeout=30) as c:
                 while not stop.is_set():
                     kind = "search" if rng.random() < 0.5 else "fetch"
                     start = time.monotonic()
@@ -191,24 +244,23 @@ def run(a, fp: dict, disk: dict | None) -> None:
 
         def probe() -> None:
             """The cheap RPCs, every 50 ms: how long a call waits for the server itself."""
-            with Client(address, retries=0, timeout=30) as c:
+            with Client(address, token=token, retries=0, timeout=30) as c:
                 while not stop.wait(0.05):
-                    start = time.monotonic()
-                    try:
-                        c.targets()
-                        c.health()
-                        status = "OK"
-                    except ClientError as e:
-                        status = e.code
-                    with lock:
-                        calls.append(("probe", status, start - t0, time.monotonic() - start))
+                    for kind, call in (("probe", c.targets), ("health", c.health)):  # timed apart
+                        start = time.monotonic()
+                        try:
+                            status = "OK" if call() not in ("NOT_SERVING", "SERVICE_UNKNOWN") else "NOT_SERVING"
+                        except ClientError as e:
+                            status = e.code
+                        with lock:
+                            calls.append((kind, status, start - t0, time.monotonic() - start))
 
         acked: dict[str, str] = {}  # name -> the text of its last acknowledged registration
 
         def registrar() -> None:
             """Register 12 names in turn (replace=true) on the full disk: OK or RESOURCE_EXHAUSTED, nothing lost."""
             table = json.loads((Path(a.artifact) / "latency" / f"{a.target}.json").read_text())
-            with Client(address, retries=0, timeout=30) as c:
+            with Client(address, token=token, retries=0, timeout=30) as c:
                 k = 0
                 while not stop.is_set():
                     name = f"disk-{k % 12}"
@@ -231,6 +283,10 @@ def run(a, fp: dict, disk: dict | None) -> None:
             threads.append(threading.Thread(target=registrar))
         threads += [threading.Thread(target=slow_reader, args=(k,)) for k in range(a.slow_readers)]
         threads.append(threading.Thread(target=sample_memory))
+        half_open: Counter = Counter()  # how the attacker's calls ended
+        if a.half_open:
+            threads.append(threading.Thread(target=attack, args=(int(address.split(":")[1]), a.half_open, stop,
+                                                                 half_open)))
         for t in threads:
             t.start()
         kills = []
@@ -249,6 +305,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
         for ch in slow_channels:
             ch.close()
     finally:
+        token_file.unlink(missing_ok=True)
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(60)
@@ -261,7 +318,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
         ok_after = [start + dt for k, s, start, dt in calls if k == "search" and s == "OK" and start >= t_kill]
         recovery.append(min(ok_after) - t_kill if ok_after else float("inf"))
     lat = {kind: np.array([dt for k, s, _, dt in calls if k == kind and s == "OK"])
-           for kind in ("search", "fetch", "probe", "register")}
+           for kind in ("search", "fetch", "probe", "health", "register")}
     lost = []
     if disk:  # every acknowledged registration is on disk, whole (the server has stopped: nothing is in flight)
         for name, text in acked.items():
@@ -285,12 +342,19 @@ def run(a, fp: dict, disk: dict | None) -> None:
         if len(x):
             print(f"  {kind} OK: {len(x)} calls, p50 {1000 * np.median(x):.0f} ms, p99 {1000 * np.quantile(x, .99):.0f} ms")
     print(f"  peak memory, server and its workers: {max(peak):.0f} MiB (at start {peak[0]:.0f} MiB)")
+    if a.half_open:
+        print(f"  half-open calls ({a.half_open} a second) ended by the server: " + ", ".join(
+            f"{k} {n}" for k, n in sorted(half_open.items())) + " (status-14: UNAVAILABLE; reset: RST_STREAM)")
+    if made_up:
+        print(f"  {made_up['calls']} tokenless calls to made-up paths: {made_up['codes']}; /metrics "
+              f"{made_up['metrics_bytes_before']:,} bytes before, {made_up['metrics_bytes_after']:,} after")
     if a.json:
         json.dump({"fingerprint": fp, "clients": a.clients, "seconds": a.seconds, "kills": kills,
                    "slow_readers": a.slow_readers, "slow_reader_streams": dict(held),
                    "p99_ms": {k: 1000 * float(np.quantile(x, .99)) for k, x in lat.items() if len(x)},
                    "calls": {f"{k} {s}": n for (k, s), n in by.items()}, "not_retryable": bad,
-                   "recovery_s": recovery, "peak_rss_mb": max(peak), "full_disk": disk, "lost": lost},
+                   "recovery_s": recovery, "peak_rss_mb": max(peak), "full_disk": disk, "lost": lost,
+                   "half_open": a.half_open, "half_open_ended": dict(half_open), "made_up_paths": made_up},
                   open(a.json, "w"), indent=1)
 
 

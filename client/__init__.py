@@ -8,9 +8,10 @@ imported as ``ofa_client``; grpcio and protobuf only.
 """
 from .client import FORMATS, Client, SubnetInfo, Weights
 from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, VersionMismatch)
+                     NotFound, PermissionDenied, ResourceExhausted, SupernetMismatch, Unauthenticated, Unavailable,
+                     VersionMismatch)
 from .v1 import API_VERSION
 
-__all__ = ["API_VERSION", "AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible", "IntegrityError",
-           "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
-           "Unavailable", "VersionMismatch", "Weights"]
+__all__ = ["API_VERSION", "AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "FORMATS", "Infeasible",
+           "IntegrityError", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo",
+           "SupernetMismatch", "Unauthenticated", "Unavailable", "VersionMismatch", "Weights"]

@@ -3,7 +3,9 @@
 Exit codes: 0 success, 1 other error, 2 invalid argument, 3 infeasible constraints,
 4 unknown supernet/target/subnet (or target exists), 5 server busy, unavailable or too
 slow (retry), 6 not authenticated or not permitted (another client's target), 7 download
-failed verification, 8 the server speaks an API version this client cannot use.
+failed verification, 8 the server speaks an API version this client cannot use, 9 the
+weights came from another supernet than the one the search ran on (a replica of another
+artifact version: search again).
 """
 from __future__ import annotations
 

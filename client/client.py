@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from .errors import (AlreadyExists, ClientError, DeadlineExceeded, Infeasible, IntegrityError, InvalidArgument,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, VersionMismatch,
-                     error_from_rpc)
+                     NotFound, PermissionDenied, ResourceExhausted, SupernetMismatch, Unauthenticated, Unavailable,
+                     VersionMismatch, error_from_rpc)
 from .v1 import API_VERSION
 from .v1 import subnet_service_pb2 as pb
 
@@ -34,6 +34,13 @@ FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORM
 
 
 # ---- the client --------------------------------------------------------------------
+def _digest_of(subnet: Any) -> str:
+    """The supernet digest a search result carries ("" for an id, an arch, or a result of API < 1.3)."""
+    found = subnet.supernet_digest if isinstance(subnet, SubnetInfo) else \
+        subnet.get("supernet_digest") if isinstance(subnet, Mapping) else ""
+    return found if isinstance(found, str) else ""
+
+
 class Client:
     """A connection to an ``ofa serve`` server, or to several replicas: ``address`` in gRPC's name syntax,
     e.g. ``ipv4:10.0.0.5:50051,10.0.0.6:50051``, spreads the calls round robin over the ones that are up.
@@ -208,6 +215,11 @@ class Client:
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
                                  f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        searched_on = _digest_of(subnet)
+        if searched_on and header.supernet_digest != searched_on:
+            raise SupernetMismatch("SUPERNET_MISMATCH", f"the weights came from supernet {header.supernet_digest[:16]}…, "
+                                   f"but the search ran on {searched_on[:16]}… (a server of another artifact version "
+                                   f"under the same name): search again on the server that answers now")
         return Weights(data, format, header.sha256, header.subnet_id, arch_to_dict(header.arch),
                        tuple(header.input_shape), tuple(header.mean), tuple(header.std), header.supernet_digest,
                        header.fine_tuned)

@@ -83,6 +83,12 @@ class VersionMismatch(ClientError):
     exit_code = 8
 
 
+class SupernetMismatch(ClientError):
+    """Fetched weights of another supernet than the one the search ran on (same name, another artifact:
+    a replica of another version, during a rolling update); the bytes were not returned."""
+    exit_code = 9
+
+
 _BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.FAILED_PRECONDITION: Infeasible,
             grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
             grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,

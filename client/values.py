@@ -89,6 +89,7 @@ class SubnetInfo:
     measured_split: str = ""
     measured_images: int = 0
     latency_noisy: bool = False  # the target's table was profiled on a machine too noisy to trust (see targets)
+    supernet_digest: str = ""  # the supernet the search ran on: a fetch of this subnet must get its weights ("": API < 1.3)
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
@@ -101,7 +102,8 @@ class SubnetInfo:
                    m.macs, m.params, m.search_seconds, m.supernet, m.target, m.speed, m.speed_offset_ms, m.fine_tuned,
                    iv.low if iv else None, iv.high if iv else None, iv.level if iv else None,
                    iv.measured_distance if iv else None, m.extrapolated,
-                   ma.accuracy if ma else None, ma.split if ma else "", ma.images if ma else 0, m.latency_noisy)
+                   ma.accuracy if ma else None, ma.split if ma else "", ma.images if ma else 0, m.latency_noisy,
+                   m.supernet_digest)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""

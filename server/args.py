@@ -37,11 +37,13 @@ class ServeConfig:
     max_search_seconds: float = 300.0
     max_message_chars: int = 1000
     max_health_watches: int = 16
+    body_timeout_s: float = 10.0
     cache_mb: int = 512
     tls_cert: str | None = None
     tls_key: str | None = None
     token_file: str | None = None
     grace: float = 30.0
+    drain_delay_s: float = 5.0
     threads: int = 0
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = "127.0.0.1"
@@ -59,12 +61,16 @@ class ServeConfig:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
+        if not 0 <= self.drain_delay_s <= 3600:
+            raise ValueError(f"--drain-delay-s must be in [0, 3600], got {self.drain_delay_s}")
+        if not 0 < self.body_timeout_s <= 3600:
+            raise ValueError(f"--body-timeout-s must be in (0, 3600], got {self.body_timeout_s}")
         if self.max_per_peer < 0:
             raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {self.max_per_peer}")
 
     @property
     def per_peer(self) -> int:
-        """Searches (and, apart, weight builds) one client connection may run at once."""
+        """Searches (and, apart, weight builds) one client (its token's name, else its address) may run at once."""
         return self.max_per_peer or max(1, self.max_searches // 2)
 
 
@@ -96,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "are taken the one whose client has taken no data for --stream-preempt-s is cancelled to make "
                    "way (default 32)")
     p.add_argument("--max-streams-per-peer", type=int, default=_D.max_streams_per_peer,
-                   help="weight streams one client connection may have open at once (default 4)")
+                   help="weight streams one client (its token's name, else its address) may have open at once "
+                   "(default 4)")
     p.add_argument("--stream-preempt-s", type=float, default=_D.stream_preempt_s,
                    help="a stream stalled this long gives its slot to a new one when all are taken (default 5)")
     p.add_argument("--stream-stall-s", type=float, default=_D.stream_stall_s,
@@ -108,8 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-searches", type=int, default=_D.max_searches,
                    help="concurrent searches (and, apart, weight builds) before RESOURCE_EXHAUSTED (default 2)")
     p.add_argument("--max-per-peer", type=int, default=_D.max_per_peer,
-                   help="searches (and, apart, weight builds) one client connection may run at once (default 0: "
-                   "half of --max-searches, at least 1)")
+                   help="searches (and, apart, weight builds) one client (its token's name, else its address) may "
+                   "run at once (default 0: half of --max-searches, at least 1)")
     p.add_argument("--max-search-work", type=int, default=_D.max_search_work,
                    help="population x generations (x points for a front) one request may ask for (default "
                    "5,000,000: ~100 default searches)")
@@ -124,14 +131,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "RESOURCE_EXHAUSTED (health needs no token; default 16)")
     p.add_argument("--cache-mb", type=int, default=_D.cache_mb,
                    help="bytes of built weights kept, in MiB (default 512)")
+    p.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads for weight builds (0: default)")
+    _add_lifecycle(p)
+    _add_operations(p)
+
+
+def _add_lifecycle(p: argparse.ArgumentParser) -> None:
+    """The flags of who may call, how long a call may keep its request back, and how the server stops."""
+    _D = ServeConfig
+    p.add_argument("--body-timeout-s", type=float, default=_D.body_timeout_s,
+                   help="a call whose request has not arrived this long after its headers is ended UNAVAILABLE; "
+                   "calls waiting so are bounded per connection, per client address and in all, the oldest "
+                   "ended first, and health has threads of its own (default 10)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token-file", help="bearer tokens every call but health must carry: one per line, 'TOKEN' or "
                    "'NAME TOKEN' (a client each; a registered target can be replaced or deleted only by the "
                    "client that registered it)")
-    p.add_argument("--grace", type=float, default=_D.grace, help="seconds in-flight calls get on SIGTERM (default 30)")
-    p.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads for weight builds (0: default)")
-    _add_operations(p)
+    p.add_argument("--grace", type=float, default=_D.grace,
+                   help="seconds in-flight calls get once a drain stops taking calls (default 30)")
+    p.add_argument("--drain-delay-s", type=float, default=_D.drain_delay_s,
+                   help="on SIGTERM/SIGINT health turns NOT_SERVING this long before the server stops taking "
+                   "calls, so that balancers move traffic away (default 5; a second signal stops at once); "
+                   "SIGHUP re-reads --token-file and the TLS files")
 
 
 def _add_operations(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,13 @@ class Tokens:
 
     def __init__(self, by_name: dict[str, str]) -> None:
         self._tokens = [(name, f"Bearer {token}".encode()) for name, token in by_name.items()]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def replace_with(self, other: "Tokens") -> None:
+        """Take ``other``'s tokens (SIGHUP): the next call is checked against them (one assignment, atomic)."""
+        self._tokens = list(other._tokens)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokens":
@@ -59,14 +67,18 @@ class TokenAuth(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required "
                           "(metadata 'authorization: Bearer <token>')")
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
-        self._deny_bidi = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
+        # a streaming-request handler (a refusal sends only a status: the same bytes on the wire for every kind
+        # of method): a call is refused without waiting for its request, which a client may never send, on a
+        # pool of its own, so that a flood of calls without a token does not queue before the others
+        self.pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ofa-unauthenticated")
+
+        def refuse(requests, context):
+            deny(None, context)
+
+        refuse.experimental_thread_pool = self.pool
+        self._deny = grpc.stream_unary_rpc_method_handler(refuse)
 
     def intercept_service(self, continuation, details):
-        method = details.method
-        if method.startswith(OPEN_METHODS) or self._tokens.client_of(details.invocation_metadata) is not None:
+        if details.method.startswith(OPEN_METHODS) or self._tokens.client_of(details.invocation_metadata) is not None:
             return continuation(details)
-        if method.startswith("/grpc.reflection."):
-            return self._deny_bidi
-        return self._deny_stream if method.endswith("/GetSubnetWeights") else self._deny_unary
+        return self._deny

@@ -18,4 +18,5 @@ def _serve(args: argparse.Namespace) -> int:
 
 COMMAND = Command("serve", "serve artifacts over gRPC (search, Pareto fronts, weights)", add_arguments, _serve,
                   description="Serve one or more supernet artifacts over gRPC (ofa.v1.SubnetService, health and "
-                  "reflection). SIGTERM stops it after in-flight calls finish.")
+                  "reflection). SIGTERM drains it (NOT_SERVING, then in-flight calls finish); SIGHUP re-reads "
+                  "tokens and TLS files.")

@@ -29,6 +29,7 @@ LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
           # a registered table as stored (a real one is ~16 KB); each is kept parsed by every replica
           "table_bytes": 1 << 20,
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
+          "min_ms": 1e-6,  # a timing of less than a nanosecond is not one (5e-324 passed "> 0")
           # a front's population x generations x points: 100 default searches' worth (~10 s on
           # 2 cores), so that no one request holds a search slot for minutes
           "work": 5_000_000,
@@ -102,8 +103,11 @@ def constraints_of(c: pb.Constraints, space: SearchSpace, target: str | None) ->
         if not math.isfinite(c.min_accuracy) or not 0 <= c.min_accuracy <= 100:
             raise invalid(f"constraints.min_accuracy must be a percentage in [0, 100], got {c.min_accuracy!r}")
         min_acc = c.min_accuracy
+    if len(c.resolutions) > len(space.resolutions):  # the length first: a long list is never walked
+        raise invalid(f"constraints.resolutions must be distinct values from {list(space.resolutions)}, got "
+                      f"{len(c.resolutions)} values")
     res = list(c.resolutions)
-    if len(res) > len(space.resolutions) or any(r not in space.resolutions for r in res) or len(set(res)) != len(res):
+    if any(r not in space.resolutions for r in res) or len(set(res)) != len(res):
         raise invalid(f"constraints.resolutions must be distinct values from {list(space.resolutions)}, got {res[:40]}")
     return Constraints(max_latency, max_macs, max_params, tuple(sorted(res)), min_acc)
 
@@ -147,6 +151,10 @@ def points_of(value: int) -> int:
 
 def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
     """The :class:`Arch` a ``pb.Arch`` describes, validated against ``space``."""
+    for name, most in (("kernel", space.num_slots), ("expand", space.num_slots), ("depth", len(space.stages))):
+        if len(getattr(msg, name)) > most:  # the length first: a long list is never walked
+            raise invalid(f"arch.{name} must hold at most {most} values for space {space.name!r}, got "
+                          f"{len(getattr(msg, name))}")
     try:
         return space.validate(Arch(tuple(msg.kernel), tuple(msg.expand), tuple(msg.depth), msg.resolution))
     except (ArchError, ValueError, TypeError) as e:
@@ -185,9 +193,9 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed |
         if t.subnet_id in seen:
             raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id} is given twice")
         seen.add(t.subnet_id)
-        if not math.isfinite(t.ms) or not 0 < t.ms <= LIMITS["max_latency_ms"]:
-            raise invalid(f"reference_timings[{i}].ms must be a number in (0, {LIMITS['max_latency_ms']:g}], "
-                          f"got {t.ms!r}")
+        if not math.isfinite(t.ms) or not LIMITS["min_ms"] <= t.ms <= LIMITS["max_latency_ms"]:
+            raise invalid(f"reference_timings[{i}].ms must be a number in [{LIMITS['min_ms']:g}, "
+                          f"{LIMITS['max_latency_ms']:g}], got {t.ms!r}")
         then.append(profiled[t.subnet_id])
         now.append(t.ms)
     speed = Speed.fit(then, now)
@@ -207,12 +215,15 @@ def arch_to_pb(arch: Arch) -> pb.Arch:
 
 def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None, speed: Speed,
                  fine_tuned: Container[str] = (), level: float = 0.0,
-                 measured: "Mapping[str, Measured] | None" = None, table: dict[str, Any] | None = None) -> pb.Subnet:
+                 measured: "Mapping[str, Measured] | None" = None, table: dict[str, Any] | None = None,
+                 digest: str = "") -> pb.Subnet:
     """A searched subnet as answered: ``speed`` is the device speed the latency was predicted at;
     ``fine_tuned``: the ids whose weights the artifact holds fine-tuned; ``level``: the accuracy
-    interval's; ``measured``: accuracies measured on the artifact's weights; ``table``: the target's."""
+    interval's; ``measured``: accuracies measured on the artifact's weights; ``table``: the target's;
+    ``digest``: the supernet's (a fetch's header must name the same)."""
     msg = pb.Subnet(id=c.arch.id, arch=arch_to_pb(c.arch), predicted_accuracy=c.accuracy, macs=c.macs,
                     params=c.params, search_seconds=seconds, supernet=supernet, target=target or "",
+                    supernet_digest=digest,
                     speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0,
                     fine_tuned=c.arch.id in fine_tuned, extrapolated=c.extrapolated,
                     latency_noisy=bool(table and table_noise(table)))
@@ -251,6 +262,8 @@ def supernet_to_pb(name: str, artifact: "Artifact", accuracy: "AccuracyPredictor
             interval_level=accuracy.interval.level if accuracy.interval is not None else 0.0,
             interval_coverage=float(test.get("interval_coverage", 0.0)),
             interval_half_width=float(test.get("interval_half_width", 0.0))))
+        if accuracy.shift is not None:
+            msg.accuracy_predictor.test_shift = accuracy.shift.offset
     return msg
 
 

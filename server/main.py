@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,6 +16,8 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
 from .args import ServeConfig, add_arguments, config_of
 from .auth import TokenAuth, Tokens
+from .guard import BodyGuard, Waiting
+from .lifecycle import read_tls, wait_for_signals
 from .metrics import Metrics, MetricsInterceptor, configure_logging
 from .registry import Registry
 from .service import SubnetService
@@ -26,6 +26,8 @@ __all__ = ["BoundedHealth", "ServeConfig", "Server", "add_arguments", "config_of
 
 log = logging.getLogger("ofa_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["SubnetService"].full_name
+HEALTH_CHECK_THREADS = 64  # health's own threads beside one per Watch; at most a quarter may wait for a request
+MAX_STREAMS_PER_CONNECTION = 64  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls open at once on one connection
 
 
 class BoundedHealth(health.HealthServicer):
@@ -99,24 +101,43 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         address = f"{config.host}:{config.port}"
+        self._tls_next = None  # a certificate read by SIGHUP, handed to grpc at the next connection
+        self._tls_lock = threading.Lock()
+        self._drain_cut = threading.Event()  # a forced stop cuts a drain's delay short
+        self._closing = threading.Lock()
+        self._closed = False
+        self._stopped = threading.Event()  # set once the first stop has closed everything
         if tls:
-            self.port = self.grpc.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+            first = grpc.ssl_server_certificate_configuration([(tls[1], tls[0])])
+            self.port = self.grpc.add_secure_port(address, grpc.dynamic_ssl_server_credentials(first, self._tls_fetch))
         else:
             self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.host = config.host
 
-    @staticmethod
-    def _grpc_server(config: ServeConfig, tokens: Tokens | None, metrics: Metrics | None) -> grpc.Server:
-        # weight streams and health watches each hold a thread while open (a client that stops reading
-        # holds it on flow control): they get threads of their own, so the other RPCs always have `workers`
-        held = config.max_streams + config.max_health_watches
-        return grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers + held, thread_name_prefix="ofa-rpc"),
-                           # outermost first: a call refused for its token is counted and logged too
-                           interceptors=[MetricsInterceptor(metrics)] + ([TokenAuth(tokens)] if tokens else []),
-                           maximum_concurrent_rpcs=held + 4 * config.workers,
+    def _grpc_server(self, config: ServeConfig, tokens: Tokens | None, metrics: Metrics | None) -> grpc.Server:
+        # weight streams hold a thread while open (a client that stops reading holds it on flow control): they
+        # get threads of their own, so the other RPCs always have `workers`; health has a pool of its own
+        self.pool = futures.ThreadPoolExecutor(max_workers=config.workers + config.max_streams,
+                                               thread_name_prefix="ofa-rpc")
+        self.health_pool = futures.ThreadPoolExecutor(max_workers=config.max_health_watches + HEALTH_CHECK_THREADS,
+                                                      thread_name_prefix="ofa-health")
+        ended = metrics.ended_waiting if metrics is not None else lambda reason: None
+        # calls waiting for their request: per connection, per client address, in all (a quarter of the pool's
+        # threads: the rest serve), crowded out after 0.03 s (health: a probe's request is tiny) or 0.1 s
+        waiting = {"health": Waiting(config.body_timeout_s, 2, 8, HEALTH_CHECK_THREADS // 4, ended, 0.03),
+                   "default": Waiting(config.body_timeout_s, 4, max(2, config.workers // 4), max(2, config.workers // 4),
+                                      ended, 0.1)}
+        # queued calls: health's are cheap to keep (a probe behind a burst waits, it is not refused)
+        self.guard = BodyGuard({"health": (self.health_pool, waiting["health"], 8 * HEALTH_CHECK_THREADS),
+                                "default": (None, waiting["default"], 4 * config.workers)}, self.pool,
+                               metrics.refused_queued if metrics is not None else lambda: None)
+        # outermost first: a call's request is read under the guard; one refused for its token is counted too
+        interceptors = [self.guard, MetricsInterceptor(metrics)] + ([TokenAuth(tokens)] if tokens else [])
+        return grpc.server(self.pool, interceptors=interceptors,
                            options=[("grpc.max_receive_message_length", 16 << 20),
+                                    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                                     # dead peers are found, and no connection (nor a stream stuck on
                                     # a client that stopped reading) is held for ever
                                     ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
@@ -141,15 +162,45 @@ class Server:
         self._set_health(self.service.pool.ready > 0)
         return self
 
-    def stop(self, grace: float = 30.0) -> None:
-        """Stop taking calls, give those in flight ``grace`` seconds, then stop the search workers."""
+    def set_tls(self, chain: bytes, key: bytes) -> None:
+        """Use this certificate chain and key from the next connection on (a server started with TLS)."""
+        with self._tls_lock:
+            self._tls_next = grpc.ssl_server_certificate_configuration([(key, chain)])
+
+    def _tls_fetch(self):
+        with self._tls_lock:  # grpc asks at each handshake: a new configuration once, else None (unchanged)
+            new, self._tls_next = self._tls_next, None
+            return new
+
+    def drain(self, delay: float, grace: float) -> None:
+        """NOT_SERVING first, ``delay`` seconds for balancers to see it (calls are still answered), then
+        :meth:`stop` with ``grace``."""
         self._serving.clear()
         self.health.enter_graceful_shutdown()
+        self._drain_cut.wait(delay)
+        self.stop(grace)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop taking calls, give those in flight ``grace`` seconds, then stop the search workers (a second
+        call, with a shorter grace, cuts the first one's short)."""
+        self._serving.clear()
+        self.health.enter_graceful_shutdown()
+        self._drain_cut.set()
         self.grpc.stop(grace).wait()
-        self.service.close()
-        if self.metrics_http is not None:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+        with self._closing:
+            first, self._closed = not self._closed, True
+        if not first:  # another stop closes the rest: wait for it, so that the process exits after it
+            self._stopped.wait(60)
+            return
+        try:
+            self.guard.close()
+            self.health_pool.shutdown(wait=False)
+            self.service.close()
+            if self.metrics_http is not None:
+                self.metrics_http.shutdown()
+                self.metrics_http.server_close()
+        finally:
+            self._stopped.set()
 
     def wait(self) -> None:
         """Block until the server has stopped."""
@@ -162,13 +213,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run(config: ServeConfig) -> int:
-    """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then finish the calls in flight; returns 0."""
+    """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then drain (:mod:`.lifecycle`); returns 0."""
     configure_logging(config.log_format)  # this process's log, with times (replacing the ofa command's)
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)  # this process's own setting: it serves until it exits
-    tls = (Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes()) if config.tls_cert else None
+    tls = read_tls(config.tls_cert, config.tls_key) if config.tls_cert else None
     tokens = Tokens.from_file(config.token_file) if config.token_file else None
     if tokens and not tls and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", config.host)
@@ -179,23 +230,9 @@ def run(config: ServeConfig) -> int:
     print(f"ofa serve: listening on {config.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}{metrics}",
           flush=True)
-    _wait_for_signal(server, config.grace)
+    wait_for_signals(server, config, tokens)
     log.info("stopped")
     return 0
-
-
-def _wait_for_signal(server: Server, grace: float) -> None:
-    """Block until SIGTERM or SIGINT has stopped ``server`` (in-flight calls get ``grace`` seconds)."""
-    done = threading.Event()
-
-    def on_signal(signum, frame):
-        log.info("signal %d: finishing in-flight calls (up to %.0f s)", signum, grace)
-        threading.Thread(target=lambda: (server.stop(grace), done.set()), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    done.wait()
-    server.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ rpc, code, ms, peer and message.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -22,6 +23,19 @@ __all__ = ["JsonFormatter", "Metrics", "MetricsInterceptor", "configure_logging"
 
 access = logging.getLogger("ofa_server.access")
 SEARCH_RPCS = ("SearchSubnet", "GetParetoFront")
+UNKNOWN_RPC = "unknown"  # the label of every method path this server does not serve: labels are a closed set
+
+
+def _known_rpcs() -> dict[str, str]:
+    """{"/package.Service/Method": "Method"} of every method this server serves."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from ofa_client.v1 import subnet_service_pb2 as pb
+
+    services = (pb.DESCRIPTOR.services_by_name["SubnetService"], health_pb2.DESCRIPTOR.services_by_name["Health"],
+                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    return {f"/{svc.full_name}/{m.name}": m.name for svc in services for m in svc.methods}
 # latency buckets (s): cached fetches and listings take ms, searches a few hundred ms, builds seconds
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -52,6 +66,16 @@ class Metrics:
         self.workers = Gauge("ofa_search_workers_alive", "search worker processes able to take a search", registry=r)
         self.cache_bytes = Gauge("ofa_weight_cache_bytes", "bytes of built weights kept", registry=r)
         self.targets = Gauge("ofa_registered_targets", "latency targets registered (all supernets)", registry=r)
+        self.ended = Counter("ofa_calls_ended_waiting", "calls ended because their request did not arrive: "
+                             "timeout, or crowded out by newer calls", ["reason"], registry=r)
+        self.queue_full = Counter("ofa_calls_refused_queue", "calls refused because their thread pool's queue "
+                                  "was full", registry=r)
+
+    def ended_waiting(self, reason: str) -> None:
+        self.ended.labels(reason).inc()
+
+    def refused_queued(self) -> None:
+        self.queue_full.inc()
 
     def bind(self, service, registry) -> None:
         """Read the gauges from ``service`` (a SubnetService) and ``registry`` at scrape time."""
@@ -82,6 +106,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
+        self.known = _known_rpcs()
 
     def _done(self, rpc: str, context, t0: float, failed: bool) -> None:
         code = context.code()
@@ -95,6 +120,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     extra={"rpc": rpc, "code": code.name, "ms": round(1000 * seconds, 2), "peer": context.peer()})
 
     def _unary(self, rpc: str, behavior: Callable) -> Callable:
+        @functools.wraps(behavior)  # its attributes too: the thread pool it runs on (guard, auth)
         def call(request, context):
             t0, failed = time.perf_counter(), True
             try:
@@ -106,6 +132,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return call
 
     def _stream(self, rpc: str, behavior: Callable) -> Callable:
+        @functools.wraps(behavior)
         def call(request, context):
             t0, failed = time.perf_counter(), True
             try:
@@ -119,12 +146,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        rpc = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(rpc, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(rpc, handler.unary_stream))
-        return handler  # this service has no client-streaming RPCs
+        rpc = self.known.get(details.method, UNKNOWN_RPC)
+        for kind, wrap in (("unary_unary", self._unary), ("stream_unary", self._unary),
+                           ("unary_stream", self._stream), ("stream_stream", self._stream)):
+            if getattr(handler, kind) is not None:  # (a refusal of a token is a stream_unary handler)
+                return handler._replace(**{kind: wrap(rpc, getattr(handler, kind))})
+        return handler
 
 
 class JsonFormatter(logging.Formatter):

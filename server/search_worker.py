@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -143,6 +144,11 @@ def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
     # threads spin against each other (set before numpy loads: the scorers are unpickled after it)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    # the server decides when a search ends (a drain finishes it, then closes the pipe): a Ctrl-C to the
+    # terminal's process group, systemd's SIGTERM to the control group or a SIGHUP must not end it first
+    os.setpgrp()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     # A search is batch work; streaming weights is waited on: at a lower priority, searches take the cores
     # only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)

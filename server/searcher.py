@@ -6,6 +6,7 @@ deadline travels with the job. A worker that dies or hangs is replaced (:class:`
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import pickle
@@ -83,6 +84,9 @@ class SearchPool:
                                    f"`if __name__ == '__main__':` guard, as multiprocessing's spawn does)")
             self._free.append(slot)
         threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True).start()
+        # workers ignore SIGTERM (search_worker.worker_main): killed here at exit, before multiprocessing's own
+        # exit handler would SIGTERM and then wait for them (atexit runs the later registration first)
+        atexit.register(self.close)
 
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -149,7 +153,7 @@ class SearchPool:
         delay = 0.5
         while not self._closed.is_set():
             w = self._spawn()
-            if self._await_ready(w):
+            if not self._closed.is_set() and self._await_ready(w):
                 with self._lock:
                     if not self._closed.is_set():
                         self._workers[slot] = w
@@ -273,3 +277,4 @@ class SearchPool:
         for w in workers:
             w.proc.join(5)
             w.conn.close()
+        atexit.unregister(self.close)  # last: a worker still alive must not outlive the process's exit

@@ -30,6 +30,7 @@ from .args import ServeConfig
 from .auth import Tokens
 from .registry import KnownTarget, NotOwner, Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets
 from .searcher import Job, ParetoJob, SearchJob, SearchPool, WorkerLost
+from .guard import client_address
 from .slots import Slots
 from .weights import WeightsCache, build_payload
 
@@ -154,11 +155,16 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         """The calling client's name from its token ("" on a server without tokens: one client, all owners)."""
         return (self.tokens.client_of(context.invocation_metadata()) or "") if self.tokens else ""
 
-    @staticmethod
+    def _identity(self, context: grpc.ServicerContext) -> str:
+        """Who a per-client limit counts: the token's client name when tokens are on, else the client's address
+        (not its connection: more connections must not buy more slots)."""
+        name = self.tokens.client_of(context.invocation_metadata()) if self.tokens else None
+        return f"client {name}" if name else client_address(context.peer())
+
     @contextlib.contextmanager
-    def _slot(slots: Slots, context: grpc.ServicerContext) -> Iterator[None]:
-        """Hold one of ``slots`` for the calling peer, or refuse at once with RESOURCE_EXHAUSTED (no queueing)."""
-        peer = context.peer()
+    def _slot(self, slots: Slots, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold one of ``slots`` for the calling client, or refuse at once with RESOURCE_EXHAUSTED (no queueing)."""
+        peer = self._identity(context)
         why = slots.acquire(peer)
         if why:
             raise cv.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
@@ -265,7 +271,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         interval = s.sn.scorer.accuracy.interval
         return cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned,
                                interval.level if interval is not None else 0.0, s.sn.measured,
-                               s.found.table if s.found else None)
+                               s.found.table if s.found else None, s.sn.artifact.digest)
 
     def _arch(self, sn: ServedSupernet, request: pb.GetSubnetWeightsRequest) -> Arch:
         """The arch a weights request asks for: by its arch, its subnet id, or both (which must agree)."""
@@ -323,7 +329,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         # A client that reads nothing keeps its stream's handler thread waiting on flow control; at most
         # max_streams of them (threads of their own, on top of the other RPCs'), and the one stalled longest
         # makes way for a new stream when all are taken.
-        peer = context.peer()
+        peer = self._identity(context)
         why = self._streams.acquire(peer)
         if why and not self._streams.at_peer_limit(peer) and self._preempt():
             why = self._streams.acquire(peer, wait=2.0)  # the cancelled stream's thread gives its slot back

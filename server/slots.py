@@ -1,4 +1,4 @@
-"""Bounded slots for the server's expensive work, server-wide and per client connection."""
+"""Bounded slots for the server's expensive work, server-wide and per client."""
 from __future__ import annotations
 
 import threading
@@ -8,11 +8,12 @@ __all__ = ["Slots"]
 
 
 class Slots:
-    """At most ``total`` holders at once, and at most ``per_peer`` of them from one client peer.
+    """At most ``total`` holders at once, and at most ``per_peer`` of them from one client.
 
-    A peer is what ``grpc.ServicerContext.peer()`` names: one connection (address and port).
-    Behind a load balancer every client shares one address, so a per-address limit would
-    serialise them all; limits per address belong to the proxy in front.
+    A client is who the caller says (``SubnetService._identity``): the name its token has when the
+    server requires tokens, else its address (not its connection: two connections once took both
+    search slots). Behind a load balancer without tokens every client shares the balancer's address,
+    so there the per-client bound is the balancer's, and tokens tell clients apart.
     """
 
     def __init__(self, total: int, per_peer: int, what: str, total_flag: str, peer_flag: str) -> None:
@@ -37,8 +38,8 @@ class Slots:
             ok = lambda: self._held[peer] < self.per_peer and sum(self._held.values()) < self.total  # noqa: E731
             if not self._lock.wait_for(ok, timeout=wait if self._held[peer] < self.per_peer else 0):
                 if self._held[peer] >= self.per_peer:
-                    return (f"this connection already runs {self._held[peer]} {self.what}, the most one client "
-                            f"connection may ({self._flags[1]}); wait for them, or retry with backoff")
+                    return (f"this client ({peer}) already runs {self._held[peer]} {self.what}, the most one "
+                            f"client may ({self._flags[1]}); wait for them, or retry with backoff")
                 return (f"the server is running its limit of {self.total} concurrent {self.what} "
                         f"({self._flags[0]}); retry with backoff")
             self._held[peer] += 1

@@ -198,7 +198,7 @@ def test_resource_exhausted_beyond_the_search_limit(client, server):
 def test_slots_bound_the_server_and_each_peer():
     slots = Slots(2, 1, "searches", "--max-searches", "--max-per-peer")
     assert slots.acquire("a") is None
-    assert "this connection already runs 1 searches" in slots.acquire("a", wait=5)  # no wait for one's own
+    assert "this client (a) already runs 1 searches" in slots.acquire("a", wait=5)  # no wait for one's own
     assert slots.acquire("b") is None
     assert "limit of 2 concurrent searches (--max-searches)" in slots.acquire("c")
     threading.Timer(0.2, slots.release, ("b",)).start()
@@ -206,8 +206,9 @@ def test_slots_bound_the_server_and_each_peer():
     assert slots.held == 2 and slots.at_peer_limit("a") and not slots.at_peer_limit("b")
 
 
-def test_one_connection_cannot_take_every_search_slot(client, server, artifact):
-    """max_searches 2: a connection may run one search at once (--max-per-peer), another connection the other."""
+def test_one_client_cannot_take_every_search_slot_with_more_connections(client, server, artifact):
+    """max_searches 2: a client may run one search at once (--max-per-peer), on any number of connections;
+    without tokens a client is an address (with tokens, a token's name: test_service_hostile)."""
     errors = []
 
     def long_search():
@@ -220,10 +221,11 @@ def test_one_connection_cannot_take_every_search_slot(client, server, artifact):
     t.start()
     try:
         until(lambda: server.service.searches_running == 1, 30, "the long search running")
-        with pytest.raises(ResourceExhausted, match=r"this connection already runs 1 searches.*--max-per-peer"):
+        with pytest.raises(ResourceExhausted, match=r"this client \(ipv4:127.0.0.1\) already runs 1 searches"
+                                                     r".*--max-per-peer"):
             client.search(generations=5)
-        with Client(f"127.0.0.1:{server.port}") as other:
-            assert other.search(generations=5).id
+        with Client(f"127.0.0.1:{server.port}", retries=0) as other, pytest.raises(ResourceExhausted):
+            other.search(generations=5)  # another connection of the same client
     finally:
         t.join(30)
     assert errors in ([], ["DeadlineExceeded"])  # it finished, or its deadline stopped it
@@ -258,18 +260,40 @@ def test_token_auth(artifact, tmp_path):
         srv.stop(0)
 
 
-def test_tls(artifact, tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def _self_signed(key: Path, cert: Path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
-    srv = Server(Registry([str(artifact)]), ServeConfig(port=0), tls=(cert.read_bytes(), key.read_bytes())).start()
+
+
+def test_tls_and_a_certificate_rotated_by_sighup(artifact, tmp_path):
+    from ofa_server.lifecycle import read_tls, reload
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    _self_signed(key, cert)
+    first = tmp_path / "first.pem"
+    shutil.copy(cert, first)
+    config = ServeConfig(port=0, tls_cert=str(cert), tls_key=str(key))
+    srv = Server(Registry([str(artifact)]), config, tls=read_tls(str(cert), str(key))).start()
+    address = f"127.0.0.1:{srv.port}"
     try:
-        with Client(f"127.0.0.1:{srv.port}", tls=str(cert)) as c:
+        with Client(address, tls=str(cert)) as c:
             assert c.search(generations=5).id
-        with Client(f"127.0.0.1:{srv.port}", timeout=3) as plain:
+        with Client(address, timeout=3) as plain:
             with pytest.raises(Unavailable):  # a plaintext client cannot talk to a TLS server
                 plain.supernets()
+        _self_signed(key, cert)  # a new certificate in the same files, then what SIGHUP does
+        reload(srv, config, None)
+        with Client(address, tls=str(cert)) as c:  # a new connection gets the new certificate
+            assert c.supernets()[0]["name"] == "tiny"
+        with Client(address, tls=str(first), timeout=3, retries=0) as old, pytest.raises(Unavailable):
+            old.supernets()
+        second = tmp_path / "second.pem"
+        shutil.copy(cert, second)
+        cert.write_text("not a certificate")  # a bad file keeps the certificate read before
+        reload(srv, config, None)
+        with Client(address, tls=str(second)) as c:
+            assert c.supernets()[0]["name"] == "tiny"
     finally:
         srv.stop(0)
 

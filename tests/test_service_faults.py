@@ -334,7 +334,7 @@ def _reader_channels(address: str, n: int) -> list:
 def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
     srv = Server(Registry([str(artifact)], None), ServeConfig(
         port=0, workers=2, max_searches=1, max_streams=2, max_health_watches=3, stream_stall_s=6.0,
-        stream_preempt_s=600.0, max_streams_per_peer=2)).start()
+        stream_preempt_s=600.0, max_streams_per_peer=3)).start()  # (one client here: 127.0.0.1)
     address = f"127.0.0.1:{srv.port}"
     channels = _reader_channels(address, 3)
     try:
@@ -370,7 +370,8 @@ def test_clients_that_stop_reading_cannot_take_every_thread(artifact):
 
 def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
     """All stream slots taken by clients that stopped reading: a new stream cancels the one stalled longest
-    (past --stream-preempt-s) and is sent; one connection cannot open more than --max-streams-per-peer."""
+    (past --stream-preempt-s) and is sent; one client cannot open more than --max-streams-per-peer (a client
+    is an address here: the per-client bound is checked first with 1, then lifted to 3)."""
     srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1, max_streams=2,
                                                                max_streams_per_peer=1, stream_preempt_s=1.0)).start()
     address = f"127.0.0.1:{srv.port}"
@@ -386,6 +387,7 @@ def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
             with pytest.raises(grpc.RpcError) as e:  # a second on the same connection
                 list(stubs[0].GetSubnetWeights(request, timeout=30))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-peer" in e.value.details()
+            srv.service._streams.per_peer = 3  # from here on the server-wide bound (2) is the one met
             second = stubs[1].GetSubnetWeights(request, timeout=60)
             assert next(second).HasField("header")
             time.sleep(1.5)  # both stalled past stream_preempt_s

@@ -3,6 +3,7 @@
 valid request afterwards), and lying servers whose headers the client checks."""
 import json
 import math
+import re
 
 import grpc
 import pytest
@@ -126,21 +127,38 @@ def test_a_search_carries_the_device_speed_now(client):
 
 @pytest.mark.parametrize("timings, message", [
     ({"0123456789abcdef": 1.0}, r"reference_timings\[0\].subnet_id '0123456789abcdef' is not a reference subnet"),
-    ("nan", r"reference_timings\[0\].ms must be a number in \(0, 1e\+06\]"),
+    ("nan", r"reference_timings\[0\].ms must be a number in \[1e-06, 1e\+06\]"),
     ("zero", r"reference_timings\[0\].ms must be a number"),
+    ("denormal", r"reference_timings\[0\].ms must be a number in \[1e-06, 1e\+06\], got 5e-324"),
     ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
     ("1000x", r"imply the device runs at x1000.000 of its profiled time; only x0.01 to x100 is accepted"),
     ("no target", "reference_timings needs a target"),
-], ids=["unknown-id", "nan", "zero", "twice", "implausible", "no-target"])
+], ids=["unknown-id", "nan", "zero", "denormal", "twice", "implausible", "no-target"])
 def test_bad_reference_timings_are_refused(client, timings, message):
     good = _timings(client, 1.0)
     first = next(iter(good))
     target = None if timings == "no target" else TARGET
     if isinstance(timings, str):
-        timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "1000x": _timings(client, 1000.0),
+        timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "denormal": {first: 5e-324}, "1000x": _timings(client, 1000.0),
                    "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good}[timings]
     with pytest.raises(InvalidArgument, match=message):
         client.search(target, max_macs=10**9, reference_timings=timings)
+
+
+@pytest.mark.parametrize("request_of, message", [
+    (lambda: pb.SearchSubnetRequest(constraints=pb.Constraints(max_macs=10**9, resolutions=[24] * 3_000_000)),
+     r"constraints.resolutions must be distinct values from \[.*\], got 3000000 values"),
+    (lambda: pb.GetSubnetWeightsRequest(arch=pb.Arch(kernel=[3] * 3_000_000, resolution=24),
+                                        format=pb.WEIGHTS_FORMAT_ONNX),
+     r"arch.kernel must hold at most \d+ values for space .*, got 3000000"),
+], ids=["resolutions", "arch"])
+def test_a_long_repeated_field_is_refused_by_its_length_before_its_elements_are_walked(stub, request_of, message):
+    request = request_of()  # ~3-15 MB on the wire, under the 16 MiB message bound
+    call = stub.SearchSubnet if isinstance(request, pb.SearchSubnetRequest) else stub.GetSubnetWeights
+    with pytest.raises(grpc.RpcError) as e:
+        response = call(request, timeout=60)
+        list(response) if not isinstance(request, pb.SearchSubnetRequest) else None
+    assert e.value.code() == INVALID and re.search(message, e.value.details()), e.value.details()
 
 
 names = st.text(min_size=1, max_size=70)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bofa/v1/subnet_service.proto\x12\x06ofa.v1\"I\n\x04\x41rch\x12\x0e\n\x06kernel\x18\x01 \x03(\x05\x12\x0e\n\x06\x65xpand\x18\x02 \x03(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x03(\x05\x12\x12\n\nresolution\x18\x04 \x01(\x05\"R\n\x05Stage\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\x05\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x16\n\x0esqueeze_excite\x18\x04 \x01(\x08\"\xd9\x01\n\x0bSearchSpace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ekernel_choices\x18\x02 \x03(\x05\x12\x16\n\x0e\x65xpand_choices\x18\x03 \x03(\x05\x12\x15\n\rdepth_choices\x18\x04 \x03(\x05\x12\x13\n\x0bresolutions\x18\x05 \x03(\x05\x12\x1d\n\x06stages\x18\x06 \x03(\x0b\x32\r.ofa.v1.Stage\x12\x13\n\x0bin_channels\x18\x07 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x05\x12\x17\n\x0f\x64\x65\x66inition_json\x18\t \x01(\t\"\x8d\x01\n\x0f\x44\x61taDescription\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x12\n\nimage_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04mean\x18\x05 \x03(\x02\x12\x0b\n\x03std\x18\x06 \x03(\x02\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\"\xdf\x01\n\x10PredictorQuality\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x15\n\rtrain_samples\x18\x02 \x01(\x05\x12\x14\n\x0ctest_samples\x18\x03 \x01(\x05\x12\x13\n\x0bkendall_tau\x18\x04 \x01(\x01\x12\x0c\n\x04rmse\x18\x05 \x01(\x01\x12\x1b\n\x13kendall_tau_ceiling\x18\x06 \x01(\x01\x12\x16\n\x0einterval_level\x18\x07 \x01(\x01\x12\x19\n\x11interval_coverage\x18\x08 \x01(\x01\x12\x1b\n\x13interval_half_width\x18\t \x01(\x01\"\xba\x01\n\x08Supernet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\"\n\x05space\x18\x03 \x01(\x0b\x32\x13.ofa.v1.SearchSpace\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.ofa.v1.DataDescription\x12\x34\n\x12\x61\x63\x63uracy_predictor\x18\x05 \x01(\x0b\x32\x18.ofa.v1.PredictorQuality\x12\x0f\n\x07targets\x18\x06 \x03(\t\"\x16\n\x14ListSupernetsRequest\"Q\n\x15ListSupernetsResponse\x12#\n\tsupernets\x18\x01 \x03(\x0b\x32\x10.ofa.v1.Supernet\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\"U\n\x0fReferenceSubnet\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x1a\n\x04\x61rch\x18\x02 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x13\n\x0bprofiled_ms\x18\x03 \x01(\x01\"0\n\x0fReferenceTiming\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\xfe\x02\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08supernet\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x06 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x05\x12\x0e\n\x06\x62locks\x18\x08 \x01(\x05\x12\x1a\n\x12mean_abs_rel_error\x18\t \x01(\x01\x12\x0e\n\x06source\x18\n \x01(\t\x12+\n\nreferences\x18\x0b \x03(\x0b\x32\x17.ofa.v1.ReferenceSubnet\x12\x1d\n\x15held_out_within_10pct\x18\x0c \x01(\x01\x12\x19\n\x11held_out_spearman\x18\r \x01(\x01\x12\x14\n\x0cmodel_family\x18\x0e \x01(\t\x12\r\n\x05speed\x18\x0f \x01(\x01\x12\x17\n\x0fspeed_offset_ms\x18\x10 \x01(\x01\x12\r\n\x05noisy\x18\x11 \x01(\x08\x12\r\n\x05noise\x18\x12 \x01(\t\"&\n\x12ListTargetsRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\"6\n\x13ListTargetsResponse\x12\x1f\n\x07targets\x18\x01 \x03(\x0b\x32\x0e.ofa.v1.Target\"N\n\x15RegisterTargetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x12\n\ntable_json\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"7\n\x13\x44\x65leteTargetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"&\n\x14\x44\x65leteTargetResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xca\x01\n\x0b\x43onstraints\x12\x1b\n\x0emax_latency_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08max_macs\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\nmax_params\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x13\n\x0bresolutions\x18\x04 \x03(\x05\x12\x19\n\x0cmin_accuracy\x18\x05 \x01(\x01H\x03\x88\x01\x01\x42\x11\n\x0f_max_latency_msB\x0b\n\t_max_macsB\r\n\x0b_max_paramsB\x0f\n\r_min_accuracy\"8\n\rSearchOptions\x12\x12\n\npopulation\x18\x01 \x01(\x05\x12\x13\n\x0bgenerations\x18\x02 \x01(\x05\"\xcb\x01\n\x13SearchSubnetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12(\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32\x13.ofa.v1.Constraints\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x07options\x18\x05 \x01(\x0b\x32\x15.ofa.v1.SearchOptions\x12\x32\n\x11reference_timings\x18\x06 \x03(\x0b\x32\x17.ofa.v1.ReferenceTiming\"\xbd\x03\n\x06Subnet\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x04\x61rch\x18\x02 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x1a\n\x12predicted_accuracy\x18\x03 \x01(\x01\x12!\n\x14predicted_latency_ms\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04macs\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x16\n\x0esearch_seconds\x18\x07 \x01(\x01\x12\x10\n\x08supernet\x18\x08 \x01(\t\x12\x0e\n\x06target\x18\t \x01(\t\x12\r\n\x05speed\x18\n \x01(\x01\x12\x17\n\x0fspeed_offset_ms\x18\x0b \x01(\x01\x12\x12\n\nfine_tuned\x18\x0c \x01(\x08\x12=\n\x1bpredicted_accuracy_interval\x18\r \x01(\x0b\x32\x18.ofa.v1.AccuracyInterval\x12\x14\n\x0c\x65xtrapolated\x18\x0e \x01(\x08\x12\x33\n\x11measured_accuracy\x18\x0f \x01(\x0b\x32\x18.ofa.v1.MeasuredAccuracy\x12\x15\n\rlatency_noisy\x18\x10 \x01(\x08\x42\x17\n\x15_predicted_latency_ms\"W\n\x10\x41\x63\x63uracyInterval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x19\n\x11measured_distance\x18\x04 \x01(\x01\"C\n\x10MeasuredAccuracy\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\r\n\x05split\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x05\"\xdd\x01\n\x15GetParetoFrontRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x05\x12(\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32\x13.ofa.v1.Constraints\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12&\n\x07options\x18\x06 \x01(\x0b\x32\x15.ofa.v1.SearchOptions\x12\x32\n\x11reference_timings\x18\x07 \x03(\x0b\x32\x17.ofa.v1.ReferenceTiming\"E\n\x0bParetoFront\x12\x1e\n\x06points\x18\x01 \x03(\x0b\x32\x0e.ofa.v1.Subnet\x12\x16\n\x0esearch_seconds\x18\x02 \x01(\x01\"\x81\x01\n\x17GetSubnetWeightsRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x11\n\tsubnet_id\x18\x02 \x01(\t\x12\x1a\n\x04\x61rch\x18\x03 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.ofa.v1.WeightsFormat\"\x83\x02\n\rWeightsHeader\x12%\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x15.ofa.v1.WeightsFormat\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tsubnet_id\x18\x04 \x01(\t\x12\x1a\n\x04\x61rch\x18\x05 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x0c\n\x04mean\x18\x07 \x03(\x02\x12\x0b\n\x03std\x18\x08 \x03(\x02\x12\x17\n\x0fsupernet_digest\x18\t \x01(\t\x12\x1a\n\x12\x63\x61libration_images\x18\n \x01(\x05\x12\x12\n\nfine_tuned\x18\x0b \x01(\x08\"_\n\x18GetSubnetWeightsResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.ofa.v1.WeightsHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*\x88\x01\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_SAFETENSORS\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x03\x32\x8d\x04\n\rSubnetService\x12L\n\rListSupernets\x12\x1c.ofa.v1.ListSupernetsRequest\x1a\x1d.ofa.v1.ListSupernetsResponse\x12\x46\n\x0bListTargets\x12\x1a.ofa.v1.ListTargetsRequest\x1a\x1b.ofa.v1.ListTargetsResponse\x12?\n\x0eRegisterTarget\x12\x1d.ofa.v1.RegisterTargetRequest\x1a\x0e.ofa.v1.Target\x12I\n\x0c\x44\x65leteTarget\x12\x1b.ofa.v1.DeleteTargetRequest\x1a\x1c.ofa.v1.DeleteTargetResponse\x12;\n\x0cSearchSubnet\x12\x1b.ofa.v1.SearchSubnetRequest\x1a\x0e.ofa.v1.Subnet\x12\x44\n\x0eGetParetoFront\x12\x1d.ofa.v1.GetParetoFrontRequest\x1a\x13.ofa.v1.ParetoFront\x12W\n\x10GetSubnetWeights\x12\x1f.ofa.v1.GetSubnetWeightsRequest\x1a .ofa.v1.GetSubnetWeightsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bofa/v1/subnet_service.proto\x12\x06ofa.v1\"I\n\x04\x41rch\x12\x0e\n\x06kernel\x18\x01 \x03(\x05\x12\x0e\n\x06\x65xpand\x18\x02 \x03(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x03(\x05\x12\x12\n\nresolution\x18\x04 \x01(\x05\"R\n\x05Stage\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\x05\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x16\n\x0esqueeze_excite\x18\x04 \x01(\x08\"\xd9\x01\n\x0bSearchSpace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ekernel_choices\x18\x02 \x03(\x05\x12\x16\n\x0e\x65xpand_choices\x18\x03 \x03(\x05\x12\x15\n\rdepth_choices\x18\x04 \x03(\x05\x12\x13\n\x0bresolutions\x18\x05 \x03(\x05\x12\x1d\n\x06stages\x18\x06 \x03(\x0b\x32\r.ofa.v1.Stage\x12\x13\n\x0bin_channels\x18\x07 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x05\x12\x17\n\x0f\x64\x65\x66inition_json\x18\t \x01(\t\"\x8d\x01\n\x0f\x44\x61taDescription\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x12\n\nimage_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04mean\x18\x05 \x03(\x02\x12\x0b\n\x03std\x18\x06 \x03(\x02\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\"\x87\x02\n\x10PredictorQuality\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x15\n\rtrain_samples\x18\x02 \x01(\x05\x12\x14\n\x0ctest_samples\x18\x03 \x01(\x05\x12\x13\n\x0bkendall_tau\x18\x04 \x01(\x01\x12\x0c\n\x04rmse\x18\x05 \x01(\x01\x12\x1b\n\x13kendall_tau_ceiling\x18\x06 \x01(\x01\x12\x16\n\x0einterval_level\x18\x07 \x01(\x01\x12\x19\n\x11interval_coverage\x18\x08 \x01(\x01\x12\x1b\n\x13interval_half_width\x18\t \x01(\x01\x12\x17\n\ntest_shift\x18\n \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_test_shift\"\xba\x01\n\x08Supernet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\"\n\x05space\x18\x03 \x01(\x0b\x32\x13.ofa.v1.SearchSpace\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.ofa.v1.DataDescription\x12\x34\n\x12\x61\x63\x63uracy_predictor\x18\x05 \x01(\x0b\x32\x18.ofa.v1.PredictorQuality\x12\x0f\n\x07targets\x18\x06 \x03(\t\"\x16\n\x14ListSupernetsRequest\"Q\n\x15ListSupernetsResponse\x12#\n\tsupernets\x18\x01 \x03(\x0b\x32\x10.ofa.v1.Supernet\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\"U\n\x0fReferenceSubnet\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x1a\n\x04\x61rch\x18\x02 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x13\n\x0bprofiled_ms\x18\x03 \x01(\x01\"0\n\x0fReferenceTiming\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\xfe\x02\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08supernet\x18\x02 \x01(\t\x12\x0b\n\x03\x63pu\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x06 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x05\x12\x0e\n\x06\x62locks\x18\x08 \x01(\x05\x12\x1a\n\x12mean_abs_rel_error\x18\t \x01(\x01\x12\x0e\n\x06source\x18\n \x01(\t\x12+\n\nreferences\x18\x0b \x03(\x0b\x32\x17.ofa.v1.ReferenceSubnet\x12\x1d\n\x15held_out_within_10pct\x18\x0c \x01(\x01\x12\x19\n\x11held_out_spearman\x18\r \x01(\x01\x12\x14\n\x0cmodel_family\x18\x0e \x01(\t\x12\r\n\x05speed\x18\x0f \x01(\x01\x12\x17\n\x0fspeed_offset_ms\x18\x10 \x01(\x01\x12\r\n\x05noisy\x18\x11 \x01(\x08\x12\r\n\x05noise\x18\x12 \x01(\t\"&\n\x12ListTargetsRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\"6\n\x13ListTargetsResponse\x12\x1f\n\x07targets\x18\x01 \x03(\x0b\x32\x0e.ofa.v1.Target\"N\n\x15RegisterTargetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x12\n\ntable_json\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"7\n\x13\x44\x65leteTargetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"&\n\x14\x44\x65leteTargetResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xca\x01\n\x0b\x43onstraints\x12\x1b\n\x0emax_latency_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08max_macs\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\nmax_params\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x13\n\x0bresolutions\x18\x04 \x03(\x05\x12\x19\n\x0cmin_accuracy\x18\x05 \x01(\x01H\x03\x88\x01\x01\x42\x11\n\x0f_max_latency_msB\x0b\n\t_max_macsB\r\n\x0b_max_paramsB\x0f\n\r_min_accuracy\"8\n\rSearchOptions\x12\x12\n\npopulation\x18\x01 \x01(\x05\x12\x13\n\x0bgenerations\x18\x02 \x01(\x05\"\xcb\x01\n\x13SearchSubnetRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12(\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32\x13.ofa.v1.Constraints\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x07options\x18\x05 \x01(\x0b\x32\x15.ofa.v1.SearchOptions\x12\x32\n\x11reference_timings\x18\x06 \x03(\x0b\x32\x17.ofa.v1.ReferenceTiming\"\xd6\x03\n\x06Subnet\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x04\x61rch\x18\x02 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x1a\n\x12predicted_accuracy\x18\x03 \x01(\x01\x12!\n\x14predicted_latency_ms\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04macs\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x16\n\x0esearch_seconds\x18\x07 \x01(\x01\x12\x10\n\x08supernet\x18\x08 \x01(\t\x12\x0e\n\x06target\x18\t \x01(\t\x12\r\n\x05speed\x18\n \x01(\x01\x12\x17\n\x0fspeed_offset_ms\x18\x0b \x01(\x01\x12\x12\n\nfine_tuned\x18\x0c \x01(\x08\x12=\n\x1bpredicted_accuracy_interval\x18\r \x01(\x0b\x32\x18.ofa.v1.AccuracyInterval\x12\x14\n\x0c\x65xtrapolated\x18\x0e \x01(\x08\x12\x33\n\x11measured_accuracy\x18\x0f \x01(\x0b\x32\x18.ofa.v1.MeasuredAccuracy\x12\x15\n\rlatency_noisy\x18\x10 \x01(\x08\x12\x17\n\x0fsupernet_digest\x18\x11 \x01(\tB\x17\n\x15_predicted_latency_ms\"W\n\x10\x41\x63\x63uracyInterval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x19\n\x11measured_distance\x18\x04 \x01(\x01\"C\n\x10MeasuredAccuracy\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\r\n\x05split\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x05\"\xdd\x01\n\x15GetParetoFrontRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x05\x12(\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32\x13.ofa.v1.Constraints\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12&\n\x07options\x18\x06 \x01(\x0b\x32\x15.ofa.v1.SearchOptions\x12\x32\n\x11reference_timings\x18\x07 \x03(\x0b\x32\x17.ofa.v1.ReferenceTiming\"E\n\x0bParetoFront\x12\x1e\n\x06points\x18\x01 \x03(\x0b\x32\x0e.ofa.v1.Subnet\x12\x16\n\x0esearch_seconds\x18\x02 \x01(\x01\"\x81\x01\n\x17GetSubnetWeightsRequest\x12\x10\n\x08supernet\x18\x01 \x01(\t\x12\x11\n\tsubnet_id\x18\x02 \x01(\t\x12\x1a\n\x04\x61rch\x18\x03 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.ofa.v1.WeightsFormat\"\x83\x02\n\rWeightsHeader\x12%\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x15.ofa.v1.WeightsFormat\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tsubnet_id\x18\x04 \x01(\t\x12\x1a\n\x04\x61rch\x18\x05 \x01(\x0b\x32\x0c.ofa.v1.Arch\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x0c\n\x04mean\x18\x07 \x03(\x02\x12\x0b\n\x03std\x18\x08 \x03(\x02\x12\x17\n\x0fsupernet_digest\x18\t \x01(\t\x12\x1a\n\x12\x63\x61libration_images\x18\n \x01(\x05\x12\x12\n\nfine_tuned\x18\x0b \x01(\x08\"_\n\x18GetSubnetWeightsResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.ofa.v1.WeightsHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*\x88\x01\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_SAFETENSORS\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x03\x32\x8d\x04\n\rSubnetService\x12L\n\rListSupernets\x12\x1c.ofa.v1.ListSupernetsRequest\x1a\x1d.ofa.v1.ListSupernetsResponse\x12\x46\n\x0bListTargets\x12\x1a.ofa.v1.ListTargetsRequest\x1a\x1b.ofa.v1.ListTargetsResponse\x12?\n\x0eRegisterTarget\x12\x1d.ofa.v1.RegisterTargetRequest\x1a\x0e.ofa.v1.Target\x12I\n\x0c\x44\x65leteTarget\x12\x1b.ofa.v1.DeleteTargetRequest\x1a\x1c.ofa.v1.DeleteTargetResponse\x12;\n\x0cSearchSubnet\x12\x1b.ofa.v1.SearchSubnetRequest\x1a\x0e.ofa.v1.Subnet\x12\x44\n\x0eGetParetoFront\x12\x1d.ofa.v1.GetParetoFrontRequest\x1a\x13.ofa.v1.ParetoFront\x12W\n\x10GetSubnetWeights\x12\x1f.ofa.v1.GetSubnetWeightsRequest\x1a .ofa.v1.GetSubnetWeightsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ofa.v1.subnet_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEIGHTSFORMAT']._serialized_start=3741
-  _globals['_WEIGHTSFORMAT']._serialized_end=3877
+  _globals['_WEIGHTSFORMAT']._serialized_start=3806
+  _globals['_WEIGHTSFORMAT']._serialized_end=3942
   _globals['_ARCH']._serialized_start=39
   _globals['_ARCH']._serialized_end=112
   _globals['_STAGE']._serialized_start=114
@@ -42,51 +42,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATADESCRIPTION']._serialized_start=419
   _globals['_DATADESCRIPTION']._serialized_end=560
   _globals['_PREDICTORQUALITY']._serialized_start=563
-  _globals['_PREDICTORQUALITY']._serialized_end=786
-  _globals['_SUPERNET']._serialized_start=789
-  _globals['_SUPERNET']._serialized_end=975
-  _globals['_LISTSUPERNETSREQUEST']._serialized_start=977
-  _globals['_LISTSUPERNETSREQUEST']._serialized_end=999
-  _globals['_LISTSUPERNETSRESPONSE']._serialized_start=1001
-  _globals['_LISTSUPERNETSRESPONSE']._serialized_end=1082
-  _globals['_REFERENCESUBNET']._serialized_start=1084
-  _globals['_REFERENCESUBNET']._serialized_end=1169
-  _globals['_REFERENCETIMING']._serialized_start=1171
-  _globals['_REFERENCETIMING']._serialized_end=1219
-  _globals['_TARGET']._serialized_start=1222
-  _globals['_TARGET']._serialized_end=1604
-  _globals['_LISTTARGETSREQUEST']._serialized_start=1606
-  _globals['_LISTTARGETSREQUEST']._serialized_end=1644
-  _globals['_LISTTARGETSRESPONSE']._serialized_start=1646
-  _globals['_LISTTARGETSRESPONSE']._serialized_end=1700
-  _globals['_REGISTERTARGETREQUEST']._serialized_start=1702
-  _globals['_REGISTERTARGETREQUEST']._serialized_end=1780
-  _globals['_DELETETARGETREQUEST']._serialized_start=1782
-  _globals['_DELETETARGETREQUEST']._serialized_end=1837
-  _globals['_DELETETARGETRESPONSE']._serialized_start=1839
-  _globals['_DELETETARGETRESPONSE']._serialized_end=1877
-  _globals['_CONSTRAINTS']._serialized_start=1880
-  _globals['_CONSTRAINTS']._serialized_end=2082
-  _globals['_SEARCHOPTIONS']._serialized_start=2084
-  _globals['_SEARCHOPTIONS']._serialized_end=2140
-  _globals['_SEARCHSUBNETREQUEST']._serialized_start=2143
-  _globals['_SEARCHSUBNETREQUEST']._serialized_end=2346
-  _globals['_SUBNET']._serialized_start=2349
-  _globals['_SUBNET']._serialized_end=2794
-  _globals['_ACCURACYINTERVAL']._serialized_start=2796
-  _globals['_ACCURACYINTERVAL']._serialized_end=2883
-  _globals['_MEASUREDACCURACY']._serialized_start=2885
-  _globals['_MEASUREDACCURACY']._serialized_end=2952
-  _globals['_GETPARETOFRONTREQUEST']._serialized_start=2955
-  _globals['_GETPARETOFRONTREQUEST']._serialized_end=3176
-  _globals['_PARETOFRONT']._serialized_start=3178
-  _globals['_PARETOFRONT']._serialized_end=3247
-  _globals['_GETSUBNETWEIGHTSREQUEST']._serialized_start=3250
-  _globals['_GETSUBNETWEIGHTSREQUEST']._serialized_end=3379
-  _globals['_WEIGHTSHEADER']._serialized_start=3382
-  _globals['_WEIGHTSHEADER']._serialized_end=3641
-  _globals['_GETSUBNETWEIGHTSRESPONSE']._serialized_start=3643
-  _globals['_GETSUBNETWEIGHTSRESPONSE']._serialized_end=3738
-  _globals['_SUBNETSERVICE']._serialized_start=3880
-  _globals['_SUBNETSERVICE']._serialized_end=4405
+  _globals['_PREDICTORQUALITY']._serialized_end=826
+  _globals['_SUPERNET']._serialized_start=829
+  _globals['_SUPERNET']._serialized_end=1015
+  _globals['_LISTSUPERNETSREQUEST']._serialized_start=1017
+  _globals['_LISTSUPERNETSREQUEST']._serialized_end=1039
+  _globals['_LISTSUPERNETSRESPONSE']._serialized_start=1041
+  _globals['_LISTSUPERNETSRESPONSE']._serialized_end=1122
+  _globals['_REFERENCESUBNET']._serialized_start=1124
+  _globals['_REFERENCESUBNET']._serialized_end=1209
+  _globals['_REFERENCETIMING']._serialized_start=1211
+  _globals['_REFERENCETIMING']._serialized_end=1259
+  _globals['_TARGET']._serialized_start=1262
+  _globals['_TARGET']._serialized_end=1644
+  _globals['_LISTTARGETSREQUEST']._serialized_start=1646
+  _globals['_LISTTARGETSREQUEST']._serialized_end=1684
+  _globals['_LISTTARGETSRESPONSE']._serialized_start=1686
+  _globals['_LISTTARGETSRESPONSE']._serialized_end=1740
+  _globals['_REGISTERTARGETREQUEST']._serialized_start=1742
+  _globals['_REGISTERTARGETREQUEST']._serialized_end=1820
+  _globals['_DELETETARGETREQUEST']._serialized_start=1822
+  _globals['_DELETETARGETREQUEST']._serialized_end=1877
+  _globals['_DELETETARGETRESPONSE']._serialized_start=1879
+  _globals['_DELETETARGETRESPONSE']._serialized_end=1917
+  _globals['_CONSTRAINTS']._serialized_start=1920
+  _globals['_CONSTRAINTS']._serialized_end=2122
+  _globals['_SEARCHOPTIONS']._serialized_start=2124
+  _globals['_SEARCHOPTIONS']._serialized_end=2180
+  _globals['_SEARCHSUBNETREQUEST']._serialized_start=2183
+  _globals['_SEARCHSUBNETREQUEST']._serialized_end=2386
+  _globals['_SUBNET']._serialized_start=2389
+  _globals['_SUBNET']._serialized_end=2859
+  _globals['_ACCURACYINTERVAL']._serialized_start=2861
+  _globals['_ACCURACYINTERVAL']._serialized_end=2948
+  _globals['_MEASUREDACCURACY']._serialized_start=2950
+  _globals['_MEASUREDACCURACY']._serialized_end=3017
+  _globals['_GETPARETOFRONTREQUEST']._serialized_start=3020
+  _globals['_GETPARETOFRONTREQUEST']._serialized_end=3241
+  _globals['_PARETOFRONT']._serialized_start=3243
+  _globals['_PARETOFRONT']._serialized_end=3312
+  _globals['_GETSUBNETWEIGHTSREQUEST']._serialized_start=3315
+  _globals['_GETSUBNETWEIGHTSREQUEST']._serialized_end=3444
+  _globals['_WEIGHTSHEADER']._serialized_start=3447
+  _globals['_WEIGHTSHEADER']._serialized_end=3706
+  _globals['_GETSUBNETWEIGHTSRESPONSE']._serialized_start=3708
+  _globals['_GETSUBNETWEIGHTSRESPONSE']._serialized_end=3803
+  _globals['_SUBNETSERVICE']._serialized_start=3945
+  _globals['_SUBNETSERVICE']._serialized_end=4470
 # @@protoc_insertion_point(module_scope)

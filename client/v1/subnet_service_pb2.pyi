@@ -83,7 +83,7 @@ class DataDescription(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., channels: _Optional[int] = ..., image_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictorQuality(_message.Message):
-    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse", "kendall_tau_ceiling", "interval_level", "interval_coverage", "interval_half_width")
+    __slots__ = ("family", "train_samples", "test_samples", "kendall_tau", "rmse", "kendall_tau_ceiling", "interval_level", "interval_coverage", "interval_half_width", "test_shift")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class PredictorQuality(_message.Message):
     INTERVAL_LEVEL_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TEST_SHIFT_FIELD_NUMBER: _ClassVar[int]
     family: str
     train_samples: int
     test_samples: int
@@ -102,7 +103,8 @@ class PredictorQuality(_message.Message):
     interval_level: float
     interval_coverage: float
     interval_half_width: float
-    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ..., kendall_tau_ceiling: _Optional[float] = ..., interval_level: _Optional[float] = ..., interval_coverage: _Optional[float] = ..., interval_half_width: _Optional[float] = ...) -> None: ...
+    test_shift: float
+    def __init__(self, family: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., kendall_tau: _Optional[float] = ..., rmse: _Optional[float] = ..., kendall_tau_ceiling: _Optional[float] = ..., interval_level: _Optional[float] = ..., interval_coverage: _Optional[float] = ..., interval_half_width: _Optional[float] = ..., test_shift: _Optional[float] = ...) -> None: ...
 
 class Supernet(_message.Message):
     __slots__ = ("name", "digest", "space", "data", "accuracy_predictor", "targets")
@@ -265,7 +267,7 @@ class SearchSubnetRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned", "predicted_accuracy_interval", "extrapolated", "measured_accuracy", "latency_noisy")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned", "predicted_accuracy_interval", "extrapolated", "measured_accuracy", "latency_noisy", "supernet_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +284,7 @@ class Subnet(_message.Message):
     EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
     MEASURED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_NOISY_FIELD_NUMBER: _ClassVar[int]
+    SUPERNET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -298,7 +301,8 @@ class Subnet(_message.Message):
     extrapolated: bool
     measured_accuracy: MeasuredAccuracy
     latency_noisy: bool
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., predicted_accuracy_interval: _Optional[_Union[AccuracyInterval, _Mapping]] = ..., extrapolated: _Optional[bool] = ..., measured_accuracy: _Optional[_Union[MeasuredAccuracy, _Mapping]] = ..., latency_noisy: _Optional[bool] = ...) -> None: ...
+    supernet_digest: str
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., predicted_accuracy_interval: _Optional[_Union[AccuracyInterval, _Mapping]] = ..., extrapolated: _Optional[bool] = ..., measured_accuracy: _Optional[_Union[MeasuredAccuracy, _Mapping]] = ..., latency_noisy: _Optional[bool] = ..., supernet_digest: _Optional[str] = ...) -> None: ...
 
 class AccuracyInterval(_message.Message):
     __slots__ = ("low", "high", "level", "measured_distance")

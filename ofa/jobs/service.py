@@ -59,7 +59,7 @@ class ServerProcess:
     def __init__(self, artifacts: Sequence[Path], log_path: Path, startup_timeout: float = 300.0,
                  extra: Sequence[str] = ()) -> None:
         # the ofa command's own interface: this is what a user types
-        self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0"]
+        self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0", "--drain-delay-s", "0"]
         for a in artifacts:
             self.cmd += ["--artifact", str(a)]
         self.cmd += list(extra)  # more of the command's own arguments
