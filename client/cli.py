@@ -128,7 +128,9 @@ def _supernets(c: Client, args: argparse.Namespace) -> int:
                  if q and q.get("kendall_tau_ceiling") else "")
               + (f"; {q['interval_level']:.0%} intervals covered {q.get('interval_coverage', 0):.0%} of held-out "
                  f"subnets (mean +/-{q.get('interval_half_width', 0):.2f} points)" if q and q.get("interval_level")
-                 else ""))
+                 else "")
+              + (f"; accuracies predicted for the test distribution (validation {q['test_shift']:+.2f} points)"
+                 if q and "test_shift" in q else ""))
     return 0
 
 

@@ -113,8 +113,11 @@ def interval_artifact(tiny_artifact, tmp_path_factory):
     x = arch_features(art.space, codes)
     y = 70 + x @ np.random.default_rng(4).normal(0, 0.3, x.shape[1])
     pred, _ = select_and_fit(x, y, space_digest(art.space), ["ridge-3"])
+    from ofa.predict.shift import Shift
+
     pred = replace(pred, info={"test": {"kendall_tau": 0.5, "rmse": 1.0, "interval_coverage": 0.875,
-                                        "interval_half_width": 1.25}, "train_samples": 40, "test_samples": 8})
+                                        "interval_half_width": 1.25}, "train_samples": 40, "test_samples": 8},
+                   shift=Shift(-1.0, 0.5, 0.9, {"subnets": 10}))  # predictions for the test distribution
     add_file(root, ACCURACY_PREDICTOR, pred.to_bytes())
     table = json.loads((root / latency_file("noisy-cpu")).read_text())
     table["timing"] = {"repeatability": {"trusted": False, "verdict": "the machine is too noisy: 6.6%"}}
@@ -149,6 +152,7 @@ def test_interval_extrapolation_measured_accuracy_and_noise_reach_the_client(int
             assert other.id == expected.arch.id or other.measured_accuracy is None  # never a neighbour's value
             q = c.supernets()[0]["accuracy_predictor"]
             assert q["interval_level"] == pytest.approx(0.9) and q["interval_coverage"] == pytest.approx(0.875)
+            assert q["test_shift"] == -1.0 and s.supernet_digest == load_artifact(root).digest
             t = c.targets()[0]
             assert t["noisy"] and "6.6%" in t["noise"]
             assert json.loads(json.dumps(s.to_dict()))["predicted_accuracy_low"] == s.predicted_accuracy_low
