@@ -10,9 +10,10 @@ health Check answer RESOURCE_EXHAUSTED. So, outermost of the interceptors, :clas
   :class:`Waiting` register of the calls whose next request has not arrived;
 * ends a call whose request has not arrived within ``timeout`` seconds (UNAVAILABLE: a retry
   with its body will do), and bounds how many may wait at once per connection, per client
-  address and per thread pool: over a bound, the oldest waiters of that scope that have waited
-  :data:`MIN_AGE` are ended (a well-behaved call's request is there within milliseconds, so
-  bursts of them pass; the calls ended are the ones that hold threads without sending);
+  address and per thread pool: over a bound, waiters of that scope that have waited
+  :data:`MIN_AGE` are ended, those of the connections holding most waiters first, then the
+  oldest (a well-behaved call's request is there within milliseconds, so bursts of them pass,
+  and a lone probe beside a flood goes last; the calls ended hold threads without sending);
 * runs health ``Check`` and ``Watch`` on a thread pool of their own (grpc's
   ``experimental_thread_pool`` of a behaviour), where few of the threads may be waiting, so
   that a probe always finds a thread;
@@ -68,9 +69,10 @@ class _Waiter:
 class Waiting:
     """The calls of one pool whose request has not arrived. A reaper thread, every ``min_age / 4`` seconds,
     ends those waiting ``timeout`` seconds, and, where more than ``per_connection``, ``per_address`` or
-    ``total`` wait in one scope, the oldest of them that have waited ``min_age`` (a well-behaved call's
-    request is there within milliseconds, so a burst of them is never ended: only calls that hold a thread
-    without sending are). ``on_end(reason)`` is told of each call it ends ("timeout" or "crowded")."""
+    ``total`` wait in one scope, those that have waited ``min_age``, of the busiest connections first (a
+    well-behaved call's request is there within milliseconds, so a burst of them is never ended: only calls
+    that hold a thread without sending are). ``on_end(reason)`` is told of each call it ends ("timeout" or
+    "crowded")."""
 
     def __init__(self, timeout: float, per_connection: int, per_address: int, total: int,
                  on_end: Callable[[str], None] = lambda reason: None, min_age: float = MIN_AGE) -> None:
@@ -112,10 +114,14 @@ class Waiting:
                if now - w.since >= self.timeout]
         for scope, bound in self.bounds:
             groups: dict[str, list[int]] = {}
+            per_connection: dict[str, int] = {}
             for k, w in self._waiters.items():
                 groups.setdefault("" if scope == "server" else getattr(w, scope), []).append(k)
+                per_connection[w.connection] = per_connection.get(w.connection, 0) + 1
             for keys in groups.values():
                 old = [k for k in keys if now - self._waiters[k].since >= self.min_age]
+                # the connections holding most waiters first, then the oldest: a lone probe goes last
+                old.sort(key=lambda k: (-per_connection[self._waiters[k].connection], self._waiters[k].since))
                 out += [(self._waiters.pop(k), "crowded") for k in old[: max(0, len(keys) - bound)]]
         return out
 

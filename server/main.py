@@ -129,9 +129,10 @@ class Server:
         waiting = {"health": Waiting(config.body_timeout_s, 2, 8, HEALTH_CHECK_THREADS // 4, ended, 0.03),
                    "default": Waiting(config.body_timeout_s, 4, max(2, config.workers // 4), max(2, config.workers // 4),
                                       ended, 0.1)}
-        # queued calls: health's are cheap to keep (a probe behind a burst waits, it is not refused)
+        # queued calls are cheap to keep: a call behind a burst of silent ones waits (they are crowded out within
+        # a fraction of a second), it is not refused
         self.guard = BodyGuard({"health": (self.health_pool, waiting["health"], 8 * HEALTH_CHECK_THREADS),
-                                "default": (None, waiting["default"], 4 * config.workers)}, self.pool,
+                                "default": (None, waiting["default"], 16 * config.workers)}, self.pool,
                                metrics.refused_queued if metrics is not None else lambda: None)
         # outermost first: a call's request is read under the guard; one refused for its token is counted too
         interceptors = [self.guard, MetricsInterceptor(metrics)] + ([TokenAuth(tokens)] if tokens else [])
