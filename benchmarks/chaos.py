@@ -169,14 +169,19 @@ def run(a, fp: dict, disk: dict | None) -> None:
     token = "chaos-token" if a.made_up_paths else None
     token_file = Path(tempfile.mkstemp(prefix="ofa-chaos-token-")[1])
     token_file.write_text(f"{token}\n")
-    cmd += ["--metrics-port", "0", "--drain-delay-s", "0"] + (["--token-file", str(token_file)] if token else [])
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=limit)
+    port_file = token_file.with_suffix(".port.json")
+    cmd += ["--metrics-port", "0", "--drain-delay-s", "0", "--port-file", str(port_file)]
+    cmd += ["--token-file", str(token_file)] if token else []
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit)
     try:
-        line = server.stdout.readline()
-        if "listening on 127.0.0.1:" not in line:
-            raise SystemExit(f"the server did not start: {line!r}")
-        address = f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
-        metrics_url = line.split("metrics on ")[1].split()[0]
+        deadline = time.monotonic() + 300
+        while not port_file.exists():  # written once the server listens
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start (exit code {server.poll()})")
+            time.sleep(0.2)
+        where = json.loads(port_file.read_text())
+        address = f"127.0.0.1:{where['port']}"
+        metrics_url = f"http://127.0.0.1:{where['metrics_port']}/metrics"
         made_up = made_up_paths(address, metrics_url, a.made_up_paths) if a.made_up_paths else None
         with Client(address, token=token) as c:
             front = c.pareto(a.target, points=5)
@@ -306,6 +311,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
             ch.close()
     finally:
         token_file.unlink(missing_ok=True)
+        port_file.unlink(missing_ok=True)
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(60)

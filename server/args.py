@@ -48,6 +48,7 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
+    port_file: str | None = None  # where the port is written once listening (JSON)
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -162,6 +163,8 @@ def _add_operations(p: argparse.ArgumentParser) -> None:
                    "port, logged; default: no metrics)")
     p.add_argument("--metrics-host", default=ServeConfig.metrics_host,
                    help="address of the metrics endpoint (default 127.0.0.1: this machine only)")
+    p.add_argument("--port-file", help="once listening, write {host, port, metrics_port, pid} as JSON to this file "
+                   "(atomically): how a parent process learns an OS-chosen port (--port 0)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default=ServeConfig.log_format,
                    help="text (default) or json: one JSON object per line (time, level, rpc, code, ms, peer, "
                    "message), a line per call")

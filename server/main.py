@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ofa._io import atomic_write_text
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 
@@ -231,6 +235,9 @@ def run(config: ServeConfig) -> int:
     print(f"ofa serve: listening on {config.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}{metrics}",
           flush=True)
+    if config.port_file:  # how a parent learns an OS-chosen port: a value, not a log line to match
+        atomic_write_text(Path(config.port_file), json.dumps(
+            {"host": config.host, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}))
     wait_for_signals(server, config, tokens)
     log.info("stopped")
     return 0

@@ -171,6 +171,8 @@ def test_sighup_reloads_tokens_and_a_drain_finishes_searches_that_ctrl_c_reached
     tokens.write_text("alice first\n")
     extra = ["--token-file", str(tokens), "--drain-delay-s", "3", "--max-searches", "2", "--max-per-peer", "2"]
     with ServerProcess([artifact], tmp_path / "serve.log", extra=extra) as srv:
+        where = json.loads((tmp_path / "serve.port.json").read_text())  # the port, handed over as a value
+        assert where["pid"] == srv.proc.pid and srv.address == f"127.0.0.1:{where['port']}"
         with Client(srv.address, token="first") as c:
             until(lambda: c.health() == "SERVING", 120, "the server to be ready")
             assert c.search(generations=3).id

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -62,20 +61,22 @@ class ServerProcess:
         self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0", "--drain-delay-s", "0"]
         for a in artifacts:
             self.cmd += ["--artifact", str(a)]
-        self.cmd += list(extra)  # more of the command's own arguments
         self.log_path, self.timeout = Path(log_path), startup_timeout
+        self.port_file = self.log_path.with_name(self.log_path.stem + ".port.json")  # the server writes it
+        self.cmd += ["--port-file", str(self.port_file)]
+        self.cmd += list(extra)  # more of the command's own arguments
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
     def __enter__(self) -> "ServerProcess":
+        self.port_file.unlink(missing_ok=True)  # a file of an earlier run is not this server's port
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log_path.read_text(errors="replace"))
-            if m:
-                self.address = f"127.0.0.1:{m.group(1)}"
+            if self.port_file.exists():  # written atomically once the server listens
+                self.address = f"127.0.0.1:{json.loads(self.port_file.read_text())['port']}"
                 return self
             if self.proc.poll() is not None:
                 raise ReportError(f"ofa serve exited with code {self.proc.returncode} before listening; "
