@@ -24,7 +24,7 @@ class ServeConfig:
     port: int = 50051
     targets_dir: str | None = None
     max_targets: int = 64
-    max_table_bytes: int = 1 << 20
+    max_table_bytes: int = 1 << 20  # a registered table as stored (a real one is ~16 KB), kept parsed by every replica
     workers: int = 16
     max_streams: int = 32
     max_streams_per_peer: int = 4
@@ -33,7 +33,7 @@ class ServeConfig:
     max_connection_age_s: float = 1800.0
     max_searches: int = 2
     max_per_peer: int = 0  # 0: half of max_searches, at least 1
-    max_search_work: int = 5_000_000
+    max_search_work: int = 5_000_000  # population x generations (x points): ~100 default searches, ~10 s on 2 cores
     max_search_seconds: float = 300.0
     max_message_chars: int = 1000
     max_health_watches: int = 16

@@ -24,15 +24,11 @@ __all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "
            "constraints_of", "format_of", "invalid", "points_of", "settings_of", "speed_of_timings", "subnet_id_of",
            "subnet_to_pb", "supernet_to_pb", "target_of", "target_to_pb", "weights_header"]
 
-# Bounds on what one request may ask of the server.
+# Bounds on what one request may ask of the server, fixed by the API (the ones an operator sets, a table's
+# bytes and a search's work, are ServeConfig's: server/args.py).
 LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
-          # a registered table as stored (a real one is ~16 KB); each is kept parsed by every replica
-          "table_bytes": 1 << 20,
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
           "min_ms": 1e-6,  # a timing of less than a nanosecond is not one (5e-324 passed "> 0")
-          # a front's population x generations x points: 100 default searches' worth (~10 s on
-          # 2 cores), so that no one request holds a search slot for minutes
-          "work": 5_000_000,
           # reference timings a search may carry, and the device speeds they may imply
           "reference_timings": 64, "speed": (0.01, 100.0)}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
@@ -129,7 +125,7 @@ def settings_of(options: pb.SearchOptions, seed: int, front: bool = False) -> Se
                           seed=int(seed))
 
 
-def check_work(settings: SearchSettings, points: int, limit: int = LIMITS["work"]) -> None:
+def check_work(settings: SearchSettings, points: int, limit: int) -> None:
     """A search's population x generations (x points for a front, one search per point) is bounded, so that
     no one request holds a search slot for long (``ofa serve --max-search-work``)."""
     work = settings.population * settings.generations * points

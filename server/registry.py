@@ -28,7 +28,8 @@ from ofa.search import Scorer
 from ofa.search.load import Measured, load_measured, load_scorer
 from ofa.space import Arch, space_digest
 
-from .convert import LIMITS, bounded
+from .args import ServeConfig
+from .convert import bounded
 
 __all__ = ["KnownTarget", "NotOwner", "Registry", "ServedSupernet", "StorageError", "TargetExists", "TooManyTargets"]
 
@@ -135,7 +136,8 @@ def read_table_file(path: Path, limit: int) -> Any:
 
 class Registry:
     def __init__(self, artifact_dirs: list[str], targets_dir: str | None = None,
-                 names: list[str] | None = None, max_targets: int = 64, table_bytes: int = LIMITS["table_bytes"]) -> None:
+                 names: list[str] | None = None, max_targets: int = ServeConfig.max_targets,
+                 table_bytes: int = ServeConfig.max_table_bytes) -> None:
         self.supernets: dict[str, ServedSupernet] = {}
         self.targets_dir = Path(targets_dir) if targets_dir else None
         self.max_targets, self.table_bytes = max_targets, table_bytes

@@ -234,7 +234,7 @@ def test_one_client_cannot_take_every_search_slot_with_more_connections(client, 
         with pytest.raises(InvalidArgument, match=r"at most 1,000,000 \(--max-search-work\), got 1000 x 2000"):
             client.search(population=1000, generations=2000)
     finally:
-        server.service.max_search_work = 5_000_000
+        server.service.max_search_work = ServeConfig.max_search_work
 
 
 def test_a_cancelled_search_stops(client, server):
