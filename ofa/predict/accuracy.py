@@ -150,8 +150,8 @@ class AccuracyPredictor:
     def bounds_features(self, x: np.ndarray) -> Bounds:
         """Predictions of (N, F) features with their intervals (with a shift: the conformal half-width and the
         shift's, combined as independent errors)."""
-        val = self._validation(x)
-        pred = self.predict_features(x)
+        val = self._validation(x)  # the members' forward pass, once: the search calls this every generation
+        pred = val + (self.shift.offset if self.shift is not None else 0.0)
         if self.interval is None:
             return Bounds(pred, pred, pred, np.full(len(pred), np.inf), np.zeros(len(pred), bool))
         dist = self.interval.distance(x)

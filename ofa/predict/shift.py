@@ -25,6 +25,7 @@ conformal half-width combined with the shift's (root sum of squares: independent
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -47,7 +48,7 @@ class Shift:
     level: float  # the coverage the half-width is stated at
     info: dict[str, Any]  # subnets, images, parts of sigma
 
-    @property
+    @functools.cached_property  # read every search generation: the normal quantile once
     def half_width(self) -> float:
         return NormalDist().inv_cdf((1 + self.level) / 2) * self.sigma
 
