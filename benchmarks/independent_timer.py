@@ -109,7 +109,7 @@ def main() -> None:
     out: dict = {"archs": len(archs), "threads": timing.threads, "load": args.load,
                  "repeatability_when_profiled": (table.get("timing") or {}).get("repeatability")}
     with tempfile.TemporaryDirectory() as tmp, busy_loops(args.load):
-        from ofa.formats import export_onnx
+        from ofa.export import export_onnx
         from ofa.predict.timing import module_of
 
         import torch

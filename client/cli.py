@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .client import Client, ClientError
+from .client import DEFAULT_FORMAT, FORMATS, Client, ClientError
 
 __all__ = ["main"]
 
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id", help="subnet id from search or pareto")
     s.add_argument("--arch", help="arch as JSON, or @FILE; a search result (`search --json`) also works, "
                    "and unlike --id any replica can answer it")
-    s.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torchscript"])
+    s.add_argument("--format", default=DEFAULT_FORMAT, choices=sorted(FORMATS))
     s.add_argument("--out", required=True)
     s.set_defaults(func=_fetch)
     s = add_parser("targets", help="the hardware targets of the supernet")

@@ -23,14 +23,15 @@ from .v1 import subnet_service_pb2 as pb
 # this client sends (1.1 added answers only, `fine_tuned`, which a 1.0 server leaves false).
 OLDEST_SERVER_API = "1.0"
 from .v1 import subnet_service_pb2_grpc as pb_grpc
-from .values import SubnetInfo, Weights, arch_to_dict, arch_to_pb, reference_timings_of
+from .values import (WEIGHTS_FORMATS, SubnetInfo, Weights, arch_to_dict, arch_to_pb, format_name,
+                     reference_timings_of)
 
 __all__ = ["AlreadyExists", "Client", "ClientError", "DeadlineExceeded", "Infeasible", "IntegrityError",
            "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "SubnetInfo", "Unauthenticated",
-           "Unavailable", "VersionMismatch", "Weights", "FORMATS", "reference_timings_of"]
+           "Unavailable", "VersionMismatch", "Weights", "DEFAULT_FORMAT", "FORMATS", "reference_timings_of"]
 
-FORMATS = {"safetensors": pb.WEIGHTS_FORMAT_SAFETENSORS, "onnx": pb.WEIGHTS_FORMAT_ONNX,
-           "torchscript": pb.WEIGHTS_FORMAT_TORCHSCRIPT}
+FORMATS = WEIGHTS_FORMATS  # {name: the API's WeightsFormat value}
+DEFAULT_FORMAT = format_name(pb.WEIGHTS_FORMAT_SAFETENSORS)  # the weights with the arch in their metadata
 
 
 # ---- the client --------------------------------------------------------------------
@@ -198,7 +199,7 @@ class Client:
             reference_timings=reference_timings_of(reference_timings))
         return [SubnetInfo.from_pb(p) for p in self._call("GetParetoFront", req, timeout).points]
 
-    def fetch(self, subnet: str | SubnetInfo | Mapping[str, Any], format: str = "safetensors",
+    def fetch(self, subnet: str | SubnetInfo | Mapping[str, Any], format: str = DEFAULT_FORMAT,
               supernet: str | None = None, timeout: float | None = None) -> Weights:
         """Download a subnet's weights, verified by sha256.
 

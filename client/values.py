@@ -11,7 +11,17 @@ from typing import Any, Mapping
 
 from .v1 import subnet_service_pb2 as pb
 
-__all__ = ["SubnetInfo", "Weights", "arch_to_dict", "arch_to_pb", "reference_timings_of"]
+__all__ = ["WEIGHTS_FORMATS", "SubnetInfo", "Weights", "arch_to_dict", "arch_to_pb", "format_name",
+           "reference_timings_of"]
+
+
+def format_name(value: int) -> str:
+    """The name of a ``WeightsFormat`` value: the enum name without its prefix, lower case (``onnx``)."""
+    return pb.WeightsFormat.Name(value).removeprefix("WEIGHTS_FORMAT_").lower()
+
+
+# {name: WeightsFormat value} of every format the API serves: the client's and the server's one list of them
+WEIGHTS_FORMATS = {format_name(v): v for v in pb.WeightsFormat.values() if v != pb.WEIGHTS_FORMAT_UNSPECIFIED}
 
 
 def arch_to_dict(a: pb.Arch) -> dict[str, Any]:
@@ -158,15 +168,15 @@ class Weights:
 
         import torch
 
-        if self.format == "torchscript":
+        if self.format == format_name(pb.WEIGHTS_FORMAT_TORCHSCRIPT):
             return torch.jit.load(io.BytesIO(self.data), map_location="cpu").eval()
-        if self.format != "safetensors":
+        if self.format != format_name(pb.WEIGHTS_FORMAT_SAFETENSORS):
             raise ValueError("load_module takes safetensors or torchscript weights; run ONNX with onnxruntime")
         try:
-            from ofa.formats import read_subnet
+            from ofa.export import read_subnet
         except ImportError:
             raise ImportError("load_module of safetensors weights builds the network with the server project's "
-                              "package ofa (pip install it next to ofa-client), or fetch format 'torchscript', "
+                              "package ofa (pip install it next to ofa-client), or fetch the torchscript format, "
                               "which needs torch only") from None
 
         return read_subnet(self.data)[0]

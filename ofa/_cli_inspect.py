@@ -93,7 +93,7 @@ def _target_info(table: dict) -> dict:
 
 def _artifact_info(root: Path) -> dict:
     """What ``ofa info`` shows of the artifact at ``root``, as JSON."""
-    from .formats import subnet_file_metadata
+    from .export import subnet_file_metadata
     from .predict.latency import validate_table
 
     files = open_artifact(root)

@@ -1,4 +1,4 @@
-"""Run as a script by :func:`ofa.formats.export_torchscript`, in a fresh interpreter: script one subnet.
+"""Run as a script by :func:`ofa.export.export_torchscript`, in a fresh interpreter: script one subnet.
 
 stdin: the subnet file's metadata (one JSON line), then its safetensors bytes; stdout: the
 TorchScript archive. argv[1]: the folder that holds this ``ofa`` package (and nothing else is

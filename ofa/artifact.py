@@ -8,7 +8,6 @@
                              an imported checkpoint may lack it until given a folder of images)
 
 Later stages add files (accuracy predictor, latency tables, fine-tuned subnets), recorded the same way.
-
 Every write is a commit that a kill at any moment cannot break (:func:`_commit`): the new
 files are staged under temporary names, then ``manifest.pending.json`` (the new manifest and
 the staged names) is written as the commit point, then the files are renamed into place and
@@ -38,8 +37,9 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: the sc
     from .supernet import Supernet
 
 __all__ = ["ACCURACY_PREDICTOR", "Artifact", "ArtifactError", "ArtifactFiles", "CALIBRATION", "CHECKPOINTS",
-           "FINETUNED_DIR", "FORMAT_VERSION", "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING", "add_file",
-           "finetuned_file", "latency_file", "load_artifact", "open_artifact", "repair_artifact", "write_artifact"]
+           "FINETUNED_DIR", "FORMAT_VERSION", "MANIFEST", "MEASUREMENTS", "METRICS_LOG", "PENDING",
+           "SERVED_CALIBRATION", "add_file", "finetuned_file", "latency_file", "load_artifact", "open_artifact",
+           "repair_artifact", "write_artifact"]
 
 log = logging.getLogger("ofa")
 
@@ -55,6 +55,7 @@ LATENCY_DIR = "latency/"
 FINETUNED_DIR = "finetuned/"  # fine-tuned subnets (``ofa finetune``), served in place of the extracted ones
 METRICS_LOG = "metrics.jsonl"  # training's per-epoch log, next to the artifact's files (not in the manifest)
 CHECKPOINTS = "checkpoints"  # training's checkpoints (not in the manifest; their writer cleans its own temp files)
+SERVED_CALIBRATION = "served_calibration_images"  # a manifest key (see ofa.calibrate.served_images)
 # made from the weights: invalid after new ones
 WEIGHT_DEPENDENT = (ACCURACY_PREDICTOR, MEASUREMENTS.rsplit("/", 1)[0] + "/", FINETUNED_DIR)
 
@@ -199,8 +200,7 @@ def _checked_manifest(path: Path, verify: bool) -> dict[str, Any]:
 
 @dataclass
 class Artifact:
-    """A loaded artifact: the supernet built, its space, data description and calibration images (None: the
-    artifact has none, as an imported checkpoint given no images)."""
+    """A loaded artifact: the supernet built, space, data, calibration images (None: an import given none)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -334,7 +334,7 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
         kept = {n: d for n, d in (old.get("files") or {}).items() if n not in CORE_FILES and (out / n).exists()}
         if old.get("digest") != identity:
             kept = {n: d for n, d in kept.items() if not n.startswith(WEIGHT_DEPENDENT)}
-        return {
+        return {**({k: old[k] for k in (SERVED_CALIBRATION,) if k in old and old.get("digest") == identity}),
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ofa_version": __version__,
@@ -352,8 +352,8 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     return out
 
 
-def add_file(artifact_dir: Path, name: str, text: str | bytes) -> Path:
-    """Write ``name`` (e.g. ``latency/laptop.json``) into an artifact and record its sha256."""
+def add_file(artifact_dir: Path, name: str, text: str | bytes, manifest: dict[str, Any] | None = None) -> Path:
+    """Write ``name`` (e.g. ``latency/laptop.json``) into an artifact, record its sha256 (and ``manifest``'s keys)."""
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / MANIFEST).exists() and not (artifact_dir / PENDING).exists():
         raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing")
@@ -361,7 +361,7 @@ def add_file(artifact_dir: Path, name: str, text: str | bytes) -> Path:
     def update(old: dict[str, Any] | None, digests: dict[str, str]) -> dict[str, Any]:
         if old is None:
             raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing or invalid")
-        return {**old, "files": {**old["files"], **digests}}
+        return {**old, **(manifest or {}), "files": {**old["files"], **digests}}
 
     _commit(artifact_dir, {name: text.encode() if isinstance(text, str) else text}, update)
     return artifact_dir / name

@@ -90,12 +90,14 @@ def served_subnet(supernet: Supernet, arch: Arch, images: torch.Tensor, spec: Da
 
 
 def served_images(art: Artifact) -> torch.Tensor:
-    """The calibration images of served subnets: as many of the stored ones as the accuracy predictor's
-    measurements were calibrated on (so what is predicted is what is served), else all stored."""
-    from .artifact import ACCURACY_PREDICTOR
-    from .predict.accuracy import AccuracyPredictor
+    """The calibration images of served subnets: as many of the stored ones as the manifest says
+    (:data:`ofa.artifact.SERVED_CALIBRATION`: the accuracy predictor's measurements used that many, so what
+    is predicted is what is served), else all stored."""
+    from .artifact import ACCURACY_PREDICTOR, SERVED_CALIBRATION
 
-    count = None
-    if art.files.has(ACCURACY_PREDICTOR):
+    count = art.manifest.get(SERVED_CALIBRATION)
+    if count is None and art.files.has(ACCURACY_PREDICTOR):  # a predictor stored before the manifest said so
+        from .predict.accuracy import AccuracyPredictor
+
         count = AccuracyPredictor.from_bytes(art.files.read(ACCURACY_PREDICTOR)).info.get("calib_images")
     return art.calibration if count is None else art.calibration[:count]

@@ -13,7 +13,6 @@ serve: ``ofa finetune`` writes it in the served subnet format and records it in 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -28,7 +27,7 @@ from .artifact import DATA, Artifact, ArtifactFiles, add_file, finetuned_file, l
 from .calibrate import calibrate_bn, served_images, served_subnet
 from .data import DataSpec, ImageSet, augment, load_dataset, prepare_batch, split_validation
 from .evaluate import accuracy
-from .formats import subnet_file_metadata, subnet_metadata, write_safetensors
+from .export import FORMATS, RECORDED, Served, subnet_file_metadata, subnet_metadata
 from .space import Arch
 from .train.objective import soft_cross_entropy
 from .train.schedule import set_lr, sgd, warmup_cosine
@@ -159,12 +158,12 @@ def record_finetuned(artifact_dir, module: nn.Module, report: dict[str, Any]) ->
         raise ValueError(f"artifact {artifact_dir} has other weights than the subnet was fine-tuned from "
                          f"(digest {files.digest[:12]}, not {report['supernet_digest'][:12]}): fine-tune again")
     arch = Arch.from_dict(report["arch"])
-    meta = json.loads(subnet_metadata(arch, files.space(), files.read_json(DATA), files.digest,
-                                      report["calibration_images"]))
     keys = ("epochs", "steps", "lr", "batch_size", "kd_ratio", "seed", "val_accuracy_before", "val_accuracy_after",
             "test_accuracy_before", "test_accuracy_after")
-    meta["finetuned"] = {k: report[k] for k in keys}
-    data = write_safetensors(module, json.dumps(meta, sort_keys=True, separators=(",", ":")))
+    space = files.space()
+    meta = subnet_metadata(arch, space, files.read_json(DATA), files.digest, report["calibration_images"],
+                           finetuned={k: report[k] for k in keys})
+    data = FORMATS[RECORDED].write(Served(module, arch, meta, space.in_channels))
     add_file(artifact_dir, finetuned_file(arch.id), data)
     return data
 

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import grpc
 
+from ofa.export import FORMATS
 from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_noise
 from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
+from ofa_client.values import WEIGHTS_FORMATS
 from ofa_client.v1 import subnet_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
     from ofa.predict.accuracy import AccuracyPredictor
     from ofa.search.load import Measured
 
-    from .weights import Payload
+    from ofa.export import SubnetFile
 
 __all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "bounded", "check_work",
            "constraints_of", "format_of", "invalid", "points_of", "settings_of", "speed_of_timings", "subnet_id_of",
@@ -33,8 +35,7 @@ LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
           "reference_timings": 64, "speed": (0.01, 100.0)}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
 
-_FORMATS = {pb.WEIGHTS_FORMAT_SAFETENSORS: "safetensors", pb.WEIGHTS_FORMAT_ONNX: "onnx",
-            pb.WEIGHTS_FORMAT_TORCHSCRIPT: "torchscript"}
+_FORMATS = {value: name for name, value in WEIGHTS_FORMATS.items() if name in FORMATS}  # the API's, served here
 
 
 MESSAGE_CHARS = 1000  # default cap on a status message and its log line (client input is echoed in them)
@@ -158,7 +159,7 @@ def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
 
 
 def format_of(value: int) -> str:
-    """The weights format's name (``safetensors``, ``onnx``, ``torchscript``) of a ``pb.WeightsFormat``."""
+    """The name (a row of :data:`ofa.export.FORMATS`) of a ``pb.WeightsFormat`` value."""
     if value not in _FORMATS:
         names = [pb.WeightsFormat.Name(v) for v in _FORMATS]
         raise invalid(f"format must be one of {names}, got {value}")
@@ -282,7 +283,7 @@ def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -
                      noisy=bool(table_noise(table)), noise=table_noise(table))
 
 
-def weights_header(fmt: int, payload: "Payload", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:
+def weights_header(fmt: int, payload: "SubnetFile", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:
     """The first message of a weights stream: what follows (format, size, hash) and how to feed the subnet."""
     d = artifact.data
     return pb.WeightsHeader(format=fmt, total_bytes=len(payload.data), sha256=payload.sha256, subnet_id=arch.id,

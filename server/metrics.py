@@ -81,10 +81,10 @@ class Metrics:
         """Read the gauges from ``service`` (a SubnetService) and ``registry`` at scrape time."""
         self.in_flight.set_function(lambda: service.searches_running)
         self.workers.set_function(lambda: service.pool.ready)
-        self.cache_bytes.set_function(lambda: service.cache.bytes)
+        self.cache_bytes.set_function(lambda: service.weights.cache.bytes)
         self.targets.set_function(lambda: sum(len(registry.registered_tables(sn))
                                               for sn in registry.supernets.values()))
-        self.registry.register(_CacheCounts(service.cache))
+        self.registry.register(_CacheCounts(service.weights.cache))
 
     def record(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         self.calls.labels(rpc, code.name).inc()

@@ -1,25 +1,20 @@
-"""The ``ofa.v1.SubnetService`` servicer: it converts a request (:mod:`.convert`), calls the registry, the
-search pool or the weights cache, and maps their errors to statuses.
-
-A client's mistake ends as a status with a message (and one INFO log line, no
-traceback); only a server bug logs a traceback, as INTERNAL, and the server goes on.
+"""The ``ofa.v1.SubnetService`` servicer: each RPC converts its request (:mod:`.convert`), calls the registry,
+the search pool (:mod:`.searcher`) or the served weights (:mod:`.weights`), and answers; :mod:`.status` maps
+what goes wrong to a status, :mod:`.streams` keeps the weight streams.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
 
-from ofa.calibrate import CalibrationCancelled
 from ofa.predict.latency import LatencyTableError, Speed
-from ofa.search import Constraints, Infeasible, SearchCancelled, SearchSettings, UnknownTarget
+from ofa.search import Constraints, SearchSettings
 from ofa.space import Arch
 from ofa_client.v1 import API_VERSION
 from ofa_client.v1 import subnet_service_pb2 as pb
@@ -29,45 +24,17 @@ from . import convert as cv
 from .args import ServeConfig
 from .auth import Tokens
 from .registry import KnownTarget, NotOwner, Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets
-from .searcher import Job, ParetoJob, SearchJob, SearchPool, WorkerLost
+from .searcher import Job, ParetoJob, SearchJob, SearchPool
 from .guard import client_address
 from .slots import Slots
-from .weights import WeightsCache, build_payload
+from .status import answering, handled
+from .streams import Streams
+from .weights import ServedWeights
 
 __all__ = ["CHUNK_BYTES", "SubnetService"]
 
 log = logging.getLogger("ofa_server")
 CHUNK_BYTES = 1 << 20
-
-
-def _handled(method: Callable) -> Callable:
-    """Map the outcome of a handler to a status; never let an exception kill the server."""
-
-    @functools.wraps(method)
-    def wrapper(self: "SubnetService", request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return method(self, request, context)
-        except cv.RequestError as e:
-            code, msg = e.code, e.message
-        except Infeasible as e:
-            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
-        except UnknownTarget as e:
-            code, msg = grpc.StatusCode.NOT_FOUND, str(e)
-        except (WorkerLost, TimeoutError) as e:  # a worker died or hung, a build ran too long: a retry can succeed
-            code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
-        except (SearchCancelled, CalibrationCancelled):
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            msg = "the deadline passed" if expired else "the request was cancelled"
-        except Exception:  # a bug of ours: keep serving, say so, keep the traceback for us
-            log.exception("%s failed", method.__name__)
-            code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; the server log has details"
-        msg = cv.bounded(msg, self.max_message_chars)
-        log.info("%s -> %s (%.1f ms): %s", method.__name__, code.name, 1000 * (time.perf_counter() - t0), msg)
-        context.abort(code, msg)
-
-    return wrapper
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -98,16 +65,11 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self._searches = Slots(config.max_searches, config.per_peer, "searches", "--max-searches", "--max-per-peer")
         self._builds = Slots(config.max_searches, config.per_peer, "weight builds", "--max-searches",
                              "--max-per-peer")
-        self._streams = Slots(config.max_streams, config.max_streams_per_peer, "weight streams", "--max-streams",
-                              "--max-streams-per-peer")
-        self.max_streams, self.stream_stall_s = config.max_streams, config.stream_stall_s
-        self.stream_preempt_s, self.max_search_work = config.stream_preempt_s, config.max_search_work
-        self.max_message_chars = config.max_message_chars
-        self._streams_lock = threading.Lock()
-        self._sending: dict[int, list] = {}  # the weight streams being sent: [context, last progress]
-        self._closed = threading.Event()
-        threading.Thread(target=self._watch_streams, name="ofa-stream-watch", daemon=True).start()
-        self.cache = WeightsCache(config.cache_mb << 20)
+        self.streams = Streams(Slots(config.max_streams, config.max_streams_per_peer, "weight streams",
+                                     "--max-streams", "--max-streams-per-peer"),
+                               config.stream_stall_s, config.stream_preempt_s)
+        self.max_search_work, self.max_message_chars = config.max_search_work, config.max_message_chars
+        self.weights = ServedWeights(config.cache_mb << 20)
         self.pool = SearchPool(config.max_searches, {str(sn.artifact.path): sn.scorer
                                                      for sn in registry.supernets.values()},
                                max_seconds=config.max_search_seconds, on_ready=on_ready)
@@ -125,7 +87,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @property
     def streams_open(self) -> int:
         """Weight streams being sent now."""
-        return self._streams.held
+        return self.streams.open_count
 
     # ---- helpers -----------------------------------------------------------------
     def _supernet(self, name: str) -> ServedSupernet:
@@ -174,19 +136,19 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             slots.release(peer)
 
     # ---- RPCs --------------------------------------------------------------------
-    @_handled
+    @handled
     def ListSupernets(self, request: pb.ListSupernetsRequest, context) -> pb.ListSupernetsResponse:
         return pb.ListSupernetsResponse(api_version=API_VERSION, supernets=[
             cv.supernet_to_pb(name, sn.artifact, sn.scorer.accuracy, self.registry.known_targets(sn))
             for name, sn in sorted(self.registry.supernets.items())])
 
-    @_handled
+    @handled
     def ListTargets(self, request: pb.ListTargetsRequest, context) -> pb.ListTargetsResponse:
         sn = self._supernet(request.supernet)
         return pb.ListTargetsResponse(targets=[cv.target_to_pb(name, sn.name, t.table, t.source)
                                                for name, t in sorted(self.registry.targets(sn).items())])
 
-    @_handled
+    @handled
     def RegisterTarget(self, request: pb.RegisterTargetRequest, context) -> pb.Target:
         sn = self._supernet(request.supernet)
         size = len(request.table_json.encode())
@@ -207,7 +169,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             raise cv.invalid(f"table_json: {e}") from None
         return cv.target_to_pb(table["target"], sn.name, table, "registered")
 
-    @_handled
+    @handled
     def DeleteTarget(self, request: pb.DeleteTargetRequest, context) -> pb.DeleteTargetResponse:
         sn = self._supernet(request.supernet)
         name = cv.target_of(request.target, required=True)
@@ -245,7 +207,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                                  table=s.found.for_workers if s.found else None, speed=s.speed,
                                  deadline=_deadline(context))
 
-    @_handled
+    @handled
     def SearchSubnet(self, request: pb.SearchSubnetRequest, context) -> pb.Subnet:
         s = self._search_inputs(request, front=False)
         cv.check_work(s.settings, 1, self.max_search_work)
@@ -253,7 +215,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         s.sn.remember(result.best.arch)
         return self._subnet_pb(s, result.best, result.seconds)
 
-    @_handled
+    @handled
     def GetParetoFront(self, request: pb.GetParetoFrontRequest, context) -> pb.ParetoFront:
         s = self._search_inputs(request, front=True)
         points = cv.points_of(request.points)
@@ -292,78 +254,29 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         sn = self._supernet(request.supernet)
         fmt = cv.format_of(request.format)
         arch = self._arch(sn, request)
-        key = (sn.artifact.digest, arch.id, fmt)
-        searched = sn.lookup(arch.id) is not None  # else any arch a client made up: cached apart
-        payload = self.cache.get(key, searched)
-        if payload is None:
-            with self._slot(self._builds, context):
-                payload = self.cache.get_or_build(key, lambda: build_payload(
-                    sn.artifact, arch, fmt, should_stop=lambda: not context.is_active(), images=sn.calibration),
-                    searched)
+        payload = self.weights.file(sn.artifact, arch, fmt, searched=sn.lookup(arch.id) is not None,
+                                    images=sn.calibration, should_stop=lambda: not context.is_active(),
+                                    slot=lambda: self._slot(self._builds, context))
         header = cv.weights_header(request.format, payload, arch, sn.artifact)
         # the chunks are cut as they are sent: a list of them would hold a second copy of the payload
         chunks = (pb.GetSubnetWeightsResponse(chunk=payload.data[i : i + CHUNK_BYTES])
                   for i in range(0, len(payload.data), CHUNK_BYTES))
         return itertools.chain([pb.GetSubnetWeightsResponse(header=header)], chunks)
 
-    def _refuse(self, why: str, context) -> None:
-        raise cv.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
-
-    def _preempt(self) -> bool:
-        """All stream slots are taken: cancel the stream whose client has taken no data the longest, if for
-        ``stream_preempt_s`` or more (a client that stopped reading), so that a new stream gets its slot."""
-        now = time.monotonic()
-        with self._streams_lock:
-            stalled = [e for e in self._sending.values()
-                       if not e[2] and e[1] is not None and now - e[1] >= self.stream_preempt_s]
-            if not stalled:
-                return False
-            victim = min(stalled, key=lambda e: e[1])
-            victim[2] = True
-        log.info("GetSubnetWeights -> CANCELLED: every stream slot is taken and this client took no data for "
-                 "%.0f s", now - victim[1])
-        victim[0].cancel()
-        return True
-
     def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
-        # A client that reads nothing keeps its stream's handler thread waiting on flow control; at most
-        # max_streams of them (threads of their own, on top of the other RPCs'), and the one stalled longest
-        # makes way for a new stream when all are taken.
-        peer = self._identity(context)
-        why = self._streams.acquire(peer)
-        if why and not self._streams.at_peer_limit(peer) and self._preempt():
-            why = self._streams.acquire(peer, wait=2.0)  # the cancelled stream's thread gives its slot back
-        if why:
-            _handled(SubnetService._refuse)(self, why, context)
-        entry = [context, None, False]  # context, last progress (None while the payload is built), cancelled
-        with self._streams_lock:
-            self._sending[id(entry)] = entry
+        with answering(context, "GetSubnetWeights", self.max_message_chars):
+            stream = self.streams.open(context, self._identity(context))
+            if isinstance(stream, str):
+                raise cv.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, stream)
         try:
             # all checks and the build happen before the first message, so every refusal is a clean status
-            messages = _handled(SubnetService._weights)(self, request, context)
-            entry[1] = time.monotonic()  # built (a build is bounded on its own): from now on the client must read
-            for msg in messages:
-                if not context.is_active():
-                    return
-                entry[1] = time.monotonic()  # the client took the last message: progress
-                yield msg
+            with answering(context, "GetSubnetWeights", self.max_message_chars):
+                messages = self._weights(request, context)
+            yield from self.streams.send(stream, messages)
         finally:
-            with self._streams_lock:
-                self._sending.pop(id(entry), None)
-            self._streams.release(peer)
-
-    def _watch_streams(self) -> None:
-        """Cancel a weight stream whose client has taken no message for ``stream_stall_s``: its thread waits
-        on flow control, and only a cancel from outside frees it."""
-        while not self._closed.wait(min(1.0, self.stream_stall_s / 4)):
-            now = time.monotonic()
-            with self._streams_lock:
-                stuck = [e for e in self._sending.values() if e[1] is not None and now - e[1] > self.stream_stall_s]
-            for context, since, _ in stuck:
-                log.info("GetSubnetWeights -> CANCELLED: the client took no data for %.0f s", now - since)
-                context.cancel()
+            self.streams.close(stream)
 
     def close(self) -> None:
         """Stop watching the streams and stop the search workers."""
-        self._closed.set()
+        self.streams.stop()
         self.pool.close()

@@ -1,80 +1,51 @@
-"""Ready-to-run weights of one subnet: extract, BN re-calibration, serialisation, and a byte-bounded cache.
+"""The server's weights: a byte-bounded cache around :func:`ofa.export.subnet_file`, and the build slots.
 
-Every format is a pure function of (artifact, arch, format): the calibration images are
-the artifact's, in their stored order, and each writer is deterministic (checked by
-the tests), so the same request gives byte-identical bytes in any process.
+Every served file is a pure function of (artifact, arch, format) (:mod:`ofa.export`: the calibration
+images are the artifact's, in their stored order, and each writer is deterministic), so a cached file
+is the file any replica would build, and the cache key is (artifact digest, arch id, format).
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 
-from ofa.artifact import Artifact, ArtifactError
-from ofa.calibrate import served_images, served_subnet
-from ofa.formats import FORMATS, export_onnx, export_torchscript, read_subnet, subnet_metadata, write_safetensors
+from ofa.artifact import Artifact
+from ofa.export import SubnetFile, subnet_file
 from ofa.space import Arch
 
-__all__ = ["FORMATS", "Payload", "WeightsCache", "build_payload"]
+__all__ = ["ServedWeights", "WeightsCache"]
 
 
-@dataclass(frozen=True)
-class Payload:
-    data: bytes
-    sha256: str
-    calibration_images: int
-    fine_tuned: bool = False  # the artifact's fine-tuned subnet of the arch (``ofa finetune``), not the extracted one
+class ServedWeights:
+    """The files a server streams: from the cache, else built by :func:`ofa.export.subnet_file` while the
+    caller holds a build slot (``slot``: a context manager that refuses when none is free)."""
 
+    def __init__(self, max_bytes: int) -> None:
+        self.cache = WeightsCache(max_bytes)
 
-def build_payload(art: Artifact, arch: Arch, fmt: str, should_stop=None, images: torch.Tensor | None = None
-                  ) -> Payload:
-    """The bytes of ``arch`` in ``fmt`` (one of :data:`FORMATS`): the served subnet of
-    :func:`ofa.calibrate.served_subnet`, calibrated on ``images`` (default :func:`ofa.calibrate.served_images`;
-    a server passes the ones it chose once); ``should_stop`` can end the BN re-calibration between
-    batches (:class:`ofa.calibrate.CalibrationCancelled`). Where the artifact records a fine-tuned subnet
-    of ``arch`` (``ofa finetune``), that one is served instead (``Payload.fine_tuned``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    tuned = art.files.finetuned().get(arch.id)
-    if tuned is not None:
-        with torch.inference_mode(False), torch.no_grad():
-            return _fine_tuned(art, arch, fmt, tuned)
-    images = served_images(art) if images is None else images
-    with torch.inference_mode(False), torch.no_grad():
-        sub = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
-        meta = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, len(images))
-        if fmt == "safetensors":
-            data = write_safetensors(sub, meta)
-        elif fmt == "torchscript":
-            data = export_torchscript(sub, meta)
-        else:
-            data = export_onnx(sub, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
-    return Payload(data, hashlib.sha256(data).hexdigest(), len(images))
-
-
-def _fine_tuned(art: Artifact, arch: Arch, fmt: str, name: str) -> Payload:
-    """The fine-tuned subnet ``name`` the artifact records for ``arch``: its file as it is (safetensors, the
-    served format with ``finetuned`` in its metadata), or that module exported; refused when the file is
-    not of this arch and these weights."""
-    data = art.files.read(name)  # checked against the manifest's sha256
-    module, meta = read_subnet(data)
-    if meta.get("id") != arch.id or meta.get("supernet_digest") != art.digest or "finetuned" not in meta:
-        raise ArtifactError(f"{art.path}: {name} is not a fine-tuned subnet {arch.id} of this supernet")
-    if fmt == "torchscript":
-        data = export_torchscript(module, json.dumps(meta, sort_keys=True, separators=(",", ":")))
-    elif fmt == "onnx":
-        data = export_onnx(module, torch.zeros(1, art.space.in_channels, arch.resolution, arch.resolution))
-    return Payload(data, hashlib.sha256(data).hexdigest(), int(meta["calibration_images"]), True)
+    def file(self, artifact: Artifact, arch: Arch, fmt: str, searched: bool, images: torch.Tensor,
+             should_stop: Callable[[], bool], slot: Callable[[], ContextManager] = contextlib.nullcontext
+             ) -> SubnetFile:
+        """``arch`` of ``artifact`` in ``fmt``. ``searched``: a search of this server returned the arch (else
+        any arch a client made up: cached apart, see :class:`WeightsCache`); ``images``: the calibration
+        images the server chose once; ``should_stop``: the caller went away (ends a BN re-calibration)."""
+        key = (artifact.digest, arch.id, fmt)
+        found = self.cache.get(key, searched)
+        if found is not None:
+            return found
+        with slot():
+            return self.cache.get_or_build(
+                key, lambda: subnet_file(artifact, arch, fmt, images, should_stop=should_stop), searched)
 
 
 class WeightsCache:
     """Built payloads keyed by (artifact digest, arch id, format), least recently used out, bounded in bytes.
 
-    Concurrent requests for the same key build it once; the others wait for it. Payloads of archs
+    Concurrent requests for the same key build it once; the others wait for it. Files of archs
     no search has returned ("strangers": any valid arch may be asked for) share at most
     ``1/STRANGER_SHARE`` of the bytes and evict each other (searched ones only for that share),
     so a client asking for many arbitrary archs cannot push out the subnets that searches serve.
@@ -84,14 +55,14 @@ class WeightsCache:
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes = max_bytes
-        self._items: "OrderedDict[tuple[str, str, str], Payload]" = OrderedDict()
+        self._items: "OrderedDict[tuple[str, str, str], SubnetFile]" = OrderedDict()
         self._strangers: "OrderedDict[tuple[str, str, str], None]" = OrderedDict()
         self._bytes = self._stranger_bytes = 0
         self._lock = threading.Lock()
         self._building: dict[tuple[str, str, str], threading.Lock] = {}
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, str, str], searched: bool = True) -> Payload | None:
+    def get(self, key: tuple[str, str, str], searched: bool = True) -> SubnetFile | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
@@ -111,7 +82,7 @@ class WeightsCache:
         if self._strangers.pop(key, False) is None:
             self._stranger_bytes -= len(old.data)
 
-    def _store(self, key, item: Payload, searched: bool) -> None:
+    def _store(self, key, item: SubnetFile, searched: bool) -> None:
         size = len(item.data)
         if size > (self.max_bytes if searched else self.max_bytes // self.STRANGER_SHARE):
             return
@@ -125,7 +96,7 @@ class WeightsCache:
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._items)))
 
-    def get_or_build(self, key: tuple[str, str, str], build, searched: bool = True) -> Payload:
+    def get_or_build(self, key: tuple[str, str, str], build, searched: bool = True) -> SubnetFile:
         item = self.get(key, searched)
         if item is not None:
             return item
@@ -154,7 +125,7 @@ class WeightsCache:
     # ---- read-only views (for health pages and tests) ----
     @property
     def building_count(self) -> int:
-        """Payloads being built now."""
+        """Files being built now."""
         with self._lock:
             return len(self._building)
 

@@ -190,6 +190,11 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     stored = (root / "accuracy_predictor.safetensors").read_bytes()
     pred = AccuracyPredictor.from_bytes(stored, art.space)
     assert pred.info["test"] == report["test"]
+    # the manifest says how many calibration images served subnets use: those the measurements used
+    from ofa.artifact import SERVED_CALIBRATION
+    from ofa.calibrate import served_images
+
+    assert art.manifest[SERVED_CALIBRATION] == report["calib_images"] == len(served_images(art))
     # the tiny dataset's test split: half of it measured the validation-to-test shift on 10 subnets (the most
     # accurate, no loop or front here), whose per-image correctness is kept as the accuracy's
     shifted = {i: v for i, v in measured["subnets"].items() if "shift_correct" in v}

@@ -13,7 +13,7 @@ from ofa.artifact import finetuned_file, load_artifact, open_artifact
 from ofa.calibrate import served_images, served_subnet
 from ofa.cli import main as ofa_main
 from ofa.data import prepare_batch
-from ofa.formats import read_subnet
+from ofa.export import read_subnet
 from ofa_client import Client, Weights
 from ofa_server.main import ServeConfig, Server
 from ofa_server.registry import Registry

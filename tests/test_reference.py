@@ -121,7 +121,7 @@ def test_an_imported_checkpoint_is_served_as_the_reference_serves_it(dump, tmp_p
 
     from ofa.artifact import ArtifactError, load_artifact
     from ofa.calibrate import calibration_batches, served_images
-    from ofa.formats import read_subnet
+    from ofa.export import read_subnet
     from ofa_client import Client
     from ofa_server.main import ServeConfig, Server
     from ofa_server.registry import Registry

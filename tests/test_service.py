@@ -97,9 +97,9 @@ def test_weights_are_byte_identical_across_processes_and_installs(client, artifa
     subnet_py = install / "ofa" / "subnet.py"
     subnet_py.write_text("# moved down a line\n" + subnet_py.read_text())
     code = ("import json, sys; from ofa.artifact import load_artifact; from ofa.space import Arch; "
-            "from ofa_server.weights import build_payload; art = load_artifact(sys.argv[1]); "
+            "from ofa.export import subnet_file; art = load_artifact(sys.argv[1]); "
             "a = Arch.from_dict(json.loads(sys.argv[2])); import ofa; assert ofa.__file__.startswith(sys.argv[3]); "
-            "print(json.dumps({f: build_payload(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
+            "print(json.dumps({f: subnet_file(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
     r = subprocess.run([sys.executable, "-P", "-c", code, str(artifact), json.dumps(best.arch), str(install)],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(install)})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -153,10 +153,10 @@ def test_a_failed_weight_build_leaves_nothing_behind():
 
 
 def test_archs_no_search_returned_cannot_push_out_the_searched_ones():
-    from ofa_server.weights import Payload
+    from ofa.export import SubnetFile
 
     cache = WeightsCache(800)  # archs no search returned get 800 // 8 = 100 bytes of it
-    item = lambda: Payload(b"x" * 50, "", 0)  # noqa: E731
+    item = lambda: SubnetFile(b"x" * 50, "", 0)  # noqa: E731
     for k in range(12):
         cache.get_or_build(("d", f"searched-{k}", "onnx"), item)
     for k in range(20):  # a client asking for arbitrary archs: they evict each other only
@@ -173,13 +173,13 @@ def test_archs_no_search_returned_cannot_push_out_the_searched_ones():
 def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
     from ofa.artifact import load_artifact
     from ofa.calibrate import CalibrationCancelled
-    from ofa_server.weights import build_payload
+    from ofa.export import subnet_file
 
     art = load_artifact(artifact)
     cache = WeightsCache(1 << 30)
     with pytest.raises(CalibrationCancelled):
-        cache.get_or_build(("a", "b", "onnx"), lambda: build_payload(art, art.space.smallest(), "onnx",
-                                                                     should_stop=lambda: True))
+        cache.get_or_build(("a", "b", "onnx"), lambda: subnet_file(art, art.space.smallest(), "onnx",
+                                                                    should_stop=lambda: True))
     assert cache.get(("a", "b", "onnx")) is None and cache.building_count == 0
 
 

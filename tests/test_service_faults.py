@@ -150,10 +150,8 @@ def test_a_registered_table_crosses_to_a_worker_once_and_again_when_it_was_dropp
 
 
 def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, monkeypatch):
-    from ofa import formats
+    from ofa import export
     from ofa.artifact import load_artifact
-    from ofa_server import weights
-
     art = load_artifact(artifact)
     arch = art.space.smallest(min(art.space.resolutions))
     # a module named like one the child imports, in the working directory and on PYTHONPATH
@@ -161,11 +159,11 @@ def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, 
         (tmp_path / f"{name}.py").write_text("raise SystemExit('imported from the working directory')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    payload = weights.build_payload(art, arch, "torchscript")
+    payload = export.subnet_file(art, arch, "torchscript")
     assert payload.data[:2] == b"PK"  # a torch zip, made by the real torch
-    monkeypatch.setattr(formats, "SCRIPT_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(export, "SCRIPT_TIMEOUT_S", 0.01)
     with pytest.raises(TimeoutError, match="longer than 0.01 s"):
-        weights.build_payload(art, arch, "torchscript")
+        export.subnet_file(art, arch, "torchscript")
 
 
 def _table_text(artifact, name, **extra):
@@ -387,7 +385,7 @@ def test_a_stalled_stream_makes_way_and_one_connection_holds_few(artifact):
             with pytest.raises(grpc.RpcError) as e:  # a second on the same connection
                 list(stubs[0].GetSubnetWeights(request, timeout=30))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-peer" in e.value.details()
-            srv.service._streams.per_peer = 3  # from here on the server-wide bound (2) is the one met
+            srv.service.streams.slots.per_peer = 3  # from here on the server-wide bound (2) is the one met
             second = stubs[1].GetSubnetWeights(request, timeout=60)
             assert next(second).HasField("header")
             time.sleep(1.5)  # both stalled past stream_preempt_s

@@ -82,7 +82,7 @@ def test_static_subnet_rebuilds_from_its_state_dict(supernets):
 
     from safetensors.torch import save
 
-    from ofa.formats import read_subnet, subnet_metadata, write_safetensors
+    from ofa.export import read_subnet, subnet_metadata, write_safetensors
 
     meta = subnet_metadata(arch, net.space, {}, "0" * 64, 1)
     data = write_safetensors(sub, meta)

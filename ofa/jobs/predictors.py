@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, Artifact, add_file, load_artifact
+from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, SERVED_CALIBRATION, Artifact, add_file, load_artifact
 from ..predict.measure import (MIN_FIT, held_out, measure_accuracies, measure_shift, stratified_archs, test_halves,
                                unpack_correct, validation_set, with_enough_on_each_side)
 from ..predict.interval import METHOD as INTERVAL_METHOD
@@ -367,7 +367,7 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
         # the key of what it was finally fitted on: a rerun with these settings finds it and reuses it
         pred = replace(pred, info={**pred.info, "closed_loop": loop, "fit_key": key_of(measured)})
     pred, measured = _with_shift(job, pred, measured)
-    add_file(job.art.path, ACCURACY_PREDICTOR, pred.to_bytes())
+    add_file(job.art.path, ACCURACY_PREDICTOR, pred.to_bytes(), manifest={SERVED_CALIBRATION: len(job.calib)})
     ids, x, y, held = _dataset(job.art.space, measured, test_fraction)
     return {**pred.info, "measure_seconds": round(time.perf_counter() - t0, 1),
             "held_out": _held_out_report(pred, ids, held, x[held], y[held])}

@@ -162,6 +162,8 @@ def _retime_references(run: _Run, bases: list[Baseline], timings_file: Path):
 
 def _search_and_fetch(run: _Run, address: str, speed_args: tuple[str, ...], plan: list[tuple[str, float]]):
     """The best subnet under each budget of ``plan``, fetched; budgets no subnet meets (baselines'), apart."""
+    from ..export import RECORDED, run_format  # torch: imported when a report runs, not when it is imported
+
     served, unmet = [], []
     for label, budget in plan:
         try:
@@ -173,14 +175,14 @@ def _search_and_fetch(run: _Run, address: str, speed_args: tuple[str, ...], plan
             unmet.append({"label": label, "budget_ms": budget, "reason": str(e).split(": ", 1)[-1]})
             continue
         files = {}
-        for fmt in ("safetensors", "onnx") if run.timing.backend == "onnxruntime" else ("safetensors",):
+        for fmt in dict.fromkeys((RECORDED, run_format(run.timing.backend))):  # the file, and the one timed
             path = run.out / "subnets" / f"{s['id']}.{fmt}"
             fetched = ofa_client(address, "fetch", "--arch", json.dumps(s), "--format", fmt, "--out", str(path),
                                  log=run.log)
             files[fmt] = {"file": str(path.relative_to(run.out)), "bytes": fetched["bytes"],
                           "sha256": fetched["sha256"]}
-        served.append({"label": label, "budget_ms": budget, **s, "file": files["safetensors"]["file"],
-                       "size_bytes": files["safetensors"]["bytes"], "sha256": files["safetensors"]["sha256"],
+        served.append({"label": label, "budget_ms": budget, **s, "file": files[RECORDED]["file"],
+                       "size_bytes": files[RECORDED]["bytes"], "sha256": files[RECORDED]["sha256"],
                        "files": files})
     return served, unmet
 
@@ -214,12 +216,13 @@ def _serve(run: _Run, bases: list[Baseline], budgets: int, budget_ms: Sequence[f
 
 def _time_served(run: _Run, served: list[dict[str, Any]], bases: list[Baseline]) -> dict[str, Any]:
     """Latency of the files as fetched, in the same interleaved passes as the references and baselines."""
+    from ..export import run_format
     from ..predict.latency import LatencyPredictor, Speed
     from ..predict.profile import speed_of
     from ..predict.timing import subnet_part
 
     space = run.art.space
-    fmt = "onnx" if run.timing.backend == "onnxruntime" else "safetensors"
+    fmt = run_format(run.timing.backend)
     parts = [subnet_part(space, space.arch_from_json(json.dumps(s["arch"])), str(run.out / s["files"][fmt]["file"]))
              for s in served]
     after = run.time(parts + run.ref_parts + run.base_parts, "time served subnets")
@@ -241,7 +244,7 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
     predictor measured the validation-to-test shift on half the test split, only the other half checks."""
     from ..data import load_dataset, split_test
     from ..evaluate import accuracy
-    from ..formats import read_subnet
+    from ..export import read_subnet
     from ..predict.measure import validation_set
 
     training = run.art.manifest["training"]

@@ -36,7 +36,7 @@ def _onnx_runs(job: dict) -> list:
         opts.use_per_session_threads = False
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        session = ort.InferenceSession(item["onnx"], opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(item["file"], opts, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         x = np.random.default_rng(0).standard_normal(item["shape"]).astype(np.float32)
         runs.append(lambda s=session, feed={name: x}: s.run(None, feed))
@@ -47,7 +47,7 @@ def _torch_runs(job: dict) -> list:
     import torch
 
     from ofa._torch import seeded
-    from ofa.formats import read_subnet
+    from ofa.export import FORMATS, run_format
     from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
 
@@ -55,9 +55,9 @@ def _torch_runs(job: dict) -> list:
     runs = []
     with seeded(0):  # random weights and inputs: their values do not change the time, but stay the same
         for item in job["items"]:
-            if "safetensors" in item:
-                with open(item["safetensors"], "rb") as f:
-                    module = read_subnet(f.read())[0]
+            if "file" in item:  # a served subnet's file, in the format torch runs
+                with open(item["file"], "rb") as f:
+                    module = FORMATS[run_format("torch")].read(f.read())
             else:
                 module = module_of(space, item["part"])
             x = torch.randn(*item["shape"])
@@ -112,7 +112,7 @@ def _export(job: dict, report) -> None:
     import torch
 
     from ofa._torch import num_threads, seeded
-    from ofa.formats import export_onnx
+    from ofa.export import export_onnx
     from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
 

@@ -9,7 +9,7 @@ subnets, chosen by cross-validation, and checked on the rest
 (:mod:`ofa.predict.latency_model`).
 
 Backends: ``onnxruntime`` (the default) exports each network to ONNX (static shapes,
-opset :data:`~ofa.formats.ONNX_OPSET`) exactly as a subnet fetched with ``--format
+opset :data:`~ofa.export.ONNX_OPSET`) exactly as a subnet fetched with ``--format
 onnx`` is exported, and times an ``InferenceSession`` on the CPU; ``torch`` runs the
 modules eagerly, which at batch 1 on small images measures Python dispatch as much as
 the network.

@@ -239,17 +239,16 @@ EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two 
 
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
                   progress: bool) -> list[dict[str, Any]]:
-    """What the worker loads: ONNX files for onnxruntime (exported here), specs or files for torch."""
+    """What the worker loads: ONNX files for onnxruntime (exported here), specs or served files for torch."""
     items: list[dict[str, Any]] = []
     exports = []
     for i, part in enumerate(parts):
         shape = [timing.batch, *part.shape]
-        if part.kind == "file":
-            items.append({"shape": shape, ("onnx" if timing.backend == "onnxruntime" else "safetensors"):
-                          str(Path(part.file).resolve())})
+        if part.kind == "file":  # a served file, in the format the backend runs (ofa.export.run_format)
+            items.append({"shape": shape, "file": str(Path(part.file).resolve())})
         elif timing.backend == "onnxruntime":
-            items.append({"shape": shape, "onnx": str(folder / f"{i}.onnx")})
-            exports.append((part.to_dict(), shape, items[-1]["onnx"], timing.seed * 1_000_003 + i))
+            items.append({"shape": shape, "file": str(folder / f"{i}.onnx")})
+            exports.append((part.to_dict(), shape, items[-1]["file"], timing.seed * 1_000_003 + i))
         else:
             items.append({"shape": shape, "part": part.to_dict()})
     if exports:

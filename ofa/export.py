@@ -1,11 +1,17 @@
-"""The files a subnet is served as: safetensors with its metadata (written and read here), ONNX, TorchScript.
+"""The subnet as served: the one table of formats (name -> writer and reader) and the one function from
+(artifact, arch, format) to bytes.
+
+A served subnet is the artifact's fine-tuned subnet of the arch where ``ofa finetune`` recorded one,
+else the arch extracted from the supernet with its BN re-calibrated (:func:`ofa.calibrate.served_subnet`).
+:func:`subnet_file` makes that choice and writes it in a format of :data:`FORMATS`; a new format is one
+row there (and one value of the API's ``WeightsFormat`` enum). Everything else that names a format (the
+server's cache, the client through the proto enum, the report, the timing worker, ``ofa finetune``) takes
+it from this table.
 
 A subnet's safetensors file carries one canonical JSON value under the metadata key ``ofa``
-(:data:`SUBNET_FORMAT`, :data:`SUBNET_VERSION`, the arch, the search space, the data
-description, the supernet's digest and how many images calibrated its BN), so the file alone
-rebuilds the network (:func:`read_subnet`). Every writer is deterministic: the same module
-gives the same bytes in any process. Depends on torch and :mod:`ofa.space` only (the client
-reads files with it).
+(:data:`SUBNET_FORMAT`, :data:`SUBNET_VERSION`, the arch, the search space, the data description, the
+supernet's digest and how many images calibrated its BN), so the file alone rebuilds the network
+(:func:`read_subnet`). Every writer is deterministic: the same module gives the same bytes in any process.
 """
 from __future__ import annotations
 
@@ -16,32 +22,45 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from ._io import ArtifactError
 from .space import Arch, SearchSpace
 from .subnet import SubNet, load_subnet
 
-__all__ = ["FORMATS", "ONNX_OPSET", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION", "export_onnx",
-           "export_torchscript", "read_subnet", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
+if TYPE_CHECKING:
+    from .artifact import Artifact
 
-FORMATS = ("safetensors", "onnx", "torchscript")
+__all__ = ["FORMATS", "Format", "ONNX_OPSET", "RECORDED", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION",
+           "Served", "SubnetFile", "canonical_json", "export_onnx", "export_torchscript", "format_of", "read_subnet",
+           "run_format", "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
+
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
 ONNX_OPSET = 17  # HardSwish needs >= 14
 SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
 _NOT_SUBNET_FILE = "not a served subnet safetensors file (metadata key 'ofa' with arch and space)"
 
 
+def canonical_json(value: Mapping[str, Any]) -> str:
+    """The one JSON form of a file's metadata: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def subnet_metadata(arch: Arch, space: SearchSpace, data: Mapping[str, Any], supernet_digest: str,
-                    calibration_images: int) -> str:
-    """The ``ofa`` metadata of a served subnet's file: canonical JSON (sorted keys, no spaces)."""
+                    calibration_images: int, finetuned: Mapping[str, Any] | None = None) -> str:
+    """The ``ofa`` metadata of a served subnet's file (:func:`canonical_json`); ``finetuned``: what
+    ``ofa finetune`` did (epochs, settings, accuracies), for a fine-tuned subnet only."""
     meta = {"format": SUBNET_FORMAT, "version": SUBNET_VERSION, "arch": arch.to_dict(), "id": arch.id,
             "space": space.to_dict(), "data": dict(data), "supernet_digest": supernet_digest,
             "calibration_images": calibration_images}
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    if finetuned is not None:
+        meta["finetuned"] = dict(finetuned)
+    return canonical_json(meta)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -158,3 +177,104 @@ def _canonical_archive(data: bytes) -> bytes:
             info.create_system = 3  # as written on Linux, wherever it is written
             archive.writestr(info, body)
     return out.getvalue()
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Served:
+    """What a writer writes: the subnet (eval mode), its arch, its file metadata (:func:`subnet_metadata`)
+    and the input channels of the space (the example input of a tracing exporter)."""
+
+    module: nn.Module
+    arch: Arch
+    metadata: str
+    in_channels: int
+
+    def example(self) -> torch.Tensor:
+        """One input image of the arch's resolution (zeros: the exporters trace shapes, not values)."""
+        return torch.zeros(1, self.in_channels, self.arch.resolution, self.arch.resolution)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One way a subnet is served: its name (the API's enum value, lower case, without its prefix), the
+    timing backend that runs its files, its writer (deterministic bytes) and its reader (what runs it)."""
+
+    name: str
+    runtime: str
+    write: Callable[[Served], bytes]
+    read: Callable[[bytes], Any]
+
+
+def _read_onnx(data: bytes) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def _read_torchscript(data: bytes) -> nn.Module:
+    return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("safetensors", "torch", lambda s: write_safetensors(s.module, s.metadata), lambda b: read_subnet(b)[0]),
+    Format("onnx", "onnxruntime", lambda s: export_onnx(s.module, s.example()), _read_onnx),
+    Format("torchscript", "torch", lambda s: export_torchscript(s.module, s.metadata), _read_torchscript),
+)}
+RECORDED = "safetensors"  # the format a fine-tuned subnet is recorded in: served as its file is, byte for byte
+
+
+def format_of(name: str) -> Format:
+    """The row of ``name``; a ValueError names the formats there are."""
+    if name not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {str(name)[:40]!r}")
+    return FORMATS[name]
+
+
+def run_format(runtime: str) -> str:
+    """The format a served subnet is timed and run in by the timing backend ``runtime`` (the first row of it)."""
+    for f in FORMATS.values():
+        if f.runtime == runtime:
+            return f.name
+    raise ValueError(f"no format runs in {runtime!r}; runtimes: {sorted({f.runtime for f in FORMATS.values()})}")
+
+
+# ---- the function ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SubnetFile:
+    """A served subnet's bytes in one format, their sha256, how many images calibrated its BN, and whether
+    it is the artifact's fine-tuned subnet of the arch (``ofa finetune``) rather than the extracted one."""
+
+    data: bytes
+    sha256: str
+    calibration_images: int
+    fine_tuned: bool = False
+
+
+def subnet_file(art: Artifact, arch: Arch, fmt: str, images: torch.Tensor | None = None,
+                should_stop: Callable[[], bool] | None = None) -> SubnetFile:
+    """``arch`` of ``art`` as served, in ``fmt`` (a name of :data:`FORMATS`): the same request gives the same
+    bytes in any process. Where the artifact records a fine-tuned subnet of ``arch``, that one (its file as
+    recorded in :data:`RECORDED`, else that module written); else the extracted subnet, BN re-calibrated on
+    ``images`` (default :func:`ofa.calibrate.served_images`; a server passes the ones it chose once).
+    ``should_stop`` can end the re-calibration between batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
+    form = format_of(fmt)
+    tuned = art.files.finetuned().get(arch.id)
+    with torch.inference_mode(False), torch.no_grad():
+        if tuned is not None:
+            data = art.files.read(tuned)  # checked against the manifest's sha256
+            module, meta = read_subnet(data)
+            if meta.get("id") != arch.id or meta.get("supernet_digest") != art.digest or "finetuned" not in meta:
+                raise ArtifactError(f"{art.path}: {tuned} is not a fine-tuned subnet {arch.id} of this supernet")
+            count = int(meta["calibration_images"])
+            if fmt != RECORDED:
+                data = form.write(Served(module, arch, canonical_json(meta), art.space.in_channels))
+        else:
+            from .calibrate import served_images, served_subnet
+
+            images = served_images(art) if images is None else images
+            module = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
+            count = len(images)
+            meta_json = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, count)
+            data = form.write(Served(module, arch, meta_json, art.space.in_channels))
+    return SubnetFile(data, hashlib.sha256(data).hexdigest(), count, tuned is not None)
