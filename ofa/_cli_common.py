@@ -6,9 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["DEFAULT_SPACE", "Command", "configure_logging", "flag_errors"]
-
-DEFAULT_SPACE = "mbv3-small-images"
+__all__ = ["Command", "configure_logging", "flag_errors"]
 
 
 @dataclass(frozen=True)

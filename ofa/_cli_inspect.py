@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ._cli_common import DEFAULT_SPACE
+from .space import DEFAULT_SPACE
 from .artifact import ACCURACY_PREDICTOR, open_artifact
 
 __all__ = ["add_spaces", "run_spaces", "add_check", "run_check", "add_info", "run_info"]

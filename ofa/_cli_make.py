@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ._cli_common import flag_errors
 from .artifact import ACCURACY_PREDICTOR, MEASUREMENTS, METRICS_LOG
+from .space import DEFAULT_SPACE
 
 __all__ = ["add_train", "run_train", "add_import_reference", "run_import_reference", "add_predictors", "run_predictors", "add_demo", "run_demo", "add_report", "run_report"]
 
@@ -38,7 +39,7 @@ def add_train(s: argparse.ArgumentParser) -> None:
                    "settings and later phases' may differ from that run's")
     s.add_argument("--dataset", help="fashion-mnist, cifar10 or imagefolder (default: the preset's)")
     s.add_argument("--data-dir", dest="data_dir", help="where the dataset lies (default: Debian's Fashion-MNIST)")
-    s.add_argument("--space", help="search space (default mbv3-small-images; see `ofa spaces`)")
+    s.add_argument("--space", help=f"search space (default {DEFAULT_SPACE}; see `ofa spaces`)")
     s.add_argument("--init-from", dest="init_from", metavar="SUPERNET",
                    help="start from this supernet: an artifact folder or a reference OFAMobileNetV3 checkpoint (.pth) "
                    "of the same space (--space; the data's channels, classes and resolutions may differ): its weights "

@@ -1,9 +1,5 @@
-"""Search spaces and the one architecture value that flows through everything.
-
-An :class:`Arch` names one subnet of an elastic MobileNetV3: a kernel size and an
-expand ratio for every *active* block, a depth for every stage and an input
-resolution. Because inactive blocks are simply absent, every network has exactly one
-``Arch`` and therefore one canonical JSON form and one id.
+"""Search spaces: what subnets of an elastic MobileNetV3 there are (the :class:`~ofa.arch.Arch` value
+itself is :mod:`ofa.arch`'s; re-exported here).
 
 A :class:`SearchSpace` is a table of stage rows (widths, strides, activations, SE)
 plus the elastic choices. It validates archs, samples them with a seeded generator
@@ -12,7 +8,7 @@ and encodes many of them at once into an integer matrix for the batched search.
 It also walks the supernet's block slots once (:meth:`SearchSpace.slots`: channels,
 stride, map sizes per slot) for everything that needs the geometry: the blocks of a
 subnet, the supernet, the MAC tables and the latency plan; and it names a space by
-:func:`space_digest`. :class:`Arch` itself lives in :mod:`ofa._arch`.
+:func:`space_digest`. Its integer encodings are :mod:`ofa.codes`'.
 
 This module needs numpy only, so the client can rebuild a network description
 without the training stack.
@@ -27,12 +23,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._arch import Arch, ArchCodes, ArchError
+from .arch import Arch, ArchError
+from .codes import ArchCodes
 
 __all__ = [
     "Arch",
     "ArchError",
     "BlockSpec",
+    "DEFAULT_SPACE",
     "SearchSpace",
     "Slot",
     "StageSpec",
@@ -384,7 +382,7 @@ register_space(_reference_mbv3(1.2))
 # three downsamplings instead of five, so a 28 px input ends on a 4x4 map. Measured
 # here (2 threads, batch 128 @28, channels_last): the largest subnet trains at ~230
 # img/s and the smallest at ~1,300; 16-channel stems or wider stages cost 2x.
-register_space(SearchSpace(
+DEFAULT_SPACE = register_space(SearchSpace(
     name="mbv3-small-images", in_channels=1, num_classes=10, resolutions=(24, 28, 32),
     stem_width=8, stem_stride=1, first_block_width=8,
     stages=(
@@ -396,4 +394,4 @@ register_space(SearchSpace(
     ),
     final_expand_width=384, head_width=512,
     description="MobileNetV3 blocks for 24-32 px inputs (Fashion-MNIST, CIFAR)",
-))
+)).name  # the default space: the command line's and the training config's

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..space import SearchSpace, get_space
+from ..space import DEFAULT_SPACE, SearchSpace, get_space
 
 __all__ = ["ConfigError", "Phase", "PRESETS", "TrainConfig", "apply_overrides", "check_config", "config_differences",
            "load_config", "parse_assignments", "phase_space", "resolve_device"]
@@ -77,7 +77,7 @@ QUICK_PHASES = progressive_shrinking((0.45, 0.15, 0.05, 0.15, 0.05, 0.15), lr=0.
 class TrainConfig:
     """Everything one training run needs; the run is a function of this value (and the data)."""
 
-    space: str = "mbv3-small-images"
+    space: str = DEFAULT_SPACE
     resolutions: tuple[int, ...] = ()  # train and serve only these of the space's resolutions (empty: all)
     dataset: str = "fashion-mnist"
     data_dir: str = ""
