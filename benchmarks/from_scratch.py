@@ -4,7 +4,7 @@ For three archs (small, middle, large) of a trained artifact: (a) extract + BN
 re-calibration, no re-training; (b) the same arch as a static network trained from
 scratch on the same data, for the same total number of epochs as all phases of the
 supernet's training together, with the full phase's lr, warm-up and augmentation and a cosine schedule
-(`ofa.scratch`).
+(`ofa.jobs.scratch`).
 Both evaluated on the test split. Training from scratch takes most of the time (over an
 hour here); ``--scratch-json`` reuses the from-scratch figures of an earlier run's
 ``--json`` for archs it holds (the same arch ids), so a new artifact of the same space is
@@ -24,7 +24,7 @@ from ofa.artifact import load_artifact
 from ofa.data import load_dataset, split_validation
 from ofa.evaluate import accuracy, subnet_accuracy
 from ofa.space import Arch
-from ofa.scratch import train_from_scratch
+from ofa.jobs.scratch import train_from_scratch
 from ofa.subnet import build_subnet
 
 

@@ -35,7 +35,7 @@ from ofa.jobs.service import ServerProcess
 from ofa.predict.latency import LatencyPredictor
 from ofa.predict.profile import speed_of, timing_of_table
 from ofa.predict.timing import subnet_part, time_parts
-from ofa.reference import import_reference
+from ofa.jobs.import_reference import import_reference
 from ofa_client import Client
 
 TARGET = "this-machine"

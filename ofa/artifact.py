@@ -314,13 +314,13 @@ def write_artifact(out: Path, supernet: Supernet, data: DataSpec, calibration: t
     import torch
     from safetensors.torch import save
 
+    from .supernet import supernet_bytes
     out.mkdir(parents=True, exist_ok=True)
     space = supernet.space
-    state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
     files = {
         SPACE: space.to_json().encode(),
         DATA: json.dumps(data.to_dict(), sort_keys=True).encode(),
-        SUPERNET: save(state, metadata={"space": space.name}),
+        SUPERNET: supernet_bytes(supernet),
     }
     if calibration is not None:
         files[CALIBRATION] = save({"images": calibration.to(torch.uint8).contiguous()})

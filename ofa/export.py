@@ -34,11 +34,11 @@ from .space import Arch, SearchSpace
 from .subnet import SubNet, load_subnet
 
 if TYPE_CHECKING:
-    from .artifact import Artifact
+    from .artifact import Artifact, ArtifactFiles
 
 __all__ = ["FORMATS", "Format", "ONNX_OPSET", "RECORDED", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION",
-           "Served", "SubnetFile", "canonical_json", "export_onnx", "export_torchscript", "format_of", "read_subnet",
-           "run_format", "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
+           "Served", "SubnetFile", "canonical_json", "export_onnx", "export_torchscript", "finetuned_archs", "format_of",
+           "read_subnet", "run_format", "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
 ONNX_OPSET = 17  # HardSwish needs >= 14
@@ -278,3 +278,10 @@ def subnet_file(art: Artifact, arch: Arch, fmt: str, images: torch.Tensor | None
             meta_json = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, count)
             data = form.write(Served(module, arch, meta_json, art.space.in_channels))
     return SubnetFile(data, hashlib.sha256(data).hexdigest(), count, tuned is not None)
+
+
+def finetuned_archs(files: ArtifactFiles) -> dict[str, Arch]:
+    """{subnet id: arch} of the fine-tuned subnets an artifact records (from their files' metadata): the
+    subnets :func:`subnet_file` serves fine-tuned."""
+    return {sid: Arch.from_dict(subnet_file_metadata(files.read(name))["arch"])
+            for sid, name in files.finetuned().items()}

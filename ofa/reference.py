@@ -3,24 +3,21 @@
 Users already hold pretrained ImageNet supernets in that layout (widths 1.0 and 1.2), and its
 pretrained accuracy predictor. The mapping between its state-dict names and ours is one
 explicit table, checked both ways: every key of ours must be filled, every key of theirs
-must be used, every shape must agree. :func:`import_reference` makes a servable artifact of
-a checkpoint: the weights, the space, ImageNet's data description, a calibration set drawn
-from a folder of training images, and the predictor when given.
+must be used, every shape must agree. :mod:`ofa.jobs.import_reference` makes a servable
+artifact of a checkpoint with it.
 """
 from __future__ import annotations
 
 import pickle
-import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
 from .space import SearchSpace, get_space
 from .supernet import Supernet
 
-__all__ = ["REFERENCE_EVAL_CROP", "REFERENCE_SPACES", "ReferenceImportError", "import_reference",
-           "load_reference_state_dict", "read_state_dict", "reference_key_map", "reference_space"]
+__all__ = ["REFERENCE_EVAL_CROP", "REFERENCE_SPACES", "ReferenceImportError", "load_reference_state_dict", "read_state_dict", "reference_key_map", "reference_space"]
 
 REFERENCE_SPACES = ("mbv3-imagenet", "mbv3-imagenet-w1.2")  # the reference's released OFAMobileNetV3 widths
 REFERENCE_EVAL_CROP = 0.875  # its evaluation: resize to resolution / 0.875, centre crop to the resolution
@@ -125,41 +122,3 @@ def reference_space(state: Mapping[str, torch.Tensor]) -> SearchSpace:
                                f"inputs; the reference spaces have " + ", ".join(
                                    f"{n}: {get_space(n).stem_width} and {get_space(n).head_width}"
                                    for n in REFERENCE_SPACES))
-
-
-def import_reference(checkpoint: str | Path, out: str | Path, space: SearchSpace | None = None,
-                     calib_dir: str | Path | None = None, calib_images: int = 2000, seed: int = 0,
-                     accuracy_predictor: str | Path | None = None) -> dict[str, Any]:
-    """Write the artifact ``out`` from a reference checkpoint (the space found from its shapes unless
-    given); with ``calib_dir``, ``calib_images`` images drawn from it with ``seed`` are its calibration
-    set (without, it can be profiled but not served); with ``accuracy_predictor`` (the reference's
-    ``.pth``), that predictor is its accuracy predictor. Returns what was written."""
-    from ._io import sha256_file
-    from .artifact import ACCURACY_PREDICTOR, add_file, write_artifact
-    from .data import folder_calibration, imagenet_spec
-    from .predict.reference_predictor import from_reference
-
-    if not 1 <= calib_images <= 100_000:
-        raise ValueError(f"calib_images must be in 1..100000, got {calib_images}")
-    t0 = time.perf_counter()
-    state = read_state_dict(checkpoint)
-    space = space or reference_space(state)
-    net = load_reference_state_dict(Supernet(space), state)
-    data = imagenet_spec(max(space.resolutions))
-    calib, skipped = (None, 0) if calib_dir is None else folder_calibration(calib_dir, calib_images,
-                                                                            data.image_size, seed)
-    source = {"checkpoint": Path(checkpoint).name, "sha256": sha256_file(Path(checkpoint))}
-    config = {"imported_from": "reference OFAMobileNetV3", **source, "dataset": data.name, "seed": seed,
-              "image_size": data.image_size, "eval_crop": REFERENCE_EVAL_CROP,
-              "calib_dir": str(calib_dir) if calib_dir else None, "calib_images": 0 if calib is None else len(calib)}
-    write_artifact(Path(out), net, data, calib, config, {})
-    summary = {"out": str(out), "space": space.name, "tensors": len(net.state_dict()), **source,
-               "calibration_images": config["calib_images"], "unreadable_images": skipped}
-    if accuracy_predictor is not None:
-        pred_state = {k: v.float().numpy() for k, v in read_state_dict(accuracy_predictor, "accuracy_predictor").items()}
-        pred = from_reference(pred_state, space, {"checkpoint": Path(accuracy_predictor).name,
-                                                  "sha256": sha256_file(Path(accuracy_predictor))})
-        add_file(Path(out), ACCURACY_PREDICTOR, pred.to_bytes())
-        summary["accuracy_predictor"] = pred.family
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    return summary

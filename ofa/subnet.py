@@ -24,6 +24,7 @@ __all__ = [
     "build_subnet",
     "load_subnet",
     "make_activation",
+    "mobilenet_v3_small_baseline",
 ]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "h_swish": nn.Hardswish}
@@ -176,3 +177,20 @@ def load_subnet(space: SearchSpace, arch: Arch, state_dict: Mapping[str, torch.T
         is_param = isinstance(table[name], nn.Parameter)
         table[name] = nn.Parameter(value) if is_param else value
     return net.eval()
+
+
+def mobilenet_v3_small_baseline(width_mult: float, in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ``mobilenet_v3_small`` as shipped (random init), with ``in_channels`` inputs.
+
+    Only the first convolution changes, to take grey images; the rest (strides, widths
+    times ``width_mult``, SE, the 1024-wide classifier) is the hand-designed network.
+    """
+    from torchvision.models import mobilenet_v3_small
+
+    net = mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width_mult)
+    first = net.features[0][0]
+    if in_channels != first.in_channels:
+        net.features[0][0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride,
+                                       first.padding, bias=False)
+        nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
+    return net

@@ -13,7 +13,7 @@ from .layers import DynamicBatchNorm, DynamicDepthwise, DynamicPointwise, Dynami
 from .space import Arch, SearchSpace, StageSpec
 from .subnet import Head, InvertedResidual, SubNet, load_subnet, make_activation, make_stem
 
-__all__ = ["DynamicBlock", "Supernet", "extract"]
+__all__ = ["DynamicBlock", "Supernet", "extract", "supernet_bytes"]
 
 
 class DynamicBlock(nn.Module):
@@ -120,3 +120,11 @@ def extract(supernet: Supernet, arch: Arch) -> SubNet:
     state = {k: v.detach().clone(memory_format=torch.contiguous_format)
              for k, v in supernet.subnet_state_dict(arch).items()}
     return load_subnet(supernet.space, arch, state)
+
+
+def supernet_bytes(supernet: Supernet) -> bytes:
+    """The supernet's weights as an artifact stores them: safetensors, the space's name in its metadata."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in supernet.state_dict().items()}
+    return save(state, metadata={"space": supernet.space.name})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ofa._cli_common import Command
+from ofa.cli.common import Command
 
 from .args import add_arguments
 

@@ -22,7 +22,7 @@ from typing import Any
 from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import CALIBRATION, MEASUREMENTS, Artifact, ArtifactError, load_artifact
 from ofa.calibrate import served_images
-from ofa.finetune import finetuned_archs
+from ofa.export import finetuned_archs
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import Measured, load_measured, load_scorer

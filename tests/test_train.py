@@ -357,7 +357,8 @@ def test_a_baseline_is_a_function_of_its_seed_and_leaves_the_generator_alone(tin
     import copy
 
     from ofa.data import load_dataset, split_validation
-    from ofa.scratch import mobilenet_v3_small_baseline, train_from_scratch
+    from ofa.jobs.scratch import train_from_scratch
+    from ofa.subnet import mobilenet_v3_small_baseline
 
     cfg = tiny_config(tiny_data)
     full, spec = load_dataset(cfg.dataset, str(tiny_data), True, cfg.image_size)

@@ -36,7 +36,8 @@ def train_baselines(art, widths: Sequence[float], epochs: float, out: Path, data
     from safetensors.torch import load_file, save_file
 
     from .._torch import seeded
-    from ..scratch import mobilenet_v3_small_baseline, train_from_scratch
+    from ..subnet import mobilenet_v3_small_baseline
+    from .scratch import train_from_scratch
 
     training = art.manifest["training"]
     resolution = max(art.space.resolutions)

@@ -121,7 +121,7 @@ def module_of(space: SearchSpace, part: Mapping[str, Any]):
     """A randomly initialised torch module for a part's :meth:`Part.to_dict` (its weights do not change its
     time): the one place that decides what a part is, for the ONNX export here and the torch worker."""
     if part["kind"] == "mobilenet_v3_small":
-        from ..scratch import mobilenet_v3_small_baseline
+        from ..subnet import mobilenet_v3_small_baseline
 
         return mobilenet_v3_small_baseline(part["width_mult"], space.in_channels, space.num_classes)
     from ..subnet import build_part

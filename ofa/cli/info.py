@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .space import DEFAULT_SPACE
-from .artifact import ACCURACY_PREDICTOR, open_artifact
+from ..artifact import ACCURACY_PREDICTOR, open_artifact
+from ..space import DEFAULT_SPACE
 
 __all__ = ["add_spaces", "run_spaces", "add_check", "run_check", "add_info", "run_info"]
 
@@ -17,7 +17,7 @@ def add_spaces(s: argparse.ArgumentParser) -> None:
 
 
 def run_spaces(args: argparse.Namespace) -> int:
-    from .space import get_space, space_names
+    from ..space import get_space, space_names
 
     spaces = [get_space(n) for n in space_names()]
     if args.json:
@@ -36,7 +36,7 @@ def run_spaces(args: argparse.Namespace) -> int:
 
 
 def add_check(s: argparse.ArgumentParser) -> None:
-    from .space import space_names
+    from ..space import space_names
 
     s.add_argument("--space", default=DEFAULT_SPACE, choices=space_names())
     s.add_argument("--seed", type=int, default=0)
@@ -46,9 +46,9 @@ def run_check(args: argparse.Namespace) -> int:
     """Build a supernet, extract three subnets, print and check their cost and outputs."""
     import torch
 
-    from .predict import CostModel, count_macs_params
-    from .space import get_space
-    from .supernet import Supernet, extract
+    from ..predict import CostModel, count_macs_params
+    from ..space import get_space
+    from ..supernet import Supernet, extract
 
     torch.manual_seed(args.seed)  # this command's own process: the supernet's random init
     space = get_space(args.space)
@@ -93,8 +93,8 @@ def _target_info(table: dict) -> dict:
 
 def _artifact_info(root: Path) -> dict:
     """What ``ofa info`` shows of the artifact at ``root``, as JSON."""
-    from .export import subnet_file_metadata
-    from .predict.latency import validate_table
+    from ..export import subnet_file_metadata
+    from ..predict.latency import validate_table
 
     files = open_artifact(root)
     manifest, targets = files.manifest, {}
@@ -107,7 +107,7 @@ def _artifact_info(root: Path) -> dict:
         targets[table["target"]] = _target_info(table)
     accuracy = None
     if files.has(ACCURACY_PREDICTOR):
-        from .predict.accuracy import AccuracyPredictor
+        from ..predict.accuracy import AccuracyPredictor
 
         pred = AccuracyPredictor.from_bytes(files.read(ACCURACY_PREDICTOR))
         accuracy = {"family": pred.family, **{k: pred.info.get(k) for k in
@@ -184,7 +184,7 @@ def _print_shift(shift: dict | None) -> None:
 
 
 def _print_info(info: dict, order: list[str]) -> None:
-    from .predict.latency import Speed
+    from ..predict.latency import Speed
 
     accuracy, targets = info["accuracy_predictor"], info["targets"]
     print(f"artifact {info['artifact']}  (digest {info['digest'][:16]}, created {info['created']})")

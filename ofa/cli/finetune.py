@@ -5,8 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ._cli_common import flag_errors
-from .artifact import FINETUNED_DIR, MEASUREMENTS, finetuned_file, open_artifact
+from ..artifact import FINETUNED_DIR, MEASUREMENTS, finetuned_file, open_artifact
+from .common import flag_errors
 
 __all__ = ["DESCRIPTION", "add_finetune", "run_finetune"]
 
@@ -22,7 +22,7 @@ DESCRIPTION = ("Train one subnet of --artifact (given by --arch, or by --id: an 
 
 
 def add_finetune(s: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULTS
+    from ..jobs.finetune import DEFAULTS
 
     s.add_argument("--artifact", required=True, help="the artifact folder (fine-tuned file recorded in it)")
     which = s.add_mutually_exclusive_group(required=True)
@@ -43,8 +43,8 @@ def add_finetune(s: argparse.ArgumentParser) -> None:
 
 def _arch(args: argparse.Namespace):
     """The arch of --arch or --id; an id the artifact does not know is refused, telling to pass --arch."""
-    from .finetune import finetuned_archs
-    from .space import Arch
+    from ..export import finetuned_archs
+    from ..space import Arch
 
     files = open_artifact(args.artifact)
     space = files.space()
@@ -62,7 +62,7 @@ def _arch(args: argparse.Namespace):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune, record_finetuned
+    from ..jobs.finetune import finetune, record_finetuned
 
     arch = _arch(args)
     module, report = flag_errors(lambda: finetune(

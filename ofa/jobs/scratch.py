@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ._torch import seeded
-from .data import DataSpec, ImageSet, augment, prepare_batch
-from .train.schedule import set_lr, sgd, warmup_cosine
+from .._torch import seeded
+from ..data import DataSpec, ImageSet, augment, prepare_batch
+from ..train.schedule import set_lr, sgd, warmup_cosine
 
-__all__ = ["mobilenet_v3_small_baseline", "train_from_scratch"]
+__all__ = ["train_from_scratch"]
 
 
 def train_from_scratch(net: nn.Module, resolution: int, train_set: ImageSet, spec: DataSpec,
@@ -60,20 +60,3 @@ def train_from_scratch(net: nn.Module, resolution: int, train_set: ImageSet, spe
             opt.step()
     seconds = time.perf_counter() - t0
     return net.eval(), {"steps": total, "seconds": round(seconds, 1), "img_per_s": round(total * bs / seconds, 1)}
-
-
-def mobilenet_v3_small_baseline(width_mult: float, in_channels: int, num_classes: int) -> nn.Module:
-    """torchvision's ``mobilenet_v3_small`` as shipped (random init), with ``in_channels`` inputs.
-
-    Only the first convolution changes, to take grey images; the rest (strides, widths
-    times ``width_mult``, SE, the 1024-wide classifier) is the hand-designed network.
-    """
-    from torchvision.models import mobilenet_v3_small
-
-    net = mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width_mult)
-    first = net.features[0][0]
-    if in_channels != first.in_channels:
-        net.features[0][0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride,
-                                       first.padding, bias=False)
-        nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
-    return net

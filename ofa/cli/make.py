@@ -7,21 +7,21 @@ import sys
 import time
 from pathlib import Path
 
-from ._cli_common import flag_errors
-from .artifact import ACCURACY_PREDICTOR, MEASUREMENTS, METRICS_LOG
-from .space import DEFAULT_SPACE
+from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, METRICS_LOG
+from ..space import DEFAULT_SPACE
+from .common import flag_errors
 
 __all__ = ["add_train", "run_train", "add_import_reference", "run_import_reference", "add_predictors", "run_predictors", "add_demo", "run_demo", "add_report", "run_report"]
 
 
 def _print_table(report: dict) -> None:
-    from .jobs.render import table_rows
+    from ..jobs.render import table_rows
 
     print("\n".join(table_rows(report)))
 
 
 def add_train(s: argparse.ArgumentParser) -> None:
-    from .train.config import PRESETS
+    from ..train.config import PRESETS
 
     s.add_argument("--out", required=True, help=f"artifact folder (checkpoints and {METRICS_LOG} go there too)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS),
@@ -53,8 +53,8 @@ def add_train(s: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Progressive shrinking into an artifact directory."""
-    from .data import DataError
-    from .train import load_config, train
+    from ..data import DataError
+    from ..train import load_config, train
 
     assignments = list(args.set or [])
     for flag in ("space", "dataset", "data_dir", "init_from", "seed", "device", "threads"):
@@ -72,7 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_import_reference(s: argparse.ArgumentParser) -> None:
-    from .reference import REFERENCE_SPACES
+    from ..reference import REFERENCE_SPACES
 
     s.add_argument("--checkpoint", required=True, help="the reference checkpoint (OFAMobileNetV3 state_dict .pth)")
     s.add_argument("--out", required=True,
@@ -96,23 +96,15 @@ def add_import_reference(s: argparse.ArgumentParser) -> None:
 
 def run_import_reference(args: argparse.Namespace) -> int:
     """A reference OFAMobileNetV3 checkpoint as an artifact (or, --out FILE.safetensors, its weights alone)."""
-    from .reference import (import_reference, load_reference_state_dict, read_state_dict,
-                            reference_space)
-    from .space import get_space
-    from .supernet import Supernet
+    from ..jobs.import_reference import import_reference, import_weights
+    from ..space import get_space
 
     def run() -> dict:
+        space = get_space(args.space) if args.space else None
         if args.out.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            state = read_state_dict(args.checkpoint)
-            space = get_space(args.space) if args.space else reference_space(state)
-            net = load_reference_state_dict(Supernet(space), state)
-            tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-            save_file(tensors, args.out, metadata={"space": space.name})
-            return {"out": args.out, "space": space.name, "tensors": len(tensors)}
-        return import_reference(args.checkpoint, args.out, get_space(args.space) if args.space else None,
-                                args.calib_dir, args.calib_images, args.seed, args.accuracy_predictor)
+            return import_weights(args.checkpoint, args.out, space)
+        return import_reference(args.checkpoint, args.out, space, args.calib_dir, args.calib_images, args.seed,
+                                args.accuracy_predictor)
 
     summary = flag_errors(run)
     print(json.dumps(summary, indent=1))
@@ -123,7 +115,7 @@ def run_import_reference(args: argparse.Namespace) -> int:
 
 
 def _families_flag(s: argparse.ArgumentParser) -> None:
-    from .predict.accuracy import FAMILIES
+    from ..predict.accuracy import FAMILIES
 
     s.add_argument("--families", type=lambda v: [f for f in v.replace(",", " ").split() if f],
                    help="accuracy predictor families to choose from by cross-validation, comma-separated "
@@ -169,7 +161,7 @@ def run_predictors(args: argparse.Namespace) -> int:
     """Measure subnets of an artifact, pick and fit the accuracy predictor, store both in it."""
     import torch
 
-    from .jobs.predictors import build_accuracy_predictor, check_predictor_settings
+    from ..jobs.predictors import build_accuracy_predictor, check_predictor_settings
 
     flag_errors(lambda: check_predictor_settings(args.samples, args.test_fraction, args.front, args.families,
                                                  args.loop_rounds, args.loop_budgets, args.front_target))
@@ -182,7 +174,7 @@ def run_predictors(args: argparse.Namespace) -> int:
                                       families=args.families, progress=not args.no_progress,
                                       log=(lambda s: None) if args.json else print)
     if args.plot:
-        from .jobs.render import plot_predicted_vs_measured
+        from ..jobs.render import plot_predicted_vs_measured
 
         held = report["held_out"]
         plot_predicted_vs_measured(held["measured"], held["predicted"], args.plot,
@@ -200,7 +192,7 @@ def run_predictors(args: argparse.Namespace) -> int:
 
 
 def add_demo(s: argparse.ArgumentParser) -> None:
-    from .train.config import PRESETS
+    from ..train.config import PRESETS
 
     s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     s.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="training preset (default quick)")
@@ -230,8 +222,8 @@ def add_demo(s: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Train, fit predictors, profile, serve, specialise through ofa-client, measure, report."""
-    from .jobs import demo
-    from .predict.timing import Timing
+    from ..jobs import demo
+    from ..predict.timing import Timing
 
     t0 = time.perf_counter()
     timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
@@ -266,7 +258,7 @@ def add_report(s: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """Serve an artifact, specialise it for latency budgets through ofa-client, measure, report."""
-    from .jobs import report as job
+    from ..jobs import report as job
 
     flag_errors(lambda: job.check_report_settings(args.budgets, args.budget_ms or ()))
     report = job.run_report(args.artifact, args.target, args.out, args.budgets, args.budget_ms or (),

@@ -22,17 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ._torch import num_threads, seeded
-from .artifact import DATA, Artifact, ArtifactFiles, add_file, finetuned_file, load_artifact, open_artifact
-from .calibrate import calibrate_bn, served_images, served_subnet
-from .data import DataSpec, ImageSet, augment, load_dataset, prepare_batch, split_validation
-from .evaluate import accuracy
-from .export import FORMATS, RECORDED, Served, subnet_file_metadata, subnet_metadata
-from .space import Arch
-from .train.objective import soft_cross_entropy
-from .train.schedule import set_lr, sgd, warmup_cosine
+from .._torch import num_threads, seeded
+from ..artifact import DATA, Artifact, add_file, finetuned_file, load_artifact, open_artifact
+from ..calibrate import calibrate_bn, served_images, served_subnet
+from ..data import DataSpec, ImageSet, augment, load_dataset, prepare_batch, split_validation
+from ..evaluate import accuracy
+from ..export import FORMATS, RECORDED, Served, subnet_metadata
+from ..space import Arch
+from ..train.objective import soft_cross_entropy
+from ..train.schedule import set_lr, sgd, warmup_cosine
 
-__all__ = ["DEFAULTS", "finetune", "finetuned_archs", "record_finetuned", "training_split"]
+__all__ = ["DEFAULTS", "finetune", "record_finetuned", "training_split"]
 
 log = logging.getLogger("ofa")
 
@@ -166,9 +166,3 @@ def record_finetuned(artifact_dir, module: nn.Module, report: dict[str, Any]) ->
     data = FORMATS[RECORDED].write(Served(module, arch, meta, space.in_channels))
     add_file(artifact_dir, finetuned_file(arch.id), data)
     return data
-
-
-def finetuned_archs(files: ArtifactFiles) -> dict[str, Arch]:
-    """{subnet id: arch} of the fine-tuned subnets an artifact records (from their files' metadata)."""
-    return {sid: Arch.from_dict(subnet_file_metadata(files.read(name))["arch"])
-            for sid, name in files.finetuned().items()}

@@ -11,37 +11,37 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from . import _cli_finetune, _cli_inspect, _cli_make, _cli_search
-from ._cli_common import Command
+from . import finetune, info, make, search
+from .common import Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 COMMANDS: tuple[Command, ...] = (
     Command("spaces", "list the registered search spaces",
-            _cli_inspect.add_spaces, _cli_inspect.run_spaces),
+            info.add_spaces, info.run_spaces),
     Command("demo", "the whole story: train, predict, profile, serve, specialise for 3 budgets",
-            _cli_make.add_demo, _cli_make.run_demo,
+            make.add_demo, make.run_demo,
             description="Train the quick supernet into OUT/supernet, measure subnets and fit the "
                        "accuracy predictor, profile this machine, start `ofa serve` on 127.0.0.1, request and "
                        "fetch the best subnet for a tight, a middle and a loose latency budget with "
                        "`ofa-client`, stop the server, measure the subnets here and write OUT/report.md, "
                        "OUT/report.json and OUT/pareto.png. Finished steps are reused when run again."),
     Command("report", "serve an artifact, specialise it for latency budgets, measure, report",
-            _cli_make.add_report, _cli_make.run_report,
+            make.add_report, make.run_report,
             description="Start `ofa serve` on 127.0.0.1 for --artifact, ask it through `ofa-client` "
                        "for the Pareto front and the best subnet under each latency budget, fetch them, stop "
                        "the server, measure test accuracy and latency here, and write report.md, report.json "
                        "and pareto.png into --out. --baseline W trains torchvision's mobilenet_v3_small xW from "
                        "scratch on the same data for the same epochs and compares at its measured latency."),
     Command("check", "build a supernet, extract three subnets, check costs and outputs",
-            _cli_inspect.add_check, _cli_inspect.run_check),
+            info.add_check, info.run_check),
     Command("train", "train a supernet with progressive shrinking",
-            _cli_make.add_train, _cli_make.run_train,
+            make.add_train, make.run_train,
             description="Train one supernet (full net, then elastic kernel, depth and "
                        "expand ratio with distillation) and write the artifact into --out. Runs "
                        "on one CPU or GPU, or under `torchrun --nproc_per_node N -m ofa train ...`."),
     Command("profile", "measure this machine's latency into a latency table, or re-time it",
-            _cli_search.add_profile, _cli_search.run_profile,
+            search.add_profile, search.run_profile,
             description="Time every distinct block configuration of a space (every kernel, expand ratio, "
                        "stage and resolution, plus stem and head) and subnets end to end on this machine, in a "
                        "timing process that imports only the runtime, and write a latency table (JSON, format "
@@ -49,7 +49,7 @@ COMMANDS: tuple[Command, ...] = (
                        "With --recalibrate, re-time a table's reference subnets instead (seconds) and store how much "
                        "faster or slower the device runs now."),
     Command("predictors", "measure subnets and fit the accuracy predictor into an artifact",
-            _cli_make.add_predictors, _cli_make.run_predictors,
+            make.add_predictors, make.run_predictors,
             description="Sample subnets stratified over MACs (corners included), re-calibrate "
                        "BN, measure validation accuracy, pick the predictor family by cross-validated "
                        "Kendall tau and store measurements and predictor in the artifact. Measurements "
@@ -57,17 +57,17 @@ COMMANDS: tuple[Command, ...] = (
                        "The report includes the highest tau any predictor could expect against "
                        "measurements on a validation split of this size (from per-image correctness)."),
     Command("finetune", "fine-tune one subnet with distillation; the server then serves it",
-            _cli_finetune.add_finetune, _cli_finetune.run_finetune, description=_cli_finetune.DESCRIPTION),
+            finetune.add_finetune, finetune.run_finetune, description=finetune.DESCRIPTION),
     Command("search", "find the most accurate subnet under constraints",
-            _cli_search.add_search, _cli_search.run_search,
+            search.add_search, search.run_search,
             description="Regularised evolution over the artifact's predictors. Exit code 3 "
                        "when the constraints cannot be met (the message gives the smallest achievable value)."),
     Command("pareto", "the accuracy-latency (or -MACs) front of an artifact",
-            _cli_search.add_pareto, _cli_search.run_pareto),
+            search.add_pareto, search.run_pareto),
     Command("info", "show what an artifact holds and how good its predictors are",
-            _cli_inspect.add_info, _cli_inspect.run_info),
+            info.add_info, info.run_info),
     Command("import-reference", "make an artifact (or safetensors file) from a reference OFAMobileNetV3 .pth",
-            _cli_make.add_import_reference, _cli_make.run_import_reference),
+            make.add_import_reference, make.run_import_reference),
 )
 PLUGINS = "ofa.commands"  # entry-point group: name -> a Command (e.g. serve = "ofa_server.command:COMMAND")
 
@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._cli_common import configure_logging
-    from .predict.timing import NoisyTiming, TimingError
-    from .search import Infeasible
+    from .common import configure_logging
+    from ..predict.timing import NoisyTiming, TimingError
+    from ..search import Infeasible
 
     try:
         from safetensors import SafetensorError

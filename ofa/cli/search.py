@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from ._cli_common import flag_errors
-from .artifact import MEASUREMENTS, add_file, latency_file, open_artifact
+from ..artifact import MEASUREMENTS, latency_file, open_artifact
+from .common import flag_errors
 
 __all__ = ["add_search", "run_search", "add_pareto", "run_pareto", "add_profile", "run_profile"]
 
@@ -28,14 +28,14 @@ def _search_arguments(s: argparse.ArgumentParser, generations: int) -> None:
 
 
 def _constraints(args: argparse.Namespace):
-    from .search import Constraints
+    from ..search import Constraints
 
     return Constraints(max_latency_ms=args.max_latency_ms, max_macs=args.max_macs, max_params=args.max_params,
                        resolutions=tuple(args.resolution or ()), min_accuracy=args.min_accuracy)
 
 
 def _settings(args: argparse.Namespace):
-    from .search import SearchSettings
+    from ..search import SearchSettings
 
     return SearchSettings(population=args.population, generations=args.generations, seed=args.seed)
 
@@ -49,59 +49,21 @@ def _describe(c) -> str:
             + ("  (EXTRAPOLATED: outside the measured subnets)" if c.extrapolated else ""))
 
 
-def _profile_space(args: argparse.Namespace):
-    from .space import SearchSpace, get_space
-
-    if args.space_file:
-        try:
-            return SearchSpace.from_dict(json.loads(Path(args.space_file).read_text()))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"--space-file {args.space_file} is not a search-space definition: {e}") from None
-    if args.artifact:
-        return open_artifact(args.artifact).space()
-    return get_space(args.space)
-
-
-def _write_table(args: argparse.Namespace, space, table: dict) -> None:
-    from .predict.latency import validate_table
-
-    text = json.dumps(validate_table(table, space), indent=1, sort_keys=True)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    if args.artifact:
-        print(f"wrote {add_file(Path(args.artifact), latency_file(table['target']), text)}")
-
-
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     """Re-time a table's reference subnets on this device now; store the speed in the table."""
-    from .predict.latency import Speed, validate_table
-    from .predict.profile import recalibrate, reference_timings
+    from ..jobs.profile import recalibrate_table, table_to_recalibrate
+    from ..predict.latency import Speed
+    from ..predict.profile import reference_timings
 
-    if args.table:
-        if args.artifact or args.space:
-            raise ValueError("--recalibrate takes --table FILE [--space-file F] or --artifact DIR --target NAME")
-        table = json.loads(Path(args.table).read_text())
-        space = _profile_space(args) if args.space_file else None
-        if space is None:
-            from .space import get_space, space_names
-
-            name = table.get("space", {}).get("name")
-            if name not in space_names():
-                raise ValueError(f"the table's space {name!r} is not registered here; give its --space-file")
-            space = get_space(name)
-    elif args.artifact and args.target:
-        files = open_artifact(args.artifact)
-        space = _profile_space(args) if args.space_file else files.space()
-        if not files.has(latency_file(args.target)):
-            raise ValueError(f"{args.artifact} has no latency table for --target {args.target!r}; profile it first")
-        table = files.read_json(latency_file(args.target))
-    else:
+    if args.table and (args.artifact or args.space):
+        raise ValueError("--recalibrate takes --table FILE [--space-file F] or --artifact DIR --target NAME")
+    if not args.table and not (args.artifact and args.target):
         raise ValueError("--recalibrate needs --table FILE, or --artifact DIR with --target NAME")
     if not (args.out or args.artifact or args.timings_out):
         raise ValueError("--recalibrate with --table writes nothing without --out FILE or --timings-out FILE")
-    table = validate_table(table, space)
-    table, timings = recalibrate(space, table, progress=not args.no_progress, accept_noisy=args.accept_noisy_timing)
+    space, table = flag_errors(lambda: table_to_recalibrate(args.table, args.artifact, args.target, args.space_file))
+    table, timings, written = recalibrate_table(space, table, not args.no_progress, args.accept_noisy_timing,
+                                                args.out, args.artifact)
     recal = table["recalibration"]
     print(f"{len(recal['ratios'])} reference subnets re-timed in {timings.seconds:.1f} s: the device runs at "
           f"{Speed.from_dict(recal).describe()} of its profiled time now (ratios {min(recal['ratios']):.3f}-"
@@ -109,8 +71,8 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     if args.timings_out:
         Path(args.timings_out).write_text(json.dumps(reference_timings(space, table, timings), indent=1))
         print(f"wrote {args.timings_out} (send it with `ofa-client search --reference-timings {args.timings_out}`)")
-    if args.out or args.artifact:
-        _write_table(args, space, table)
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -120,8 +82,8 @@ def add_search(s: argparse.ArgumentParser) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     """Evolutionary search over the artifact's predictors."""
-    from .search import search
-    from .search.load import load_scorer
+    from ..search import search
+    from ..search.load import load_scorer
 
     scorer = load_scorer(args.artifact)
     result = search(scorer, _constraints(args), args.target, _settings(args))
@@ -143,8 +105,8 @@ def add_pareto(s: argparse.ArgumentParser) -> None:
 
 def run_pareto(args: argparse.Namespace) -> int:
     """The accuracy-latency (or -MACs) front."""
-    from .search import SearchSettings, pareto_front
-    from .search.load import load_scorer
+    from ..search import SearchSettings, pareto_front
+    from ..search.load import load_scorer
 
     files = open_artifact(args.artifact)
     scorer = load_scorer(files)
@@ -153,7 +115,7 @@ def run_pareto(args: argparse.Namespace) -> int:
                          SearchSettings(population=args.population, generations=args.generations, seed=args.seed))
     seconds = time.perf_counter() - t0
     if args.plot:
-        from .jobs.render import plot_pareto
+        from ..jobs.render import plot_pareto
 
         measured = files.read_json(MEASUREMENTS)["subnets"] if files.has(MEASUREMENTS) else None
         plot_pareto(front, args.plot, args.target, scorer, measured)
@@ -206,9 +168,10 @@ def add_profile(s: argparse.ArgumentParser) -> None:
 
 def run_profile(args: argparse.Namespace) -> int:
     """Time every distinct block and subnets end to end on this machine into a latency table."""
-    from .predict.latency import check_target_name
-    from .predict.profile import check_profile, profile_space
-    from .predict.timing import Timing
+    from ..predict.latency import check_target_name
+    from ..jobs.profile import profile_target, space_to_profile
+    from ..predict.profile import check_profile
+    from ..predict.timing import Timing
 
     if args.recalibrate:
         return _cmd_recalibrate(args)
@@ -216,15 +179,16 @@ def run_profile(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --artifact DIR, --space NAME or --space-file FILE")
     if not args.target:
         raise ValueError("--target is required: the name of this hardware target")
-    space = _profile_space(args)
+    space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))
     check_target_name(args.target)
     timing = Timing(backend=args.backend, threads=args.threads, batch=args.batch, channels_last=args.channels_last,
                     rounds=args.rounds, sample_ms=args.sample_ms)
     flag_errors(timing.check)
     flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
-    table = profile_space(space, args.target, timing, subnets=args.subnets, held_out=args.held_out,
-                          references=args.references, seed=args.seed, progress=not args.no_progress)
-    _write_table(args, space, table)
+    table, written = profile_target(space, args.target, timing, args.subnets, args.held_out, args.references,
+                                    args.seed, not args.no_progress, args.out, args.artifact)
+    for path in written:
+        print(f"wrote {path}")
     fit, rep = table["fit"], table["timing"]["repeatability"]
     held = fit["quality"].get("held_out") or {}
     print(f"{len(table['entries'])} blocks and {fit['subnets'] + fit['held_out']} subnets timed in "
