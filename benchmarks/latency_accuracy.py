@@ -34,7 +34,7 @@ import numpy as np
 
 from common import fingerprint
 from ofa.predict.latency import LatencyPredictor, Speed
-from ofa.predict.latency_model import quality
+from ofa_client.latency_model import quality
 from ofa.predict.profile import profile_space, recalibrate, speed_of, timing_of_table
 from ofa.predict.timing import STATISTIC, Timing, spearman, subnet_part, time_parts
 from ofa.space import SearchSpace, get_space

@@ -140,6 +140,46 @@ def _register(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_space(c: Client) -> dict:
+    """The search space of the supernet the client talks to (its ``supernet``, or the server's only one)."""
+    sns = c.supernets()
+    chosen = [s for s in sns if s["name"] == c.supernet] if c.supernet else sns
+    if len(chosen) != 1:
+        raise ClientError("USAGE", f"give --supernet: the server holds {sorted(s['name'] for s in sns)}")
+    return json.loads(chosen[0]["space"]["definition_json"])
+
+
+def _profile(c: Client, args: argparse.Namespace) -> int:
+    from .profile import profile_kit, read_kit
+
+    if args.no_register and not args.out:
+        raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
+    kit = read_kit(args.kit)
+    if not args.no_register and _server_space(c) != kit["space"]:  # refused before minutes of timing
+        raise ClientError("USAGE", f"the kit is of space {kit['space']['name']!r} (digest "
+                          f"{kit['space_digest'][:12]}), not of the server's supernet: make the kit from its "
+                          f"artifact (`ofa profile --kit DIR --artifact ARTIFACT`)")
+    step = max(1, (len(kit["entries"]) + len(kit["subnets"])) * args.rounds // 20)
+    progress = (lambda done, total: done % step == 0 and print(f"  timed {done}/{total}", file=sys.stderr))
+    table = profile_kit(args.kit, args.target, args.runtime, args.threads, args.rounds, sample_ms=args.sample_ms,
+                        on_progress=(lambda d, t: None) if args.json else progress)
+    if args.out:
+        Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True))
+    held = table["fit"]["quality"].get("held_out") or {}
+    summary = {"target": args.target, "blocks": len(table["entries"]), "subnets": len(kit["subnets"]),
+               "seconds": table["profile_seconds"], "model": table["model"]["family"],
+               "repeatability": table["timing"]["repeatability"]["verdict"], "held_out": held, "out": args.out}
+    if not args.no_register:
+        summary["registered"] = c.register_target(table, replace=args.replace)["name"]
+    print(json.dumps(summary, sort_keys=True) if args.json else
+          f"{summary['blocks']} blocks and {summary['subnets']} subnets timed in {summary['seconds']} s "
+          f"({summary['repeatability']}); model {summary['model']}, on {held.get('subnets', 0)} held-out subnets: "
+          f"{held.get('within_10pct', 0):.0%} within 10%, Spearman {held.get('spearman', 0):.3f}"
+          + (f"; registered target {summary['registered']}" if "registered" in summary else "")
+          + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
 def _delete(c: Client, args: argparse.Namespace) -> int:
     name = c.delete_target(args.target)
     print(json.dumps({"deleted": name}) if args.json else f"removed target {name}")
@@ -223,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table", help="the table's JSON file")
     s.add_argument("--replace", action="store_true")
     s.set_defaults(func=_register)
+    s = add_parser("profile", help="time a profiling kit on this device (no torch) and register it as a target")
+    s.add_argument("--kit", required=True, help="the folder `ofa profile --kit DIR --artifact A` wrote")
+    s.add_argument("--target", required=True, help="the name of this device's target (letters, digits, -_.)")
+    s.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"], help="the runtime timed")
+    s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
+    s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
+    s.add_argument("--sample-ms", type=float, default=10.0, help="each sample fills this many ms (default 10)")
+    s.add_argument("--out", help="also write the table here (`register` it later from a machine with a route)")
+    s.add_argument("--no-register", action="store_true", help="only time and write --out")
+    s.add_argument("--replace", action="store_true", help="replace a target of this name registered before")
+    s.set_defaults(func=_profile)
     s = add_parser("delete", help="remove a registered target (not one shipped in the artifact)")
     s.add_argument("target")
     s.set_defaults(func=_delete)

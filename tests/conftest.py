@@ -142,7 +142,7 @@ def synthetic_table(space, target: str = "synthetic-cpu", seed: int = 0) -> dict
     import numpy as np
 
     from ofa.predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan
-    from ofa.predict.latency_model import identity_model
+    from ofa_client.latency_model import identity_model
 
     entries, _, _ = block_plan(space)
     rng = np.random.default_rng(seed)

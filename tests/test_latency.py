@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ofa.predict.latency import LatencyPredictor, LatencyTableError, Speed, block_plan, validate_table
-from ofa.predict.latency_model import FAMILIES, choose_and_fit, coefficients, model_dict, quality
+from ofa_client.latency_model import FAMILIES, choose_and_fit, coefficients, model_dict, quality
 from ofa.predict.profile import profile_space, recalibrate, speed_of
 from ofa.predict.timing import Timing
 from ofa.space import SearchSpace, StageSpec

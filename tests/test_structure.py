@@ -145,7 +145,7 @@ def test_library_code_neither_prints_nor_names_flags():
 GLOBAL_SETTINGS = {("torch", "set_num_threads"), ("torch", "manual_seed"), ("torch", "set_default_dtype"),
                    ("torch", "use_deterministic_algorithms"), ("logging", "basicConfig")}
 # the context managers themselves, and the main of the timing worker (a process of its own)
-OWN_PROCESS = {"ofa._torch", "ofa.predict._timer"}
+OWN_PROCESS = {"ofa._torch", "ofa_client._timer"}
 
 
 def test_library_code_changes_no_process_wide_setting():

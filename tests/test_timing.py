@@ -79,7 +79,7 @@ class _Clock:
 
 
 def test_the_run_count_rule_gives_short_networks_many_calls(monkeypatch):
-    timer = importlib.import_module("ofa.predict._timer")
+    timer = importlib.import_module("ofa_client._timer")
     clock = _Clock()
     monkeypatch.setattr(timer, "time", clock)
     fast, slow = clock.network(0.02), clock.network(4.0)

@@ -162,8 +162,25 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    "it too noisy after two more tries with more rounds (its verdict is recorded); default: refuse")
     s.add_argument("--timings-out", help="with --recalibrate: also write the references' timings here, for "
                    "`ofa-client search --reference-timings FILE`")
+    s.add_argument("--kit", metavar="DIR", help="instead of timing here: write into DIR the ONNX files and manifest a "
+                   "device times with `ofa-client profile --kit DIR` (no torch there); --subnets, --held-out, "
+                   "--references and --seed size it")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
+
+
+def _write_kit(args: argparse.Namespace) -> int:
+    from ..jobs.profile import space_to_profile, write_kit
+    from ..predict.profile import check_profile
+
+    space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))
+    flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
+    t0 = time.perf_counter()
+    kit = write_kit(space, args.kit, args.subnets, args.held_out, args.references, args.seed, not args.no_progress)
+    print(f"wrote {args.kit}: {len(kit['entries'])} blocks and {len(kit['subnets'])} subnets of space "
+          f"{space.name} as ONNX in {time.perf_counter() - t0:.0f} s; on the device: ofa-client --address ADDRESS "
+          f"profile --kit {args.kit} --target NAME")
+    return 0
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -177,6 +194,8 @@ def run_profile(args: argparse.Namespace) -> int:
         return _cmd_recalibrate(args)
     if sum(map(bool, (args.artifact, args.space, args.space_file))) != 1:
         raise ValueError("give exactly one of --artifact DIR, --space NAME or --space-file FILE")
+    if args.kit:
+        return _write_kit(args)
     if not args.target:
         raise ValueError("--target is required: the name of this hardware target")
     space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))

@@ -3,6 +3,7 @@ table checked and written to a file and/or into an artifact. The timing and the 
 :mod:`ofa.predict.profile`'s; this is the run around them (which space, which table, where it goes)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ from ..artifact import add_file, latency_file, open_artifact
 from ..predict.latency import validate_table
 from ..predict.profile import profile_space, recalibrate
 from ..predict.timing import Timing, Timings
-from ..space import SearchSpace, get_space, space_names
+from ..space import Arch, SearchSpace, get_space, space_digest, space_names
 
-__all__ = ["profile_target", "read_space_file", "recalibrate_table", "space_to_profile", "table_to_recalibrate",
-           "write_table"]
+__all__ = ["KIT_FORMAT", "KIT_MANIFEST", "KIT_VERSION", "profile_target", "read_space_file", "recalibrate_table",
+           "space_to_profile", "table_to_recalibrate", "write_kit", "write_table"]
 
 
 def read_space_file(path: str | Path) -> SearchSpace:
@@ -80,3 +81,52 @@ def recalibrate_table(space: SearchSpace, table: dict[str, Any], progress: bool,
     table, timings = recalibrate(space, validate_table(table, space), progress=progress, accept_noisy=accept_noisy)
     written = write_table(space, table, out, artifact) if out or artifact else []
     return table, timings, written
+
+
+# ---- the profiling kit: what a device times, for ``ofa-client profile`` (no torch there) ----------------
+KIT_FORMAT, KIT_VERSION = "ofa-profile-kit", 1
+KIT_MANIFEST = "kit.json"
+
+
+def _recipe(space: SearchSpace, arch: Arch, fixed: dict, slots: dict) -> dict[str, Any]:
+    """How a subnet's model features are made from the entries' times (see LatencyPredictor.features): the
+    fixed parts' keys, each stage's block keys, the number of blocks and the resolution."""
+    r = arch.resolution
+    stages: list[list[str]] = [[] for _ in range(space.num_stages)]
+    for slot, k, e in space.active_slots(arch):
+        stages[slot.stage].append(slots[(r, slot.index, space.kernel_choices.index(k), space.expand_choices.index(e))])
+    return {"fixed": list(fixed[r]), "stages": stages, "blocks": sum(map(len, stages)), "resolution": r}
+
+
+def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_out: float = 0.25,
+              references: int = 10, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Write into ``folder`` what a device times to become a target: every distinct block of ``space``, its
+    reference subnets and ``subnets`` random ones as ONNX files (as ``ofa profile`` exports them: opset
+    :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1), and ``kit.json``: the space, each file's sha256,
+    input shape and role, each subnet's feature recipe, and the table format it makes. Returns the manifest."""
+    from ..export import ONNX_OPSET
+    from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
+    from ..predict.profile import check_profile, e2e_archs, held_out_mask, reference_archs
+    from ..predict.timing import Part, _worker_items, subnet_part
+
+    check_profile(subnets, held_out, references)
+    folder = Path(folder)
+    (folder / "nets").mkdir(parents=True, exist_ok=True)
+    plan = list(iter_plan(space, seed))
+    refs = reference_archs(space, references, seed)
+    e2e = e2e_archs(space, refs, subnets, seed)
+    parts = [Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e]
+    items = _worker_items(space, parts, Timing(seed=seed), folder / "nets", progress)
+    files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
+              "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
+    _, fixed, slots = block_plan(space)
+    held = held_out_mask(len(e2e), len(refs), held_out, seed)
+    roles = ["reference"] * len(refs) + ["held_out" if h else "fit" for h in held[len(refs):]]
+    manifest = {"format": KIT_FORMAT, "version": KIT_VERSION, "space": space.to_dict(),
+                "space_digest": space_digest(space), "opset": ONNX_OPSET, "seed": seed, "batch": 1,
+                "table": {"format": TABLE_FORMAT, "version": TABLE_VERSION},
+                "entries": [{"key": e.key, **f} for e, f in zip(plan, files)],
+                "subnets": [{"arch": a.to_dict(), "role": role, "features": _recipe(space, a, fixed, slots), **f}
+                            for a, role, f in zip(e2e, roles, files[len(plan):])]}
+    (folder / KIT_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest

@@ -4,7 +4,7 @@ A table is JSON (format ``ofa-latency-table``, version 2), laid out in :mod:`ofa
 
 ``entries`` are the blocks timed alone (every time > 0). They miss what a whole
 network adds or saves — one call instead of one per block, caches, fusion — so the
-prediction is the ``model`` over them, fitted by :mod:`ofa.predict.latency_model` on
+prediction is the ``model`` over them, fitted by :mod:`ofa_client.latency_model` on
 subnets timed end to end in the same interleaved passes, and chosen by its
 cross-validated error: ``fixed_scale`` × (stem + first block + head) + Σ over active
 blocks of (``stage_scale[stage]`` × entry + ``block_ms``) + ``offset_ms[resolution]``.
@@ -21,11 +21,11 @@ few subnets) are refused: profile again.
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from ofa_client.timing import describe_cpu
 
 from ..space import Arch, BlockSpec, SearchSpace, space_digest
 from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError, check_model, check_structure,
@@ -33,7 +33,7 @@ from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError,
 from .cost import gather_slots
 
 __all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_noise", "TABLE_FORMAT", "TABLE_KEYS",
-           "TABLE_VERSION", "block_plan", "validate_table"]
+           "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
 
 MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
 
@@ -208,7 +208,7 @@ class LatencyPredictor:
 
     def features(self, codes: np.ndarray) -> np.ndarray:
         """What the model is fitted on, per arch: the fixed parts' and each stage's summed entries, the number
-        of active blocks, and one column per resolution (see :mod:`ofa.predict.latency_model`)."""
+        of active blocks, and one column per resolution (see :mod:`ofa_client.latency_model`)."""
         codes = np.asarray(codes)
         sp = self.space
         stage_sums = []
@@ -240,17 +240,6 @@ def table_noise(table: Mapping[str, Any]) -> str:
     if rep.get("trusted", True):
         return ""
     return str(rep.get("verdict") or "the profile's repeatability check failed")
-
-
-def describe_cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def iter_plan(space: SearchSpace, seed: int = 0) -> Iterator[PlanEntry]:

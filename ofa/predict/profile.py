@@ -6,7 +6,7 @@ to end, are timed together by the one protocol of :mod:`ofa.predict.timing` (a w
 process that imports only the runtime, interleaved passes, a robust statistic); the
 model that turns block sums into end-to-end predictions is fitted on most of those
 subnets, chosen by cross-validation, and checked on the rest
-(:mod:`ofa.predict.latency_model`).
+(:mod:`ofa_client.latency_model`).
 
 Backends: ``onnxruntime`` (the default) exports each network to ONNX (static shapes,
 opset :data:`~ofa.export.ONNX_OPSET`) exactly as a subnet fetched with ``--format
@@ -24,11 +24,11 @@ import numpy as np
 
 from ..space import Arch, SearchSpace, space_digest
 from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
-from .latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
+from ofa_client.latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
 from .timing import NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
 
-__all__ = ["backend_version", "check_profile", "recalibrate", "reference_archs", "reference_timings", "profile_space", "speed_of",
-           "timing_of_table"]
+__all__ = ["backend_version", "check_profile", "e2e_archs", "held_out_mask", "profile_space", "recalibrate",
+           "reference_archs", "reference_timings", "speed_of", "timing_of_table"]
 
 
 def backend_version(backend: str) -> str:
@@ -55,7 +55,17 @@ def reference_archs(space: SearchSpace, n: int = 10, seed: int = 0) -> list[Arch
     return list(chosen.values())[:n]
 
 
-def _e2e_archs(space: SearchSpace, refs: list[Arch], subnets: int, seed: int) -> list[Arch]:
+def held_out_mask(n_archs: int, n_refs: int, held_out: float, seed: int) -> np.ndarray:
+    """Which of a profile's end-to-end subnets are held out to check the model: a seeded ``held_out`` share of
+    the random ones (the references, which include the corners, are always fitted on)."""
+    n_random = n_archs - n_refs
+    held = np.zeros(n_archs, bool)
+    held[n_refs + np.random.default_rng([seed, 2]).permutation(n_random)[: int(round(held_out * n_random))]] = True
+    return held
+
+
+def e2e_archs(space: SearchSpace, refs: list[Arch], subnets: int, seed: int) -> list[Arch]:
+    """The references, then ``subnets`` seeded random subnets: what a profile times end to end."""
     chosen = {a.id: a for a in refs}
     rng = np.random.default_rng([seed, 1])
     target = len(refs) + subnets
@@ -86,7 +96,7 @@ def profile_space(space: SearchSpace, target: str, timing: Timing = Timing(), su
     t0 = time.perf_counter()
     plan = list(iter_plan(space, seed))
     refs = reference_archs(space, references, seed)
-    e2e = _e2e_archs(space, refs, subnets, seed)
+    e2e = e2e_archs(space, refs, subnets, seed)
     parts = ([Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e])
     timings = time_parts(space, parts, timing.replace(seed=seed), progress, desc=f"profile {target}")
     ms = timings.ms
@@ -112,9 +122,7 @@ def _fit(space: SearchSpace, table: dict[str, Any], archs: list[Arch], measured:
     """Choose and fit the model into ``table`` (held-out subnets: random ones only; the references,
     which include the corners, are always fitted on); return the ``fit`` record."""
     x = LatencyPredictor(space, table).features(space.encode(archs))
-    n_random = len(archs) - n_refs
-    held = np.zeros(len(archs), bool)
-    held[n_refs + np.random.default_rng([seed, 2]).permutation(n_random)[: int(round(held_out * n_random))]] = True
+    held = held_out_mask(len(archs), n_refs, held_out, seed)
     if (~held).sum() < 2 * FOLDS:  # too few to choose a model: the entries' sum, checked on all of them
         return {"subnets": 0, "held_out": len(archs), "cv": {}, "quality": {
             "held_out": quality(x @ coefficients(table["model"], space.resolutions), measured)}}

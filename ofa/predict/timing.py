@@ -1,24 +1,19 @@
 """The one timing protocol behind every latency figure: profiles, reports, recalibration, benchmarks.
 
 Networks are timed in a worker process that imports only the runtime being timed
-(:mod:`ofa.predict._timer`), never in the process that trained, evaluated or exported
+(:mod:`ofa_client._timer`), never in the process that trained, evaluated or exported
 them: torch's thread pool beside onnxruntime made it run 1.3-2.4x slower (PERF.md).
-The worker fixes the thread count, warms every network up, gives each sample as many
-calls as fill ``sample_ms`` (short networks need many calls), and interleaves the
-networks in ``rounds`` passes of seeded random order, so that a machine speeding up or
-slowing down hits all of them alike. The figure kept per network is the
-:data:`STATISTIC` of its samples; the rounds split in two halves give two independent
-timings, whose agreement is the protocol's own repeatability, and a machine too noisy
-to trust is said so (:meth:`Timings.repeatability`).
+The protocol's numpy half (the worker, the statistic, the repeatability check) is
+:mod:`ofa_client.timing`, so that a device with only the light client times with the
+same code (``ofa-client profile``); this module adds what needs the library: the parts
+to time (blocks, subnets, served files, the baseline) and their export to ONNX.
+A machine too noisy to trust is said so (:meth:`Timings.repeatability`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,22 +22,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ofa_client.timing import (NOISY_SCATTER, STATISTIC, TimingError, Timings, machine_speed, run_workers, spearman,
+                               statistic)
+
 from ..space import Arch, BlockSpec, SearchSpace
 
-__all__ = ["BACKENDS", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings", "spearman",
-           "subnet_part", "time_parts", "time_parts_trusted"]
+__all__ = ["BACKENDS", "NOISY_SCATTER", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings",
+           "machine_speed", "spearman", "statistic", "subnet_part", "time_parts", "time_parts_trusted"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "torch")
-STATISTIC = "median over passes of the fastest sample, at the median machine speed"  # docs/latency.md
-WINDOW = 24          # networks around each timing that measure the machine's speed then
-NOISY_SCATTER = 0.05  # the halves of the rounds disagree by more than this per network, drift aside: noisy
-SILENCE_S = 900.0     # a worker that reports nothing for this long is stuck and is killed
-
-
-class TimingError(RuntimeError):
-    """The timing worker failed or hung; the message says how and ends with its stderr."""
 
 
 class NoisyTiming(TimingError):
@@ -135,99 +125,13 @@ def subnet_part(space: SearchSpace, arch: Arch, file: str | None = None) -> Part
     return Part("file", shape, arch, file=file) if file else Part("subnet", shape, arch)
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (no ties expected: timings are real numbers)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+def _run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, progress: bool, desc: str, total: int,
+                 counter: str) -> list[Any]:
+    """:func:`ofa_client.timing.run_workers` with a progress bar."""
+    from tqdm import tqdm
 
-
-def _pass_minima(samples: np.ndarray) -> np.ndarray:
-    """(networks, rounds): each network's fastest sample of each pass. Another tenant of the cores only ever
-    slows a sample down, so within a pass the fastest of its samples is the least disturbed one."""
-    return samples.min(axis=2)
-
-
-def machine_speed(samples: np.ndarray, orders: np.ndarray, window: int = WINDOW) -> np.ndarray:
-    """How slow the machine ran while each network was timed in each pass, relative to the run (networks,
-    rounds): the median, over the ``window`` networks timed around it, of their pass minimum then over
-    their own median. Networks are timed in random order, so a window of them measures the machine, not a
-    network."""
-    n, rounds = samples.shape[:2]
-    per_pass = _pass_minima(samples)
-    base = np.median(per_pass, axis=1)
-    seq_i = np.asarray(orders).reshape(-1)
-    seq_r = np.repeat(np.arange(rounds), n)
-    for _ in range(2):  # the networks' own medians, then again with the machine's speed divided out
-        series = per_pass[seq_i, seq_r] / base[seq_i]
-        half = window // 2
-        padded = np.pad(series, half, mode="edge")
-        level = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
-        speed = np.empty((n, rounds))
-        speed[seq_i, seq_r] = level / np.median(level)
-        base = np.median(per_pass / speed, axis=1)
-    return speed
-
-
-def statistic(samples: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """The figure per network: the median over passes of its fastest sample in each pass, once the
-    machine's speed at that moment is divided out (:func:`machine_speed`) — its time with the machine at
-    its median speed of the run.
-
-    Two kinds of noise, each met by one step. A shared machine changes speed as a whole every few
-    seconds (measured here: ten reference subnets x0.59 to x1.47 of their first timing within 8
-    minutes, docs/latency.md): dividing that out keeps the passes comparable. Another process on the
-    cores preempts single samples (two busy loops at nice 10): the fastest sample of a pass is the one it
-    spared. Two independent runs of 60 subnets ranked alike at Spearman 0.9963 quiet and 0.9923 under
-    two busy loops; the median of all samples, speed divided out, ranked 0.9964 quiet but 0.840 loaded.
-    """
-    speed = machine_speed(samples, orders)
-    return np.median(_pass_minima(samples) / speed, axis=1)
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Every sample's per-call time (ms), shaped (networks, rounds, samples), the order each pass timed the
-    networks in (rounds, networks), and how long it took."""
-
-    samples_ms: np.ndarray
-    calls: tuple[int, ...]
-    seconds: float
-    orders: np.ndarray
-
-    @property
-    def ms(self) -> np.ndarray:
-        """One figure per network (the :data:`STATISTIC`)."""
-        return statistic(self.samples_ms, self.orders)
-
-    def halves(self) -> tuple[np.ndarray, np.ndarray]:
-        """The figure from the even and from the odd rounds: two independent timings."""
-        return (statistic(self.samples_ms[:, 0::2], self.orders[0::2]),
-                statistic(self.samples_ms[:, 1::2], self.orders[1::2]))
-
-    def round_speeds(self) -> np.ndarray:
-        """How slow the machine ran in each pass relative to the whole run (median over its networks)."""
-        return np.median(machine_speed(self.samples_ms, self.orders), axis=0)
-
-    def repeatability(self) -> dict[str, Any]:
-        """How well the two halves of the rounds agree, and whether that is good enough to trust the figures.
-
-        A shared machine changes speed as a whole (the other tenants of its cores come and go): the halves'
-        common ratio is that drift, and a table re-timed later meets it as a speed to recalibrate. What is
-        left once it is divided out is the timing's own scatter, and that decides trust.
-        """
-        a, b = self.halves()
-        drift = float(np.median(a / b))
-        scatter = float(np.median(np.abs(a / b / drift - 1)))
-        rho = spearman(a, b) if len(a) >= 3 else float("nan")
-        speeds = self.round_speeds()
-        trusted = scatter <= NOISY_SCATTER
-        verdict = ("the two halves of the rounds agree" if trusted else
-                   f"the machine is too noisy to trust these timings: the two halves of the rounds disagree by "
-                   f"{scatter:.1%} per network once their common drift is divided out (at most "
-                   f"{NOISY_SCATTER:.0%} is trusted). Close other programs, or time with more rounds")
-        return {"networks": len(a), "scatter": round(scatter, 5), "halves_drift": round(drift, 5),
-                "spearman": None if np.isnan(rho) else round(rho, 5),
-                "round_speeds": [round(float(x), 4) for x in speeds], "trusted": trusted, "verdict": verdict}
+    with tqdm(total=total, desc=desc, unit="net", disable=not progress) as bar:
+        return run_workers(jobs, folder, desc, counter, lambda done: bar.update(done - bar.n))
 
 
 def _package_root() -> str:
@@ -257,63 +161,6 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
         jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root()} for k in range(n)]
         _run_workers(jobs, folder, progress, "export to onnx", len(exports), "exported")
     return items
-
-
-def _run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, progress: bool, desc: str, total: int,
-                 counter: str) -> list[Any]:
-    """Run each job in its own worker process, side by side; their results (a worker that fails, or says
-    nothing for :data:`SILENCE_S`, raises :class:`TimingError` with its stderr)."""
-    import selectors
-
-    from tqdm import tqdm
-
-    procs, errs = [], []
-    for k, job in enumerate(jobs):
-        env = {key: v for key, v in os.environ.items() if not key.startswith("PYTHON")}
-        env.update(OMP_NUM_THREADS=str(job["threads"]), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        errs.append(folder / f"worker{k}.stderr")
-        with open(errs[-1], "wb") as err:
-            procs.append(subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_timer.py"))],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                                          cwd=folder, text=True))
-    bar = tqdm(total=total, desc=desc, unit="net", disable=not progress)
-    results: list[Any] = [None] * len(jobs)
-    done = [0] * len(jobs)
-    try:
-        sel = selectors.DefaultSelector()
-        for k, (proc, job) in enumerate(zip(procs, jobs)):
-            proc.stdin.write(json.dumps(job))
-            proc.stdin.close()
-            sel.register(proc.stdout, selectors.EVENT_READ, k)
-        open_streams = len(procs)
-        while open_streams:
-            ready = sel.select(SILENCE_S)
-            if not ready:
-                raise TimingError(f"a {desc} worker said nothing for {SILENCE_S:.0f} s and was killed")
-            for key, _ in ready:
-                k = key.data
-                line = procs[k].stdout.readline()
-                if not line:
-                    sel.unregister(procs[k].stdout)
-                    open_streams -= 1
-                    continue
-                msg = json.loads(line)
-                if counter in msg:
-                    done[k] = msg[counter]
-                    bar.update(sum(done) - bar.n)
-                elif "result" in msg:
-                    results[k] = msg["result"]
-    finally:
-        bar.close()
-        for proc, result in zip(procs, results):
-            if proc.poll() is None and result is None:
-                proc.kill()
-            proc.wait()
-    for proc, result, err in zip(procs, results, errs):
-        if result is None or proc.returncode:
-            tail = err.read_text(errors="replace")[-2000:]
-            raise TimingError(f"the {desc} worker exited with code {proc.returncode}: {tail}")
-    return results
 
 
 def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,

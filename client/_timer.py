@@ -1,6 +1,6 @@
 """The timing worker: times networks in a process that does nothing else.
 
-Run as a script (``python -I _timer.py``) by :mod:`ofa.predict.timing`; it reads one
+Run as a script (``python -I _timer.py``) by :mod:`ofa_client.timing`; it reads one
 job (JSON) on stdin and writes JSON lines on stdout: ``{"done": k, "total": n}`` as
 it goes, then ``{"result": ...}``. (Its other job, ``export``, writes ONNX files for the
 onnxruntime runs, in two such processes side by side.) It imports numpy and the one runtime being timed:

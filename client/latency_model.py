@@ -1,4 +1,5 @@
-"""The end-to-end latency model over a table's blocks: families, fit, choice by held-out error.
+"""The end-to-end latency model over a table's blocks: families, fit, choice by held-out error (numpy only:
+``ofa profile`` and the light client's ``ofa-client profile`` fit with the same code).
 
 Blocks timed alone miss what a whole network adds or saves: each timed block pays one
 runtime call (a subnet pays one in all), caches stay warm within a network, some

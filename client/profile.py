@@ -1,0 +1,129 @@
+"""A device becomes a target with only the light client: time a profiling kit, fit, make a latency table.
+
+A kit (``ofa profile --kit DIR`` writes one) holds the ONNX files of a space's distinct blocks and of
+subnets timed end to end, and ``kit.json``: the space, each file's sha256 and input shape, and for
+each subnet how its model features are made from the blocks' times. :func:`profile_kit` times them all
+with the one protocol (:mod:`ofa_client.timing`, the worker :mod:`ofa_client._timer`: the code
+``ofa profile`` uses), fits the end-to-end model (:mod:`ofa_client.latency_model`) on most subnets and
+checks it on the rest, and returns the table, which ``Client.register_target`` uploads. Needs numpy and
+the runtime timed (``pip install 'ofa-client[onnx]'``), no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .latency_model import FOLDS, choose_and_fit, identity_model, model_dict, quality
+from .timing import STATISTIC, Timings, describe_cpu, run_workers
+
+__all__ = ["KIT_FORMAT", "KIT_VERSION", "KitError", "RUNTIMES", "profile_kit", "read_kit"]
+
+KIT_FORMAT, KIT_VERSION, KIT_MANIFEST = "ofa-profile-kit", 1, "kit.json"
+RUNTIMES = ("onnxruntime",)
+MIN_PREDICTED_MS = 1e-3  # as the server's predictor: a model sum never predicts below a microsecond
+
+
+class KitError(ValueError):
+    """The kit is not one this client reads, or its files are not the ones its manifest names."""
+
+
+def read_kit(folder: str | Path) -> dict[str, Any]:
+    """The kit's manifest, its format checked and every file's sha256 verified."""
+    folder = Path(folder)
+    try:
+        kit = json.loads((folder / KIT_MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise KitError(f"{folder} is not a profiling kit ({KIT_MANIFEST}: {e})") from None
+    if not isinstance(kit, dict) or (kit.get("format"), kit.get("version")) != (KIT_FORMAT, KIT_VERSION):
+        raise KitError(f"{folder}: not a {KIT_FORMAT!r} version {KIT_VERSION} kit")
+    root = folder.resolve()
+    for item in kit["entries"] + kit["subnets"]:
+        path = (folder / item["file"]).resolve()
+        if root not in path.parents:
+            raise KitError(f"{folder}: {item['file']!r} points outside the kit")
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise KitError(f"{folder}: {item['file']} cannot be read: {e.strerror}") from None
+        if digest != item["sha256"]:
+            raise KitError(f"{folder}: {item['file']} does not match its sha256 in {KIT_MANIFEST}")
+    return kit
+
+
+def _features(kit: Mapping[str, Any], entries: Mapping[str, float]) -> np.ndarray:
+    """The model's features of the kit's subnets from the blocks' times (the server's
+    ``LatencyPredictor.features``): fixed parts, each stage's sum, the block count, one column per resolution."""
+    resolutions = list(kit["space"]["resolutions"])
+    rows = []
+    for s in kit["subnets"]:
+        f = s["features"]
+        onehot = np.eye(len(resolutions))[resolutions.index(f["resolution"])]
+        rows.append([sum(entries[k] for k in f["fixed"]), *[sum(entries[k] for k in keys) for keys in f["stages"]],
+                     f["blocks"], *onehot])
+    return np.array(rows, float)
+
+
+def _fit(kit: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model (a table's ``model``) fitted on the subnets not held out, and the ``fit`` record."""
+    space, seed = kit["space"], kit["seed"]
+    num_stages, resolutions = len(space["stages"]), space["resolutions"]
+    held = np.array([s["role"] == "held_out" for s in kit["subnets"]])
+    if (~held).sum() < 2 * FOLDS:  # too few to choose a model: the entries' sum, checked on all of them
+        model = identity_model(num_stages, resolutions)
+        pred = x[:, : 1 + num_stages].sum(axis=1)  # fixed parts and every stage at scale 1, no offsets
+        return model, {"subnets": 0, "held_out": len(y), "cv": {}, "quality": {"held_out": quality(pred, y)}}
+    family, coef, cv = choose_and_fit(x[~held], y[~held], num_stages, seed)
+    pred = np.maximum(x @ coef, MIN_PREDICTED_MS)
+    fit = {"subnets": int((~held).sum()), "held_out": int(held.sum()), "cv": cv,
+           "quality": {"fit": quality(pred[~held], y[~held])}}
+    if held.any():
+        fit["quality"]["held_out"] = quality(pred[held], y[held])
+    return model_dict(family, coef, num_stages, resolutions), fit
+
+
+def _runtime_version(runtime: str) -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", threads: int = 2,
+                rounds: int = 6, samples: int = 2, sample_ms: float = 10.0, warmup_ms: float = 20.0,
+                on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
+    """Time the kit in ``folder`` on this device as ``target`` and return the latency table (the format the
+    kit names): its entries, the fitted model, the references and the model's quality on held-out subnets."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    kit = read_kit(folder)
+    t0 = time.perf_counter()
+    items = [{"file": str(Path(folder, i["file"]).resolve()), "shape": [kit["batch"], *i["shape"]]}
+             for i in kit["entries"] + kit["subnets"]]
+    job = {"backend": runtime, "threads": threads, "rounds": rounds, "samples": samples, "sample_ms": sample_ms,
+           "warmup_ms": warmup_ms, "seed": kit["seed"], "items": items}
+    total = len(items) * rounds
+    with tempfile.TemporaryDirectory(prefix="ofa-profile-") as tmp:
+        (result,) = run_workers([job], Path(tmp), f"profile {target}", "done", lambda done: on_progress(done, total))
+    timings = Timings(np.array(result["times_ms"]), tuple(result["calls"]), time.perf_counter() - t0,
+                      np.array(result["orders"]))
+    ms = timings.ms
+    n = len(kit["entries"])
+    entries = {e["key"]: round(float(m), 6) for e, m in zip(kit["entries"], ms[:n])}
+    e2e = ms[n:]
+    model, fit = _fit(kit, _features(kit, entries), e2e)
+    space = kit["space"]
+    return {"format": kit["table"]["format"], "version": kit["table"]["version"], "target": target,
+            "space": {"name": space["name"], "digest": kit["space_digest"]},
+            "device": {"cpu": describe_cpu(), "threads": threads, "batch": kit["batch"], "backend": runtime,
+                       "backend_version": _runtime_version(runtime), "memory_format": "nchw"},
+            "timing": {"rounds": rounds, "samples": samples, "sample_ms": sample_ms, "warmup_ms": warmup_ms,
+                       "statistic": STATISTIC, "repeatability": timings.repeatability()},
+            "entries": entries, "model": model,
+            "references": [{"arch": s["arch"], "ms": round(float(m), 6)}
+                           for s, m in zip(kit["subnets"], e2e) if s["role"] == "reference"],
+            "fit": fit, "profile_seconds": round(time.perf_counter() - t0, 1)}

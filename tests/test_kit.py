@@ -1,0 +1,120 @@
+"""The profiling kit: a device becomes a target with only the light client (``ofa-client profile``, no torch)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import served_copy
+
+from ofa.artifact import load_artifact
+from ofa.cli import main as ofa_main
+from ofa.predict.latency import LatencyPredictor, block_plan, validate_table
+from ofa.space import get_space
+from ofa_client import Client
+from ofa_client.cli import main as client_main
+from ofa_client.profile import KitError, _features, profile_kit, read_kit
+from ofa_server.args import ServeConfig
+from ofa_server.main import Server
+from ofa_server.registry import Registry
+
+FAST = ["--rounds", "2", "--sample-ms", "1"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact, tmp_path_factory):
+    return served_copy(tiny_artifact, tmp_path_factory.mktemp("kit") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def kit(artifact, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kit") / "kit"
+    assert ofa_main(["profile", "--kit", str(folder), "--artifact", str(artifact), "--subnets", "12",
+                     "--references", "4", "--held-out", "0.25", "--no-progress"]) == 0
+    return folder
+
+
+def test_the_kit_names_every_block_and_its_recipes_are_the_servers_features(kit, artifact):
+    manifest = read_kit(kit)  # every sha256 checked
+    space = load_artifact(artifact).space
+    entries, _, _ = block_plan(space)
+    assert sorted(e["key"] for e in manifest["entries"]) == sorted(entries)
+    assert manifest["space"] == json.loads(space.to_json()) and manifest["opset"] == 17
+    roles = [s["role"] for s in manifest["subnets"]]
+    assert roles.count("reference") == 4 and roles.count("held_out") == 3 and roles.count("fit") == 9
+    # the device's features from the recipes equal the server's from the table, for any block times
+    table = json.loads((artifact / "latency" / "synthetic-cpu.json").read_text())
+    table["entries"] = {k: float(v) for k, v in zip(sorted(entries), np.random.default_rng(3).uniform(
+        0.01, 1.0, len(entries)))}
+    archs = [space.arch_from_json(json.dumps(s["arch"])) for s in manifest["subnets"]]
+    want = LatencyPredictor(space, table).features(space.encode(archs))
+    assert np.allclose(_features(manifest, table["entries"]), want)
+
+
+def test_a_changed_or_foreign_kit_is_refused(kit, tmp_path):
+    copy = tmp_path / "kit"
+    shutil.copytree(kit, copy)
+    first = json.loads((copy / "kit.json").read_text())["subnets"][0]["file"]
+    (copy / first).write_bytes((copy / first).read_bytes()[:-1] + b"x")
+    with pytest.raises(KitError, match="does not match its sha256"):
+        read_kit(copy)
+    (copy / "kit.json").write_text(json.dumps({"format": "something-else", "version": 1}))
+    with pytest.raises(KitError, match="not a 'ofa-profile-kit' version 1 kit"):
+        read_kit(copy)
+
+
+def test_the_light_client_profiles_registers_and_the_target_serves(kit, artifact, tmp_path, capsys):
+    table = profile_kit(kit, "kit-device", rounds=2, sample_ms=1.0, warmup_ms=2.0)
+    space = load_artifact(artifact).space
+    validate_table(table, space)  # the server's own check passes: the format, every block, the model
+    assert table["fit"]["held_out"] == 3 and table["fit"]["quality"]["held_out"]["subnets"] == 3
+    assert len(table["references"]) == 4 and table["device"]["backend"] == "onnxruntime"
+    srv = Server(Registry([str(artifact)], str(tmp_path / "targets")), ServeConfig(port=0, max_searches=1)).start()
+    try:
+        address = ["--address", f"127.0.0.1:{srv.port}", "--json"]
+        out = tmp_path / "table.json"
+        assert client_main([*address, "profile", "--kit", str(kit), "--target", "my-device", "--out", str(out),
+                            *FAST]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["registered"] == "my-device" and summary["blocks"] == len(table["entries"])
+        assert json.loads(out.read_text())["target"] == "my-device"
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            assert "my-device" in {t["name"] for t in c.targets()}
+            best = c.search("my-device", max_latency_ms=1e3)
+            assert best.predicted_latency_ms > 0 and c.fetch(best, "onnx").sha256
+    finally:
+        srv.stop()
+
+
+def test_a_kit_of_another_space_is_refused_before_timing(kit, artifact, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(kit, other)
+    manifest = json.loads((other / "kit.json").read_text())
+    manifest["space"] = json.loads(get_space("mbv3-imagenet").to_json())
+    (other / "kit.json").write_text(json.dumps(manifest))
+    srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1)).start()
+    try:
+        code = client_main(["--address", f"127.0.0.1:{srv.port}", "profile", "--kit", str(other), "--target", "x",
+                            *FAST])
+        assert code == 2 and "the kit is of space 'mbv3-imagenet'" in capsys.readouterr().err
+    finally:
+        srv.stop()
+
+
+def test_the_profile_needs_no_torch(kit, tmp_path):
+    """``ofa-client profile`` with torch and the ofa package made unimportable: it still times and writes."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'ofa', 'ofa_server'):\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from ofa_client.cli import main\n"
+            f"code = main(['profile', '--kit', {str(kit)!r}, '--target', 'd', '--no-register', '--out', "
+            f"{str(tmp_path / 't.json')!r}, '--rounds', '2', '--sample-ms', '1'])\n"
+            "assert 'torch' not in sys.modules\n"
+            "sys.exit(code)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "t.json").read_text())["fit"]["held_out"] == 3
