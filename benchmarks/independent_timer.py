@@ -110,7 +110,7 @@ def main() -> None:
                  "repeatability_when_profiled": (table.get("timing") or {}).get("repeatability")}
     with tempfile.TemporaryDirectory() as tmp, busy_loops(args.load):
         from ofa.export import export_onnx
-        from ofa.predict.timing import module_of
+        from ofa.subnet import module_of
 
         import torch
 

@@ -3,7 +3,8 @@
 Run as a script (``python -I _timer.py``) by :mod:`ofa_client.timing`; it reads one
 job (JSON) on stdin and writes JSON lines on stdout: ``{"done": k, "total": n}`` as
 it goes, then ``{"result": ...}``. (Its other job, ``export``, writes ONNX files for the
-onnxruntime runs, in two such processes side by side.) It imports numpy and the one runtime being timed:
+ONNX runtimes, in two such processes side by side.) It imports numpy and the one runtime being timed
+(onnxruntime, OpenVINO, or torch):
 onnxruntime never shares this process with torch's thread pool, which made it run
 1.3-2.4x slower (PERF.md), and all onnxruntime sessions share one global thread pool,
 because hundreds of per-session pools spinning after their calls made each other's
@@ -24,6 +25,8 @@ import math
 import sys
 import time
 
+ONNX_RUNTIMES = ("onnxruntime", "openvino")  # the runtimes that time ONNX files here (each in its own worker)
+
 
 def _onnx_runs(job: dict) -> list:
     import numpy as np
@@ -43,13 +46,32 @@ def _onnx_runs(job: dict) -> list:
     return runs
 
 
+def _openvino_runs(job: dict) -> list:
+    """OpenVINO on the CPU, reading the ONNX files as a deployment does: each model reshaped to its static
+    input shape (a served file's batch axis is dynamic, and a dynamic model ran ~25% slower here), one
+    compiled model and infer request per network, tuned for latency (one stream) with the job's threads."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": job["threads"], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    runs = []
+    for item in job["items"]:
+        model = core.read_model(item["file"])
+        model.reshape(item["shape"])
+        request = core.compile_model(model, "CPU", config).create_infer_request()
+        x = np.random.default_rng(0).standard_normal(item["shape"]).astype(np.float32)
+        runs.append(lambda r=request, x=x: r.infer([x]))
+    return runs
+
+
 def _torch_runs(job: dict) -> list:
     import torch
 
     from ofa._torch import seeded
     from ofa.export import FORMATS, run_format
-    from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
+    from ofa.subnet import module_of
 
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
     runs = []
@@ -113,8 +135,8 @@ def _export(job: dict, report) -> None:
 
     from ofa._torch import num_threads, seeded
     from ofa.export import export_onnx
-    from ofa.predict.timing import module_of
     from ofa.space import SearchSpace
+    from ofa.subnet import module_of
 
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
     with num_threads(1):
@@ -139,8 +161,8 @@ def main() -> None:
     if "export" in job:
         _export(job, report)
         return
-    if job["backend"] == "onnxruntime":
-        runs = _onnx_runs(job)
+    if job["backend"] in ONNX_RUNTIMES:
+        runs = (_onnx_runs if job["backend"] == "onnxruntime" else _openvino_runs)(job)
         report({"loaded": len(runs)})
         report({"result": _time(job, runs, report)})
         return

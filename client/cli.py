@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from ._timer import ONNX_RUNTIMES
 from .client import DEFAULT_FORMAT, FORMATS, Client, ClientError
 
 __all__ = ["main"]
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add_parser("profile", help="time a profiling kit on this device (no torch) and register it as a target")
     s.add_argument("--kit", required=True, help="the folder `ofa profile --kit DIR --artifact A` wrote")
     s.add_argument("--target", required=True, help="the name of this device's target (letters, digits, -_.)")
-    s.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"], help="the runtime timed")
+    s.add_argument("--runtime", default=ONNX_RUNTIMES[0], choices=ONNX_RUNTIMES,
+                   help="the runtime timed (default onnxruntime; openvino: pip install openvino)")
     s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
     s.add_argument("--sample-ms", type=float, default=10.0, help="each sample fills this many ms (default 10)")

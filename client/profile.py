@@ -19,13 +19,14 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ._timer import ONNX_RUNTIMES
 from .latency_model import FOLDS, choose_and_fit, identity_model, model_dict, quality
 from .timing import STATISTIC, Timings, describe_cpu, run_workers
 
 __all__ = ["KIT_FORMAT", "KIT_VERSION", "KitError", "RUNTIMES", "profile_kit", "read_kit"]
 
 KIT_FORMAT, KIT_VERSION, KIT_MANIFEST = "ofa-profile-kit", 1, "kit.json"
-RUNTIMES = ("onnxruntime",)
+RUNTIMES = ONNX_RUNTIMES  # each reads the kit's ONNX files
 MIN_PREDICTED_MS = 1e-3  # as the server's predictor: a model sum never predicts below a microsecond
 
 
@@ -88,9 +89,12 @@ def _fit(kit: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[dict[str
 
 
 def _runtime_version(runtime: str) -> str:
-    import onnxruntime
+    from importlib.metadata import PackageNotFoundError, version
 
-    return onnxruntime.__version__
+    try:
+        return version(runtime)
+    except PackageNotFoundError:
+        raise ValueError(f"runtime {runtime} is not installed here (pip install {runtime})") from None
 
 
 def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", threads: int = 2,
@@ -100,6 +104,7 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
     kit names): its entries, the fitted model, the references and the model's quality on held-out subnets."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    runtime_version = _runtime_version(runtime)  # refused before any timing when it is not installed
     kit = read_kit(folder)
     t0 = time.perf_counter()
     items = [{"file": str(Path(folder, i["file"]).resolve()), "shape": [kit["batch"], *i["shape"]]}
@@ -120,7 +125,7 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
     return {"format": kit["table"]["format"], "version": kit["table"]["version"], "target": target,
             "space": {"name": space["name"], "digest": kit["space_digest"]},
             "device": {"cpu": describe_cpu(), "threads": threads, "batch": kit["batch"], "backend": runtime,
-                       "backend_version": _runtime_version(runtime), "memory_format": "nchw"},
+                       "backend_version": runtime_version, "memory_format": "nchw"},
             "timing": {"rounds": rounds, "samples": samples, "sample_ms": sample_ms, "warmup_ms": warmup_ms,
                        "statistic": STATISTIC, "repeatability": timings.repeatability()},
             "entries": entries, "model": model,

@@ -198,10 +198,10 @@ class Served:
 @dataclass(frozen=True)
 class Format:
     """One way a subnet is served: its name (the API's enum value, lower case, without its prefix), the
-    timing backend that runs its files, its writer (deterministic bytes) and its reader (what runs it)."""
+    timing backends (runtimes) that run its files, its writer (deterministic bytes) and its reader."""
 
     name: str
-    runtime: str
+    runtimes: tuple[str, ...]
     write: Callable[[Served], bytes]
     read: Callable[[bytes], Any]
 
@@ -217,9 +217,9 @@ def _read_torchscript(data: bytes) -> nn.Module:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("safetensors", "torch", lambda s: write_safetensors(s.module, s.metadata), lambda b: read_subnet(b)[0]),
-    Format("onnx", "onnxruntime", lambda s: export_onnx(s.module, s.example()), _read_onnx),
-    Format("torchscript", "torch", lambda s: export_torchscript(s.module, s.metadata), _read_torchscript),
+    Format("safetensors", ("torch",), lambda s: write_safetensors(s.module, s.metadata), lambda b: read_subnet(b)[0]),
+    Format("onnx", ("onnxruntime", "openvino"), lambda s: export_onnx(s.module, s.example()), _read_onnx),
+    Format("torchscript", ("torch",), lambda s: export_torchscript(s.module, s.metadata), _read_torchscript),
 )}
 RECORDED = "safetensors"  # the format a fine-tuned subnet is recorded in: served as its file is, byte for byte
 
@@ -234,9 +234,10 @@ def format_of(name: str) -> Format:
 def run_format(runtime: str) -> str:
     """The format a served subnet is timed and run in by the timing backend ``runtime`` (the first row of it)."""
     for f in FORMATS.values():
-        if f.runtime == runtime:
+        if runtime in f.runtimes:
             return f.name
-    raise ValueError(f"no format runs in {runtime!r}; runtimes: {sorted({f.runtime for f in FORMATS.values()})}")
+    known = sorted({r for f in FORMATS.values() for r in f.runtimes})
+    raise ValueError(f"no format runs in {runtime!r}; runtimes: {known}")
 
 
 # ---- the function ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ head) from here so that both share one definition and one state-dict layout.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ __all__ = [
     "load_subnet",
     "make_activation",
     "mobilenet_v3_small_baseline",
+    "module_of",
 ]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "h_swish": nn.Hardswish}
@@ -194,3 +195,11 @@ def mobilenet_v3_small_baseline(width_mult: float, in_channels: int, num_classes
                                        first.padding, bias=False)
         nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
     return net
+
+
+def module_of(space: SearchSpace, part: Mapping[str, Any]) -> nn.Module:
+    """A randomly initialised torch module for a part's :meth:`Part.to_dict` (its weights do not change its
+    time): the one place that decides what a part is, for the ONNX export and the torch timing worker."""
+    if part["kind"] == "mobilenet_v3_small":
+        return mobilenet_v3_small_baseline(part["width_mult"], space.in_channels, space.num_classes)
+    return build_part(space, part["kind"], part.get("arch"), part.get("block"))

@@ -52,6 +52,15 @@ def test_the_kit_names_every_block_and_its_recipes_are_the_servers_features(kit,
     assert np.allclose(_features(manifest, table["entries"]), want)
 
 
+def test_openvino_times_the_same_kit(kit, artifact):
+    """The second runtime: the kit's ONNX files compiled by OpenVINO (each reshaped to its static input)."""
+    pytest.importorskip("openvino")
+    table = profile_kit(kit, "kit-openvino", runtime="openvino", rounds=2, sample_ms=1.0, warmup_ms=2.0)
+    validate_table(table, load_artifact(artifact).space)
+    assert table["device"]["backend"] == "openvino" and table["device"]["backend_version"]
+    assert all(v > 0 for v in table["entries"].values())
+
+
 def test_a_changed_or_foreign_kit_is_refused(kit, tmp_path):
     copy = tmp_path / "kit"
     shutil.copytree(kit, copy)

@@ -192,6 +192,7 @@ def run_predictors(args: argparse.Namespace) -> int:
 
 
 def add_demo(s: argparse.ArgumentParser) -> None:
+    from ..predict.timing import BACKENDS
     from ..train.config import PRESETS
 
     s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -210,7 +211,7 @@ def add_demo(s: argparse.ArgumentParser) -> None:
     _families_flag(s)
     s.add_argument("--target", default="this-machine", help="name for this machine's latency target")
     s.add_argument("--budgets", type=int, default=3, help="latency budgets along the front (default 3)")
-    s.add_argument("--profile-backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+    s.add_argument("--profile-backend", choices=BACKENDS, default="onnxruntime",
                    help="runtime of this machine's latency target (default onnxruntime; see `ofa profile --help`)")
     s.add_argument("--profile-rounds", type=int, default=6, help="interleaved timing passes (default 6)")
     s.add_argument("--profile-sample-ms", type=float, default=10.0,

@@ -129,6 +129,8 @@ def run_pareto(args: argparse.Namespace) -> int:
 
 
 def add_profile(s: argparse.ArgumentParser) -> None:
+    from ..predict.timing import BACKENDS
+
     s.add_argument("--artifact", help="artifact folder: its space is profiled and the table is stored "
                    f"as {latency_file('TARGET')} in it")
     s.add_argument("--space", help="profile a registered space instead (see `ofa spaces`)")
@@ -136,10 +138,11 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    "`ofa-client supernets --json` gives it as space.definition_json)")
     s.add_argument("--target", help="name of this hardware target (letters, digits, -_.)")
     s.add_argument("--out", help="also write the table to this file")
-    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+    s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (default): every network exported to ONNX as a fetched --format onnx subnet "
-                   "is, run in an onnxruntime CPU session; torch: eager torch modules, which at batch 1 on small "
-                   "images measures Python dispatch as much as the network")
+                   "is, run in an onnxruntime CPU session; openvino: the same ONNX files compiled by OpenVINO for "
+                   "the CPU (latency hint, one stream; pip install openvino); torch: eager torch modules, which at "
+                   "batch 1 on small images measures Python dispatch as much as the network")
     s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
     s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format (torch only)")

@@ -25,20 +25,17 @@ import numpy as np
 from ..space import Arch, SearchSpace, space_digest
 from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
 from ofa_client.latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
-from .timing import NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
+from .timing import BACKENDS, NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
 
 __all__ = ["backend_version", "check_profile", "e2e_archs", "held_out_mask", "profile_space", "recalibrate",
            "reference_archs", "reference_timings", "speed_of", "timing_of_table"]
 
 
 def backend_version(backend: str) -> str:
-    if backend == "onnxruntime":
-        import onnxruntime
+    """The installed version of a timing backend (a table records it)."""
+    from importlib.metadata import version
 
-        return onnxruntime.__version__
-    import torch
-
-    return torch.__version__
+    return version(backend)
 
 
 def reference_archs(space: SearchSpace, n: int = 10, seed: int = 0) -> list[Arch]:
@@ -136,15 +133,13 @@ def _fit(space: SearchSpace, table: dict[str, Any], archs: list[Arch], measured:
     return out
 
 
-
-
 def timing_of_table(table: Mapping[str, Any], **changes: Any) -> Timing:
     """The timing a table was profiled with: its device's runtime and settings, its protocol's sizes."""
     dev, protocol = table["device"], table.get("timing") or {}
     backend = dev.get("backend")
-    if backend not in ("onnxruntime", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"the table of target {table['target']!r} was profiled with backend {str(backend)[:40]!r}, "
-                         "which this package cannot run; it times 'onnxruntime' and 'torch'")
+                         f"which this package cannot run; it times {list(BACKENDS)}")
     sizes = {k: protocol[k] for k in ("rounds", "samples", "sample_ms", "warmup_ms") if k in protocol}
     return Timing(backend=backend, threads=int(dev.get("threads", 2)), batch=int(dev.get("batch", 1)),
                   channels_last=dev.get("memory_format") == "channels_last", **{**sizes, **changes}).check()

@@ -22,17 +22,19 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ofa_client._timer import ONNX_RUNTIMES
 from ofa_client.timing import (NOISY_SCATTER, STATISTIC, TimingError, Timings, machine_speed, run_workers, spearman,
                                statistic)
 
 from ..space import Arch, BlockSpec, SearchSpace
 
-__all__ = ["BACKENDS", "NOISY_SCATTER", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings",
+__all__ = ["BACKENDS", "NOISY_SCATTER", "ONNX_BACKENDS", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings",
            "machine_speed", "spearman", "statistic", "subnet_part", "time_parts", "time_parts_trusted"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "torch")
+ONNX_BACKENDS = ONNX_RUNTIMES  # the runtimes that run ONNX files (exported here)
+BACKENDS = (*ONNX_BACKENDS, "torch")
 
 
 class NoisyTiming(TimingError):
@@ -71,12 +73,12 @@ class Timing:
         for name in ("sample_ms", "warmup_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.backend == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                raise ValueError("the onnxruntime backend needs the onnxruntime package "
-                                 "(pip install onnxruntime)") from None
+        if self.backend in ONNX_BACKENDS:
+            import importlib.util
+
+            if importlib.util.find_spec(self.backend) is None:
+                raise ValueError(f"the {self.backend} backend needs the {self.backend} package "
+                                 f"(pip install {self.backend})")
         return self
 
     def protocol(self) -> dict[str, Any]:
@@ -102,21 +104,9 @@ class Part:
     width_mult: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """What the torch worker builds it from (see :func:`module_of`)."""
+        """What the torch worker builds it from (see :func:`ofa.subnet.module_of`)."""
         return {"kind": self.kind, "arch": self.arch.to_dict() if self.arch else None,
                 "block": dataclasses.asdict(self.block) if self.block else None, "width_mult": self.width_mult}
-
-
-def module_of(space: SearchSpace, part: Mapping[str, Any]):
-    """A randomly initialised torch module for a part's :meth:`Part.to_dict` (its weights do not change its
-    time): the one place that decides what a part is, for the ONNX export here and the torch worker."""
-    if part["kind"] == "mobilenet_v3_small":
-        from ..subnet import mobilenet_v3_small_baseline
-
-        return mobilenet_v3_small_baseline(part["width_mult"], space.in_channels, space.num_classes)
-    from ..subnet import build_part
-
-    return build_part(space, part["kind"], part.get("arch"), part.get("block"))
 
 
 def subnet_part(space: SearchSpace, arch: Arch, file: str | None = None) -> Part:
@@ -143,14 +133,14 @@ EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two 
 
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
                   progress: bool) -> list[dict[str, Any]]:
-    """What the worker loads: ONNX files for onnxruntime (exported here), specs or served files for torch."""
+    """What the worker loads: ONNX files for the ONNX runtimes (exported here), specs or served files for torch."""
     items: list[dict[str, Any]] = []
     exports = []
     for i, part in enumerate(parts):
         shape = [timing.batch, *part.shape]
         if part.kind == "file":  # a served file, in the format the backend runs (ofa.export.run_format)
             items.append({"shape": shape, "file": str(Path(part.file).resolve())})
-        elif timing.backend == "onnxruntime":
+        elif timing.backend in ONNX_BACKENDS:
             items.append({"shape": shape, "file": str(folder / f"{i}.onnx")})
             exports.append((part.to_dict(), shape, items[-1]["file"], timing.seed * 1_000_003 + i))
         else:
