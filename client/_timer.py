@@ -134,7 +134,7 @@ def _export(job: dict, report) -> None:
     import torch
 
     from ofa._torch import num_threads, seeded
-    from ofa.export import export_onnx
+    from ofa.export import export_onnx, quantize_onnx
     from ofa.space import SearchSpace
     from ofa.subnet import module_of
 
@@ -144,8 +144,12 @@ def _export(job: dict, report) -> None:
             with seeded(seed):
                 module = module_of(space, part).eval()
                 x = torch.randn(*shape)
+                noise = [x.numpy()] + [torch.randn(*shape).numpy() for _ in range(3)]
+            data = export_onnx(module, x, dynamic_batch=False)
+            if job.get("precision") == "int8":  # quantized as a served int8 file is, calibrated on seeded noise
+                data = quantize_onnx(data, noise)
             with open(path, "wb") as f:
-                f.write(export_onnx(module, x, dynamic_batch=False))
+                f.write(data)
             report({"exported": k + 1})
     report({"result": "exported"})
 

@@ -110,7 +110,7 @@ def _targets(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(targets, sort_keys=True))
     for t in [] if args.json else targets:
         print(f"{t['name']:24s} {t['source']:10s} {t['cpu']}, {t['threads']} threads, {t['backend']} "
-              f"{t['backend_version']}, {t['blocks']} blocks, model {t['model_family']}: held out "
+              f"{t['backend_version']} {t.get('precision') or 'fp32'}, {t['blocks']} blocks, model {t['model_family']}: held out "
               f"{t['held_out_within_10pct']:.0%} within 10%, mean |error| {t['mean_abs_rel_error']:.1%}; "
               f"speed x{t['speed']:.3f}; {len(t['references'])} references"
               + (f"; NOISY: {t['noise']}" if t.get("noisy") else ""))

@@ -21,13 +21,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["NOISY_SCATTER", "STATISTIC", "TimingError", "Timings", "WORKER", "describe_cpu", "machine_speed",
+__all__ = ["NOISY_SCATTER", "PRECISIONS", "STATISTIC", "TimingError", "Timings", "WORKER", "describe_cpu", "machine_speed",
            "run_workers", "spearman", "statistic"]
 
 STATISTIC = "median over passes of the fastest sample, at the median machine speed"  # docs/latency.md
 WINDOW = 24          # networks around each timing that measure the machine's speed then
 NOISY_SCATTER = 0.05  # the halves of the rounds disagree by more than this per network, drift aside: noisy
 SILENCE_S = 900.0     # a worker that reports nothing for this long is stuck and is killed
+PRECISIONS = ("fp32", "int8")  # what a target is timed at (int8: quantized networks; see ofa.export)
 WORKER = Path(__file__).with_name("_timer.py")  # run as a script: ``python -I _timer.py``
 
 

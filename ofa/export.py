@@ -24,10 +24,13 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
+
+from ofa_client.timing import PRECISIONS
 
 from ._io import ArtifactError
 from .space import Arch, SearchSpace
@@ -36,9 +39,10 @@ from .subnet import SubNet, load_subnet
 if TYPE_CHECKING:
     from .artifact import Artifact, ArtifactFiles
 
-__all__ = ["FORMATS", "Format", "ONNX_OPSET", "RECORDED", "SCRIPT_TIMEOUT_S", "SUBNET_FORMAT", "SUBNET_VERSION",
-           "Served", "SubnetFile", "canonical_json", "export_onnx", "export_torchscript", "finetuned_archs", "format_of",
-           "read_subnet", "run_format", "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
+__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "PRECISIONS", "RECORDED", "SCRIPT_TIMEOUT_S",
+           "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
+           "export_torchscript", "finetuned_archs", "format_of", "quantize_onnx", "read_subnet", "run_format",
+           "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
 ONNX_OPSET = 17  # HardSwish needs >= 14
@@ -126,6 +130,35 @@ def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = 
     return buf.getvalue()
 
 
+def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
+    """ONNX bytes quantized to int8 by onnxruntime's static quantizer, calibrated on ``batches`` (the model's
+    one input): QDQ format, weights per channel (signed), activations unsigned, min-max ranges. The same
+    bytes and batches give the same bytes in any process."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load_model_from_string(data).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="ofa-int8-") as tmp:
+        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return out.read_bytes()
+
+
 def export_torchscript(module: nn.Module, metadata: str) -> bytes:
     """TorchScript bytes of a subnet, scripted in a new interpreter (:mod:`ofa._torchscript_child`).
 
@@ -189,6 +222,8 @@ class Served:
     arch: Arch
     metadata: str
     in_channels: int
+    # the calibration batches of a quantizing writer (the served calibration images at the arch's resolution)
+    calibration: Callable[[], Iterable[np.ndarray]] = lambda: ()
 
     def example(self) -> torch.Tensor:
         """One input image of the arch's resolution (zeros: the exporters trace shapes, not values)."""
@@ -204,12 +239,23 @@ class Format:
     runtimes: tuple[str, ...]
     write: Callable[[Served], bytes]
     read: Callable[[bytes], Any]
+    precision: str = "fp32"
 
 
-def _read_onnx(data: bytes) -> Any:
-    import onnxruntime as ort
+class OnnxModel:
+    """ONNX bytes run by onnxruntime on the CPU, called as a module is: logits (a tensor) of a float batch."""
 
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    def __init__(self, data: bytes) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0])
+
+    def eval(self) -> "OnnxModel":
+        return self
 
 
 def _read_torchscript(data: bytes) -> nn.Module:
@@ -218,8 +264,10 @@ def _read_torchscript(data: bytes) -> nn.Module:
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("safetensors", ("torch",), lambda s: write_safetensors(s.module, s.metadata), lambda b: read_subnet(b)[0]),
-    Format("onnx", ("onnxruntime", "openvino"), lambda s: export_onnx(s.module, s.example()), _read_onnx),
+    Format("onnx", ("onnxruntime", "openvino"), lambda s: export_onnx(s.module, s.example()), OnnxModel),
     Format("torchscript", ("torch",), lambda s: export_torchscript(s.module, s.metadata), _read_torchscript),
+    Format("onnx_int8", ("onnxruntime",), lambda s: quantize_onnx(export_onnx(s.module, s.example()), s.calibration()),
+           OnnxModel, "int8"),
 )}
 RECORDED = "safetensors"  # the format a fine-tuned subnet is recorded in: served as its file is, byte for byte
 
@@ -231,13 +279,14 @@ def format_of(name: str) -> Format:
     return FORMATS[name]
 
 
-def run_format(runtime: str) -> str:
-    """The format a served subnet is timed and run in by the timing backend ``runtime`` (the first row of it)."""
+def run_format(runtime: str, precision: str = "fp32") -> str:
+    """The format a served subnet is timed and run in by the timing backend ``runtime`` at ``precision`` (the
+    first row of both)."""
     for f in FORMATS.values():
-        if runtime in f.runtimes:
+        if runtime in f.runtimes and f.precision == precision:
             return f.name
-    known = sorted({r for f in FORMATS.values() for r in f.runtimes})
-    raise ValueError(f"no format runs in {runtime!r}; runtimes: {known}")
+    known = sorted({(r, f.precision) for f in FORMATS.values() for r in f.runtimes})
+    raise ValueError(f"no format runs in {runtime!r} at {precision!r}; (runtime, precision) pairs: {known}")
 
 
 # ---- the function ------------------------------------------------------------------------------------
@@ -259,8 +308,12 @@ def subnet_file(art: Artifact, arch: Arch, fmt: str, images: torch.Tensor | None
     recorded in :data:`RECORDED`, else that module written); else the extracted subnet, BN re-calibrated on
     ``images`` (default :func:`ofa.calibrate.served_images`; a server passes the ones it chose once).
     ``should_stop`` can end the re-calibration between batches (:class:`ofa.calibrate.CalibrationCancelled`)."""
+    from .calibrate import calibration_batches, served_images, served_subnet
+
     form = format_of(fmt)
     tuned = art.files.finetuned().get(arch.id)
+    images = served_images(art) if images is None else images
+    calibration = lambda: (b.numpy() for b in calibration_batches(images, art.data, arch.resolution))  # noqa: E731
     with torch.inference_mode(False), torch.no_grad():
         if tuned is not None:
             data = art.files.read(tuned)  # checked against the manifest's sha256
@@ -269,15 +322,12 @@ def subnet_file(art: Artifact, arch: Arch, fmt: str, images: torch.Tensor | None
                 raise ArtifactError(f"{art.path}: {tuned} is not a fine-tuned subnet {arch.id} of this supernet")
             count = int(meta["calibration_images"])
             if fmt != RECORDED:
-                data = form.write(Served(module, arch, canonical_json(meta), art.space.in_channels))
+                data = form.write(Served(module, arch, canonical_json(meta), art.space.in_channels, calibration))
         else:
-            from .calibrate import served_images, served_subnet
-
-            images = served_images(art) if images is None else images
             module = served_subnet(art.supernet, arch, images, art.data, should_stop=should_stop)
             count = len(images)
             meta_json = subnet_metadata(arch, art.space, art.data.to_dict(), art.digest, count)
-            data = form.write(Served(module, arch, meta_json, art.space.in_channels))
+            data = form.write(Served(module, arch, meta_json, art.space.in_channels, calibration))
     return SubnetFile(data, hashlib.sha256(data).hexdigest(), count, tuned is not None)
 
 

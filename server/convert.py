@@ -280,7 +280,8 @@ def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -
                      source=source, references=refs, held_out_within_10pct=float(held.get("within_10pct", 0.0)),
                      held_out_spearman=float(held.get("spearman", 0.0)),
                      model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms,
-                     noisy=bool(table_noise(table)), noise=table_noise(table))
+                     noisy=bool(table_noise(table)), noise=table_noise(table),
+                     precision=str(dev.get("precision", "fp32")))
 
 
 def weights_header(fmt: int, payload: "SubnetFile", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:

@@ -101,7 +101,8 @@ def test_model_families_are_chosen_by_cross_validation():
 
 def test_recalibration_re_times_the_references_and_scales_the_table(table):
     slow = {**table, "references": [{**r, "ms": r["ms"] / 3} for r in table["references"]]}
-    recal, timings = recalibrate(TINY, slow, progress=False, rounds=2)
+    # the arithmetic of a re-timing, whatever the noise (the gate on noise: tests/test_readiness.py)
+    recal, timings = recalibrate(TINY, slow, progress=False, rounds=2, accept_noisy=True)
     r = recal["recalibration"]
     profiled = np.array([x["ms"] for x in slow["references"]])
     speed = Speed.from_dict(r)
@@ -297,3 +298,19 @@ sys.exit(main(["profile", "--space-file", {str(tmp_path / "space.json")!r}, "--t
     (tmp_path / "bad.json").write_text('{"name": "x"}')
     assert main(["profile", "--space-file", str(tmp_path / "bad.json"), "--target", "dev"]) == 2
     assert "is not a search-space definition" in capsys.readouterr().err
+
+
+def test_an_int8_target_times_quantized_networks(tmp_path):
+    """--precision int8: every block and subnet quantized as a served onnx_int8 file is, then timed; the table says so."""
+    from ofa.cli import main
+
+    (tmp_path / "space.json").write_text(TINY.to_json())
+    out = tmp_path / "int8.json"
+    assert main(["profile", "--space-file", str(tmp_path / "space.json"), "--target", "dev-int8", "--out", str(out),
+                 "--precision", "int8", "--threads", "1", "--rounds", "2", "--sample-ms", "0.5", "--subnets", "0",
+                 "--references", "2", "--no-progress"]) == 0
+    table = validate_table(json.loads(out.read_text()), TINY)
+    assert table["device"]["precision"] == "int8" and all(v > 0 for v in table["entries"].values())
+    from ofa.predict.profile import timing_of_table
+
+    assert timing_of_table(table).precision == "int8"

@@ -81,11 +81,22 @@ def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, ar
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=fmt)
         # by id alone, from the server's memory of what it returned: the same bytes
         assert client.fetch(best.id, fmt).data == w.data
+    # int8: onnxruntime's static quantizer on the artifact's calibration images; QDQ nodes, close logits, the
+    # same classes for most images
+    w = client.fetch(best, "onnx_int8")
+    import onnx
+    import onnxruntime as ort
+
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load_model_from_string(w.data).graph.node)
+    got = torch.from_numpy(ort.InferenceSession(w.data, providers=["CPUExecutionProvider"]).run(
+        None, {"image": x.numpy()})[0])
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
+    assert client.fetch(best.id, "onnx_int8").data == w.data
 
 
 def test_weights_are_byte_identical_across_processes_and_installs(client, artifact, tmp_path):
     best = client.search(seed=11)
-    local = {fmt: client.fetch(best, fmt).sha256 for fmt in ("safetensors", "torchscript", "onnx")}
+    local = {fmt: client.fetch(best, fmt).sha256 for fmt in ("safetensors", "torchscript", "onnx", "onnx_int8")}
     # another process, running a copy of the code installed elsewhere whose lines moved (TorchScript records
     # source locations: a replica installed in another folder, or a release, must not serve other bytes)
     import ofa
@@ -99,7 +110,7 @@ def test_weights_are_byte_identical_across_processes_and_installs(client, artifa
     code = ("import json, sys; from ofa.artifact import load_artifact; from ofa.space import Arch; "
             "from ofa.export import subnet_file; art = load_artifact(sys.argv[1]); "
             "a = Arch.from_dict(json.loads(sys.argv[2])); import ofa; assert ofa.__file__.startswith(sys.argv[3]); "
-            "print(json.dumps({f: subnet_file(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx')}))")
+            "print(json.dumps({f: subnet_file(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx', 'onnx_int8')}))")
     r = subprocess.run([sys.executable, "-P", "-c", code, str(artifact), json.dumps(best.arch), str(install)],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(install)})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -143,6 +143,9 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    "is, run in an onnxruntime CPU session; openvino: the same ONNX files compiled by OpenVINO for "
                    "the CPU (latency hint, one stream; pip install openvino); torch: eager torch modules, which at "
                    "batch 1 on small images measures Python dispatch as much as the network")
+    s.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="fp32 (default), or int8: every network statically quantized by onnxruntime's quantizer as "
+                   "a served --format onnx_int8 file is (onnxruntime backend); the target then serves int8 files")
     s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
     s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format (torch only)")
@@ -179,10 +182,11 @@ def _write_kit(args: argparse.Namespace) -> int:
     space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))
     flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
     t0 = time.perf_counter()
-    kit = write_kit(space, args.kit, args.subnets, args.held_out, args.references, args.seed, not args.no_progress)
+    kit = flag_errors(lambda: write_kit(space, args.kit, args.subnets, args.held_out, args.references, args.seed,
+                                        not args.no_progress, args.precision))
     print(f"wrote {args.kit}: {len(kit['entries'])} blocks and {len(kit['subnets'])} subnets of space "
-          f"{space.name} as ONNX in {time.perf_counter() - t0:.0f} s; on the device: ofa-client --address ADDRESS "
-          f"profile --kit {args.kit} --target NAME")
+          f"{space.name} as {args.precision} ONNX in {time.perf_counter() - t0:.0f} s; on the device: "
+          f"ofa-client --address ADDRESS profile --kit {args.kit} --target NAME")
     return 0
 
 
@@ -204,7 +208,7 @@ def run_profile(args: argparse.Namespace) -> int:
     space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))
     check_target_name(args.target)
     timing = Timing(backend=args.backend, threads=args.threads, batch=args.batch, channels_last=args.channels_last,
-                    rounds=args.rounds, sample_ms=args.sample_ms)
+                    rounds=args.rounds, sample_ms=args.sample_ms, precision=args.precision)
     flag_errors(timing.check)
     flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
     table, written = profile_target(space, args.target, timing, args.subnets, args.held_out, args.references,

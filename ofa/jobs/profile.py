@@ -99,10 +99,11 @@ def _recipe(space: SearchSpace, arch: Arch, fixed: dict, slots: dict) -> dict[st
 
 
 def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_out: float = 0.25,
-              references: int = 10, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+              references: int = 10, seed: int = 0, progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Write into ``folder`` what a device times to become a target: every distinct block of ``space``, its
     reference subnets and ``subnets`` random ones as ONNX files (as ``ofa profile`` exports them: opset
-    :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1), and ``kit.json``: the space, each file's sha256,
+    :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1; ``precision`` int8: quantized as a served int8 file
+    is), and ``kit.json``: the space, each file's sha256,
     input shape and role, each subnet's feature recipe, and the table format it makes. Returns the manifest."""
     from ..export import ONNX_OPSET
     from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
@@ -116,7 +117,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     refs = reference_archs(space, references, seed)
     e2e = e2e_archs(space, refs, subnets, seed)
     parts = [Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e]
-    items = _worker_items(space, parts, Timing(seed=seed), folder / "nets", progress)
+    items = _worker_items(space, parts, Timing(seed=seed, precision=precision).check(), folder / "nets", progress)
     files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
               "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
     _, fixed, slots = block_plan(space)
@@ -124,6 +125,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     roles = ["reference"] * len(refs) + ["held_out" if h else "fit" for h in held[len(refs):]]
     manifest = {"format": KIT_FORMAT, "version": KIT_VERSION, "space": space.to_dict(),
                 "space_digest": space_digest(space), "opset": ONNX_OPSET, "seed": seed, "batch": 1,
+                "precision": precision,
                 "table": {"format": TABLE_FORMAT, "version": TABLE_VERSION},
                 "entries": [{"key": e.key, **f} for e, f in zip(plan, files)],
                 "subnets": [{"arch": a.to_dict(), "role": role, "features": _recipe(space, a, fixed, slots), **f}

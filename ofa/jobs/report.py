@@ -175,7 +175,7 @@ def _search_and_fetch(run: _Run, address: str, speed_args: tuple[str, ...], plan
             unmet.append({"label": label, "budget_ms": budget, "reason": str(e).split(": ", 1)[-1]})
             continue
         files = {}
-        for fmt in dict.fromkeys((RECORDED, run_format(run.timing.backend))):  # the file, and the one timed
+        for fmt in dict.fromkeys((RECORDED, run_format(run.timing.backend, run.timing.precision))):  # + the one run
             path = run.out / "subnets" / f"{s['id']}.{fmt}"
             fetched = ofa_client(address, "fetch", "--arch", json.dumps(s), "--format", fmt, "--out", str(path),
                                  log=run.log)
@@ -222,7 +222,7 @@ def _time_served(run: _Run, served: list[dict[str, Any]], bases: list[Baseline])
     from ..predict.timing import subnet_part
 
     space = run.art.space
-    fmt = run_format(run.timing.backend)
+    fmt = run_format(run.timing.backend, run.timing.precision)
     parts = [subnet_part(space, space.arch_from_json(json.dumps(s["arch"])), str(run.out / s["files"][fmt]["file"]))
              for s in served]
     after = run.time(parts + run.ref_parts + run.base_parts, "time served subnets")
@@ -244,7 +244,7 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
     predictor measured the validation-to-test shift on half the test split, only the other half checks."""
     from ..data import load_dataset, split_test
     from ..evaluate import accuracy
-    from ..export import read_subnet
+    from ..export import FORMATS, RECORDED, run_format
     from ..predict.measure import validation_set
 
     training = run.art.manifest["training"]
@@ -253,8 +253,11 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
     if _predictor_quality(run.art)["shift"] is not None:
         test = split_test(test, training["seed"])[1]  # the evaluation half: no predictor measured it
     val, _ = validation_set(training, data_dir)
+    # the file the target runs where its precision changes the network (int8), else the served weights
+    fmt = RECORDED if run.timing.precision == "fp32" else run_format(run.timing.backend, run.timing.precision)
     for s in served:
-        module, r = read_subnet((run.out / s["file"]).read_bytes())[0], s["arch"]["resolution"]
+        module = FORMATS[fmt].read((run.out / s["files"][fmt]["file"]).read_bytes())
+        r = s["arch"]["resolution"]
         s["test_accuracy"] = round(accuracy(module, test, spec, r), 3)
         s["val_accuracy"] = round(accuracy(module, val, spec, r), 3)
     for b in bases:

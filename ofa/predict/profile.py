@@ -102,7 +102,8 @@ def profile_space(space: SearchSpace, target: str, timing: Timing = Timing(), su
         "space": {"name": space.name, "digest": space_digest(space)},
         "device": {"cpu": describe_cpu(), "threads": timing.threads, "batch": timing.batch,
                    "backend": timing.backend, "backend_version": backend_version(timing.backend),
-                   "memory_format": "channels_last" if timing.channels_last else "nchw"},
+                   "memory_format": "channels_last" if timing.channels_last else "nchw",
+                   "precision": timing.precision},
         "timing": {**timing.protocol(), "repeatability": timings.repeatability()},
         "entries": {e.key: round(float(m), 6) for e, m in zip(plan, ms[: len(plan)])},
         "model": identity_model(space.num_stages, space.resolutions),
@@ -142,7 +143,8 @@ def timing_of_table(table: Mapping[str, Any], **changes: Any) -> Timing:
                          f"which this package cannot run; it times {list(BACKENDS)}")
     sizes = {k: protocol[k] for k in ("rounds", "samples", "sample_ms", "warmup_ms") if k in protocol}
     return Timing(backend=backend, threads=int(dev.get("threads", 2)), batch=int(dev.get("batch", 1)),
-                  channels_last=dev.get("memory_format") == "channels_last", **{**sizes, **changes}).check()
+                  channels_last=dev.get("memory_format") == "channels_last", precision=dev.get("precision", "fp32"),
+                  **{**sizes, **changes}).check()
 
 
 def reference_timings(space: SearchSpace, table: Mapping[str, Any], timings: Timings) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ofa_client._timer import ONNX_RUNTIMES
-from ofa_client.timing import (NOISY_SCATTER, STATISTIC, TimingError, Timings, machine_speed, run_workers, spearman,
-                               statistic)
+from ofa_client.timing import (NOISY_SCATTER, PRECISIONS, STATISTIC, TimingError, Timings, machine_speed,
+                               run_workers, spearman, statistic)
 
 from ..space import Arch, BlockSpec, SearchSpace
 
@@ -54,6 +54,7 @@ class Timing:
     threads: int = 2
     batch: int = 1
     channels_last: bool = False    # torch only
+    precision: str = "fp32"        # int8: every network quantized (onnxruntime's static quantizer) before timing
     rounds: int = 6                # interleaved passes over all networks
     samples: int = 2               # samples per network and pass
     sample_ms: float = 10.0        # each sample runs as many calls as fill this
@@ -66,6 +67,11 @@ class Timing:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.channels_last and self.backend != "torch":
             raise ValueError("channels_last applies to the torch backend only")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8" and self.backend != "onnxruntime":
+            raise ValueError(f"precision int8 is timed with the onnxruntime backend only (its static quantizer), "
+                             f"not {self.backend!r}")
         for name, low in (("threads", 1), ("batch", 1), ("rounds", 2), ("samples", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -148,7 +154,8 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
     if exports:
         n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
         sp = space.to_dict() if space is not None else None
-        jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root()} for k in range(n)]
+        jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
+                 "precision": timing.precision} for k in range(n)]
         _run_workers(jobs, folder, progress, "export to onnx", len(exports), "exported")
     return items
 
