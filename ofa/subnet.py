@@ -199,7 +199,21 @@ def mobilenet_v3_small_baseline(width_mult: float, in_channels: int, num_classes
 
 def module_of(space: SearchSpace, part: Mapping[str, Any]) -> nn.Module:
     """A randomly initialised torch module for a part's :meth:`Part.to_dict` (its weights do not change its
-    time): the one place that decides what a part is, for the ONNX export and the torch timing worker."""
+    time): the one place that decides what a part is, for the ONNX export and the torch timing worker.
+
+    Its BN statistics and affine parameters are drawn too (from torch's generator), as a trained network's
+    are: with the fresh ones (mean 0, variance 1, scale 1, shift 0) every folded convolution bias is zero,
+    the exporter shares one zero tensor through Identity nodes, and the int8 quantizer then leaves those
+    biases unquantized: such a subnet ran 0.66 ms against 0.40 ms for the same arch as served."""
     if part["kind"] == "mobilenet_v3_small":
-        return mobilenet_v3_small_baseline(part["width_mult"], space.in_channels, space.num_classes)
-    return build_part(space, part["kind"], part.get("arch"), part.get("block"))
+        module = mobilenet_v3_small_baseline(part["width_mult"], space.in_channels, space.num_classes)
+    else:
+        module = build_part(space, part["kind"], part.get("arch"), part.get("block"))
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.running_mean.normal_(0, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.1)
+    return module
