@@ -39,7 +39,7 @@ def _onnx_runs(job: dict) -> list:
         opts.use_per_session_threads = False
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        session = ort.InferenceSession(item["file"], opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(item["file"], opts, providers=[job.get("provider") or "CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         x = np.random.default_rng(0).standard_normal(item["shape"]).astype(np.float32)
         runs.append(lambda s=session, feed={name: x}: s.run(None, feed))

@@ -163,7 +163,7 @@ def _profile(c: Client, args: argparse.Namespace) -> int:
     step = max(1, (len(kit["entries"]) + len(kit["subnets"])) * args.rounds // 20)
     progress = (lambda done, total: done % step == 0 and print(f"  timed {done}/{total}", file=sys.stderr))
     table = profile_kit(args.kit, args.target, args.runtime, args.threads, args.rounds, sample_ms=args.sample_ms,
-                        on_progress=(lambda d, t: None) if args.json else progress)
+                        on_progress=(lambda d, t: None) if args.json else progress, provider=args.provider)
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True))
     held = table["fit"]["quality"].get("held_out") or {}
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="the name of this device's target (letters, digits, -_.)")
     s.add_argument("--runtime", default=ONNX_RUNTIMES[0], choices=ONNX_RUNTIMES,
                    help="the runtime timed (default onnxruntime; openvino: pip install openvino)")
+    s.add_argument("--provider", help="an onnxruntime execution provider (default CPUExecutionProvider)")
     s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
     s.add_argument("--sample-ms", type=float, default=10.0, help="each sample fills this many ms (default 10)")

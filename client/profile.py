@@ -88,6 +88,17 @@ def _fit(kit: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[dict[str
     return model_dict(family, coef, num_stages, resolutions), fit
 
 
+def _check_provider(runtime: str, provider: str) -> None:
+    """Refuse an execution provider the runtime does not have here, naming those it has."""
+    if runtime != "onnxruntime":
+        raise ValueError(f"provider applies to the onnxruntime runtime only, not {runtime!r}")
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if provider not in available:
+        raise ValueError(f"provider must be one of {available} (onnxruntime here), got {provider!r}")
+
+
 def _runtime_version(runtime: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -99,18 +110,22 @@ def _runtime_version(runtime: str) -> str:
 
 def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", threads: int = 2,
                 rounds: int = 6, samples: int = 2, sample_ms: float = 10.0, warmup_ms: float = 20.0,
-                on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
+                on_progress: Callable[[int, int], None] = lambda done, total: None,
+                provider: str | None = None) -> dict[str, Any]:
     """Time the kit in ``folder`` on this device as ``target`` and return the latency table (the format the
-    kit names): its entries, the fitted model, the references and the model's quality on held-out subnets."""
+    kit names): its entries, the fitted model, the references and the model's quality on held-out subnets.
+    ``provider``: an onnxruntime execution provider (default the CPU's)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if provider is not None:
+        _check_provider(runtime, provider)
     runtime_version = _runtime_version(runtime)  # refused before any timing when it is not installed
     kit = read_kit(folder)
     t0 = time.perf_counter()
     items = [{"file": str(Path(folder, i["file"]).resolve()), "shape": [kit["batch"], *i["shape"]]}
              for i in kit["entries"] + kit["subnets"]]
     job = {"backend": runtime, "threads": threads, "rounds": rounds, "samples": samples, "sample_ms": sample_ms,
-           "warmup_ms": warmup_ms, "seed": kit["seed"], "items": items}
+           "warmup_ms": warmup_ms, "seed": kit["seed"], "items": items, "provider": provider}
     total = len(items) * rounds
     with tempfile.TemporaryDirectory(prefix="ofa-profile-") as tmp:
         (result,) = run_workers([job], Path(tmp), f"profile {target}", "done", lambda done: on_progress(done, total))
@@ -126,7 +141,8 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
             "space": {"name": space["name"], "digest": kit["space_digest"]},
             "device": {"cpu": describe_cpu(), "threads": threads, "batch": kit["batch"], "backend": runtime,
                        "backend_version": runtime_version, "memory_format": "nchw",
-                       "precision": kit.get("precision", "fp32")},
+                       "precision": kit.get("precision", "fp32"),
+                       **({"provider": provider} if provider else {})},
             "timing": {"rounds": rounds, "samples": samples, "sample_ms": sample_ms, "warmup_ms": warmup_ms,
                        "statistic": STATISTIC, "repeatability": timings.repeatability()},
             "entries": entries, "model": model,

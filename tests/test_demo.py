@@ -126,6 +126,26 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     assert "Not within" in md and "the table's own error" in md
 
 
+def test_an_int8_target_is_served_timed_and_tested_as_int8(tiny_artifact, tmp_path):
+    """A table timed at precision int8: the report fetches the onnx_int8 file, times it, tests its accuracy and,
+    beside it, the same subnet's fp32 weights (what quantization cost)."""
+    from ofa.artifact import add_file
+
+    art = served_copy(tiny_artifact, tmp_path / "art")
+    table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
+    table.update(target="int8-cpu", device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime",
+                                            "precision": "int8"},
+                 timing={"rounds": 2, "samples": 1, "sample_ms": 0.5, "warmup_ms": 1.0})
+    add_file(art, "latency/int8-cpu.json", json.dumps(table))
+    out = tmp_path / "report"
+    r = _run(["report", "--artifact", str(art), "--target", "int8-cpu", "--out", str(out), "--budgets", "1",
+              "--accept-noisy-timing", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (s,) = json.loads((out / "report.json").read_text())["served"]
+    assert set(s["files"]) == {"safetensors", "onnx_int8"} and s["measured_latency_ms"] > 0
+    assert 0 <= s["test_accuracy"] <= 100 and 0 <= s["test_accuracy_fp32"] <= 100
+
+
 def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
     assert main(["report", "--artifact", str(tiny_artifact), "--target", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

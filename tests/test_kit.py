@@ -71,6 +71,10 @@ def test_a_changed_or_foreign_kit_is_refused(kit, tmp_path):
     (copy / "kit.json").write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(KitError, match="not a 'ofa-profile-kit' version 1 kit"):
         read_kit(copy)
+    with pytest.raises(ValueError, match=r"provider must be one of \['.*CPUExecutionProvider'\]"):
+        profile_kit(kit, "x", provider="NoSuchExecutionProvider")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        profile_kit(kit, "x", runtime="tflite")
 
 
 def test_the_light_client_profiles_registers_and_the_target_serves(kit, artifact, tmp_path, capsys):

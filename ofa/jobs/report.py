@@ -258,6 +258,9 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
     for s in served:
         module = FORMATS[fmt].read((run.out / s["files"][fmt]["file"]).read_bytes())
         r = s["arch"]["resolution"]
+        if fmt != RECORDED:  # what the precision costs: the same subnet's own fp32 weights on the same images
+            fp32 = FORMATS[RECORDED].read((run.out / s["files"][RECORDED]["file"]).read_bytes())
+            s["test_accuracy_fp32"] = round(accuracy(fp32, test, spec, r), 3)
         s["test_accuracy"] = round(accuracy(module, test, spec, r), 3)
         s["val_accuracy"] = round(accuracy(module, val, spec, r), 3)
     for b in bases:
