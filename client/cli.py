@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ._timer import ONNX_RUNTIMES
@@ -151,18 +152,25 @@ def _server_space(c: Client) -> dict:
 
 
 def _profile(c: Client, args: argparse.Namespace) -> int:
-    from .profile import profile_kit, read_kit
-
     if args.no_register and not args.out:
         raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
-    kit = read_kit(args.kit)
+    if args.kit:
+        return _profile_kit(c, args, args.kit)
+    with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space
+        return _profile_kit(c, args, str(c.fetch_kit(tmp, args.precision, timeout=max(args.timeout, 600.0))))
+
+
+def _profile_kit(c: Client, args: argparse.Namespace, folder: str) -> int:
+    from .profile import profile_kit, read_kit
+
+    kit = read_kit(folder)
     if not args.no_register and _server_space(c) != kit["space"]:  # refused before minutes of timing
         raise ClientError("USAGE", f"the kit is of space {kit['space']['name']!r} (digest "
                           f"{kit['space_digest'][:12]}), not of the server's supernet: make the kit from its "
                           f"artifact (`ofa profile --kit DIR --artifact ARTIFACT`)")
     step = max(1, (len(kit["entries"]) + len(kit["subnets"])) * args.rounds // 20)
     progress = (lambda done, total: done % step == 0 and print(f"  timed {done}/{total}", file=sys.stderr))
-    table = profile_kit(args.kit, args.target, args.runtime, args.threads, args.rounds, sample_ms=args.sample_ms,
+    table = profile_kit(folder, args.target, args.runtime, args.threads, args.rounds, sample_ms=args.sample_ms,
                         on_progress=(lambda d, t: None) if args.json else progress, provider=args.provider)
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -265,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replace", action="store_true")
     s.set_defaults(func=_register)
     s = add_parser("profile", help="time a profiling kit on this device (no torch) and register it as a target")
-    s.add_argument("--kit", required=True, help="the folder `ofa profile --kit DIR --artifact A` wrote")
+    s.add_argument("--kit", help="time this kit folder (`ofa profile --kit DIR --artifact A` wrote it); default: "
+                   "fetch the server's kit of its supernet's space")
+    s.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="the precision of the kit fetched from the server (int8: its networks quantized as a served "
+                   "onnx_int8 file is); a --kit folder says its own")
     s.add_argument("--target", required=True, help="the name of this device's target (letters, digits, -_.)")
     s.add_argument("--runtime", default=ONNX_RUNTIMES[0], choices=ONNX_RUNTIMES,
                    help="the runtime timed (default onnxruntime; openvino: pip install openvino)")

@@ -6,6 +6,7 @@ torch when called (and the server project's ``ofa`` package for safetensors weig
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -211,7 +212,8 @@ class Client:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
         req, arch = self._weights_request(subnet, FORMATS[format], supernet)
         self._check_version(timeout)
-        header, data = self._download(req, arch, timeout)
+        header, data = self._download(self._stub.GetSubnetWeights, req,
+                                      lambda h: self._check_header(h, req, arch), timeout)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
@@ -244,18 +246,18 @@ class Client:
             req.arch.CopyFrom(arch_to_pb(arch))
         return req, arch
 
-    def _download(self, req: pb.GetSubnetWeightsRequest, arch: Any,
-                  timeout: float | None) -> tuple[pb.WeightsHeader, bytes]:
-        """The header and the bytes of one weights stream; a header or chunk out of place is refused at once."""
+    def _download(self, call: Any, req: Any, check: Any, timeout: float | None) -> tuple[Any, bytes]:
+        """The header and the bytes of one stream of ``call`` (a header, then chunks); ``check`` sees the header
+        before any byte is kept; a header or chunk out of place is refused at once."""
         try:
-            stream = self._stub.GetSubnetWeights(req, timeout=timeout or self.timeout, metadata=self._metadata)
+            stream = call(req, timeout=timeout or self.timeout, metadata=self._metadata)
             header, chunks, size = None, [], 0
             for msg in stream:
                 if msg.HasField("header"):
                     if header is not None:
                         raise IntegrityError("DATA_LOSS", "the stream sent a second header")
                     header = msg.header
-                    self._check_header(header, req, arch)
+                    check(header)
                     continue
                 if header is None:
                     raise IntegrityError("DATA_LOSS", "the stream sent data before its header")
@@ -270,11 +272,14 @@ class Client:
             raise IntegrityError("DATA_LOSS", "the stream ended without a header")
         return header, b"".join(chunks)
 
-    def _check_header(self, header: pb.WeightsHeader, req: pb.GetSubnetWeightsRequest, arch: Any) -> None:
-        """A header must describe what was asked for, at a size this client accepts, before any byte is kept."""
+    def _check_size(self, header: Any) -> None:
         if not 0 <= header.total_bytes <= self.max_download_bytes:
             raise IntegrityError("DATA_LOSS", f"the header announces {header.total_bytes} bytes; this client accepts "
                                  f"0..{self.max_download_bytes} (max_download_bytes)")
+
+    def _check_header(self, header: pb.WeightsHeader, req: pb.GetSubnetWeightsRequest, arch: Any) -> None:
+        """A header must describe what was asked for, at a size this client accepts, before any byte is kept."""
+        self._check_size(header)
         if header.format != req.format:
             raise IntegrityError("DATA_LOSS", f"asked for format {req.format}, the header says {header.format}")
         if req.subnet_id and header.subnet_id != req.subnet_id:
@@ -282,6 +287,29 @@ class Client:
                                  f"{header.subnet_id[:40]!r}")
         if arch is not None and arch_to_dict(header.arch) != arch_to_dict(req.arch):
             raise IntegrityError("DATA_LOSS", "the header's arch is not the arch asked for")
+
+    def fetch_kit(self, folder: str | Path, precision: str = "fp32", supernet: str | None = None,
+                  timeout: float | None = None) -> Path:
+        """The server's profiling kit of its supernet's space (``GetProfileKit``, API 1.4), verified by sha256
+        and unpacked into ``folder`` (made if missing); time it with :func:`ofa_client.profile.profile_kit`.
+        The server builds a kit on its first request (tens of seconds): give a ``timeout`` that allows it."""
+        import tarfile
+
+        self._check_version(timeout)
+        req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision)
+        header, data = self._download(self._stub.GetProfileKit, req, self._check_size, timeout)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header.total_bytes or digest != header.sha256:
+            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
+                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar.getmembers():  # regular files inside the folder only (also where tarfile has no filters)
+                if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise IntegrityError("DATA_LOSS", f"the kit holds {m.name[:80]!r}, not a file inside it")
+            tar.extractall(folder)
+        return folder
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's health status name (``SERVING``, ``NOT_SERVING`` …) from ``grpc.health.v1``.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import grpc
 
-from ofa.export import FORMATS
+from ofa.export import FORMATS, PRECISIONS
 from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_noise
 from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ofa.export import SubnetFile
 
 __all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "bounded", "check_work",
-           "constraints_of", "format_of", "invalid", "points_of", "settings_of", "speed_of_timings", "subnet_id_of",
+           "constraints_of", "format_of", "invalid", "points_of", "precision_of", "settings_of", "speed_of_timings", "subnet_id_of",
            "subnet_to_pb", "supernet_to_pb", "target_of", "target_to_pb", "weights_header"]
 
 # Bounds on what one request may ask of the server, fixed by the API (the ones an operator sets, a table's
@@ -164,6 +164,14 @@ def format_of(value: int) -> str:
         names = [pb.WeightsFormat.Name(v) for v in _FORMATS]
         raise invalid(f"format must be one of {names}, got {value}")
     return _FORMATS[value]
+
+
+def precision_of(value: str) -> str:
+    """A profile kit's precision as a request gives it ("" is fp32)."""
+    value = value or "fp32"
+    if value not in PRECISIONS:
+        raise invalid(f"precision must be one of {list(PRECISIONS)}, got {value[:40]!r}")
+    return value
 
 
 def subnet_id_of(value: str) -> str:

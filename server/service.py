@@ -26,6 +26,7 @@ from .auth import Tokens
 from .registry import KnownTarget, NotOwner, Registry, ServedSupernet, StorageError, TargetExists, TooManyTargets
 from .searcher import Job, ParetoJob, SearchJob, SearchPool
 from .guard import client_address
+from .kits import Kits
 from .slots import Slots
 from .status import answering, handled
 from .streams import Streams
@@ -70,6 +71,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                                config.stream_stall_s, config.stream_preempt_s)
         self.max_search_work, self.max_message_chars = config.max_search_work, config.max_message_chars
         self.weights = ServedWeights(config.cache_mb << 20)
+        self.kits = Kits()
         self.pool = SearchPool(config.max_searches, {str(sn.artifact.path): sn.scorer
                                                      for sn in registry.supernets.values()},
                                max_seconds=config.max_search_seconds, on_ready=on_ready)
@@ -263,20 +265,37 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
                   for i in range(0, len(payload.data), CHUNK_BYTES))
         return itertools.chain([pb.GetSubnetWeightsResponse(header=header)], chunks)
 
-    def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
-        with answering(context, "GetSubnetWeights", self.max_message_chars):
+    def _streamed(self, method: str, context, messages: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """A server stream holding a stream slot: ``messages()`` checks and builds everything before the first
+        message (so every refusal is a clean status), then the client takes them at its pace."""
+        with answering(context, method, self.max_message_chars):
             stream = self.streams.open(context, self._identity(context))
             if isinstance(stream, str):
                 raise cv.RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, stream)
         try:
-            # all checks and the build happen before the first message, so every refusal is a clean status
-            with answering(context, "GetSubnetWeights", self.max_message_chars):
-                messages = self._weights(request, context)
-            yield from self.streams.send(stream, messages)
+            with answering(context, method, self.max_message_chars):
+                built = messages()
+            yield from self.streams.send(stream, built)
         finally:
             self.streams.close(stream)
+
+    def GetSubnetWeights(self, request: pb.GetSubnetWeightsRequest, context) -> Iterator[pb.GetSubnetWeightsResponse]:
+        return self._streamed("GetSubnetWeights", context, lambda: self._weights(request, context))
+
+    def _kit(self, request: pb.GetProfileKitRequest, context) -> Iterator[pb.GetProfileKitResponse]:
+        sn = self._supernet(request.supernet)
+        kit = self.kits.kit(sn.artifact, cv.precision_of(request.precision),
+                            slot=lambda: self._slot(self._builds, context))
+        header = pb.ProfileKitHeader(manifest_json=kit.manifest_json, total_bytes=kit.total_bytes, sha256=kit.sha256,
+                                     supernet_digest=sn.artifact.digest)
+        return itertools.chain([pb.GetProfileKitResponse(header=header)],
+                               (pb.GetProfileKitResponse(chunk=c) for c in kit.chunks(CHUNK_BYTES)))
+
+    def GetProfileKit(self, request: pb.GetProfileKitRequest, context) -> Iterator[pb.GetProfileKitResponse]:
+        return self._streamed("GetProfileKit", context, lambda: self._kit(request, context))
 
     def close(self) -> None:
         """Stop watching the streams and stop the search workers."""
         self.streams.stop()
         self.pool.close()
+        self.kits.close()

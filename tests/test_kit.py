@@ -12,7 +12,7 @@ from ofa.artifact import load_artifact
 from ofa.cli import main as ofa_main
 from ofa.predict.latency import LatencyPredictor, block_plan, validate_table
 from ofa.space import get_space
-from ofa_client import Client
+from ofa_client import Client, InvalidArgument
 from ofa_client.cli import main as client_main
 from ofa_client.profile import KitError, _features, profile_kit, read_kit
 from ofa_server.args import ServeConfig
@@ -131,3 +131,24 @@ def test_the_profile_needs_no_torch(kit, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "t.json").read_text())["fit"]["held_out"] == 3
+
+
+def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, tmp_path, capsys):
+    """GetProfileKit (API 1.4): built on the first request, verified by sha256 and unpacked by the client;
+    ``ofa-client profile`` without --kit fetches it, times it and registers the target."""
+    srv = Server(Registry([str(artifact)], str(tmp_path / "targets")), ServeConfig(port=0, max_searches=1)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=600) as c:
+            folder = c.fetch_kit(tmp_path / "kit")
+            kit = read_kit(folder)  # every file's sha256 checked again
+            assert kit["space"] == json.loads(load_artifact(artifact).space.to_json()) and kit["precision"] == "fp32"
+            assert len(kit["subnets"]) == 90
+            with pytest.raises(InvalidArgument, match=r"precision must be one of \['fp32', 'int8'\]"):
+                c.fetch_kit(tmp_path / "other", precision="int4")
+        address = ["--address", f"127.0.0.1:{srv.port}", "--json"]
+        assert client_main([*address, "profile", "--target", "from-server", *FAST]) == 0
+        assert json.loads(capsys.readouterr().out)["registered"] == "from-server"
+        with pytest.raises(SystemExit):  # argparse names the choices
+            client_main([*address, "profile", "--target", "x", "--precision", "int4"])
+    finally:
+        srv.stop()

@@ -401,3 +401,31 @@ class GetSubnetWeightsResponse(_message.Message):
     header: WeightsHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GetProfileKitRequest(_message.Message):
+    __slots__ = ("supernet", "precision")
+    SUPERNET_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    supernet: str
+    precision: str
+    def __init__(self, supernet: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+
+class ProfileKitHeader(_message.Message):
+    __slots__ = ("manifest_json", "total_bytes", "sha256", "supernet_digest")
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SUPERNET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    manifest_json: str
+    total_bytes: int
+    sha256: str
+    supernet_digest: str
+    def __init__(self, manifest_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., supernet_digest: _Optional[str] = ...) -> None: ...
+
+class GetProfileKitResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ProfileKitHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[ProfileKitHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

@@ -70,6 +70,11 @@ class SubnetServiceStub:
                 request_serializer=ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsRequest.SerializeToString,
                 response_deserializer=ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsResponse.FromString,
                 _registered_method=True)
+        self.GetProfileKit = channel.unary_stream(
+                '/ofa.v1.SubnetService/GetProfileKit',
+                request_serializer=ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitRequest.SerializeToString,
+                response_deserializer=ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitResponse.FromString,
+                _registered_method=True)
 
 
 class SubnetServiceServicer:
@@ -128,6 +133,16 @@ class SubnetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProfileKit(self, request, context):
+        """What a device times to become a target with only the light client (`ofa-client profile`): a tar
+        of the supernet space's distinct blocks and profile subnets as ONNX files, with kit.json (the
+        space and its digest, each file's sha256, shape and role, each subnet's feature recipe). Built on
+        the first request per precision (tens of seconds), then sent from the server's cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SubnetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +180,11 @@ def add_SubnetServiceServicer_to_server(servicer, server):
                     servicer.GetSubnetWeights,
                     request_deserializer=ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsRequest.FromString,
                     response_serializer=ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsResponse.SerializeToString,
+            ),
+            'GetProfileKit': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetProfileKit,
+                    request_deserializer=ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitRequest.FromString,
+                    response_serializer=ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +377,33 @@ class SubnetService:
             '/ofa.v1.SubnetService/GetSubnetWeights',
             ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsRequest.SerializeToString,
             ofa_dot_v1_dot_subnet__service__pb2.GetSubnetWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfileKit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ofa.v1.SubnetService/GetProfileKit',
+            ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitRequest.SerializeToString,
+            ofa_dot_v1_dot_subnet__service__pb2.GetProfileKitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,89 @@
+"""Profiling kits a server hands out (``GetProfileKit``): one tar per (supernet, precision), built once.
+
+A kit (:func:`ofa.jobs.profile.write_kit`) is what a device times to become a target with only the
+light client. Building one exports a few hundred networks (tens of seconds; int8 ones are quantized
+too), so the first request builds it while holding a build slot and later ones stream the tar from a
+folder of the server's own, removed when the server stops. The tar is deterministic (sorted names,
+no times or owners): the same supernet and precision give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator
+
+from ofa.artifact import Artifact
+from ofa.jobs.profile import KIT_MANIFEST, write_kit
+
+__all__ = ["Kit", "Kits"]
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A built kit: its tar on disk, its manifest (kit.json's text), size and sha256."""
+
+    path: Path
+    manifest_json: str
+    total_bytes: int
+    sha256: str
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while block := f.read(size):
+                yield block
+
+
+def _tar(folder: Path, out: Path) -> None:
+    """``folder`` as a deterministic tar at ``out``: sorted names, no times, owners or modes of this machine."""
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(str(path.relative_to(folder)))
+            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
+
+class Kits:
+    """The kits built so far, by (artifact digest, precision); each built once, by one request."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ofa-kits-"))
+        self._kits: dict[tuple[str, str], Kit] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def kit(self, artifact: Artifact, precision: str, slot: Callable[[], ContextManager]) -> Kit:
+        """The kit of ``artifact``'s space at ``precision``, built now (holding ``slot``) when not yet."""
+        key = (artifact.digest, precision)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._kits:
+                with slot():
+                    self._kits[key] = self._build(artifact, precision)
+            return self._kits[key]
+
+    def _build(self, artifact: Artifact, precision: str) -> Kit:
+        name = f"{artifact.digest[:16]}-{precision}"
+        work = self.folder / name
+        shutil.rmtree(work, ignore_errors=True)
+        write_kit(artifact.space, work, precision=precision, progress=False)
+        tar = self.folder / f"{name}.tar"
+        _tar(work, tar)
+        manifest = (work / KIT_MANIFEST).read_text()
+        shutil.rmtree(work)
+        digest = hashlib.sha256()
+        with open(tar, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return Kit(tar, json.dumps(json.loads(manifest), sort_keys=True), tar.stat().st_size, digest.hexdigest())
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
