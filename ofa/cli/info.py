@@ -211,7 +211,8 @@ def _print_info(info: dict, order: list[str]) -> None:
         held = ((t.get("fit") or {}).get("quality") or {}).get("held_out") or {}
         rep = (t.get("timing") or {}).get("repeatability") or {}
         print(f"  {name}: {t['blocks']} blocks, {t['device'].get('cpu')}, {t['device'].get('threads')} threads, "
-              f"{t['device'].get('backend')} {t['device'].get('backend_version', '')}; model {t['model']['family']}")
+              f"{t['device'].get('backend')} {t['device'].get('backend_version', '')} "
+              f"{t['device'].get('precision', 'fp32')}; model {t['model']['family']}")
         print(f"    end to end on {held.get('subnets', 0)} held-out subnets: {held.get('within_10pct', float('nan')):.0%}"
               f" within 10%, mean |error| {held.get('mean_abs_rel_error', float('nan')):.1%}, Spearman "
               f"{held.get('spearman', float('nan')):.3f}; timing: {rep.get('verdict', 'not recorded')}"
