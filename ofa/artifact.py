@@ -51,6 +51,7 @@ SPACE, DATA, SUPERNET, CALIBRATION = "space.json", "data.json", "supernet.safete
 CORE_FILES = (CALIBRATION, DATA, SPACE, SUPERNET)
 ACCURACY_PREDICTOR = "accuracy_predictor.safetensors"
 MEASUREMENTS = "accuracy/measurements.json"
+INT8_ACCURACY = "accuracy/int8.json"  # what int8 costs served subnets (ofa int8-accuracy); dropped with the weights
 LATENCY_DIR = "latency/"
 FINETUNED_DIR = "finetuned/"  # fine-tuned subnets (``ofa finetune``), served in place of the extracted ones
 METRICS_LOG = "metrics.jsonl"  # training's per-epoch log, next to the artifact's files (not in the manifest)
@@ -211,8 +212,7 @@ class Artifact:
     files: ArtifactFiles
 
     @property
-    def digest(self) -> str:
-        """The artifact's identity: sha256 over the digests of its files."""
+    def digest(self) -> str:  # the artifact's identity: sha256 over the digests of its core files
         return self.manifest["digest"]
 
 

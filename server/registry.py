@@ -23,6 +23,7 @@ from ofa._io import atomic_create_text, atomic_write_text
 from ofa.artifact import CALIBRATION, MEASUREMENTS, Artifact, ArtifactError, load_artifact
 from ofa.calibrate import served_images
 from ofa.export import finetuned_archs
+from ofa.jobs.precision import int8_drop
 from ofa.predict.latency import TABLE_KEYS, LatencyTableError, validate_table
 from ofa.search import Scorer
 from ofa.search.load import Measured, load_measured, load_scorer
@@ -50,6 +51,7 @@ class ServedSupernet:
     calibration: Any = field(init=False)  # the images its subnets are calibrated on (decided once)
     fine_tuned: dict[str, Arch] = field(init=False)  # id -> arch of the artifact's fine-tuned subnets
     measured: dict[str, Measured] = field(init=False)  # id -> accuracy measured on these weights
+    int8: dict[str, Any] | None = field(init=False)  # what int8 costs its served subnets (ofa int8-accuracy)
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -58,6 +60,7 @@ class ServedSupernet:
         self.calibration = served_images(self.artifact)
         self.fine_tuned = finetuned_archs(self.artifact.files)
         self.measured = load_measured(self.artifact.files)
+        self.int8 = int8_drop(self.artifact.files)
 
     def remember(self, arch: Arch, limit: int = 100_000) -> None:
         """Keep ``arch`` by its id (a search returned it), so that its weights can be asked for by id alone."""

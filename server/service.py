@@ -5,6 +5,7 @@ what goes wrong to a status, :mod:`.streams` keeps the weight streams.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -13,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from ofa.jobs.precision import at_int8
 from ofa.predict.latency import LatencyTableError, Speed
 from ofa.search import Constraints, SearchSettings
 from ofa.space import Arch
@@ -55,6 +57,7 @@ class _Search:
     found: KnownTarget | None  # the target's table, from the one scan of the targets folder
     speed: Speed | None  # the device's speed the request's timings imply
     applied: Speed  # the speed the answer's latencies are predicted at
+    int8: dict[str, Any] | None = None  # an int8 target's measured accuracy drop (ofa int8-accuracy), if any
 
 
 class SubnetService(pb_grpc.SubnetServiceServicer):
@@ -200,7 +203,10 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             raise cv.RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"supernet {sn.name!r} has no accuracy predictor; run `ofa predictors` on it")
         applied = speed if speed is not None else Speed.from_dict((table or {}).get("recalibration"))
-        return _Search(sn, target, constraints, settings, found, speed, applied)
+        int8 = sn.int8 if (table or {}).get("device", {}).get("precision") == "int8" else None
+        if int8 and constraints.min_accuracy is not None:  # the floor is on the int8 file's accuracy
+            constraints = dataclasses.replace(constraints, min_accuracy=constraints.min_accuracy - int8["mean_drop"])
+        return _Search(sn, target, constraints, settings, found, speed, applied, int8)
 
     def _run(self, s: _Search, job: Job, context) -> Any:
         """Run ``job`` on a search worker, holding a search slot of the caller's."""
@@ -233,8 +239,10 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     @staticmethod
     def _subnet_pb(s: _Search, c, seconds: float) -> pb.Subnet:
         interval = s.sn.scorer.accuracy.interval
-        return cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned,
-                               interval.level if interval is not None else 0.0, s.sn.measured,
+        level = interval.level if interval is not None else 0.0
+        if s.int8:  # the int8 file's accuracy: the measured drop added, the interval widened by its spread
+            c = at_int8(c, s.int8, level)
+        return cv.subnet_to_pb(c, seconds, s.sn.name, s.target, s.applied, s.sn.fine_tuned, level, s.sn.measured,
                                s.found.table if s.found else None, s.sn.artifact.digest)
 
     def _arch(self, sn: ServedSupernet, request: pb.GetSubnetWeightsRequest) -> Arch:

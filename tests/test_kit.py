@@ -152,3 +152,46 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
             client_main([*address, "profile", "--target", "x", "--precision", "int4"])
     finally:
         srv.stop()
+
+
+def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifact, tmp_path, capsys):
+    """`ofa int8-accuracy`: int8 files of measured subnets tested on their validation images; an int8 target's
+    answers add the mean drop and widen the interval by its spread; a fp32 target's stay as they were."""
+    from ofa.artifact import INT8_ACCURACY, MEASUREMENTS, add_file
+    from ofa.evaluate import accuracy
+    from ofa.export import FORMATS, subnet_file
+    from ofa.predict.measure import validation_set
+
+    art_dir = tmp_path / "art"
+    shutil.copytree(artifact, art_dir)
+    art = load_artifact(art_dir)
+    val, spec = validation_set(art.manifest["training"])
+    archs = [art.space.smallest(), art.space.largest(), art.space.sample(5)]
+    subnets = {a.id: {"arch": a.to_dict(), "macs": i + 1, "accuracy": accuracy(FORMATS["safetensors"].read(
+        subnet_file(art, a, "safetensors").data), val, spec, a.resolution)} for i, a in enumerate(archs)}
+    add_file(art_dir, MEASUREMENTS, json.dumps({"artifact": art.digest, "subnets": subnets, "val_images": len(val)}))
+    assert ofa_main(["int8-accuracy", "--artifact", str(art_dir), "--subnets", "3"]) == 0
+    drop = json.loads((art_dir / INT8_ACCURACY).read_text())
+    assert drop["subnets"] == 3 and drop["val_images"] == len(val) and abs(drop["mean_drop"]) < 20
+    assert [r["fp32"] for r in drop["measured"]] == sorted(s["accuracy"] for s in subnets.values())
+    table = json.loads((art_dir / "latency" / "synthetic-cpu.json").read_text())
+    add_file(art_dir, "latency/int8-cpu.json", json.dumps({**table, "target": "int8-cpu", "device": {
+        **table["device"], "precision": "int8"}}))
+    srv = Server(Registry([str(art_dir)], None), ServeConfig(port=0, max_searches=1)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            fp32, int8 = (c.search(t, max_latency_ms=1e3, seed=2) for t in ("synthetic-cpu", "int8-cpu"))
+            assert int8.id == fp32.id  # the same table: the same pick, its accuracy as the int8 file's
+            assert int8.predicted_accuracy == pytest.approx(fp32.predicted_accuracy + drop["mean_drop"], abs=1e-3)
+            assert fp32.predicted_accuracy_low is None  # (the synthetic predictor has no interval: see below)
+    finally:
+        srv.stop()
+    # with an interval: the int8 one is the fp32 one moved by the drop, each side widened in quadrature
+    from ofa.jobs.precision import at_int8
+    from ofa.search import Candidate
+
+    c = Candidate(art.space.smallest(), 80.0, 1, 1, accuracy_low=78.0, accuracy_high=81.0)
+    moved = at_int8(c, {"mean_drop": -0.3, "sd": 0.2}, 0.9)
+    assert moved.accuracy == pytest.approx(79.7)
+    assert moved.accuracy - moved.accuracy_low == pytest.approx(np.hypot(2.0, 1.6449 * 0.2), abs=1e-3)
+    assert moved.accuracy_high - moved.accuracy == pytest.approx(np.hypot(1.0, 1.6449 * 0.2), abs=1e-3)

@@ -11,7 +11,7 @@ from ..artifact import ACCURACY_PREDICTOR, MEASUREMENTS, METRICS_LOG
 from ..space import DEFAULT_SPACE
 from .common import flag_errors
 
-__all__ = ["add_train", "run_train", "add_import_reference", "run_import_reference", "add_predictors", "run_predictors", "add_demo", "run_demo", "add_report", "run_report"]
+__all__ = ["add_train", "run_train", "add_import_reference", "run_import_reference", "add_predictors", "run_predictors", "add_demo", "run_demo", "add_report", "run_report", "add_int8_accuracy", "run_int8_accuracy"]
 
 
 def _print_table(report: dict) -> None:
@@ -270,4 +270,21 @@ def run_report(args: argparse.Namespace) -> int:
     print()
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.md'}; Pareto plot: {Path(args.out) / 'pareto.png'}")
+    return 0
+
+
+def add_int8_accuracy(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--artifact", required=True, help="artifact with measured subnets (`ofa predictors`)")
+    s.add_argument("--subnets", type=int, default=24, help="measured subnets to quantize and test (default 24)")
+    s.add_argument("--data-dir", help="where the dataset lies, if not where training found it")
+
+
+def run_int8_accuracy(args: argparse.Namespace) -> int:
+    """Measure what int8 costs the served subnets; int8 targets' predictions then carry it."""
+    from ..jobs.precision import measure_int8
+
+    r = flag_errors(lambda: measure_int8(args.artifact, args.subnets, args.data_dir, log=print))
+    print(f"int8 on {r['subnets']} subnets ({r['val_images']} validation images): mean drop {r['mean_drop']:+.3f} "
+          f"points, spread (sd) {r['sd']:.3f}, correlation with MACs {r['macs_correlation']}; {r['seconds']} s. "
+          f"Stored in the artifact: int8 targets' predictions add the drop and widen by the spread")
     return 0
