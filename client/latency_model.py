@@ -25,13 +25,14 @@ import numpy as np
 
 from .timing import spearman
 
-__all__ = ["FAMILIES", "choose_and_fit", "quality"]
+__all__ = ["FAMILIES", "MIN_PREDICTED_MS", "choose_and_fit", "fit_and_check", "quality"]
 
 # Simplest first. Each names which of the general coefficients it frees.
 FAMILIES = ("sum", "scale", "scale+blocks", "stages+blocks", "stages+blocks+resolution")
 FOLDS = 5
 TIE = 0.002      # cross-validated mean |relative error| this close to the best counts as equal
 RIDGE = 1e-4     # pulls free coefficients gently toward "the sum as timed" (scale 1, no offsets)
+MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
 
 
 def _design(family: str, num_stages: int, num_res: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,3 +130,22 @@ def coefficients(model: Mapping[str, Any], resolutions: Sequence[int]) -> np.nda
     """The general coefficient vector of a table's ``model``."""
     return np.r_[model["fixed_scale"], model["stage_scale"], model["block_ms"],
                  [model["offset_ms"][str(r)] for r in resolutions]].astype(float)
+
+
+def fit_and_check(x: np.ndarray, y: np.ndarray, held: np.ndarray, num_stages: int, resolutions: Sequence[int],
+                  seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A table's ``model`` fitted on the subnets not ``held`` out, and its ``fit`` record (the quality on the
+    fitted and the held-out subnets). With too few to choose a family: the entries' sum, checked on all."""
+    if (~held).sum() < 2 * FOLDS:
+        model = identity_model(num_stages, resolutions)
+        return model, {"subnets": 0, "held_out": len(y), "cv": {},
+                       "quality": {"held_out": quality(x @ coefficients(model, resolutions), y)}}
+    family, coef, cv = choose_and_fit(x[~held], y[~held], num_stages, seed)
+    model = model_dict(family, coef, num_stages, resolutions)
+    # checked as the server predicts: the table's (rounded) coefficients, never below MIN_PREDICTED_MS
+    pred = np.maximum(x @ coefficients(model, resolutions), MIN_PREDICTED_MS)
+    fit = {"subnets": int((~held).sum()), "held_out": int(held.sum()), "cv": cv,
+           "quality": {"fit": quality(pred[~held], y[~held])}}
+    if held.any():
+        fit["quality"]["held_out"] = quality(pred[held], y[held])
+    return model, fit

@@ -20,14 +20,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ._timer import ONNX_RUNTIMES
-from .latency_model import FOLDS, choose_and_fit, identity_model, model_dict, quality
+from .latency_model import fit_and_check
 from .timing import STATISTIC, Timings, describe_cpu, run_workers
 
 __all__ = ["KIT_FORMAT", "KIT_VERSION", "KitError", "RUNTIMES", "profile_kit", "read_kit"]
 
 KIT_FORMAT, KIT_VERSION, KIT_MANIFEST = "ofa-profile-kit", 1, "kit.json"
 RUNTIMES = ONNX_RUNTIMES  # each reads the kit's ONNX files
-MIN_PREDICTED_MS = 1e-3  # as the server's predictor: a model sum never predicts below a microsecond
 
 
 class KitError(ValueError):
@@ -72,20 +71,9 @@ def _features(kit: Mapping[str, Any], entries: Mapping[str, float]) -> np.ndarra
 
 def _fit(kit: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model (a table's ``model``) fitted on the subnets not held out, and the ``fit`` record."""
-    space, seed = kit["space"], kit["seed"]
-    num_stages, resolutions = len(space["stages"]), space["resolutions"]
     held = np.array([s["role"] == "held_out" for s in kit["subnets"]])
-    if (~held).sum() < 2 * FOLDS:  # too few to choose a model: the entries' sum, checked on all of them
-        model = identity_model(num_stages, resolutions)
-        pred = x[:, : 1 + num_stages].sum(axis=1)  # fixed parts and every stage at scale 1, no offsets
-        return model, {"subnets": 0, "held_out": len(y), "cv": {}, "quality": {"held_out": quality(pred, y)}}
-    family, coef, cv = choose_and_fit(x[~held], y[~held], num_stages, seed)
-    pred = np.maximum(x @ coef, MIN_PREDICTED_MS)
-    fit = {"subnets": int((~held).sum()), "held_out": int(held.sum()), "cv": cv,
-           "quality": {"fit": quality(pred[~held], y[~held])}}
-    if held.any():
-        fit["quality"]["held_out"] = quality(pred[held], y[held])
-    return model_dict(family, coef, num_stages, resolutions), fit
+    space = kit["space"]
+    return fit_and_check(x, y, held, len(space["stages"]), space["resolutions"], kit["seed"])
 
 
 def _check_provider(runtime: str, provider: str) -> None:

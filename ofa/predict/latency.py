@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from ofa_client.latency_model import MIN_PREDICTED_MS
 from ofa_client.timing import describe_cpu
 
 from ..space import Arch, BlockSpec, SearchSpace, space_digest
@@ -35,7 +36,6 @@ from .cost import gather_slots
 __all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_noise", "TABLE_FORMAT", "TABLE_KEYS",
            "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
 
-MIN_PREDICTED_MS = 1e-3  # a fitted model never predicts a subnet as free
 
 
 def _block_key(b: BlockSpec, h: int) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..space import Arch, SearchSpace, space_digest
 from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
-from ofa_client.latency_model import FOLDS, choose_and_fit, coefficients, identity_model, model_dict, quality
+from ofa_client.latency_model import fit_and_check, identity_model
 from .timing import BACKENDS, NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
 
 __all__ = ["backend_version", "check_profile", "e2e_archs", "held_out_mask", "profile_space", "recalibrate",
@@ -121,17 +121,8 @@ def _fit(space: SearchSpace, table: dict[str, Any], archs: list[Arch], measured:
     which include the corners, are always fitted on); return the ``fit`` record."""
     x = LatencyPredictor(space, table).features(space.encode(archs))
     held = held_out_mask(len(archs), n_refs, held_out, seed)
-    if (~held).sum() < 2 * FOLDS:  # too few to choose a model: the entries' sum, checked on all of them
-        return {"subnets": 0, "held_out": len(archs), "cv": {}, "quality": {
-            "held_out": quality(x @ coefficients(table["model"], space.resolutions), measured)}}
-    family, coef, cv = choose_and_fit(x[~held], measured[~held], space.num_stages, seed)
-    table["model"] = model_dict(family, coef, space.num_stages, space.resolutions)
-    pred = LatencyPredictor(space, table)
-    out = {"subnets": int((~held).sum()), "held_out": int(held.sum()), "cv": cv,
-           "quality": {"fit": quality(pred(space.encode([a for a, h in zip(archs, held) if not h])), measured[~held])}}
-    if held.any():
-        out["quality"]["held_out"] = quality(pred(space.encode([a for a, h in zip(archs, held) if h])), measured[held])
-    return out
+    table["model"], fit = fit_and_check(x, measured, held, space.num_stages, space.resolutions, seed)
+    return fit
 
 
 def timing_of_table(table: Mapping[str, Any], **changes: Any) -> Timing:
