@@ -43,6 +43,21 @@ def _digest_of(subnet: Any) -> str:
     return found if isinstance(found, str) else ""
 
 
+def unpack_kit(data: bytes, folder: str | Path) -> Path:
+    """A kit's tar unpacked into ``folder`` (made if missing): regular files inside it only, checked before any
+    is written (also on Pythons whose tarfile has no extraction filters); anything else is DATA_LOSS."""
+    import tarfile
+
+    folder = Path(folder)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
+                raise IntegrityError("DATA_LOSS", f"the kit holds {m.name[:80]!r}, not a file inside it")
+        folder.mkdir(parents=True, exist_ok=True)
+        tar.extractall(folder)
+    return folder
+
+
 class Client:
     """A connection to an ``ofa serve`` server, or to several replicas: ``address`` in gRPC's name syntax,
     e.g. ``ipv4:10.0.0.5:50051,10.0.0.6:50051``, spreads the calls round robin over the ones that are up.
@@ -293,8 +308,6 @@ class Client:
         """The server's profiling kit of its supernet's space (``GetProfileKit``, API 1.4), verified by sha256
         and unpacked into ``folder`` (made if missing); time it with :func:`ofa_client.profile.profile_kit`.
         The server builds a kit on its first request (tens of seconds): give a ``timeout`` that allows it."""
-        import tarfile
-
         self._check_version(timeout)
         req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision)
         header, data = self._download(self._stub.GetProfileKit, req, self._check_size, timeout)
@@ -302,14 +315,7 @@ class Client:
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
                                  f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for m in tar.getmembers():  # regular files inside the folder only (also where tarfile has no filters)
-                if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
-                    raise IntegrityError("DATA_LOSS", f"the kit holds {m.name[:80]!r}, not a file inside it")
-            tar.extractall(folder)
-        return folder
+        return unpack_kit(data, folder)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's health status name (``SERVING``, ``NOT_SERVING`` …) from ``grpc.health.v1``.

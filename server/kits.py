@@ -53,7 +53,7 @@ class Kits:
     """The kits built so far, by (artifact digest, precision); each built once, by one request."""
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="ofa-kits-"))
+        self.folder: Path | None = None  # made by the first build: a server nobody asks for a kit writes nothing
         self._kits: dict[tuple[str, str], Kit] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -70,6 +70,9 @@ class Kits:
             return self._kits[key]
 
     def _build(self, artifact: Artifact, precision: str) -> Kit:
+        with self._lock:
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="ofa-kits-"))
         name = f"{artifact.digest[:16]}-{precision}"
         work = self.folder / name
         shutil.rmtree(work, ignore_errors=True)
@@ -85,5 +88,6 @@ class Kits:
         return Kit(tar, json.dumps(json.loads(manifest), sort_keys=True), tar.stat().st_size, digest.hexdigest())
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """The profiling kit: a device becomes a target with only the light client (``ofa-client profile``, no torch)."""
 import json
 import shutil
+import tarfile
 import subprocess
 import sys
 
@@ -195,3 +196,22 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     assert moved.accuracy == pytest.approx(79.7)
     assert moved.accuracy - moved.accuracy_low == pytest.approx(np.hypot(2.0, 1.6449 * 0.2), abs=1e-3)
     assert moved.accuracy_high - moved.accuracy == pytest.approx(np.hypot(1.0, 1.6449 * 0.2), abs=1e-3)
+
+
+@pytest.mark.parametrize("name, kind", [("../escape.json", tarfile.REGTYPE), ("/abs.json", tarfile.REGTYPE),
+                                        ("nets/link.onnx", tarfile.SYMTYPE)], ids=["parent", "absolute", "link"])
+def test_a_kit_tar_with_anything_but_files_inside_it_is_refused_before_writing(name, kind, tmp_path):
+    import io
+
+    from ofa_client import IntegrityError
+    from ofa_client.client import unpack_kit
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("kit.json"), io.BytesIO(b""))
+        evil = tarfile.TarInfo(name)
+        evil.type, evil.linkname = kind, "/etc/passwd"
+        tar.addfile(evil, io.BytesIO(b""))
+    with pytest.raises(IntegrityError, match="not a file inside it"):
+        unpack_kit(buf.getvalue(), tmp_path / "kit")
+    assert not (tmp_path / "kit").exists() and not (tmp_path / "escape.json").exists()
