@@ -3,6 +3,7 @@ line, no traceback); only a server bug logs a traceback, as INTERNAL, and the se
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import time
@@ -30,6 +31,9 @@ def _status(e: Exception, context: grpc.ServicerContext, method: str) -> tuple[g
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, (WorkerLost, TimeoutError)):  # a worker died or hung, a build ran too long: a retry can succeed
         return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a build's files (a kit, an export)
+        log.warning("%s: the disk is full: %s", method, e)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's disk is full; retry later"
     if isinstance(e, (SearchCancelled, CalibrationCancelled)):
         expired = context.time_remaining() is not None and context.time_remaining() <= 0
         return ((grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed") if expired else

@@ -198,6 +198,25 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     assert moved.accuracy_high - moved.accuracy == pytest.approx(np.hypot(1.0, 1.6449 * 0.2), abs=1e-3)
 
 
+def test_a_kit_build_on_a_full_disk_is_resource_exhausted_and_built_on_the_retry(artifact, monkeypatch, tmp_path):
+    import errno
+
+    from ofa_client import ResourceExhausted
+    from ofa_server import kits
+
+    real = kits.write_kit
+    monkeypatch.setattr(kits, "write_kit", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=600) as c:
+            with pytest.raises(ResourceExhausted, match="disk is full; retry later"):
+                c.fetch_kit(tmp_path / "a")
+            monkeypatch.setattr(kits, "write_kit", real)  # space again: nothing half-built was kept
+            assert read_kit(c.fetch_kit(tmp_path / "b"))["precision"] == "fp32"
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("name, kind", [("../escape.json", tarfile.REGTYPE), ("/abs.json", tarfile.REGTYPE),
                                         ("nets/link.onnx", tarfile.SYMTYPE)], ids=["parent", "absolute", "link"])
 def test_a_kit_tar_with_anything_but_files_inside_it_is_refused_before_writing(name, kind, tmp_path):
