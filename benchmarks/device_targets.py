@@ -1,8 +1,10 @@
 """Devices made targets with only the light client, per runtime and precision (issue 36), end to end.
 
-For each ``--combo RUNTIME:PRECISION`` (default onnxruntime:fp32, openvino:fp32, onnxruntime:int8):
+For each ``--combo RUNTIME:PRECISION`` (default onnxruntime:fp32, openvino:fp32, onnxruntime:int8; also
+openvino:int8):
 
-1. ``ofa profile --kit`` writes the profiling kit of the artifact's space (once per precision);
+1. ``ofa profile --kit`` writes the profiling kit of the artifact's space (once per served format: fp32 ONNX
+   for both runtimes, int8 quantized by the runtime's quantizer);
 2. ``ofa-client profile`` from ``--client-venv`` (a venv with only ``pip install './client[onnx,openvino]'``:
    no torch, no ofa) times it and registers the table with a running ``ofa serve``; then a search
    for that target and a fetch of the runtime's format, timed;
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from common import fingerprint
 from ofa.artifact import add_file, load_artifact
+from ofa.export import run_format
 from ofa.jobs.service import ServerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +52,7 @@ def combo(rt: str, prec: str, a: argparse.Namespace, out: Path, kit: Path, serve
     summary = json.loads(run([*client, "profile", "--kit", str(kit), "--target", f"light-{name}", "--runtime", rt,
                               "--out", str(light), "--replace"], log))
     profile_s = time.perf_counter() - t0
-    fmt = "onnx_int8" if prec == "int8" else "onnx"
+    fmt = run_format(rt, prec)
     t0 = time.perf_counter()
     found = run([*client, "search", "--target", f"light-{name}", "--max-latency-ms", "1000"], log)
     (out / "found.json").write_text(found)
@@ -89,19 +92,22 @@ def main() -> None:
     fp = fingerprint()
     (a.out / "space.json").write_text(load_artifact(a.artifact).space.to_json())
     combos = [c.split(":") for c in (a.combo or ["onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8"])]
-    kits = {}
-    for prec in dict.fromkeys(prec for _, prec in combos):
-        kits[prec] = a.out / f"kit-{prec}"
+    kits = {}  # one per served format: an fp32 kit for every runtime, an int8 kit for its runtime's quantizer
+    for rt, prec in combos:
+        fmt = run_format(rt, prec)
+        if fmt in kits:
+            continue
+        kits[fmt] = a.out / f"kit-{fmt}"
         t0 = time.perf_counter()
-        run([*OFA, "profile", "--kit", str(kits[prec]), "--artifact", str(a.artifact), "--precision", prec,
-             "--no-progress"], a.out / "log.txt")
-        print(f"kit {prec}: {time.perf_counter() - t0:.0f} s, "
-              f"{sum(f.stat().st_size for f in kits[prec].rglob('*')) / 2**20:.0f} MiB", flush=True)
+        run([*OFA, "profile", "--kit", str(kits[fmt]), "--artifact", str(a.artifact), "--precision", prec,
+             "--backend", rt, "--no-progress"], a.out / "log.txt")
+        print(f"kit {fmt}: {time.perf_counter() - t0:.0f} s, "
+              f"{sum(f.stat().st_size for f in kits[fmt].rglob('*')) / 2**20:.0f} MiB", flush=True)
     venv_mb = sum(f.stat().st_size for f in a.client_venv.rglob("*") if f.is_file()) / 2**20
     results = {"fingerprint": fp, "client_venv_mib": round(venv_mb), "combos": {}}
     with ServerProcess([a.artifact], a.out / "server.log", extra=["--targets-dir", str(a.out / "targets")]) as srv:
         for rt, prec in combos:
-            r = results["combos"][f"{rt}:{prec}"] = combo(rt, prec, a, a.out, kits[prec], srv)
+            r = results["combos"][f"{rt}:{prec}"] = combo(rt, prec, a, a.out, kits[run_format(rt, prec)], srv)
             print(json.dumps({f"{rt}:{prec}": r}, indent=1), flush=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
 

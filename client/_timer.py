@@ -134,11 +134,12 @@ def _export(job: dict, report) -> None:
     import torch
 
     from ofa._torch import num_threads, seeded
-    from ofa.export import export_onnx, quantize_onnx
+    from ofa.export import FORMATS, export_onnx, run_format
     from ofa.space import SearchSpace
     from ofa.subnet import module_of
 
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
+    quantize = FORMATS[run_format(job.get("backend", "onnxruntime"), job.get("precision", "fp32"))].quantize
     with num_threads(1):
         for k, (part, shape, path, seed) in enumerate(job["export"]):
             with seeded(seed):
@@ -146,8 +147,8 @@ def _export(job: dict, report) -> None:
                 x = torch.randn(*shape)
                 noise = [x.numpy()] + [torch.randn(*shape).numpy() for _ in range(3)]
             data = export_onnx(module, x, dynamic_batch=False)
-            if job.get("precision") == "int8":  # quantized as a served int8 file is, calibrated on seeded noise
-                data = quantize_onnx(data, noise)
+            if quantize is not None:  # quantized as the runtime's served int8 file is, calibrated on seeded noise
+                data = quantize(data, noise)
             with open(path, "wb") as f:
                 f.write(data)
             report({"exported": k + 1})

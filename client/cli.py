@@ -157,7 +157,7 @@ def _profile(c: Client, args: argparse.Namespace) -> int:
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space
-        return _profile_kit(c, args, str(c.fetch_kit(tmp, args.precision, timeout=max(args.timeout, 600.0))))
+        return _profile_kit(c, args, str(c.fetch_kit(tmp, args.precision, timeout=max(args.timeout, 600.0), runtime=args.runtime)))
 
 
 def _profile_kit(c: Client, args: argparse.Namespace, folder: str) -> int:
@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kit", help="time this kit folder (`ofa profile --kit DIR --artifact A` wrote it); default: "
                    "fetch the server's kit of its supernet's space")
     s.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="the precision of the kit fetched from the server (int8: its networks quantized as a served "
-                   "onnx_int8 file is); a --kit folder says its own")
+                   help="the precision of the kit fetched from the server (int8: its networks quantized as the "
+                   "runtime's served int8 file is: onnx_int8 for onnxruntime, openvino_int8 for openvino); a --kit "
+                   "folder says its own")
     s.add_argument("--target", required=True, help="the name of this device's target (letters, digits, -_.)")
     s.add_argument("--runtime", default=ONNX_RUNTIMES[0], choices=ONNX_RUNTIMES,
                    help="the runtime timed (default onnxruntime; openvino: pip install openvino)")

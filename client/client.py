@@ -304,12 +304,13 @@ class Client:
             raise IntegrityError("DATA_LOSS", "the header's arch is not the arch asked for")
 
     def fetch_kit(self, folder: str | Path, precision: str = "fp32", supernet: str | None = None,
-                  timeout: float | None = None) -> Path:
-        """The server's profiling kit of its supernet's space (``GetProfileKit``, API 1.4), verified by sha256
-        and unpacked into ``folder`` (made if missing); time it with :func:`ofa_client.profile.profile_kit`.
-        The server builds a kit on its first request (tens of seconds): give a ``timeout`` that allows it."""
+                  timeout: float | None = None, runtime: str = "onnxruntime") -> Path:
+        """The server's profiling kit of its supernet's space (``GetProfileKit``, API 1.4; ``runtime``, which
+        picks the quantizer of an int8 kit, 1.5), verified by sha256 and unpacked into ``folder`` (made if
+        missing); time it with :func:`ofa_client.profile.profile_kit`. The server builds a kit on its first
+        request (tens of seconds): give a ``timeout`` that allows it."""
         self._check_version(timeout)
-        req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision)
+        req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision, runtime=runtime)
         header, data = self._download(self._stub.GetProfileKit, req, self._check_size, timeout)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != header.total_bytes or digest != header.sha256:

@@ -109,6 +109,9 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
         _check_provider(runtime, provider)
     runtime_version = _runtime_version(runtime)  # refused before any timing when it is not installed
     kit = read_kit(folder)
+    if runtime not in kit.get("runtimes", RUNTIMES):  # an int8 kit is quantized for one runtime's served file
+        raise KitError(f"{folder}: this kit's networks are {kit.get('weights_format')}, run by "
+                       f"{kit.get('runtimes')} only, not {runtime}: fetch or write one for runtime {runtime}")
     t0 = time.perf_counter()
     items = [{"file": str(Path(folder, i["file"]).resolve()), "shape": [kit["batch"], *i["shape"]]}
              for i in kit["entries"] + kit["subnets"]]

@@ -39,9 +39,10 @@ from .subnet import SubNet, load_subnet
 if TYPE_CHECKING:
     from .artifact import Artifact, ArtifactFiles
 
-__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "PRECISIONS", "RECORDED", "SCRIPT_TIMEOUT_S",
+__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED", "SCRIPT_TIMEOUT_S",
            "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
-           "export_torchscript", "finetuned_archs", "format_of", "quantize_onnx", "read_subnet", "run_format",
+           "export_torchscript", "finetuned_archs", "format_of", "quantize_nncf", "quantize_onnx", "read_subnet",
+           "run_format",
            "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
@@ -159,6 +160,25 @@ def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
         return out.read_bytes()
 
 
+def quantize_nncf(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
+    """ONNX bytes quantized to int8 by NNCF (OpenVINO's quantizer, its ONNX backend), calibrated on ``batches``:
+    NNCF's defaults for a CPU target (performance preset: symmetric ranges, weights per channel; fast bias
+    correction), written as QDQ ONNX that OpenVINO compiles to int8. The same bytes and batches give the same
+    bytes in any process. NNCF's progress bars (to stdout) are kept out of the caller's output."""
+    import contextlib
+
+    import nncf
+    import onnx
+
+    model = onnx.load_model_from_string(data)
+    name, feeds = model.graph.input[0].name, [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        out = nncf.quantize(model, nncf.Dataset(feeds, lambda x: {name: x}), subset_size=max(1, len(feeds)),
+                            target_device=nncf.TargetDevice.CPU)
+    return out.SerializeToString()
+
+
 def export_torchscript(module: nn.Module, metadata: str) -> bytes:
     """TorchScript bytes of a subnet, scripted in a new interpreter (:mod:`ofa._torchscript_child`).
 
@@ -240,6 +260,9 @@ class Format:
     write: Callable[[Served], bytes]
     read: Callable[[bytes], Any]
     precision: str = "fp32"
+    # an int8 row's quantizer (ONNX bytes, calibration batches -> bytes): also what a profile times with
+    quantize: Callable[[bytes, Iterable[np.ndarray]], bytes] | None = None
+    needs: str = ""  # the package its writer needs beyond the server's own (pip name = import name)
 
 
 class OnnxModel:
@@ -258,16 +281,45 @@ class OnnxModel:
         return self
 
 
+class OpenVinoModel:
+    """ONNX bytes compiled by OpenVINO for the CPU (as an OpenVINO device runs a served file), called as
+    :class:`OnnxModel` is."""
+
+    def __init__(self, data: bytes) -> None:
+        import tempfile
+
+        import openvino as ov
+
+        with tempfile.TemporaryDirectory(prefix="ofa-ov-") as tmp:  # its ONNX reader takes a path
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(data)
+            self.compiled = ov.Core().compile_model(str(path), "CPU")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled([x.detach().cpu().numpy()])[0].copy())
+
+    def eval(self) -> "OpenVinoModel":
+        return self
+
+
 def _read_torchscript(data: bytes) -> nn.Module:
     return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
 
 
+def _onnx(s: Served) -> bytes:
+    return export_onnx(s.module, s.example())
+
+
+def _int8(quantize: Callable[[bytes, Iterable[np.ndarray]], bytes]) -> Callable[[Served], bytes]:
+    return lambda s: quantize(_onnx(s), s.calibration())
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("safetensors", ("torch",), lambda s: write_safetensors(s.module, s.metadata), lambda b: read_subnet(b)[0]),
-    Format("onnx", ("onnxruntime", "openvino"), lambda s: export_onnx(s.module, s.example()), OnnxModel),
+    Format("onnx", ("onnxruntime", "openvino"), _onnx, OnnxModel),
     Format("torchscript", ("torch",), lambda s: export_torchscript(s.module, s.metadata), _read_torchscript),
-    Format("onnx_int8", ("onnxruntime",), lambda s: quantize_onnx(export_onnx(s.module, s.example()), s.calibration()),
-           OnnxModel, "int8"),
+    Format("onnx_int8", ("onnxruntime",), _int8(quantize_onnx), OnnxModel, "int8", quantize_onnx),
+    Format("openvino_int8", ("openvino",), _int8(quantize_nncf), OpenVinoModel, "int8", quantize_nncf, "nncf"),
 )}
 RECORDED = "safetensors"  # the format a fine-tuned subnet is recorded in: served as its file is, byte for byte
 

@@ -3,13 +3,15 @@ INVALID_ARGUMENT naming it and its range), and every response message is built h
 values (``Arch``, ``Candidate``, a latency table...)."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import grpc
 
-from ofa.export import FORMATS, PRECISIONS
-from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_noise
+from ofa.export import FORMATS, PRECISIONS, run_format
+from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_format, table_noise
+from ofa.predict.timing import ONNX_BACKENDS
 from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
 from ofa_client.values import WEIGHTS_FORMATS
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
     from ofa.export import SubnetFile
 
 __all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "bounded", "check_work",
-           "constraints_of", "format_of", "invalid", "points_of", "precision_of", "settings_of", "speed_of_timings", "subnet_id_of",
+           "constraints_of", "format_of", "invalid", "kit_format_of", "points_of", "settings_of", "speed_of_timings",
+           "subnet_id_of",
            "subnet_to_pb", "supernet_to_pb", "target_of", "target_to_pb", "weights_header"]
 
 # Bounds on what one request may ask of the server, fixed by the API (the ones an operator sets, a table's
@@ -158,20 +161,33 @@ def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
         raise invalid(f"arch: {e}") from None
 
 
+def _writable(name: str) -> str:
+    """``name`` (a row of :data:`ofa.export.FORMATS`), refused with FAILED_PRECONDITION where the package its
+    writer needs is not installed where the server runs."""
+    needs = FORMATS[name].needs
+    if needs and importlib.util.find_spec(needs) is None:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"this server cannot write {name}: the {needs} "
+                           f"package is not installed where it runs (pip install {needs})")
+    return name
+
+
 def format_of(value: int) -> str:
     """The name (a row of :data:`ofa.export.FORMATS`) of a ``pb.WeightsFormat`` value."""
     if value not in _FORMATS:
         names = [pb.WeightsFormat.Name(v) for v in _FORMATS]
         raise invalid(f"format must be one of {names}, got {value}")
-    return _FORMATS[value]
+    return _writable(_FORMATS[value])
 
 
-def precision_of(value: str) -> str:
-    """A profile kit's precision as a request gives it ("" is fp32)."""
-    value = value or "fp32"
-    if value not in PRECISIONS:
-        raise invalid(f"precision must be one of {list(PRECISIONS)}, got {value[:40]!r}")
-    return value
+def kit_format_of(precision: str, runtime: str) -> str:
+    """The served format a profile kit stands for, from its precision ("" is fp32) and runtime ("" is
+    onnxruntime) as a request gives them."""
+    precision, runtime = precision or "fp32", runtime or ONNX_BACKENDS[0]
+    if precision not in PRECISIONS:
+        raise invalid(f"precision must be one of {list(PRECISIONS)}, got {precision[:40]!r}")
+    if runtime not in ONNX_BACKENDS:
+        raise invalid(f"runtime must be one of {list(ONNX_BACKENDS)}, got {runtime[:40]!r}")
+    return _writable(run_format(runtime, precision))
 
 
 def subnet_id_of(value: str) -> str:
@@ -289,7 +305,8 @@ def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -
                      held_out_spearman=float(held.get("spearman", 0.0)),
                      model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms,
                      noisy=bool(table_noise(table)), noise=table_noise(table),
-                     precision=str(dev.get("precision", "fp32")))
+                     precision=str(dev.get("precision", "fp32")),
+                     weights_format=WEIGHTS_FORMATS.get(table_format(table) or "", pb.WEIGHTS_FORMAT_UNSPECIFIED))
 
 
 def weights_header(fmt: int, payload: "SubnetFile", arch: Arch, artifact: "Artifact") -> pb.WeightsHeader:

@@ -1,10 +1,11 @@
-"""Profiling kits a server hands out (``GetProfileKit``): one tar per (supernet, precision), built once.
+"""Profiling kits a server hands out (``GetProfileKit``): one tar per (supernet, format), built once.
 
 A kit (:func:`ofa.jobs.profile.write_kit`) is what a device times to become a target with only the
 light client. Building one exports a few hundred networks (tens of seconds; int8 ones are quantized
 too), so the first request builds it while holding a build slot and later ones stream the tar from a
 folder of the server's own, removed when the server stops. The tar is deterministic (sorted names,
-no times or owners): the same supernet and precision give the same bytes.
+no times or owners): the same supernet and format give the same bytes. An fp32 kit is one for every ONNX
+runtime; an int8 kit is quantized as its runtime's served int8 file is (``onnx_int8``, ``openvino_int8``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 from ofa.artifact import Artifact
+from ofa.export import FORMATS
 from ofa.jobs.profile import KIT_MANIFEST, write_kit
 
 __all__ = ["Kit", "Kits"]
@@ -50,7 +52,8 @@ def _tar(folder: Path, out: Path) -> None:
 
 
 class Kits:
-    """The kits built so far, by (artifact digest, precision); each built once, by one request."""
+    """The kits built so far, by (artifact digest, served format: :func:`ofa.export.run_format` of the kit's
+    runtime and precision); each built once, by one request."""
 
     def __init__(self) -> None:
         self.folder: Path | None = None  # made by the first build: a server nobody asks for a kit writes nothing
@@ -58,25 +61,27 @@ class Kits:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def kit(self, artifact: Artifact, precision: str, slot: Callable[[], ContextManager]) -> Kit:
-        """The kit of ``artifact``'s space at ``precision``, built now (holding ``slot``) when not yet."""
-        key = (artifact.digest, precision)
+    def kit(self, artifact: Artifact, fmt: str, slot: Callable[[], ContextManager]) -> Kit:
+        """The kit of ``artifact``'s space standing for format ``fmt`` (its networks quantized as an int8 format's
+        served file is), built now (holding ``slot``) when not yet."""
+        key = (artifact.digest, fmt)
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in self._kits:
                 with slot():
-                    self._kits[key] = self._build(artifact, precision)
+                    self._kits[key] = self._build(artifact, fmt)
             return self._kits[key]
 
-    def _build(self, artifact: Artifact, precision: str) -> Kit:
+    def _build(self, artifact: Artifact, fmt: str) -> Kit:
         with self._lock:
             if self.folder is None:
                 self.folder = Path(tempfile.mkdtemp(prefix="ofa-kits-"))
-        name = f"{artifact.digest[:16]}-{precision}"
+        name = f"{artifact.digest[:16]}-{fmt}"
         work = self.folder / name
         shutil.rmtree(work, ignore_errors=True)
-        write_kit(artifact.space, work, precision=precision, progress=False)
+        row = FORMATS[fmt]
+        write_kit(artifact.space, work, precision=row.precision, runtime=row.runtimes[0], progress=False)
         tar = self.folder / f"{name}.tar"
         _tar(work, tar)
         manifest = (work / KIT_MANIFEST).read_text()

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from ofa.jobs.precision import at_int8
-from ofa.predict.latency import LatencyTableError, Speed
+from ofa.predict.latency import LatencyTableError, Speed, table_format
 from ofa.search import Constraints, SearchSettings
 from ofa.space import Arch
 from ofa_client.v1 import API_VERSION
@@ -47,6 +47,7 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 @dataclass(frozen=True)
+
 class _Search:
     """A search request, checked: what to search, and on which scorer."""
 
@@ -203,7 +204,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
             raise cv.RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"supernet {sn.name!r} has no accuracy predictor; run `ofa predictors` on it")
         applied = speed if speed is not None else Speed.from_dict((table or {}).get("recalibration"))
-        int8 = sn.int8 if (table or {}).get("device", {}).get("precision") == "int8" else None
+        int8 = sn.int8.get(table_format(table)) if table else None  # an int8 format's measured drop
         if int8 and constraints.min_accuracy is not None:  # the floor is on the int8 file's accuracy
             constraints = dataclasses.replace(constraints, min_accuracy=constraints.min_accuracy - int8["mean_drop"])
         return _Search(sn, target, constraints, settings, found, speed, applied, int8)
@@ -292,7 +293,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
 
     def _kit(self, request: pb.GetProfileKitRequest, context) -> Iterator[pb.GetProfileKitResponse]:
         sn = self._supernet(request.supernet)
-        kit = self.kits.kit(sn.artifact, cv.precision_of(request.precision),
+        kit = self.kits.kit(sn.artifact, cv.kit_format_of(request.precision, request.runtime),
                             slot=lambda: self._slot(self._builds, context))
         header = pb.ProfileKitHeader(manifest_json=kit.manifest_json, total_bytes=kit.total_bytes, sha256=kit.sha256,
                                      supernet_digest=sn.artifact.digest)

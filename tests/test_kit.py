@@ -134,6 +134,30 @@ def test_the_profile_needs_no_torch(kit, tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["fit"]["held_out"] == 3
 
 
+def test_an_int8_kit_is_quantized_for_its_runtime_and_another_runtime_is_refused(tmp_path):
+    """An int8 kit stands for one runtime's served int8 file (here openvino_int8: NNCF's quantizer): a device
+    timing it in another runtime would time networks it will never run."""
+    pytest.importorskip("nncf")
+    import onnx
+    from test_latency import TINY
+
+    from ofa.predict.latency import table_format
+
+    (tmp_path / "space.json").write_text(TINY.to_json())
+    kit = tmp_path / "kit"
+    assert ofa_main(["profile", "--kit", str(kit), "--space-file", str(tmp_path / "space.json"), "--precision", "int8",
+                     "--backend", "openvino", "--subnets", "12", "--references", "2", "--no-progress"]) == 0
+    manifest = read_kit(kit)
+    assert (manifest["precision"], manifest["weights_format"], manifest["runtimes"]) == ("int8", "openvino_int8",
+                                                                                         ["openvino"])
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(kit / manifest["subnets"][0]["file"]).graph.node)
+    with pytest.raises(KitError, match=r"run by \['openvino'\] only, not onnxruntime"):
+        profile_kit(kit, "x", runtime="onnxruntime")
+    table = profile_kit(kit, "ov-int8", runtime="openvino", rounds=2, sample_ms=1.0, warmup_ms=2.0)
+    validate_table(table, TINY)
+    assert table["device"]["precision"] == "int8" and table_format(table) == "openvino_int8"
+
+
 def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, tmp_path, capsys):
     """GetProfileKit (API 1.4): built on the first request, verified by sha256 and unpacked by the client;
     ``ofa-client profile`` without --kit fetches it, times it and registers the target."""
@@ -146,6 +170,10 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
             assert len(kit["subnets"]) == 90
             with pytest.raises(InvalidArgument, match=r"precision must be one of \['fp32', 'int8'\]"):
                 c.fetch_kit(tmp_path / "other", precision="int4")
+            with pytest.raises(InvalidArgument, match=r"runtime must be one of \['onnxruntime', 'openvino'\]"):
+                c.fetch_kit(tmp_path / "other", precision="int8", runtime="tflite")
+            # an fp32 kit is one for every ONNX runtime: asked for OpenVINO, the same bytes, from the cache
+            assert read_kit(c.fetch_kit(tmp_path / "ov", runtime="openvino")) == kit
         address = ["--address", f"127.0.0.1:{srv.port}", "--json"]
         assert client_main([*address, "profile", "--target", "from-server", *FAST]) == 0
         assert json.loads(capsys.readouterr().out)["registered"] == "from-server"
@@ -171,20 +199,32 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     subnets = {a.id: {"arch": a.to_dict(), "macs": i + 1, "accuracy": accuracy(FORMATS["safetensors"].read(
         subnet_file(art, a, "safetensors").data), val, spec, a.resolution)} for i, a in enumerate(archs)}
     add_file(art_dir, MEASUREMENTS, json.dumps({"artifact": art.digest, "subnets": subnets, "val_images": len(val)}))
+    # each runtime's int8 file (onnxruntime's quantizer; NNCF's for OpenVINO), run in that runtime, stored apart
     assert ofa_main(["int8-accuracy", "--artifact", str(art_dir), "--subnets", "3"]) == 0
-    drop = json.loads((art_dir / INT8_ACCURACY).read_text())
+    assert ofa_main(["int8-accuracy", "--artifact", str(art_dir), "--subnets", "2", "--backend", "openvino"]) == 0
+    drops = json.loads((art_dir / INT8_ACCURACY).read_text())
+    drop = drops["onnx_int8"]
     assert drop["subnets"] == 3 and drop["val_images"] == len(val) and abs(drop["mean_drop"]) < 20
     assert [r["fp32"] for r in drop["measured"]] == sorted(s["accuracy"] for s in subnets.values())
+    assert drops["openvino_int8"]["subnets"] == 2 and "nncf" in drops["openvino_int8"]["quantizer"]
     table = json.loads((art_dir / "latency" / "synthetic-cpu.json").read_text())
-    add_file(art_dir, "latency/int8-cpu.json", json.dumps({**table, "target": "int8-cpu", "device": {
-        **table["device"], "precision": "int8"}}))
+    for name, backend in (("int8-cpu", "onnxruntime"), ("int8-ov", "openvino"), ("int8-other", "other")):
+        add_file(art_dir, f"latency/{name}.json", json.dumps({**table, "target": name, "device": {
+            **table["device"], "precision": "int8", "backend": backend}}))
     srv = Server(Registry([str(art_dir)], None), ServeConfig(port=0, max_searches=1)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:
-            fp32, int8 = (c.search(t, max_latency_ms=1e3, seed=2) for t in ("synthetic-cpu", "int8-cpu"))
-            assert int8.id == fp32.id  # the same table: the same pick, its accuracy as the int8 file's
-            assert int8.predicted_accuracy == pytest.approx(fp32.predicted_accuracy + drop["mean_drop"], abs=1e-3)
+            fp32, ort, ov, other = (c.search(t, max_latency_ms=1e3, seed=2)
+                                    for t in ("synthetic-cpu", "int8-cpu", "int8-ov", "int8-other"))
+            assert ort.id == ov.id == fp32.id  # the same table: the same pick, its accuracy as the int8 file's
+            assert ort.predicted_accuracy == pytest.approx(fp32.predicted_accuracy + drop["mean_drop"], abs=1e-3)
+            assert ov.predicted_accuracy == pytest.approx(
+                fp32.predicted_accuracy + drops["openvino_int8"]["mean_drop"], abs=1e-3)
+            # a runtime whose quantizer this server does not know: no drop measured for it, none added
+            assert other.predicted_accuracy == fp32.predicted_accuracy
             assert fp32.predicted_accuracy_low is None  # (the synthetic predictor has no interval: see below)
+            kinds = {t["name"]: t["weights_format"] for t in c.targets()}
+            assert (kinds["int8-cpu"], kinds["int8-ov"]) == ("WEIGHTS_FORMAT_ONNX_INT8", "WEIGHTS_FORMAT_OPENVINO_INT8")
     finally:
         srv.stop()
     # with an interval: the int8 one is the fp32 one moved by the drop, each side widened in quadrature

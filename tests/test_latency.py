@@ -300,17 +300,21 @@ sys.exit(main(["profile", "--space-file", {str(tmp_path / "space.json")!r}, "--t
     assert "is not a search-space definition" in capsys.readouterr().err
 
 
-def test_an_int8_target_times_quantized_networks(tmp_path):
-    """--precision int8: every block and subnet quantized as a served onnx_int8 file is, then timed; the table says so."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_an_int8_target_times_quantized_networks(backend, tmp_path):
+    """--precision int8: every block and subnet quantized as the backend's served int8 file is (onnx_int8;
+    openvino_int8, NNCF's), then timed; the table says so, and which file its device runs."""
     from ofa.cli import main
+    from ofa.predict.latency import table_format
 
     (tmp_path / "space.json").write_text(TINY.to_json())
     out = tmp_path / "int8.json"
     assert main(["profile", "--space-file", str(tmp_path / "space.json"), "--target", "dev-int8", "--out", str(out),
-                 "--precision", "int8", "--threads", "1", "--rounds", "2", "--sample-ms", "0.5", "--subnets", "0",
-                 "--references", "2", "--no-progress"]) == 0
+                 "--precision", "int8", "--backend", backend, "--threads", "1", "--rounds", "2", "--sample-ms", "0.5",
+                 "--subnets", "0", "--references", "2", "--no-progress"]) == 0
     table = validate_table(json.loads(out.read_text()), TINY)
     assert table["device"]["precision"] == "int8" and all(v > 0 for v in table["entries"].values())
     from ofa.predict.profile import timing_of_table
 
     assert timing_of_table(table).precision == "int8"
+    assert table_format(table) == {"onnxruntime": "onnx_int8", "openvino": "openvino_int8"}[backend]

@@ -17,6 +17,7 @@ from conftest import ROOT, served_copy, synthetic_table, until
 from ofa.artifact import load_artifact
 from ofa.calibrate import calibrate_bn
 from ofa.data import prepare_batch
+from ofa.export import FORMATS
 from ofa.supernet import extract
 from ofa_client import AlreadyExists, Client, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from ofa_server.auth import Tokens
@@ -59,7 +60,7 @@ def reference_logits(artifact: Path, arch: dict, images: torch.Tensor) -> torch.
         return sub(prepare_batch(images, a.resolution, art.data, "cpu", channels_last=False))
 
 
-def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, artifact):
+def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, artifact, tmp_path):
     best = client.search(TARGET, max_latency_ms=2.5, seed=3)
     assert best.predicted_latency_ms <= 2.5 and best.supernet == "tiny" and best.search_seconds > 0
     art = load_artifact(artifact)
@@ -92,11 +93,20 @@ def test_search_then_fetch_every_format_runs_and_matches_the_supernet(client, ar
         None, {"image": x.numpy()})[0])
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
     assert client.fetch(best.id, "onnx_int8").data == w.data
+    # int8 for OpenVINO: NNCF's quantizer (another file), run by OpenVINO as an int8 OpenVINO device does
+    import openvino as ov
+
+    v = client.fetch(best, "openvino_int8")
+    assert v.data != w.data and any(n.op_type == "QuantizeLinear" for n in onnx.load_model_from_string(v.data).graph.node)
+    path = tmp_path / "subnet.onnx"
+    path.write_bytes(v.data)
+    got = torch.from_numpy(ov.Core().compile_model(str(path), "CPU")([x.numpy()])[0].copy())
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
 
 
 def test_weights_are_byte_identical_across_processes_and_installs(client, artifact, tmp_path):
     best = client.search(seed=11)
-    local = {fmt: client.fetch(best, fmt).sha256 for fmt in ("safetensors", "torchscript", "onnx", "onnx_int8")}
+    local = {fmt: client.fetch(best, fmt).sha256 for fmt in FORMATS}
     # another process, running a copy of the code installed elsewhere whose lines moved (TorchScript records
     # source locations: a replica installed in another folder, or a release, must not serve other bytes)
     import ofa
@@ -110,7 +120,7 @@ def test_weights_are_byte_identical_across_processes_and_installs(client, artifa
     code = ("import json, sys; from ofa.artifact import load_artifact; from ofa.space import Arch; "
             "from ofa.export import subnet_file; art = load_artifact(sys.argv[1]); "
             "a = Arch.from_dict(json.loads(sys.argv[2])); import ofa; assert ofa.__file__.startswith(sys.argv[3]); "
-            "print(json.dumps({f: subnet_file(art, a, f).sha256 for f in ('safetensors', 'torchscript', 'onnx', 'onnx_int8')}))")
+            "from ofa.export import FORMATS; print(json.dumps({f: subnet_file(art, a, f).sha256 for f in FORMATS}))")
     r = subprocess.run([sys.executable, "-P", "-c", code, str(artifact), json.dumps(best.arch), str(install)],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(install)})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -14,11 +14,13 @@ class WeightsFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WEIGHTS_FORMAT_ONNX: _ClassVar[WeightsFormat]
     WEIGHTS_FORMAT_TORCHSCRIPT: _ClassVar[WeightsFormat]
     WEIGHTS_FORMAT_ONNX_INT8: _ClassVar[WeightsFormat]
+    WEIGHTS_FORMAT_OPENVINO_INT8: _ClassVar[WeightsFormat]
 WEIGHTS_FORMAT_UNSPECIFIED: WeightsFormat
 WEIGHTS_FORMAT_SAFETENSORS: WeightsFormat
 WEIGHTS_FORMAT_ONNX: WeightsFormat
 WEIGHTS_FORMAT_TORCHSCRIPT: WeightsFormat
 WEIGHTS_FORMAT_ONNX_INT8: WeightsFormat
+WEIGHTS_FORMAT_OPENVINO_INT8: WeightsFormat
 
 class Arch(_message.Message):
     __slots__ = ("kernel", "expand", "depth", "resolution")
@@ -155,7 +157,7 @@ class ReferenceTiming(_message.Message):
     def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms", "noisy", "noise", "precision")
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms", "noisy", "noise", "precision", "weights_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +177,7 @@ class Target(_message.Message):
     NOISY_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     supernet: str
     cpu: str
@@ -194,7 +197,8 @@ class Target(_message.Message):
     noisy: bool
     noise: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., noisy: _Optional[bool] = ..., noise: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    weights_format: WeightsFormat
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., noisy: _Optional[bool] = ..., noise: _Optional[str] = ..., precision: _Optional[str] = ..., weights_format: _Optional[_Union[WeightsFormat, str]] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ("supernet",)
@@ -403,12 +407,14 @@ class GetSubnetWeightsResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class GetProfileKitRequest(_message.Message):
-    __slots__ = ("supernet", "precision")
+    __slots__ = ("supernet", "precision", "runtime")
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     supernet: str
     precision: str
-    def __init__(self, supernet: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, supernet: _Optional[str] = ..., precision: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ProfileKitHeader(_message.Message):
     __slots__ = ("manifest_json", "total_bytes", "sha256", "supernet_digest")

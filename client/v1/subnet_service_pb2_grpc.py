@@ -137,7 +137,7 @@ class SubnetServiceServicer:
         """What a device times to become a target with only the light client (`ofa-client profile`): a tar
         of the supernet space's distinct blocks and profile subnets as ONNX files, with kit.json (the
         space and its digest, each file's sha256, shape and role, each subnet's feature recipe). Built on
-        the first request per precision (tens of seconds), then sent from the server's cache.
+        the first request per precision and quantizer (tens of seconds), then sent from the server's cache.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,11 +58,12 @@ COMMANDS: tuple[Command, ...] = (
                        "measurements on a validation split of this size (from per-image correctness)."),
     Command("int8-accuracy", "measure what int8 quantization costs the served subnets' accuracy",
             make.add_int8_accuracy, make.run_int8_accuracy,
-            description="Quantize measured subnets as a served onnx_int8 file is (onnxruntime's static quantizer, "
-                       "calibrated on the artifact's calibration images), test them on the validation images their "
-                       "fp32 accuracy was measured on, and store the drop (a constant with its spread) in the "
-                       "artifact: for a target timed at int8, the server adds it to predicted accuracies and widens "
-                       "their intervals."),
+            description="Quantize measured subnets as a runtime's served int8 file is (onnx_int8: onnxruntime's "
+                       "static quantizer; openvino_int8: NNCF's; both calibrated on the artifact's calibration "
+                       "images), test them in that runtime on the validation images their fp32 accuracy was "
+                       "measured on, and store the drop (a constant with its spread) in the artifact: for a target "
+                       "of that runtime timed at int8, the server adds it to predicted accuracies and widens their "
+                       "intervals."),
     Command("finetune", "fine-tune one subnet with distillation; the server then serves it",
             finetune.add_finetune, finetune.run_finetune, description=finetune.DESCRIPTION),
     Command("search", "find the most accurate subnet under constraints",

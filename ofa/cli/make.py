@@ -274,17 +274,23 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_int8_accuracy(s: argparse.ArgumentParser) -> None:
+    from ..predict.timing import ONNX_BACKENDS
+
     s.add_argument("--artifact", required=True, help="artifact with measured subnets (`ofa predictors`)")
     s.add_argument("--subnets", type=int, default=24, help="measured subnets to quantize and test (default 24)")
     s.add_argument("--data-dir", help="where the dataset lies, if not where training found it")
+    s.add_argument("--backend", choices=ONNX_BACKENDS, default=ONNX_BACKENDS[0],
+                   help="the runtime whose served int8 file is tested, run there: onnxruntime (default; onnx_int8, "
+                   "onnxruntime's quantizer) or openvino (openvino_int8, NNCF's; pip install nncf). Each is stored "
+                   "apart and applies to the int8 targets of its runtime")
 
 
 def run_int8_accuracy(args: argparse.Namespace) -> int:
     """Measure what int8 costs the served subnets; int8 targets' predictions then carry it."""
     from ..jobs.precision import measure_int8
 
-    r = flag_errors(lambda: measure_int8(args.artifact, args.subnets, args.data_dir, log=print))
-    print(f"int8 on {r['subnets']} subnets ({r['val_images']} validation images): mean drop {r['mean_drop']:+.3f} "
+    r = flag_errors(lambda: measure_int8(args.artifact, args.subnets, args.data_dir, log=print, runtime=args.backend))
+    print(f"{r['format']} on {r['subnets']} subnets ({r['val_images']} validation images): mean drop {r['mean_drop']:+.3f} "
           f"points, spread (sd) {r['sd']:.3f}, correlation with MACs {r['macs_correlation']}; {r['seconds']} s. "
-          f"Stored in the artifact: int8 targets' predictions add the drop and widen by the spread")
+          f"Stored in the artifact: the {args.backend} int8 targets' predictions add the drop and widen by the spread")
     return 0

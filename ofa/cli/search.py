@@ -144,8 +144,9 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    "the CPU (latency hint, one stream; pip install openvino); torch: eager torch modules, which at "
                    "batch 1 on small images measures Python dispatch as much as the network")
     s.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="fp32 (default), or int8: every network statically quantized by onnxruntime's quantizer as "
-                   "a served --format onnx_int8 file is (onnxruntime backend); the target then serves int8 files")
+                   help="fp32 (default), or int8: every network statically quantized as the backend's served int8 "
+                   "file is: onnxruntime's quantizer (--format onnx_int8) or, with --backend openvino, NNCF's "
+                   "(--format openvino_int8; pip install nncf); the target then serves int8 files")
     s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
     s.add_argument("--batch", type=int, default=1, help="batch size while timing (default 1)")
     s.add_argument("--channels-last", action="store_true", help="time in channels_last memory format (torch only)")
@@ -170,7 +171,7 @@ def add_profile(s: argparse.ArgumentParser) -> None:
                    "`ofa-client search --reference-timings FILE`")
     s.add_argument("--kit", metavar="DIR", help="instead of timing here: write into DIR the ONNX files and manifest a "
                    "device times with `ofa-client profile --kit DIR` (no torch there); --subnets, --held-out, "
-                   "--references and --seed size it")
+                   "--references and --seed size it, --precision int8 quantizes it for --backend's runtime")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
 
@@ -183,10 +184,11 @@ def _write_kit(args: argparse.Namespace) -> int:
     flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
     t0 = time.perf_counter()
     kit = flag_errors(lambda: write_kit(space, args.kit, args.subnets, args.held_out, args.references, args.seed,
-                                        not args.no_progress, args.precision))
+                                        not args.no_progress, args.precision, args.backend))
+    runtime = "" if args.precision == "fp32" else f" --runtime {args.backend}"
     print(f"wrote {args.kit}: {len(kit['entries'])} blocks and {len(kit['subnets'])} subnets of space "
-          f"{space.name} as {args.precision} ONNX in {time.perf_counter() - t0:.0f} s; on the device: "
-          f"ofa-client --address ADDRESS profile --kit {args.kit} --target NAME")
+          f"{space.name} as {kit['weights_format']} in {time.perf_counter() - t0:.0f} s; on the device: "
+          f"ofa-client --address ADDRESS profile --kit {args.kit}{runtime} --target NAME")
     return 0
 
 

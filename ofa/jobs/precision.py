@@ -1,13 +1,14 @@
 """``ofa int8-accuracy``: what int8 costs the served subnets, measured, so that an int8 target's predictions say it.
 
-For ``subnets`` of the subnets ``ofa predictors`` measured (spread over their measured accuracy),
-the served ``onnx_int8`` file (:mod:`ofa.export`: onnxruntime's static quantizer, calibrated on the
-artifact's served calibration images) is evaluated on the same validation images as the fp32
-measurement. The drop is paired: the same images, the same subnet, so the split's sampling noise
-mostly cancels. The model is a constant drop with its spread across subnets. With tens of subnets, a
-per-arch model would fit noise, and the measured drops here were small and did not follow MACs
-(their correlation is recorded). The server adds the mean drop to an int8 target's predictions and
-widens the interval by the spread (:func:`int8_drop`).
+For ``subnets`` of the subnets ``ofa predictors`` measured (spread over their measured accuracy), the
+served int8 file of one runtime (:mod:`ofa.export`: ``onnx_int8``, onnxruntime's static quantizer, or
+``openvino_int8``, NNCF's; both calibrated on the artifact's served calibration images) is evaluated,
+in that runtime, on the same validation images as the fp32 measurement. The drop is paired: the same
+images, the same subnet, so the split's sampling noise mostly cancels. The model is a constant drop
+with its spread across subnets, per format. With tens of subnets, a per-arch model would fit noise, and
+the measured drops here were small and did not follow MACs (their correlation is recorded). The server
+adds the mean drop of the target's format to an int8 target's predictions and widens the interval by the
+spread (:func:`int8_drop`, :func:`at_int8`).
 """
 from __future__ import annotations
 
@@ -24,18 +25,20 @@ __all__ = ["at_int8", "int8_drop", "measure_int8"]
 
 
 def measure_int8(root: str | Path, subnets: int = 24, data_dir: str | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Measure the int8 accuracy of ``subnets`` measured subnets of the artifact at ``root``, store the drop
-    (:data:`ofa.artifact.INT8_ACCURACY`) and return it."""
+                 log: Callable[[str], None] = lambda s: None, runtime: str = "onnxruntime") -> dict[str, Any]:
+    """Measure the int8 accuracy of ``subnets`` measured subnets of the artifact at ``root`` as ``runtime``'s
+    served int8 file, run there, store the drop under that format (:data:`ofa.artifact.INT8_ACCURACY`) and
+    return it."""
     from importlib.metadata import version
 
     from ..evaluate import accuracy
-    from ..export import OnnxModel, run_format, subnet_file
+    from ..export import FORMATS, run_format, subnet_file
     from ..predict.measure import validation_set
     from ..space import Arch
 
     if subnets < 2:
         raise ValueError(f"subnets must be >= 2 (a spread needs two), got {subnets}")
+    form = FORMATS[run_format(runtime, "int8")]  # a ValueError names the (runtime, precision) pairs
     art = load_artifact(root)
     if not art.files.has(MEASUREMENTS):
         raise ValueError(f"{root} has no measured subnets: run `ofa predictors` on it first")
@@ -49,31 +52,42 @@ def measure_int8(root: str | Path, subnets: int = 24, data_dir: str | None = Non
     t0, rows = time.perf_counter(), []
     for i in chosen:
         arch = Arch.from_dict(measured[i]["arch"])
-        served = subnet_file(art, arch, run_format("onnxruntime", "int8")).data  # the file an int8 target gets
-        int8 = accuracy(OnnxModel(served), val, spec, arch.resolution)
+        served = subnet_file(art, arch, form.name).data  # the file an int8 target of the runtime gets
+        int8 = accuracy(form.read(served), val, spec, arch.resolution)
         rows.append({"id": i, "fp32": measured[i]["accuracy"], "int8": round(int8, 4),
                      "drop": round(int8 - measured[i]["accuracy"], 4), "macs": measured[i].get("macs")})
         log(f"  {i}: fp32 {rows[-1]['fp32']:.2f}%, int8 {int8:.2f}% ({rows[-1]['drop']:+.2f})")
     drops = np.array([r["drop"] for r in rows])
     macs = [r["macs"] for r in rows]
     corr = float(np.corrcoef(macs, drops)[0, 1]) if None not in macs and drops.std() > 0 else None
-    result = {"precision": "int8", "quantizer": f"onnxruntime {version('onnxruntime')} static QDQ, weights per channel",
-              "model": "constant", "artifact": art.digest, "subnets": len(rows), "val_images": len(val),
+    quantizer = f"{form.needs or runtime} {version(form.needs or runtime)}, run in {runtime} {version(runtime)}"
+    result = {"precision": "int8", "format": form.name, "quantizer": quantizer, "model": "constant", "artifact": art.digest, "subnets": len(rows), "val_images": len(val),
               "mean_drop": round(float(drops.mean()), 4), "sd": round(float(drops.std(ddof=1)), 4),
               "macs_correlation": None if corr is None else round(corr, 3),
               "seconds": round(time.perf_counter() - t0, 1), "measured": rows}
-    add_file(Path(root), INT8_ACCURACY, json.dumps(result, indent=1, sort_keys=True))
+    stored = {fmt: r for fmt, r in _stored(art.files).items() if r.get("artifact") == art.digest}
+    add_file(Path(root), INT8_ACCURACY, json.dumps({**stored, form.name: result}, indent=1, sort_keys=True))
     return result
 
 
-def int8_drop(files: ArtifactFiles) -> dict[str, Any] | None:
-    """The stored int8 accuracy drop (``mean_drop``, ``sd``, ``subnets``) of these very weights, or None."""
+def _stored(files: ArtifactFiles) -> dict[str, Any]:
+    """{format: result} of the artifact's int8 file (one written before formats were keyed is onnx_int8's)."""
     if not files.has(INT8_ACCURACY):
-        return None
+        return {}
     data = files.read_json(INT8_ACCURACY)
-    if not isinstance(data, dict) or data.get("artifact") != files.digest:
-        return None
-    return {k: data[k] for k in ("mean_drop", "sd", "subnets")}
+    if not isinstance(data, dict):
+        return {}
+    if "mean_drop" in data:  # the one int8 format there was
+        from ..export import run_format
+
+        return {run_format("onnxruntime", "int8"): data}
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def int8_drop(files: ArtifactFiles) -> dict[str, dict[str, Any]]:
+    """{int8 format: its stored accuracy drop (``mean_drop``, ``sd``, ``subnets``)} of these very weights."""
+    return {fmt: {k: r[k] for k in ("mean_drop", "sd", "subnets")}
+            for fmt, r in _stored(files).items() if r.get("artifact") == files.digest}
 
 
 def at_int8(candidate: Any, drop: dict[str, Any], level: float) -> Any:

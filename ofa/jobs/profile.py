@@ -99,16 +99,18 @@ def _recipe(space: SearchSpace, arch: Arch, fixed: dict, slots: dict) -> dict[st
 
 
 def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_out: float = 0.25,
-              references: int = 10, seed: int = 0, progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+              references: int = 10, seed: int = 0, progress: bool = True, precision: str = "fp32",
+              runtime: str = "onnxruntime") -> dict[str, Any]:
     """Write into ``folder`` what a device times to become a target: every distinct block of ``space``, its
     reference subnets and ``subnets`` random ones as ONNX files (as ``ofa profile`` exports them: opset
-    :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1; ``precision`` int8: quantized as a served int8 file
-    is), and ``kit.json``: the space, each file's sha256,
-    input shape and role, each subnet's feature recipe, and the table format it makes. Returns the manifest."""
-    from ..export import ONNX_OPSET
+    :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1; ``precision`` int8: quantized as ``runtime``'s served
+    int8 file is), and ``kit.json``: the space, each file's sha256, input shape and role, each subnet's feature
+    recipe, the served format it stands for and the runtimes that run it, and the table format it makes.
+    Returns the manifest."""
+    from ..export import FORMATS, ONNX_OPSET, run_format
     from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
     from ..predict.profile import check_profile, e2e_archs, held_out_mask, reference_archs
-    from ..predict.timing import Part, _worker_items, subnet_part
+    from ..predict.timing import ONNX_BACKENDS, Part, _worker_items, subnet_part
 
     check_profile(subnets, held_out, references)
     folder = Path(folder)
@@ -117,7 +119,12 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     refs = reference_archs(space, references, seed)
     e2e = e2e_archs(space, refs, subnets, seed)
     parts = [Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e]
-    items = _worker_items(space, parts, Timing(seed=seed, precision=precision).check(), folder / "nets", progress)
+    if runtime not in ONNX_BACKENDS:
+        raise ValueError(f"a kit is timed by an ONNX runtime: runtime must be one of {list(ONNX_BACKENDS)}, "
+                         f"got {runtime!r}")
+    timing = Timing(backend=runtime, seed=seed, precision=precision).check()
+    items = _worker_items(space, parts, timing, folder / "nets", progress)
+    fmt = FORMATS[run_format(runtime, precision)]
     files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
               "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
     _, fixed, slots = block_plan(space)
@@ -125,7 +132,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     roles = ["reference"] * len(refs) + ["held_out" if h else "fit" for h in held[len(refs):]]
     manifest = {"format": KIT_FORMAT, "version": KIT_VERSION, "space": space.to_dict(),
                 "space_digest": space_digest(space), "opset": ONNX_OPSET, "seed": seed, "batch": 1,
-                "precision": precision,
+                "precision": precision, "weights_format": fmt.name, "runtimes": list(fmt.runtimes),
                 "table": {"format": TABLE_FORMAT, "version": TABLE_VERSION},
                 "entries": [{"key": e.key, **f} for e, f in zip(plan, files)],
                 "subnets": [{"arch": a.to_dict(), "role": role, "features": _recipe(space, a, fixed, slots), **f}

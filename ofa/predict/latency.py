@@ -33,8 +33,8 @@ from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError,
                      check_target_name)
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_noise", "TABLE_FORMAT", "TABLE_KEYS",
-           "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
+__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_format", "table_noise",
+           "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
 
 
 
@@ -240,6 +240,18 @@ def table_noise(table: Mapping[str, Any]) -> str:
     if rep.get("trusted", True):
         return ""
     return str(rep.get("verdict") or "the profile's repeatability check failed")
+
+
+def table_format(table: Mapping[str, Any]) -> str | None:
+    """The served format (:data:`ofa.export.FORMATS`) a table's device runs and was timed in, from its backend
+    and precision; None for a pair unknown here."""
+    from ..export import run_format  # torch: imported when asked, not with the tables
+
+    device = table.get("device") or {}
+    try:
+        return run_format(str(device.get("backend", "")), str(device.get("precision", "fp32")))
+    except ValueError:
+        return None
 
 
 def iter_plan(space: SearchSpace, seed: int = 0) -> Iterator[PlanEntry]:

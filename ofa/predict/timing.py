@@ -12,6 +12,7 @@ A machine too noisy to trust is said so (:meth:`Timings.repeatability`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import tempfile
@@ -54,7 +55,7 @@ class Timing:
     threads: int = 2
     batch: int = 1
     channels_last: bool = False    # torch only
-    precision: str = "fp32"        # int8: every network quantized (onnxruntime's static quantizer) before timing
+    precision: str = "fp32"        # int8: every network quantized as the backend's served int8 file is (ofa.export)
     rounds: int = 6                # interleaved passes over all networks
     samples: int = 2               # samples per network and pass
     sample_ms: float = 10.0        # each sample runs as many calls as fill this
@@ -69,9 +70,13 @@ class Timing:
             raise ValueError("channels_last applies to the torch backend only")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.precision == "int8" and self.backend != "onnxruntime":
-            raise ValueError(f"precision int8 is timed with the onnxruntime backend only (its static quantizer), "
-                             f"not {self.backend!r}")
+        if self.precision != "fp32":
+            from ..export import FORMATS, run_format
+
+            needs = FORMATS[run_format(self.backend, self.precision)].needs  # a ValueError names the pairs
+            if needs and importlib.util.find_spec(needs) is None:
+                raise ValueError(f"precision {self.precision} with {self.backend} needs the {needs} package "
+                                 f"(pip install {needs})")
         for name, low in (("threads", 1), ("batch", 1), ("rounds", 2), ("samples", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -80,8 +85,6 @@ class Timing:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.backend in ONNX_BACKENDS:
-            import importlib.util
-
             if importlib.util.find_spec(self.backend) is None:
                 raise ValueError(f"the {self.backend} backend needs the {self.backend} package "
                                  f"(pip install {self.backend})")
@@ -155,7 +158,7 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
         n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
         sp = space.to_dict() if space is not None else None
         jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
-                 "precision": timing.precision} for k in range(n)]
+                 "precision": timing.precision, "backend": timing.backend} for k in range(n)]
         _run_workers(jobs, folder, progress, "export to onnx", len(exports), "exported")
     return items
 
