@@ -114,6 +114,8 @@ def _targets(c: Client, args: argparse.Namespace) -> int:
               f"{t['backend_version']} {t.get('precision') or 'fp32'}, {t['blocks']} blocks, model {t['model_family']}: held out "
               f"{t['held_out_within_10pct']:.0%} within 10%, mean |error| {t['mean_abs_rel_error']:.1%}; "
               f"speed x{t['speed']:.3f}; {len(t['references'])} references"
+              + (f"; runs --format {fmt}" if (fmt := str(t.get("weights_format", "")).removeprefix(
+                  "WEIGHTS_FORMAT_").lower()) in FORMATS else "")
               + (f"; NOISY: {t['noise']}" if t.get("noisy") else ""))
     return 0
 

@@ -300,10 +300,9 @@ sys.exit(main(["profile", "--space-file", {str(tmp_path / "space.json")!r}, "--t
     assert "is not a search-space definition" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_an_int8_target_times_quantized_networks(backend, tmp_path):
-    """--precision int8: every block and subnet quantized as the backend's served int8 file is (onnx_int8;
-    openvino_int8, NNCF's), then timed; the table says so, and which file its device runs."""
+def test_an_int8_target_times_quantized_networks(tmp_path, backend="onnxruntime"):
+    """--precision int8: every block and subnet quantized as the backend's served int8 file is, then timed; the
+    table says so, and which file its device runs (openvino_int8, NNCF's: tests/test_kit.py, through a kit)."""
     from ofa.cli import main
     from ofa.predict.latency import table_format
 
