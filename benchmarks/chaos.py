@@ -191,6 +191,14 @@ def run(a, fp: dict, disk: dict | None) -> None:
                 c.fetch(s, "onnx")  # built once: the fetches under chaos are served from the cache
         calls: list[tuple[str, str, float, float]] = []  # kind, status, start (s since t0), seconds
         lock, stop = threading.Lock(), threading.Event()
+        messages: dict[str, list[str]] = {}  # "kind status" -> the first distinct messages of calls not OK
+
+        def failed(kind: str, e: ClientError) -> str:
+            with lock:
+                seen = messages.setdefault(f"{kind} {e.code}", [])
+                if len(seen) < 3 and str(e)[:300] not in seen:
+                    seen.append(str(e)[:300])
+            return e.code
         t0 = time.monotonic()
 
         def client(k: int) -> None:
@@ -207,7 +215,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
                             c.fetch(rng.choice(known), "onnx")
                         status = "OK"
                     except ClientError as e:
-                        status = e.code
+                        status = failed(kind, e)
                     with lock:
                         calls.append((kind, status, start - t0, time.monotonic() - start))
                     if status in RETRYABLE:
@@ -256,7 +264,7 @@ def run(a, fp: dict, disk: dict | None) -> None:
                         try:
                             status = "OK" if call() not in ("NOT_SERVING", "SERVICE_UNKNOWN") else "NOT_SERVING"
                         except ClientError as e:
-                            status = e.code
+                            status = failed(kind, e)
                         with lock:
                             calls.append((kind, status, start - t0, time.monotonic() - start))
 
@@ -342,6 +350,9 @@ def run(a, fp: dict, disk: dict | None) -> None:
         print("  slow readers' streams: " + ", ".join(f"{k} {n}" for k, n in sorted(held.items())))
     print("  calls: " + ", ".join(f"{k} {s} {n}" for (k, s), n in sorted(by.items())))
     print(f"  neither OK nor retryable: {sum(bad.values())} {bad if bad else ''}")
+    for key, texts in sorted(messages.items()):
+        if not key.endswith("RESOURCE_EXHAUSTED"):
+            print(f"  {key}: " + " | ".join(texts))
     print("  a search started after each kill succeeded within: " + ", ".join(f"{r:.2f} s" for r in recovery)
           + f" (worst {max(recovery, default=0):.2f} s; goal 5 s)")
     for kind, x in lat.items():
@@ -360,7 +371,8 @@ def run(a, fp: dict, disk: dict | None) -> None:
                    "p99_ms": {k: 1000 * float(np.quantile(x, .99)) for k, x in lat.items() if len(x)},
                    "calls": {f"{k} {s}": n for (k, s), n in by.items()}, "not_retryable": bad,
                    "recovery_s": recovery, "peak_rss_mb": max(peak), "full_disk": disk, "lost": lost,
-                   "half_open": a.half_open, "half_open_ended": dict(half_open), "made_up_paths": made_up},
+                   "half_open": a.half_open, "half_open_ended": dict(half_open), "made_up_paths": made_up,
+                   "messages": messages},
                   open(a.json, "w"), indent=1)
 
 

@@ -39,6 +39,8 @@ __all__ = ["BodyGuard", "HEALTH_PREFIX", "MIN_AGE", "Waiting", "client_address"]
 log = logging.getLogger("ofa_server")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MIN_AGE = 0.1  # seconds a call may wait for its request before it can be crowded out (health: less)
+LONE_AGE = 10  # times MIN_AGE for a call alone on a connection that has sent requests before (see Waiting)
+DELIVERED_CONNECTIONS = 4096  # such connections remembered (the most recent)
 
 
 def _end(context: grpc.ServicerContext, why: str) -> None:
@@ -71,7 +73,10 @@ class Waiting:
     ends those waiting ``timeout`` seconds, and, where more than ``per_connection``, ``per_address`` or
     ``total`` wait in one scope, those that have waited ``min_age``, of the busiest connections first (a
     well-behaved call's request is there within milliseconds, so a burst of them is never ended: only calls
-    that hold a thread without sending are). ``on_end(reason)`` is told of each call it ends ("timeout" or
+    that hold a thread without sending are). A call alone on a connection whose requests have arrived before
+    (a probe, a client's next call) is ended only after ``LONE_AGE`` times ``min_age``: on a saturated machine
+    such a request was seen arriving after more than 0.1 s and ended. A fresh connection earns no such
+    patience, so an attacker opening a connection per silent call is crowded out as fast as before. ``on_end(reason)`` is told of each call it ends ("timeout" or
     "crowded")."""
 
     def __init__(self, timeout: float, per_connection: int, per_address: int, total: int,
@@ -80,6 +85,7 @@ class Waiting:
         self.bounds = (("connection", per_connection), ("address", per_address), ("server", total))
         self._lock = threading.Lock()
         self._waiters: OrderedDict[int, _Waiter] = OrderedDict()  # oldest first
+        self._delivered: OrderedDict[str, None] = OrderedDict()  # connections whose requests came, newest last
         self._keys = itertools.count()
         self._closed = threading.Event()
         self._wake = threading.Event()  # set by enter: an idle server's reaper sleeps
@@ -102,7 +108,13 @@ class Waiting:
     def leave(self, key: int) -> bool:
         """The call's request came (or it ended): False when this register had already ended the call."""
         with self._lock:
-            return self._waiters.pop(key, None) is not None
+            w = self._waiters.pop(key, None)
+            if w is not None:
+                self._delivered[w.connection] = None
+                self._delivered.move_to_end(w.connection)
+                if len(self._delivered) > DELIVERED_CONNECTIONS:
+                    self._delivered.popitem(last=False)
+            return w is not None
 
     def close(self) -> None:
         self._closed.set()
@@ -119,11 +131,16 @@ class Waiting:
                 groups.setdefault("" if scope == "server" else getattr(w, scope), []).append(k)
                 per_connection[w.connection] = per_connection.get(w.connection, 0) + 1
             for keys in groups.values():
-                old = [k for k in keys if now - self._waiters[k].since >= self.min_age]
+                old = [k for k in keys if now - self._waiters[k].since >= self.min_age * self._patience(
+                    self._waiters[k].connection, per_connection)]
                 # the connections holding most waiters first, then the oldest: a lone probe goes last
                 old.sort(key=lambda k: (-per_connection[self._waiters[k].connection], self._waiters[k].since))
                 out += [(self._waiters.pop(k), "crowded") for k in old[: max(0, len(keys) - bound)]]
         return out
+
+    def _patience(self, connection: str, per_connection: dict[str, int]) -> float:
+        """How many ``min_age`` a waiter of ``connection`` may wait before it can be crowded out."""
+        return LONE_AGE if per_connection[connection] == 1 and connection in self._delivered else 1
 
     def _reap(self) -> None:
         while not self._closed.wait(self.min_age / 4):

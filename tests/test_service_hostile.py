@@ -74,6 +74,24 @@ def test_waiting_calls_are_bounded_per_connection_address_and_in_all_the_oldest_
         late.close()
 
 
+def test_a_connection_that_delivered_before_gets_patience_a_fresh_one_does_not():
+    """On a saturated machine a well-behaved client's request can take longer than the crowding age: its lone
+    call waits ten times longer, if its connection has sent requests before; a fresh connection's does not."""
+    ended = []
+    w = Waiting(timeout=3600, per_connection=8, per_address=1, total=8, on_end=ended.append, min_age=0.1)
+    try:
+        known, fresh = _Context("ipv4:10.0.0.1:1"), [_Context(f"ipv4:10.0.0.1:{2 + i}") for i in range(2)]
+        assert w.leave(w.enter(known))  # its request came
+        w.enter(known)  # its next call: slow to arrive
+        for c in fresh:
+            w.enter(c)
+        until(lambda: all(c.cancelled for c in fresh), 10, "the fresh connections' waiters to be crowded out")
+        time.sleep(0.1)  # past the crowding age, well within the patience (1 s)
+        assert not known.cancelled and ended == ["crowded"] * 2
+    finally:
+        w.close()
+
+
 def _metrics(srv: Server) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
         return r.read().decode()
