@@ -29,7 +29,8 @@ class InvalidArgument(ClientError):
 
 class Infeasible(ClientError):
     """FAILED_PRECONDITION: no subnet meets the constraints (the message gives the smallest achievable
-    value), or the supernet is served without an accuracy predictor (the message says so)."""
+    value), the supernet is served without an accuracy predictor, or the server lacks the package a
+    format's writer needs (the message says which)."""
     exit_code = 3
 
 

@@ -109,9 +109,12 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
         _check_provider(runtime, provider)
     runtime_version = _runtime_version(runtime)  # refused before any timing when it is not installed
     kit = read_kit(folder)
-    if runtime not in kit.get("runtimes", RUNTIMES):  # an int8 kit is quantized for one runtime's served file
-        raise KitError(f"{folder}: this kit's networks are {kit.get('weights_format')}, run by "
-                       f"{kit.get('runtimes')} only, not {runtime}: fetch or write one for runtime {runtime}")
+    # an int8 kit is quantized for one runtime's served file; one without `runtimes` (a server before API 1.5)
+    # holds onnxruntime's
+    runtimes = kit.get("runtimes") or (RUNTIMES[:1] if kit.get("precision", "fp32") != "fp32" else RUNTIMES)
+    if runtime not in runtimes:
+        raise KitError(f"{folder}: this kit's networks are {kit.get('weights_format', 'int8')}, run by "
+                       f"{list(runtimes)} only, not {runtime}: fetch or write one for runtime {runtime}")
     t0 = time.perf_counter()
     items = [{"file": str(Path(folder, i["file"]).resolve()), "shape": [kit["batch"], *i["shape"]]}
              for i in kit["entries"] + kit["subnets"]]
@@ -133,6 +136,7 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
             "device": {"cpu": describe_cpu(), "threads": threads, "batch": kit["batch"], "backend": runtime,
                        "backend_version": runtime_version, "memory_format": "nchw",
                        "precision": kit.get("precision", "fp32"),
+                       **({"weights_format": kit["weights_format"]} if "weights_format" in kit else {}),
                        **({"provider": provider} if provider else {})},
             "timing": {"rounds": rounds, "samples": samples, "sample_ms": sample_ms, "warmup_ms": warmup_ms,
                        "statistic": STATISTIC, "repeatability": timings.repeatability()},

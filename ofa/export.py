@@ -33,6 +33,7 @@ from torch import nn
 from ofa_client.timing import PRECISIONS
 
 from ._io import ArtifactError
+from .quantize import quantize_nncf, quantize_onnx
 from .space import Arch, SearchSpace
 from .subnet import SubNet, load_subnet
 
@@ -41,8 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED", "SCRIPT_TIMEOUT_S",
            "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
-           "export_torchscript", "finetuned_archs", "format_of", "quantize_nncf", "quantize_onnx", "read_subnet",
-           "run_format",
+           "export_torchscript", "finetuned_archs", "format_of", "read_subnet", "run_format", "writable",
            "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
@@ -129,54 +129,6 @@ def export_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = 
         torch.onnx.export(module.eval(), (example,), buf, opset_version=ONNX_OPSET, input_names=["image"],
                           output_names=["logits"], dynamic_axes=axes, dynamo=False)
     return buf.getvalue()
-
-
-def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
-    """ONNX bytes quantized to int8 by onnxruntime's static quantizer, calibrated on ``batches`` (the model's
-    one input): QDQ format, weights per channel (signed), activations unsigned, min-max ranges. The same
-    bytes and batches give the same bytes in any process."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    name = onnx.load_model_from_string(data).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-    with tempfile.TemporaryDirectory(prefix="ofa-int8-") as tmp:
-        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return out.read_bytes()
-
-
-def quantize_nncf(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
-    """ONNX bytes quantized to int8 by NNCF (OpenVINO's quantizer, its ONNX backend), calibrated on ``batches``:
-    NNCF's defaults for a CPU target (performance preset: symmetric ranges, weights per channel; fast bias
-    correction), written as QDQ ONNX that OpenVINO compiles to int8. The same bytes and batches give the same
-    bytes in any process. NNCF's progress bars (to stdout) are kept out of the caller's output."""
-    import contextlib
-
-    import nncf
-    import onnx
-
-    model = onnx.load_model_from_string(data)
-    name, feeds = model.graph.input[0].name, [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        out = nncf.quantize(model, nncf.Dataset(feeds, lambda x: {name: x}), subset_size=max(1, len(feeds)),
-                            target_device=nncf.TargetDevice.CPU)
-    return out.SerializeToString()
 
 
 def export_torchscript(module: nn.Module, metadata: str) -> bytes:
@@ -329,6 +281,16 @@ def format_of(name: str) -> Format:
     if name not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {str(name)[:40]!r}")
     return FORMATS[name]
+
+
+def writable(name: str) -> Format:
+    """The row of ``name`` (a format of :data:`FORMATS`); a ValueError where its writer's package is missing."""
+    import importlib.util
+
+    form = format_of(name)
+    if form.needs and importlib.util.find_spec(form.needs) is None:
+        raise ValueError(f"format {name} needs the {form.needs} package (pip install {form.needs})")
+    return form
 
 
 def run_format(runtime: str, precision: str = "fp32") -> str:

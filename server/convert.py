@@ -3,13 +3,12 @@ INVALID_ARGUMENT naming it and its range), and every response message is built h
 values (``Arch``, ``Candidate``, a latency table...)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import grpc
 
-from ofa.export import FORMATS, PRECISIONS, run_format
+from ofa.export import FORMATS, PRECISIONS, run_format, writable
 from ofa.predict.latency import LatencyTableError, Speed, check_target_name, table_format, table_noise
 from ofa.predict.timing import ONNX_BACKENDS
 from ofa.search import Candidate, Constraints, SearchSettings
@@ -164,11 +163,10 @@ def arch_of(msg: pb.Arch, space: SearchSpace) -> Arch:
 def _writable(name: str) -> str:
     """``name`` (a row of :data:`ofa.export.FORMATS`), refused with FAILED_PRECONDITION where the package its
     writer needs is not installed where the server runs."""
-    needs = FORMATS[name].needs
-    if needs and importlib.util.find_spec(needs) is None:
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"this server cannot write {name}: the {needs} "
-                           f"package is not installed where it runs (pip install {needs})")
-    return name
+    try:
+        return writable(name).name
+    except ValueError as e:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"this server cannot write it: {e}") from None
 
 
 def format_of(value: int) -> str:

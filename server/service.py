@@ -47,7 +47,6 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 @dataclass(frozen=True)
-
 class _Search:
     """A search request, checked: what to search, and on which scorer."""
 

@@ -1,4 +1,5 @@
 """The profiling kit: a device becomes a target with only the light client (``ofa-client profile``, no torch)."""
+import importlib.util
 import json
 import shutil
 import tarfile
@@ -13,7 +14,7 @@ from ofa.artifact import load_artifact
 from ofa.cli import main as ofa_main
 from ofa.predict.latency import LatencyPredictor, block_plan, validate_table
 from ofa.space import get_space
-from ofa_client import Client, InvalidArgument
+from ofa_client import Client, Infeasible, InvalidArgument
 from ofa_client.cli import main as client_main
 from ofa_client.profile import KitError, _features, profile_kit, read_kit
 from ofa_server.args import ServeConfig
@@ -153,6 +154,13 @@ def test_an_int8_kit_is_quantized_for_its_runtime_and_another_runtime_is_refused
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(kit / manifest["subnets"][0]["file"]).graph.node)
     with pytest.raises(KitError, match=r"run by \['openvino'\] only, not onnxruntime"):
         profile_kit(kit, "x", runtime="onnxruntime")
+    # a kit from a server before API 1.5 names no runtimes: its int8 networks are onnxruntime's quantizer's
+    old = tmp_path / "old-kit"
+    shutil.copytree(kit, old)
+    (old / "kit.json").write_text(json.dumps({k: v for k, v in manifest.items() if k not in ("runtimes",
+                                                                                             "weights_format")}))
+    with pytest.raises(KitError, match=r"run by \['onnxruntime'\] only, not openvino"):
+        profile_kit(old, "x", runtime="openvino")
     table = profile_kit(kit, "ov-int8", runtime="openvino", rounds=2, sample_ms=1.0, warmup_ms=2.0)
     validate_table(table, TINY)
     assert table["device"]["precision"] == "int8" and table_format(table) == "openvino_int8"
@@ -183,7 +191,7 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
         srv.stop()
 
 
-def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifact, tmp_path, capsys):
+def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifact, tmp_path, capsys, monkeypatch):
     """`ofa int8-accuracy`: int8 files of measured subnets tested on their validation images; an int8 target's
     answers add the mean drop and widen the interval by its spread; a fp32 target's stay as they were."""
     from ofa.artifact import INT8_ACCURACY, MEASUREMENTS, add_file
@@ -208,23 +216,36 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     assert [r["fp32"] for r in drop["measured"]] == sorted(s["accuracy"] for s in subnets.values())
     assert drops["openvino_int8"]["subnets"] == 2 and "nncf" in drops["openvino_int8"]["quantizer"]
     table = json.loads((art_dir / "latency" / "synthetic-cpu.json").read_text())
-    for name, backend in (("int8-cpu", "onnxruntime"), ("int8-ov", "openvino"), ("int8-other", "other")):
+    # the format a table records, else its backend's; one recording none predates API 1.5: onnxruntime's int8
+    for name, backend, fmt in (("int8-cpu", "onnxruntime", {}),
+                               ("int8-ov", "openvino", {"weights_format": "openvino_int8"}),
+                               ("int8-other", "other", {"weights_format": "tflite"}), ("int8-old", "openvino", {})):
         add_file(art_dir, f"latency/{name}.json", json.dumps({**table, "target": name, "device": {
-            **table["device"], "precision": "int8", "backend": backend}}))
+            **table["device"], "precision": "int8", "backend": backend, **fmt}}))
     srv = Server(Registry([str(art_dir)], None), ServeConfig(port=0, max_searches=1)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:
-            fp32, ort, ov, other = (c.search(t, max_latency_ms=1e3, seed=2)
-                                    for t in ("synthetic-cpu", "int8-cpu", "int8-ov", "int8-other"))
+            fp32, ort, ov, other, old = (c.search(t, max_latency_ms=1e3, seed=2)
+                                         for t in ("synthetic-cpu", "int8-cpu", "int8-ov", "int8-other", "int8-old"))
             assert ort.id == ov.id == fp32.id  # the same table: the same pick, its accuracy as the int8 file's
-            assert ort.predicted_accuracy == pytest.approx(fp32.predicted_accuracy + drop["mean_drop"], abs=1e-3)
+            for t in (ort, old):
+                assert t.predicted_accuracy == pytest.approx(fp32.predicted_accuracy + drop["mean_drop"], abs=1e-3)
             assert ov.predicted_accuracy == pytest.approx(
                 fp32.predicted_accuracy + drops["openvino_int8"]["mean_drop"], abs=1e-3)
             # a runtime whose quantizer this server does not know: no drop measured for it, none added
             assert other.predicted_accuracy == fp32.predicted_accuracy
             assert fp32.predicted_accuracy_low is None  # (the synthetic predictor has no interval: see below)
             kinds = {t["name"]: t["weights_format"] for t in c.targets()}
-            assert (kinds["int8-cpu"], kinds["int8-ov"]) == ("WEIGHTS_FORMAT_ONNX_INT8", "WEIGHTS_FORMAT_OPENVINO_INT8")
+            assert [kinds[n] for n in ("int8-cpu", "int8-ov", "int8-other", "int8-old")] == [
+                "WEIGHTS_FORMAT_ONNX_INT8", "WEIGHTS_FORMAT_OPENVINO_INT8", "WEIGHTS_FORMAT_UNSPECIFIED",
+                "WEIGHTS_FORMAT_ONNX_INT8"]
+            # a server without the quantizer's package: FAILED_PRECONDITION naming it, for a file and for a kit
+            real = importlib.util.find_spec
+            monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "nncf" else real(n, *a))
+            with pytest.raises(Infeasible, match=r"needs the nncf package \(pip install nncf\)"):
+                c.fetch(fp32, "openvino_int8")
+            with pytest.raises(Infeasible, match="needs the nncf package"):
+                c.fetch_kit(tmp_path / "no-kit", precision="int8", runtime="openvino")
     finally:
         srv.stop()
     # with an interval: the int8 one is the fp32 one moved by the drop, each side widened in quadrature

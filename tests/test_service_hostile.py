@@ -82,6 +82,7 @@ def test_a_connection_that_delivered_before_gets_patience_a_fresh_one_does_not()
     try:
         known, fresh = _Context("ipv4:10.0.0.1:1"), [_Context(f"ipv4:10.0.0.1:{2 + i}") for i in range(2)]
         assert w.leave(w.enter(known))  # its request came
+        assert w.leave(w.enter(fresh[1]), delivered=False)  # a call that ended without one earns nothing
         w.enter(known)  # its next call: slow to arrive
         for c in fresh:
             w.enter(c)

@@ -12,6 +12,7 @@ spread (:func:`int8_drop`, :func:`at_int8`).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -32,13 +33,15 @@ def measure_int8(root: str | Path, subnets: int = 24, data_dir: str | None = Non
     from importlib.metadata import version
 
     from ..evaluate import accuracy
-    from ..export import FORMATS, run_format, subnet_file
+    from ..export import run_format, subnet_file, writable
     from ..predict.measure import validation_set
     from ..space import Arch
 
     if subnets < 2:
         raise ValueError(f"subnets must be >= 2 (a spread needs two), got {subnets}")
-    form = FORMATS[run_format(runtime, "int8")]  # a ValueError names the (runtime, precision) pairs
+    form = writable(run_format(runtime, "int8"))  # ValueErrors name the (runtime, precision) pairs, or the package
+    if importlib.util.find_spec(runtime) is None:
+        raise ValueError(f"the {runtime} runtime runs the {form.name} files: pip install {runtime}")
     art = load_artifact(root)
     if not art.files.has(MEASUREMENTS):
         raise ValueError(f"{root} has no measured subnets: run `ofa predictors` on it first")

@@ -107,7 +107,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     int8 file is), and ``kit.json``: the space, each file's sha256, input shape and role, each subnet's feature
     recipe, the served format it stands for and the runtimes that run it, and the table format it makes.
     Returns the manifest."""
-    from ..export import FORMATS, ONNX_OPSET, run_format
+    from ..export import ONNX_OPSET, run_format, writable
     from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
     from ..predict.profile import check_profile, e2e_archs, held_out_mask, reference_archs
     from ..predict.timing import ONNX_BACKENDS, Part, _worker_items, subnet_part
@@ -122,9 +122,9 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     if runtime not in ONNX_BACKENDS:
         raise ValueError(f"a kit is timed by an ONNX runtime: runtime must be one of {list(ONNX_BACKENDS)}, "
                          f"got {runtime!r}")
-    timing = Timing(backend=runtime, seed=seed, precision=precision).check()
-    items = _worker_items(space, parts, timing, folder / "nets", progress)
-    fmt = FORMATS[run_format(runtime, precision)]
+    fmt = writable(run_format(runtime, precision))  # the runtime itself need not be installed: nothing runs here
+    items = _worker_items(space, parts, Timing(backend=runtime, seed=seed, precision=precision), folder / "nets",
+                          progress)
     files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
               "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
     _, fixed, slots = block_plan(space)

@@ -90,6 +90,7 @@ _DEVICE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory_format": (lambda v: v in ("nchw", "channels_last"), "'nchw' or 'channels_last'"),
     "precision": (lambda v: v in ("fp32", "int8"), "'fp32' or 'int8'"),
     "provider": (_text, "a string of at most 200 characters"),
+    "weights_format": (_text, "a string of at most 200 characters"),
 }
 _TIMING_FIELDS = {
     "rounds": (_count(2, 10_000), "an integer in 2..10000"),

@@ -243,13 +243,18 @@ def table_noise(table: Mapping[str, Any]) -> str:
 
 
 def table_format(table: Mapping[str, Any]) -> str | None:
-    """The served format (:data:`ofa.export.FORMATS`) a table's device runs and was timed in, from its backend
-    and precision; None for a pair unknown here."""
-    from ..export import run_format  # torch: imported when asked, not with the tables
+    """The served format (:data:`ofa.export.FORMATS`) a table's device runs and was timed in: the one it records
+    (``device.weights_format``; None for one unknown here), else the one of its backend and precision. A
+    table that records none predates API 1.5, when every int8 network was onnxruntime's quantizer's (also
+    where a device timed them in OpenVINO)."""
+    from ..export import FORMATS, run_format  # torch: imported when asked, not with the tables
 
     device = table.get("device") or {}
+    recorded, precision = device.get("weights_format"), str(device.get("precision", "fp32"))
+    if recorded is not None:
+        return recorded if recorded in FORMATS else None
     try:
-        return run_format(str(device.get("backend", "")), str(device.get("precision", "fp32")))
+        return run_format("onnxruntime" if precision != "fp32" else str(device.get("backend", "")), precision)
     except ValueError:
         return None
 

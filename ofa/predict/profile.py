@@ -93,6 +93,8 @@ def profile_space(space: SearchSpace, target: str, timing: Timing = Timing(), su
     t0 = time.perf_counter()
     plan = list(iter_plan(space, seed))
     refs = reference_archs(space, references, seed)
+    from ..export import run_format  # torch: imported when a profile runs
+
     e2e = e2e_archs(space, refs, subnets, seed)
     parts = ([Part(e.kind, e.in_shape, block=e.block) for e in plan] + [subnet_part(space, a) for a in e2e])
     timings = time_parts(space, parts, timing.replace(seed=seed), progress, desc=f"profile {target}")
@@ -103,7 +105,7 @@ def profile_space(space: SearchSpace, target: str, timing: Timing = Timing(), su
         "device": {"cpu": describe_cpu(), "threads": timing.threads, "batch": timing.batch,
                    "backend": timing.backend, "backend_version": backend_version(timing.backend),
                    "memory_format": "channels_last" if timing.channels_last else "nchw",
-                   "precision": timing.precision},
+                   "precision": timing.precision, "weights_format": run_format(timing.backend, timing.precision)},
         "timing": {**timing.protocol(), "repeatability": timings.repeatability()},
         "entries": {e.key: round(float(m), 6) for e, m in zip(plan, ms[: len(plan)])},
         "model": identity_model(space.num_stages, space.resolutions),

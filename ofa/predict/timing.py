@@ -71,12 +71,9 @@ class Timing:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "fp32":
-            from ..export import FORMATS, run_format
+            from ..export import run_format, writable
 
-            needs = FORMATS[run_format(self.backend, self.precision)].needs  # a ValueError names the pairs
-            if needs and importlib.util.find_spec(needs) is None:
-                raise ValueError(f"precision {self.precision} with {self.backend} needs the {needs} package "
-                                 f"(pip install {needs})")
+            writable(run_format(self.backend, self.precision))  # ValueErrors name the pairs, or the package
         for name, low in (("threads", 1), ("batch", 1), ("rounds", 2), ("samples", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
