@@ -121,3 +121,25 @@ def test_bad_timing_settings_are_refused(change, message):
 def test_a_failing_worker_says_why():
     with pytest.raises(TimingError, match="the timing worker exited"):
         time_parts(None, [Part("file", (1, 8, 8), file="/nonexistent/net.safetensors")], FAST)
+
+
+@pytest.mark.parametrize("levels, passes", [((1.0, 1.03), 2), ((1.0, 1.2, 1.05), 3)], ids=["agree", "third-decides"])
+def test_a_speed_is_timed_in_passes_that_agree_on_the_machines_level(monkeypatch, levels, passes):
+    """One pass's level moves between worker processes: two passes, and a third where they differ by > 5%;
+    the joined run takes the machine at its median speed over all their rounds."""
+    from ofa.predict import timing as timing_module
+
+    base = np.array([1.0, 2.0, 3.0])
+    made = iter(levels)
+
+    def one_pass(*args, **kwargs):
+        level = next(made)
+        samples = np.broadcast_to((base * level)[:, None, None], (3, 4, 2)).copy()
+        return Timings(samples, (10, 10, 10), 1.0, np.tile(np.arange(3), (4, 1)))
+
+    said = []
+    monkeypatch.setattr(timing_module, "time_parts_trusted", one_pass)
+    joined = timing_module.time_parts_agreed(None, [], Timing(), say=said.append)
+    assert joined.samples_ms.shape == (3, 4 * passes, 2) and joined.seconds == passes
+    assert np.allclose(joined.ms / base, np.median(levels), rtol=0.03)
+    assert len(said) == (passes == 3) and next(made, None) is None

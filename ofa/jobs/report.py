@@ -100,14 +100,15 @@ class _Run:
     accept_noisy: bool = False  # use a timing the protocol calls untrusted (labelled), instead of refusing
     untrusted: list = field(default_factory=list)  # which timings were used although untrusted
 
-    def time(self, parts: list, desc: str):
-        """The parts timed until the protocol trusts the run; a run it never trusts refuses the report, or with
+    def time(self, parts: list, desc: str, passes: bool = False):
+        """The parts timed until the protocol trusts the run (``passes``: in passes that agree on the machine's
+        level, for the speed a search is sent); a run it never trusts refuses the report, or with
         ``accept_noisy`` is used and named in ``untrusted``."""
-        from ..predict.timing import NoisyTiming, time_parts_trusted
+        from ..predict.timing import NoisyTiming, time_parts_agreed, time_parts_trusted
 
         try:
-            return time_parts_trusted(self.art.space, parts, self.timing, self.progress, desc,
-                                      say=lambda m: self.log("  " + m))
+            return (time_parts_agreed if passes else time_parts_trusted)(
+                self.art.space, parts, self.timing, self.progress, desc, say=lambda m: self.log("  " + m))
         except NoisyTiming as e:
             if not self.accept_noisy:
                 raise NoisyTiming(f"{e}. The latency figures would not be trustworthy: run it again when the "
@@ -148,7 +149,7 @@ def _retime_references(run: _Run, bases: list[Baseline], timings_file: Path):
     space, res = run.art.space, max(run.art.space.resolutions)
     run.log(f"  timing the table's {len(run.refs)} reference subnets here now ({run.timing.backend}, "
             f"{run.timing.threads} threads), as a device does before it asks")
-    before = run.time(run.ref_parts + run.base_parts, "re-time references")
+    before = run.time(run.ref_parts + run.base_parts, "re-time references", passes=True)
     ratios, speed = speed_of(before.ms[: len(run.refs)], run.profiled)
     recal = {**run.table, "recalibration": {**speed.to_dict(), "ratios": ratios}}
     timings_file.write_text(json.dumps(reference_timings(space, recal, before), indent=1))

@@ -25,7 +25,7 @@ import numpy as np
 from ..space import Arch, SearchSpace, space_digest
 from .latency import TABLE_FORMAT, TABLE_VERSION, LatencyPredictor, Speed, describe_cpu, iter_plan
 from ofa_client.latency_model import fit_and_check, identity_model
-from .timing import BACKENDS, NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_trusted
+from .timing import BACKENDS, NoisyTiming, Part, Timing, Timings, subnet_part, time_parts, time_parts_agreed
 
 __all__ = ["backend_version", "check_profile", "e2e_archs", "held_out_mask", "profile_space", "recalibrate",
            "reference_archs", "reference_timings", "speed_of", "timing_of_table"]
@@ -156,7 +156,8 @@ def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], 
 
 def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = True,
                 rounds: int = 12, accept_noisy: bool = False) -> tuple[dict[str, Any], Timings]:
-    """Re-time the table's references on this device now; the table with its ``recalibration`` set to the
+    """Re-time the table's references on this device now, in passes that agree on the machine's level
+    (:func:`~ofa.predict.timing.time_parts_agreed`); the table with its ``recalibration`` set to the
     :class:`Speed` fitted on them (seconds of work: ten subnets), and the timings. A run the protocol's
     repeatability check calls too noisy is timed again with more rounds, then refused
     (:class:`~ofa.predict.timing.NoisyTiming`), or with ``accept_noisy`` used, its verdict recorded."""
@@ -168,7 +169,7 @@ def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = T
     timing = timing_of_table(table, rounds=rounds)
     parts = [subnet_part(space, a) for a, _ in refs]
     try:
-        timings = time_parts_trusted(space, parts, timing, progress, desc="re-time references")
+        timings = time_parts_agreed(space, parts, timing, progress, desc="re-time references")
     except NoisyTiming as e:
         if not accept_noisy:
             raise
