@@ -159,7 +159,8 @@ def _profile(c: Client, args: argparse.Namespace) -> int:
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space
-        return _profile_kit(c, args, str(c.fetch_kit(tmp, args.precision, timeout=max(args.timeout, 600.0), runtime=args.runtime)))
+        kit = c.fetch_kit(tmp, args.precision, timeout=max(args.timeout, 600.0), runtime=args.runtime)
+        return _profile_kit(c, args, str(kit))
 
 
 def _profile_kit(c: Client, args: argparse.Namespace, folder: str) -> int:

@@ -40,7 +40,8 @@ from .subnet import SubNet, load_subnet
 if TYPE_CHECKING:
     from .artifact import Artifact, ArtifactFiles
 
-__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED", "SCRIPT_TIMEOUT_S",
+__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED",
+           "SCRIPT_TIMEOUT_S",
            "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
            "export_torchscript", "finetuned_archs", "format_of", "read_subnet", "run_format", "writable",
            "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]

@@ -77,8 +77,8 @@ class Waiting:
     (a probe, a client's next call) is ended only after ``LONE_AGE`` times ``min_age``: on a saturated machine
     such a request was seen arriving after more than 0.1 s and ended. A fresh connection earns no such
     patience, so an attacker opening a connection per silent call is crowded out as fast as before; one that
-    sends a real request on each connection first (work the server answers) gets 1 s instead of 0.1 s. ``on_end(reason)`` is told of each call it ends ("timeout" or
-    "crowded")."""
+    sends a real request on each connection first (work the server answers) gets 1 s instead of 0.1 s.
+    ``on_end(reason)`` is told of each call it ends ("timeout" or "crowded")."""
 
     def __init__(self, timeout: float, per_connection: int, per_address: int, total: int,
                  on_end: Callable[[str], None] = lambda reason: None, min_age: float = MIN_AGE) -> None:

@@ -51,7 +51,7 @@ class ServedSupernet:
     calibration: Any = field(init=False)  # the images its subnets are calibrated on (decided once)
     fine_tuned: dict[str, Arch] = field(init=False)  # id -> arch of the artifact's fine-tuned subnets
     measured: dict[str, Measured] = field(init=False)  # id -> accuracy measured on these weights
-    int8: dict[str, dict[str, Any]] = field(init=False)  # {int8 format: what it costs served subnets} (ofa int8-accuracy)
+    int8: dict[str, dict[str, Any]] = field(init=False)  # {int8 format: its cost to served subnets} (int8-accuracy)
     known: "OrderedDict[str, Arch]" = field(default_factory=OrderedDict)  # subnet id -> arch
     lock: threading.Lock = field(default_factory=threading.Lock)
 

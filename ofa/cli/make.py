@@ -290,7 +290,8 @@ def run_int8_accuracy(args: argparse.Namespace) -> int:
     from ..jobs.precision import measure_int8
 
     r = flag_errors(lambda: measure_int8(args.artifact, args.subnets, args.data_dir, log=print, runtime=args.backend))
-    print(f"{r['format']} on {r['subnets']} subnets ({r['val_images']} validation images): mean drop {r['mean_drop']:+.3f} "
+    print(f"{r['format']} on {r['subnets']} subnets ({r['val_images']} validation images): "
+          f"mean drop {r['mean_drop']:+.3f} "
           f"points, spread (sd) {r['sd']:.3f}, correlation with MACs {r['macs_correlation']}; {r['seconds']} s. "
           f"Stored in the artifact: the {args.backend} int8 targets' predictions add the drop and widen by the spread")
     return 0

@@ -64,7 +64,8 @@ def measure_int8(root: str | Path, subnets: int = 24, data_dir: str | None = Non
     macs = [r["macs"] for r in rows]
     corr = float(np.corrcoef(macs, drops)[0, 1]) if None not in macs and drops.std() > 0 else None
     quantizer = f"{form.needs or runtime} {version(form.needs or runtime)}, run in {runtime} {version(runtime)}"
-    result = {"precision": "int8", "format": form.name, "quantizer": quantizer, "model": "constant", "artifact": art.digest, "subnets": len(rows), "val_images": len(val),
+    result = {"precision": "int8", "format": form.name, "quantizer": quantizer, "model": "constant",
+              "artifact": art.digest, "subnets": len(rows), "val_images": len(val),
               "mean_drop": round(float(drops.mean()), 4), "sd": round(float(drops.std(ddof=1)), 4),
               "macs_correlation": None if corr is None else round(corr, 3),
               "seconds": round(time.perf_counter() - t0, 1), "measured": rows}
