@@ -186,17 +186,28 @@ LEVEL_TOLERANCE = 0.05  # two passes over the same networks whose levels differ 
 
 def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
                       desc: str = "timing", say=log.warning) -> Timings:
-    """:func:`time_parts_trusted` twice, each pass in a fresh worker, joined into one run whose statistic takes
-    the machine at its median speed over all their rounds; where the two passes' levels (the median ratio of
-    their figures) differ by more than :data:`LEVEL_TOLERANCE`, a third pass joins them. For a device's
-    speed now: one pass's level moved by up to 9% between passes minutes apart here (sd about 4%,
-    docs/demo.md), which a pass's own repeatability check, within the pass, cannot see."""
-    passes = [time_parts_trusted(space, parts, timing, progress, f"{desc} (pass {k} of 2)", say=say)
-              for k in (1, 2)]
-    level = float(np.median(passes[1].ms / passes[0].ms))
-    if abs(level - 1) > LEVEL_TOLERANCE:
-        say(f"{desc}: the second pass ran at x{level:.3f} of the first; a third pass decides")
-        passes.append(time_parts_trusted(space, parts, timing, progress, f"{desc} (pass 3)", say=say))
+    """:func:`time_parts_trusted`, then a second pass in a fresh worker, joined into one run whose statistic
+    takes the machine at its median speed over all their rounds; where the two passes' levels (the median
+    ratio of their figures) differ by more than :data:`LEVEL_TOLERANCE`, a third pass joins them. For a
+    device's speed now: one pass's level moved by up to 9% between passes minutes apart here (sd about 4%,
+    docs/demo.md), which a pass's own repeatability check, within the pass, cannot see. Only the first pass
+    gates (as :func:`time_parts_trusted` does); a later pass its own check calls noisy is left out, said."""
+    passes = [time_parts_trusted(space, parts, timing, progress, f"{desc} (pass 1)", say=say)]
+
+    def another(k: int) -> bool:
+        more = time_parts(space, parts, timing, progress, f"{desc} (pass {k})")
+        rep = more.repeatability()
+        if rep["trusted"]:
+            passes.append(more)
+        else:
+            say(f"{desc}: pass {k} left out: {rep['verdict']}")
+        return rep["trusted"]
+
+    if another(2):
+        level = float(np.median(passes[1].ms / passes[0].ms))
+        if abs(level - 1) > LEVEL_TOLERANCE:
+            say(f"{desc}: the second pass ran at x{level:.3f} of the first; a third pass decides")
+            another(3)
     return Timings(np.concatenate([t.samples_ms for t in passes], axis=1), passes[0].calls,
                    sum(t.seconds for t in passes), np.concatenate([t.orders for t in passes], axis=0))
 
