@@ -12,7 +12,6 @@ spread (:func:`int8_drop`, :func:`at_int8`).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -33,15 +32,15 @@ def measure_int8(root: str | Path, subnets: int = 24, data_dir: str | None = Non
     from importlib.metadata import version
 
     from ..evaluate import accuracy
-    from ..export import run_format, subnet_file, writable
+    from ..export import FORMATS, run_format, subnet_file
     from ..predict.measure import validation_set
+    from ..predict.timing import Timing
     from ..space import Arch
 
     if subnets < 2:
         raise ValueError(f"subnets must be >= 2 (a spread needs two), got {subnets}")
-    form = writable(run_format(runtime, "int8"))  # ValueErrors name the (runtime, precision) pairs, or the package
-    if importlib.util.find_spec(runtime) is None:
-        raise ValueError(f"the {runtime} runtime runs the {form.name} files: pip install {runtime}")
+    Timing(backend=runtime, precision="int8").check()  # ValueErrors name the pairs, or the package missing
+    form = FORMATS[run_format(runtime, "int8")]
     art = load_artifact(root)
     if not art.files.has(MEASUREMENTS):
         raise ValueError(f"{root} has no measured subnets: run `ofa predictors` on it first")
