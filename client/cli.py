@@ -46,7 +46,9 @@ def _line(s) -> str:
         acc += f" [{s.predicted_accuracy_low:.2f}, {s.predicted_accuracy_high:.2f}] at {s.interval_level:.0%}"
     notes = [n for n, on in (("fine-tuned", s.fine_tuned),
                              ("EXTRAPOLATED: outside the measured subnets", s.extrapolated),
-                             ("latency table profiled on a noisy machine", s.latency_noisy)) if on]
+                             ("latency table profiled on a noisy machine", s.latency_noisy),
+                             (f"SPEED UNSETTLED: its {s.speed_passes} timing passes lay {s.speed_spread:.1%} apart, "
+                              "the latency may be off by as much", s.speed_unsettled)) if on]
     if s.measured_accuracy is not None:
         notes.insert(0, f"measured {s.measured_accuracy:.2f}% on {s.measured_images} {s.measured_split} images")
     return (f"{s.id}  {acc}  {lat}{s.macs / 1e6:.2f} MMACs  {s.params / 1e6:.3f} M params  "
@@ -113,7 +115,9 @@ def _targets(c: Client, args: argparse.Namespace) -> int:
         print(f"{t['name']:24s} {t['source']:10s} {t['cpu']}, {t['threads']} threads, {t['backend']} "
               f"{t['backend_version']} {t.get('precision') or 'fp32'}, {t['blocks']} blocks, model {t['model_family']}: held out "
               f"{t['held_out_within_10pct']:.0%} within 10%, mean |error| {t['mean_abs_rel_error']:.1%}; "
-              f"speed x{t['speed']:.3f}; {len(t['references'])} references"
+              f"speed x{t['speed']:.3f}" + (f" ({t['speed_passes']} passes {t['speed_spread']:.1%} apart)"
+                                              if t.get("speed_passes", 0) > 1 else "")
+              + f"; {len(t['references'])} references"
               + (f"; runs --format {fmt}" if (fmt := str(t.get("weights_format", "")).removeprefix(
                   "WEIGHTS_FORMAT_").lower()) in FORMATS else "")
               + (f"; NOISY: {t['noise']}" if t.get("noisy") else ""))

@@ -94,11 +94,19 @@ class Timings:
     calls: tuple[int, ...]
     seconds: float
     orders: np.ndarray
+    passes: tuple[int, ...] = ()  # a run joined from passes in fresh workers: each pass's rounds, in order
 
     @property
     def ms(self) -> np.ndarray:
         """One figure per network (the :data:`STATISTIC`)."""
         return statistic(self.samples_ms, self.orders)
+
+    def pass_ms(self) -> list[np.ndarray]:
+        """One figure per network from each pass (:attr:`ms` alone for a run of one pass)."""
+        if len(self.passes) < 2:
+            return [self.ms]
+        edges = np.cumsum((0, *self.passes))
+        return [statistic(self.samples_ms[:, a:b], self.orders[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
     def halves(self) -> tuple[np.ndarray, np.ndarray]:
         """The figure from the even and from the odd rounds: two independent timings."""

@@ -29,9 +29,10 @@ def arch_to_dict(a: pb.Arch) -> dict[str, Any]:
 
 
 def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
-    """Reference timings as messages, from {subnet_id: ms}, a list of {"subnet_id", "ms"} objects, or the
-    path (or JSON object) of a file written by ``ofa profile --recalibrate --timings-out`` (its
-    ``reference_timings``). A wrong shape is a ValueError naming the field."""
+    """Reference timings as messages, from {subnet_id: ms}, a list of {"subnet_id", "ms"} objects (each with a
+    "pass_index" when the references were timed in several passes), or the path (or JSON object) of a file
+    written by ``ofa profile --recalibrate --timings-out`` (its ``reference_timings``). A wrong shape is a
+    ValueError naming the field."""
     if value is None:
         return []
     if isinstance(value, (str, Path)):
@@ -48,10 +49,11 @@ def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
     out = []
     for i, t in enumerate(value):
         if (not isinstance(t, Mapping) or not isinstance(t.get("subnet_id"), str)
-                or isinstance(t.get("ms"), bool) or not isinstance(t.get("ms"), (int, float))):
-            raise ValueError(f"reference_timings[{i}] must be {{\"subnet_id\": id, \"ms\": number}}, "
-                             f"got {t!r}"[:200])
-        out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"])))
+                or isinstance(t.get("ms"), bool) or not isinstance(t.get("ms"), (int, float))
+                or not _int(t.get("pass_index", 0)) or not 0 <= t.get("pass_index", 0) < 2**31):
+            raise ValueError(f"reference_timings[{i}] must be {{\"subnet_id\": id, \"ms\": number}} (and "
+                             f"\"pass_index\": an integer >= 0 for one of several passes), got {t!r}"[:200])
+        out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"]), pass_index=t.get("pass_index", 0)))
     return out
 
 
@@ -69,6 +71,11 @@ def arch_to_pb(arch: Any) -> pb.Arch:
     if not _int(arch.get("resolution")):
         raise ValueError(f"arch.resolution must be an integer, got {arch.get('resolution')!r}"[:200])
     return pb.Arch(kernel=arch["kernel"], expand=arch["expand"], depth=arch["depth"], resolution=arch["resolution"])
+
+
+# passes re-timing the same references whose levels lie further apart than this: the device's speed was
+# unsettled while it was measured, and a latency predicted at it may be off by about as much
+SPEED_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,9 @@ class SubnetInfo:
     measured_images: int = 0
     latency_noisy: bool = False  # the target's table was profiled on a machine too noisy to trust (see targets)
     supernet_digest: str = ""  # the supernet the search ran on: a fetch of this subnet must get its weights ("": API < 1.3)
+    # how far the passes that timed the references put the speed apart (relative), over how many (0: API < 1.6)
+    speed_spread: float = 0.0
+    speed_passes: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.Subnet) -> "SubnetInfo":
@@ -113,7 +123,13 @@ class SubnetInfo:
                    iv.low if iv else None, iv.high if iv else None, iv.level if iv else None,
                    iv.measured_distance if iv else None, m.extrapolated,
                    ma.accuracy if ma else None, ma.split if ma else "", ma.images if ma else 0, m.latency_noisy,
-                   m.supernet_digest)
+                   m.supernet_digest, m.speed_spread, m.speed_passes)
+
+    @property
+    def speed_unsettled(self) -> bool:
+        """The reference timings' passes disagreed on the device's speed by more than :data:`SPEED_TOLERANCE`:
+        the latency prediction may be off by about :attr:`speed_spread`."""
+        return self.speed_spread > SPEED_TOLERANCE
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (what ``ofa-client search --json`` prints; :meth:`Client.fetch` takes it)."""

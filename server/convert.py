@@ -34,7 +34,7 @@ LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
           "min_ms": 1e-6,  # a timing of less than a nanosecond is not one (5e-324 passed "> 0")
           # reference timings a search may carry, and the device speeds they may imply
-          "reference_timings": 64, "speed": (0.01, 100.0)}
+          "reference_timings": 64, "passes": 16, "speed": (0.01, 100.0)}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
 
 _FORMATS = {value: name for name, value in WEIGHTS_FORMATS.items() if name in FORMATS}  # the API's, served here
@@ -204,20 +204,24 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed |
     if len(timings) > LIMITS["reference_timings"]:
         raise invalid(f"reference_timings may hold at most {LIMITS['reference_timings']} timings, got {len(timings)}")
     profiled = {Arch.from_dict(r["arch"]).id: float(r["ms"]) for r in table.get("references", [])}
-    then, now, seen = [], [], set()
+    then, now, passes, seen = [], [], [], set()
     for i, t in enumerate(timings):
         if t.subnet_id not in profiled:
             raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id[:40]!r} is not a reference subnet of "
                           f"target {target!r}; its references are {sorted(profiled)} (see ListTargets)")
-        if t.subnet_id in seen:
-            raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id} is given twice")
-        seen.add(t.subnet_id)
+        if not 0 <= t.pass_index < LIMITS["passes"]:
+            raise invalid(f"reference_timings[{i}].pass_index must be in [0, {LIMITS['passes'] - 1}], "
+                          f"got {t.pass_index}")
+        if (t.subnet_id, t.pass_index) in seen:
+            raise invalid(f"reference_timings[{i}].subnet_id {t.subnet_id} is given twice in pass {t.pass_index}")
+        seen.add((t.subnet_id, t.pass_index))
         if not math.isfinite(t.ms) or not LIMITS["min_ms"] <= t.ms <= LIMITS["max_latency_ms"]:
             raise invalid(f"reference_timings[{i}].ms must be a number in [{LIMITS['min_ms']:g}, "
                           f"{LIMITS['max_latency_ms']:g}], got {t.ms!r}")
         then.append(profiled[t.subnet_id])
         now.append(t.ms)
-    speed = Speed.fit(then, now)
+        passes.append(t.pass_index)
+    speed = Speed.fit_passes(then, now, passes)
     lo, hi = LIMITS["speed"]
     ratios = speed.apply(then) / then
     if not (lo <= ratios.min() and ratios.max() <= hi):
@@ -244,6 +248,7 @@ def subnet_to_pb(c: Candidate, seconds: float, supernet: str, target: str | None
                     params=c.params, search_seconds=seconds, supernet=supernet, target=target or "",
                     supernet_digest=digest,
                     speed=speed.scale if target else 0.0, speed_offset_ms=speed.offset_ms if target else 0.0,
+                    speed_spread=speed.spread if target else 0.0, speed_passes=speed.passes if target else 0,
                     fine_tuned=c.arch.id in fine_tuned, extrapolated=c.extrapolated,
                     latency_noisy=bool(table and table_noise(table)))
     if c.latency_ms is not None:
@@ -302,7 +307,7 @@ def target_to_pb(name: str, supernet: str, table: dict[str, Any], source: str) -
                      source=source, references=refs, held_out_within_10pct=float(held.get("within_10pct", 0.0)),
                      held_out_spearman=float(held.get("spearman", 0.0)),
                      model_family=str(table["model"]["family"]), speed=speed.scale, speed_offset_ms=speed.offset_ms,
-                     noisy=bool(table_noise(table)), noise=table_noise(table),
+                     speed_spread=speed.spread, speed_passes=speed.passes, noisy=bool(table_noise(table)), noise=table_noise(table),
                      precision=str(dev.get("precision", "fp32")),
                      weights_format=WEIGHTS_FORMATS.get(table_format(table) or "", pb.WEIGHTS_FORMAT_UNSPECIFIED))
 

@@ -155,3 +155,17 @@ def test_the_real_server_reports_the_version_the_proto_states(server):
         assert c.server_api_version == API_VERSION
     proto = (ROOT / "proto" / "ofa" / "v1" / "subnet_service.proto").read_text()
     assert f"// API version {API_VERSION}." in proto
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"subnet_id": "a" * 16, "ms": 1.0, "pass_index": -1}], r"reference_timings\[0\] must be .*\"pass_index\""),
+    ([{"subnet_id": "a" * 16, "ms": 1.0, "pass_index": 1.5}], r"reference_timings\[0\] must be"),
+    ([{"subnet_id": "a" * 16, "ms": 1.0, "pass_index": True}], r"reference_timings\[0\] must be"),
+], ids=["negative", "fraction", "bool"])
+def test_a_bad_pass_index_is_refused_before_it_is_sent(rows, message):
+    from ofa_client.values import reference_timings_of
+
+    with pytest.raises(ValueError, match=message):
+        reference_timings_of(rows)
+    sent = reference_timings_of([{"subnet_id": "a" * 16, "ms": 1.0, "pass_index": 2}, {"subnet_id": "a" * 16, "ms": 2.0}])
+    assert [(t.pass_index, t.ms) for t in sent] == [(2, 1.0), (0, 2.0)]

@@ -80,6 +80,23 @@ def test_a_speed_is_a_scale_or_also_an_offset_when_that_predicts_the_references_
         Speed.fit([1.0], [0.0])
 
 
+def test_a_speed_timed_in_passes_carries_how_far_they_lay_apart():
+    then = np.array([0.3, 0.5, 0.8, 1.0, 1.4, 1.9, 0.6, 1.2, 0.4, 1.6])
+    # three passes in fresh workers: the machine at x0.90, x1.00 and x0.95 of its profiled speed
+    rows = np.concatenate([f * then for f in (0.90, 1.00, 0.95)])
+    speed = Speed.fit_passes(np.tile(then, 3), rows, np.repeat([0, 1, 2], len(then)))
+    assert speed.scale == pytest.approx(0.95) and speed.passes == 3
+    assert speed.spread == pytest.approx(0.10 / 0.95) and speed.unsettled and "3 passes 10.5% apart: unsettled" in \
+        speed.describe()
+    back = Speed.from_dict(speed.to_dict())  # as a table's recalibration stores it
+    assert back.passes == 3 and back.spread == pytest.approx(speed.spread, abs=1e-5)
+    agreed = Speed.fit_passes(np.tile(then, 2), np.concatenate([then, 1.02 * then]), np.repeat([0, 1], len(then)))
+    assert agreed.passes == 2 and agreed.spread == pytest.approx(0.02 / 1.01) and not agreed.unsettled
+    one = Speed.fit_passes(then, 1.1 * then, np.zeros(len(then)))
+    assert (one.spread, one.passes, one.unsettled) == (0.0, 1, False) and Speed().to_dict() == {"scale": 1.0,
+                                                                                                "offset_ms": 0.0}
+
+
 def test_model_families_are_chosen_by_cross_validation():
     rng = np.random.default_rng(0)
     n, stages = 80, 2
@@ -106,10 +123,14 @@ def test_recalibration_re_times_the_references_and_scales_the_table(table):
     r = recal["recalibration"]
     profiled = np.array([x["ms"] for x in slow["references"]])
     speed = Speed.from_dict(r)
-    fitted = Speed.fit(profiled, timings.ms)
-    assert speed_of(timings.ms, profiled)[1] == fitted
-    assert (speed.scale, speed.offset_ms) == pytest.approx((fitted.scale, fitted.offset_ms), abs=1e-5)
-    assert r["ratios"] == pytest.approx(timings.ms / profiled, rel=1e-3) and speed.scale > 0
+    passes = timings.pass_ms()  # a noisy first pass (accepted) is the only one; else 2 or 3 in fresh workers
+    assert len(passes) == max(1, len(timings.passes))
+    fitted = speed_of(passes, profiled)[1]
+    assert fitted.passes == len(passes) and Speed.fit_passes(np.tile(profiled, len(passes)), np.concatenate(passes),
+                                                             np.repeat(np.arange(len(passes)), len(profiled))) == fitted
+    assert (speed.scale, speed.offset_ms, speed.spread, speed.passes) == pytest.approx(
+        (fitted.scale, fitted.offset_ms, fitted.spread, fitted.passes), abs=1e-4)
+    assert r["ratios"] == pytest.approx(np.median([m / profiled for m in passes], axis=0), rel=1e-3) and speed.scale > 0
     assert r["measured_at"].endswith("Z") and "verdict" in r["repeatability"]
     codes = TINY.sample_codes(0, 10)
     validate_table(recal, TINY)
@@ -221,10 +242,13 @@ def test_profile_command_writes_into_an_artifact_and_recalibrates_it(tmp_path, c
     recal = json.loads((art / "latency" / "ci-cpu.json").read_text())["recalibration"]
     sent = json.loads(timings.read_text())
     refs = LatencyPredictor(TINY, table).references
-    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in sent["reference_timings"]] == [a.id for a, _ in refs]
-    now = [t["ms"] for t in sent["reference_timings"]]
-    fitted = Speed.fit([ms for _, ms in refs], now)
-    assert (recal["scale"], recal["offset_ms"]) == pytest.approx((fitted.scale, fitted.offset_ms), abs=1e-4)
+    rows = sent["reference_timings"]  # each reference once per pass (two passes at least), in the same order
+    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in rows] == [a.id for a, _ in refs] * recal["passes"]
+    assert recal["passes"] >= 2 and [t["pass_index"] for t in rows] == sorted(t["pass_index"] for t in rows)
+    fitted = Speed.fit_passes([ms for _, ms in refs] * recal["passes"], [t["ms"] for t in rows],
+                              [t["pass_index"] for t in rows])
+    assert (recal["scale"], recal["offset_ms"], recal["spread"]) == pytest.approx(
+        (fitted.scale, fitted.offset_ms, fitted.spread), abs=1e-4)
     assert main(["info", "--artifact", str(art)]) == 0
     assert "speed: x" in capsys.readouterr().out
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import served_copy, synthetic_table, until
 from ofa.artifact import load_artifact
 from ofa_client import AlreadyExists, Client, Infeasible, InvalidArgument, NotFound
+from ofa_client.cli import _line
 from ofa_client.v1 import subnet_service_pb2 as pb
 from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from ofa_server.main import ServeConfig, Server
@@ -123,6 +124,21 @@ def test_a_search_carries_the_device_speed_now(client):
     assert slow.id == half.id and slow.predicted_latency_ms == pytest.approx(2 * half.predicted_latency_ms, rel=1e-3)
     front = client.pareto(TARGET, 3, reference_timings=_timings(client, 0.5))
     assert all(p.speed == pytest.approx(0.5) for p in front)
+    assert (slow.speed_passes, slow.speed_spread, slow.speed_unsettled) == (1, 0.0, False)
+
+
+def test_a_search_says_when_the_passes_that_timed_the_speed_disagreed(client):
+    # the references timed in three passes, the machine at x0.9, x1.1 and x1.0 of its profiled speed
+    rows = [{"subnet_id": k, "ms": ms * f, "pass_index": i}
+            for i, f in enumerate((0.9, 1.1, 1.0)) for k, ms in _timings(client, 1.0).items()]
+    s = client.search(TARGET, max_latency_ms=2.5, seed=3, reference_timings=rows)
+    assert s.speed == pytest.approx(1.0) and s.speed_passes == 3 and s.speed_spread == pytest.approx(0.2, abs=1e-6)
+    assert s.speed_unsettled and s.to_dict()["speed_spread"] == pytest.approx(0.2, abs=1e-6)
+    assert "SPEED UNSETTLED: its 3 timing passes lay 20.0% apart" in _line(s)  # what ofa-client search prints
+    calm = client.search(TARGET, max_latency_ms=2.5, seed=3, reference_timings=rows[len(rows) // 3:])
+    assert calm.speed_passes == 2 and calm.speed_spread == pytest.approx(0.1 / 1.05, abs=1e-6)
+    (t,) = [t for t in client.targets() if t["name"] == TARGET]
+    assert (t["speed_spread"], t["speed_passes"]) == (0.0, 0)  # never recalibrated
 
 
 @pytest.mark.parametrize("timings, message", [
@@ -130,17 +146,19 @@ def test_a_search_carries_the_device_speed_now(client):
     ("nan", r"reference_timings\[0\].ms must be a number in \[1e-06, 1e\+06\]"),
     ("zero", r"reference_timings\[0\].ms must be a number"),
     ("denormal", r"reference_timings\[0\].ms must be a number in \[1e-06, 1e\+06\], got 5e-324"),
-    ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice"),
+    ("twice", r"reference_timings\[1\].subnet_id [0-9a-f]{16} is given twice in pass 0"),
+    ("pass 16", r"reference_timings\[0\].pass_index must be in \[0, 15\], got 16"),
     ("1000x", r"imply the device runs at x1000.000 of its profiled time; only x0.01 to x100 is accepted"),
     ("no target", "reference_timings needs a target"),
-], ids=["unknown-id", "nan", "zero", "denormal", "twice", "implausible", "no-target"])
+], ids=["unknown-id", "nan", "zero", "denormal", "twice", "pass-16", "implausible", "no-target"])
 def test_bad_reference_timings_are_refused(client, timings, message):
     good = _timings(client, 1.0)
     first = next(iter(good))
     target = None if timings == "no target" else TARGET
     if isinstance(timings, str):
         timings = {"nan": {first: float("nan")}, "zero": {first: 0.0}, "denormal": {first: 5e-324}, "1000x": _timings(client, 1000.0),
-                   "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good}[timings]
+                   "twice": [{"subnet_id": first, "ms": 1.0}] * 2, "no target": good,
+                   "pass 16": [{"subnet_id": first, "ms": 1.0, "pass_index": 16}]}[timings]
     with pytest.raises(InvalidArgument, match=message):
         client.search(target, max_macs=10**9, reference_timings=timings)
 

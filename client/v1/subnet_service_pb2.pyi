@@ -149,15 +149,17 @@ class ReferenceSubnet(_message.Message):
     def __init__(self, subnet_id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., profiled_ms: _Optional[float] = ...) -> None: ...
 
 class ReferenceTiming(_message.Message):
-    __slots__ = ("subnet_id", "ms")
+    __slots__ = ("subnet_id", "ms", "pass_index")
     SUBNET_ID_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
+    PASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     subnet_id: str
     ms: float
-    def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
+    pass_index: int
+    def __init__(self, subnet_id: _Optional[str] = ..., ms: _Optional[float] = ..., pass_index: _Optional[int] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms", "noisy", "noise", "precision", "weights_format")
+    __slots__ = ("name", "supernet", "cpu", "threads", "backend", "backend_version", "batch", "blocks", "mean_abs_rel_error", "source", "references", "held_out_within_10pct", "held_out_spearman", "model_family", "speed", "speed_offset_ms", "noisy", "noise", "precision", "weights_format", "speed_spread", "speed_passes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,8 @@ class Target(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SPEED_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    SPEED_PASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     supernet: str
     cpu: str
@@ -198,7 +202,9 @@ class Target(_message.Message):
     noise: str
     precision: str
     weights_format: WeightsFormat
-    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., noisy: _Optional[bool] = ..., noise: _Optional[str] = ..., precision: _Optional[str] = ..., weights_format: _Optional[_Union[WeightsFormat, str]] = ...) -> None: ...
+    speed_spread: float
+    speed_passes: int
+    def __init__(self, name: _Optional[str] = ..., supernet: _Optional[str] = ..., cpu: _Optional[str] = ..., threads: _Optional[int] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., batch: _Optional[int] = ..., blocks: _Optional[int] = ..., mean_abs_rel_error: _Optional[float] = ..., source: _Optional[str] = ..., references: _Optional[_Iterable[_Union[ReferenceSubnet, _Mapping]]] = ..., held_out_within_10pct: _Optional[float] = ..., held_out_spearman: _Optional[float] = ..., model_family: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., noisy: _Optional[bool] = ..., noise: _Optional[str] = ..., precision: _Optional[str] = ..., weights_format: _Optional[_Union[WeightsFormat, str]] = ..., speed_spread: _Optional[float] = ..., speed_passes: _Optional[int] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ("supernet",)
@@ -275,7 +281,7 @@ class SearchSubnetRequest(_message.Message):
     def __init__(self, supernet: _Optional[str] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., reference_timings: _Optional[_Iterable[_Union[ReferenceTiming, _Mapping]]] = ...) -> None: ...
 
 class Subnet(_message.Message):
-    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned", "predicted_accuracy_interval", "extrapolated", "measured_accuracy", "latency_noisy", "supernet_digest")
+    __slots__ = ("id", "arch", "predicted_accuracy", "predicted_latency_ms", "macs", "params", "search_seconds", "supernet", "target", "speed", "speed_offset_ms", "fine_tuned", "predicted_accuracy_interval", "extrapolated", "measured_accuracy", "latency_noisy", "supernet_digest", "speed_spread", "speed_passes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +299,8 @@ class Subnet(_message.Message):
     MEASURED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_NOISY_FIELD_NUMBER: _ClassVar[int]
     SUPERNET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SPEED_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    SPEED_PASSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     arch: Arch
     predicted_accuracy: float
@@ -310,7 +318,9 @@ class Subnet(_message.Message):
     measured_accuracy: MeasuredAccuracy
     latency_noisy: bool
     supernet_digest: str
-    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., predicted_accuracy_interval: _Optional[_Union[AccuracyInterval, _Mapping]] = ..., extrapolated: _Optional[bool] = ..., measured_accuracy: _Optional[_Union[MeasuredAccuracy, _Mapping]] = ..., latency_noisy: _Optional[bool] = ..., supernet_digest: _Optional[str] = ...) -> None: ...
+    speed_spread: float
+    speed_passes: int
+    def __init__(self, id: _Optional[str] = ..., arch: _Optional[_Union[Arch, _Mapping]] = ..., predicted_accuracy: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., macs: _Optional[int] = ..., params: _Optional[int] = ..., search_seconds: _Optional[float] = ..., supernet: _Optional[str] = ..., target: _Optional[str] = ..., speed: _Optional[float] = ..., speed_offset_ms: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., predicted_accuracy_interval: _Optional[_Union[AccuracyInterval, _Mapping]] = ..., extrapolated: _Optional[bool] = ..., measured_accuracy: _Optional[_Union[MeasuredAccuracy, _Mapping]] = ..., latency_noisy: _Optional[bool] = ..., supernet_digest: _Optional[str] = ..., speed_spread: _Optional[float] = ..., speed_passes: _Optional[int] = ...) -> None: ...
 
 class AccuracyInterval(_message.Message):
     __slots__ = ("low", "high", "level", "measured_distance")

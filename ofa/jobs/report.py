@@ -150,7 +150,7 @@ def _retime_references(run: _Run, bases: list[Baseline], timings_file: Path):
     run.log(f"  timing the table's {len(run.refs)} reference subnets here now ({run.timing.backend}, "
             f"{run.timing.threads} threads), as a device does before it asks")
     before = run.time(run.ref_parts + run.base_parts, "re-time references", passes=True)
-    ratios, speed = speed_of(before.ms[: len(run.refs)], run.profiled)
+    ratios, speed = speed_of([ms[: len(run.refs)] for ms in before.pass_ms()], run.profiled)
     recal = {**run.table, "recalibration": {**speed.to_dict(), "ratios": ratios}}
     timings_file.write_text(json.dumps(reference_timings(space, recal, before), indent=1))
     run.log(f"  this machine runs at {speed.describe()} of the time it took when profiled ({len(run.refs)} "

@@ -17,7 +17,8 @@ A table is JSON (format ``ofa-latency-table``, version 2)::
              "quality": {"held_out": {"within_10pct": 1.0, "spearman": 0.98, "mean_abs_rel_error": 0.03,
                                       "worst_abs_rel_error": 0.08}, "fit": {...}}},
      "references": [{"arch": {...}, "ms": 1.9}, ...],
-     "recalibration": {"scale": 1.07, "offset_ms": 0.0, "ratios": [...], "measured_at": "2026-12-01T20:00:00Z"}}
+     "recalibration": {"scale": 1.07, "offset_ms": 0.0, "ratios": [...], "measured_at": "2026-12-01T20:00:00Z",
+                       "spread": 0.021, "passes": 2}}
 
 Private: :mod:`ofa.predict.latency` re-exports the public names, checks that a table
 fits a space (digest, model, references, block keys) and predicts from it. Nothing here
@@ -121,6 +122,8 @@ _RECALIBRATION_FIELDS = {
     "ratios": (lambda v: isinstance(v, list) and len(v) <= MAX_REFERENCES and all(_real(1e-6)(x) for x in v),
                f"a list of at most {MAX_REFERENCES} numbers > 0"),
     "measured_at": (_text, "a string of at most 200 characters"),
+    "spread": (_real(0, 100), "a number in [0, 100]"),
+    "passes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16, "an integer in [0, 16]"),
 }
 
 

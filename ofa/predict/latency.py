@@ -21,19 +21,21 @@ few subnets) are refused: profile again.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 from ofa_client.latency_model import MIN_PREDICTED_MS
 from ofa_client.timing import describe_cpu
+from ofa_client.values import SPEED_TOLERANCE  # passes further apart: the speed is unsettled (a third pass decides)
 
 from ..space import Arch, BlockSpec, SearchSpace, space_digest
 from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError, check_model, check_structure,
                      check_target_name)
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "Speed", "check_target_name", "table_format", "table_noise",
+__all__ = ["LatencyPredictor", "LatencyTableError", "SPEED_TOLERANCE", "Speed", "check_target_name", "table_format", "table_noise",
            "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
 
 
@@ -110,6 +112,7 @@ def _check_fits(table: Mapping[str, Any], space: SearchSpace) -> None:
                                 f"e.g. {missing[:2]}")
 
 
+
 @dataclass(frozen=True)
 class Speed:
     """How the device runs now against when its table was profiled: ``now = scale · then + offset_ms``.
@@ -123,20 +126,34 @@ class Speed:
 
     scale: float = 1.0
     offset_ms: float = 0.0
+    # its uncertainty, when the references were timed in several passes (:meth:`fit_passes`): how far
+    # the passes' levels lay apart, relative to the speed, and how many there were (0: not measured)
+    spread: float = 0.0
+    passes: int = 0
 
     def apply(self, ms: np.ndarray) -> np.ndarray:
         return np.maximum(np.asarray(ms) * self.scale + self.offset_ms, MIN_PREDICTED_MS)
 
     def to_dict(self) -> dict[str, float]:
-        return {"scale": round(self.scale, 6), "offset_ms": round(self.offset_ms, 6)}
+        out = {"scale": round(self.scale, 6), "offset_ms": round(self.offset_ms, 6)}
+        return {**out, "spread": round(self.spread, 5), "passes": self.passes} if self.passes else out
+
+    @property
+    def unsettled(self) -> bool:
+        """The passes disagreed on the level by more than :data:`SPEED_TOLERANCE`."""
+        return self.spread > SPEED_TOLERANCE
 
     def describe(self) -> str:
-        return f"x{self.scale:.3f}" + (f" {self.offset_ms:+.3f} ms" if self.offset_ms else "")
+        out = f"x{self.scale:.3f}" + (f" {self.offset_ms:+.3f} ms" if self.offset_ms else "")
+        if self.passes > 1:
+            out += f" ({self.passes} passes {self.spread:.1%} apart{': unsettled' if self.unsettled else ''})"
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Speed":
         d = d or {}
-        return cls(float(d.get("scale", 1.0)), float(d.get("offset_ms", 0.0)))
+        return cls(float(d.get("scale", 1.0)), float(d.get("offset_ms", 0.0)), float(d.get("spread", 0.0)),
+                   int(d.get("passes", 0)))
 
     @staticmethod
     def _fit(p: np.ndarray, n: np.ndarray, affine: bool) -> "Speed":
@@ -167,6 +184,19 @@ class Speed:
         if np.mean(loo[True]) < np.mean(loo[False]) and both.scale > 0 and np.all(both.apply(p) > 0.1 * n):
             return both
         return plain
+
+    @classmethod
+    def fit_passes(cls, profiled_ms, now_ms, pass_index) -> "Speed":
+        """:meth:`fit` on the references' timings of every pass together (``pass_index`` says each timing's
+        pass), with the passes' disagreement as its ``spread``: (highest - lowest pass level) / the level
+        of all, each level the median ratio of time now to time profiled. One pass's level moved by up
+        to 9% between passes minutes apart here (docs/demo.md): the spread is what the speed may be off."""
+        p, n, k = np.asarray(profiled_ms, float), np.asarray(now_ms, float), np.asarray(pass_index)
+        speed = cls.fit(p, n)
+        ratio = n / p
+        levels = [float(np.median(ratio[k == j])) for j in np.unique(k)]
+        spread = (max(levels) - min(levels)) / float(np.median(ratio))
+        return dataclasses.replace(speed, spread=spread, passes=len(levels))
 
 
 class LatencyPredictor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -142,16 +142,23 @@ def timing_of_table(table: Mapping[str, Any], **changes: Any) -> Timing:
 
 def reference_timings(space: SearchSpace, table: Mapping[str, Any], timings: Timings) -> dict[str, Any]:
     """The references' timings as a search request carries them (``reference_timings`` of the API)."""
-    refs = LatencyPredictor(space, table).references
+    refs, passes = LatencyPredictor(space, table).references, timings.pass_ms()
+    one = len(passes) == 1  # the timings of each pass, with its index (the server's measure of the speed's spread)
     return {"target": table["target"], "measured_at": (table.get("recalibration") or {}).get("measured_at"),
-            "reference_timings": [{"subnet_id": a.id, "ms": round(float(m), 6)} for (a, _), m in zip(refs, timings.ms)]}
+            "reference_timings": [{"subnet_id": a.id, "ms": round(float(m), 6), **({} if one else {"pass_index": k})}
+                                  for k, ms in enumerate(passes) for (a, _), m in zip(refs, ms)]}
 
 
-def speed_of(now_ms: np.ndarray, profiled_ms: np.ndarray) -> tuple[list[float], Speed]:
-    """How the device runs now against when profiled: each reference's ratio, and the :class:`Speed`
-    fitted on them (one subnet's re-timing is a noisy estimate of the device's speed; ten are not)."""
-    ratios = np.asarray(now_ms, float) / np.asarray(profiled_ms, float)
-    return [round(float(r), 5) for r in ratios], Speed.fit(profiled_ms, now_ms)
+def speed_of(now_ms: np.ndarray | Sequence[np.ndarray], profiled_ms: np.ndarray) -> tuple[list[float], Speed]:
+    """How the device runs now against when profiled: each reference's ratio (its median over passes), and the
+    :class:`Speed` fitted on them (one subnet's re-timing is a noisy estimate of the device's speed; ten are
+    not). ``now_ms``: one figure per reference, or one such array per pass (:meth:`Timings.pass_ms`), whose
+    disagreement the speed carries as its ``spread``."""
+    p = np.asarray(profiled_ms, float)
+    passes = [np.asarray(now_ms, float)] if np.ndim(now_ms) == 1 else [np.asarray(m, float) for m in now_ms]
+    ratios = np.median([m / p for m in passes], axis=0)
+    speed = Speed.fit_passes(np.tile(p, len(passes)), np.concatenate(passes), np.repeat(np.arange(len(passes)), len(p)))
+    return [round(float(r), 5) for r in ratios], speed
 
 
 def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = True,
@@ -174,7 +181,7 @@ def recalibrate(space: SearchSpace, table: Mapping[str, Any], progress: bool = T
         if not accept_noisy:
             raise
         timings = e.timings
-    ratios, speed = speed_of(timings.ms, np.array([m for _, m in refs]))
+    ratios, speed = speed_of(timings.pass_ms(), np.array([m for _, m in refs]))
     recal = {**speed.to_dict(), "ratios": ratios,
              "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "repeatability": timings.repeatability()}

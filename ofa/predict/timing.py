@@ -28,6 +28,7 @@ from ofa_client.timing import (NOISY_SCATTER, PRECISIONS, STATISTIC, TimingError
                                run_workers, spearman, statistic)
 
 from ..space import Arch, BlockSpec, SearchSpace
+from .latency import SPEED_TOLERANCE
 
 __all__ = ["BACKENDS", "NOISY_SCATTER", "ONNX_BACKENDS", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings",
            "machine_speed", "spearman", "statistic", "subnet_part", "time_parts", "time_parts_agreed",
@@ -181,14 +182,11 @@ def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing,
     return timings
 
 
-LEVEL_TOLERANCE = 0.05  # two passes over the same networks whose levels differ by more: a third decides
-
-
 def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
                       desc: str = "timing", say=log.warning) -> Timings:
     """:func:`time_parts_trusted`, then a second pass in a fresh worker, joined into one run whose statistic
     takes the machine at its median speed over all their rounds; where the two passes' levels (the median
-    ratio of their figures) differ by more than :data:`LEVEL_TOLERANCE`, a third pass joins them. For a
+    ratio of their figures) differ by more than :data:`SPEED_TOLERANCE`, a third pass joins them. For a
     device's speed now: one pass's level moved by up to 9% between passes minutes apart here (sd about 4%,
     docs/demo.md), which a pass's own repeatability check, within the pass, cannot see. Only the first pass
     gates (as :func:`time_parts_trusted` does); a later pass its own check calls noisy is left out, said."""
@@ -205,11 +203,12 @@ def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: 
 
     if another(2):
         level = float(np.median(passes[1].ms / passes[0].ms))
-        if abs(level - 1) > LEVEL_TOLERANCE:
+        if abs(level - 1) > SPEED_TOLERANCE:
             say(f"{desc}: the second pass ran at x{level:.3f} of the first; a third pass decides")
             another(3)
     return Timings(np.concatenate([t.samples_ms for t in passes], axis=1), passes[0].calls,
-                   sum(t.seconds for t in passes), np.concatenate([t.orders for t in passes], axis=0))
+                   sum(t.seconds for t in passes), np.concatenate([t.orders for t in passes], axis=0),
+                   tuple(len(t.orders) for t in passes))
 
 
 def time_parts_trusted(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
