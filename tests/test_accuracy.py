@@ -289,3 +289,38 @@ def test_predictors_command_refuses_bad_options(tmp_path, capsys, args, message)
 
     assert main(["predictors", "--artifact", str(tmp_path), *args]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_the_closed_loop_fits_on_its_picks_also_when_they_agree(monkeypatch):
+    """Picks that land inside their intervals still join the fit: agreeing picks lay 0.2-1.1 points below
+    their predictions in 5 demo runs (the winner's curse), so the predictor that serves must know them."""
+    from types import SimpleNamespace
+
+    from ofa.jobs import predictors
+    from ofa.search import Candidate
+
+    space = get_space("mbv3-small-images")
+    archs = [space.smallest(), space.largest()]
+    picks = [Candidate(a, 78.0, 1, 1, accuracy_low=76.0, accuracy_high=80.0) for a in archs]
+    monkeypatch.setattr(predictors, "search_picks", lambda *a: picks)
+    fits, logs = [], []
+    job = SimpleNamespace(art=SimpleNamespace(space=space), save=lambda m: None, log=logs.append,
+                          measure=lambda new, m: {**m, **{a.id: {"accuracy": 77.2} for a in new}})
+
+    def fit(measured):
+        fits.append(sorted(measured))
+        return SimpleNamespace(family=f"fit-{len(fits)}")
+
+    pred, measured, loop = predictors._closed_loop(job, {}, fit, SimpleNamespace(family="before"),
+                                                   SimpleNamespace(target="dev"), rounds=2, budgets=2)
+    assert loop["agreed"] and loop["rounds"] == 1 and loop["history"][0]["family"] == "before"
+    assert pred.family == "fit-1" and fits == [sorted(a.id for a in archs)]  # fitted on the agreeing picks
+    assert all(measured[a.id]["loop"] == 1 for a in archs)
+    # picks measured before that disagree: nothing new to fit on, so no refit; the rounds run out, said
+    fits.clear()
+    wide = [Candidate(a, 79.0, 1, 1, accuracy_low=78.5, accuracy_high=79.5) for a in archs]
+    monkeypatch.setattr(predictors, "search_picks", lambda *a: wide)
+    pred, _, loop = predictors._closed_loop(job, measured, fit, SimpleNamespace(family="old"),
+                                            SimpleNamespace(target="dev"), rounds=2, budgets=2)
+    assert not loop["agreed"] and loop["rounds"] == 2 and fits == [] and pred.family == "old"
+    assert "rounds ran out" in logs[-1]
