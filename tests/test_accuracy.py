@@ -291,9 +291,9 @@ def test_predictors_command_refuses_bad_options(tmp_path, capsys, args, message)
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
-def test_the_closed_loop_fits_on_its_picks_also_when_they_agree(monkeypatch):
-    """Picks that land inside their intervals still join the fit: agreeing picks lay 0.2-1.1 points below
-    their predictions in 5 demo runs (the winner's curse), so the predictor that serves must know them."""
+def test_the_closed_loop_refits_until_its_picks_agree(monkeypatch):
+    """Picks outside their intervals join the fit and the search picks again; picks inside end the loop. (Fitting
+    on agreeing picks too was tried: on 4 demo artifacts it moved the served predictions no nearer, docs/demo.md.)"""
     from types import SimpleNamespace
 
     from ofa.jobs import predictors
@@ -301,8 +301,9 @@ def test_the_closed_loop_fits_on_its_picks_also_when_they_agree(monkeypatch):
 
     space = get_space("mbv3-small-images")
     archs = [space.smallest(), space.largest()]
-    picks = [Candidate(a, 78.0, 1, 1, accuracy_low=76.0, accuracy_high=80.0) for a in archs]
-    monkeypatch.setattr(predictors, "search_picks", lambda *a: picks)
+    rounds = [[Candidate(a, 79.0, 1, 1, accuracy_low=78.5, accuracy_high=79.5) for a in archs],  # 77.2: outside
+              [Candidate(a, 77.5, 1, 1, accuracy_low=76.0, accuracy_high=79.0) for a in archs]]  # the refit's: inside
+    monkeypatch.setattr(predictors, "search_picks", lambda *a: rounds[len(fits)])
     fits, logs = [], []
     job = SimpleNamespace(art=SimpleNamespace(space=space), save=lambda m: None, log=logs.append,
                           measure=lambda new, m: {**m, **{a.id: {"accuracy": 77.2} for a in new}})
@@ -311,16 +312,14 @@ def test_the_closed_loop_fits_on_its_picks_also_when_they_agree(monkeypatch):
         fits.append(sorted(measured))
         return SimpleNamespace(family=f"fit-{len(fits)}")
 
-    pred, measured, loop = predictors._closed_loop(job, {}, fit, SimpleNamespace(family="before"),
-                                                   SimpleNamespace(target="dev"), rounds=2, budgets=2)
-    assert loop["agreed"] and loop["rounds"] == 1 and loop["history"][0]["family"] == "before"
-    assert pred.family == "fit-1" and fits == [sorted(a.id for a in archs)]  # fitted on the agreeing picks
-    assert all(measured[a.id]["loop"] == 1 for a in archs)
-    # picks measured before that disagree: nothing new to fit on, so no refit; the rounds run out, said
+    pred, measured, loop = predictors._closed_loop(job, {}, fit, SimpleNamespace(family="first"),
+                                                   SimpleNamespace(target="dev"), rounds=3, budgets=2)
+    assert loop["agreed"] and loop["rounds"] == 2 and [h["family"] for h in loop["history"]] == ["first", "fit-1"]
+    assert fits == [sorted(a.id for a in archs)] and pred.family == "fit-1" and loop["measured"] == 2
+    assert [h["inside"] for h in loop["history"]] == [0, 2] and all(measured[a.id]["loop"] == 1 for a in archs)
+    # picks that never agree: refitted every round until the rounds run out, said
     fits.clear()
-    wide = [Candidate(a, 79.0, 1, 1, accuracy_low=78.5, accuracy_high=79.5) for a in archs]
-    monkeypatch.setattr(predictors, "search_picks", lambda *a: wide)
-    pred, _, loop = predictors._closed_loop(job, measured, fit, SimpleNamespace(family="old"),
-                                            SimpleNamespace(target="dev"), rounds=2, budgets=2)
-    assert not loop["agreed"] and loop["rounds"] == 2 and fits == [] and pred.family == "old"
-    assert "rounds ran out" in logs[-1]
+    rounds[1] = rounds[0]
+    _, _, loop = predictors._closed_loop(job, {}, fit, SimpleNamespace(family="first"), SimpleNamespace(target="dev"),
+                                         rounds=2, budgets=2)
+    assert not loop["agreed"] and loop["rounds"] == 2 and len(fits) == 2 and "rounds ran out" in logs[-1]

@@ -31,7 +31,6 @@ __all__ = ["FRONT_ROUNDS", "LOOP_BUDGETS", "LOOP_ROUNDS", "build_accuracy_predic
 FRONT_ROUNDS = 2
 LOOP_ROUNDS = 2  # closed-loop rounds at most: search, measure the picks, refit
 LOOP_BUDGETS = 5  # latency budgets per round, spread along the front as a report spreads its budgets
-LOOP_METHOD = "every round's new picks join the fit"  # a fit made before they did (also when agreeing) is not reused
 Log = Callable[[str], None]
 
 
@@ -103,10 +102,9 @@ def search_picks(space: SearchSpace, predictor, latency, budgets: int, seed: int
 
 def _closed_loop(job: "_Job", measured: dict, fit: Callable[[dict], Any], pred, latency, rounds: int,
                  budgets: int) -> tuple[Any, dict, dict[str, Any]]:
-    """Measure what the search would serve, refit on them, repeat: until every pick's measured accuracy lies in
-    its predicted interval, or ``rounds`` run out. The picks stay in the measurements (so the server can say a
-    served subnet's *measured* accuracy); returns the predictor fitted on them all, the measurements and a
-    summary."""
+    """Measure what the search would serve, refit, repeat: until every pick's measured accuracy lies in its
+    predicted interval, or ``rounds`` run out. The picks stay in the measurements (so the server can say a
+    served subnet's *measured* accuracy); returns the last predictor, the measurements and a summary."""
     history: list[dict[str, Any]] = []
     agreed, added = False, 0
     for r in range(rounds):
@@ -128,11 +126,10 @@ def _closed_loop(job: "_Job", measured: dict, fit: Callable[[dict], Any], pred, 
         history.append({"round": r + 1, "family": pred.family, "picks": rows, "inside": inside})
         job.log(f"  {inside} of {len(rows)} picks measured inside their predicted interval (errors "
                 + ", ".join(f"{row['measured'] - row['predicted']:+.2f}" for row in rows) + " points)")
-        agreed = inside == len(rows)
-        if new:  # the picks join the fit (or its held-out side, by id) also when they agreed: in 5 demo runs the
-            pred = fit(measured)  # agreeing picks lay 0.2-1.1 points below their predictions (the winner's curse)
-        if agreed:
+        if inside == len(rows):
+            agreed = True
             break
+        pred = fit(measured)  # the picks' measurements join the fit (or the held-out side, by their id)
     summary = {"rounds": len(history), "measured": added, "picks": len(history[-1]["picks"]) if history else 0,
                "within": history[-1]["inside"] if history else 0, "agreed": agreed, "budgets": budgets,
                "target": latency.target, "history": history}
@@ -343,8 +340,7 @@ def build_accuracy_predictor(root: str | Path, samples: int = 300, seed: int = 0
     measured = _measure(job, samples, front, front_target, test_fraction, seed, families)
     settings = {"seed": seed, "test_fraction": test_fraction, "families": families, "front": front,
                 "front_target": front_target, "loop_rounds": loop_rounds, "loop_budgets": loop_budgets,
-                "loop": LOOP_METHOD if loop_rounds else None, "interval": INTERVAL_METHOD,
-                "shift": SHIFT_METHOD}  # a fit made another way is not reused
+                "interval": INTERVAL_METHOD, "shift": SHIFT_METHOD}  # a fit made another way is not reused
 
     def key_of(m: dict) -> str:
         return hashlib.sha256(json.dumps({"measured": [[i, m[i]["accuracy"]] for i in sorted(m)], **settings},
