@@ -166,12 +166,23 @@ def test_an_int8_kit_is_quantized_for_its_runtime_and_another_runtime_is_refused
     assert table["device"]["precision"] == "int8" and table_format(table) == "openvino_int8"
 
 
-def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, tmp_path, capsys):
+def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, tmp_path, capsys, monkeypatch):
     """GetProfileKit (API 1.4): built on the first request, verified by sha256 and unpacked by the client;
-    ``ofa-client profile`` without --kit fetches it, times it and registers the target."""
+    ``ofa-client profile`` without --kit fetches it, times it and registers the target. A build that meets a
+    full disk is RESOURCE_EXHAUSTED, keeps nothing half-built, and is built on the retry."""
+    import errno
+
+    from ofa_client import ResourceExhausted
+    from ofa_server import kits
+
+    real = kits.write_kit
+    monkeypatch.setattr(kits, "write_kit", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
     srv = Server(Registry([str(artifact)], str(tmp_path / "targets")), ServeConfig(port=0, max_searches=1)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=600) as c:
+            with pytest.raises(ResourceExhausted, match="disk is full; retry later"):
+                c.fetch_kit(tmp_path / "full")
+            monkeypatch.setattr(kits, "write_kit", real)  # space again
             folder = c.fetch_kit(tmp_path / "kit")
             kit = read_kit(folder)  # every file's sha256 checked again
             assert kit["space"] == json.loads(load_artifact(artifact).space.to_json()) and kit["precision"] == "fp32"
@@ -257,25 +268,6 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     assert moved.accuracy == pytest.approx(79.7)
     assert moved.accuracy - moved.accuracy_low == pytest.approx(np.hypot(2.0, 1.6449 * 0.2), abs=1e-3)
     assert moved.accuracy_high - moved.accuracy == pytest.approx(np.hypot(1.0, 1.6449 * 0.2), abs=1e-3)
-
-
-def test_a_kit_build_on_a_full_disk_is_resource_exhausted_and_built_on_the_retry(artifact, monkeypatch, tmp_path):
-    import errno
-
-    from ofa_client import ResourceExhausted
-    from ofa_server import kits
-
-    real = kits.write_kit
-    monkeypatch.setattr(kits, "write_kit", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
-    srv = Server(Registry([str(artifact)], None), ServeConfig(port=0, max_searches=1)).start()
-    try:
-        with Client(f"127.0.0.1:{srv.port}", timeout=600) as c:
-            with pytest.raises(ResourceExhausted, match="disk is full; retry later"):
-                c.fetch_kit(tmp_path / "a")
-            monkeypatch.setattr(kits, "write_kit", real)  # space again: nothing half-built was kept
-            assert read_kit(c.fetch_kit(tmp_path / "b"))["precision"] == "fp32"
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("name, kind", [("../escape.json", tarfile.REGTYPE), ("/abs.json", tarfile.REGTYPE),
