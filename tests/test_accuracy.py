@@ -293,7 +293,7 @@ def test_predictors_command_refuses_bad_options(tmp_path, capsys, args, message)
 
 def test_the_closed_loop_refits_until_its_picks_agree(monkeypatch):
     """Picks outside their intervals join the fit and the search picks again; picks inside end the loop. (Fitting
-    on agreeing picks too was tried: on 4 demo artifacts it moved the served predictions no nearer, docs/demo.md.)"""
+    on agreeing picks too was tried: on 5 demo artifacts it moved the served predictions no nearer, docs/demo.md.)"""
     from types import SimpleNamespace
 
     from ofa.jobs import predictors
