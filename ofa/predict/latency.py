@@ -35,8 +35,8 @@ from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError,
                      check_target_name)
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "SPEED_TOLERANCE", "Speed", "check_target_name", "table_format", "table_noise",
-           "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
+__all__ = ["LatencyPredictor", "LatencyTableError", "SPEED_TOLERANCE", "Speed", "check_target_name", "table_format",
+           "table_noise", "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
 
 
 
@@ -110,7 +110,6 @@ def _check_fits(table: Mapping[str, Any], space: SearchSpace) -> None:
     if missing:
         raise LatencyTableError(f"entries lack {len(missing)} block keys of space {space.name!r}, "
                                 f"e.g. {missing[:2]}")
-
 
 
 @dataclass(frozen=True)
