@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common import fingerprint
-from ofa.artifact import load_artifact
+from ofa.artifact import latency_file, load_artifact
 from ofa.predict.profile import timing_of_table
 from ofa.predict.timing import subnet_part, time_parts
 
@@ -32,7 +32,7 @@ def main() -> None:
     a = p.parse_args()
     fp = fingerprint()
     art = load_artifact(a.artifact)
-    table = json.loads((Path(a.artifact) / "latency" / f"{a.target}.json").read_text())
+    table = art.files.read_json(latency_file(a.target))  # the artifact names its files
     space = art.space
     refs = [space.arch_from_json(json.dumps(r["arch"])) for r in table["references"]]
     profiled = np.array([r["ms"] for r in table["references"]])
