@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -149,8 +150,9 @@ def _export(job: dict, report) -> None:
             data = export_onnx(module, x, dynamic_batch=False)
             if quantize is not None:  # quantized as the runtime's served int8 file is, calibrated on seeded noise
                 data = quantize(data, noise)
-            with open(path, "wb") as f:
+            with open(path + ".part", "wb") as f:  # whole or absent: a folder of exports may be used again
                 f.write(data)
+            os.replace(path + ".part", path)
             report({"exported": k + 1})
     report({"result": "exported"})
 

@@ -27,7 +27,7 @@ def _timings(noise: float, rounds: int, seed: int = 0) -> Timings:
 def test_a_noisy_run_is_timed_again_with_twice_the_rounds_and_a_quiet_one_is_kept(monkeypatch):
     calls = []
 
-    def fake(space, parts, timing, progress=False, desc="timing"):
+    def fake(space, parts, timing, progress=False, desc="timing", exported=None):
         calls.append(timing.rounds)
         return _timings(0.3 if len(calls) == 1 else 0.0, timing.rounds)
 
@@ -41,7 +41,7 @@ def test_a_noisy_run_is_timed_again_with_twice_the_rounds_and_a_quiet_one_is_kep
 def test_a_run_that_stays_noisy_is_refused_with_its_verdict_and_the_last_timings(monkeypatch):
     calls = []
 
-    def fake(space, parts, timing, progress=False, desc="timing"):
+    def fake(space, parts, timing, progress=False, desc="timing", exported=None):
         calls.append(timing.rounds)
         return _timings(0.3, timing.rounds, seed=len(calls))
 

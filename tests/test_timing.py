@@ -1,5 +1,6 @@
 """The timing protocol: its statistic, its repeatability figures, its run-count rule and its worker."""
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,35 @@ def test_a_speed_is_timed_in_passes_that_agree_on_the_machines_level(monkeypatch
     assert joined.samples_ms.shape == (3, 4 * passes, 2) and joined.seconds == passes
     assert np.allclose(joined.ms / base, np.median(kept), rtol=0.03)
     assert len(said) == (passes != 2) and next(made, None) is None
+
+
+def test_networks_are_exported_once_for_every_pass_and_run_that_times_them(tmp_path, monkeypatch):
+    """An export folder (the passes of a re-timing, a report's two timings): a network exported before is timed
+    from its file, wherever it stands in the parts; a half-written export (a killed worker's) is never used."""
+    from test_latency import TINY
+
+    from ofa.predict import timing as timing_module
+
+    exported = []
+    real = timing_module._run_workers
+
+    def counting(jobs, folder, progress, desc, total, counter):
+        exported.extend(x[2] for job in jobs for x in job.get("export", ()))
+        return real(jobs, folder, progress, desc, total, counter)
+
+    monkeypatch.setattr(timing_module, "_run_workers", counting)
+    timing = Timing(backend="onnxruntime", threads=1, rounds=2, samples=1, sample_ms=0.5, warmup_ms=1.0)
+    a, b, c = (timing_module.subnet_part(TINY, x) for x in (TINY.smallest(12), TINY.largest(16), TINY.sample(3)))
+    keep = tmp_path / "exports"
+    keep.mkdir()
+    first = time_parts(TINY, [a, b], timing, exported=keep)
+    assert len(exported) == 2 and first.ms.shape == (2,)
+    assert sorted(p.name for p in keep.iterdir()) == sorted(Path(f).name for f in exported)
+    name_a = Path(exported[0]).name
+    (keep / name_a).rename(keep / (name_a + ".part"))  # a worker killed while writing it
+    items = timing_module._worker_items(TINY, [c, b, a], timing, tmp_path, False, keep)
+    assert len(exported) == 4 and Path(exported[3]).name == name_a  # c and a exported; b found
+    assert [Path(i["file"]).name for i in items[1:]] == [Path(exported[1]).name, name_a]
+    # another seed is another network (its weights): never taken for this one
+    other, _ = timing_module._export_name(a, [1, *a.shape], timing.replace(seed=1))
+    assert other != name_a

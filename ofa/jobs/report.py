@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class _Run:
     base_parts: list = field(default_factory=list)
     accept_noisy: bool = False  # use a timing the protocol calls untrusted (labelled), instead of refusing
     untrusted: list = field(default_factory=list)  # which timings were used although untrusted
+    exported: Path | None = None  # where the references' and baselines' ONNX exports are kept for every pass
 
     def time(self, parts: list, desc: str, passes: bool = False):
         """The parts timed until the protocol trusts the run (``passes``: in passes that agree on the machine's
@@ -108,7 +110,8 @@ class _Run:
 
         try:
             return (time_parts_agreed if passes else time_parts_trusted)(
-                self.art.space, parts, self.timing, self.progress, desc, say=lambda m: self.log("  " + m))
+                self.art.space, parts, self.timing, self.progress, desc, say=lambda m: self.log("  " + m),
+                exported=self.exported)
         except NoisyTiming as e:
             if not self.accept_noisy:
                 raise NoisyTiming(f"{e}. The latency figures would not be trustworthy: run it again when the "
@@ -299,10 +302,12 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         bases = train_baselines(art, baselines, epochs, run.out, data_dir, progress, log)
     run.base_parts = [Part("mobilenet_v3_small", (space.in_channels, res, res), width_mult=b.row["width_mult"])
                       for b in bases]
-    served = _serve(run, bases, budgets, budget_ms)
-    log(f"measuring the {len(served['served'])} served subnets on this machine: latency of the files as fetched, "
-        f"with the references and baselines in the same interleaved passes; then test accuracy")
-    after = _time_served(run, served["served"], bases)
+    with tempfile.TemporaryDirectory(prefix="ofa-exports-") as exported:  # exported once, timed in every pass
+        run.exported = Path(exported)
+        served = _serve(run, bases, budgets, budget_ms)
+        log(f"measuring the {len(served['served'])} served subnets on this machine: latency of the files as "
+            f"fetched, with the references and baselines in the same interleaved passes; then test accuracy")
+        after = _time_served(run, served["served"], bases)
     test_images, val_images = _measure_accuracy(run, served["served"], bases, data_dir)
     reference = {"subnets": len(run.refs), "ratios_before": served["ratios_before"],
                  "speed_before": served["speed_before"], **after, "untrusted_timings": run.untrusted}

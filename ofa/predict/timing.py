@@ -12,7 +12,9 @@ A machine too noisy to trust is said so (:meth:`Timings.repeatability`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -139,18 +141,31 @@ def _package_root() -> str:
 EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two processes halve the wait
 
 
+def _export_name(part: Part, shape: list[int], timing: Timing) -> tuple[str, int]:
+    """A part's ONNX file name in an export folder, and the seed of its random weights: both from what the
+    export depends on (the part, its input, the runtime and precision, the protocol's seed), so that the same
+    network exported for another run or pass is found, not exported again."""
+    key = json.dumps([part.to_dict(), shape, timing.backend, timing.precision, timing.seed], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{digest[:24]}.onnx", int(digest[24:32], 16)
+
+
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
-                  progress: bool) -> list[dict[str, Any]]:
-    """What the worker loads: ONNX files for the ONNX runtimes (exported here), specs or served files for torch."""
+                  progress: bool, exported: Path | None = None) -> list[dict[str, Any]]:
+    """What the worker loads: ONNX files for the ONNX runtimes (exported here, into ``exported`` when given,
+    where a file exported before is used as it is), specs or served files for torch."""
     items: list[dict[str, Any]] = []
     exports = []
-    for i, part in enumerate(parts):
+    for part in parts:
         shape = [timing.batch, *part.shape]
         if part.kind == "file":  # a served file, in the format the backend runs (ofa.export.run_format)
             items.append({"shape": shape, "file": str(Path(part.file).resolve())})
         elif timing.backend in ONNX_BACKENDS:
-            items.append({"shape": shape, "file": str(folder / f"{i}.onnx")})
-            exports.append((part.to_dict(), shape, items[-1]["file"], timing.seed * 1_000_003 + i))
+            name, seed = _export_name(part, shape, timing)
+            path = (exported or folder) / name
+            items.append({"shape": shape, "file": str(path)})
+            if not path.exists() and all(e[2] != str(path) for e in exports):
+                exports.append((part.to_dict(), shape, str(path), seed))
         else:
             items.append({"shape": shape, "part": part.to_dict()})
     if exports:
@@ -163,15 +178,16 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
 
 
 def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
-               desc: str = "timing") -> Timings:
-    """Time every part with the protocol in a fresh worker process; see the module docstring."""
+               desc: str = "timing", exported: Path | None = None) -> Timings:
+    """Time every part with the protocol in a fresh worker process; see the module docstring. ``exported``:
+    a folder the ONNX exports are kept in and found again (by another pass or run of the same networks)."""
     timing.check()
     if not parts:
         raise ValueError("nothing to time")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ofa-timing-") as tmp:
         folder = Path(tmp)
-        job = {**dataclasses.asdict(timing), "items": _worker_items(space, parts, timing, folder, progress),
+        job = {**dataclasses.asdict(timing), "items": _worker_items(space, parts, timing, folder, progress, exported),
                "space": space.to_dict() if space is not None else None, "root": _package_root()}
         (result,) = _run_workers([job], folder, progress, desc, len(parts) * timing.rounds, "done")
     timings = Timings(np.array(result["times_ms"]), tuple(result["calls"]), time.perf_counter() - t0,
@@ -183,17 +199,21 @@ def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing,
 
 
 def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
-                      desc: str = "timing", say=log.warning) -> Timings:
+                      desc: str = "timing", say=log.warning, exported: Path | None = None) -> Timings:
     """:func:`time_parts_trusted`, then a second pass in a fresh worker, joined into one run whose statistic
     takes the machine at its median speed over all their rounds; where the two passes' levels (the median
     ratio of their figures) differ by more than :data:`SPEED_TOLERANCE`, a third pass joins them. For a
     device's speed now: one pass's level moved by up to 9% between passes minutes apart here (sd about 4%,
     docs/demo.md), which a pass's own repeatability check, within the pass, cannot see. Only the first pass
-    gates (as :func:`time_parts_trusted` does); a later pass its own check calls noisy is left out, said."""
-    passes = [time_parts_trusted(space, parts, timing, progress, f"{desc} (pass 1)", say=say)]
+    gates (as :func:`time_parts_trusted` does); a later pass its own check calls noisy is left out, said.
+    The networks are exported once for all passes (into ``exported`` when given)."""
+    if exported is None:
+        with tempfile.TemporaryDirectory(prefix="ofa-exports-") as tmp:
+            return time_parts_agreed(space, parts, timing, progress, desc, say, Path(tmp))
+    passes = [time_parts_trusted(space, parts, timing, progress, f"{desc} (pass 1)", say=say, exported=exported)]
 
     def another(k: int) -> bool:
-        more = time_parts(space, parts, timing, progress, f"{desc} (pass {k})")
+        more = time_parts(space, parts, timing, progress, f"{desc} (pass {k})", exported)
         rep = more.repeatability()
         if rep["trusted"]:
             passes.append(more)
@@ -212,13 +232,17 @@ def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: 
 
 
 def time_parts_trusted(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
-                       desc: str = "timing", attempts: int = 3, say=log.warning) -> Timings:
+                       desc: str = "timing", attempts: int = 3, say=log.warning,
+                       exported: Path | None = None) -> Timings:
     """:func:`time_parts`, timed again with twice the rounds while the protocol's repeatability check calls the
     run too noisy to trust; :class:`NoisyTiming` when ``attempts`` runs all failed it. A gate for figures
     that decide an answer (a device's speed now, a served subnet's latency): an untrusted run is never
-    used silently."""
+    used silently. The networks are exported once for all attempts (into ``exported`` when given)."""
+    if exported is None:
+        with tempfile.TemporaryDirectory(prefix="ofa-exports-") as tmp:
+            return time_parts_trusted(space, parts, timing, progress, desc, attempts, say, Path(tmp))
     for attempt in range(1, attempts + 1):
-        timings = time_parts(space, parts, timing, progress, desc)
+        timings = time_parts(space, parts, timing, progress, desc, exported)
         rep = timings.repeatability()
         if rep["trusted"]:
             return timings
