@@ -66,7 +66,7 @@ def test_kendall_tau_matches_the_pairwise_definition():
     assert kendall_tau(np.arange(10), -np.arange(10)) == -1.0
 
 
-@pytest.mark.parametrize("family", ["ridge-3", "mlp-ensemble-5x2x64"])
+@pytest.mark.parametrize("family", ["ridge-3", "mlp-3x400", "mlp-ensemble-5x2x64"])
 def test_a_fitted_family_ranks_held_out_archs(family):
     codes, y = synthetic(300)
     test_codes, test_y = synthetic(100, seed=1)
@@ -215,8 +215,9 @@ def test_predictors_command_measures_fits_and_stores(tiny_artifact, tmp_path, ca
     assert (root / "accuracy_predictor.safetensors").read_bytes() == stored
     # more samples later: only the new subnets are measured, the old figures are kept
     before = measured["subnets"]
+    # (the ridge families: the MLPs' fits cost 20 s here, and the family tests fit them)
     assert main(["predictors", "--artifact", str(root), "--samples", "16", "--no-progress", "--json",
-                 "--test-fraction", "0.3", "--plot", str(tmp_path / "acc.png")]) == 0
+                 "--test-fraction", "0.3", "--plot", str(tmp_path / "acc.png"), "--families", "ridge-0.3,ridge-3"]) == 0
     after = json.loads((root / MEASUREMENTS).read_text())["subnets"]
     assert len(after) >= 16 and all(after[k] == v for k, v in before.items())
     out = json.loads(capsys.readouterr().out)

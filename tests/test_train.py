@@ -66,12 +66,15 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_equal(tiny_data, tmp_path):
-    cfg_args = tiny_args(tiny_data) + ["checkpoint_every=2"]
+    # one thread each: the uninterrupted run and the one to kill run side by side, one core each
+    cfg_args = tiny_args(tiny_data) + ["checkpoint_every=2", "threads=1"]
     ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     cmd = [sys.executable, "-m", "ofa", "train", "--no-progress", "--out"]
     sets = [x for a in cfg_args for x in ("--set", a)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(cmd + [str(ref_dir)] + sets, check=True, env=env, capture_output=True)
+    ref_log = tmp_path / "uninterrupted.log"  # a file, not a pipe nobody reads until the end
+    with ref_log.open("w") as f:  # the child writes into its own copy of the descriptor
+        ref = subprocess.Popen(cmd + [str(ref_dir)] + sets, env=env, stdout=subprocess.DEVNULL, stderr=f)
 
     # Kill the second run once it is well into the run (mid-phase), at whatever moment that is.
     proc = subprocess.Popen(cmd + [str(killed_dir)] + sets, env=env, stdout=subprocess.DEVNULL,
@@ -91,6 +94,7 @@ def test_resume_after_sigkill_is_bitwise_equal(tiny_data, tmp_path):
 
     resumed = subprocess.run(cmd + [str(killed_dir), "--resume"] + sets, check=True, env=env, capture_output=True,
                              text=True)
+    assert ref.wait(timeout=600) == 0, ref_log.read_text()[-3000:]
     # it went on from the checkpoint, not from the start (a restart would give the same weights too)
     assert (state["phase_index"], state["step_in_phase"]) != (0, 0)
     assert f"resuming at phase {state['phase_index']}, step {state['step_in_phase']}" in resumed.stderr
