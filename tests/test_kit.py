@@ -25,8 +25,13 @@ FAST = ["--rounds", "2", "--sample-ms", "1"]
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_artifact, tmp_path_factory):
-    return served_copy(tiny_artifact, tmp_path_factory.mktemp("kit") / "tiny")
+def artifact(tmp_path_factory):
+    """A served artifact of the small test space (38 blocks; untrained: a kit's files and timings are the
+    space's, not the weights'), so that each kit here is a few dozen networks to export and time."""
+    from test_latency import _tiny_artifact
+
+    root = tmp_path_factory.mktemp("kit")
+    return served_copy(_tiny_artifact(root / "untrained"), root / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +144,15 @@ def test_an_int8_kit_is_quantized_for_its_runtime_and_another_runtime_is_refused
     """An int8 kit stands for one runtime's served int8 file (here openvino_int8: NNCF's quantizer): a device
     timing it in another runtime would time networks it will never run."""
     pytest.importorskip("nncf")
+    import dataclasses
+
     import onnx
     from test_latency import TINY
 
     from ofa.predict.latency import table_format
 
-    (tmp_path / "space.json").write_text(TINY.to_json())
+    space = dataclasses.replace(TINY, resolutions=(12,), kernel_choices=(3,))  # few blocks: NNCF is slow
+    (tmp_path / "space.json").write_text(space.to_json())
     kit = tmp_path / "kit"
     assert ofa_main(["profile", "--kit", str(kit), "--space-file", str(tmp_path / "space.json"), "--precision", "int8",
                      "--backend", "openvino", "--subnets", "6", "--references", "2", "--no-progress"]) == 0
@@ -162,7 +170,7 @@ def test_an_int8_kit_is_quantized_for_its_runtime_and_another_runtime_is_refused
     with pytest.raises(KitError, match=r"run by \['onnxruntime'\] only, not openvino"):
         profile_kit(old, "x", runtime="openvino")
     table = profile_kit(kit, "ov-int8", runtime="openvino", rounds=2, sample_ms=1.0, warmup_ms=2.0)
-    validate_table(table, TINY)
+    validate_table(table, space)
     assert table["device"]["precision"] == "int8" and table_format(table) == "openvino_int8"
 
 
@@ -171,22 +179,23 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
     ``ofa-client profile`` without --kit fetches it, times it and registers the target. A build that meets a
     full disk is RESOURCE_EXHAUSTED, keeps nothing half-built, and is built on the retry."""
     import errno
+    import functools
 
     from ofa_client import ResourceExhausted
     from ofa_server import kits
 
-    real = kits.write_kit
+    small = functools.partial(kits.write_kit, subnets=12, references=4)  # 16 subnets, not 90: the same code
     monkeypatch.setattr(kits, "write_kit", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
     srv = Server(Registry([str(artifact)], str(tmp_path / "targets")), ServeConfig(port=0, max_searches=1)).start()
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=600) as c:
             with pytest.raises(ResourceExhausted, match="disk is full; retry later"):
                 c.fetch_kit(tmp_path / "full")
-            monkeypatch.setattr(kits, "write_kit", real)  # space again
+            monkeypatch.setattr(kits, "write_kit", small)  # space again
             folder = c.fetch_kit(tmp_path / "kit")
             kit = read_kit(folder)  # every file's sha256 checked again
             assert kit["space"] == json.loads(load_artifact(artifact).space.to_json()) and kit["precision"] == "fp32"
-            assert len(kit["subnets"]) == 90
+            assert len(kit["subnets"]) == 16
             with pytest.raises(InvalidArgument, match=r"precision must be one of \['fp32', 'int8'\]"):
                 c.fetch_kit(tmp_path / "other", precision="int4")
             with pytest.raises(InvalidArgument, match=r"runtime must be one of \['onnxruntime', 'openvino'\]"):
@@ -202,7 +211,8 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
         srv.stop()
 
 
-def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifact, tmp_path, capsys, monkeypatch):
+def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(tiny_artifact, tmp_path, capsys,
+                                                                         monkeypatch):
     """`ofa int8-accuracy`: int8 files of measured subnets tested on their validation images; an int8 target's
     answers add the mean drop and widen the interval by its spread; a fp32 target's stay as they were."""
     from ofa.artifact import INT8_ACCURACY, MEASUREMENTS, add_file
@@ -210,8 +220,7 @@ def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(artifa
     from ofa.export import FORMATS, subnet_file
     from ofa.predict.measure import validation_set
 
-    art_dir = tmp_path / "art"
-    shutil.copytree(artifact, art_dir)
+    art_dir = served_copy(tiny_artifact, tmp_path / "art")  # trained: its accuracy is measured on its images
     art = load_artifact(art_dir)
     val, spec = validation_set(art.manifest["training"])
     archs = [art.space.smallest(), art.space.largest(), art.space.sample(5)]
