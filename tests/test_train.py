@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_resume_after_sigkill_is_bitwise_equal(tiny_data, tmp_path):
     assert steps(ref_dir) == steps(killed_dir)
 
 
-def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tmp_path):
+def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tiny_artifact, tmp_path):
     cfg = tiny_config(tiny_data)
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         train(cfg, tmp_path, only_phase="kernel", progress=False)
@@ -114,16 +115,17 @@ def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tmp_path):
     assert (tmp_path / "checkpoints" / "teacher.safetensors").exists()
     out = train(cfg, tmp_path, only_phase="kernel", progress=False)
     assert list(out) == ["full", "kernel"]
-    # phase by phase gives the weights the uninterrupted run has at the same point, bit for bit
-    train(cfg, tmp_path / "whole", progress=False)
+    # phase by phase gives the weights the uninterrupted run has at the same point, bit for bit (tiny_artifact
+    # is that run: the same config, trained whole)
     (got,), (want,) = ([load_file(str(p)) for p in (d / "checkpoints" / "after-kernel").glob("model-*.safetensors")]
-                       for d in (tmp_path, tmp_path / "whole"))
+                       for d in (tmp_path, tiny_artifact))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tmp_path):
+def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tiny_artifact, tmp_path):
     cfg = tiny_config(tiny_data)
-    train(cfg, tmp_path, progress=False)
+    tmp_path = tmp_path / "run"
+    shutil.copytree(tiny_artifact, tmp_path)  # a finished run of this config
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("after-*")) == sorted(f"after-{p}" for p in PHASES)
     # The last phase again, with another lr, from the checkpoint the phase before it left.
