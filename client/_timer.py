@@ -150,9 +150,10 @@ def _export(job: dict, report) -> None:
             data = export_onnx(module, x, dynamic_batch=False)
             if quantize is not None:  # quantized as the runtime's served int8 file is, calibrated on seeded noise
                 data = quantize(data, noise)
-            with open(path + ".part", "wb") as f:  # whole or absent: a folder of exports may be used again
+            part_path = f"{path}.{os.getpid()}.part"  # whole or absent: a folder of exports may be used again
+            with open(part_path, "wb") as f:
                 f.write(data)
-            os.replace(path + ".part", path)
+            os.replace(part_path, path)
             report({"exported": k + 1})
     report({"result": "exported"})
 

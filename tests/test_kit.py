@@ -44,6 +44,8 @@ def kit(artifact, tmp_path_factory):
 
 def test_the_kit_names_every_block_and_its_recipes_are_the_servers_features(kit, artifact):
     manifest = read_kit(kit)  # every sha256 checked
+    assert sorted(p.name for p in (kit / "nets").iterdir()) == sorted(  # the networks and nothing else
+        f["file"].split("/")[-1] for f in manifest["entries"] + manifest["subnets"])
     space = load_artifact(artifact).space
     entries, _, _ = block_plan(space)
     assert sorted(e["key"] for e in manifest["entries"]) == sorted(entries)

@@ -1,4 +1,5 @@
 """The timing protocol: its statistic, its repeatability figures, its run-count rule and its worker."""
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -179,5 +180,8 @@ def test_networks_are_exported_once_for_every_pass_and_run_that_times_them(tmp_p
     assert len(exported) == 4 and Path(exported[3]).name == name_a  # c and a exported; b found
     assert [Path(i["file"]).name for i in items[1:]] == [Path(exported[1]).name, name_a]
     # another seed is another network (its weights): never taken for this one
-    other, _ = timing_module._export_name(a, [1, *a.shape], timing.replace(seed=1))
+    other, _ = timing_module._export_name(TINY, a, [1, *a.shape], timing.replace(seed=1))
     assert other != name_a
+    # nor is the same arch in another space (its stem, head and widths are the space's)
+    wider = dataclasses.replace(TINY, name="tiny-wider", head_width=48)
+    assert timing_module._export_name(wider, a, [1, *a.shape], timing)[0] != name_a

@@ -113,7 +113,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     from ..predict.timing import ONNX_BACKENDS, Part, _worker_items, subnet_part
 
     check_profile(subnets, held_out, references)
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     (folder / "nets").mkdir(parents=True, exist_ok=True)
     plan = list(iter_plan(space, seed))
     refs = reference_archs(space, references, seed)

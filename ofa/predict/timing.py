@@ -141,30 +141,35 @@ def _package_root() -> str:
 EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two processes halve the wait
 
 
-def _export_name(part: Part, shape: list[int], timing: Timing) -> tuple[str, int]:
+def _export_name(space: SearchSpace | None, part: Part, shape: list[int], timing: Timing) -> tuple[str, int]:
     """A part's ONNX file name in an export folder, and the seed of its random weights: both from what the
-    export depends on (the part, its input, the runtime and precision, the protocol's seed), so that the same
-    network exported for another run or pass is found, not exported again."""
-    key = json.dumps([part.to_dict(), shape, timing.backend, timing.precision, timing.seed], sort_keys=True)
+    export depends on in one process (the space, whose stem, head and widths the part is built with; the part;
+    its input; the runtime and precision; the protocol's seed), so that a pass or attempt of the same timing
+    finds the network already exported."""
+    key = json.dumps([space.to_dict() if space is not None else None, part.to_dict(), shape, timing.backend,
+                      timing.precision, timing.seed], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()
     return f"{digest[:24]}.onnx", int(digest[24:32], 16)
 
 
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
                   progress: bool, exported: Path | None = None) -> list[dict[str, Any]]:
-    """What the worker loads: ONNX files for the ONNX runtimes (exported here, into ``exported`` when given,
-    where a file exported before is used as it is), specs or served files for torch."""
+    """What the worker loads: ONNX files for the ONNX runtimes, specs or served files for torch. The ONNX files
+    are exported into ``folder``, each written anew; or into ``exported``, a folder one caller keeps for the
+    timings of one run, where a file exported before is used as it is. The export workers' logs go elsewhere:
+    ``folder`` may be a kit's."""
     items: list[dict[str, Any]] = []
     exports = []
+    out = Path(exported or folder).resolve()
     for part in parts:
         shape = [timing.batch, *part.shape]
         if part.kind == "file":  # a served file, in the format the backend runs (ofa.export.run_format)
             items.append({"shape": shape, "file": str(Path(part.file).resolve())})
         elif timing.backend in ONNX_BACKENDS:
-            name, seed = _export_name(part, shape, timing)
-            path = (exported or folder) / name
+            name, seed = _export_name(space, part, shape, timing)
+            path = out / name
             items.append({"shape": shape, "file": str(path)})
-            if not path.exists() and all(e[2] != str(path) for e in exports):
+            if not (exported is not None and path.exists()) and all(e[2] != str(path) for e in exports):
                 exports.append((part.to_dict(), shape, str(path), seed))
         else:
             items.append({"shape": shape, "part": part.to_dict()})
@@ -173,14 +178,16 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
         sp = space.to_dict() if space is not None else None
         jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
                  "precision": timing.precision, "backend": timing.backend} for k in range(n)]
-        _run_workers(jobs, folder, progress, "export to onnx", len(exports), "exported")
+        with tempfile.TemporaryDirectory(prefix="ofa-export-") as logs:
+            _run_workers(jobs, Path(logs), progress, "export to onnx", len(exports), "exported")
     return items
 
 
 def time_parts(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool = False,
                desc: str = "timing", exported: Path | None = None) -> Timings:
     """Time every part with the protocol in a fresh worker process; see the module docstring. ``exported``:
-    a folder the ONNX exports are kept in and found again (by another pass or run of the same networks)."""
+    a folder the caller keeps for one run's timings, where the ONNX exports are found again by its other
+    passes (:func:`_worker_items`)."""
     timing.check()
     if not parts:
         raise ValueError("nothing to time")
