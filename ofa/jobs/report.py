@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +284,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     timing protocol of :mod:`ofa.predict.timing`, each run gated by the protocol's own repeatability
     check (timed again with more rounds; refused, or with ``accept_noisy`` used and labelled).
     """
-    from ..predict.timing import Part
+    from ..predict.timing import Part, export_folder
 
     check_report_settings(budgets, budget_ms)
     run = _open(Path(artifact), target, Path(out), progress, log)
@@ -302,8 +301,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         bases = train_baselines(art, baselines, epochs, run.out, data_dir, progress, log)
     run.base_parts = [Part("mobilenet_v3_small", (space.in_channels, res, res), width_mult=b.row["width_mult"])
                       for b in bases]
-    with tempfile.TemporaryDirectory(prefix="ofa-exports-") as exported:  # exported once, timed in every pass
-        run.exported = Path(exported)
+    with export_folder() as run.exported:  # the references and baselines exported once, timed in every pass
         served = _serve(run, bases, budgets, budget_ms)
         log(f"measuring the {len(served['served'])} served subnets on this machine: latency of the files as "
             f"fetched, with the references and baselines in the same interleaved passes; then test accuracy")

@@ -11,6 +11,7 @@ A machine too noisy to trust is said so (:meth:`Timings.repeatability`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from ..space import Arch, BlockSpec, SearchSpace
 from .latency import SPEED_TOLERANCE
 
 __all__ = ["BACKENDS", "NOISY_SCATTER", "ONNX_BACKENDS", "NoisyTiming", "Part", "STATISTIC", "Timing", "TimingError", "Timings",
-           "machine_speed", "spearman", "statistic", "subnet_part", "time_parts", "time_parts_agreed",
+           "export_folder", "machine_speed", "spearman", "statistic", "subnet_part", "time_parts", "time_parts_agreed",
            "time_parts_trusted"]
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,16 @@ def _export_name(space: SearchSpace | None, part: Part, shape: list[int], timing
     return f"{digest[:24]}.onnx", int(digest[24:32], 16)
 
 
+@contextlib.contextmanager
+def export_folder(exported: Path | None = None) -> Iterator[Path]:
+    """``exported``, or a temporary folder for one run's ONNX exports (removed after it)."""
+    if exported is not None:
+        yield exported
+        return
+    with tempfile.TemporaryDirectory(prefix="ofa-exports-") as tmp:
+        yield Path(tmp)
+
+
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
                   progress: bool, exported: Path | None = None) -> list[dict[str, Any]]:
     """What the worker loads: ONNX files for the ONNX runtimes, specs or served files for torch. The ONNX files
@@ -159,7 +170,7 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
     timings of one run, where a file exported before is used as it is. The export workers' logs go elsewhere:
     ``folder`` may be a kit's."""
     items: list[dict[str, Any]] = []
-    exports = []
+    exports, queued = [], set()
     out = Path(exported or folder).resolve()
     for part in parts:
         shape = [timing.batch, *part.shape]
@@ -169,7 +180,8 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
             name, seed = _export_name(space, part, shape, timing)
             path = out / name
             items.append({"shape": shape, "file": str(path)})
-            if not (exported is not None and path.exists()) and all(e[2] != str(path) for e in exports):
+            if not (exported is not None and path.exists()) and path not in queued:
+                queued.add(path)
                 exports.append((part.to_dict(), shape, str(path), seed))
         else:
             items.append({"shape": shape, "part": part.to_dict()})
@@ -214,9 +226,13 @@ def time_parts_agreed(space: SearchSpace | None, parts: Sequence[Part], timing: 
     docs/demo.md), which a pass's own repeatability check, within the pass, cannot see. Only the first pass
     gates (as :func:`time_parts_trusted` does); a later pass its own check calls noisy is left out, said.
     The networks are exported once for all passes (into ``exported`` when given)."""
-    if exported is None:
-        with tempfile.TemporaryDirectory(prefix="ofa-exports-") as tmp:
-            return time_parts_agreed(space, parts, timing, progress, desc, say, Path(tmp))
+    with export_folder(exported) as folder:
+        return _agreed(space, parts, timing, progress, desc, say, folder)
+
+
+def _agreed(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, progress: bool, desc: str, say,
+            exported: Path) -> Timings:
+    """:func:`time_parts_agreed`, its networks exported into ``exported``."""
     passes = [time_parts_trusted(space, parts, timing, progress, f"{desc} (pass 1)", say=say, exported=exported)]
 
     def another(k: int) -> bool:
@@ -245,17 +261,15 @@ def time_parts_trusted(space: SearchSpace | None, parts: Sequence[Part], timing:
     run too noisy to trust; :class:`NoisyTiming` when ``attempts`` runs all failed it. A gate for figures
     that decide an answer (a device's speed now, a served subnet's latency): an untrusted run is never
     used silently. The networks are exported once for all attempts (into ``exported`` when given)."""
-    if exported is None:
-        with tempfile.TemporaryDirectory(prefix="ofa-exports-") as tmp:
-            return time_parts_trusted(space, parts, timing, progress, desc, attempts, say, Path(tmp))
-    for attempt in range(1, attempts + 1):
-        timings = time_parts(space, parts, timing, progress, desc, exported)
-        rep = timings.repeatability()
-        if rep["trusted"]:
-            return timings
-        if attempt < attempts:
-            say(f"{desc}: {rep['verdict']}; timing again with {2 * timing.rounds} rounds "
-                f"(attempt {attempt + 1} of {attempts})")
-            timing = timing.replace(rounds=2 * timing.rounds)
+    with export_folder(exported) as folder:
+        for attempt in range(1, attempts + 1):
+            timings = time_parts(space, parts, timing, progress, desc, folder)
+            rep = timings.repeatability()
+            if rep["trusted"]:
+                return timings
+            if attempt < attempts:
+                say(f"{desc}: {rep['verdict']}; timing again with {2 * timing.rounds} rounds "
+                    f"(attempt {attempt + 1} of {attempts})")
+                timing = timing.replace(rounds=2 * timing.rounds)
     raise NoisyTiming(f"{desc}: {attempts} attempts, the last with {timing.rounds} rounds, and {rep['verdict']}",
                       timings)
