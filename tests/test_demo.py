@@ -18,6 +18,12 @@ from ofa.predict.latency import Speed
 
 # the protocol at its smallest: two passes of one short sample per network, few subnets to fit
 _FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-subnets", "12", "--no-progress"]
+# a table's protocol at its smallest, in worker runs the repeatability check trusts more often than one call per
+# sample (half of those failed it here; each retry is a fresh worker, ~4 s with torch's imports)
+_FAST_TIMING = {"rounds": 4, "samples": 2, "sample_ms": 1.0, "warmup_ms": 1.0}
+# what these tests check is the path, not this machine's quiet: a timing the check calls noisy is used, labelled
+# (on a busy CI machine three tries all failed it); the gate itself: tests/test_readiness.py
+_NOISY_OK = "--accept-noisy-timing"
 # the ridge families only: the MLPs' fits were 170 of the test's 250 s here (tests/test_accuracy.py fits them)
 _FAST_FIT = ["--families", "ridge-3,ridge-30"]
 
@@ -32,8 +38,8 @@ def _run(args, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
-    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE, *_FAST_FIT],
-             tmp_path)
+    r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE, *_FAST_FIT,
+              _NOISY_OK], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/5] train", "[2/5] profile", "[3/5] measure", "[4/5] serve", "[5/5] report"):
         assert step in r.stdout
@@ -103,13 +109,13 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     # 100 ms: the report must re-time the references, and find the latency off whatever this machine's speed
     table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
     table.update(device={"cpu": "test", "threads": 1, "batch": 1, "backend": "torch"},
-                 timing={"rounds": 2, "samples": 1, "sample_ms": 0.5, "warmup_ms": 1.0},
+                 timing=_FAST_TIMING,
                  entries={k: 100 * v for k, v in table["entries"].items()},
                  references=[{**r, "ms": 100.0} for r in table["references"]])
     add_file(art, "latency/synthetic-cpu.json", json.dumps(table))
     out = tmp_path / "report"
     r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
-              "--baseline", "0.5", "--baseline-epochs", "0.1", "--no-progress"], tmp_path)
+              "--baseline", "0.5", "--baseline-epochs", "0.1", _NOISY_OK, "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     (base,) = report["baselines"]
@@ -137,11 +143,11 @@ def test_an_int8_target_is_served_timed_and_tested_as_int8(tiny_artifact, tmp_pa
     table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
     table.update(target="int8-cpu", device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime",
                                             "precision": "int8"},
-                 timing={"rounds": 2, "samples": 1, "sample_ms": 0.5, "warmup_ms": 1.0})
+                 timing=_FAST_TIMING)
     add_file(art, "latency/int8-cpu.json", json.dumps(table))
     out = tmp_path / "report"
     r = _run(["report", "--artifact", str(art), "--target", "int8-cpu", "--out", str(out), "--budgets", "1",
-              "--accept-noisy-timing", "--no-progress"], tmp_path)
+              _NOISY_OK, "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (s,) = json.loads((out / "report.json").read_text())["served"]
     assert set(s["files"]) == {"safetensors", "onnx_int8"} and s["measured_latency_ms"] > 0
