@@ -8,7 +8,8 @@ as a shared machine looks. From every ``report.json`` it counts, over all served
 - accuracy: the share within 1 point of the prediction on the test split, and the share of test
   accuracies inside the stated interval (its coverage, against its stated level);
 - latency: the share within 10% of the prediction the server made at the speed it was told (apart,
-  the answers that said their speed was unsettled), and of the table's raw prediction (no
+  the answers that said their speed was unsettled, and the runs whose report said the machine's
+  speed changed between the searches and the measurement), and of the table's raw prediction (no
   recalibration); the same under load;
 
 with each run's figures beside them (the spread); runs of earlier invocations into the same folder
@@ -67,7 +68,8 @@ def served_rows(report: dict) -> list[dict]:
                      "interval_level": s.get("interval_level"), "extrapolated": s.get("extrapolated"),
                      "latency_error": s["measured_latency_ms"] / s["predicted_latency_ms"] - 1,
                      "raw_latency_error": s["measured_latency_ms"] / s["raw_predicted_latency_ms"] - 1,
-                     "speed_spread": s.get("speed_spread")})
+                     "speed_spread": s.get("speed_spread"),
+                     "speed_changed": report["reference"].get("speed_changed")})
     return rows
 
 
@@ -141,6 +143,10 @@ def main() -> None:
     print(f"  of them, answers that said SPEED UNSETTLED (passes > {SPEED_TOLERANCE:.0%} apart): "
           f"{shares(unsettled, 'latency_error', 0.10)}; the others: "
           f"{shares([r for r in rows if r not in unsettled], 'latency_error', 0.10)}")
+    changed = [r for r in rows if r.get("speed_changed")]
+    print(f"  of them, in runs whose report said SPEED CHANGED (references > {SPEED_TOLERANCE:.0%} apart before "
+          f"and after): {shares(changed, 'latency_error', 0.10)}; the others: "
+          f"{shares([r for r in rows if r not in changed], 'latency_error', 0.10)}")
     if args.load:
         print(f"latency within 10% ({args.load} busy loops):    {shares(loaded, 'latency_error', 0.10)}; "
               f"timings refused as too noisy in {sum(bool(run.get('loaded_untrusted')) for run in runs)} runs")

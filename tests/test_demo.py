@@ -64,6 +64,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypat
         assert 0 <= s["test_accuracy"] <= 100 and s["measured_latency_ms"] > 0
     assert report["health"] == "SERVING" and report["device"]["backend"] == "onnxruntime"
     assert report["reference"]["subnets"] == 10 and len(report["reference"]["ratios_after"]) == 10
+    assert isinstance(report["reference"]["speed_changed"], bool) and report["reference"]["speed_change"] > 0
     assert set(report["steps_seconds"]) >= {"train", "predictors", "profile", "total"}
     md = (out / "report.md").read_text()
     assert md.count("| `") == 3 and "![Pareto front](pareto.png)" in md
@@ -187,6 +188,14 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
     assert "ran at x1.100 of their profiled time before the searches and x1.150 while" in latency[2]
     assert "+0.0% to +21.7%" in latency[2] and "20 held-out subnets when profiled: 95% within 10%" in latency[2]
     assert latency[3].startswith("Not within: loose.")
+    # the references timed with the served subnets ran at another speed than before the searches: said
+    from ofa.jobs.report import speed_change
+
+    assert speed_change([1.1, 1.0], [1.15, 1.02]) == {"speed_change": pytest.approx(1.0327, abs=1e-4),
+                                                     "speed_changed": False}
+    report["reference"].update(speed_change([1.1, 1.0, 1.2], [2.2, 1.9, 2.5]))
+    assert report["reference"]["speed_changed"] and len(_latency_checks(report)) == 5
+    assert _latency_checks(report)[3].startswith("**SPEED CHANGED**: the references took x2.000 as long while")
 
 
 def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():

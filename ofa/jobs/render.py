@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..predict.latency import Speed
+from ..predict.latency import SPEED_TOLERANCE, Speed
 
 __all__ = ["plot_pareto", "plot_predicted_vs_measured", "plot_report", "render_markdown", "table_rows"]
 
@@ -166,6 +166,11 @@ def _latency_checks(report: dict[str, Any]) -> list[str]:
         f"{max(adj, default=0):+.1%}: that is the table's own error (its model, on {held.get('subnets', 0)} held-out "
         f"subnets when profiled: {held.get('within_10pct', float('nan')):.0%} within 10%, mean |error| "
         f"{held.get('mean_abs_rel_error', float('nan')):.1%}); the rest is the machine changing speed.")
+    if ref.get("speed_changed"):
+        lat.append(f"**SPEED CHANGED**: the references took x{ref['speed_change']:.3f} as long while the served "
+                   f"subnets were timed as just before the searches, more than {SPEED_TOLERANCE:.0%} apart: this run's "
+                   f"latency check compares a prediction made at one speed with a measurement at another (the errors "
+                   f"at the second speed are those above).")
     if lat_miss:
         lat.append(f"Not within: {', '.join(s['label'] for s in lat_miss)}. A sign shared by all rows is the machine "
                    f"running at another speed than when the references were re-timed (a shared VM's other tenants: "

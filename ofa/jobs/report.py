@@ -29,7 +29,8 @@ from ..artifact import ACCURACY_PREDICTOR, Artifact, latency_file
 from .baselines import Baseline, train_baselines
 from .service import ReportError, ServerProcess, ofa_client
 
-__all__ = ["Report", "ReportError", "budgets_from_front", "check_report_settings", "run_report", "write_report"]
+__all__ = ["Report", "ReportError", "budgets_from_front", "check_report_settings", "run_report", "speed_change",
+           "write_report"]
 
 ACCURACY_TOLERANCE = 1.0   # points: a served subnet's test accuracy vs its prediction
 LATENCY_TOLERANCE = 0.10   # relative: measured vs predicted latency
@@ -48,7 +49,8 @@ class Report(TypedDict, total=False):
     target: str
     device: dict[str, Any]  # the latency table's device: cpu, threads, batch, backend
     table_fit: dict[str, Any] | None  # the table's model quality when profiled
-    reference: dict[str, Any]  # the references re-timed before the searches and with the served subnets
+    reference: dict[str, Any]  # the references re-timed before the searches and with the served subnets, and how
+    # far apart the two speeds were (speed_change, speed_changed)
     timing: dict[str, Any]  # the timing protocol
     accuracy_predictor: dict[str, Any]
     health: str
@@ -308,7 +310,8 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         after = _time_served(run, served["served"], bases)
     test_images, val_images = _measure_accuracy(run, served["served"], bases, data_dir)
     reference = {"subnets": len(run.refs), "ratios_before": served["ratios_before"],
-                 "speed_before": served["speed_before"], **after, "untrusted_timings": run.untrusted}
+                 "speed_before": served["speed_before"], **after, "untrusted_timings": run.untrusted,
+                 **speed_change(served["ratios_before"], after["ratios_after"])}
     return Report(**{
         "artifact": str(art.path), "digest": art.digest, "space": space.name, "dataset": training["dataset"],
         "target": target, "device": run.table["device"], "table_fit": run.table.get("fit"), "reference": reference,
@@ -330,6 +333,17 @@ def write_report(report: Report, out: str | Path, command: str | None = None) ->
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     (out / "report.md").write_text(render_markdown(report, command))
     return out / "report.md"
+
+
+def speed_change(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+    """How the machine's speed moved between the references' timing before the searches and their timing
+    beside the served subnets (each a ratio per reference to its profiled time): the median of the per-reference
+    quotients, and whether it lies further from 1 than :data:`~ofa_client.values.SPEED_TOLERANCE` (a latency
+    check of such a run compares a prediction at one speed with a measurement at another)."""
+    from ofa_client.values import SPEED_TOLERANCE
+
+    change = float(np.median(np.asarray(after, float) / np.asarray(before, float)))
+    return {"speed_change": round(change, 4), "speed_changed": bool(abs(change - 1) > SPEED_TOLERANCE)}
 
 
 def _predictor_quality(art: Artifact) -> dict[str, Any]:
