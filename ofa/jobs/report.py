@@ -284,7 +284,8 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     here first (the device's speed now, as a device does before it asks), every search carries
     those timings, and the served subnets are then timed with the references again, all by the
     timing protocol of :mod:`ofa.predict.timing`, each run gated by the protocol's own repeatability
-    check (timed again with more rounds; refused, or with ``accept_noisy`` used and labelled).
+    check (timed again with more rounds; refused, or with ``accept_noisy`` used and labelled). Where the
+    references' two timings put the machine more than 5% apart, the report says so (:func:`speed_change`).
     """
     from ..predict.timing import Part, export_folder
 
