@@ -196,6 +196,12 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
     report["reference"].update(speed_change([1.1, 1.0, 1.2], [2.2, 1.9, 2.5]))
     assert report["reference"]["speed_changed"] and len(_latency_checks(report)) == 5
     assert _latency_checks(report)[3].startswith("**SPEED CHANGED**: the references took x2.000 as long while")
+    # and what the answers themselves said: the speed sent was timed in passes far apart
+    served[1]["speed_spread"] = 0.312
+    lines = _latency_checks(report)
+    assert len(lines) == 6 and lines[3] == ("**SPEED UNSETTLED**: the answers for loose said the passes that timed the "
+                                            "speed sent lay up to 31.2% apart, more than 5%: the client was told their "
+                                            "latency may be off by about as much.")
 
 
 def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():

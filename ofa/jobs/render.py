@@ -166,6 +166,11 @@ def _latency_checks(report: dict[str, Any]) -> list[str]:
         f"{max(adj, default=0):+.1%}: that is the table's own error (its model, on {held.get('subnets', 0)} held-out "
         f"subnets when profiled: {held.get('within_10pct', float('nan')):.0%} within 10%, mean |error| "
         f"{held.get('mean_abs_rel_error', float('nan')):.1%}); the rest is the machine changing speed.")
+    unsettled = [s for s in served if (s.get("speed_spread") or 0) > SPEED_TOLERANCE]
+    if unsettled:
+        lat.append(f"**SPEED UNSETTLED**: the answers for {', '.join(s['label'] for s in unsettled)} said the passes "
+                   f"that timed the speed sent lay up to {max(s['speed_spread'] for s in unsettled):.1%} apart, more "
+                   f"than {SPEED_TOLERANCE:.0%}: the client was told their latency may be off by about as much.")
     if ref.get("speed_changed"):
         lat.append(f"**SPEED CHANGED**: the references took x{ref['speed_change']:.3f} as long while the served "
                    f"subnets were timed as just before the searches, more than {SPEED_TOLERANCE:.0%} apart: this run's "
