@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence, TypedDict
 import numpy as np
 
 from ..artifact import ACCURACY_PREDICTOR, Artifact, latency_file
+from ..predict.latency import SPEED_TOLERANCE
 from .baselines import Baseline, train_baselines
 from .service import ReportError, ServerProcess, ofa_client
 
@@ -339,10 +340,8 @@ def write_report(report: Report, out: str | Path, command: str | None = None) ->
 def speed_change(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
     """How the machine's speed moved between the references' timing before the searches and their timing
     beside the served subnets (each a ratio per reference to its profiled time): the median of the per-reference
-    quotients, and whether it lies further from 1 than :data:`~ofa_client.values.SPEED_TOLERANCE` (a latency
+    quotients, and whether it lies further from 1 than :data:`~ofa.predict.latency.SPEED_TOLERANCE` (a latency
     check of such a run compares a prediction at one speed with a measurement at another)."""
-    from ofa_client.values import SPEED_TOLERANCE
-
     change = float(np.median(np.asarray(after, float) / np.asarray(before, float)))
     return {"speed_change": round(change, 4), "speed_changed": bool(abs(change - 1) > SPEED_TOLERANCE)}
 
