@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -132,29 +131,12 @@ def _time(job: dict, runs: list, report) -> dict:
 def _export(job: dict, report) -> None:
     """The other job: export parts to ONNX files (a process each of several, so that they run in parallel)."""
     sys.path.insert(0, job["root"])
-    import torch
-
-    from ofa._torch import num_threads, seeded
-    from ofa.export import FORMATS, export_onnx, run_format
+    from ofa.export import export_parts
     from ofa.space import SearchSpace
-    from ofa.subnet import module_of
 
     space = SearchSpace.from_dict(job["space"]) if job.get("space") else None
-    quantize = FORMATS[run_format(job.get("backend", "onnxruntime"), job.get("precision", "fp32"))].quantize
-    with num_threads(1):
-        for k, (part, shape, path, seed) in enumerate(job["export"]):
-            with seeded(seed):
-                module = module_of(space, part).eval()
-                x = torch.randn(*shape)
-                noise = [x.numpy()] + [torch.randn(*shape).numpy() for _ in range(3)]
-            data = export_onnx(module, x, dynamic_batch=False)
-            if quantize is not None:  # quantized as the runtime's served int8 file is, calibrated on seeded noise
-                data = quantize(data, noise)
-            part_path = f"{path}.{os.getpid()}.part"  # whole or absent: a folder of exports may be used again
-            with open(part_path, "wb") as f:
-                f.write(data)
-            os.replace(part_path, path)
-            report({"exported": k + 1})
+    export_parts(space, job["export"], job.get("backend", "onnxruntime"), job.get("precision", "fp32"),
+                 lambda done: report({"exported": done}))
     report({"result": "exported"})
 
 

@@ -24,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,10 @@ from torch import nn
 from ofa_client.timing import PRECISIONS
 
 from ._io import ArtifactError
+from ._torch import num_threads, seeded
 from .quantize import quantize_nncf, quantize_onnx
 from .space import Arch, SearchSpace
-from .subnet import SubNet, load_subnet
+from .subnet import SubNet, load_subnet, module_of
 
 if TYPE_CHECKING:
     from .artifact import Artifact, ArtifactFiles
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED",
            "SCRIPT_TIMEOUT_S",
            "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
-           "export_torchscript", "finetuned_archs", "format_of", "read_subnet", "run_format", "writable",
+           "export_parts", "export_torchscript", "finetuned_archs", "format_of", "read_subnet", "run_format",
+           "writable",
            "subnet_file", "subnet_file_metadata", "subnet_metadata", "write_safetensors"]
 
 SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
@@ -351,3 +353,27 @@ def finetuned_archs(files: ArtifactFiles) -> dict[str, Arch]:
     subnets :func:`subnet_file` serves fine-tuned."""
     return {sid: Arch.from_dict(subnet_file_metadata(files.read(name))["arch"])
             for sid, name in files.finetuned().items()}
+
+
+def export_parts(space: SearchSpace | None, exports: Iterable[Sequence[Any]], backend: str, precision: str,
+                 report: Callable[[int], None] = lambda done: None) -> None:
+    """Export each ``(part, shape, path, seed)`` of ``exports`` (a part as :meth:`ofa.predict.timing.Part.to_dict`
+    gives it) to an ONNX file at ``path``, its weights and input seeded with ``seed``; at precision int8 quantized as
+    ``backend``'s served int8 file is, calibrated on seeded noise. A file is whole or absent (written beside, then
+    renamed): a folder of exports is used again. ``report(k)`` after the k-th. An export worker
+    (:mod:`ofa_client._timer`) runs this, or :func:`ofa.predict.timing.time_parts` for a few networks."""
+    quantize = FORMATS[run_format(backend, precision)].quantize
+    with num_threads(1):
+        for k, (part, shape, path, seed) in enumerate(exports):
+            with seeded(seed):
+                module = module_of(space, part).eval()
+                x = torch.randn(*shape)
+                noise = [x.numpy()] + [torch.randn(*shape).numpy() for _ in range(3)]
+            data = export_onnx(module, x, dynamic_batch=False)
+            if quantize is not None:
+                data = quantize(data, noise)
+            part_path = f"{path}.{os.getpid()}.part"
+            with open(part_path, "wb") as f:
+                f.write(data)
+            os.replace(part_path, path)
+            report(k + 1)

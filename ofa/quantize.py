@@ -1,8 +1,8 @@
 """The int8 quantizers of served formats (:data:`ofa.export.FORMATS`): onnxruntime's static quantizer and NNCF.
 
 Each takes ONNX bytes and calibration batches (the model's one input) and gives the same bytes for the same
-inputs in any process. Both change process-wide state while they run (the warnings filters; NNCF's
-progress bars go to ``sys.stdout``, kept out of the caller's output by a redirect), so one lock runs them
+inputs in any process. Both change process-wide state while they run (the warnings filters; a filter on the root
+logger; NNCF's progress bars go to ``sys.stdout``, kept out of the caller's output by a redirect), so one lock runs them
 one at a time: a server quantizing two files at once cannot leave ``sys.stdout`` pointing at a discarded
 buffer. Another thread's prints during NNCF's calibration are lost; the server prints nothing then.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -20,6 +21,14 @@ import numpy as np
 __all__ = ["quantize_nncf", "quantize_onnx"]
 
 _ONE_AT_A_TIME = threading.Lock()
+
+
+class _NoPreprocessingAdvice(logging.Filter):
+    """Drops onnxruntime's advice to pre-process a model before quantizing it, twice a file on the root logger:
+    the served int8 file is quantized as it is, on purpose (the same bytes in any process)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
 
 
 def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
@@ -44,10 +53,15 @@ def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="ofa-int8-") as tmp, _ONE_AT_A_TIME:
         src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        advice, root = _NoPreprocessingAdvice(), logging.getLogger()
+        root.addFilter(advice)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            root.removeFilter(advice)
         return out.read_bytes()
 
 

@@ -152,6 +152,29 @@ def test_a_speed_is_timed_in_passes_that_agree_on_the_machines_level(monkeypatch
     assert len(said) == (passes != 2) and next(made, None) is None
 
 
+def test_a_network_exported_here_is_the_one_a_worker_exports(tmp_path, caplog):
+    """Up to IN_PROCESS_EXPORTS networks are exported in the calling process (a worker's start, torch's import,
+    was most of its time), more in worker processes: the same bytes either way, quantized to int8 too; and
+    onnxruntime's advice to pre-process, which the served int8 file skips on purpose, is not in the caller's log."""
+    import hashlib
+    import logging
+
+    from test_latency import TINY
+
+    from ofa.predict import timing as timing_module
+
+    timing = Timing(backend="onnxruntime", precision="int8")
+    parts = [timing_module.subnet_part(TINY, a) for a in (TINY.smallest(12), TINY.largest(16))]
+    digests = []
+    for k, in_process in enumerate((0, timing_module.IN_PROCESS_EXPORTS)):
+        (tmp_path / str(k)).mkdir()
+        with caplog.at_level(logging.WARNING):
+            items = timing_module._worker_items(TINY, parts, timing, tmp_path / str(k), False, in_process=in_process)
+        digests.append([hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest() for i in items])
+    assert digests[0] == digests[1] and len(set(digests[0])) == 2
+    assert "pre-processing" not in caplog.text
+
+
 def test_networks_are_exported_once_for_every_pass_and_run_that_times_them(tmp_path, monkeypatch):
     """An export folder (the passes of a re-timing, a report's two timings): a network exported before is timed
     from its file, wherever it stands in the parts; a half-written export (a killed worker's) is never used."""
@@ -160,13 +183,13 @@ def test_networks_are_exported_once_for_every_pass_and_run_that_times_them(tmp_p
     from ofa.predict import timing as timing_module
 
     exported = []
-    real = timing_module._run_workers
+    real = timing_module._export_all
 
-    def counting(jobs, folder, progress, desc, total, counter):
-        exported.extend(x[2] for job in jobs for x in job.get("export", ()))
-        return real(jobs, folder, progress, desc, total, counter)
+    def counting(space, exports, timing, progress, in_process):
+        exported.extend(x[2] for x in exports)
+        return real(space, exports, timing, progress, in_process)
 
-    monkeypatch.setattr(timing_module, "_run_workers", counting)
+    monkeypatch.setattr(timing_module, "_export_all", counting)
     timing = Timing(backend="onnxruntime", threads=1, rounds=2, samples=1, sample_ms=0.5, warmup_ms=1.0)
     a, b, c = (timing_module.subnet_part(TINY, x) for x in (TINY.smallest(12), TINY.largest(16), TINY.sample(3)))
     keep = tmp_path / "exports"

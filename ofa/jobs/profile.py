@@ -124,7 +124,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
                          f"got {runtime!r}")
     fmt = writable(run_format(runtime, precision))  # the runtime itself need not be installed: nothing runs here
     items = _worker_items(space, parts, Timing(backend=runtime, seed=seed, precision=precision), folder / "nets",
-                          progress)
+                          progress, in_process=0)  # in workers: a server builds its kits in a thread
     files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
               "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
     _, fixed, slots = block_plan(space)

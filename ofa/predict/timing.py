@@ -140,6 +140,9 @@ def _package_root() -> str:
 
 
 EXPORT_PROCESSES = 2  # the TorchScript exporter is single-threaded Python: two processes halve the wait
+# at most this many networks are exported in the calling process: a worker's start (torch's import, ~1.8 s here)
+# was most of its time for 1-27 exports (~0.03 s a block, ~0.2 s a subnet; PERF.md)
+IN_PROCESS_EXPORTS = 12
 
 
 def _export_name(space: SearchSpace | None, part: Part, shape: list[int], timing: Timing) -> tuple[str, int]:
@@ -163,12 +166,29 @@ def export_folder(exported: Path | None = None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _export_all(space: SearchSpace | None, exports: list[tuple[Any, ...]], timing: Timing, progress: bool,
+                in_process: int) -> None:
+    """:func:`export_parts` here for at most ``in_process`` exports, else in worker processes side by side."""
+    if len(exports) <= in_process:
+        from ..export import export_parts
+
+        export_parts(space, exports, timing.backend, timing.precision)
+        return
+    n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
+    sp = space.to_dict() if space is not None else None
+    jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
+             "precision": timing.precision, "backend": timing.backend} for k in range(n)]
+    with tempfile.TemporaryDirectory(prefix="ofa-export-") as logs:  # not in ``folder``: it may be a kit's
+        _run_workers(jobs, Path(logs), progress, "export to onnx", len(exports), "exported")
+
+
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
-                  progress: bool, exported: Path | None = None) -> list[dict[str, Any]]:
+                  progress: bool, exported: Path | None = None,
+                  in_process: int = IN_PROCESS_EXPORTS) -> list[dict[str, Any]]:
     """What the worker loads: ONNX files for the ONNX runtimes, specs or served files for torch. The ONNX files
     are exported into ``folder``, each written anew; or into ``exported``, a folder one caller keeps for the
-    timings of one run, where a file exported before is used as it is. The export workers' logs go elsewhere:
-    ``folder`` may be a kit's."""
+    timings of one run, where a file exported before is used as it is. Up to ``in_process`` of them are exported
+    in this process (:func:`_export_all`); a server's thread passes 0: exporting holds the interpreter."""
     items: list[dict[str, Any]] = []
     exports, queued = [], set()
     out = Path(exported or folder).resolve()
@@ -186,12 +206,7 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
         else:
             items.append({"shape": shape, "part": part.to_dict()})
     if exports:
-        n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
-        sp = space.to_dict() if space is not None else None
-        jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
-                 "precision": timing.precision, "backend": timing.backend} for k in range(n)]
-        with tempfile.TemporaryDirectory(prefix="ofa-export-") as logs:
-            _run_workers(jobs, Path(logs), progress, "export to onnx", len(exports), "exported")
+        _export_all(space, exports, timing, progress, in_process)
     return items
 
 
