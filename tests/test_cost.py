@@ -8,7 +8,7 @@ from test_supernet import corner_and_random_archs
 
 def test_analytic_cost_equals_counted_cost(space, supernets):
     net, cost = supernets[space.name], CostModel(space)
-    archs = corner_and_random_archs(space, 50, seed=21)
+    archs = corner_and_random_archs(space, 20, seed=21)  # a formula wrong for some block shows on most archs
     macs, params = cost.of(archs)
     for arch, m, p in zip(archs, macs, params):
         counted = count_macs_params(extract(net, arch), (space.in_channels, arch.resolution, arch.resolution))

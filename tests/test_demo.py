@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import served_copy, tiny_args
+from conftest import FEW_STEPS, served_copy, tiny_args
 
 from ofa.cli import main
 from ofa.predict.latency import Speed
@@ -37,7 +37,7 @@ def _run(args, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    sets = [x for a in tiny_args(tiny_data) for x in ("--set", a)]
+    sets = [x for a in tiny_args(tiny_data, FEW_STEPS) for x in ("--set", a)]
     r = _run(["demo", "--out", str(out), *sets, "--samples", "12", "--front", "2", *_FAST_PROFILE, *_FAST_FIT,
               _NOISY_OK], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -78,7 +78,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypat
     from ofa.train import load_config
 
     lines = []
-    _train_step(out / "supernet", "quick", load_config("quick", None, tiny_args(tiny_data)), False, lines.append)
+    _train_step(out / "supernet", "quick", load_config("quick", None, tiny_args(tiny_data, FEW_STEPS)), False,
+                lines.append)
     assert lines == ["  already trained: reusing it (delete the folder to train again)"]
     assert "latency front of 'this-machine'" in r.stdout
     rep = build_accuracy_predictor(out / "supernet", samples=12, front=2, front_target="this-machine",

@@ -9,7 +9,7 @@ from ofa.space import get_space
 from ofa.subnet import SubNet, load_subnet
 from ofa.supernet import Supernet, extract
 
-N_ARCHS = 50
+N_ARCHS = 30
 
 
 def corner_and_random_archs(space, n, seed):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_args, write_idx_dataset
+from conftest import FEW_STEPS, ROOT, TRAINED_STEPS, tiny_args, write_idx_dataset
 from ofa.artifact import load_artifact
 from ofa.data import DataError, load_dataset
 from ofa.train import ConfigError, PRESETS, load_config, train
@@ -21,12 +21,12 @@ from ofa.train.config import apply_overrides
 PHASES = ["full", "kernel", "depth-1", "depth-2", "expand-1", "expand-2"]
 
 
-def tiny_config(data_dir: Path, *extra: str):
-    return load_config("quick", None, tiny_args(data_dir) + list(extra))
+def tiny_config(data_dir: Path, *extra: str, steps: dict[str, float] = TRAINED_STEPS):
+    return load_config("quick", None, tiny_args(data_dir, steps) + list(extra))
 
 
 def test_every_phase_runs_and_writes_an_artifact(tiny_data, tmp_path):
-    results = train(tiny_config(tiny_data, "evaluate_phases=all"), tmp_path, progress=False)
+    results = train(tiny_config(tiny_data, "evaluate_phases=all", steps=FEW_STEPS), tmp_path, progress=False)
     assert list(results) == PHASES
     for phase in PHASES:
         assert set(results[phase]) == {"smallest", "largest", "middle-1", "middle-2"}
@@ -146,7 +146,7 @@ def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tiny_artifac
 
 
 def test_sandwich_rule_runs(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, "sandwich=true", "trace=true", "phases.kernel.subnets_per_step=3")
+    cfg = tiny_config(tiny_data, "sandwich=true", "trace=true", "phases.kernel.subnets_per_step=3", steps=FEW_STEPS)
     train(cfg, tmp_path, progress=False)
     trace = [json.loads(line) for line in (tmp_path / "trace-rank0.jsonl").read_text().splitlines()]
     from ofa.space import get_space
