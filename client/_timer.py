@@ -3,7 +3,8 @@
 Run as a script (``python -I _timer.py``) by :mod:`ofa_client.timing`; it reads one
 job (JSON) on stdin and writes JSON lines on stdout: ``{"done": k, "total": n}`` as
 it goes, then ``{"result": ...}``. (Its other job, ``export``, writes ONNX files for the
-ONNX runtimes, in two such processes side by side.) It imports numpy and the one runtime being timed
+ONNX runtimes, in two such processes side by side: for kits, int8, and more than
+``ofa.predict.timing.IN_PROCESS_EXPORTS`` networks; fewer are exported in the caller.) It imports numpy and the one runtime being timed
 (onnxruntime, OpenVINO, or torch):
 onnxruntime never shares this process with torch's thread pool, which made it run
 1.3-2.4x slower (PERF.md), and all onnxruntime sessions share one global thread pool,

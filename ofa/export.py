@@ -362,8 +362,10 @@ def export_parts(space: SearchSpace | None, exports: Iterable[Sequence[Any]], ba
     ``backend``'s served int8 file is, calibrated on seeded noise. A file is whole or absent (written beside, then
     renamed): a folder of exports is used again. ``report(k)`` after the k-th. An export worker
     (:mod:`ofa_client._timer`) runs this, or :func:`ofa.predict.timing.time_parts` for a few networks."""
+    import tempfile
+
     quantize = FORMATS[run_format(backend, precision)].quantize
-    with num_threads(1):
+    with num_threads(1), torch.inference_mode(False):
         for k, (part, shape, path, seed) in enumerate(exports):
             with seeded(seed):
                 module = module_of(space, part).eval()
@@ -372,8 +374,13 @@ def export_parts(space: SearchSpace | None, exports: Iterable[Sequence[Any]], ba
             data = export_onnx(module, x, dynamic_batch=False)
             if quantize is not None:
                 data = quantize(data, noise)
-            part_path = f"{path}.{os.getpid()}.part"
-            with open(part_path, "wb") as f:
-                f.write(data)
-            os.replace(part_path, path)
+            # a name of its own (two exporters of one path never share it), renamed whole; removed if writing fails
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".export-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             report(k + 1)

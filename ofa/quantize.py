@@ -28,7 +28,7 @@ class _NoPreprocessingAdvice(logging.Filter):
     the served int8 file is quantized as it is, on purpose (the same bytes in any process)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+        return "pre-processing before quantization" not in str(record.msg)  # not getMessage(): it may raise
 
 
 def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:

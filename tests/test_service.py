@@ -376,8 +376,10 @@ def _search_cpu_seconds(pid: int) -> float:
 
 
 def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artifact):
-    proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # no drain delay (NOT_SERVING for a balancer first: tests/test_service_hostile.py): the server stops taking
+    # calls at once, and the search in flight finishes in its grace
+    proc = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0",
+                             "--drain-delay-s", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert "listening on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
@@ -385,7 +387,9 @@ def test_ofa_serve_prints_its_port_and_finishes_in_flight_calls_on_sigterm(artif
         result = {}
         with Client(f"127.0.0.1:{port}") as c:
             assert c.health() == "SERVING"
-            t = threading.Thread(target=lambda: result.update(best=c.search(population=600, generations=2000)))
+            # a search of ~1 s here (3 s at 2000 generations): under way when the signal comes, after its first
+            # 0.05 s of CPU
+            t = threading.Thread(target=lambda: result.update(best=c.search(population=600, generations=600)))
             t.start()
             # SIGTERM once the search is under way: a search worker has started using the CPU
             busy = _search_cpu_seconds(proc.pid)

@@ -168,11 +168,17 @@ def export_folder(exported: Path | None = None) -> Iterator[Path]:
 
 def _export_all(space: SearchSpace | None, exports: list[tuple[Any, ...]], timing: Timing, progress: bool,
                 in_process: int) -> None:
-    """:func:`export_parts` here for at most ``in_process`` exports, else in worker processes side by side."""
-    if len(exports) <= in_process:
+    """:func:`ofa.export.export_parts` here for at most ``in_process`` fp32 exports, else in worker processes side
+    by side. int8 is always quantized in workers: the quantizers change process-wide state (NNCF's logging, the
+    root logger's handlers) that a caller's process should not inherit. A failure is a :class:`TimingError`
+    either way."""
+    if len(exports) <= in_process and timing.precision == "fp32":
         from ..export import export_parts
 
-        export_parts(space, exports, timing.backend, timing.precision)
+        try:
+            export_parts(space, exports, timing.backend, timing.precision)
+        except (RuntimeError, ValueError, OSError) as e:  # torch's exporter, a full disk
+            raise TimingError(f"export to onnx failed: {type(e).__name__}: {str(e)[-2000:]}") from e
         return
     n = min(EXPORT_PROCESSES, os.cpu_count() or 1, len(exports))
     sp = space.to_dict() if space is not None else None
@@ -188,7 +194,9 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
     """What the worker loads: ONNX files for the ONNX runtimes, specs or served files for torch. The ONNX files
     are exported into ``folder``, each written anew; or into ``exported``, a folder one caller keeps for the
     timings of one run, where a file exported before is used as it is. Up to ``in_process`` of them are exported
-    in this process (:func:`_export_all`); a server's thread passes 0: exporting holds the interpreter."""
+    in this process (:func:`_export_all`); a server's thread passes 0: exporting holds the interpreter (and so
+    :func:`time_parts` and the functions built on it, which export in the caller's process, are for a CLI's or a
+    job's process, never a server's)."""
     items: list[dict[str, Any]] = []
     exports, queued = [], set()
     out = Path(exported or folder).resolve()
