@@ -32,7 +32,7 @@ from torch import nn
 
 from ofa_client.timing import PRECISIONS
 
-from ._io import ArtifactError
+from ._io import ArtifactError, write_temp
 from ._torch import num_threads, seeded
 from .quantize import quantize_nncf, quantize_onnx
 from .space import Arch, SearchSpace
@@ -362,8 +362,6 @@ def export_parts(space: SearchSpace | None, exports: Iterable[Sequence[Any]], ba
     ``backend``'s served int8 file is, calibrated on seeded noise. A file is whole or absent (written beside, then
     renamed): a folder of exports is used again. ``report(k)`` after the k-th. An export worker
     (:mod:`ofa_client._timer`) runs this, or :func:`ofa.predict.timing.time_parts` for a few networks."""
-    import tempfile
-
     quantize = FORMATS[run_format(backend, precision)].quantize
     with num_threads(1), torch.inference_mode(False):
         for k, (part, shape, path, seed) in enumerate(exports):
@@ -374,13 +372,5 @@ def export_parts(space: SearchSpace | None, exports: Iterable[Sequence[Any]], ba
             data = export_onnx(module, x, dynamic_batch=False)
             if quantize is not None:
                 data = quantize(data, noise)
-            # a name of its own (two exporters of one path never share it), renamed whole; removed if writing fails
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".export-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            os.replace(write_temp(Path(path), data), path)  # a temporary name of its own, renamed whole
             report(k + 1)

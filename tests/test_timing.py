@@ -179,6 +179,19 @@ def test_a_network_exported_here_is_the_one_a_worker_exports(tmp_path, caplog):
     assert int8 != fp32 and "pre-processing" not in caplog.text
 
 
+def test_an_export_here_that_fails_is_a_timing_error(tmp_path):
+    """An export in the calling process that cannot write its file (its folder is gone) fails as a worker's
+    would: a TimingError that names the cause, not a traceback."""
+    from test_latency import TINY
+
+    from ofa.predict import timing as timing_module
+
+    part = timing_module.subnet_part(TINY, TINY.smallest(12))
+    with pytest.raises(TimingError, match="export to onnx failed: FileNotFoundError"):
+        timing_module._worker_items(TINY, [part], Timing(backend="onnxruntime"), tmp_path / "gone", False)
+    assert not (tmp_path / "gone").exists()
+
+
 def test_networks_are_exported_once_for_every_pass_and_run_that_times_them(tmp_path, monkeypatch):
     """An export folder (the passes of a re-timing, a report's two timings): a network exported before is timed
     from its file, wherever it stands in the parts; a half-written export (a killed worker's) is never used."""
