@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FEW_STEPS, ROOT, TRAINED_STEPS, tiny_args, write_idx_dataset
+from conftest import FEW_STEPS, ROOT, TRAINED_STEPS, tiny_args
 from ofa.artifact import load_artifact
-from ofa.data import DataError, load_dataset
 from ofa.train import ConfigError, PRESETS, load_config, train
 from ofa.train.config import apply_overrides
 
@@ -222,25 +221,6 @@ def test_config_file_and_presets(tmp_path):
         load_config("fast")
     assert set(PRESETS) == {"quick", "fashion", "cifar10", "imagenet", "transfer"}
     assert apply_overrides(PRESETS["quick"], {}) == PRESETS["quick"]
-
-
-def test_missing_and_malformed_data_say_where_they_looked(tmp_path):
-    with pytest.raises(DataError, match=f"data_dir {tmp_path / 'nope'} does not exist"):
-        load_dataset("fashion-mnist", tmp_path / "nope")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(DataError, match=f"Fashion-MNIST not found in {empty}: expected train-images-idx3-ubyte"):
-        load_dataset("fashion-mnist", empty)
-    bad = write_idx_dataset(tmp_path / "bad", n_train=10, n_test=10)
-    (bad / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(DataError, match=r"could not decompress .*train-images-idx3-ubyte.gz: Not a gzipped file"):
-        load_dataset("fashion-mnist", bad)
-    with pytest.raises(DataError, match=r"unknown dataset 'mnist'; choose from \['fashion-mnist'"):
-        load_dataset("mnist", tmp_path)
-    with pytest.raises(DataError, match="CIFAR-10 not found: expected"):
-        load_dataset("cifar10", empty)
-    with pytest.raises(DataError, match="ImageFolder split not found"):
-        load_dataset("imagefolder", empty)
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):

@@ -108,7 +108,7 @@ class Trainer:
         config = self.config
         base = get_space(config.space)
         if self.world > 1 and self.rank != 0:
-            dist.barrier()  # rank 0 prepares (decompresses, or downloads) the dataset first
+            dist.barrier()  # rank 0 prepares the dataset first (a download, where one is needed)
         full, self.spec = training_data(config.dataset, config.data_dir, config.data_mode, config.image_size,
                                         config.loader_workers)
         if self.world > 1 and self.rank == 0:
