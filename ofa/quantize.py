@@ -5,12 +5,17 @@ inputs in any process. Both change process-wide state while they run (the warnin
 logger; NNCF's progress bars go to ``sys.stdout``, kept out of the caller's output by a redirect), so one lock runs them
 one at a time: a server quantizing two files at once cannot leave ``sys.stdout`` pointing at a discarded
 buffer. Another thread's prints during NNCF's calibration are lost; the server prints nothing then.
+
+NNCF's usage telemetry is turned off (:func:`quantize_nncf`): it posted each call to Google Analytics from a
+process it forked for the purpose, unasked, ~3 s of a quantizing process's time here, and forking a gRPC server's
+process is unsafe besides.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -68,7 +73,9 @@ def quantize_onnx(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
 def quantize_nncf(data: bytes, batches: Iterable[np.ndarray]) -> bytes:
     """ONNX bytes quantized to int8 by NNCF (OpenVINO's quantizer, its ONNX backend), calibrated on ``batches``:
     NNCF's defaults for a CPU target (performance preset: symmetric ranges, weights per channel; fast bias
-    correction), written as QDQ ONNX that OpenVINO compiles to int8."""
+    correction), written as QDQ ONNX that OpenVINO compiles to int8. NNCF reads whether to send telemetry from
+    its environment when first imported: ``NNCF_CI`` set, it sends none (where the caller has set it, as it is)."""
+    os.environ.setdefault("NNCF_CI", "1")
     import nncf
     import onnx
 

@@ -1,6 +1,7 @@
 """The timing protocol: its statistic, its repeatability figures, its run-count rule and its worker."""
 import dataclasses
 import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +153,11 @@ def test_a_speed_is_timed_in_passes_that_agree_on_the_machines_level(monkeypatch
     assert len(said) == (passes != 2) and next(made, None) is None
 
 
-def test_a_network_exported_here_is_the_one_a_worker_exports(tmp_path, caplog):
+def test_a_network_exported_here_is_the_one_a_worker_exports(tmp_path, caplog, monkeypatch):
     """Up to IN_PROCESS_EXPORTS fp32 networks are exported in the calling process (a worker's start, torch's
     import, was most of its time), more in worker processes: the same bytes either way. int8 is quantized in
     workers only; onnxruntime's advice to pre-process, which the served int8 file skips on purpose, is kept
-    out of the log of a process that quantizes (a server's)."""
+    out of the log of a process that quantizes (a server's), and NNCF sends no usage telemetry from it."""
     import hashlib
     import logging
 
@@ -177,6 +178,12 @@ def test_a_network_exported_here_is_the_one_a_worker_exports(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         int8 = FORMATS["onnx_int8"].quantize(fp32, [np.random.default_rng(0).standard_normal((1, 1, 12, 12))])
     assert int8 != fp32 and "pre-processing" not in caplog.text
+    pytest.importorskip("nncf")
+    from nncf.definitions import NNCF_CI_ENV_VAR_NAME
+
+    monkeypatch.delenv("NNCF_CI", raising=False)  # what NNCF reads when first imported: set, no telemetry
+    assert FORMATS["openvino_int8"].quantize(fp32, [np.ones((1, 1, 12, 12))]) != fp32
+    assert NNCF_CI_ENV_VAR_NAME == "NNCF_CI" and os.environ["NNCF_CI"] == "1"
 
 
 def test_an_export_here_that_fails_is_a_timing_error(tmp_path):
