@@ -94,9 +94,9 @@ def _fashion_files(data_dir: Path | None) -> list[Path] | None:
 
 def _load_fashion(data_dir: Path | None, train: bool) -> ImageSet:
     """Fashion-MNIST read from its idx files by :func:`_read_idx`, not by torchvision's loader: that one wants
-    its own folder layout (which meant unpacking Debian's files into a cache), and importing torchvision costs
-    a training or report process ~1.9 s here (its ``ops`` import ``torch._dynamo``); it is the fallback only
-    where no local copy is found, for its download."""
+    its own folder layout (which meant unpacking Debian's files into a cache), and importing torchvision cost
+    ~1.9 s here (its ``ops`` import ``torch._dynamo``: a process that builds an optimizer imports that anyway,
+    ``ofa report`` does not). Its download is the fallback, only where no local copy is found."""
     files = _fashion_files(data_dir)
     if files is None:
         if data_dir is not None:
@@ -228,8 +228,7 @@ def folder_calibration(folder: str | Path, count: int, size: int, seed: int) -> 
 def augment(images: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
     """Per-image random crop (with zero padding) and horizontal flip of a uint8 batch (N, C, S, S), drawn from
     torch's global generator. Batched by hand: torchvision's v2 transforms draw one crop per call, and one call
-    per image took 18 ms for 256 Fashion-MNIST images here against 0.9 ms for these gathers (and importing
-    torchvision, ~1.9 s, for nothing else)."""
+    per image took 18 ms for 256 Fashion-MNIST images here against 0.9 ms for these gathers."""
     n, c, h, w = images.shape
     if padding:
         padded = F.pad(images, (padding,) * 4)
