@@ -160,6 +160,13 @@ def _server_space(c: Client) -> dict:
 def _profile(c: Client, args: argparse.Namespace) -> int:
     if args.no_register and not args.out:
         raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
+    from .timing import check_sizes
+
+    try:  # refused before a kit is fetched; the message names the flag (its field's name, dashed)
+        check_sizes(args.threads, 1, args.rounds, 2, args.sample_ms, args.warmup_ms)
+    except ValueError as e:
+        field, rest = str(e).split(" ", 1)
+        raise ClientError("USAGE", f"--{field.replace('_', '-')} {rest}") from None
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space
@@ -178,6 +185,7 @@ def _profile_kit(c: Client, args: argparse.Namespace, folder: str) -> int:
     step = max(1, (len(kit["entries"]) + len(kit["subnets"])) * args.rounds // 20)
     progress = (lambda done, total: done % step == 0 and print(f"  timed {done}/{total}", file=sys.stderr))
     table = profile_kit(folder, args.target, args.runtime, args.threads, args.rounds, sample_ms=args.sample_ms,
+                        warmup_ms=args.warmup_ms,
                         on_progress=(lambda d, t: None) if args.json else progress, provider=args.provider)
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -244,6 +252,15 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output (also after the command)")
 
 
+def _protocol_args(s: argparse.ArgumentParser) -> None:
+    """The timing protocol's sizes (``ofa_client.timing.check_sizes`` checks them)."""
+    s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
+    s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
+    s.add_argument("--sample-ms", type=float, default=10.0, help="each sample fills this many ms (default 10)")
+    s.add_argument("--warmup-ms", type=float, default=20.0,
+                   help="each network runs this many ms before its first timed pass (default 20)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ofa-client`` parser: connection flags, then one subcommand per call."""
     p = argparse.ArgumentParser(prog="ofa-client", description=__doc__,
@@ -290,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default=ONNX_RUNTIMES[0], choices=ONNX_RUNTIMES,
                    help="the runtime timed (default onnxruntime; openvino: pip install openvino)")
     s.add_argument("--provider", help="an onnxruntime execution provider (default CPUExecutionProvider)")
-    s.add_argument("--threads", type=int, default=2, help="intra-op threads while timing (default 2)")
-    s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
-    s.add_argument("--sample-ms", type=float, default=10.0, help="each sample fills this many ms (default 10)")
+    _protocol_args(s)
     s.add_argument("--out", help="also write the table here (`register` it later from a machine with a route)")
     s.add_argument("--no-register", action="store_true", help="only time and write --out")
     s.add_argument("--replace", action="store_true", help="replace a target of this name registered before")

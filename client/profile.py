@@ -21,7 +21,7 @@ import numpy as np
 
 from ._timer import ONNX_RUNTIMES
 from .latency_model import fit_and_check
-from .timing import STATISTIC, Timings, describe_cpu, run_workers
+from .timing import STATISTIC, Timings, check_sizes, describe_cpu, run_workers
 
 __all__ = ["KIT_FORMAT", "KIT_VERSION", "KitError", "RUNTIMES", "profile_kit", "read_kit"]
 
@@ -105,6 +105,7 @@ def profile_kit(folder: str | Path, target: str, runtime: str = "onnxruntime", t
     ``provider``: an onnxruntime execution provider (default the CPU's)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    check_sizes(threads, 1, rounds, samples, sample_ms, warmup_ms)
     if provider is not None:
         _check_provider(runtime, provider)
     runtime_version = _runtime_version(runtime)  # refused before any timing when it is not installed

@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["NOISY_SCATTER", "PRECISIONS", "STATISTIC", "TimingError", "Timings", "WORKER", "describe_cpu", "machine_speed",
-           "run_workers", "spearman", "statistic"]
+__all__ = ["NOISY_SCATTER", "PRECISIONS", "STATISTIC", "TimingError", "Timings", "WORKER", "check_sizes", "describe_cpu",
+           "machine_speed", "run_workers", "spearman", "statistic"]
 
 STATISTIC = "median over passes of the fastest sample, at the median machine speed"  # docs/latency.md
 WINDOW = 24          # networks around each timing that measure the machine's speed then
@@ -34,6 +34,17 @@ WORKER = Path(__file__).with_name("_timer.py")  # run as a script: ``python -I _
 
 class TimingError(RuntimeError):
     """The timing worker failed or hung; the message says how and ends with its stderr."""
+
+
+def check_sizes(threads: int, batch: int, rounds: int, samples: int, sample_ms: float, warmup_ms: float) -> None:
+    """Refuse protocol sizes a worker cannot use, naming the field and what is allowed."""
+    for name, value, low in (("threads", threads, 1), ("batch", batch, 1), ("rounds", rounds, 2),
+                             ("samples", samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("sample_ms", sample_ms), ("warmup_ms", warmup_ms)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be > 0 (milliseconds), got {value!r}")
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

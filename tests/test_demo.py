@@ -17,7 +17,8 @@ from ofa.cli import main
 from ofa.predict.latency import Speed
 
 # the protocol at its smallest: two passes of one short sample per network, few subnets to fit
-_FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-subnets", "12", "--no-progress"]
+_FAST_PROFILE = ["--profile-rounds", "2", "--profile-sample-ms", "0.5", "--profile-warmup-ms", "1",
+                 "--profile-subnets", "12", "--no-progress"]
 # a table's protocol at its smallest, in worker runs the repeatability check trusts more often than one call per
 # sample (half of those failed it here; each retry is a fresh worker, ~4 s with torch's imports)
 _FAST_TIMING = {"rounds": 4, "samples": 2, "sample_ms": 1.0, "warmup_ms": 1.0}
@@ -95,7 +96,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("flag, value", [("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "1"),
-                                         ("--profile-sample-ms", "0"), ("--profile-subnets", "-1"),
+                                         ("--profile-sample-ms", "0"), ("--profile-warmup-ms", "-1"), ("--profile-subnets", "-1"),
                                          ("--target", "a b"), ("--families", "lasso")])
 def test_demo_refuses_bad_numbers_before_any_work(flag, value, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
@@ -107,13 +108,14 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     from ofa.artifact import add_file
 
     art = served_copy(tiny_artifact, tmp_path / "art")
-    # a torch-eager table whose block times are made-up numbers 100 times too slow, with references timed at
-    # 100 ms: the report must re-time the references, and find the latency off whatever this machine's speed
+    # an onnxruntime table whose block times are made-up numbers 100 times too slow, with references timed at
+    # 20 ms: the report must re-time the references, and find the latency off whatever this machine's speed
+    # (a torch target's served file is timed in tests/test_timing.py)
     table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
-    table.update(device={"cpu": "test", "threads": 1, "batch": 1, "backend": "torch"},
+    table.update(device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime"},
                  timing=_FAST_TIMING,
                  entries={k: 100 * v for k, v in table["entries"].items()},
-                 references=[{**r, "ms": 100.0} for r in table["references"]])
+                 references=[{**r, "ms": 20.0} for r in table["references"]])
     add_file(art, "latency/synthetic-cpu.json", json.dumps(table))
     out = tmp_path / "report"
     r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
@@ -130,8 +132,8 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     # the budget is the baseline's time now (the search knows the speed now); the verdict compares one timing
     assert base["budget_ms"] > 0 and "one interleaved timing of both" in md
     assert ("timed in the same passes" in md) == any(s["label"].startswith("=") for s in report["served"])
-    # the references run far faster than "profiled" (at 100 ms)
-    assert Speed.from_dict(report["reference"]["speed_before"]).apply(100.0) < 50
+    # the references run far faster than "profiled" (at 20 ms)
+    assert Speed.from_dict(report["reference"]["speed_before"]).apply(20.0) < 10
     # the synthetic table's numbers are not timings: the report must say the latency is off, and why
     assert "Not within" in md and "the table's own error" in md
 

@@ -21,7 +21,7 @@ from ofa_server.args import ServeConfig
 from ofa_server.main import Server
 from ofa_server.registry import Registry
 
-FAST = ["--rounds", "2", "--sample-ms", "1"]
+FAST = ["--rounds", "2", "--sample-ms", "1", "--warmup-ms", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,11 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
         assert json.loads(capsys.readouterr().out)["registered"] == "from-server"
         with pytest.raises(SystemExit):  # argparse names the choices
             client_main([*address, "profile", "--target", "x", "--precision", "int4"])
+        capsys.readouterr()
+        for flag, value, allowed in (("--rounds", "1", "an integer >= 2"), ("--warmup-ms", "0", "> 0"),
+                                     ("--sample-ms", "nan", "> 0"), ("--threads", "0", "an integer >= 1")):
+            assert client_main([*address, "profile", "--target", "x", flag, value]) == 2  # before a kit is fetched
+            assert f"{flag} must be {allowed}" in capsys.readouterr().err
     finally:
         srv.stop()
 

@@ -16,8 +16,8 @@ TINY = SearchSpace(
     final_expand_width=32, head_width=32, kernel_choices=(3, 5), expand_choices=(3, 4), depth_choices=(1, 2),
 )
 FAST = Timing(backend="torch", threads=1, rounds=2, samples=1, sample_ms=0.5, warmup_ms=1.0)
-FAST_FLAGS = ["--backend", "torch", "--threads", "1", "--rounds", "2", "--sample-ms", "0.5", "--subnets", "12",
-              "--references", "4", "--no-progress"]
+FAST_FLAGS = ["--backend", "torch", "--threads", "1", "--rounds", "2", "--sample-ms", "0.5", "--warmup-ms", "1",
+              "--subnets", "12", "--references", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +259,12 @@ def test_profile_command_writes_into_an_artifact_and_recalibrates_it(tmp_path, c
     (["--target", "x", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
     (["--target", "x", "--rounds", "1"], "--rounds must be an integer >= 2, got 1"),
     (["--target", "x", "--sample-ms", "0"], "--sample-ms must be > 0"),
+    (["--target", "x", "--warmup-ms", "inf"], "--warmup-ms must be > 0"),
     (["--target", "x", "--references", "0"], "--references must be in 1..64"),
     (["--target", "x", "--held-out", "1"], r"--held-out must be in \[0, 1\)"),
     (["--target", "x", "--backend", "onnxruntime", "--channels-last"], "--channels-last applies to the torch"),
     (["--recalibrate"], "--recalibrate needs --table FILE"),
-], ids=["target", "threads", "batch", "rounds", "sample-ms", "references", "held-out", "channels-last",
+], ids=["target", "threads", "batch", "rounds", "sample-ms", "warmup-ms", "references", "held-out", "channels-last",
         "recalibrate-alone"])
 def test_profile_flags_are_refused_before_any_timing(args, message, capsys):
     import re
@@ -311,7 +312,7 @@ sys.meta_path.insert(0, Absent())
 from ofa.cli import main
 sys.exit(main(["profile", "--space-file", {str(tmp_path / "space.json")!r}, "--target", "dev", "--out",
                {str(out)!r}, "--backend", "onnxruntime", "--threads", "1", "--rounds", "2", "--sample-ms", "0.5",
-               "--subnets", "0", "--references", "2", "--no-progress"]))
+               "--warmup-ms", "1", "--subnets", "0", "--references", "2", "--no-progress"]))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -334,7 +335,7 @@ def test_an_int8_target_times_quantized_networks(tmp_path, backend="onnxruntime"
     out = tmp_path / "int8.json"
     assert main(["profile", "--space-file", str(tmp_path / "space.json"), "--target", "dev-int8", "--out", str(out),
                  "--precision", "int8", "--backend", backend, "--threads", "1", "--rounds", "2", "--sample-ms", "0.5",
-                 "--subnets", "0", "--references", "2", "--no-progress"]) == 0
+                 "--warmup-ms", "1", "--subnets", "0", "--references", "2", "--no-progress"]) == 0
     table = validate_table(json.loads(out.read_text()), TINY)
     assert table["device"]["precision"] == "int8" and all(v > 0 for v in table["entries"].values())
     from ofa.predict.profile import timing_of_table

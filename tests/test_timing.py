@@ -96,15 +96,22 @@ def test_the_run_count_rule_gives_short_networks_many_calls(monkeypatch):
     assert sorted(result["orders"][0]) == [0, 1] and len(result["orders"]) == 3
 
 
-def test_the_worker_times_real_networks_in_its_own_process():
+def test_the_worker_times_real_networks_in_its_own_process(tmp_path):
+    from ofa.export import run_format, subnet_metadata, write_safetensors
     from ofa.space import get_space
+    from ofa.subnet import module_of
 
     space = get_space("mbv3-small-images")
     arch = space.smallest(24)
-    timings = time_parts(space, [Part("stem", (1, 24, 24)), Part("subnet", (1, 24, 24), arch)], FAST)
-    assert timings.samples_ms.shape == (2, 2, 1) and np.all(timings.samples_ms > 0)
+    subnet = Part("subnet", (1, 24, 24), arch)
+    assert run_format("torch") == "safetensors"  # a served file, in the format the torch backend runs: a report's
+    served = tmp_path / "served.safetensors"
+    served.write_bytes(write_safetensors(module_of(space, subnet.to_dict()), subnet_metadata(arch, space, {}, "0", 0)))
+    timings = time_parts(space, [Part("stem", (1, 24, 24)), subnet, Part("file", (1, 24, 24), file=str(served))],
+                         FAST)
+    assert timings.samples_ms.shape == (3, 2, 1) and np.all(timings.samples_ms > 0)
     assert timings.calls[0] >= timings.calls[1] >= 1  # the stem alone is the cheaper network
-    assert timings.orders.shape == (2, 2) and np.all(timings.ms > 0)
+    assert timings.orders.shape == (2, 3) and np.all(timings.ms > 0)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -216,6 +216,8 @@ def add_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--profile-rounds", type=int, default=6, help="interleaved timing passes (default 6)")
     s.add_argument("--profile-sample-ms", type=float, default=10.0,
                    help="each timing sample runs as many calls as fill this many ms (default 10)")
+    s.add_argument("--profile-warmup-ms", type=float, default=20.0,
+                   help="each network runs this many ms before its first timed pass (default 20)")
     s.add_argument("--profile-subnets", type=int, default=50,
                    help="random subnets timed end to end to fit and check the latency model (default 50)")
     s.add_argument("--no-progress", action="store_true")
@@ -227,7 +229,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..predict.timing import Timing
 
     t0 = time.perf_counter()
-    timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms)
+    timing = Timing(backend=args.profile_backend, rounds=args.profile_rounds, sample_ms=args.profile_sample_ms,
+                    warmup_ms=args.profile_warmup_ms)
     flag_errors(timing.check, prefix="--profile-")
     flag_errors(lambda: demo.check_demo(args.samples, args.target, timing, args.profile_subnets, args.budgets,
                                     args.front, args.families, args.loop_rounds, args.loop_budgets))

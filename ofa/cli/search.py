@@ -153,6 +153,8 @@ def add_profile(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rounds", type=int, default=6, help="interleaved passes over all networks (default 6)")
     s.add_argument("--sample-ms", type=float, default=10.0,
                    help="each timing sample runs as many calls as fill this many ms (default 10)")
+    s.add_argument("--warmup-ms", type=float, default=20.0,
+                   help="each network runs this many ms (at least 3 calls) before its first timed pass (default 20)")
     s.add_argument("--subnets", type=int, default=80,
                    help="random subnets timed end to end besides the references, to fit and check the model "
                    "(default 80)")
@@ -210,7 +212,8 @@ def run_profile(args: argparse.Namespace) -> int:
     space = flag_errors(lambda: space_to_profile(args.artifact, args.space, args.space_file))
     check_target_name(args.target)
     timing = Timing(backend=args.backend, threads=args.threads, batch=args.batch, channels_last=args.channels_last,
-                    rounds=args.rounds, sample_ms=args.sample_ms, precision=args.precision)
+                    rounds=args.rounds, sample_ms=args.sample_ms, warmup_ms=args.warmup_ms,
+                    precision=args.precision)
     flag_errors(timing.check)
     flag_errors(lambda: check_profile(args.subnets, args.held_out, args.references))
     table, written = profile_target(space, args.target, timing, args.subnets, args.held_out, args.references,

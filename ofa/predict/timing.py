@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ofa_client._timer import ONNX_RUNTIMES
-from ofa_client.timing import (NOISY_SCATTER, PRECISIONS, STATISTIC, TimingError, Timings, machine_speed,
+from ofa_client.timing import (NOISY_SCATTER, PRECISIONS, STATISTIC, TimingError, Timings, check_sizes, machine_speed,
                                run_workers, spearman, statistic)
 
 from ..space import Arch, BlockSpec, SearchSpace
@@ -79,13 +79,7 @@ class Timing:
             from ..export import run_format, writable
 
             writable(run_format(self.backend, self.precision))  # ValueErrors name the pairs, or the package
-        for name, low in (("threads", 1), ("batch", 1), ("rounds", 2), ("samples", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("sample_ms", "warmup_ms"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_sizes(self.threads, self.batch, self.rounds, self.samples, self.sample_ms, self.warmup_ms)
         if self.backend in ONNX_BACKENDS:
             if importlib.util.find_spec(self.backend) is None:
                 raise ValueError(f"the {self.backend} backend needs the {self.backend} package "
