@@ -33,8 +33,8 @@ __all__ = ["LIMITS", "MESSAGE_CHARS", "RequestError", "arch_of", "arch_to_pb", "
 LIMITS = {"population": (2, 1000), "generations": (1, 2000), "points": (1, 50),
           "max_latency_ms": 1e6, "max_macs": 10**13, "max_params": 10**12,
           "min_ms": 1e-6,  # a timing of less than a nanosecond is not one (5e-324 passed "> 0")
-          # reference timings a search may carry, and the device speeds they may imply
-          "reference_timings": 64, "passes": 16, "speed": (0.01, 100.0)}
+          # reference timings a search may carry (the device speeds they may imply: ofa.predict.latency.SPEED_RANGE)
+          "reference_timings": 64, "passes": 16}
 DEFAULT_POPULATION, DEFAULT_GENERATIONS, DEFAULT_FRONT_GENERATIONS, DEFAULT_POINTS = 100, 500, 100, 10
 
 _FORMATS = {value: name for name, value in WEIGHTS_FORMATS.items() if name in FORMATS}  # the API's, served here
@@ -222,11 +222,10 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed |
         now.append(t.ms)
         passes.append(t.pass_index)
     speed = Speed.fit_passes(then, now, passes)
-    lo, hi = LIMITS["speed"]
-    ratios = speed.apply(then) / then
-    if not (lo <= ratios.min() and ratios.max() <= hi):
-        raise invalid(f"reference_timings imply the device runs at {speed.describe()} of its profiled time; only "
-                      f"x{lo:g} to x{hi:g} is accepted (were they timed on this target's device and runtime?)")
+    try:
+        speed.check_range(then)
+    except ValueError as e:
+        raise invalid(f"reference_timings {e}") from None
     return speed
 
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from ofa.artifact import MANIFEST, PENDING, add_file, load_artifact, write_artifact
+from ofa.artifact import PENDING, add_file, load_artifact, write_artifact
 from ofa.train.checkpoint import load_checkpoint, save_checkpoint
 
 # the file-system calls of a commit: a kill just before any one of them is a moment to try

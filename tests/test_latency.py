@@ -138,6 +138,16 @@ def test_recalibration_re_times_the_references_and_scales_the_table(table):
                        rtol=1e-5)
 
 
+def test_a_speed_no_table_may_record_is_refused_with_what_to_do():
+    profiled = np.array([1.0, 2.0, 4.0, 8.0])
+    with pytest.raises(ValueError, match=r"the re-timed references imply the device runs at x0\.001 of its profiled "
+                                         r"time; only x0\.01 to x100 is accepted .* profile this target again"):
+        speed_of(profiled / 1000, profiled)  # a table of another device or runtime (a torch table, onnxruntime now)
+    ratios, speed = speed_of(profiled / 1000, profiled, check=False)  # a measurement reported as it was
+    assert speed.scale == pytest.approx(0.001) and ratios == [0.001] * 4
+    assert speed_of(profiled / 50, profiled)[1].scale == pytest.approx(0.02)  # within the range
+
+
 def test_a_version_1_table_is_refused_with_what_to_do(table):
     old = {k: v for k, v in table.items() if k not in ("model", "fit", "timing")}
     old.update(version=1, correction={"scale": 1.0, "offset_ms": 0.0})

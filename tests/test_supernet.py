@@ -78,8 +78,6 @@ def test_static_subnet_rebuilds_from_its_state_dict(supernets):
     other = net.space.sample(5)
     with pytest.raises(ValueError, match="does not fit arch|has shape"):
         load_subnet(net.space, other, sub.state_dict())
-    import json
-
     from safetensors.torch import save
 
     from ofa.export import read_subnet, subnet_metadata, write_safetensors

@@ -41,6 +41,9 @@ TABLE_KEYS = ("format", "version", "target", "space", "device", "timing", "entri
               "recalibration", "profile_seconds")
 MAX_ENTRIES = 100_000
 MAX_REFERENCES = 64
+# how much slower or faster than profiled a device may run (a recalibration's scale; the speed a search's reference
+# timings imply): beyond it, the timings were not taken on the table's device and runtime
+SPEED_RANGE = (0.01, 100.0)
 
 
 class LatencyTableError(ValueError):
@@ -117,7 +120,7 @@ _FIT_FIELDS = {
     "quality": (lambda v: isinstance(v, Mapping), "an object"),
 }
 _RECALIBRATION_FIELDS = {
-    "scale": (_real(0.01, 100), "a number in [0.01, 100]"),
+    "scale": (_real(*SPEED_RANGE), f"a number in [{SPEED_RANGE[0]:g}, {SPEED_RANGE[1]:g}]"),
     "offset_ms": (_real(-1e6, 1e6), "a number in [-1e6, 1e6]"),
     "ratios": (lambda v: isinstance(v, list) and len(v) <= MAX_REFERENCES and all(_real(1e-6)(x) for x in v),
                f"a list of at most {MAX_REFERENCES} numbers > 0"),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from ofa_client.latency_model import MIN_PREDICTED_MS
@@ -31,12 +31,13 @@ from ofa_client.timing import describe_cpu
 from ofa_client.values import SPEED_TOLERANCE  # passes further apart: the speed is unsettled (a third pass decides)
 
 from ..space import Arch, BlockSpec, SearchSpace, space_digest
-from ._table import (TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError, check_model, check_structure,
-                     check_target_name)
+from ._table import (SPEED_RANGE, TABLE_FORMAT, TABLE_KEYS, TABLE_VERSION, LatencyTableError, check_model,
+                     check_structure, check_target_name)
 from .cost import gather_slots
 
-__all__ = ["LatencyPredictor", "LatencyTableError", "SPEED_TOLERANCE", "Speed", "check_target_name", "table_format",
-           "table_noise", "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu", "validate_table"]
+__all__ = ["LatencyPredictor", "LatencyTableError", "SPEED_RANGE", "SPEED_TOLERANCE", "Speed", "check_target_name",
+           "table_format", "table_noise", "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "block_plan", "describe_cpu",
+           "validate_table"]
 
 
 
@@ -147,6 +148,15 @@ class Speed:
         if self.passes > 1:
             out += f" ({self.passes} passes {self.spread:.1%} apart{': unsettled' if self.unsettled else ''})"
         return out
+
+    def check_range(self, profiled_ms: Sequence[float]) -> None:
+        """Refuse (ValueError) a speed whose scale, or that takes any of ``profiled_ms``, lies beyond
+        :data:`SPEED_RANGE` of itself: the timings it was fitted on were not taken on the table's device and runtime."""
+        then = np.asarray(profiled_ms, float)
+        ratios, (lo, hi) = self.apply(then) / then, SPEED_RANGE
+        if not (lo <= ratios.min() and ratios.max() <= hi and lo <= self.scale <= hi):
+            raise ValueError(f"imply the device runs at {self.describe()} of its profiled time; only x{lo:g} to "
+                             f"x{hi:g} is accepted (were they timed on this target's device and runtime?)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Speed":

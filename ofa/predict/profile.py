@@ -149,15 +149,23 @@ def reference_timings(space: SearchSpace, table: Mapping[str, Any], timings: Tim
                                   for k, ms in enumerate(passes) for (a, _), m in zip(refs, ms)]}
 
 
-def speed_of(now_ms: np.ndarray | Sequence[np.ndarray], profiled_ms: np.ndarray) -> tuple[list[float], Speed]:
+def speed_of(now_ms: np.ndarray | Sequence[np.ndarray], profiled_ms: np.ndarray,
+             check: bool = True) -> tuple[list[float], Speed]:
     """How the device runs now against when profiled: each reference's ratio (its median over passes), and the
     :class:`Speed` fitted on them (one subnet's re-timing is a noisy estimate of the device's speed; ten are
     not). ``now_ms``: one figure per reference, or one such array per pass (:meth:`Timings.pass_ms`), whose
-    disagreement the speed carries as its ``spread``."""
+    disagreement the speed carries as its ``spread``. With ``check``, a speed beyond what a table may record
+    (:meth:`Speed.check_range`) is a ValueError that says to profile again."""
     p = np.asarray(profiled_ms, float)
     passes = [np.asarray(now_ms, float)] if np.ndim(now_ms) == 1 else [np.asarray(m, float) for m in now_ms]
     ratios = np.median([m / p for m in passes], axis=0)
     speed = Speed.fit_passes(np.tile(p, len(passes)), np.concatenate(passes), np.repeat(np.arange(len(passes)), len(p)))
+    if check:
+        try:
+            speed.check_range(p)
+        except ValueError as e:
+            raise ValueError(f"the re-timed references {e}: profile this target again on its device "
+                             f"(`ofa profile`)") from None
     return [round(float(r), 5) for r in ratios], speed
 
 
