@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ofa.predict.interval import share_within
 from ofa_client.values import SPEED_TOLERANCE
 
 from common import ROOT, fingerprint
@@ -137,6 +138,9 @@ def main() -> None:
               f"{with_iv[0]['interval_level']:.0%}; half-widths {min(r['half_width'] for r in with_iv):.2f}-"
               f"{max(r['half_width'] for r in with_iv):.2f} points; extrapolated picks "
               f"{sum(bool(r['extrapolated']) for r in with_iv)}")
+        expected = sum(share_within(r["half_width"], r["interval_level"], 1.0) for r in with_iv)
+        print(f"  within 1 point, as the intervals state it: {expected:.1f} of {len(with_iv)} expected, "
+              f"{sum(abs(r['accuracy_error']) <= 1.0 for r in with_iv)} measured")
     print(f"latency within 10% (served):         {shares(rows, 'latency_error', 0.10)}")
     print(f"latency within 10% (raw table):      {shares(rows, 'raw_latency_error', 0.10)}")
     unsettled = [r for r in rows if (r.get("speed_spread") or 0) > SPEED_TOLERANCE]

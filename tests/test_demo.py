@@ -207,6 +207,21 @@ def test_the_latency_lines_tell_the_table_from_the_machine():
                                             "latency may be off by about as much.")
 
 
+def test_the_accuracy_lines_say_how_many_the_intervals_expected_within_the_tolerance():
+    from ofa.jobs.render import _accuracy_checks
+
+    # a 90% half-width of 1.6449 states a sigma of 1 point: within 1 point 68.3% of the time, 1.37 of 2
+    served = [{"label": label, "test_accuracy": test, "val_accuracy": 80.0, "predicted_accuracy": 80.0,
+               "predicted_accuracy_low": 80.0 - 1.6449, "predicted_accuracy_high": 80.0 + 1.6449,
+               "interval_level": 0.9, "measured_accuracy": None} for label, test in (("tight", 79.5), ("loose", 81.5))]
+    report = {"served": served, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1}, "val_images": 100,
+              "accuracy_predictor": {"family": "ridge-3", "train_samples": 10, "test_samples": 3, "test": {}}}
+    lines = _accuracy_checks(report)
+    assert lines[0] == "Accuracy: 1 of 2 served subnets measured within 1 point of the prediction on the test split."
+    assert lines[1].startswith("Intervals: 2 of 2 test accuracies inside their 90% interval (half-widths 1.64, 1.64 "
+                               "points; at those widths about 1.4 of 2 were to be expected within 1 point)")
+
+
 def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():
     from ofa.jobs.report import budgets_from_front
 

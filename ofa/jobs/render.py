@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..predict.interval import share_within
 from ..predict.latency import SPEED_TOLERANCE, Speed
 
 __all__ = ["plot_pareto", "plot_predicted_vs_measured", "plot_report", "render_markdown", "table_rows"]
@@ -112,10 +113,14 @@ def _accuracy_checks(report: dict[str, Any]) -> list[str]:
     with_iv = [s for s in served if s.get("predicted_accuracy_low") is not None]
     if with_iv:
         inside = sum(s["predicted_accuracy_low"] <= s["test_accuracy"] <= s["predicted_accuracy_high"] for s in with_iv)
+        expected = sum(share_within((s["predicted_accuracy_high"] - s["predicted_accuracy_low"]) / 2,
+                                    s["interval_level"], tol["accuracy_points"]) for s in with_iv)
         acc.append(f"Intervals: {inside} of {len(with_iv)} test accuracies inside their "
                    f"{with_iv[0]['interval_level']:.0%} interval (half-widths "
                    + ", ".join(f"{(s['predicted_accuracy_high'] - s['predicted_accuracy_low']) / 2:.2f}"
-                               for s in with_iv) + " points)"
+                               for s in with_iv) + " points"
+                   + f"; at those widths about {expected:.1f} of "
+                   f"{len(with_iv)} were to be expected within {tol['accuracy_points']:g} point)"
                    + "; extrapolated: " + (", ".join(s["label"] for s in with_iv if s.get("extrapolated")) or "none")
                    + "; measured before serving (validation): "
                    + (", ".join(f"{s['label']} {s['measured_accuracy']:.2f}%" for s in served
