@@ -324,3 +324,30 @@ def test_the_closed_loop_refits_until_its_picks_agree(monkeypatch):
     _, _, loop = predictors._closed_loop(job, {}, fit, SimpleNamespace(family="first"), SimpleNamespace(target="dev"),
                                          rounds=2, budgets=2)
     assert not loop["agreed"] and loop["rounds"] == 2 and len(fits) == 2 and "rounds ran out" in logs[-1]
+
+
+def test_a_front_round_that_finds_fewer_new_subnets_is_found_again_and_measures_nothing(monkeypatch):
+    """A front of a barely trained supernet can hold nothing this run has not measured (its ends are the random
+    sample's corners): that round picks fewer than k, and a rerun must find the same, not say it measures."""
+    from types import SimpleNamespace
+
+    from ofa.jobs import predictors
+
+    space = get_space("mbv3-small-images")
+    fronts = {0: [space.largest()], 1: []}  # round 1 finds one new arch, round 2 none
+    monkeypatch.setattr(predictors, "front_archs", lambda sp, basis, k, seed, **kw: fronts[seed])
+    logs, measures = [], []
+
+    def measure(archs, m):
+        measures.append([a.id for a in archs if a.id not in m])
+        return {**m, **{a.id: {"accuracy": 50.0} for a in archs if a.id not in m}}
+
+    job = SimpleNamespace(art=SimpleNamespace(space=space), log=logs.append, measure=measure)
+    first = predictors._measure_front(job, {}, {}, 2, 0, None, None)
+    assert logs == ["front round 1: measuring 1 subnets where the search would look",
+                    "front round 2: the front holds no subnet this run has not measured"]
+    logs.clear()
+    again = predictors._measure_front(job, first, {}, 2, 0, None, None)
+    assert again == first and logs == ["front round 1: its 1 subnets were measured before",
+                                       "front round 2: the front holds no subnet this run has not measured"]
+    assert measures[-1] == []  # nothing measured the second time

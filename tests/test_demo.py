@@ -86,8 +86,11 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypat
     rep = build_accuracy_predictor(out / "supernet", samples=12, front=2, front_target="this-machine",
                                    families=_FAST_FIT[1].split(","), loop_rounds=LOOP_ROUNDS,
                                    loop_budgets=LOOP_BUDGETS, progress=False, log=lines.append)  # the demo's
-    # the front rounds went along this machine's latency front, and are found measured; so is the fit
-    assert sum("were measured before" in line for line in lines) == 2 and rep["reused"], lines
+    # the front rounds went along this machine's latency front, and are found measured (a round whose front held
+    # nothing new finds that again: the picks are a function of what was measured); so is the fit
+    assert sum("were measured before" in line or "holds no subnet this run has not measured" in line
+               for line in lines) == 2 and rep["reused"], lines
+    assert not any("front round" in line and "measuring" in line for line in lines), lines
     # other training settings into the same folder are refused, not served from the old supernet
     monkeypatch.setenv("OFA_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()

@@ -210,9 +210,16 @@ def _measure_front(job: _Job, measured: dict, basis: dict, front: int, seed: int
         tag = hashlib.sha256(json.dumps([sorted(basis), k, seed + r, along]).encode()).hexdigest()[:16]
         picked = [i for i in sorted(measured) if measured[i].get("front") == tag]
         if len(picked) < k:
-            # picks measured already (a round killed halfway) are reused, not replaced by others
+            # picks measured already (a round killed halfway) are reused, not replaced by others; the picks are
+            # a function of the basis, so a round that found fewer than k new archs finds the same ones again
             archs = front_archs(job.art.space, basis, k, seed + r, latency=latency, families=families)
-            job.log(f"front round {r + 1}: measuring {len(archs)} subnets where the search would look")
+            todo = [a for a in archs if a.id not in measured]
+            if not archs:
+                job.log(f"front round {r + 1}: the front holds no subnet this run has not measured")
+            elif todo:
+                job.log(f"front round {r + 1}: measuring {len(todo)} subnets where the search would look")
+            else:
+                job.log(f"front round {r + 1}: its {len(archs)} subnets were measured before")
             measured = job.measure(archs, measured)
             picked = [a.id for a in archs]
             for i in picked:
