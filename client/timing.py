@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["NOISY_SCATTER", "PRECISIONS", "STATISTIC", "TimingError", "Timings", "WORKER", "check_sizes", "describe_cpu",
-           "machine_speed", "run_workers", "spearman", "statistic"]
+__all__ = ["NOISY_SCATTER", "PRECISIONS", "STATISTIC", "TimingError", "Timings", "WORKER", "check_sizes",
+           "describe_cpu", "machine_speed", "run_workers", "spearman", "statistic"]
 
 STATISTIC = "median over passes of the fastest sample, at the median machine speed"  # docs/latency.md
 WINDOW = 24          # networks around each timing that measure the machine's speed then

@@ -99,8 +99,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tiny_data, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("flag, value", [("--samples", "5"), ("--budgets", "0"), ("--profile-rounds", "1"),
-                                         ("--profile-sample-ms", "0"), ("--profile-warmup-ms", "-1"), ("--profile-subnets", "-1"),
-                                         ("--target", "a b"), ("--families", "lasso")])
+                                         ("--profile-sample-ms", "0"), ("--profile-warmup-ms", "-1"),
+                                         ("--profile-subnets", "-1"), ("--target", "a b"), ("--families", "lasso")])
 def test_demo_refuses_bad_numbers_before_any_work(flag, value, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), flag, value, "--no-progress"]) == 2
     assert f"{flag} must be" in capsys.readouterr().err  # the message names the flag given
