@@ -160,13 +160,11 @@ def _server_space(c: Client) -> dict:
 def _profile(c: Client, args: argparse.Namespace) -> int:
     if args.no_register and not args.out:
         raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
+    from .flags import flag_errors
     from .timing import check_sizes
 
-    try:  # refused before a kit is fetched; the message names the flag (its field's name, dashed)
-        check_sizes(args.threads, 1, args.rounds, 2, args.sample_ms, args.warmup_ms)
-    except ValueError as e:
-        field, rest = str(e).split(" ", 1)
-        raise ClientError("USAGE", f"--{field.replace('_', '-')} {rest}") from None
+    # refused before a kit is fetched, naming the flag
+    flag_errors(lambda: check_sizes(args.threads, 1, args.rounds, 2, args.sample_ms, args.warmup_ms))
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space

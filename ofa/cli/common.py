@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from ofa_client.flags import flag_errors  # one rewording for both command lines
+
 __all__ = ["Command", "configure_logging", "flag_errors"]
 
 
@@ -25,14 +27,3 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def flag_errors(make, prefix: str = "--", errors: type[Exception] = ValueError):
-    """Run ``make``; an error (of ``errors``) that starts with a field's name (``sample_ms must be…``) is re-worded
-    to name its flag (``--sample-ms must be…``): library messages name fields, the CLI's name flags."""
-    try:
-        return make()
-    except errors as e:
-        text = str(e)
-        field, _, rest = text.partition(" ")
-        if field.isidentifier() and field.islower() and field not in ("the", "a", "an", "this") and rest:
-            raise type(e)(f"{prefix}{field.replace('_', '-')} {rest}") from None
-        raise

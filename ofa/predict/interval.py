@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,6 @@ def share_within(half_width: float, level: float, points: float) -> float:
     """How often a measurement lands within ``points`` of its prediction, as an interval of ``half_width`` at
     ``level`` states it: a normal error whose sigma is the half-width over the level's two-sided quantile. The
     answers' own promise, to set beside a measured share (a 90% half-width of 1.64 points: 68% within 1)."""
-    from statistics import NormalDist
-
     if half_width <= 0:
         return 1.0
     sigma = half_width / NormalDist().inv_cdf((1 + level) / 2)
