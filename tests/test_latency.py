@@ -254,11 +254,13 @@ def test_profile_command_writes_into_an_artifact_and_recalibrates_it(tmp_path, c
     recal = json.loads((art / "latency" / "ci-cpu.json").read_text())["recalibration"]
     sent = json.loads(timings.read_text())
     refs = LatencyPredictor(TINY, table).references
-    rows = sent["reference_timings"]  # each reference once per pass (two passes at least), in the same order
-    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in rows] == [a.id for a, _ in refs] * recal["passes"]
-    assert recal["passes"] >= 2 and [t["pass_index"] for t in rows] == sorted(t["pass_index"] for t in rows)
-    fitted = Speed.fit_passes([ms for _, ms in refs] * recal["passes"], [t["ms"] for t in rows],
-                              [t["pass_index"] for t in rows])
+    # each reference once per kept pass, in the same order; a pass the protocol calls noisy is left out, so a
+    # noisy spell can leave one, whose rows carry no pass index (the API's form for a single pass)
+    rows, passes = sent["reference_timings"], recal["passes"]
+    assert sent["target"] == "ci-cpu" and [t["subnet_id"] for t in rows] == [a.id for a, _ in refs] * passes
+    index = [t.get("pass_index", 0) for t in rows]
+    assert passes >= 1 and index == sorted(index) and ("pass_index" in rows[0]) == (passes > 1)
+    fitted = Speed.fit_passes([ms for _, ms in refs] * passes, [t["ms"] for t in rows], index)
     assert (recal["scale"], recal["offset_ms"], recal["spread"]) == pytest.approx(
         (fitted.scale, fitted.offset_ms, fitted.spread), abs=1e-4)
     assert main(["info", "--artifact", str(art)]) == 0
