@@ -84,16 +84,21 @@ def test_a_killed_worker_is_replaced_its_call_is_retryable_and_the_client_retrie
         assert c.search(generations=5, seed=2).id
 
 
-def test_health_is_not_serving_only_while_no_worker_can_search(server):
+def test_health_is_not_serving_only_while_no_worker_can_search(server, monkeypatch):
     pool, address = server.service.pool, f"127.0.0.1:{server.port}"
+    # the replacements start at once but are taken on only after the test's search: without the gate, a fast
+    # restart could end between "no worker ready" and the search (it did, once)
+    gate, await_ready = threading.Event(), pool._await_ready
+    monkeypatch.setattr(pool, "_await_ready", lambda w: gate.wait(60) and await_ready(w))
     with Client(address, retries=0) as c:
         assert c.health() == "SERVING"
         for pid in pool.worker_pids():
             os.kill(pid, signal.SIGKILL)
         until(lambda: c.health() == "NOT_SERVING", 30, "NOT_SERVING")
-        if pool.ready == 0:  # still replacing both: a search is told to come back, not failed for good
-            with pytest.raises(Unavailable, match="no search worker is ready"):
-                c.search(generations=5)
+        assert pool.ready == 0  # replacing both: a search is told to come back, not failed for good
+        with pytest.raises(Unavailable, match="no search worker is ready"):
+            c.search(generations=5)
+        gate.set()
         until(lambda: c.health() == "SERVING", 120, "SERVING again")
         assert c.search(generations=5).id and pool.restarts == 2
 
