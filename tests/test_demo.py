@@ -107,31 +107,37 @@ def test_demo_refuses_bad_numbers_before_any_work(flag, value, tmp_path, capsys)
     assert not (tmp_path / "demo").exists()
 
 
-def test_report_with_a_baseline(tiny_artifact, tmp_path):
+def test_report_of_an_int8_target_with_a_baseline(tiny_artifact, tmp_path):
+    """An int8 target (onnxruntime) with a baseline: the report fetches the onnx_int8 files, times them with the
+    references and the baseline quantized alike, and tests each at int8 and, beside it, in fp32 (what quantization
+    cost). The table's block times are made-up numbers 100 times too slow, its references "timed" at 20 ms: the
+    report must re-time the references, and find the latency off whatever this machine's speed (a torch target's
+    served file is timed in tests/test_timing.py)."""
     from ofa.artifact import add_file
 
     art = served_copy(tiny_artifact, tmp_path / "art")
-    # an onnxruntime table whose block times are made-up numbers 100 times too slow, with references timed at
-    # 20 ms: the report must re-time the references, and find the latency off whatever this machine's speed
-    # (a torch target's served file is timed in tests/test_timing.py)
     table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
-    table.update(device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime"},
-                 timing=_FAST_TIMING,
-                 entries={k: 100 * v for k, v in table["entries"].items()},
+    table.update(target="int8-cpu", device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime",
+                                            "precision": "int8"},
+                 timing=_FAST_TIMING, entries={k: 100 * v for k, v in table["entries"].items()},
                  references=[{**r, "ms": 20.0} for r in table["references"]])
-    add_file(art, "latency/synthetic-cpu.json", json.dumps(table))
+    add_file(art, "latency/int8-cpu.json", json.dumps(table))
     out = tmp_path / "report"
-    r = _run(["report", "--artifact", str(art), "--target", "synthetic-cpu", "--out", str(out), "--budgets", "2",
+    r = _run(["report", "--artifact", str(art), "--target", "int8-cpu", "--out", str(out), "--budgets", "2",
               "--baseline", "0.5", "--baseline-epochs", "0.1", _NOISY_OK, "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     (base,) = report["baselines"]
     assert base["name"] == "mobilenet_v3_small x0.5" and base["latency_ms"] > 0 and base["training"]["steps"] >= 1
+    assert 0 <= base["test_accuracy"] <= 100 and 0 <= base["test_accuracy_fp32"] <= 100
+    for s in report["served"]:
+        assert set(s["files"]) == {"safetensors", "onnx_int8"} and s["measured_latency_ms"] > 0
+        assert 0 <= s["test_accuracy"] <= 100 and 0 <= s["test_accuracy_fp32"] <= 100
     # the baseline's latency is a budget of its own: served or, if no subnet is that fast, said so
     labels = [s["label"] for s in report["served"]] + [u["label"] for u in report["unmet"]]
     assert labels == ["tight", "loose", "=mobilenet_v3_small x0.5"]
     md = (out / "report.md").read_text()
-    assert "↳ baseline" in md and "mobilenet_v3_small x0.5's latency" in md
+    assert "↳ baseline" in md and "mobilenet_v3_small x0.5's latency" in md and "the BN-re-calibrated int8 file" in md
     # the budget is the baseline's time now (the search knows the speed now); the verdict compares one timing
     assert base["budget_ms"] > 0 and "one interleaved timing of both" in md
     assert ("timed in the same passes" in md) == any(s["label"].startswith("=") for s in report["served"])
@@ -139,26 +145,6 @@ def test_report_with_a_baseline(tiny_artifact, tmp_path):
     assert Speed.from_dict(report["reference"]["speed_before"]).apply(20.0) < 10
     # the synthetic table's numbers are not timings: the report must say the latency is off, and why
     assert "Not within" in md and "the table's own error" in md
-
-
-def test_an_int8_target_is_served_timed_and_tested_as_int8(tiny_artifact, tmp_path):
-    """A table timed at precision int8: the report fetches the onnx_int8 file, times it, tests its accuracy and,
-    beside it, the same subnet's fp32 weights (what quantization cost)."""
-    from ofa.artifact import add_file
-
-    art = served_copy(tiny_artifact, tmp_path / "art")
-    table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
-    table.update(target="int8-cpu", device={"cpu": "test", "threads": 1, "batch": 1, "backend": "onnxruntime",
-                                            "precision": "int8"},
-                 timing=_FAST_TIMING)
-    add_file(art, "latency/int8-cpu.json", json.dumps(table))
-    out = tmp_path / "report"
-    r = _run(["report", "--artifact", str(art), "--target", "int8-cpu", "--out", str(out), "--budgets", "1",
-              _NOISY_OK, "--no-progress"], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (s,) = json.loads((out / "report.json").read_text())["served"]
-    assert set(s["files"]) == {"safetensors", "onnx_int8"} and s["measured_latency_ms"] > 0
-    assert 0 <= s["test_accuracy"] <= 100 and 0 <= s["test_accuracy_fp32"] <= 100
 
 
 def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):

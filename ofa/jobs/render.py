@@ -220,6 +220,35 @@ def table_rows(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _baseline_lines(report: dict[str, Any]) -> list[str]:
+    """The paragraph on the baselines, and each one's verdict at its own latency (none without baselines)."""
+    if not report.get("baselines"):
+        return []
+    parts = [f"Baselines: torchvision `mobilenet_v3_small` as shipped (grey input conv), trained from scratch "
+             f"on the same training split for {report['baseline_epochs']:g} epochs (all phases of the "
+             "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
+             "measured the same way. Budgets named `=…` are a baseline's measured latency in the table's "
+             "units (divided by how much slower the machine ran than when the table was profiled, from the "
+             "reference subnets timed with it), so that baseline and subnet meet at equal latency; the "
+             "latencies compared below come from one interleaved timing of both.", ""]
+    for u in report.get("unmet") or []:
+        parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
+                     f"predicted to be this fast ({u['reason']}).")
+    for s in report["served"]:
+        if s["label"].startswith("="):
+            b = next(b for b in report["baselines"] if b["name"] == s["label"][1:])
+            verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
+            pace = s["measured_latency_ms"] / b["latency_ms"] - 1
+            parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
+                         f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.0%} "
+                         f"{'slower' if pace > 0 else 'faster'}, timed in the same passes) {verdict} it, "
+                         f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
+                         f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
+                         f"{b['params'] / 1e6:.3f} M parameters).")
+    parts.append("")
+    return parts
+
+
 def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
     dev = report["device"]
     q = report["accuracy_predictor"]
@@ -235,7 +264,9 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"RMSE {(q['test'] or {}).get('rmse', float('nan')):.2f} points).",
         "",
         "Each subnet was found by an `ofa-client search` with the budget as its latency bound against `ofa serve`, fetched as "
-        "BN-re-calibrated safetensors (sha256-verified), and measured here: top-1 on the "
+        + ("BN-re-calibrated safetensors" if dev.get("precision", "fp32") == "fp32" else
+           f"the BN-re-calibrated {dev['precision']} file the target runs (and its safetensors)")
+        + " (sha256-verified), and measured here: top-1 on the "
         f"{report['test_images']:,}-image "
         + (f"evaluation half of the test split (the other half measured the predictor's validation-to-test shift, "
            f"{q['shift']['offset']:+.2f} points)" if q.get("shift") else "test split")
@@ -252,29 +283,7 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         *lat,
         "",
     ]
-    if report.get("baselines"):
-        parts += [f"Baselines: torchvision `mobilenet_v3_small` as shipped (grey input conv), trained from scratch "
-                  f"on the same training split for {report['baseline_epochs']:g} epochs (all phases of the "
-                  "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
-                  "measured the same way. Budgets named `=…` are a baseline's measured latency in the table's "
-                  "units (divided by how much slower the machine ran than when the table was profiled, from the "
-                  "reference subnets timed with it), so that baseline and subnet meet at equal latency; the "
-                  "latencies compared below come from one interleaved timing of both.", ""]
-        for u in report.get("unmet") or []:
-            parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
-                         f"predicted to be this fast ({u['reason']}).")
-        for s in report["served"]:
-            if s["label"].startswith("="):
-                b = next(b for b in report["baselines"] if b["name"] == s["label"][1:])
-                verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
-                pace = s["measured_latency_ms"] / b["latency_ms"] - 1
-                parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
-                             f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.0%} "
-                             f"{'slower' if pace > 0 else 'faster'}, timed in the same passes) {verdict} it, "
-                             f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
-                             f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
-                             f"{b['params'] / 1e6:.3f} M parameters).")
-        parts.append("")
+    parts += _baseline_lines(report)
     parts += ["![Pareto front](pareto.png)", "",
               "The line is the front the service searched (predicted validation accuracy vs predicted latency); "
               "filled markers are the served subnets as measured here (test accuracy vs measured latency), "

@@ -270,8 +270,28 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
         s["test_accuracy"] = round(accuracy(module, test, spec, r), 3)
         s["val_accuracy"] = round(accuracy(module, val, spec, r), 3)
     for b in bases:
-        b.row["test_accuracy"] = round(accuracy(b.module, test, spec, b.row["resolution"]), 3)
+        r = b.row["resolution"]
+        if fmt != RECORDED:  # timed quantized as the served files are: tested so too, and in fp32 beside it
+            b.row["test_accuracy_fp32"] = round(accuracy(b.module, test, spec, r), 3)
+            b.row["test_accuracy"] = round(accuracy(_quantized(run.art, b.module, fmt, r), test, spec, r), 3)
+        else:
+            b.row["test_accuracy"] = round(accuracy(b.module, test, spec, r), 3)
     return len(test), len(val)
+
+
+def _quantized(art: Artifact, module, fmt: str, resolution: int):
+    """A baseline ``module`` as the target runs a served ``fmt`` file: exported to ONNX, quantized by that format's
+    quantizer on the served subnets' calibration images (:func:`ofa.calibrate.served_images`), read back."""
+    import torch
+
+    from ..calibrate import calibration_batches, served_images
+    from ..export import FORMATS, export_onnx
+
+    form = FORMATS[fmt]
+    example = torch.zeros(1, art.data.channels, resolution, resolution)
+    batches = (x.numpy() for x in calibration_batches(served_images(art), art.data, resolution))
+    with torch.no_grad():
+        return form.read(form.quantize(export_onnx(module, example), batches))
 
 
 def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int = 3,
