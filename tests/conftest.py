@@ -112,13 +112,19 @@ def tiny_args(data_dir: Path, steps: dict[str, float] = TRAINED_STEPS) -> list[s
     return args + [f"phases.{p}.epochs={e}" for p, e in steps.items()]
 
 
+def tiny_artifact_args(data_dir: Path) -> list[str]:
+    """The --set assignments :func:`tiny_artifact` was trained with (a test that trains it on needs the same)."""
+    return tiny_args(data_dir) + ["evaluate_phases=all"]
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_data, tmp_path_factory):
-    """A supernet trained for a few steps on the tiny dataset (read-only: copy it to change it)."""
+    """A supernet trained for a few steps on the tiny dataset (read-only: copy it to change it), its corners
+    evaluated after every phase (tests/test_train.py checks those; a run of its own cost ~10 s)."""
     from ofa.train import load_config, train
 
     out = tmp_path_factory.mktemp("tiny-artifact")
-    train(load_config("quick", None, tiny_args(tiny_data)), out, progress=False)
+    train(load_config("quick", None, tiny_artifact_args(tiny_data)), out, progress=False)
     return out
 
 

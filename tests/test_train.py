@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FEW_STEPS, ROOT, TRAINED_STEPS, tiny_args
+from conftest import FEW_STEPS, ROOT, TRAINED_STEPS, tiny_args, tiny_artifact_args
 from ofa.artifact import load_artifact
 from ofa.train import ConfigError, PRESETS, load_config, train
 from ofa.train.config import apply_overrides
@@ -24,17 +24,18 @@ def tiny_config(data_dir: Path, *extra: str, steps: dict[str, float] = TRAINED_S
     return load_config("quick", None, tiny_args(data_dir, steps) + list(extra))
 
 
-def test_every_phase_runs_and_writes_an_artifact(tiny_data, tmp_path):
-    results = train(tiny_config(tiny_data, "evaluate_phases=all", steps=FEW_STEPS), tmp_path, progress=False)
-    assert list(results) == PHASES
+def test_every_phase_runs_and_writes_an_artifact(tiny_artifact):
+    """The shared tiny artifact, trained with evaluate_phases=all (tests/conftest.py): every phase ran, each
+    evaluated its corners, and the artifact holds what the final checkpoint holds."""
+    ends = [json.loads(line) for line in (tiny_artifact / "metrics.jsonl").read_text().splitlines()]
+    results = {r["phase"]: r["val_accuracy"] for r in ends if r.get("event") == "phase_end"}
+    assert [r["phase"] for r in ends if r.get("event") == "phase_end"] == PHASES == list(results)
     for phase in PHASES:
         assert set(results[phase]) == {"smallest", "largest", "middle-1", "middle-2"}
         assert all(0 <= v <= 100 for v in results[phase].values())
-    ends = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in ends if r.get("event") == "phase_end"] == PHASES
     steps = [r for r in ends if "img_per_s" in r]
     assert steps and all(r["img_per_s"] > 0 and r["loss"] > 0 for r in steps)
-    art = load_artifact(tmp_path)
+    art = load_artifact(tiny_artifact)
     assert art.space.name == "mbv3-small-images@24-28px" and art.space.resolutions == (24, 28)
     assert art.data.num_classes == 10
     assert art.calibration.dtype == torch.uint8 and art.calibration.shape == (64, 1, 28, 28)
@@ -42,7 +43,7 @@ def test_every_phase_runs_and_writes_an_artifact(tiny_data, tmp_path):
     assert art.data.class_names[0] == "T-shirt/top"
     # the artifact holds the weights of the final checkpoint, i.e. the trained supernet
     from ofa.train.checkpoint import load_checkpoint
-    final = load_checkpoint(tmp_path / "checkpoints")
+    final = load_checkpoint(tiny_artifact / "checkpoints")
     assert final.state["phase_index"] == len(PHASES)
     for k, v in art.supernet.state_dict().items():
         assert torch.equal(v, final.model[k]), k
@@ -115,14 +116,15 @@ def test_single_phase_runs_from_the_previous_checkpoint(tiny_data, tiny_artifact
     out = train(cfg, tmp_path, only_phase="kernel", progress=False)
     assert list(out) == ["full", "kernel"]
     # phase by phase gives the weights the uninterrupted run has at the same point, bit for bit (tiny_artifact
-    # is that run: the same config, trained whole)
+    # is that run, trained whole; it also evaluated its corners after every phase, which must change no weight and
+    # draw nothing from the generators training draws from)
     (got,), (want,) = ([load_file(str(p)) for p in (d / "checkpoints" / "after-kernel").glob("model-*.safetensors")]
                        for d in (tmp_path, tiny_artifact))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_a_finished_phase_runs_again_with_other_settings(tiny_data, tiny_artifact, tmp_path):
-    cfg = tiny_config(tiny_data)
+    cfg = load_config("quick", None, tiny_artifact_args(tiny_data))
     tmp_path = tmp_path / "run"
     shutil.copytree(tiny_artifact, tmp_path)  # a finished run of this config
     ckpts = tmp_path / "checkpoints"
