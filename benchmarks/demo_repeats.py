@@ -59,11 +59,14 @@ def _twice(cmd: list[str], log: Path, what: str) -> tuple[int, float]:
 def served_rows(report: dict) -> list[dict]:
     """The figures of each served subnet that the goals are about."""
     rows = []
+    shift = (report["accuracy_predictor"].get("shift") or {}).get("offset")  # the served prediction adds it
     for s in report["served"]:
         low, high = s.get("predicted_accuracy_low"), s.get("predicted_accuracy_high")
+        val = s.get("val_accuracy")
         rows.append({"label": s["label"], "predicted_accuracy": s["predicted_accuracy"],
-                     "test_accuracy": s["test_accuracy"], "val_accuracy": s.get("val_accuracy"),
+                     "test_accuracy": s["test_accuracy"], "val_accuracy": val, "shift_offset": shift,
                      "accuracy_error": s["test_accuracy"] - s["predicted_accuracy"],
+                     "validation_error": None if val is None else val - (s["predicted_accuracy"] - (shift or 0.0)),
                      "inside_interval": None if low is None else bool(low <= s["test_accuracy"] <= high),
                      "half_width": None if low is None else (high - low) / 2,
                      "interval_level": s.get("interval_level"), "extrapolated": s.get("extrapolated"),
@@ -132,6 +135,9 @@ def main() -> None:
     print(f"\n{sum(run['exit_code'] == 0 for run in runs)} of {len(runs)} demo runs finished; "
           f"{len(rows)} served subnets")
     print(f"accuracy within 1 point (test):      {shares(rows, 'accuracy_error', 1.0)}")
+    with_val = [r for r in rows if r["validation_error"] is not None]
+    print(f"  the validation prediction (less the shift) against validation: "
+          f"{shares(with_val, 'validation_error', 1.0)}")
     if with_iv:
         print(f"interval coverage (test):             {np.mean([r['inside_interval'] for r in with_iv]):.0%} "
               f"({sum(r['inside_interval'] for r in with_iv)} of {len(with_iv)}) at stated level "

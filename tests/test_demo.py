@@ -217,3 +217,66 @@ def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():
     front = [0.27814, 0.27861, 0.2791]  # rounded to 3 decimals, the tight budget fell below 0.27814
     budgets = [b for _, b in budgets_from_front(front, 3)]
     assert all(min(front) <= b <= max(front) + 1e-4 for b in budgets) and budgets == sorted(budgets)
+
+
+def _rendered(device: dict, baseline: dict | None = None, **changes) -> str:
+    """report.md of a made-up report: two served subnets, an optional baseline at the loose one's latency."""
+    from ofa.jobs.render import render_markdown
+
+    served = [{"label": label, "id": "0" * 16, "arch": {"resolution": 28}, "budget_ms": budget, "macs": 2e6,
+               "params": 1e5, "size_bytes": 4096, "search_seconds": 0.2, "predicted_accuracy": 80.0,
+               "val_accuracy": 81.0, "test_accuracy": 78.0, "predicted_latency_ms": ms, "measured_latency_ms": ms,
+               "raw_predicted_latency_ms": ms, "drift_adjusted_error": 0.0}
+              for label, budget, ms in (("tight", 2.3449, 2.343), ("=mobilenet_v3_small x0.5", 3.0, 2.99))]
+    report = {"space": "s", "target": "t", "artifact": "a", "digest": "d" * 64, "dataset": "fashion_mnist",
+              "created": "now", "device": {"cpu": "c", "threads": 2, "batch": 1, **device}, "served": served,
+              "accuracy_predictor": {"family": "ridge-3", "train_samples": 10, "test_samples": 3, "test": {},
+                                     "shift": {"offset": -1.0}},
+              "test_images": 5000, "val_images": 100, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1},
+              "table_fit": None, "unmet": [], "baselines": [], "baseline_epochs": None,
+              "reference": {"subnets": 10, "speed_before": {"scale": 1.0}, "speed_after": {"scale": 1.0},
+                            "ratios_before": [1.0], "ratios_after": [1.0], "repeatability": {"verdict": "agree"}}}
+    if baseline is not None:
+        report.update(baselines=[{"name": "mobilenet_v3_small x0.5", "resolution": 28, "test_accuracy": 70.0,
+                                  "latency_ms": 3.0, "budget_ms": 3.0, "macs": 1e6, "params": 4e5,
+                                  "size_bytes": 2048, **baseline}], baseline_epochs=0.5)
+    return render_markdown({**report, **changes})
+
+
+def test_report_md_says_what_was_measured_on_each_kind_of_target():
+    # the predictor adds its validation-to-test shift (-1.00): a validation prediction of 81.00, measured 81.00
+    md = _rendered({"backend": "onnxruntime"})
+    assert "the fit (without the shift) was off by 0.00 points on average against the validation split" in md
+    assert "(onnxruntime, the table's threads" in md and "fetched as BN-re-calibrated safetensors" in md
+    assert "| tight | 2.345 |" in md  # a budget as precise as the prediction beside it (2.343 ms), never "2.34"
+    assert "(openvino, the table's threads" in _rendered({"backend": "openvino"})
+    assert "(torch eager, the table's threads" in _rendered({"backend": "torch"})
+    int8 = _rendered({"backend": "onnxruntime", "precision": "int8"})
+    assert "the BN-re-calibrated int8 file the target runs" in int8 and "and the int8 drop measured" in int8
+    # a baseline: the clauses hold for the run at hand (grey images, epochs from the training or the flag)
+    grey = _rendered({"backend": "onnxruntime"}, {"in_channels": 1}, baseline_epochs_given=False)
+    assert "as shipped but its input conv, for 1-channel images" in grey and "(all phases of the supernet's" in grey
+    assert "latency as timed here just before the searches" in grey and "in the table's units" not in grey
+    assert "(2.990 ms, 0.3% faster, timed in the same passes) beats it" in grey
+    rgb = _rendered({"backend": "onnxruntime"}, {"in_channels": 3}, baseline_epochs_given=True)
+    assert "as shipped, trained from scratch" in rgb and "all phases" not in rgb
+
+
+def test_a_demo_reuses_a_table_only_if_profiled_as_it_would_profile(tiny_artifact, tmp_path):
+    """A table under the demo's target name profiled at int8, or channels_last, is not "already profiled"."""
+    from ofa.artifact import add_file, load_artifact
+    from ofa.jobs.demo import _profiled_before
+    from ofa.predict.timing import Timing
+
+    art = served_copy(tiny_artifact, tmp_path / "art")
+    table = json.loads((art / "latency" / "synthetic-cpu.json").read_text())
+    timing = Timing(backend="onnxruntime", threads=2)
+
+    def reused(**device) -> bool:
+        add_file(art, "latency/synthetic-cpu.json", json.dumps({
+            **table, "timing": timing.protocol(), "fit": {"subnets": 2, "held_out": 10},
+            "device": {**table["device"], "backend": "onnxruntime", "threads": 2, "batch": 1, **device}}))
+        return _profiled_before(load_artifact(art), "synthetic-cpu", timing, 2) is not None
+
+    assert reused() and reused(precision="fp32", memory_format="nchw")
+    assert not reused(precision="int8") and not reused(memory_format="channels_last") and not reused(threads=1)

@@ -62,6 +62,7 @@ def train_baselines(art, widths: Sequence[float], epochs: float, out: Path, data
             info_path.write_text(json.dumps({"recipe": recipe, "training": stats}, indent=1))
             log(f"  {name}: trained {stats['steps']} steps in {stats['seconds']:.0f} s ({stats['img_per_s']:.0f} img/s)")
         done.append(Baseline(net.eval(), {"name": name, "width_mult": w, "resolution": resolution,
+                                          "in_channels": art.data.channels,
                                           "params": sum(p.numel() for p in net.parameters()),
                                           "size_bytes": weights.stat().st_size, "training": stats}))
     return done

@@ -60,8 +60,9 @@ def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str
     except (OSError, ValueError, LatencyTableError):
         return None
     dev, fit = table["device"], table.get("fit") or {}
-    same = (dev.get("backend"), dev.get("threads"), dev.get("batch"), fit.get("subnets", 0) + fit.get("held_out", 0))
-    want = (timing.backend, timing.threads, timing.batch, subnets + 10)
+    same = (dev.get("backend"), dev.get("threads"), dev.get("batch"), dev.get("precision", "fp32"),
+            dev.get("memory_format") == "channels_last", fit.get("subnets", 0) + fit.get("held_out", 0))
+    want = (timing.backend, timing.threads, timing.batch, timing.precision, timing.channels_last, subnets + 10)
     return table if same == want and {k: table.get("timing", {}).get(k) for k in timing.protocol()} == \
         timing.protocol() else None
 

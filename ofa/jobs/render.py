@@ -60,8 +60,14 @@ def plot_pareto(front, out: str | Path, target: str | None, scorer=None,
         xs = scorer.latency_of(target)(codes) if target else scorer.cost.macs(codes) * scale
         ax.scatter(xs, [v["accuracy"] for v in measured.values()], s=8, color="0.6",
                    label=f"measured subnets ({len(archs)}, validation accuracy)")
+    # a predictor that measured the validation-to-test shift predicts for the test split: drawn without it, on
+    # the measured subnets' footing (validation accuracy)
+    shift = scorer.accuracy.shift if scorer is not None and scorer.accuracy is not None else None
+    offset = shift.offset if shift is not None else 0.0
     xs = [getattr(c, metric) * scale for c in front]
-    ax.plot(xs, [c.accuracy for c in front], "o-", color="tab:red", label="searched front (predicted)")
+    ax.plot(xs, [c.accuracy - offset for c in front], "o-", color="tab:red",
+            label="searched front (predicted validation accuracy" + (f"; answers add {offset:+.2f} for the test split)"
+                                                                      if shift is not None else ")"))
     ax.set_xlabel(label)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -78,7 +84,7 @@ def plot_report(report: dict, out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     front = sorted(report["front"], key=lambda s: s["predicted_latency_ms"])
     ax.plot([s["predicted_latency_ms"] for s in front], [s["predicted_accuracy"] for s in front], "-",
-            color="tab:red", alpha=0.6, label="searched front (predicted, validation)")
+            color="tab:red", alpha=0.6, label="searched front (predicted, as served)")
     for i, s in enumerate(report["served"]):
         px, py = s["predicted_latency_ms"], s["predicted_accuracy"]
         mx, my = s["measured_latency_ms"], s["test_accuracy"]
@@ -122,19 +128,23 @@ def _accuracy_checks(report: dict[str, Any]) -> list[str]:
                    + f"; at those widths about {expected:.1f} of "
                    f"{len(with_iv)} were to be expected within {tol['accuracy_points']:g} point)"
                    + "; extrapolated: " + (", ".join(s["label"] for s in with_iv if s.get("extrapolated")) or "none")
-                   + "; measured before serving (validation): "
+                   + "; measured before serving (validation, fp32 weights extracted from the supernet): "
                    + (", ".join(f"{s['label']} {s['measured_accuracy']:.2f}%" for s in served
                                 if s.get("measured_accuracy") is not None) or "none") + ".")
     if acc_miss:
         q = report["accuracy_predictor"]
-        pred_err = np.array([s["val_accuracy"] - s["predicted_accuracy"] for s in served])
+        offset = q["shift"]["offset"] if q.get("shift") else 0.0  # the prediction minus it: of validation accuracy
+        pred_err = np.array([s["val_accuracy"] - (s["predicted_accuracy"] - offset) for s in served])
         shift = np.array([s["test_accuracy"] - s["val_accuracy"] for s in served])
         acc.append(
             f"Not within: {', '.join(s['label'] for s in acc_miss)}. The predictor ({q['family']}, fitted on "
             f"{q['train_samples']} measured subnets; held-out RMSE {(q['test'] or {}).get('rmse', float('nan')):.2f} "
             f"points on {q['test_samples']}) is fitted on *validation* accuracy ({report['val_images']} images)"
             + (f" and adds the validation-to-test shift it measured ({q['shift']['offset']:+.2f} points)"
-               if q.get("shift") else "") + f": on these subnets the fit was off by {np.abs(pred_err).mean():.2f} "
+               if q.get("shift") else "")
+            + (" and the int8 drop measured on this runtime's int8 files (`ofa int8-accuracy`)"
+               if (report.get("device") or {}).get("precision", "fp32") != "fp32" else "")
+            + f": on these subnets the fit (without the shift) was off by {np.abs(pred_err).mean():.2f} "
             f"points on average against the validation split itself, and test accuracy differs from validation "
             f"accuracy by {shift.mean():+.2f} points on average. Search also picks the subnets the predictor rates "
             f"highest, so its errors are biased upward there (the winner's curse): more measured subnets shrink both.")
@@ -204,7 +214,7 @@ def table_rows(report: dict[str, Any]) -> list[str]:
         iv = ("—" if s.get("predicted_accuracy_low") is None else
               f"{s['predicted_accuracy_low']:.2f}–{s['predicted_accuracy_high']:.2f}"
               + (" (extrapolated)" if s.get("extrapolated") else ""))
-        lines.append(f"| {s['label']} | {s['budget_ms']:.3g} | `{s['id']}` | {s['arch']['resolution']} "
+        lines.append(f"| {s['label']} | {s['budget_ms']:.3f} | `{s['id']}` | {s['arch']['resolution']} "
                      f"| {s['predicted_accuracy']:.2f}% | {iv} | {s['test_accuracy']:.2f}% | {d_acc:+.2f} "
                      f"| {s['predicted_latency_ms']:.3f} ms | {s['measured_latency_ms']:.3f} ms | {d_lat:+.1%} "
                      f"| {s['macs'] / 1e6:.2f} | {s['params'] / 1e6:.3f} M | {_fmt_bytes(s['size_bytes'])} "
@@ -224,13 +234,15 @@ def _baseline_lines(report: dict[str, Any]) -> list[str]:
     """The paragraph on the baselines, and each one's verdict at its own latency (none without baselines)."""
     if not report.get("baselines"):
         return []
-    parts = [f"Baselines: torchvision `mobilenet_v3_small` as shipped (grey input conv), trained from scratch "
-             f"on the same training split for {report['baseline_epochs']:g} epochs (all phases of the "
-             "supernet's training together) with the same optimiser, augmentation and cosine schedule, "
-             "measured the same way. Budgets named `=…` are a baseline's measured latency in the table's "
-             "units (divided by how much slower the machine ran than when the table was profiled, from the "
-             "reference subnets timed with it), so that baseline and subnet meet at equal latency; the "
-             "latencies compared below come from one interleaved timing of both.", ""]
+    channels = {b.get("in_channels", 3) for b in report["baselines"]}
+    conv = "" if channels == {3} else f" but its input conv, for {'/'.join(map(str, sorted(channels)))}-channel images"
+    epochs = ("" if report.get("baseline_epochs_given", True) else " (all phases of the supernet's training together)")
+    parts = [f"Baselines: torchvision `mobilenet_v3_small` as shipped{conv}, trained from scratch "
+             f"on the same training split for {report['baseline_epochs']:g} epochs{epochs} with the same optimiser, "
+             "augmentation and cosine schedule, measured the same way. Budgets named `=…` are a baseline's "
+             "latency as timed here just before the searches, in this machine's milliseconds then (the searches "
+             "carried the speed the references were timed at in the same passes), so that baseline and subnet "
+             "meet at equal latency; the latencies compared below come from one interleaved timing of both.", ""]
     for u in report.get("unmet") or []:
         parts.append(f"- at {u['label'][1:]}'s latency ({u['budget_ms']:.3f} ms): no subnet of the space is "
                      f"predicted to be this fast ({u['reason']}).")
@@ -240,7 +252,7 @@ def _baseline_lines(report: dict[str, Any]) -> list[str]:
             verdict = "beats" if s["test_accuracy"] > b["test_accuracy"] else "does not beat"
             pace = s["measured_latency_ms"] / b["latency_ms"] - 1
             parts.append(f"- at {b['name']}'s latency ({b['latency_ms']:.3f} ms): the served subnet "
-                         f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.0%} "
+                         f"({s['measured_latency_ms']:.3f} ms, {abs(pace):.1%} "
                          f"{'slower' if pace > 0 else 'faster'}, timed in the same passes) {verdict} it, "
                          f"{s['test_accuracy']:.2f}% vs {b['test_accuracy']:.2f}% on the test split "
                          f"({s['macs'] / 1e6:.2f} vs {b['macs'] / 1e6:.2f} MMACs, {s['params'] / 1e6:.3f} vs "
@@ -271,7 +283,7 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
         + (f"evaluation half of the test split (the other half measured the predictor's validation-to-test shift, "
            f"{q['shift']['offset']:+.2f} points)" if q.get("shift") else "test split")
         + ", latency as the median of interleaved timed runs "
-        f"({'onnxruntime' if dev.get('backend') == 'onnxruntime' else 'torch eager'}, "
+        f"({'torch eager' if dev.get('backend') == 'torch' else dev.get('backend')}, "
         "the table's threads and batch, by the timing protocol of `ofa profile`).",
         "",
         *(["Wall time per step: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["steps_seconds"].items())
@@ -285,7 +297,9 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
     ]
     parts += _baseline_lines(report)
     parts += ["![Pareto front](pareto.png)", "",
-              "The line is the front the service searched (predicted validation accuracy vs predicted latency); "
+              "The line is the front the service searched (accuracy as the server predicts it for a served file: "
+              "validation plus the shift to the test split where the predictor measured one, and the int8 drop on an "
+              "int8 target; vs predicted latency); "
               "filled markers are the served subnets as measured here (test accuracy vs measured latency), "
               "joined to their predictions.", ""]
     return "\n".join(parts)

@@ -60,6 +60,7 @@ class Report(TypedDict, total=False):
     unmet: list[dict[str, Any]]  # budgets no subnet meets (a baseline's latency)
     baselines: list[dict[str, Any]]
     baseline_epochs: float | None
+    baseline_epochs_given: bool  # --baseline-epochs set them; else all phases of the supernet's training together
     test_images: int
     val_images: int
     tolerances: dict[str, float]
@@ -340,6 +341,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         "timing": run.timing.protocol(), "accuracy_predictor": _predictor_quality(art), "health": served["health"],
         "front": served["front"], "served": served["served"], "unmet": served["unmet"],
         "baselines": [b.row for b in bases], "baseline_epochs": epochs if bases else None,
+        "baseline_epochs_given": bool(bases and baseline_epochs),
         "test_images": test_images, "val_images": val_images,
         "tolerances": {"accuracy_points": ACCURACY_TOLERANCE, "latency_relative": LATENCY_TOLERANCE},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
