@@ -41,7 +41,7 @@ from .subnet import SubNet, load_subnet, module_of
 if TYPE_CHECKING:
     from .artifact import Artifact, ArtifactFiles
 
-__all__ = ["FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED",
+__all__ = ["ExportKilled", "FORMATS", "Format", "ONNX_OPSET", "OnnxModel", "OpenVinoModel", "PRECISIONS", "RECORDED",
            "SCRIPT_TIMEOUT_S",
            "SUBNET_FORMAT", "SUBNET_VERSION", "Served", "SubnetFile", "canonical_json", "export_onnx",
            "export_parts", "export_torchscript", "finetuned_archs", "format_of", "read_subnet", "run_format",
@@ -52,6 +52,11 @@ SUBNET_FORMAT, SUBNET_VERSION = "ofa-subnet", 1
 ONNX_OPSET = 17  # HardSwish needs >= 14
 SCRIPT_TIMEOUT_S = 300.0  # a TorchScript export still running after this is killed; the call may retry
 _NOT_SUBNET_FILE = "not a served subnet safetensors file (metadata key 'ofa' with arch and space)"
+
+
+class ExportKilled(RuntimeError):
+    """An export's child process was killed by a signal (the OOM killer, an operator): the same request can
+    succeed, so a server answers UNAVAILABLE."""
 
 
 def canonical_json(value: Mapping[str, Any]) -> str:
@@ -156,6 +161,8 @@ def export_torchscript(module: nn.Module, metadata: str) -> bytes:
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"the TorchScript export took longer than {SCRIPT_TIMEOUT_S:g} s and was stopped; "
                            f"retry") from None
+    if proc.returncode < 0:
+        raise ExportKilled(f"the TorchScript export's process was killed (signal {-proc.returncode}); retry")
     if proc.returncode != 0:
         raise RuntimeError(f"TorchScript export failed: {proc.stderr.decode()[-2000:]}")
     return _canonical_archive(proc.stdout)

@@ -221,7 +221,10 @@ def speed_of_timings(timings, table: dict | None, target: str | None) -> Speed |
         then.append(profiled[t.subnet_id])
         now.append(t.ms)
         passes.append(t.pass_index)
-    speed = Speed.fit_passes(then, now, passes)
+    try:
+        speed = Speed.fit_passes(then, now, passes)  # a LinAlgError is a ValueError too
+    except (ValueError, ArithmeticError) as e:
+        raise invalid(f"reference_timings fit no speed to the target's references ({str(e)[:80]})") from None
     try:
         speed.check_range(then)
     except ValueError as e:

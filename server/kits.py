@@ -23,6 +23,8 @@ from ofa.artifact import Artifact
 from ofa.export import FORMATS
 from ofa.jobs.profile import KIT_MANIFEST, write_kit
 
+from .slots import take
+
 __all__ = ["Kit", "Kits"]
 
 
@@ -61,17 +63,22 @@ class Kits:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def kit(self, artifact: Artifact, fmt: str, slot: Callable[[], ContextManager]) -> Kit:
+    def kit(self, artifact: Artifact, fmt: str, slot: Callable[[], ContextManager],
+            gone: Callable[[], bool] = lambda: False) -> Kit:
         """The kit of ``artifact``'s space standing for format ``fmt`` (its networks quantized as an int8 format's
-        served file is), built now (holding ``slot``) when not yet."""
+        served file is), built now (holding ``slot``) when not yet; a caller ``gone()`` stops waiting for another
+        request's build of it (:class:`~ofa_server.slots.CallGone`)."""
         key = (artifact.digest, fmt)
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+        take(lock, gone)
+        try:
             if key not in self._kits:
                 with slot():
                     self._kits[key] = self._build(artifact, fmt)
             return self._kits[key]
+        finally:
+            lock.release()
 
     def _build(self, artifact: Artifact, fmt: str) -> Kit:
         with self._lock:

@@ -34,6 +34,23 @@ HEALTH_CHECK_THREADS = 64  # health's own threads beside one per Watch; at most 
 MAX_STREAMS_PER_CONNECTION = 64  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls open at once on one connection
 
 
+class _CallbackAtEnd:
+    """A call's ``context`` whose ``add_callback`` runs the callback at once where grpc refuses it because the
+    call has already ended (it returns False then): the stock health servicer ignores that, and a Watch whose
+    deadline passed before it was set up stayed counted for ever (16 such calls took every slot)."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def add_callback(self, callback) -> bool:
+        if not self._context.add_callback(callback):
+            callback()
+        return True
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
 class BoundedHealth(health.HealthServicer):
     """grpc's health servicer with the bounds it lacks (it is open without a token, for probes):
     service names of at most ``MAX_NAME`` characters, at most ``max_watches`` Watch streams at once,
@@ -67,7 +84,7 @@ class BoundedHealth(health.HealthServicer):
             if open_ >= self.max_watches:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{open_} health watches are open, the most this "
                               f"server keeps; use Check, or retry later")
-            return super().Watch(request, context, send_response_callback)
+            return super().Watch(request, _CallbackAtEnd(context), send_response_callback)
 
     def _on_close_callback(self, send_response_callback, service):
         def callback():

@@ -193,12 +193,16 @@ class SearchPool:
         task = Task(job, artifact_dir, offered, speed, slot, deadline)
         try:
             status, value = self._answer(slot, w, task, table, cancelled)
-            self._done(slot, w, table)
-            if status == "ok":
-                return value
-            raise value
         except (_Lost, EOFError, OSError) as e:
             raise self._lost(slot, w, e) from None
+        except BaseException as e:  # its pipe in an unknown state (a pickle that failed halfway): never kept busy
+            if self._workers[slot] is w and not self._closed.is_set():
+                self._replace(slot, f"was left in an unknown state ({type(e).__name__})")
+            raise
+        self._done(slot, w, table)
+        if status == "ok":
+            return value
+        raise value
 
     def _take(self) -> tuple[int, _Worker]:
         """A free slot whose worker is alive, now marked busy."""

@@ -293,7 +293,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
     def _kit(self, request: pb.GetProfileKitRequest, context) -> Iterator[pb.GetProfileKitResponse]:
         sn = self._supernet(request.supernet)
         kit = self.kits.kit(sn.artifact, cv.kit_format_of(request.precision, request.runtime),
-                            slot=lambda: self._slot(self._builds, context))
+                            slot=lambda: self._slot(self._builds, context), gone=lambda: not context.is_active())
         header = pb.ProfileKitHeader(manifest_json=kit.manifest_json, total_bytes=kit.total_bytes, sha256=kit.sha256,
                                      supernet_digest=sn.artifact.digest)
         return itertools.chain([pb.GetProfileKitResponse(header=header)],

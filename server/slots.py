@@ -3,8 +3,21 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Callable
 
-__all__ = ["Slots"]
+__all__ = ["CallGone", "Slots", "take"]
+
+
+class CallGone(Exception):
+    """The caller went away (cancelled, or past its deadline) while it waited for another request's build."""
+
+
+def take(lock: threading.Lock, gone: Callable[[], bool], poll_s: float = 0.1) -> None:
+    """Acquire ``lock``, asking ``gone()`` every ``poll_s``: a call that has ended stops waiting (:class:`CallGone`)
+    instead of keeping its stream counted until another request's build ends (tens of seconds for a kit)."""
+    while not lock.acquire(timeout=poll_s):
+        if gone():
+            raise CallGone("the call ended while another request built what it asked for")
 
 
 class Slots:

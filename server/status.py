@@ -12,10 +12,12 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from ofa.calibrate import CalibrationCancelled
+from ofa.export import ExportKilled
 from ofa.search import Infeasible, SearchCancelled, UnknownTarget
 
 from . import convert as cv
 from .searcher import WorkerLost
+from .slots import CallGone
 
 __all__ = ["answering", "handled"]
 
@@ -29,12 +31,13 @@ def _status(e: Exception, context: grpc.ServicerContext, method: str) -> tuple[g
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, UnknownTarget):
         return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, (WorkerLost, TimeoutError)):  # a worker died or hung, a build ran too long: a retry can succeed
+    if isinstance(e, (WorkerLost, TimeoutError, ExportKilled)):  # a worker died or hung, a build ran too long or
+        # had its process killed: a retry can succeed
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a build's files (a kit, an export)
         log.warning("%s: the disk is full: %s", method, e)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's disk is full; retry later"
-    if isinstance(e, (SearchCancelled, CalibrationCancelled)):
+    if isinstance(e, (SearchCancelled, CalibrationCancelled, CallGone)):
         expired = context.time_remaining() is not None and context.time_remaining() <= 0
         return ((grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed") if expired else
                 (grpc.StatusCode.CANCELLED, "the request was cancelled"))

@@ -17,6 +17,8 @@ from ofa.artifact import Artifact
 from ofa.export import SubnetFile, subnet_file
 from ofa.space import Arch
 
+from .slots import take
+
 __all__ = ["ServedWeights", "WeightsCache"]
 
 
@@ -39,7 +41,7 @@ class ServedWeights:
             return found
         with slot():
             return self.cache.get_or_build(
-                key, lambda: subnet_file(artifact, arch, fmt, images, should_stop=should_stop), searched)
+                key, lambda: subnet_file(artifact, arch, fmt, images, should_stop=should_stop), searched, should_stop)
 
 
 class WeightsCache:
@@ -96,13 +98,17 @@ class WeightsCache:
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._items)))
 
-    def get_or_build(self, key: tuple[str, str, str], build, searched: bool = True) -> SubnetFile:
+    def get_or_build(self, key: tuple[str, str, str], build, searched: bool = True,
+                     gone: Callable[[], bool] = lambda: False) -> SubnetFile:
+        """The cached item of ``key``, else ``build()`` stored; a request that finds another building it waits,
+        unless its call has ended (``gone()``: :class:`~ofa_server.slots.CallGone`)."""
         item = self.get(key, searched)
         if item is not None:
             return item
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
-        with lock:
+        take(lock, gone)
+        try:
             item = self.get(key, searched)
             if item is not None:
                 return item
@@ -117,6 +123,8 @@ class WeightsCache:
                 self._building.pop(key, None)
                 self._store(key, item, searched)
             return item
+        finally:
+            lock.release()
 
     @property
     def bytes(self) -> int:

@@ -161,6 +161,14 @@ def _first_entry(t):
     return next(iter(t["entries"]))
 
 
+def _nested(depth: int) -> dict:
+    """An object ``depth`` levels deep inside the table's own levels (a client's table once nested ~1000)."""
+    out: dict = {}
+    for _ in range(depth):
+        out = {"a": out}
+    return out
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.update(format="csv"), "format must be 'ofa-latency-table'"),
     (lambda t: t.update(version=3), "version must be 2"),
@@ -168,8 +176,10 @@ def _first_entry(t):
     (lambda t: t.update(target=""), "target must be 1-64 characters"),
     (lambda t: t.update(device="cpu"), "device must be an object"),
     (lambda t: t.update(entries={}), "entries must be a non-empty object"),
-    (lambda t: t["entries"].update({_first_entry(t): -1.0}), "must be a finite number of milliseconds > 0"),
-    (lambda t: t["entries"].update({_first_entry(t): 0}), "milliseconds > 0"),
+    (lambda t: t["entries"].update({_first_entry(t): -1.0}), r"milliseconds in \(0, 1e\+06\]"),
+    (lambda t: t["entries"].update({_first_entry(t): 0}), r"milliseconds in \(0, 1e\+06\]"),
+    # sums of such entries overflowed in a search
+    (lambda t: t["entries"].update({_first_entry(t): 1e308}), r"milliseconds in \(0, 1e\+06\]"),
     (lambda t: t["device"].update(threads="four"), r"device.threads must be an integer in 1..1024"),
     (lambda t: t["device"].update(batch=2 ** 40), r"device.batch must be an integer in 1..65536"),
     (lambda t: t["device"].update(cpu=["x"]), r"device.cpu must be a string"),
@@ -187,13 +197,21 @@ def _first_entry(t):
     (lambda t: t["model"].update(offset_ms={"x": 0.0}), "model.offset_ms must be an object"),
     (lambda t: t.update(recalibration={"ratios": [1.0]}), "recalibration.scale is required"),
     (lambda t: t.update(recalibration={"scale": 0}), r"recalibration.scale must be a number in \[0.01, 100\]"),
-    (lambda t: t["entries"].update({_first_entry(t): float("nan")}), "finite number"),
-    (lambda t: t["entries"].update({_first_entry(t): "fast"}), "finite number"),
+    (lambda t: t["entries"].update({_first_entry(t): float("nan")}), r"milliseconds in \(0, 1e\+06\]"),
+    (lambda t: t["entries"].update({_first_entry(t): "fast"}), r"milliseconds in \(0, 1e\+06\]"),
     (lambda t: t["entries"].pop(_first_entry(t)), "entries lack 1 block keys"),
     (lambda t: t["space"].update(digest="0" * 64), "digest mismatch"),
-    (lambda t: t["entries"].update({_first_entry(t): 10 ** 400}), "finite number"),
+    (lambda t: t["entries"].update({_first_entry(t): 10 ** 400}), r"milliseconds in \(0, 1e\+06\]"),
     (lambda t: t["entries"].update({"x" * 300: 1.0}), "at most 200 characters"),
     (lambda t: t["references"][0].update(ms=-1), r"references\[0\] must be"),
+    (lambda t: t["references"][0].update(ms=1e308), r"references\[0\] must be .* a number in \(0, 1e\+06\]"),
+    (lambda t: t["model"].update(offset_ms={"012": 0.0, "16": 0.0}), r"resolution \(as '28', not '028'\)"),
+    (lambda t: t["model"].update(offset_ms={"\u00b2": 0.0, "16": 0.0}), r"resolution \(as '28', not '028'\)"),
+    (lambda t: t["timing"].update(repeatability=_nested(17)), "nests objects and lists at most 16 deep"),
+    (lambda t: t["device"].update(extra=[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]), "at most 16 deep"),
+    (lambda t: t["timing"].update(repeatability={"trusted": False, "verdict": "v" * 1001}),
+     "timing.repeatability.verdict must be a string of at most 1000 characters"),
+    (lambda t: t["timing"].update(repeatability={"trusted": "no"}), "timing.repeatability.trusted must be true or"),
     (lambda t: t.update(references={"arch": {}}), "references must be a list"),
     (lambda t: t["references"][1]["arch"].update(resolution=13), r"references\[1\].arch: resolution"),
 ], ids=lambda x: x if isinstance(x, str) else "")

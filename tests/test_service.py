@@ -205,6 +205,29 @@ def test_a_weight_build_whose_client_left_stops_and_caches_nothing(artifact):
     assert cache.get(("a", "b", "onnx")) is None and cache.building_count == 0
 
 
+def test_a_request_waiting_for_another_build_stops_when_its_call_ends():
+    """A second request for what another is building waits for it, but not past its own call's end (it held a
+    stream slot for the whole build of a kit before)."""
+    from ofa.export import SubnetFile
+    from ofa_server.slots import CallGone
+
+    cache, started, release = WeightsCache(1 << 20), threading.Event(), threading.Event()
+
+    def build():
+        started.set()
+        release.wait(60)
+        return SubnetFile(b"x", "0" * 64, 0)
+
+    first = threading.Thread(target=cache.get_or_build, args=(("a", "b", "onnx"), build))
+    first.start()
+    assert started.wait(60)
+    with pytest.raises(CallGone, match="the call ended"):
+        cache.get_or_build(("a", "b", "onnx"), build, gone=lambda: True)
+    release.set()
+    first.join(60)
+    assert cache.get_or_build(("a", "b", "onnx"), build, gone=lambda: True).data == b"x"  # built: no wait
+
+
 def test_resource_exhausted_beyond_the_search_limit(client, server):
     slots = server.service.search_slots
     assert slots.acquire("peer-a") is None and slots.acquire("peer-b") is None  # two searches "running"

@@ -19,7 +19,7 @@ from conftest import served_copy, synthetic_table, until
 from ofa import _io
 from ofa.artifact import load_artifact
 from ofa.search import Constraints, SearchSettings
-from ofa_client import (Client, DeadlineExceeded, Infeasible, InvalidArgument, NotFound, PermissionDenied,
+from ofa_client import (Client, ClientError, DeadlineExceeded, Infeasible, InvalidArgument, NotFound, PermissionDenied,
                         ResourceExhausted, Unauthenticated, Unavailable)
 from ofa_client.cli import main as client_main
 from ofa_client.v1 import subnet_service_pb2 as pb
@@ -103,6 +103,27 @@ def test_health_is_not_serving_only_while_no_worker_can_search(server, monkeypat
         assert c.search(generations=5).id and pool.restarts == 2
 
 
+def test_a_job_that_failed_to_reach_its_worker_never_keeps_it_busy(server, monkeypatch):
+    """A task that cannot be sent (a pickle failing halfway, as a table nested ~1000 deep did) leaves the pipe in
+    an unknown state: the worker is replaced, never kept busy (two such searches once took the whole pool)."""
+    pool, address = server.service.pool, f"127.0.0.1:{server.port}"
+    send, failed = pool._send, []
+
+    def broken(w, task):
+        if not failed:
+            failed.append(w)
+            raise RecursionError("maximum recursion depth exceeded while pickling an object")
+        return send(w, task)
+
+    monkeypatch.setattr(pool, "_send", broken)
+    with Client(address, retries=0) as c:
+        with pytest.raises(ClientError, match="internal error in SearchSubnet"):
+            c.search(generations=5)
+        until(lambda: pool.ready == 2 and pool.restarts == 1, 120, "the worker replaced")
+        assert not pool.busy_worker_pids() and failed[0].proc.pid not in pool.worker_pids()
+        assert c.search(generations=5).id
+
+
 def test_a_stopped_worker_is_killed_after_the_deadline_and_replaced(server):
     pool, address = server.service.pool, f"127.0.0.1:{server.port}"
     pool.stop_grace = 1.0
@@ -169,6 +190,14 @@ def test_the_torchscript_child_is_isolated_and_time_limited(artifact, tmp_path, 
     monkeypatch.setattr(export, "SCRIPT_TIMEOUT_S", 0.01)
     with pytest.raises(TimeoutError, match="longer than 0.01 s"):
         export.subnet_file(art, arch, "torchscript")
+    # its process killed by a signal (the OOM killer, an operator): a retry can succeed, so UNAVAILABLE
+    monkeypatch.setattr(export, "SCRIPT_TIMEOUT_S", 300.0)
+    monkeypatch.setattr(export.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, -9, b"", b""))
+    with pytest.raises(export.ExportKilled, match=r"killed \(signal 9\); retry") as killed:
+        export.subnet_file(art, arch, "torchscript")
+    from ofa_server.status import _status
+
+    assert _status(killed.value, None, "GetSubnetWeights")[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def _table_text(artifact, name, **extra):

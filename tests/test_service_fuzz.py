@@ -101,6 +101,16 @@ BAD_TABLES = [  # (how to spoil a valid table of target "refused-x", error, mess
                  "device.threads must be an integer in 1..1024", id="bad-device"),
     pytest.param(lambda table, space: '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", InvalidArgument,
                  "nests too deeply", id="nested-too-deep"),
+    # as deep as json.loads still parses: it was kept, then every search pickling it to a worker failed and
+    # kept that worker busy for good (two such searches took the whole pool)
+    pytest.param(lambda table, space: json.dumps(table)[:-1] + ', "timing": {"repeatability": '
+                 + '{"a": ' * 980 + "1" + "}" * 980 + "}}", InvalidArgument, "at most 16 deep", id="nested-980"),
+    pytest.param(lambda table, space: {**table, "timing": {"repeatability": {"trusted": False, "verdict": "v" * 5000}}},
+                 InvalidArgument, "verdict must be a string of at most 1000", id="long-verdict"),  # said in answers
+    pytest.param(lambda table, space: {**table, "model": {**table["model"], "offset_ms": {
+        f"0{r}": 0.0 for r in space.resolutions}}}, InvalidArgument, "not '028'", id="padded-resolution"),
+    pytest.param(lambda table, space: {**table, "entries": {k: 1e308 for k in table["entries"]}}, InvalidArgument,
+                 r"milliseconds in \(0, 1e\+06\]", id="huge-entries"),
 ]
 
 
@@ -348,6 +358,32 @@ def test_health_watch_is_bounded_and_forgets_ended_streams(server):
                 with pytest.raises(grpc.RpcError) as e:
                     call(health_pb2.HealthCheckRequest(service=service))
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_a_watch_whose_call_ended_before_it_was_set_up_is_not_kept(server):
+    """grpc refuses a callback on a call that has already ended; the stock servicer ignored that and kept such a
+    watch counted for ever (16 of them took every slot from probes without a token)."""
+    import threading
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def watch(timeout: float) -> None:
+            try:
+                next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout))
+            except grpc.RpcError:
+                pass
+
+        for _ in range(15):  # waves of 40 at once, deadlines of 0.5-10 ms: some end while being set up
+            wave = [threading.Thread(target=watch, args=(0.0005 * (1 + k % 20),)) for k in range(40)]
+            for t in wave:
+                t.start()
+            for t in wave:
+                t.join()
+        until(lambda: not server.health.watched_services(), 10, "every ended watch forgotten")
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()

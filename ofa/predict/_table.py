@@ -41,6 +41,10 @@ TABLE_KEYS = ("format", "version", "target", "space", "device", "timing", "entri
               "recalibration", "profile_seconds")
 MAX_ENTRIES = 100_000
 MAX_REFERENCES = 64
+MAX_MS = 1e6  # a block's or a network's time (ms): beyond it, sums and fits of them overflow or mean nothing
+# how deep objects and lists may nest in a table: the format needs 4; a client's table nested ~1000 deep was
+# accepted by json.loads and then broke every pickle of it (a search worker's, a scan's)
+MAX_DEPTH = 16
 # how much slower or faster than profiled a device may run (a recalibration's scale; the speed a search's reference
 # timings imply): beyond it, the timings were not taken on the table's device and runtime
 SPEED_RANGE = (0.01, 100.0)
@@ -82,6 +86,22 @@ def _real(low: float = -math.inf, high: float = math.inf) -> Callable[[Any], boo
     return lambda v: _number(v) is not None and low <= v <= high
 
 
+def _resolution_key(k: Any) -> bool:
+    """A resolution as a key of ``model.offset_ms``: ASCII digits as ``str(int)`` writes them ('28', not '028')."""
+    return isinstance(k, str) and 0 < len(k) < 6 and k.isascii() and k.isdigit() and k == str(int(k))
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse objects and lists nested deeper than :data:`MAX_DEPTH` (without recursion: the value may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (Mapping, list)):
+            if depth > MAX_DEPTH:
+                raise LatencyTableError(f"a latency table nests objects and lists at most {MAX_DEPTH} deep")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, Mapping) else v))
+
+
 _SHARE = (_real(0, 1), "a number in [0, 1]")
 _NONNEG = (_real(0), "a number >= 0")
 # The typed fields of the table's objects: name -> (check, what is allowed). Other keys
@@ -104,6 +124,14 @@ _TIMING_FIELDS = {
     "warmup_ms": (_real(1e-6), "a number > 0"),
     "statistic": (_text, "a string of at most 200 characters"),
     "repeatability": (lambda v: isinstance(v, Mapping), "an object"),
+}
+# the protocol's own check (ofa_client.timing.Timings.repeatability): its verdict is said in every answer
+_REPEATABILITY_FIELDS = {
+    "trusted": (lambda v: isinstance(v, bool), "true or false"),
+    "verdict": (lambda v: isinstance(v, str) and len(v) <= 1000, "a string of at most 1000 characters"),
+    "networks": (_count(0, 1_000_000), "an integer in 0..1000000"),
+    "round_speeds": (lambda v: isinstance(v, list) and len(v) <= 10_000 and all(_real()(x) for x in v),
+                     "a list of at most 10000 numbers"),
 }
 _QUALITY_FIELDS = {
     "subnets": (_count(0, 1_000_000), "an integer in 0..1000000"),
@@ -151,9 +179,8 @@ def check_model(model: Any, space: SearchSpace | None) -> None:
                         "a list of 1..64 numbers in (0, 1e6]"),
         "block_ms": (_real(-1e6, 1e6), "a number in [-1e6, 1e6]"),
         "offset_ms": (lambda v: isinstance(v, Mapping) and 0 < len(v) <= 1024
-                      and all(isinstance(k, str) and k.isdigit() and len(k) < 6 and _real(-1e6, 1e6)(x)
-                              for k, x in v.items()),
-                      "an object of 1..1024 resolution -> number in [-1e6, 1e6]"),
+                      and all(_resolution_key(k) and _real(-1e6, 1e6)(x) for k, x in v.items()),
+                      "an object of 1..1024 resolution (as '28', not '028') -> number in [-1e6, 1e6]"),
     }, required=("family", "fixed_scale", "stage_scale", "block_ms", "offset_ms"))
     if space is not None:
         if len(model["stage_scale"]) != space.num_stages:
@@ -177,6 +204,7 @@ def check_structure(table: Any) -> None:
     if table.get("version") != TABLE_VERSION:
         raise LatencyTableError(f"version must be {TABLE_VERSION}, got {str(table.get('version'))[:40]!r}")
     check_target_name(table.get("target"))
+    _check_depth(table)
     if not isinstance(table.get("space"), Mapping):
         raise LatencyTableError("space must be an object")
     _check_fields("device", table.get("device"), _DEVICE_FIELDS)
@@ -185,6 +213,8 @@ def check_structure(table: Any) -> None:
             _check_fields(key, table[key], fields, required=("scale",) if key == "recalibration" else ())
     for part, quality in ((table.get("fit") or {}).get("quality") or {}).items():
         _check_fields(f"fit.quality.{str(part)[:20]}", quality, _QUALITY_FIELDS)
+    if (table.get("timing") or {}).get("repeatability") is not None:
+        _check_fields("timing.repeatability", table["timing"]["repeatability"], _REPEATABILITY_FIELDS)
     entries = table.get("entries")
     if not isinstance(entries, Mapping) or not entries:
         raise LatencyTableError("entries must be a non-empty object of block key -> milliseconds")
@@ -193,13 +223,15 @@ def check_structure(table: Any) -> None:
     for k, v in entries.items():
         if not isinstance(k, str) or len(k) > 200:
             raise LatencyTableError(f"entry keys must be strings of at most 200 characters, got {str(k)[:40]!r}")
-        if _number(v) is None or v <= 0:
-            raise LatencyTableError(f"entries[{k!r}] must be a finite number of milliseconds > 0, got {str(v)[:40]!r}")
+        if _number(v) is None or not 0 < v <= MAX_MS:
+            raise LatencyTableError(f"entries[{str(k)[:40]!r}] must be a number of milliseconds in (0, {MAX_MS:g}], "
+                                    f"got {str(v)[:40]!r}")
     check_model(table.get("model"), None)
     refs = table.get("references", [])
     if not isinstance(refs, list) or len(refs) > MAX_REFERENCES:
         raise LatencyTableError(f"references must be a list of at most {MAX_REFERENCES} "
-                                "{\"arch\": an arch object, \"ms\": number > 0}")
+                                f"{{\"arch\": an arch object, \"ms\": a number in (0, {MAX_MS:g}]}}")
     for i, r in enumerate(refs):
-        if not isinstance(r, Mapping) or set(r) != {"arch", "ms"} or _number(r["ms"]) is None or r["ms"] <= 0:
-            raise LatencyTableError(f"references[{i}] must be {{\"arch\": an arch object, \"ms\": number > 0}}")
+        if not (isinstance(r, Mapping) and set(r) == {"arch", "ms"} and _real(0, MAX_MS)(r["ms"]) and r["ms"] > 0):
+            raise LatencyTableError(f"references[{i}] must be {{\"arch\": an arch object, \"ms\": a number in "
+                                    f"(0, {MAX_MS:g}]}}")
