@@ -1,6 +1,7 @@
 """``ofa-client``: the server from a shell script or a deployment pipeline.
 
-Exit codes: 0 success, 1 other error, 2 invalid argument, 3 infeasible constraints,
+Exit codes: 0 success, 1 other error, 2 invalid argument, 3 infeasible constraints (or another
+request the server cannot meet as it stands: deleting a target its artifact ships),
 4 unknown supernet/target/subnet (or target exists), 5 server busy, unavailable or too
 slow (retry), 6 not authenticated or not permitted (another client's target), 7 download
 failed verification, 8 the server speaks an API version this client cannot use, 9 the
@@ -23,14 +24,23 @@ from .client import DEFAULT_FORMAT, FORMATS, Client, ClientError
 __all__ = ["main"]
 
 
+# the library's field -> the flag a command line sets it with, for its messages
+_CONNECTION_FLAGS = {"address": "--address", "timeout": "--timeout", "tls": "--ca-cert",
+                     "token": "the token (--token-file, or $OFA_TOKEN)"}
+
+
 def _client(args: argparse.Namespace) -> Client:
     token = None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     elif os.environ.get("OFA_TOKEN"):
-        token = os.environ["OFA_TOKEN"]
-    tls: bool | str = args.ca_cert or bool(args.tls)
-    return Client(args.address, token=token, tls=tls, timeout=args.timeout, supernet=args.supernet or "")
+        token = os.environ["OFA_TOKEN"].strip()
+    tls: bool | str = bool(args.tls) if args.ca_cert is None else args.ca_cert  # '' is refused, never plaintext
+    try:
+        return Client(args.address, token=token, tls=tls, timeout=args.timeout, supernet=args.supernet or "")
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise ClientError("USAGE", f"{_CONNECTION_FLAGS.get(field.rstrip(':'), field)} {rest}") from None
 
 
 def _constraint_kwargs(args: argparse.Namespace) -> dict:
@@ -95,7 +105,10 @@ def _fetch(c: Client, args: argparse.Namespace) -> int:
     if bool(args.id) == bool(args.arch):
         raise ClientError("USAGE", "give exactly one of --id or --arch")
     # --arch: an arch, or a search result (`search --json`), which also names the supernet
-    subnet = args.id or json.loads(Path(args.arch[1:]).read_text() if args.arch.startswith("@") else args.arch)
+    subnet = args.id or _json_arg("--arch", args.arch)
+    out = Path(args.out)
+    if not out.name or not out.parent.is_dir():  # said before the download, not after it
+        raise ClientError("USAGE", f"--out must be a file in an existing folder, got {args.out[:200]!r}")
     w = c.fetch(subnet, args.format)
     w.save(args.out)
     info = {"out": args.out, "bytes": len(w.data), "sha256": w.sha256, "subnet_id": w.subnet_id,
@@ -105,6 +118,16 @@ def _fetch(c: Client, args: argparse.Namespace) -> int:
           f"wrote {args.out}: {len(w.data)} bytes, sha256 {w.sha256} (verified), input {list(w.input_shape)}"
           + (", fine-tuned" if w.fine_tuned else ""))
     return 0
+
+
+def _json_arg(flag: str, value: str):
+    """A JSON value given as text, or as @FILE; a ClientError (usage) naming ``flag`` when it is not one."""
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        why = "nests too deeply" if isinstance(e, RecursionError) else f"is not JSON ({e})"
+        raise ClientError("USAGE", f"{flag} {value[:200]!r} {why}") from None
 
 
 def _targets(c: Client, args: argparse.Namespace) -> int:
@@ -130,7 +153,8 @@ def _supernets(c: Client, args: argparse.Namespace) -> int:
         print(json.dumps(sns, sort_keys=True))
     for s in [] if args.json else sns:
         q = s.get("accuracy_predictor")
-        print(f"{s['name']}: space {s['space']['name']}, data {s['data']['dataset']}, digest {s['digest'][:16]}, "
+        print(f"{s.get('name')}: space {s.get('space', {}).get('name')}, data {s.get('data', {}).get('dataset')}, "
+              f"digest {str(s.get('digest'))[:16]}, "
               f"targets {s.get('targets', [])}" + (f", predictor tau {q.get('kendall_tau', 0):.3f}" if q else "")
               + (f" (at most {q['kendall_tau_ceiling']:.3f} on its validation split)"
                  if q and q.get("kendall_tau_ceiling") else "")
@@ -151,10 +175,13 @@ def _register(c: Client, args: argparse.Namespace) -> int:
 def _server_space(c: Client) -> dict:
     """The search space of the supernet the client talks to (its ``supernet``, or the server's only one)."""
     sns = c.supernets()
-    chosen = [s for s in sns if s["name"] == c.supernet] if c.supernet else sns
+    chosen = [s for s in sns if s.get("name") == c.supernet] if c.supernet else sns
     if len(chosen) != 1:
-        raise ClientError("USAGE", f"give --supernet: the server holds {sorted(s['name'] for s in sns)}")
-    return json.loads(chosen[0]["space"]["definition_json"])
+        raise ClientError("USAGE", f"give --supernet: the server holds {sorted(str(s.get('name')) for s in sns)}")
+    try:
+        return json.loads(chosen[0]["space"]["definition_json"])
+    except (KeyError, TypeError, ValueError):
+        raise ClientError("DATA_LOSS", "the server described its supernet without a space definition") from None
 
 
 def _profile(c: Client, args: argparse.Namespace) -> int:
@@ -162,9 +189,13 @@ def _profile(c: Client, args: argparse.Namespace) -> int:
         raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
     from .flags import flag_errors
     from .timing import check_sizes
+    from .values import check_target_name
 
-    # refused before a kit is fetched, naming the flag
+    # refused before a kit is fetched and timed (minutes), naming the flag
     flag_errors(lambda: check_sizes(args.threads, 1, args.rounds, 2, args.sample_ms, args.warmup_ms))
+    flag_errors(lambda: check_target_name(args.target))
+    if args.out and (not Path(args.out).name or not Path(args.out).parent.is_dir()):
+        raise ClientError("USAGE", f"--out must be a file in an existing folder, got {args.out[:200]!r}")
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space
@@ -186,7 +217,9 @@ def _profile_kit(c: Client, args: argparse.Namespace, folder: str) -> int:
                         warmup_ms=args.warmup_ms,
                         on_progress=(lambda d, t: None) if args.json else progress, provider=args.provider)
     if args.out:
-        Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True))
+        from .values import save_atomically
+
+        save_atomically(args.out, json.dumps(table, indent=1, sort_keys=True).encode())
     held = table["fit"]["quality"].get("held_out") or {}
     summary = {"target": args.target, "blocks": len(table["entries"]), "subnets": len(kit["subnets"]),
                "seconds": table["profile_seconds"], "model": table["model"]["family"],
@@ -326,11 +359,15 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(c, args)
     except ClientError as e:
         code = 2 if e.code == "USAGE" else e.exit_code
-        print(f"ofa-client {args.command}: {e}", file=sys.stderr)
+        print(f"ofa-client {args.command}: {_bounded(str(e))}", file=sys.stderr)
         return code
-    except (OSError, ValueError) as e:
-        print(f"ofa-client {args.command}: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # a path or a value given: said, never echoed whole
+        print(f"ofa-client {args.command}: {_bounded(str(e))}", file=sys.stderr)
         return 2
+
+
+def _bounded(text: str, most: int = 1000) -> str:
+    return text if len(text) <= most else f"{text[:most]}… ({len(text) - most} more characters)"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,6 +37,45 @@ DEFAULT_FORMAT = format_name(pb.WEIGHTS_FORMAT_SAFETENSORS)  # the weights with 
 
 
 # ---- the client --------------------------------------------------------------------
+def check_address(address: Any) -> str:
+    """``address`` if gRPC can dial it as meant: ``HOST:PORT`` (``[IPv6]:PORT``), or ``ipv4:``/``ipv6:`` with
+    comma-separated ``HOST:PORT``, each port in 1..65535 (grpc wraps 99999 to 34463 and dials that), or another
+    of gRPC's schemes (``dns:``, ``unix:``) as given; a ValueError says the form otherwise."""
+    form = "HOST:PORT (a port in 1..65535), or ipv4:HOST:PORT,HOST:PORT for replicas"
+    if not isinstance(address, str) or not 0 < len(address) <= 1000 or not address.isprintable() \
+            or any(c.isspace() for c in address):
+        raise ValueError(f"address must be {form}; got {str(address)[:80]!r}")
+    scheme, _, rest = address.partition(":")
+    if scheme in ("dns", "unix", "unix-abstract", "vsock", "xds") and rest:
+        return address
+    for hostport in (rest.split(",") if scheme in ("ipv4", "ipv6") else [address]):
+        host, _, port = hostport.rpartition(":")
+        if not host or "/" in host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address must be {form}; got {address[:80]!r}")
+    return address
+
+
+def _check_connection(timeout: Any, token: Any, tls: Any) -> bytes | None:
+    """Refuse what grpc would take and then fail every call with (DEADLINE_EXCEEDED at once for a timeout of 0 or
+    nan, INTERNAL for a token no HTTP header can carry, plaintext for an empty certificate path); the root
+    certificates of a ``tls`` path."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and 0 < timeout <= 1e6):
+        raise ValueError(f"timeout must be seconds in (0, 1e6], got {str(timeout)[:40]!r}")
+    if token is not None and (not isinstance(token, str) or not token
+                              or not all(33 <= ord(c) <= 126 for c in token) or len(token) > 4096):
+        raise ValueError("token must be 1-4096 printable ASCII characters without spaces (it travels in an "
+                         "HTTP header)")
+    if isinstance(tls, bool):
+        return None
+    if not isinstance(tls, (str, Path)) or not str(tls):
+        raise ValueError(f"tls must be True, False or the path of a PEM file of root certificates, got {tls!r}"[:200])
+    roots = Path(tls).read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" not in roots:
+        raise ValueError(f"tls: {str(tls)[:200]} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return roots
+
+
 def _digest_of(subnet: Any) -> str:
     """The supernet digest a search result carries ("" for an id, an arch, or a result of API < 1.3)."""
     found = subnet.supernet_digest if isinstance(subnet, SubnetInfo) else \
@@ -65,7 +105,9 @@ class Client:
     ``tls``: False (plaintext), True (TLS with the system's roots) or a PEM file of root
     certificates. ``token``: the bearer token, if the server requires one. ``retries``: how
     many times a call answered UNAVAILABLE (a server replacing a dead search worker, a replica
-    stopping) is sent again, after 0.5 s, 1 s, ...; RegisterTarget and DeleteTarget are never re-sent. A download
+    stopping) is sent again, after 0.5 s, 1 s, ...; a download is fetched again whole; RegisterTarget and
+    DeleteTarget are never re-sent. ``timeout``: seconds per call. A malformed address, timeout, token or
+    certificate file is a ValueError here, not a failure of every call. A download
     whose header announces more than ``max_download_bytes`` (default 1 GiB), or describes
     another subnet, format or arch than asked for, is refused before its bytes are kept.
     """
@@ -78,13 +120,14 @@ class Client:
                  max_download_bytes: int = 1 << 30) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ValueError(f"retries must be an integer in 0..10, got {retries!r}")
+        roots = _check_connection(timeout, token, tls)
+        check_address(address)
         # a connection of its own: grpc would share one among every channel of a process with the same
         # options, and the server's per-connection limits (--max-per-peer) would then count them as one client
         options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
         if "," in address:  # several replicas (``ipv4:HOST:P1,HOST:P2``): spread the calls, skip one that is down
             options.append(("grpc.lb_policy_name", "round_robin"))
         if tls:
-            roots = Path(tls).read_bytes() if isinstance(tls, (str, Path)) and tls is not True else None
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options)
         else:
             self._channel = grpc.insecure_channel(address, options)
@@ -134,14 +177,22 @@ class Client:
         self.server_api_version = server
 
     def _send(self, method: str, request: Any, timeout: float | None) -> Any:
-        retries = 0 if method in ("RegisterTarget", "DeleteTarget") else self.retries
-        for attempt in range(retries + 1):
+        def once() -> Any:
             try:
                 return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                err = error_from_rpc(e)
-                if not isinstance(err, Unavailable) or attempt == retries:
-                    raise err from None
+                raise error_from_rpc(e) from None
+
+        return self._retrying(once, 0 if method in ("RegisterTarget", "DeleteTarget") else self.retries)
+
+    def _retrying(self, once: Any, retries: int) -> Any:
+        """``once()``, called again (after 0.5 s, 1 s, ...) up to ``retries`` times while it raises Unavailable."""
+        for attempt in range(retries + 1):
+            try:
+                return once()
+            except Unavailable:
+                if attempt == retries:
+                    raise
             time.sleep(self.RETRY_DELAY_S * (attempt + 1))
         raise AssertionError("unreachable")
 
@@ -227,8 +278,10 @@ class Client:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
         req, arch = self._weights_request(subnet, FORMATS[format], supernet)
         self._check_version(timeout)
-        header, data = self._download(self._stub.GetSubnetWeights, req,
-                                      lambda h: self._check_header(h, req, arch), timeout)
+        check = lambda h: self._check_header(h, req, arch)  # noqa: E731
+        # a stream cut by a replica going down is fetched again, whole
+        header, data = self._retrying(lambda: self._download(self._stub.GetSubnetWeights, req, check, timeout),
+                                      self.retries)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
@@ -311,7 +364,8 @@ class Client:
         request (tens of seconds): give a ``timeout`` that allows it."""
         self._check_version(timeout)
         req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision, runtime=runtime)
-        header, data = self._download(self._stub.GetProfileKit, req, self._check_size, timeout)
+        header, data = self._retrying(
+            lambda: self._download(self._stub.GetProfileKit, req, self._check_size, timeout), self.retries)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != header.total_bytes or digest != header.sha256:
             raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "

@@ -42,6 +42,12 @@ def read_kit(folder: str | Path) -> dict[str, Any]:
         raise KitError(f"{folder} is not a profiling kit ({KIT_MANIFEST}: {e})") from None
     if not isinstance(kit, dict) or (kit.get("format"), kit.get("version")) != (KIT_FORMAT, KIT_VERSION):
         raise KitError(f"{folder}: not a {KIT_FORMAT!r} version {KIT_VERSION} kit")
+    for key in ("entries", "subnets"):
+        items = kit.get(key)
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("file"), str) and isinstance(i.get("sha256"), str)
+                for i in items):
+            raise KitError(f"{folder}: {KIT_MANIFEST}'s {key} must be a list of {{\"file\", \"sha256\", ...}}")
     root = folder.resolve()
     for item in kit["entries"] + kit["subnets"]:
         path = (folder / item["file"]).resolve()

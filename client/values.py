@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 from .v1 import subnet_service_pb2 as pb
 
-__all__ = ["WEIGHTS_FORMATS", "SubnetInfo", "Weights", "arch_to_dict", "arch_to_pb", "format_name",
-           "reference_timings_of"]
+__all__ = ["WEIGHTS_FORMATS", "SubnetInfo", "Weights", "arch_to_dict", "arch_to_pb", "check_target_name",
+           "format_name", "reference_timings_of", "save_atomically"]
 
 
 def format_name(value: int) -> str:
@@ -38,8 +38,9 @@ def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
     if isinstance(value, (str, Path)):
         try:
             value = json.loads(Path(value).read_text())
-        except ValueError as e:
-            raise ValueError(f"reference timings file {value}: not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            why = "nests too deeply" if isinstance(e, RecursionError) else f"not JSON ({e})"
+            raise ValueError(f"reference timings file {str(value)[:200]}: {why}") from None
     if isinstance(value, Mapping) and "reference_timings" in value:
         value = value["reference_timings"]
     if isinstance(value, Mapping):
@@ -55,6 +56,55 @@ def reference_timings_of(value: Any) -> list[pb.ReferenceTiming]:
                              f"\"pass_index\": an integer >= 0 for one of several passes), got {t!r}"[:200])
         out.append(pb.ReferenceTiming(subnet_id=t["subnet_id"], ms=float(t["ms"]), pass_index=t.get("pass_index", 0)))
     return out
+
+
+def save_atomically(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path``: a new temporary file of its own beside it (created exclusively, so never
+    through a symlink), fsynced, then renamed over ``path``; nothing is left behind on failure. Its mode is
+    what the umask gives a new file (mkstemp's 0600 kept a pipeline's other users out)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def check_target_name(target: Any) -> str:
+    """A target name is also a file name: 1-64 of letters, digits, '-', '_', '.' (not leading '.'); a ValueError
+    otherwise (the one rule: the server's table check and the client's profile use it)."""
+    if (not isinstance(target, str) or not 0 < len(target) <= 64 or target.startswith(".")
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in target)):
+        raise ValueError("target must be 1-64 characters of letters, digits, '-', '_' or '.' "
+                         f"(not starting with '.'); got {str(target)[:80]!r}")
+    return target
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def _int(value: Any) -> bool:
@@ -152,31 +202,8 @@ class Weights:
     fine_tuned: bool = False  # the artifact's fine-tuned subnet (ofa finetune), not the supernet's shared weights
 
     def save(self, path: str | Path) -> Path:
-        """Write the bytes to ``path`` atomically: a new temporary file of its own (created exclusively, so
-        never through a symlink), fsynced, then renamed over ``path``; nothing is left behind on failure."""
-        import os
-        import tempfile
-
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # the rename itself survives a power cut once the folder is synced
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-        return path
+        """Write the bytes to ``path`` atomically (:func:`save_atomically`)."""
+        return save_atomically(path, self.data)
 
     def load_module(self):
         """The subnet as a ready ``torch.nn.Module`` in eval mode (safetensors or TorchScript; needs torch)."""

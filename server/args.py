@@ -55,9 +55,15 @@ class ServeConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.max_message_chars < 100:
             raise ValueError(f"--max-message-chars must be >= 100, got {self.max_message_chars}")
-        for name in _AT_LEAST_ONE:
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in _AT_LEAST_ONE:  # finite too: grpc overflowed on --max-connection-age-s inf
+            if not 1 <= getattr(self, name) <= 1e9:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [1, 1e9], got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:  # grpc wraps 99999 to 34463, and -1 to 65535, without a word
+            raise ValueError(f"--port must be in 0..65535 (0: any free port), got {self.port}")
+        if not 0 <= self.grace <= 3600:
+            raise ValueError(f"--grace must be seconds in [0, 3600], got {self.grace}")
+        if not 0 <= self.threads <= 1024:
+            raise ValueError(f"--threads must be in 0..1024 (0: torch's default), got {self.threads}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.log_format not in LOG_FORMATS:

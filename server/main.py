@@ -128,13 +128,19 @@ class Server:
         self._closing = threading.Lock()
         self._closed = False
         self._stopped = threading.Event()  # set once the first stop has closed everything
-        if tls:
-            first = grpc.ssl_server_certificate_configuration([(tls[1], tls[0])])
-            self.port = self.grpc.add_secure_port(address, grpc.dynamic_ssl_server_credentials(first, self._tls_fetch))
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if tls:
+                first = grpc.ssl_server_certificate_configuration([(tls[1], tls[0])])
+                self.port = self.grpc.add_secure_port(address, grpc.dynamic_ssl_server_credentials(
+                    first, self._tls_fetch))
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            self.stop(0)  # the search workers it started, the metrics endpoint
+            raise OSError(f"cannot listen on {address[:300]}: is --port {config.port} in use, or --host "
+                          f"{config.host[:200]!r} not an address of this machine?")
         self.host = config.host
 
     def _grpc_server(self, config: ServeConfig, tokens: Tokens | None, metrics: Metrics | None) -> grpc.Server:
@@ -159,6 +165,8 @@ class Server:
         interceptors = [self.guard, MetricsInterceptor(metrics)] + ([TokenAuth(tokens)] if tokens else [])
         return grpc.server(self.pool, interceptors=interceptors,
                            options=[("grpc.max_receive_message_length", 16 << 20),
+                                    # a port another server holds is refused, not shared (SO_REUSEPORT)
+                                    ("grpc.so_reuseport", 0),
                                     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                                     # dead peers are found, and no connection (nor a stream stuck on
                                     # a client that stopped reading) is held for ever

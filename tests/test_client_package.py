@@ -169,3 +169,71 @@ def test_a_bad_pass_index_is_refused_before_it_is_sent(rows, message):
         reference_timings_of(rows)
     sent = reference_timings_of([{"subnet_id": "a" * 16, "ms": 1.0, "pass_index": 2}, {"subnet_id": "a" * 16, "ms": 2.0}])
     assert [(t.pass_index, t.ms) for t in sent] == [(2, 1.0), (0, 2.0)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "0"], r"--timeout must be seconds in \(0, 1e6\], got '0.0'"),
+    (["--timeout", "nan"], "--timeout must be seconds"),
+    (["--timeout", "inf"], "--timeout must be seconds"),
+    (["--address", ""], "--address must be HOST:PORT"),
+    (["--address", "127.0.0.1:99999"], "--address must be HOST:PORT"),  # grpc dialled port 34463
+    (["--address", "ipv4:garbage,x"], "--address must be HOST:PORT"),
+    (["--address", "http://127.0.0.1:1"], "--address must be HOST:PORT"),
+    (["--ca-cert", ""], "--ca-cert must be True, False or the path"),  # was plaintext: a token sent in clear
+], ids=["timeout-0", "timeout-nan", "timeout-inf", "address-empty", "address-port", "address-garbage",
+        "address-url", "ca-cert-empty"])
+def test_connection_flags_that_would_fail_every_call_are_refused_first(flags, message, capsys):
+    assert client_main([*flags, "health"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_certificate_or_token_no_connection_can_use_is_named(tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    assert client_main(["--ca-cert", str(tmp_path / "bad.pem"), "health"]) == 2
+    assert "holds no PEM certificate" in capsys.readouterr().err
+    for token in ("secret\nsecond", "sécret"):  # no HTTP header can carry them: grpc failed with INTERNAL
+        (tmp_path / "tok").write_text(token)
+        assert client_main(["--token-file", str(tmp_path / "tok"), "health"]) == 2
+        assert "the token (--token-file, or $OFA_TOKEN) must be" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout must be seconds"):
+        Client("127.0.0.1:1", timeout=-1)
+
+
+def test_fetch_is_retried_whole_when_unavailable_and_saved_as_any_new_file(server, tmp_path, capsys, monkeypatch):
+    """A weights stream cut by UNAVAILABLE (a replica going down) is fetched again, as the docstring says; the file
+    gets the mode the umask gives a new file (mkstemp's 0600 kept a pipeline's other users out)."""
+    import os
+    import stat
+
+    with Client(f"127.0.0.1:{server.port}") as c:
+        best = c.search(TARGET, max_latency_ms=3.0)
+        download, calls = c._download, []
+
+        def cut_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                from ofa_client import Unavailable
+
+                raise Unavailable("UNAVAILABLE", "replica going down")
+            return download(*args)
+
+        monkeypatch.setattr(c, "_download", cut_once)
+        w = c.fetch(best, "onnx")
+        assert len(calls) == 2 and w.sha256
+        old = os.umask(0o022)
+        try:
+            w.save(tmp_path / "m.onnx")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644
+    address = ["--address", f"127.0.0.1:{server.port}"]
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert client_main([*address, "fetch", "--arch", f"@{tmp_path / 'deep.json'}", "--out", "x"]) == 2
+    assert "--arch" in (err := capsys.readouterr().err) and "nests too deeply" in err
+    (tmp_path / "empty.json").write_text("")
+    assert client_main([*address, "fetch", "--arch", f"@{tmp_path / 'empty.json'}", "--out", "x"]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    assert client_main([*address, "fetch", "--id", best.id, "--out", str(tmp_path / "nodir" / "m.st")]) == 2
+    assert "--out must be a file in an existing folder" in capsys.readouterr().err  # before the download
+    assert client_main([*address, "fetch", "--arch", f"@{'x' * 100_000}", "--out", "x"]) == 2
+    assert len(capsys.readouterr().err) < 1200  # a path given is said, not echoed whole

@@ -80,6 +80,10 @@ def test_a_changed_or_foreign_kit_is_refused(kit, tmp_path):
     (copy / "kit.json").write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(KitError, match="not a 'ofa-profile-kit' version 1 kit"):
         read_kit(copy)
+    for entries in ({}, 5, [{"file": 1}]):  # a KeyError or TypeError before
+        (copy / "kit.json").write_text(json.dumps({"format": "ofa-profile-kit", "version": 1, "entries": entries}))
+        with pytest.raises(KitError, match="kit.json's entries must be a list"):
+            read_kit(copy)
     with pytest.raises(ValueError, match=r"provider must be one of \['.*CPUExecutionProvider'\]"):
         profile_kit(kit, "x", provider="NoSuchExecutionProvider")
     with pytest.raises(ValueError, match="runtime must be one of"):
@@ -120,6 +124,13 @@ def test_a_kit_of_another_space_is_refused_before_timing(kit, artifact, tmp_path
         code = client_main(["--address", f"127.0.0.1:{srv.port}", "profile", "--kit", str(other), "--target", "x",
                             *FAST])
         assert code == 2 and "the kit is of space 'mbv3-imagenet'" in capsys.readouterr().err
+        # a name no table may carry, and a file no folder holds: refused before minutes of timing, not after
+        for flags, message in ((["--target", "bad name!"], "--target must be 1-64 characters"),
+                               (["--target", "x", "--out", str(tmp_path / "nodir" / "t.json")],
+                                "--out must be a file in an existing folder")):
+            assert client_main(["--address", f"127.0.0.1:{srv.port}", "profile", "--kit", str(kit), *flags,
+                                *FAST]) == 2
+            assert message in capsys.readouterr().err
     finally:
         srv.stop()
 

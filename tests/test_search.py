@@ -1,6 +1,7 @@
 import functools
 import json
 import multiprocessing
+import re
 import subprocess
 import sys
 
@@ -193,6 +194,24 @@ def test_search_command_exits_2_on_an_unknown_target(served, capsys):
 
     assert main(["search", "--artifact", str(served), "--target", "nope", "--max-latency-ms", "1"]) == 2
     assert "target 'nope' has no latency table" in capsys.readouterr().err
+    assert main(["search", "--artifact", str(served), "--target", "x" * 100_000]) == 2
+    assert len(capsys.readouterr().err) < 2200  # what was given is said, not echoed whole
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-latency-ms", "nan"], r"--max-latency-ms must be a number in \(0, 1e\+06\], got nan"),  # was served
+    (["--max-latency-ms", "inf"], "--max-latency-ms must be a number"),
+    (["--max-latency-ms", "-1"], "--max-latency-ms must be a number"),  # was "infeasible" (exit 3)
+    (["--max-macs", "-1"], "--max-macs must be a number"),
+    (["--min-accuracy", "nan"], "--min-accuracy must be a finite number"),
+    (["--seed", "-1"], r"--seed must be an integer in 0..2\*\*64-1"),
+    (["--population", "0"], "--population must be in 2..10000"),
+])
+def test_search_command_names_a_bound_no_search_can_honour(served, flags, message, capsys):
+    from ofa.cli import main
+
+    assert main(["search", *search_args(served), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_pareto_command_prints_the_front_and_plots_it(served, tmp_path, capsys):

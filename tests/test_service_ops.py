@@ -76,9 +76,27 @@ def test_a_taken_metrics_port_is_refused_with_the_flag(tiny_artifact, tmp_path):
             Server(Registry([str(art)]), ServeConfig(port=0, metrics_port=port))
 
 
+def test_a_port_another_server_holds_is_refused_not_shared(tiny_artifact, tmp_path):
+    """grpc sets SO_REUSEPORT by default: a second server on a taken port listened beside the first, and the
+    kernel split the connections between the two."""
+    art = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
+    first = Server(Registry([str(art)]), ServeConfig(port=0)).start()
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port}: is --port {first.port} in use"):
+            Server(Registry([str(art)]), ServeConfig(port=first.port))
+    finally:
+        first.stop(0)
+
+
 def test_bad_operations_flags_are_refused():
     with pytest.raises(ValueError, match="--metrics-port must be in 0..65535, got 70000"):
         ServeConfig(metrics_port=70000)
+    for change, message in (({"port": 99999}, "--port must be in 0..65535"), ({"port": -1}, "--port must be"),
+                            ({"max_connection_age_s": float("inf")}, r"--max-connection-age-s must be in \[1, 1e9\]"),
+                            ({"grace": float("nan")}, r"--grace must be seconds in \[0, 3600\]"),
+                            ({"threads": -1}, "--threads must be in 0..1024")):
+        with pytest.raises(ValueError, match=message):
+            ServeConfig(**change)
     with pytest.raises(ValueError, match=r"--log-format must be one of \['text', 'json'\], got 'xml'"):
         ServeConfig(log_format="xml")
 

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ofa {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except (ValueError, LookupError, OSError, SafetensorError, TimingError) as e:
-        print(f"ofa {args.command}: error: {e}", file=sys.stderr)
+        text = str(e)  # what was given is said, never echoed whole
+        print(f"ofa {args.command}: error: {text[:2000]}" + (f"… ({len(text) - 2000} more characters)"
+                                                              if len(text) > 2000 else ""), file=sys.stderr)
         return 2
 
 

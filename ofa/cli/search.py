@@ -30,14 +30,17 @@ def _search_arguments(s: argparse.ArgumentParser, generations: int) -> None:
 def _constraints(args: argparse.Namespace):
     from ..search import Constraints
 
-    return Constraints(max_latency_ms=args.max_latency_ms, max_macs=args.max_macs, max_params=args.max_params,
-                       resolutions=tuple(args.resolution or ()), min_accuracy=args.min_accuracy)
+    return flag_errors(lambda: Constraints(max_latency_ms=args.max_latency_ms, max_macs=args.max_macs,
+                                           max_params=args.max_params, resolutions=tuple(args.resolution or ()),
+                                           min_accuracy=args.min_accuracy))
 
 
 def _settings(args: argparse.Namespace):
     from ..search import SearchSettings
 
-    return SearchSettings(population=args.population, generations=args.generations, seed=args.seed)
+    settings = SearchSettings(population=args.population, generations=args.generations, seed=args.seed)
+    flag_errors(settings.check)
+    return settings
 
 
 def _describe(c) -> str:
@@ -105,14 +108,13 @@ def add_pareto(s: argparse.ArgumentParser) -> None:
 
 def run_pareto(args: argparse.Namespace) -> int:
     """The accuracy-latency (or -MACs) front."""
-    from ..search import SearchSettings, pareto_front
+    from ..search import pareto_front
     from ..search.load import load_scorer
 
     files = open_artifact(args.artifact)
     scorer = load_scorer(files)
     t0 = time.perf_counter()
-    front = pareto_front(scorer, args.k, args.target, _constraints(args),
-                         SearchSettings(population=args.population, generations=args.generations, seed=args.seed))
+    front = pareto_front(scorer, args.k, args.target, _constraints(args), _settings(args))
     seconds = time.perf_counter() - t0
     if args.plot:
         from ..jobs.render import plot_pareto

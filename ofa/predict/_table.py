@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
+from ofa_client.values import check_target_name as _target_name
+
 from ..space import SearchSpace
 
 __all__ = ["LatencyTableError", "TABLE_FORMAT", "TABLE_KEYS", "TABLE_VERSION", "check_model", "check_structure",
@@ -66,12 +68,11 @@ def _number(value: Any) -> float | None:
 
 
 def check_target_name(target: Any) -> str:
-    """A target name is also a file name: 1-64 of letters, digits, '-', '_', '.' (not leading '.')."""
-    if (not isinstance(target, str) or not 0 < len(target) <= 64 or target.startswith(".")
-            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in target)):
-        raise LatencyTableError("target must be 1-64 characters of letters, digits, '-', '_' or '.' "
-                                f"(not starting with '.'); got {str(target)[:80]!r}")
-    return target
+    """A target name is also a file name (:func:`ofa_client.values.check_target_name`): a LatencyTableError here."""
+    try:
+        return _target_name(target)
+    except ValueError as e:
+        raise LatencyTableError(str(e)) from None
 
 
 def _text(value: Any) -> bool:

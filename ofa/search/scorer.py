@@ -37,6 +37,16 @@ class Constraints:
     resolutions: tuple[int, ...] = ()
     min_accuracy: float | None = None
 
+    def __post_init__(self) -> None:
+        """A bound that no comparison can honour (nan, inf, <= 0) is a ValueError naming its field (nan passed
+        every comparison and answered as if unbounded)."""
+        for name, high in (("max_latency_ms", 1e6), ("max_macs", 1e15), ("max_params", 1e15)):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= high:
+                raise ValueError(f"{name} must be a number in (0, {high:g}], got {v!r}")
+        if self.min_accuracy is not None and not -1e6 <= self.min_accuracy <= 1e6:  # above every prediction:
+            raise ValueError(f"min_accuracy must be a finite number, got {self.min_accuracy!r}")  # Infeasible
+
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -57,6 +67,8 @@ class SearchSettings:
             problems.append(f"population must be in 2..10000, got {self.population}")
         if not 0 <= self.generations <= 100_000:
             problems.append(f"generations must be in 0..100000, got {self.generations}")
+        if not 0 <= self.seed < 2**64:
+            problems.append(f"seed must be an integer in 0..2**64-1, got {self.seed}")
         for name in ("parent_ratio", "mutation_ratio", "mutate_prob", "resolution_mutate_prob"):
             v = getattr(self, name)
             lo = 0.0 if name != "parent_ratio" else 1e-9
