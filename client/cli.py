@@ -66,7 +66,9 @@ def _line(s) -> str:
 
 
 def _search(c: Client, args: argparse.Namespace) -> int:
-    s = c.search(args.target, min_accuracy=args.min_accuracy, **_constraint_kwargs(args))
+    from .flags import flag_errors
+
+    s = flag_errors(lambda: c.search(args.target, min_accuracy=args.min_accuracy, **_constraint_kwargs(args)))
     if args.json:
         print(json.dumps(s.to_dict(), sort_keys=True))
     else:
@@ -76,7 +78,9 @@ def _search(c: Client, args: argparse.Namespace) -> int:
 
 
 def _pareto(c: Client, args: argparse.Namespace) -> int:
-    front = c.pareto(args.target, args.points, **_constraint_kwargs(args))
+    from .flags import flag_errors
+
+    front = flag_errors(lambda: c.pareto(args.target, args.points, **_constraint_kwargs(args)))
     if args.plot:
         try:
             import matplotlib

@@ -76,6 +76,21 @@ def _check_connection(timeout: Any, token: Any, tls: Any) -> bytes | None:
     return roots
 
 
+# the request fields an int from a caller fills, and what protobuf takes ("Value out of range: -1" named none)
+_INT_RANGES = {"seed": (0, 2**64 - 1), "max_macs": (0, 2**63 - 1), "max_params": (0, 2**63 - 1),
+               "population": (0, 2**31 - 1), "generations": (0, 2**31 - 1), "points": (0, 2**31 - 1),
+               "resolution": (0, 2**31 - 1)}
+
+
+def _check_ints(**values: Any) -> None:
+    """A ValueError naming the first of ``values`` (None: unset) that its request field cannot hold."""
+    for name, v in values.items():
+        lo, hi = _INT_RANGES[name]
+        for x in (v if name == "resolution" else [v] if v is not None else []):
+            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+                raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {str(x)[:40]!r}")
+
+
 def _digest_of(subnet: Any) -> str:
     """The supernet digest a search result carries ("" for an id, an arch, or a result of API < 1.3)."""
     found = subnet.supernet_digest if isinstance(subnet, SubnetInfo) else \
@@ -198,6 +213,7 @@ class Client:
 
     @staticmethod
     def _constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy) -> pb.Constraints:
+        _check_ints(max_macs=max_macs, max_params=max_params, resolution=list(resolutions or ()))
         c = pb.Constraints(resolutions=list(resolutions or ()))
         for name, value in (("max_latency_ms", max_latency_ms), ("max_macs", max_macs),
                             ("max_params", max_params), ("min_accuracy", min_accuracy)):
@@ -247,6 +263,7 @@ class Client:
         """The most accurate subnet meeting the constraints. ``reference_timings`` (see
         :func:`reference_timings_of`): the target's references timed on the device just now, so that
         ``max_latency_ms`` holds at the device's speed today."""
+        _check_ints(seed=seed, population=population, generations=generations)
         req = pb.SearchSubnetRequest(
             supernet=supernet or self.supernet, target=target or "", seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy),
@@ -259,6 +276,7 @@ class Client:
                seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
                timeout: float | None = None, reference_timings: Any = None) -> list[SubnetInfo]:
         """Up to ``points`` subnets on the accuracy–latency front (accuracy–MACs without a target), by cost."""
+        _check_ints(seed=seed, population=population, generations=generations, points=points)
         req = pb.GetParetoFrontRequest(
             supernet=supernet or self.supernet, target=target or "", points=points, seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, None),

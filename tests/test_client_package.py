@@ -237,3 +237,14 @@ def test_fetch_is_retried_whole_when_unavailable_and_saved_as_any_new_file(serve
     assert "--out must be a file in an existing folder" in capsys.readouterr().err  # before the download
     assert client_main([*address, "fetch", "--arch", f"@{'x' * 100_000}", "--out", "x"]) == 2
     assert len(capsys.readouterr().err) < 1200  # a path given is said, not echoed whole
+
+
+def test_a_number_no_request_field_can_hold_is_named_before_sending(capsys):
+    c = Client("127.0.0.1:1")  # nothing listens: these are refused before any call
+    for call, message in ((lambda: c.search(seed=-1), "seed must be an integer in 0.."),
+                          (lambda: c.search(max_macs=2**70), "max_macs must be an integer"),
+                          (lambda: c.pareto(points=2**40), "points must be an integer")):
+        with pytest.raises(ValueError, match=message):  # protobuf's own said "Value out of range: -1"
+            call()
+    assert client_main(["--address", "127.0.0.1:1", "search", "--max-macs", str(10**23)]) == 2
+    assert "--max-macs must be an integer in 0.." in capsys.readouterr().err
