@@ -335,6 +335,7 @@ class Client:
     def _download(self, call: Any, req: Any, check: Any, timeout: float | None) -> tuple[Any, bytes]:
         """The header and the bytes of one stream of ``call`` (a header, then chunks); ``check`` sees the header
         before any byte is kept; a header or chunk out of place is refused at once."""
+        stream = None
         try:
             stream = call(req, timeout=timeout or self.timeout, metadata=self._metadata)
             header, chunks, size = None, [], 0
@@ -354,6 +355,10 @@ class Client:
                 chunks.append(msg.chunk)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
+        except BaseException:  # a header refused: the stream is ended now, not when it is collected
+            if stream is not None:
+                stream.cancel()
+            raise
         if header is None:
             raise IntegrityError("DATA_LOSS", "the stream ended without a header")
         return header, b"".join(chunks)
