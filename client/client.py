@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +24,7 @@ from .v1 import subnet_service_pb2 as pb
 # this client sends (1.1 added answers only, `fine_tuned`, which a 1.0 server leaves false).
 OLDEST_SERVER_API = "1.0"
 from .v1 import subnet_service_pb2_grpc as pb_grpc
+from .checks import check_address, check_connection, check_ints
 from .values import (WEIGHTS_FORMATS, SubnetInfo, Weights, arch_to_dict, arch_to_pb, format_name,
                      reference_timings_of)
 
@@ -37,60 +37,6 @@ DEFAULT_FORMAT = format_name(pb.WEIGHTS_FORMAT_SAFETENSORS)  # the weights with 
 
 
 # ---- the client --------------------------------------------------------------------
-def check_address(address: Any) -> str:
-    """``address`` if gRPC can dial it as meant: ``HOST:PORT`` (``[IPv6]:PORT``), or ``ipv4:``/``ipv6:`` with
-    comma-separated ``HOST:PORT``, each port in 1..65535 (grpc wraps 99999 to 34463 and dials that), or another
-    of gRPC's schemes (``dns:``, ``unix:``) as given; a ValueError says the form otherwise."""
-    form = "HOST:PORT (a port in 1..65535), or ipv4:HOST:PORT,HOST:PORT for replicas"
-    if not isinstance(address, str) or not 0 < len(address) <= 1000 or not address.isprintable() \
-            or any(c.isspace() for c in address):
-        raise ValueError(f"address must be {form}; got {str(address)[:80]!r}")
-    scheme, _, rest = address.partition(":")
-    if scheme in ("dns", "unix", "unix-abstract", "vsock", "xds") and rest:
-        return address
-    for hostport in (rest.split(",") if scheme in ("ipv4", "ipv6") else [address]):
-        host, _, port = hostport.rpartition(":")
-        if not host or "/" in host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"address must be {form}; got {address[:80]!r}")
-    return address
-
-
-def _check_connection(timeout: Any, token: Any, tls: Any) -> bytes | None:
-    """Refuse what grpc would take and then fail every call with (DEADLINE_EXCEEDED at once for a timeout of 0 or
-    nan, INTERNAL for a token no HTTP header can carry, plaintext for an empty certificate path); the root
-    certificates of a ``tls`` path."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            math.isfinite(timeout) and 0 < timeout <= 1e6):
-        raise ValueError(f"timeout must be seconds in (0, 1e6], got {str(timeout)[:40]!r}")
-    if token is not None and (not isinstance(token, str) or not token
-                              or not all(33 <= ord(c) <= 126 for c in token) or len(token) > 4096):
-        raise ValueError("token must be 1-4096 printable ASCII characters without spaces (it travels in an "
-                         "HTTP header)")
-    if isinstance(tls, bool):
-        return None
-    if not isinstance(tls, (str, Path)) or not str(tls):
-        raise ValueError(f"tls must be True, False or the path of a PEM file of root certificates, got {tls!r}"[:200])
-    roots = Path(tls).read_bytes()
-    if b"-----BEGIN CERTIFICATE-----" not in roots:
-        raise ValueError(f"tls: {str(tls)[:200]} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-    return roots
-
-
-# the request fields an int from a caller fills, and what protobuf takes ("Value out of range: -1" named none)
-_INT_RANGES = {"seed": (0, 2**64 - 1), "max_macs": (0, 2**63 - 1), "max_params": (0, 2**63 - 1),
-               "population": (0, 2**31 - 1), "generations": (0, 2**31 - 1), "points": (0, 2**31 - 1),
-               "resolution": (0, 2**31 - 1)}
-
-
-def _check_ints(**values: Any) -> None:
-    """A ValueError naming the first of ``values`` (None: unset) that its request field cannot hold."""
-    for name, v in values.items():
-        lo, hi = _INT_RANGES[name]
-        for x in (v if name == "resolution" else [v] if v is not None else []):
-            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
-                raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {str(x)[:40]!r}")
-
-
 def _digest_of(subnet: Any) -> str:
     """The supernet digest a search result carries ("" for an id, an arch, or a result of API < 1.3)."""
     found = subnet.supernet_digest if isinstance(subnet, SubnetInfo) else \
@@ -135,7 +81,7 @@ class Client:
                  max_download_bytes: int = 1 << 30) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ValueError(f"retries must be an integer in 0..10, got {retries!r}")
-        roots = _check_connection(timeout, token, tls)
+        roots = check_connection(timeout, token, tls)
         check_address(address)
         # a connection of its own: grpc would share one among every channel of a process with the same
         # options, and the server's per-connection limits (--max-per-peer) would then count them as one client
@@ -213,7 +159,7 @@ class Client:
 
     @staticmethod
     def _constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy) -> pb.Constraints:
-        _check_ints(max_macs=max_macs, max_params=max_params, resolution=list(resolutions or ()))
+        check_ints(max_macs=max_macs, max_params=max_params, resolution=list(resolutions or ()))
         c = pb.Constraints(resolutions=list(resolutions or ()))
         for name, value in (("max_latency_ms", max_latency_ms), ("max_macs", max_macs),
                             ("max_params", max_params), ("min_accuracy", min_accuracy)):
@@ -263,7 +209,7 @@ class Client:
         """The most accurate subnet meeting the constraints. ``reference_timings`` (see
         :func:`reference_timings_of`): the target's references timed on the device just now, so that
         ``max_latency_ms`` holds at the device's speed today."""
-        _check_ints(seed=seed, population=population, generations=generations)
+        check_ints(seed=seed, population=population, generations=generations)
         req = pb.SearchSubnetRequest(
             supernet=supernet or self.supernet, target=target or "", seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, min_accuracy),
@@ -276,7 +222,7 @@ class Client:
                seed: int = 0, population: int = 0, generations: int = 0, supernet: str | None = None,
                timeout: float | None = None, reference_timings: Any = None) -> list[SubnetInfo]:
         """Up to ``points`` subnets on the accuracy–latency front (accuracy–MACs without a target), by cost."""
-        _check_ints(seed=seed, population=population, generations=generations, points=points)
+        check_ints(seed=seed, population=population, generations=generations, points=points)
         req = pb.GetParetoFrontRequest(
             supernet=supernet or self.supernet, target=target or "", points=points, seed=seed,
             constraints=self._constraints(max_latency_ms, max_macs, max_params, resolutions, None),
