@@ -88,9 +88,14 @@ class Kits:
         work = self.folder / name
         shutil.rmtree(work, ignore_errors=True)
         row = FORMATS[fmt]
-        write_kit(artifact.space, work, precision=row.precision, runtime=row.runtimes[0], progress=False)
         tar = self.folder / f"{name}.tar"
-        _tar(work, tar)
+        try:
+            write_kit(artifact.space, work, precision=row.precision, runtime=row.runtimes[0], progress=False)
+            _tar(work, tar)
+        except BaseException:  # a full disk, a cancelled call: nothing half-built stays on disk
+            shutil.rmtree(work, ignore_errors=True)
+            tar.unlink(missing_ok=True)
+            raise
         manifest = (work / KIT_MANIFEST).read_text()
         shutil.rmtree(work)
         digest = hashlib.sha256()

@@ -200,7 +200,9 @@ class Registry:
                 st = path.lstat()
             except OSError:
                 continue
-            key = (st.st_mtime_ns, st.st_size)
+            # a replace by rename is a new inode, and changes ctime: a same-size table replaced within one
+            # timestamp tick (coarse on older kernels) is read again, not served stale
+            key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
             with self._lock:
                 cached = self._disk_cache.get(path)
             if cached is None or cached[0] != key:

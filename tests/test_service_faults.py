@@ -204,6 +204,28 @@ def _table_text(artifact, name, **extra):
     return json.dumps({**synthetic_table(load_artifact(artifact).space, name), **extra})
 
 
+def test_a_table_replaced_in_the_same_timestamp_tick_is_read_again(artifact, tmp_path):
+    """Another replica replaces a table by rename with one of the same size, and the folder's clock (coarse on
+    older kernels) gives it the same mtime: the scan keyed on (mtime, size) served the old table."""
+    targets = tmp_path / "targets"
+    srv = Server(Registry([str(artifact)], str(targets)), ServeConfig(port=0)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            c.register_target(_table_text(artifact, "swap", device={"cpu": "cpu-a", "threads": 1}))
+            (t,) = [t for t in c.targets() if t["name"] == "swap"]
+            assert t["cpu"] == "cpu-a"
+            path = next(targets.iterdir()) / "swap.json"
+            old, new = path.stat(), path.parent / ".swap.new"
+            new.write_text(path.read_text().replace('"cpu-a"', '"cpu-b"'))
+            os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))
+            os.replace(new, path)
+            assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+            (t,) = [t for t in c.targets() if t["name"] == "swap"]
+            assert t["cpu"] == "cpu-b"
+    finally:
+        srv.stop(0)
+
+
 def test_the_targets_folder_is_untrusted_storage(artifact, tmp_path):
     targets = tmp_path / "targets"
     srv = Server(Registry([str(artifact)], str(targets), max_targets=3), ServeConfig(port=0)).start()
