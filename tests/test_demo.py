@@ -130,6 +130,9 @@ def test_report_of_an_int8_target_with_a_baseline(tiny_artifact, tmp_path):
     (base,) = report["baselines"]
     assert base["name"] == "mobilenet_v3_small x0.5" and base["latency_ms"] > 0 and base["training"]["steps"] >= 1
     assert 0 <= base["test_accuracy"] <= 100 and 0 <= base["test_accuracy_fp32"] <= 100
+    import onnx  # the baseline timed and tested is its own quantized file, not one quantized from random weights
+
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / base["file"])).graph.node)
     for s in report["served"]:
         assert set(s["files"]) == {"safetensors", "onnx_int8"} and s["measured_latency_ms"] > 0
         assert 0 <= s["test_accuracy"] <= 100 and 0 <= s["test_accuracy_fp32"] <= 100

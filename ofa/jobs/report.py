@@ -272,27 +272,37 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
         s["val_accuracy"] = round(accuracy(module, val, spec, r), 3)
     for b in bases:
         r = b.row["resolution"]
-        if fmt != RECORDED:  # timed quantized as the served files are: tested so too, and in fp32 beside it
+        if fmt != RECORDED:  # its quantized file, timed as the served files are: tested so too, fp32 beside it
             b.row["test_accuracy_fp32"] = round(accuracy(b.module, test, spec, r), 3)
-            b.row["test_accuracy"] = round(accuracy(_quantized(run.art, b.module, fmt, r), test, spec, r), 3)
+            quantized = FORMATS[fmt].read((run.out / b.row["file"]).read_bytes())
+            b.row["test_accuracy"] = round(accuracy(quantized, test, spec, r), 3)
         else:
             b.row["test_accuracy"] = round(accuracy(b.module, test, spec, r), 3)
     return len(test), len(val)
 
 
-def _quantized(art: Artifact, module, fmt: str, resolution: int):
-    """A baseline ``module`` as the target runs a served ``fmt`` file: exported to ONNX, quantized by that format's
-    quantizer on the served subnets' calibration images (:func:`ofa.calibrate.served_images`), read back."""
+def _baseline_part(run: _Run, b: Baseline, resolution: int):
+    """What is timed of baseline ``b``: at fp32 torchvision's network (its weights do not change its time); at a
+    quantized precision its own file as the target runs a served one (exported to ONNX, quantized by the
+    format's quantizer on the served subnets' calibration images), written beside its weights (``row["file"]``)
+    and tested too (:func:`_measure_accuracy`): a network quantized from random weights on noise is not it."""
     import torch
 
     from ..calibrate import calibration_batches, served_images
-    from ..export import FORMATS, export_onnx
+    from ..export import FORMATS, export_onnx, run_format
+    from ..predict.timing import Part
 
-    form = FORMATS[fmt]
-    example = torch.zeros(1, art.data.channels, resolution, resolution)
+    art, shape = run.art, (run.art.space.in_channels, resolution, resolution)
+    if run.timing.precision == "fp32":
+        return Part("mobilenet_v3_small", shape, width_mult=b.row["width_mult"])
+    fmt = run_format(run.timing.backend, run.timing.precision)
     batches = (x.numpy() for x in calibration_batches(served_images(art), art.data, resolution))
     with torch.no_grad():
-        return form.read(form.quantize(export_onnx(module, example), batches))
+        data = FORMATS[fmt].quantize(export_onnx(b.module, torch.zeros(1, *shape)), batches)
+    path = run.out / "baselines" / f"mbv3-small-x{b.row['width_mult']:g}.{fmt}.onnx"
+    path.write_bytes(data)
+    b.row["file"] = str(path.relative_to(run.out))
+    return Part("file", shape, file=str(path))
 
 
 def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int = 3,
@@ -309,7 +319,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
     check (timed again with more rounds; refused, or with ``accept_noisy`` used and labelled). Where the
     references' two timings put the machine more than 5% apart, the report says so (:func:`speed_change`).
     """
-    from ..predict.timing import Part, export_folder
+    from ..predict.timing import export_folder
 
     check_report_settings(budgets, budget_ms)
     run = _open(Path(artifact), target, Path(out), progress, log)
@@ -324,8 +334,7 @@ def run_report(artifact: str | Path, target: str, out: str | Path, budgets: int 
         log(f"baselines: torchvision mobilenet_v3_small x{', x'.join(f'{w:g}' for w in baselines)}, "
             f"from scratch, {epochs:g} epochs at {res} px")
         bases = train_baselines(art, baselines, epochs, run.out, data_dir, progress, log)
-    run.base_parts = [Part("mobilenet_v3_small", (space.in_channels, res, res), width_mult=b.row["width_mult"])
-                      for b in bases]
+    run.base_parts = [_baseline_part(run, b, res) for b in bases]
     with export_folder() as run.exported:  # the references and baselines exported once, timed in every pass
         served = _serve(run, bases, budgets, budget_ms)
         log(f"measuring the {len(served['served'])} served subnets on this machine: latency of the files as "
