@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._timer import ONNX_RUNTIMES
 from .client import DEFAULT_FORMAT, FORMATS, Client, ClientError
+from .flags import bounded
 
 __all__ = ["main"]
 
@@ -363,15 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(c, args)
     except ClientError as e:
         code = 2 if e.code == "USAGE" else e.exit_code
-        print(f"ofa-client {args.command}: {_bounded(str(e))}", file=sys.stderr)
+        print(f"ofa-client {args.command}: {bounded(str(e))}", file=sys.stderr)
         return code
     except (OSError, ValueError) as e:  # a path or a value given: said, never echoed whole
-        print(f"ofa-client {args.command}: {_bounded(str(e))}", file=sys.stderr)
+        print(f"ofa-client {args.command}: {bounded(str(e))}", file=sys.stderr)
         return 2
-
-
-def _bounded(text: str, most: int = 1000) -> str:
-    return text if len(text) <= most else f"{text[:most]}… ({len(text) - most} more characters)"
 
 
 if __name__ == "__main__":

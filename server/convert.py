@@ -13,6 +13,7 @@ from ofa.predict.latency import LatencyTableError, Speed, check_target_name, tab
 from ofa.predict.timing import ONNX_BACKENDS
 from ofa.search import Candidate, Constraints, SearchSettings
 from ofa.space import Arch, ArchError, SearchSpace
+from ofa_client.flags import bounded as _cut
 from ofa_client.values import WEIGHTS_FORMATS
 from ofa_client.v1 import subnet_service_pb2 as pb
 
@@ -44,16 +45,8 @@ MESSAGE_CHARS = 1000  # default cap on a status message and its log line (client
 
 
 def bounded(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` cut to at most ``limit`` characters, saying how much was cut: a status message or log line
-    never carries unbounded client input (a 10 MB target name once went into the log whole)."""
-    if len(text) <= limit:
-        return text
-    keep = limit
-    while True:  # the note's own length decides how much is kept, and so what it says: a few steps
-        tail = f"... ({len(text) - keep} more characters cut)"
-        if keep + len(tail) <= limit or keep == 0:
-            return text[:keep] + tail[: limit - keep]
-        keep = max(0, limit - len(tail))
+    """:func:`ofa_client.flags.bounded` at the server's cap on a status message and its log line."""
+    return _cut(text, limit)
 
 
 class RequestError(Exception):

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ofa_client.flags import bounded
+
     from .common import configure_logging
     from ..predict.timing import NoisyTiming, TimingError
     from ..search import Infeasible
@@ -121,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ofa {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except (ValueError, LookupError, OSError, SafetensorError, TimingError) as e:
-        text = str(e)  # what was given is said, never echoed whole
-        print(f"ofa {args.command}: error: {text[:2000]}" + (f"… ({len(text) - 2000} more characters)"
-                                                              if len(text) > 2000 else ""), file=sys.stderr)
+        print(f"ofa {args.command}: error: {bounded(str(e), 2000)}", file=sys.stderr)  # said, never echoed whole
         return 2
 
 
