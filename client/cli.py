@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ._timer import ONNX_RUNTIMES
 from .client import DEFAULT_FORMAT, FORMATS, Client, ClientError
-from .flags import bounded
+from .flags import bounded, flag_errors
 
 __all__ = ["main"]
 
@@ -67,8 +67,6 @@ def _line(s) -> str:
 
 
 def _search(c: Client, args: argparse.Namespace) -> int:
-    from .flags import flag_errors
-
     s = flag_errors(lambda: c.search(args.target, min_accuracy=args.min_accuracy, **_constraint_kwargs(args)))
     if args.json:
         print(json.dumps(s.to_dict(), sort_keys=True))
@@ -79,8 +77,6 @@ def _search(c: Client, args: argparse.Namespace) -> int:
 
 
 def _pareto(c: Client, args: argparse.Namespace) -> int:
-    from .flags import flag_errors
-
     front = flag_errors(lambda: c.pareto(args.target, args.points, **_constraint_kwargs(args)))
     if args.plot:
         try:
@@ -111,9 +107,7 @@ def _fetch(c: Client, args: argparse.Namespace) -> int:
         raise ClientError("USAGE", "give exactly one of --id or --arch")
     # --arch: an arch, or a search result (`search --json`), which also names the supernet
     subnet = args.id or _json_arg("--arch", args.arch)
-    out = Path(args.out)
-    if not out.name or not out.parent.is_dir():  # said before the download, not after it
-        raise ClientError("USAGE", f"--out must be a file in an existing folder, got {args.out[:200]!r}")
+    _check_out(args.out)  # said before the download, not after it
     w = c.fetch(subnet, args.format)
     w.save(args.out)
     info = {"out": args.out, "bytes": len(w.data), "sha256": w.sha256, "subnet_id": w.subnet_id,
@@ -123,6 +117,12 @@ def _fetch(c: Client, args: argparse.Namespace) -> int:
           f"wrote {args.out}: {len(w.data)} bytes, sha256 {w.sha256} (verified), input {list(w.input_shape)}"
           + (", fine-tuned" if w.fine_tuned else ""))
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out that names no file in an existing folder, before the work whose result it keeps."""
+    if not Path(out).name or not Path(out).parent.is_dir():
+        raise ClientError("USAGE", f"--out must be a file in an existing folder, got {out[:200]!r}")
 
 
 def _json_arg(flag: str, value: str):
@@ -192,15 +192,14 @@ def _server_space(c: Client) -> dict:
 def _profile(c: Client, args: argparse.Namespace) -> int:
     if args.no_register and not args.out:
         raise ClientError("USAGE", "--no-register keeps nothing without --out FILE")
-    from .flags import flag_errors
     from .timing import check_sizes
     from .values import check_target_name
 
     # refused before a kit is fetched and timed (minutes), naming the flag
     flag_errors(lambda: check_sizes(args.threads, 1, args.rounds, 2, args.sample_ms, args.warmup_ms))
     flag_errors(lambda: check_target_name(args.target))
-    if args.out and (not Path(args.out).name or not Path(args.out).parent.is_dir()):
-        raise ClientError("USAGE", f"--out must be a file in an existing folder, got {args.out[:200]!r}")
+    if args.out:
+        _check_out(args.out)
     if args.kit:
         return _profile_kit(c, args, args.kit)
     with tempfile.TemporaryDirectory(prefix="ofa-kit-") as tmp:  # the server's kit of its supernet's space

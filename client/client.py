@@ -242,14 +242,8 @@ class Client:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
         req, arch = self._weights_request(subnet, FORMATS[format], supernet)
         self._check_version(timeout)
-        check = lambda h: self._check_header(h, req, arch)  # noqa: E731
-        # a stream cut by a replica going down is fetched again, whole
-        header, data = self._retrying(lambda: self._download(self._stub.GetSubnetWeights, req, check, timeout),
-                                      self.retries)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != header.total_bytes or digest != header.sha256:
-            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
-                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        header, data = self._verified(self._stub.GetSubnetWeights, req, lambda h: self._check_header(h, req, arch),
+                                      timeout)
         searched_on = _digest_of(subnet)
         if searched_on and header.supernet_digest != searched_on:
             raise SupernetMismatch("SUPERNET_MISMATCH", f"the weights came from supernet {header.supernet_digest[:16]}…, "
@@ -277,6 +271,16 @@ class Client:
         if arch is not None:
             req.arch.CopyFrom(arch_to_pb(arch))
         return req, arch
+
+    def _verified(self, call: Any, req: Any, check: Any, timeout: float | None) -> tuple[Any, bytes]:
+        """:meth:`_download`, fetched again whole while a stream is cut by UNAVAILABLE (a replica going down), and
+        its bytes checked against the header's size and sha256."""
+        header, data = self._retrying(lambda: self._download(call, req, check, timeout), self.retries)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header.total_bytes or digest != header.sha256:
+            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
+                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        return header, data
 
     def _download(self, call: Any, req: Any, check: Any, timeout: float | None) -> tuple[Any, bytes]:
         """The header and the bytes of one stream of ``call`` (a header, then chunks); ``check`` sees the header
@@ -333,12 +337,7 @@ class Client:
         request (tens of seconds): give a ``timeout`` that allows it."""
         self._check_version(timeout)
         req = pb.GetProfileKitRequest(supernet=supernet or self.supernet, precision=precision, runtime=runtime)
-        header, data = self._retrying(
-            lambda: self._download(self._stub.GetProfileKit, req, self._check_size, timeout), self.retries)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != header.total_bytes or digest != header.sha256:
-            raise IntegrityError("DATA_LOSS", f"received {len(data)} bytes with sha256 {digest[:16]}…, the header "
-                                 f"announced {header.total_bytes} bytes with sha256 {header.sha256[:16]}…")
+        _, data = self._verified(self._stub.GetProfileKit, req, self._check_size, timeout)
         return unpack_kit(data, folder)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

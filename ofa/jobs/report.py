@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence, TypedDict
 
 import numpy as np
 
+from .._io import atomic_write_text
 from ..artifact import ACCURACY_PREDICTOR, Artifact, latency_file
 from ..predict.latency import SPEED_TOLERANCE
 from .baselines import Baseline, train_baselines
@@ -270,14 +271,12 @@ def _measure_accuracy(run: _Run, served: list[dict[str, Any]], bases: list[Basel
             s["test_accuracy_fp32"] = round(accuracy(fp32, test, spec, r), 3)
         s["test_accuracy"] = round(accuracy(module, test, spec, r), 3)
         s["val_accuracy"] = round(accuracy(module, val, spec, r), 3)
-    for b in bases:
+    for b in bases:  # at int8 its quantized file, timed as the served files are, and its fp32 weights beside it
         r = b.row["resolution"]
-        if fmt != RECORDED:  # its quantized file, timed as the served files are: tested so too, fp32 beside it
+        module = b.module if fmt == RECORDED else FORMATS[fmt].read((run.out / b.row["file"]).read_bytes())
+        if fmt != RECORDED:
             b.row["test_accuracy_fp32"] = round(accuracy(b.module, test, spec, r), 3)
-            quantized = FORMATS[fmt].read((run.out / b.row["file"]).read_bytes())
-            b.row["test_accuracy"] = round(accuracy(quantized, test, spec, r), 3)
-        else:
-            b.row["test_accuracy"] = round(accuracy(b.module, test, spec, r), 3)
+        b.row["test_accuracy"] = round(accuracy(module, test, spec, r), 3)
     return len(test), len(val)
 
 
@@ -300,7 +299,7 @@ def _baseline_part(run: _Run, b: Baseline, resolution: int):
     with torch.no_grad():
         data = FORMATS[fmt].quantize(export_onnx(b.module, torch.zeros(1, *shape)), batches)
     path = run.out / "baselines" / f"mbv3-small-x{b.row['width_mult']:g}.{fmt}.onnx"
-    path.write_bytes(data)
+    atomic_write_text(path, data)
     b.row["file"] = str(path.relative_to(run.out))
     return Part("file", shape, file=str(path))
 

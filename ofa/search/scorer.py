@@ -44,8 +44,9 @@ class Constraints:
             v = getattr(self, name)
             if v is not None and not 0 < v <= high:
                 raise ValueError(f"{name} must be a number in (0, {high:g}], got {v!r}")
-        if self.min_accuracy is not None and not -1e6 <= self.min_accuracy <= 1e6:  # above every prediction:
-            raise ValueError(f"min_accuracy must be a finite number, got {self.min_accuracy!r}")  # Infeasible
+        # a finite floor above every prediction is Infeasible when searched, not refused here
+        if self.min_accuracy is not None and not -1e6 <= self.min_accuracy <= 1e6:
+            raise ValueError(f"min_accuracy must be a finite number, got {self.min_accuracy!r}")
 
 
 @dataclass(frozen=True)
