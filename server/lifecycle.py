@@ -21,7 +21,7 @@ from typing import Any
 from .args import ServeConfig
 from .auth import Tokens
 
-__all__ = ["read_tls", "reload", "wait_for_signals"]
+__all__ = ["Signals", "read_tls", "reload"]
 
 log = logging.getLogger("ofa_server")
 
@@ -60,37 +60,50 @@ def reload(server: Any, config: ServeConfig, tokens: Tokens | None) -> None:
             log.error("SIGHUP: keeping the certificate read before: %s", e)
 
 
-def wait_for_signals(server: Any, config: ServeConfig, tokens: Tokens | None) -> None:
-    """Block until a drain (or a forced stop) has stopped ``server``; SIGHUP reloads meanwhile."""
-    done, draining = threading.Event(), threading.Event()
+class Signals:
+    """SIGTERM/SIGINT drain, a second one stops at once, SIGHUP reloads. Installed before the server starts
+    (:meth:`serve` then hands it over): from its first health answer a signal drains it, never the default
+    action that would end the process with no drain (a probe answered SERVING, then a SIGTERM, races the
+    main thread otherwise)."""
 
-    def drain() -> None:
-        try:
-            server.drain(config.drain_delay_s, config.grace)
-        finally:
-            done.set()
+    def __init__(self, config: ServeConfig, tokens: Tokens | None) -> None:
+        self.config, self.tokens, self.server = config, tokens, None
+        self.done, self.draining, self._started = threading.Event(), threading.Event(), threading.Event()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
 
-    def force() -> None:
-        try:
-            server.stop(0)
-        finally:
-            done.set()
+    def serve(self, server: Any) -> None:
+        """Handle the signals for ``server`` (started); block until a drain or a forced stop has stopped it."""
+        self.server = server
+        self._started.set()
+        self.done.wait()
+        server.wait()
 
-    def on_stop(signum, frame):
-        if draining.is_set():
+    def _later(self, act, *args) -> None:
+        def run() -> None:
+            self._started.wait()  # a signal while the server starts acts once it has
+            act(self.server, *args)
+        threading.Thread(target=run, daemon=True).start()
+
+    def _end(self, act) -> None:
+        def run(server: Any) -> None:
+            try:
+                act(server)
+            finally:
+                self.done.set()
+        self._later(run)
+
+    def _on_stop(self, signum, frame) -> None:
+        if self.draining.is_set():
             log.warning("signal %d during the drain: cancelling the calls in flight and stopping now", signum)
-            threading.Thread(target=force, daemon=True).start()
+            self._end(lambda server: server.stop(0))
             return
-        draining.set()
+        self.draining.set()
+        c = self.config
         log.info("signal %d: NOT_SERVING for %.1f s, then no new calls and %.0f s for those in flight (a second "
-                 "signal stops at once)", signum, config.drain_delay_s, config.grace)
-        threading.Thread(target=drain, daemon=True).start()
+                 "signal stops at once)", signum, c.drain_delay_s, c.grace)
+        self._end(lambda server: server.drain(c.drain_delay_s, c.grace))
 
-    def on_hup(signum, frame):
-        threading.Thread(target=reload, args=(server, config, tokens), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    done.wait()
-    server.wait()
+    def _on_hup(self, signum, frame) -> None:
+        self._later(reload, self.config, self.tokens)

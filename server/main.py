@@ -21,7 +21,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from .args import ServeConfig, add_arguments, config_of
 from .auth import TokenAuth, Tokens
 from .guard import BodyGuard, Waiting
-from .lifecycle import read_tls, wait_for_signals
+from .lifecycle import Signals, read_tls
 from .metrics import Metrics, MetricsInterceptor, configure_logging
 from .registry import Registry
 from .service import SubnetService
@@ -255,7 +255,9 @@ def run(config: ServeConfig) -> int:
         log.warning("a bearer token over plain text on %s: use --tls-cert/--tls-key", config.host)
     registry = Registry(list(config.artifacts), config.targets_dir, list(config.names), max_targets=config.max_targets,
                         table_bytes=config.max_table_bytes)
-    server = Server(registry, config, tokens, tls).start()
+    server = Server(registry, config, tokens, tls)
+    signals = Signals(config, tokens)  # before the first health answer: a SIGTERM from then on drains
+    server.start()
     metrics = f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics else ""
     print(f"ofa serve: listening on {config.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
           f"{', token required' if tokens else ''}); supernets: {', '.join(sorted(registry.supernets))}{metrics}",
@@ -263,7 +265,7 @@ def run(config: ServeConfig) -> int:
     if config.port_file:  # how a parent learns an OS-chosen port: a value, not a log line to match
         atomic_write_text(Path(config.port_file), json.dumps(
             {"host": config.host, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}))
-    wait_for_signals(server, config, tokens)
+    signals.serve(server)
     log.info("stopped")
     return 0
 

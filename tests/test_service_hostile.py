@@ -2,6 +2,7 @@
 paths. Real servers on 127.0.0.1 with OS-chosen ports; the attacks are bounded in count and time."""
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -242,6 +243,28 @@ def test_a_second_signal_during_a_drain_stops_at_once(artifact, tmp_path):
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(30) == 0  # not the 60 s of the delay
     assert "stopping now" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_signal_before_the_server_starts_drains_it_once_started(artifact, caplog):
+    # the race a CI run lost: health answered SERVING, a SIGTERM came before the handlers were installed, and
+    # the default action ended the server with no drain. They are now installed before the server starts.
+    from ofa_server.lifecycle import Signals
+
+    config = ServeConfig(port=0, drain_delay_s=0.0, grace=5.0)
+    server = Server(Registry([str(artifact)]), config)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        caplog.set_level(logging.INFO, logger="ofa_server")
+        signals = Signals(config, None)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread before the next line runs
+        assert signals.draining.is_set() and not signals.done.is_set()
+        server.start()
+        signals.serve(server)  # returns once the drain has stopped the server
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        server.stop(0)
+    assert "NOT_SERVING for 0.0 s" in caplog.text
 
 
 def test_the_client_refuses_weights_of_another_supernet_than_its_search_ran_on(artifact, tmp_path):
