@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,8 +130,13 @@ def tiny_artifact(tiny_data, tmp_path_factory):
     return out
 
 
+FULL_RUN = 300  # tests passed: a run of the whole suite, whose time is measured (README, PERF.md)
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The disk and memory left at the end: a run that failed for want of either says so in its last lines."""
+    """The disk and memory left at the end: a run that failed for want of either says so in its last lines.
+    After a run of the whole suite, also the machine fingerprint (PERF.md), taken then, in a fresh process: the
+    suite's time is only comparable between machines with it."""
     import shutil
     import tempfile
 
@@ -141,6 +148,10 @@ def pytest_terminal_summary(terminalreporter):
         mem = {}
     terminalreporter.write_line(f"disk: {free / 2**30:.1f} GiB free where the tests write; memory: "
                                 f"{mem.get('MemAvailable', 0) / 2**20:.1f} GiB available")
+    if len(terminalreporter.stats.get("passed", ())) >= FULL_RUN:  # the suite's time means little without it
+        fp = subprocess.run([sys.executable, "-c", "from common import fingerprint; fingerprint()"], text=True,
+                            cwd=ROOT / "benchmarks", capture_output=True)
+        terminalreporter.write_line(fp.stdout.strip() or f"machine fingerprint: failed: {fp.stderr[-500:]}")
 
 
 @pytest.fixture(autouse=True)
