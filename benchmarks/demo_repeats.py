@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ofa.jobs.render import distinct_served
 from ofa.predict.interval import share_within
 from ofa_client.values import SPEED_TOLERANCE
 
@@ -60,7 +61,7 @@ def served_rows(report: dict) -> list[dict]:
     """The figures of each served subnet that the goals are about."""
     rows = []
     shift = (report["accuracy_predictor"].get("shift") or {}).get("offset")  # the served prediction adds it
-    for s in report["served"]:
+    for s in distinct_served(report):  # two budgets that got one subnet: one measurement
         low, high = s.get("predicted_accuracy_low"), s.get("predicted_accuracy_high")
         val = s.get("val_accuracy")
         rows.append({"label": s["label"], "predicted_accuracy": s["predicted_accuracy"],

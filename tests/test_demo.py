@@ -166,7 +166,7 @@ def test_report_names_what_is_missing(tiny_artifact, tmp_path, capsys):
 def test_the_latency_lines_tell_the_table_from_the_machine():
     from ofa.jobs.render import _accuracy_checks, _latency_checks
 
-    served = [{"label": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
+    served = [{"label": label, "id": label, "test_accuracy": 80.0, "val_accuracy": 80.1, "predicted_accuracy": 80.2,
                "measured_latency_ms": ms, "predicted_latency_ms": 2.2, "raw_predicted_latency_ms": 2.0,
                "drift_adjusted_error": ms / 2.3 - 1} for label, ms in (("tight", 2.3), ("loose", 2.8))]
     report = {"served": served, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1},
@@ -203,7 +203,7 @@ def test_the_accuracy_lines_say_how_many_the_intervals_expected_within_the_toler
     from ofa.jobs.render import _accuracy_checks
 
     # a 90% half-width of 1.6449 states a sigma of 1 point: within 1 point 68.3% of the time, 1.37 of 2
-    served = [{"label": label, "test_accuracy": test, "val_accuracy": 80.0, "predicted_accuracy": 80.0,
+    served = [{"label": label, "id": label, "test_accuracy": test, "val_accuracy": 80.0, "predicted_accuracy": 80.0,
                "predicted_accuracy_low": 80.0 - 1.6449, "predicted_accuracy_high": 80.0 + 1.6449,
                "interval_level": 0.9, "measured_accuracy": None} for label, test in (("tight", 79.5), ("loose", 81.5))]
     report = {"served": served, "tolerances": {"accuracy_points": 1.0, "latency_relative": 0.1}, "val_images": 100,
@@ -212,6 +212,12 @@ def test_the_accuracy_lines_say_how_many_the_intervals_expected_within_the_toler
     assert lines[0] == "Accuracy: 1 of 2 served subnets measured within 1 point of the prediction on the test split."
     assert lines[1].startswith("Intervals: 2 of 2 test accuracies inside their 90% interval (half-widths 1.64, 1.64 "
                                "points; at those widths about 1.4 of 2 were to be expected within 1 point)")
+    # a third budget that got the tight one's subnet: one measurement, counted once, and said
+    report["served"] = served + [{**served[0], "label": "middle"}]
+    lines = _accuracy_checks(report)
+    assert lines[0] == ("Accuracy: 1 of 2 served subnets measured within 1 point of the prediction on the test "
+                        "split. Budgets that got a subnet served already, counted once: middle (= tight).")
+    assert lines[1].startswith("Intervals: 2 of 2 test accuracies")
 
 
 def test_budgets_from_a_narrow_front_stay_at_or_above_its_fastest_point():
@@ -226,7 +232,7 @@ def _rendered(device: dict, baseline: dict | None = None, **changes) -> str:
     """report.md of a made-up report: two served subnets, an optional baseline at the loose one's latency."""
     from ofa.jobs.render import render_markdown
 
-    served = [{"label": label, "id": "0" * 16, "arch": {"resolution": 28}, "budget_ms": budget, "macs": 2e6,
+    served = [{"label": label, "id": label, "arch": {"resolution": 28}, "budget_ms": budget, "macs": 2e6,
                "params": 1e5, "size_bytes": 4096, "search_seconds": 0.2, "predicted_accuracy": 80.0,
                "val_accuracy": 81.0, "test_accuracy": 78.0, "predicted_latency_ms": ms, "measured_latency_ms": ms,
                "raw_predicted_latency_ms": ms, "drift_adjusted_error": 0.0}
