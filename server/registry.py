@@ -151,7 +151,10 @@ class Registry:
         # path -> (lstat mtime and size, table or None for a file refused, version): a junk file is not re-read
         # per request; entries of files gone from the folder are dropped at the next scan
         self._disk_cache: dict[Path, tuple[tuple[int, int], dict[str, Any] | None, int]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the two dicts above; held for a lookup or an update, never across a file
+        # one register or delete at a time, from its owner check to its write: a slow fsync (a busy shared
+        # disk) holds this, not the lock every search's scan takes
+        self._writing = threading.Lock()
         for i, d in enumerate(artifact_dirs):
             name = (names[i] if names and i < len(names) else None) or Path(d).resolve().name
             if name in self.supernets:
@@ -268,13 +271,14 @@ class Registry:
         if name not in registered and len(registered) >= self.max_targets:
             raise TooManyTargets(f"supernet {sn.name!r} has {len(registered)} registered targets, the most this "
                                  f"server keeps (--max-targets); replace one (replace=true) or remove one")
-        with self._lock:
+        with self._writing:
             if replace:
                 _check_owner(self._stored(sn, name), client, "replace")
             if folder is None:
-                if (sn.digest16, name) in self._memory_tables and not replace:
-                    raise taken
-                self._memory_tables[(sn.digest16, name)] = (table, next(self._versions))
+                with self._lock:
+                    if (sn.digest16, name) in self._memory_tables and not replace:
+                        raise taken
+                    self._memory_tables[(sn.digest16, name)] = (table, next(self._versions))
             else:
                 try:  # without replace, creating the file is the check: replicas may share the folder
                     folder.mkdir(parents=True, exist_ok=True)
@@ -291,10 +295,11 @@ class Registry:
 
     def _stored(self, sn: ServedSupernet, name: str) -> dict[str, Any] | None:
         """The table registered as ``name`` as it is now (read from its file, not a scan), or None; under
-        ``self._lock``, just before it is replaced or removed."""
+        ``self._writing``, just before it is replaced or removed."""
         folder = self._folder(sn)
         if folder is None:
-            entry = self._memory_tables.get((sn.digest16, name))
+            with self._lock:
+                entry = self._memory_tables.get((sn.digest16, name))
             return None if entry is None else entry[0]
         try:
             table = read_table_file(folder / f"{name}.json", self.table_bytes)
@@ -308,11 +313,12 @@ class Registry:
         if name in sn.artifact_targets:
             raise TargetExists(f"target {name!r} ships with the supernet and cannot be removed")
         folder = self._folder(sn)
-        with self._lock:
+        with self._writing:
             _check_owner(self._stored(sn, name), client, "delete")
             if folder is None:
-                if self._memory_tables.pop((sn.digest16, name), None) is None:
-                    raise KeyError(name)
+                with self._lock:
+                    if self._memory_tables.pop((sn.digest16, name), None) is None:
+                        raise KeyError(name)
             else:
                 path = folder / f"{name}.json"
                 try:
@@ -321,5 +327,6 @@ class Registry:
                     raise KeyError(name) from None
                 except OSError as e:
                     raise StorageError(f"the targets folder cannot remove the table: {e.strerror}", False) from None
-                self._disk_cache.pop(path, None)
+                with self._lock:
+                    self._disk_cache.pop(path, None)
         log.info("removed target %s of %s", name, sn.name)

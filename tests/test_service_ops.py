@@ -108,3 +108,41 @@ def test_the_json_log_is_one_object_a_line():
     out = json.loads(line)
     assert (out["level"], out["logger"], out["message"]) == ("WARNING", "ofa_server", "a message\nof two lines")
     assert out["time"][:2] == "20" and "rpc" not in out
+
+
+def test_a_registration_waiting_on_a_slow_disk_holds_up_no_search(tiny_artifact, tmp_path, monkeypatch):
+    # a busy shared disk: the registration's fsync takes as long as it takes; searches, listings and even another
+    # registration's checks go on meanwhile (the write lock is not the lock each search's scan of the folder takes)
+    import threading
+
+    from conftest import synthetic_table
+    from ofa import _io
+    from ofa.artifact import load_artifact
+
+    art = served_copy(tiny_artifact, tmp_path / "tiny", TARGET)
+    space = load_artifact(art).space
+    srv = Server(Registry([str(art)], str(tmp_path / "targets")), ServeConfig(port=0, max_searches=1)).start()
+    release, entered, real_fsync = threading.Event(), threading.Event(), _io.os.fsync
+
+    def slow_fsync(fd):
+        entered.set()
+        release.wait(120)
+        real_fsync(fd)
+
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            c.register_target(json.dumps(synthetic_table(space, "phone-a")))
+            monkeypatch.setattr(_io.os, "fsync", slow_fsync)
+            done = {}
+            t = threading.Thread(target=lambda: done.update(r=c.register_target(
+                json.dumps(synthetic_table(space, "phone-b", seed=2)))))
+            t.start()
+            assert entered.wait(60)  # the second registration is writing, and waits on the disk
+            assert c.search(target="phone-a", seed=1).id and "phone-a" in [x["name"] for x in c.targets()]
+            assert not done  # it is still waiting: the answers above did not wait for it
+            release.set()
+            t.join(120)
+            assert done["r"]["name"] == "phone-b" and c.search(target="phone-b").id
+    finally:
+        release.set()
+        srv.stop(0)
