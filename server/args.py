@@ -44,6 +44,7 @@ class ServeConfig:
     token_file: str | None = None
     grace: float = 30.0
     drain_delay_s: float = 5.0
+    stop_with_parent: bool = False  # drain once the process that started this one is gone
     threads: int = 0
     metrics_port: int | None = None  # None: no metrics endpoint
     metrics_host: str = "127.0.0.1"
@@ -161,6 +162,9 @@ def _add_lifecycle(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT health turns NOT_SERVING this long before the server stops taking "
                    "calls, so that balancers move traffic away (default 5; a second signal stops at once); "
                    "SIGHUP re-reads --token-file and the TLS files")
+    p.add_argument("--stop-with-parent", action="store_true",
+                   help="drain and stop once the process that started this one is gone, killed or not (for a "
+                   "program that runs a server for a while, as `ofa report` does: none is left behind)")
 
 
 def _add_operations(p: argparse.ArgumentParser) -> None:

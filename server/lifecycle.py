@@ -11,17 +11,19 @@ worker_main`): the drain, not a signal, decides when their searches end.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .args import ServeConfig
 from .auth import Tokens
 
-__all__ = ["Signals", "read_tls", "reload"]
+__all__ = ["Interrupted", "Signals", "interrupt_start", "read_tls", "reload", "stop_with_parent"]
 
 log = logging.getLogger("ofa_server")
 
@@ -58,6 +60,40 @@ def reload(server: Any, config: ServeConfig, tokens: Tokens | None) -> None:
             log.info("SIGHUP: the certificate in %s is used from the next connection", config.tls_cert)
         except (OSError, ValueError) as e:
             log.error("SIGHUP: keeping the certificate read before: %s", e)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT while the server starts: nothing is served yet, so there is nothing to drain (the CLI
+    says so in one line and exits 128 + the signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum} while starting: nothing was served")
+        self.signum = signum
+
+
+def interrupt_start() -> None:
+    """Until :class:`Signals` takes over: SIGTERM/SIGINT raise :class:`Interrupted` (the search workers already
+    started are killed on the way out), SIGHUP is ignored (its files are read after this)."""
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGINT, raise_interrupted)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def stop_with_parent(interval: float = 0.5) -> None:
+    """``--stop-with-parent``: SIGTERM to this process (a drain, or :class:`Interrupted` while starting) once its
+    parent is gone, killed or not (a parent that runs the server for a while, as ``ofa report`` does)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.warning("the parent process %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ofa-parent-watch", daemon=True).start()
 
 
 class Signals:

@@ -21,7 +21,7 @@ from ofa_client.v1 import subnet_service_pb2_grpc as pb_grpc
 from .args import ServeConfig, add_arguments, config_of
 from .auth import TokenAuth, Tokens
 from .guard import BodyGuard, Waiting
-from .lifecycle import Signals, read_tls
+from .lifecycle import Signals, interrupt_start, read_tls, stop_with_parent
 from .metrics import Metrics, MetricsInterceptor, configure_logging
 from .registry import Registry
 from .service import SubnetService
@@ -245,6 +245,9 @@ def serve(args: argparse.Namespace) -> int:
 def run(config: ServeConfig) -> int:
     """Serve the artifacts of ``config`` until SIGTERM or SIGINT, then drain (:mod:`.lifecycle`); returns 0."""
     configure_logging(config.log_format)  # this process's log, with times (replacing the ofa command's)
+    interrupt_start()  # a signal from here until Signals takes over: a clean exit, no worker left behind
+    if config.stop_with_parent:
+        stop_with_parent()
     if config.threads:
         import torch
 

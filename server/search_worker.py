@@ -83,6 +83,7 @@ class _WorkerState:
         self.flags, self.tables_kept = flags, tables_kept
         self.scorers = dict(scorers)  # artifact dir -> Scorer, as the server verified it (not read again here)
         self.tables: "OrderedDict[int, LatencyPredictor]" = OrderedDict()  # table version -> predictor
+        self.parent = os.getppid()  # a search stops once the server is gone (SIGKILLed), not at its deadline
 
     def warm_up(self) -> int:
         """One tiny search on each scorer with an accuracy predictor, before the worker says it is ready: the
@@ -135,7 +136,8 @@ class _WorkerState:
         # the call's deadline is kept here too (CLOCK_MONOTONIC is one clock for all processes), so a search
         # stops at it even when the server's flag does not reach it
         slot, end = task.slot, task.deadline
-        return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end))
+        return task.job.run(scorer, lambda: self.flags[slot] != 0 or (end is not None and time.monotonic() > end)
+                            or os.getppid() != self.parent)
 
 
 def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
@@ -153,7 +155,10 @@ def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
     # only when the server's own threads do not need them.
     os.nice(SEARCH_NICENESS)
     state = _WorkerState(flags, tables_kept, pickle.loads(scorers))  # the parent's pipe, not a file
-    conn.send(("ready", os.getpid(), state.warm_up()))
+    try:
+        conn.send(("ready", os.getpid(), state.warm_up()))
+    except OSError:  # the server went away while this one started
+        return
     while True:
         try:
             task = conn.recv()
@@ -167,5 +172,10 @@ def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
             out = ("error", e)
         try:
             conn.send(out)
+        except OSError:  # the server is gone (its end of the pipe closed): nothing to answer, no traceback
+            return
         except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the caller
-            conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))
+            try:
+                conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))
+            except OSError:
+                return

@@ -21,13 +21,27 @@ if TYPE_CHECKING:
     from ofa.predict.latency import Speed
     from ofa.search import Scorer
 
-__all__ = ["Job", "ParetoJob", "SearchJob", "SearchPool", "WorkerLost"]
+__all__ = ["Job", "ParetoJob", "SearchJob", "SearchPool", "WorkerLost", "WorkerStartError"]
 
 log = logging.getLogger("ofa_server")
 
 
 class WorkerLost(RuntimeError):
     """The search could not run to its end on a worker (it died, hung, or none is ready): retry it."""
+
+
+class WorkerStartError(OSError):
+    """A search worker did not start: the server cannot serve (an OSError: the CLI says it in one line)."""
+
+
+def _start_failure(slot: int, w: "_Worker", timeout: float) -> str:
+    code = w.proc.exitcode
+    if code is None:
+        return f"search worker {slot} did not say it was ready within {timeout:.0f} s"
+    if code < 0:
+        return f"search worker {slot} was killed by signal {-code} while it started"
+    return (f"search worker {slot} exited with code {code} while it started (a script that starts a server needs an "
+            f"`if __name__ == '__main__':` guard, as multiprocessing's spawn does)")
 
 
 class _Lost(Exception):
@@ -72,21 +86,26 @@ class SearchPool:
         self.tables_sent = 0  # registered tables sent to a worker (each crosses once per worker that keeps it)
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._workers: list[_Worker | None] = [self._spawn() for _ in range(slots)]
+        self._workers: list[_Worker | None] = []
         self._free: list[int] = []
         self._busy: set[int] = set()
         self.restarts = 0
-        for slot, w in enumerate(self._workers):
-            if not self._await_ready(w):
-                self.close()
-                raise RuntimeError(f"search worker {slot} did not start within {start_timeout:.0f} s (exit code "
-                                   f"{w.proc.exitcode}; a script that starts a server needs an "
-                                   f"`if __name__ == '__main__':` guard, as multiprocessing's spawn does)")
-            self._free.append(slot)
-        threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True).start()
         # workers ignore SIGTERM (search_worker.worker_main): killed here at exit, before multiprocessing's own
-        # exit handler would SIGTERM and then wait for them (atexit runs the later registration first)
+        # exit handler would SIGTERM and then wait for them (atexit runs the later registration first); registered
+        # before the first is started, and an interrupt (Ctrl-C) while they start kills those started, or the
+        # process would wait at its exit for workers that wait on pipes its traceback still holds open
         atexit.register(self.close)
+        try:
+            for _ in range(slots):
+                self._workers.append(self._spawn())
+            for slot, w in enumerate(self._workers):
+                if not self._await_ready(w):
+                    raise WorkerStartError(_start_failure(slot, w, start_timeout))
+                self._free.append(slot)
+        except BaseException:
+            self.close()
+            raise
+        threading.Thread(target=self._watch, name="ofa-search-watch", daemon=True).start()
 
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -100,7 +119,7 @@ class SearchPool:
     def _await_ready(self, w: _Worker) -> bool:
         end = time.monotonic() + self.start_timeout
         try:
-            while time.monotonic() < end:
+            while time.monotonic() < end and not self._closed.is_set():  # a pool closing waits for no new worker
                 if w.conn.poll(0.1):
                     msg = w.conn.recv()
                     w.warmed = msg[2] if msg[0] == "ready" else 0
@@ -164,7 +183,7 @@ class SearchPool:
                     log.info("search worker %d replaced (pid %d)", slot, w.proc.pid)
                     self._on_ready(n)
                     return
-            else:
+            elif not self._closed.is_set():
                 log.error("a new search worker did not start; trying again in %.1f s", delay)
             w.proc.kill()
             w.proc.join(5)

@@ -159,6 +159,31 @@ def test_a_search_past_the_servers_limit_frees_its_worker(artifact):
         pool.close()
 
 
+def test_a_pool_whose_worker_does_not_start_says_why_and_leaves_none(artifact, monkeypatch):
+    from ofa_server.searcher import WorkerStartError
+
+    started, real_spawn = [], SearchPool._spawn
+    monkeypatch.setattr(SearchPool, "_spawn", lambda self: started.append(real_spawn(self)) or started[-1])
+    with pytest.raises(WorkerStartError, match="search worker 0 did not say it was ready within 0 s"):
+        SearchPool(2, (str(artifact),), start_timeout=0.001)  # an OSError: `ofa serve` says it in one line
+    for w in started:
+        w.proc.join(30)
+        assert not w.proc.is_alive()
+
+
+def test_a_worker_whose_server_is_gone_stops_its_search(artifact):
+    # a server SIGKILLed mid-search left its worker searching for its whole deadline (80 s of a core, seen): the
+    # worker checks that its parent is still the one that started it, as it checks its stop flag
+    from ofa.search.load import load_scorer
+    from ofa_server.search_worker import Task, _WorkerState
+
+    state = _WorkerState([0], 16, {str(artifact): load_scorer(str(artifact))})
+    long = SearchJob(Constraints(), TARGET, SearchSettings(population=600, generations=2000))
+    state.parent = -1  # what os.getppid() gives no longer: the server that started it is gone
+    with pytest.raises(Exception, match="stop|cancel"):
+        state.run(Task(long, str(artifact), None, None, 0, None))
+
+
 def test_a_registered_table_crosses_to_a_worker_once_and_again_when_it_was_dropped(artifact):
     space = load_artifact(artifact).space
     pool = SearchPool(1, (str(artifact),), tables_kept=1)  # the worker keeps one registered table

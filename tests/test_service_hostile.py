@@ -245,6 +245,16 @@ def test_a_second_signal_during_a_drain_stops_at_once(artifact, tmp_path):
     assert "stopping now" in (tmp_path / "serve.log").read_text()
 
 
+@contextlib.contextmanager
+def _handlers_restored():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_a_signal_before_the_server_starts_drains_it_once_started(artifact, caplog):
     # the race a CI run lost: health answered SERVING, a SIGTERM came before the handlers were installed, and
     # the default action ended the server with no drain. They are now installed before the server starts.
@@ -252,19 +262,74 @@ def test_a_signal_before_the_server_starts_drains_it_once_started(artifact, capl
 
     config = ServeConfig(port=0, drain_delay_s=0.0, grace=5.0)
     server = Server(Registry([str(artifact)]), config)
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        caplog.set_level(logging.INFO, logger="ofa_server")
-        signals = Signals(config, None)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread before the next line runs
-        assert signals.draining.is_set() and not signals.done.is_set()
-        server.start()
-        signals.serve(server)  # returns once the drain has stopped the server
+        with _handlers_restored():
+            caplog.set_level(logging.INFO, logger="ofa_server")
+            signals = Signals(config, None)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread before the next line runs
+            assert signals.draining.is_set() and not signals.done.is_set()
+            server.start()
+            signals.serve(server)  # returns once the drain has stopped the server
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
         server.stop(0)
     assert "NOT_SERVING for 0.0 s" in caplog.text
+
+
+def test_a_signal_while_the_search_workers_start_exits_at_once_and_kills_them(artifact, monkeypatch, capsys):
+    # a Ctrl-C while the pool started its workers left `ofa serve` waiting at its exit, for good, on workers that
+    # waited on pipes its traceback held open; a SIGTERM then ended it with no word. Now: one line, 128 + the
+    # signal, and the workers started so far killed.
+    from ofa.cli import main as ofa_main
+    from ofa_server.searcher import SearchPool
+
+    started, real_spawn = [], SearchPool._spawn
+
+    def spawn_then_signal(self):
+        w = real_spawn(self)
+        started.append(w.proc)
+        if len(started) == 2:  # the second of three started: the signal comes as the pool starts
+            os.kill(os.getpid(), signal.SIGTERM)
+        return w
+
+    monkeypatch.setattr(SearchPool, "_spawn", spawn_then_signal)
+    with _handlers_restored():
+        code = ofa_main(["serve", "--artifact", str(artifact), "--port", "0", "--max-searches", "3"])
+    assert code == 128 + signal.SIGTERM and len(started) == 2
+    assert "ofa serve: interrupted (signal 15 while starting: nothing was served)" in capsys.readouterr().err
+    for proc in started:
+        proc.join(30)
+        assert not proc.is_alive()
+
+
+def test_a_server_whose_parent_is_killed_stops_by_itself(artifact, tmp_path):
+    """`ofa report` killed with SIGKILL left its `ofa serve` child serving, for good: --stop-with-parent (which
+    ServerProcess passes) drains it once its parent is gone."""
+    import subprocess
+    import sys
+
+    port_file, log = tmp_path / "port.json", tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "ofa", "serve", "--artifact", str(artifact), "--port", "0", "--drain-delay-s", "0",
+             "--port-file", str(port_file), "--stop-with-parent"]
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.Popen(sys.argv[1:], "
+                               f"stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT).wait()", *serve])
+    try:
+        until(port_file.exists, 120, "the server to listen")
+        pid = json.loads(port_file.read_text())["pid"]
+        with Client(f"127.0.0.1:{json.loads(port_file.read_text())['port']}") as c:
+            until(lambda: c.health() == "SERVING", 120, "the server to be ready")
+        parent.kill()
+        parent.wait(30)
+
+        def gone() -> bool:  # exited (a zombie until someone reaps it counts as gone)
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+        until(gone, 60, "the orphaned server to stop")
+    finally:
+        parent.kill()
+    text = log.read_text()
+    assert "is gone: stopping" in text and "stopped" in text
 
 
 def test_the_client_refuses_weights_of_another_supernet_than_its_search_ran_on(artifact, tmp_path):

@@ -8,6 +8,7 @@ join the table through the entry-point group ``ofa.commands`` (``ofa serve`` com
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, OSError, SafetensorError, TimingError) as e:
         print(f"ofa {args.command}: error: {bounded(str(e), 2000)}", file=sys.stderr)  # said, never echoed whole
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or ofa serve's SIGTERM while it starts: one line, no traceback
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"ofa {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ class ServerProcess:
     def __init__(self, artifacts: Sequence[Path], log_path: Path, startup_timeout: float = 300.0,
                  extra: Sequence[str] = ()) -> None:
         # the ofa command's own interface: this is what a user types
-        self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0", "--drain-delay-s", "0"]
+        # --stop-with-parent: this process killed (SIGKILL, or a SIGTERM that runs no __exit__) leaves no server
+        self.cmd = [sys.executable, "-m", "ofa", "serve", "--host", "127.0.0.1", "--port", "0", "--drain-delay-s", "0",
+                    "--stop-with-parent"]
         for a in artifacts:
             self.cmd += ["--artifact", str(a)]
         self.log_path, self.timeout = Path(log_path), startup_timeout
@@ -73,16 +75,23 @@ class ServerProcess:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        try:  # a Ctrl-C while it starts stops it too
+            self._await_port()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _await_port(self) -> None:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.port_file.exists():  # written atomically once the server listens
                 self.address = f"127.0.0.1:{json.loads(self.port_file.read_text())['port']}"
-                return self
+                return
             if self.proc.poll() is not None:
                 raise ReportError(f"ofa serve exited with code {self.proc.returncode} before listening; "
                                   f"see {self.log_path}")
             time.sleep(0.2)
-        self.stop()
         raise ReportError(f"ofa serve did not listen within {self.timeout:.0f} s; see {self.log_path}")
 
     def wait_idle(self, timeout: float = 60.0) -> str:
