@@ -162,9 +162,11 @@ def run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, desc: str, coun
         env.update(OMP_NUM_THREADS=str(job["threads"]), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         errs.append(folder / f"worker{k}.stderr")
         with open(errs[-1], "wb") as err:
+            # a session of its own: a Ctrl-C to the terminal's group (or a server's drain) is this process's to act
+            # on; it kills them below, and one whose parent is SIGKILLed ends at its next write to the pipe
             procs.append(subprocess.Popen([sys.executable, "-I", str(WORKER)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                                          cwd=folder, text=True))
+                                          cwd=folder, text=True, start_new_session=True))
     results: list[Any] = [None] * len(jobs)
     done = [0] * len(jobs)
     try:

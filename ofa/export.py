@@ -157,7 +157,8 @@ def export_torchscript(module: nn.Module, metadata: str) -> bytes:
     try:
         proc = subprocess.run([sys.executable, "-s", "-P", str(here / "_torchscript_child.py"), str(here.parent)],
                               input=metadata.encode() + b"\n" + save(_tensors(module)), capture_output=True,
-                              check=False, env=env, cwd="/", timeout=SCRIPT_TIMEOUT_S)
+                              check=False, env=env, cwd="/", timeout=SCRIPT_TIMEOUT_S,
+                              start_new_session=True)  # a Ctrl-C to the group must not fail a drain's calls
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"the TorchScript export took longer than {SCRIPT_TIMEOUT_S:g} s and was stopped; "
                            f"retry") from None
