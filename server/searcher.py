@@ -82,6 +82,7 @@ class SearchPool:
         self._flags = self._ctx.Array("b", slots, lock=False)
         self.max_seconds, self.stop_grace, self.start_timeout = max_seconds, stop_grace, start_timeout
         self._on_ready = on_ready
+        self._notifying = threading.Lock()
         self.tables_kept = tables_kept  # registered tables each worker keeps
         self.tables_sent = 0  # registered tables sent to a worker (each crosses once per worker that keeps it)
         self._lock = threading.Lock()
@@ -159,14 +160,20 @@ class SearchPool:
             if slot in self._free:
                 self._free.remove(slot)
             self.restarts += 1
-            n = len(self._free) + len(self._busy)
         log.warning("search worker %d (pid %s) %s: replacing it", slot, old.proc.pid if old else "?", why)
-        self._on_ready(n)
+        self._notify()
         if old is not None:
             old.proc.kill()
             old.proc.join(5)
             old.conn.close()
         threading.Thread(target=self._restart, args=(slot,), name="ofa-search-restart", daemon=True).start()
+
+    def _notify(self) -> None:
+        """Tell ``on_ready`` how many workers can search now. One at a time, each counting when it tells: a
+        replacement and a restart that finish together cannot leave the older count last (health NOT_SERVING
+        with a worker ready)."""
+        with self._notifying:
+            self._on_ready(self.ready)
 
     def _restart(self, slot: int) -> None:
         delay = 0.5
@@ -178,10 +185,9 @@ class SearchPool:
                         self._workers[slot] = w
                         self._flags[slot] = 0
                         self._free.append(slot)
-                        n = len(self._free) + len(self._busy)
                 if self._workers[slot] is w:
                     log.info("search worker %d replaced (pid %d)", slot, w.proc.pid)
-                    self._on_ready(n)
+                    self._notify()
                     return
             elif not self._closed.is_set():
                 log.error("a new search worker did not start; trying again in %.1f s", delay)
