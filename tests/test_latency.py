@@ -266,8 +266,10 @@ def test_profile_command_writes_into_an_artifact_and_recalibrates_it(tmp_path, c
     t = info["targets"]["ci-cpu"]
     assert t["blocks"] == len(table["entries"]) and t["model"] == table["model"] and t["recalibration"] is None
     timings = tmp_path / "now.json"
+    # what is checked is the path (the gate itself: tests/test_readiness.py): three noisy tries in a row on a
+    # busy machine must not fail it
     assert main(["profile", "--recalibrate", "--artifact", str(art), "--target", "ci-cpu", "--timings-out",
-                 str(timings), "--no-progress"]) == 0
+                 str(timings), "--no-progress", "--accept-noisy-timing"]) == 0
     assert "reference subnets re-timed" in capsys.readouterr().out
     recal = json.loads((art / "latency" / "ci-cpu.json").read_text())["recalibration"]
     sent = json.loads(timings.read_text())

@@ -344,9 +344,11 @@ def test_long_fields_are_never_echoed_whole(stub, case, caplog):
 def test_health_watch_is_bounded_and_forgets_ended_streams(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        streams = [stub.Watch(health_pb2.HealthCheckRequest(service=f"name-{k}"))
-                   for k in range(server.health.max_watches)]
-        assert all(next(s).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN for s in streams)
+        streams = []
+        for k in range(server.health.max_watches):  # one by one: calls waiting for their requests together are
+            s = stub.Watch(health_pb2.HealthCheckRequest(service=f"name-{k}"))  # bounded per connection
+            assert next(s).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            streams.append(s)
         with pytest.raises(grpc.RpcError) as e:  # one more at once is refused
             next(stub.Watch(health_pb2.HealthCheckRequest(service="one-more")))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

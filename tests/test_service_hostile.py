@@ -189,7 +189,9 @@ def test_sighup_reloads_tokens_and_a_drain_finishes_searches_that_ctrl_c_reached
 
     tokens = tmp_path / "tokens"
     tokens.write_text("alice first\n")
-    extra = ["--token-file", str(tokens), "--drain-delay-s", "3", "--max-searches", "2", "--max-per-peer", "2"]
+    # a grace long enough for the search the drain finishes: a niced worker beside a busy process took 27-36 s
+    extra = ["--token-file", str(tokens), "--drain-delay-s", "3", "--max-searches", "2", "--max-per-peer", "2",
+             "--grace", "600"]
     with ServerProcess([artifact], tmp_path / "serve.log", extra=extra) as srv:
         where = json.loads((tmp_path / "serve.port.json").read_text())  # the port, handed over as a value
         assert where["pid"] == srv.proc.pid and srv.address == f"127.0.0.1:{where['port']}"
