@@ -3,6 +3,7 @@ only, so building the ``ofa`` parser stays cheap)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 
 __all__ = ["ServeConfig", "add_arguments", "config_of"]
@@ -75,6 +76,9 @@ class ServeConfig:
             raise ValueError(f"--body-timeout-s must be in (0, 3600], got {self.body_timeout_s}")
         if self.max_per_peer < 0:
             raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {self.max_per_peer}")
+        # checked before the server starts: the file is written once it serves, too late to refuse the flag
+        if self.port_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(self.port_file))):
+            raise ValueError(f"--port-file must be in a folder that exists, got {self.port_file[:1000]!r}")
 
     @property
     def per_peer(self) -> int:

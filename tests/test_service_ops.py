@@ -99,6 +99,8 @@ def test_bad_operations_flags_are_refused():
             ServeConfig(**change)
     with pytest.raises(ValueError, match=r"--log-format must be one of \['text', 'json'\], got 'xml'"):
         ServeConfig(log_format="xml")
+    with pytest.raises(ValueError, match="--port-file must be in a folder that exists, got '/nowhere/p.json'"):
+        ServeConfig(port_file="/nowhere/p.json")  # refused before serving, not after health said SERVING
 
 
 def test_the_json_log_is_one_object_a_line():
