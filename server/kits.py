@@ -71,14 +71,11 @@ class Kits:
         key = (artifact.digest, fmt)
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
-        take(lock, gone)
-        try:
+        with take(lock, gone):
             if key not in self._kits:
                 with slot():
                     self._kits[key] = self._build(artifact, fmt)
             return self._kits[key]
-        finally:
-            lock.release()
 
     def _build(self, artifact: Artifact, fmt: str) -> Kit:
         with self._lock:

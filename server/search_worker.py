@@ -171,11 +171,16 @@ def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
         except Exception as e:  # noqa: BLE001 - Infeasible, SearchCancelled... are the caller's to map
             out = ("error", e)
         try:
-            conn.send(out)
+            _send(conn, out)
         except OSError:  # the server is gone (its end of the pipe closed): nothing to answer, no traceback
             return
-        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the caller
-            try:
-                conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))
-            except OSError:
-                return
+
+
+def _send(conn, out: tuple[str, Any]) -> None:
+    """Send a task's outcome; an exception that does not pickle still reaches the caller, as its text."""
+    try:
+        conn.send(out)
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - whatever pickling raised
+        conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {str(out[1])[:500]}")))

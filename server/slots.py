@@ -1,9 +1,10 @@
 """Bounded slots for the server's expensive work, server-wide and per client."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterator
 
 __all__ = ["CallGone", "Slots", "take"]
 
@@ -12,12 +13,18 @@ class CallGone(Exception):
     """The caller went away (cancelled, or past its deadline) while it waited for another request's build."""
 
 
-def take(lock: threading.Lock, gone: Callable[[], bool], poll_s: float = 0.1) -> None:
-    """Acquire ``lock``, asking ``gone()`` every ``poll_s``: a call that has ended stops waiting (:class:`CallGone`)
-    instead of keeping its stream counted until another request's build ends (tens of seconds for a kit)."""
+@contextlib.contextmanager
+def take(lock: threading.Lock, gone: Callable[[], bool], poll_s: float = 0.1) -> Iterator[None]:
+    """Hold ``lock`` (``with take(...)``), asking ``gone()`` every ``poll_s`` while waiting for it: a call that has
+    ended stops waiting (:class:`CallGone`) instead of keeping its stream counted until another request's build
+    ends (tens of seconds for a kit)."""
     while not lock.acquire(timeout=poll_s):
         if gone():
             raise CallGone("the call ended while another request built what it asked for")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Slots:

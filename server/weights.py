@@ -107,8 +107,7 @@ class WeightsCache:
             return item
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
-        take(lock, gone)
-        try:
+        with take(lock, gone):
             item = self.get(key, searched)
             if item is not None:
                 return item
@@ -123,8 +122,6 @@ class WeightsCache:
                 self._building.pop(key, None)
                 self._store(key, item, searched)
             return item
-        finally:
-            lock.release()
 
     @property
     def bytes(self) -> int:

@@ -121,12 +121,8 @@ def distinct_served(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _same_subnet(report: dict[str, Any]) -> str:
     """A sentence naming the budgets whose subnet another budget got first, or ''."""
-    first: dict[str, str] = {}
-    same = []
-    for s in report["served"]:
-        label = first.setdefault(s["id"], s["label"])
-        if label != s["label"]:
-            same.append(f"{s['label']} (= {label})")
+    first = {s["id"]: s["label"] for s in distinct_served(report)}
+    same = [f"{s['label']} (= {first[s['id']]})" for s in report["served"] if first[s["id"]] != s["label"]]
     return f" Budgets that got a subnet served already, counted once: {', '.join(same)}." if same else ""
 
 
