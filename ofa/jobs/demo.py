@@ -52,6 +52,7 @@ def check_demo(samples: int = 40, target: str = "this-machine", timing: Timing =
 def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str, Any] | None:
     """The artifact's table of ``target`` if it was profiled with exactly these settings (else None)."""
     from ..predict.latency import LatencyTableError, validate_table
+    from ..predict.profile import timing_of_table
 
     if not art.files.has(latency_file(target)):
         return None
@@ -59,12 +60,13 @@ def _profiled_before(art, target: str, timing: Timing, subnets: int) -> dict[str
         table = validate_table(art.files.read_json(latency_file(target)), art.space)
     except (OSError, ValueError, LatencyTableError):
         return None
-    dev, fit = table["device"], table.get("fit") or {}
-    same = (dev.get("backend"), dev.get("threads"), dev.get("batch"), dev.get("precision", "fp32"),
-            dev.get("memory_format") == "channels_last", fit.get("subnets", 0) + fit.get("held_out", 0))
-    want = (timing.backend, timing.threads, timing.batch, timing.precision, timing.channels_last, subnets + 10)
-    return table if same == want and {k: table.get("timing", {}).get(k) for k in timing.protocol()} == \
-        timing.protocol() else None
+    try:  # its device and protocol read as every other reader of a table reads them
+        same = timing_of_table(table, seed=timing.seed) == timing
+    except ValueError:  # a backend this package cannot run: not one this demo would profile with
+        return None
+    fit, protocol = table.get("fit") or {}, table.get("timing") or {}
+    return table if same and {k: protocol.get(k) for k in timing.protocol()} == timing.protocol() and \
+        fit.get("subnets", 0) + fit.get("held_out", 0) == subnets + 10 else None
 
 
 def _train_step(art_dir: Path, preset: str, config, progress: bool, log: Log) -> None:
