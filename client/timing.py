@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ STATISTIC = "median over passes of the fastest sample, at the median machine spe
 WINDOW = 24          # networks around each timing that measure the machine's speed then
 NOISY_SCATTER = 0.05  # the halves of the rounds disagree by more than this per network, drift aside: noisy
 SILENCE_S = 900.0     # a worker that reports nothing for this long is stuck and is killed
+STOP_POLL_S = 0.25    # how often run_workers asks its ``stop`` whether to kill the workers
 PRECISIONS = ("fp32", "int8")  # what a target is timed at (int8: quantized networks; see ofa.export)
 WORKER = Path(__file__).with_name("_timer.py")  # run as a script: ``python -I _timer.py``
 
@@ -151,9 +153,11 @@ class Timings:
 
 
 def run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, desc: str, counter: str,
-                on_progress: Callable[[int], None] = lambda done: None) -> list[Any]:
+                on_progress: Callable[[int], None] = lambda done: None,
+                stop: Callable[[], bool] | None = None) -> list[Any]:
     """Run each job in its own worker process, side by side; their results (a worker that fails, or says
-    nothing for :data:`SILENCE_S`, raises :class:`TimingError` with its stderr)."""
+    nothing for :data:`SILENCE_S`, raises :class:`TimingError` with its stderr). ``stop()`` true (asked every
+    :data:`STOP_POLL_S`) kills the workers and raises :class:`TimingError` too: a server that is closing."""
     import selectors
 
     procs, errs = [], []
@@ -175,11 +179,16 @@ def run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, desc: str, coun
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
             sel.register(proc.stdout, selectors.EVENT_READ, k)
-        open_streams = len(procs)
+        open_streams, heard = len(procs), time.monotonic()
         while open_streams:
-            ready = sel.select(SILENCE_S)
+            ready = sel.select(SILENCE_S if stop is None else STOP_POLL_S)
+            if stop is not None and stop():
+                raise TimingError(f"the {desc} workers were stopped: their caller is closing")
             if not ready:
-                raise TimingError(f"a {desc} worker said nothing for {SILENCE_S:.0f} s and was killed")
+                if time.monotonic() - heard >= SILENCE_S:
+                    raise TimingError(f"a {desc} worker said nothing for {SILENCE_S:.0f} s and was killed")
+                continue
+            heard = time.monotonic()
             for key, _ in ready:
                 k = key.data
                 line = procs[k].stdout.readline()

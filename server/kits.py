@@ -3,18 +3,23 @@
 A kit (:func:`ofa.jobs.profile.write_kit`) is what a device times to become a target with only the
 light client. Building one exports a few hundred networks (tens of seconds; int8 ones are quantized
 too), so the first request builds it while holding a build slot and later ones stream the tar from a
-folder of the server's own, removed when the server stops. The tar is deterministic (sorted names,
+folder of the server's own, removed when the server stops: a build still running then is stopped (its export
+workers killed) first. The folder holds a lock (``flock``) while its server lives; the first build of a server
+removes the folders of servers that died without removing theirs (a ``kill -9``, a power cut). The tar is deterministic (sorted names,
 no times or owners): the same supernet and format give the same bytes. An fp32 kit is one for every ONNX
 runtime; an int8 kit is quantized as its runtime's served int8 file is (``onnx_int8``, ``openvino_int8``).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
@@ -22,10 +27,19 @@ from typing import Callable, ContextManager, Iterator
 from ofa.artifact import Artifact
 from ofa.export import FORMATS
 from ofa.jobs.profile import KIT_MANIFEST, write_kit
+from ofa_client.timing import TimingError
 
 from .slots import take
 
-__all__ = ["Kit", "Kits"]
+__all__ = ["Closing", "Kit", "Kits"]
+
+PREFIX = "ofa-kits-"  # a server's kit folder in the temporary directory: ofa-kits-XXXXXXXX
+LOCK = ".in-use"      # the file in it that its server holds a flock on
+STALE_AFTER_S = 60.0  # a folder younger than this may be one another server is just making: never swept
+
+
+class Closing(RuntimeError):
+    """The server is stopping: the kit's build was stopped. Another server, or this one once back, builds it."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +71,16 @@ class Kits:
     """The kits built so far, by (artifact digest, served format: :func:`ofa.export.run_format` of the kit's
     runtime and precision); each built once, by one request."""
 
-    def __init__(self) -> None:
+    def __init__(self, temp: str | None = None) -> None:
+        self.temp = Path(temp or tempfile.gettempdir())
         self.folder: Path | None = None  # made by the first build: a server nobody asks for a kit writes nothing
+        self._held: int | None = None  # the descriptor of the folder's lock file, open while the server lives
         self._kits: dict[tuple[str, str], Kit] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a build ends
+        self._building = 0
+        self._closing = threading.Event()
 
     def kit(self, artifact: Artifact, fmt: str, slot: Callable[[], ContextManager],
             gone: Callable[[], bool] = lambda: False) -> Kit:
@@ -79,15 +98,35 @@ class Kits:
 
     def _build(self, artifact: Artifact, fmt: str) -> Kit:
         with self._lock:
+            if self._closing.is_set():
+                raise Closing("the server is stopping: no kit is built now; retry later or on another server")
             if self.folder is None:
-                self.folder = Path(tempfile.mkdtemp(prefix="ofa-kits-"))
+                sweep(self.temp)
+                self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.temp))
+                self._held = _hold(self.folder / LOCK)
+            self._building += 1
+        try:
+            return self._built(artifact, fmt)
+        except TimingError as e:
+            if self._closing.is_set():
+                raise Closing("the server is stopping: the kit's build was stopped; retry later or on another "
+                              "server") from e
+            raise
+        finally:
+            with self._idle:
+                self._building -= 1
+                self._idle.notify_all()
+
+    def _built(self, artifact: Artifact, fmt: str) -> Kit:
+        assert self.folder is not None
         name = f"{artifact.digest[:16]}-{fmt}"
         work = self.folder / name
         shutil.rmtree(work, ignore_errors=True)
         row = FORMATS[fmt]
         tar = self.folder / f"{name}.tar"
         try:
-            write_kit(artifact.space, work, precision=row.precision, runtime=row.runtimes[0], progress=False)
+            write_kit(artifact.space, work, precision=row.precision, runtime=row.runtimes[0], progress=False,
+                      stop=self._closing.is_set)
             _tar(work, tar)
         except BaseException:  # a full disk, a cancelled call: nothing half-built stays on disk
             shutil.rmtree(work, ignore_errors=True)
@@ -101,7 +140,45 @@ class Kits:
                 digest.update(block)
         return Kit(tar, json.dumps(json.loads(manifest), sort_keys=True), tar.stat().st_size, digest.hexdigest())
 
-    def close(self) -> None:
+    def close(self, wait: float = 30.0) -> None:
+        """Stop the builds still running (their workers are killed within a second), wait up to ``wait`` seconds
+        for them to end, then remove the folder."""
+        self._closing.set()
+        with self._idle:
+            self._idle.wait_for(lambda: self._building == 0, timeout=wait)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
+def _hold(path: Path) -> int:
+    """Open ``path`` and hold an exclusive flock on it until the descriptor is closed (or the process ends)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep(temp: Path) -> list[Path]:
+    """Remove the kit folders in ``temp`` whose server is gone (nobody holds their lock) and which are older than
+    :data:`STALE_AFTER_S`; the folders removed. One this user cannot read or remove is left as it is."""
+
+    gone = []
+    for folder in temp.glob(PREFIX + "*"):
+        try:
+            if not folder.is_dir() or time.time() - folder.stat().st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # another user's, or removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its server holds it: alive
+            os.close(fd)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+        gone.append(folder)
+    return gone
 

@@ -16,6 +16,7 @@ from ofa.export import ExportKilled
 from ofa.search import Infeasible, SearchCancelled, UnknownTarget
 
 from . import convert as cv
+from .kits import Closing
 from .searcher import WorkerLost
 from .slots import CallGone
 
@@ -31,8 +32,8 @@ def _status(e: Exception, context: grpc.ServicerContext, method: str) -> tuple[g
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, UnknownTarget):
         return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, (WorkerLost, TimeoutError, ExportKilled)):  # a worker died or hung, a build ran too long or
-        # had its process killed: a retry can succeed
+    if isinstance(e, (WorkerLost, TimeoutError, ExportKilled, Closing)):  # a worker died or hung, a build ran too
+        # long, had its process killed or was stopped by a server that is stopping: a retry can succeed
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a build's files (a kit, an export)
         log.warning("%s: the disk is full: %s", method, e)

@@ -5,6 +5,7 @@ import shutil
 import tarfile
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +228,70 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
             assert f"{flag} must be {allowed}" in capsys.readouterr().err
     finally:
         srv.stop()
+
+
+def test_a_stopping_server_stops_its_kit_build_and_sweeps_the_folders_of_dead_servers(artifact, tmp_path):
+    """A server that stops while a kit builds kills the build's export workers and removes its folder (it used to
+    remove the folder under the running workers, log their FileNotFoundError and wait for them); the build ends
+    with ``Closing``, which a call gets as UNAVAILABLE. The first build of the next server removes the folder a
+    ``kill -9``'d server left (nobody holds its lock) and keeps a live server's and a folder just made."""
+    import contextlib
+    import os
+    import threading
+    import time
+
+    import grpc
+
+    from ofa_server import kits
+    from ofa_server.status import _status
+
+    temp = tmp_path / "tmp"
+    dead, live, young = (temp / f"{kits.PREFIX}{name}" for name in ("dead", "live", "young"))
+    for folder in (dead / "abc-onnx" / "nets", live, young):
+        folder.mkdir(parents=True)
+    held = kits._hold(live / kits.LOCK)  # a live server's lock (a second open file description conflicts)
+    for folder in (dead, live):
+        os.utime(folder, (time.time() - 2 * kits.STALE_AFTER_S,) * 2)
+    k, ended = kits.Kits(str(temp)), []
+
+    def build() -> None:
+        try:
+            k.kit(load_artifact(artifact), "onnx", slot=contextlib.nullcontext)
+        except Exception as e:  # noqa: BLE001 (the test looks at what it was)
+            ended.append(e)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    for _ in range(1200):  # until its workers have exported a network (bounded: 2 minutes)
+        if k.folder is not None and any(k.folder.glob("*/nets/*")):
+            break
+        time.sleep(0.1)
+    assert k.folder is not None and any(k.folder.glob("*/nets/*"))
+    assert not dead.exists() and live.exists() and young.exists()  # swept as the first build began
+    k.close()
+    thread.join(60)
+    assert not thread.is_alive() and not k.folder.exists()
+    assert len(ended) == 1 and isinstance(ended[0], kits.Closing), ended
+    assert _status(ended[0], None, "GetProfileKit")[0] == grpc.StatusCode.UNAVAILABLE
+    workers = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == os.getpid() and b"_timer.py" in _cmd(p)]
+    assert workers == []
+    with pytest.raises(kits.Closing, match="the server is stopping"):  # a build asked for after the close
+        k.kit(load_artifact(artifact), "onnx", slot=contextlib.nullcontext)
+    os.close(held)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmd(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(tiny_artifact, tmp_path, capsys,

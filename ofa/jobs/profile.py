@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..artifact import add_file, latency_file, open_artifact
 from ..predict.latency import validate_table
@@ -100,13 +100,13 @@ def _recipe(space: SearchSpace, arch: Arch, fixed: dict, slots: dict) -> dict[st
 
 def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_out: float = 0.25,
               references: int = 10, seed: int = 0, progress: bool = True, precision: str = "fp32",
-              runtime: str = "onnxruntime") -> dict[str, Any]:
+              runtime: str = "onnxruntime", stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Write into ``folder`` what a device times to become a target: every distinct block of ``space``, its
     reference subnets and ``subnets`` random ones as ONNX files (as ``ofa profile`` exports them: opset
     :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1; ``precision`` int8: quantized as ``runtime``'s served
     int8 file is), and ``kit.json``: the space, each file's sha256, input shape and role, each subnet's feature
     recipe, the served format it stands for and the runtimes that run it, and the table format it makes.
-    Returns the manifest."""
+    Returns the manifest. ``stop()`` turning true kills the export workers (a :class:`ofa_client.timing.TimingError`)."""
     from ..export import ONNX_OPSET, run_format, writable
     from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
     from ..predict.profile import check_profile, e2e_archs, held_out_mask, reference_archs
@@ -124,7 +124,7 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
                          f"got {runtime!r}")
     fmt = writable(run_format(runtime, precision))  # the runtime itself need not be installed: nothing runs here
     items = _worker_items(space, parts, Timing(backend=runtime, seed=seed, precision=precision), folder / "nets",
-                          progress, in_process=0)  # in workers: a server builds its kits in a thread
+                          progress, in_process=0, stop=stop)  # in workers: a server builds its kits in a thread
     files = [{"file": str(Path(i["file"]).relative_to(folder)), "shape": i["shape"][1:],
               "sha256": hashlib.sha256(Path(i["file"]).read_bytes()).hexdigest()} for i in items]
     _, fixed, slots = block_plan(space)

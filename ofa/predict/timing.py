@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -121,12 +121,12 @@ def subnet_part(space: SearchSpace, arch: Arch, file: str | None = None) -> Part
 
 
 def _run_workers(jobs: Sequence[Mapping[str, Any]], folder: Path, progress: bool, desc: str, total: int,
-                 counter: str) -> list[Any]:
+                 counter: str, stop: Callable[[], bool] | None = None) -> list[Any]:
     """:func:`ofa_client.timing.run_workers` with a progress bar."""
     from tqdm import tqdm
 
     with tqdm(total=total, desc=desc, unit="net", disable=not progress) as bar:
-        return run_workers(jobs, folder, desc, counter, lambda done: bar.update(done - bar.n))
+        return run_workers(jobs, folder, desc, counter, lambda done: bar.update(done - bar.n), stop)
 
 
 def _package_root() -> str:
@@ -161,11 +161,11 @@ def export_folder(exported: Path | None = None) -> Iterator[Path]:
 
 
 def _export_all(space: SearchSpace | None, exports: list[tuple[Any, ...]], timing: Timing, progress: bool,
-                in_process: int) -> None:
+                in_process: int, stop: Callable[[], bool] | None = None) -> None:
     """:func:`ofa.export.export_parts` here for at most ``in_process`` fp32 exports, else in worker processes side
     by side. int8 is always quantized in workers: the quantizers change process-wide state (NNCF's logging, the
     root logger's handlers) that a caller's process should not inherit. A failure is a :class:`TimingError`
-    either way."""
+    either way; so is ``stop()`` turning true while workers export."""
     if len(exports) <= in_process and timing.precision == "fp32":
         from ..export import export_parts
 
@@ -179,12 +179,12 @@ def _export_all(space: SearchSpace | None, exports: list[tuple[Any, ...]], timin
     jobs = [{"export": exports[k::n], "threads": 1, "space": sp, "root": _package_root(),
              "precision": timing.precision, "backend": timing.backend} for k in range(n)]
     with tempfile.TemporaryDirectory(prefix="ofa-export-") as logs:  # not in ``folder``: it may be a kit's
-        _run_workers(jobs, Path(logs), progress, "export to onnx", len(exports), "exported")
+        _run_workers(jobs, Path(logs), progress, "export to onnx", len(exports), "exported", stop)
 
 
 def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timing, folder: Path,
-                  progress: bool, exported: Path | None = None,
-                  in_process: int = IN_PROCESS_EXPORTS) -> list[dict[str, Any]]:
+                  progress: bool, exported: Path | None = None, in_process: int = IN_PROCESS_EXPORTS,
+                  stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """What the worker loads: ONNX files for the ONNX runtimes, specs or served files for torch. The ONNX files
     are exported into ``folder``, each written anew; or into ``exported``, a folder one caller keeps for the
     timings of one run, where a file exported before is used as it is. Up to ``in_process`` of them are exported
@@ -208,7 +208,7 @@ def _worker_items(space: SearchSpace | None, parts: Sequence[Part], timing: Timi
         else:
             items.append({"shape": shape, "part": part.to_dict()})
     if exports:
-        _export_all(space, exports, timing, progress, in_process)
+        _export_all(space, exports, timing, progress, in_process, stop)
     return items
 
 
