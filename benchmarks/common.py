@@ -1,6 +1,8 @@
-"""Helpers shared by the benchmark scripts: the machine fingerprint, and finding and running the reference package."""
+"""Helpers shared by the benchmark scripts: the machine fingerprint, busy loops beside a measurement (a shared
+machine), and finding and running the reference package."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -83,3 +85,15 @@ def fingerprint() -> dict:
           f"mobilenet_v3_small @28 px, batch 1, 2 threads, eager {fp['mbv3_small_ms']:.2f} ms "
           f"({lo:.2f}-{hi:.2f})", flush=True)
     return fp
+
+
+@contextlib.contextmanager
+def busy_loops(n: int, nice: int = 10):
+    """``n`` processes spinning at ``nice`` until the block ends."""
+    procs = [subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -33,8 +33,7 @@ from ofa.jobs.render import distinct_served
 from ofa.predict.interval import share_within
 from ofa_client.values import SPEED_TOLERANCE
 
-from common import ROOT, fingerprint
-from latency_accuracy import busy_loops
+from common import ROOT, busy_loops, fingerprint
 
 OFA = str(ROOT / ".venv" / "bin" / "ofa")
 

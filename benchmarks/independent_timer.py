@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fingerprint
-from latency_accuracy import busy_loops
+from common import busy_loops, fingerprint
 from ofa.artifact import latency_file, open_artifact
 from ofa.predict.latency import LatencyPredictor, Speed, iter_plan
 from ofa.predict.profile import timing_of_table

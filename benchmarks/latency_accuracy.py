@@ -24,32 +24,17 @@ and Spearman >= 0.95, raw and recalibrated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from common import fingerprint
+from common import busy_loops, fingerprint
 from ofa.predict.latency import LatencyPredictor, Speed
 from ofa_client.latency_model import quality
 from ofa.predict.profile import profile_space, recalibrate, speed_of, timing_of_table
 from ofa.predict.timing import STATISTIC, Timing, spearman, subnet_part, time_parts
 from ofa.space import SearchSpace, get_space
-
-
-@contextlib.contextmanager
-def busy_loops(n: int):
-    """``n`` processes spinning at nice 10 until the block ends."""
-    procs = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 def plot(measured: np.ndarray, shown: dict[str, np.ndarray], title: str, path: str) -> None:

@@ -27,7 +27,10 @@ backs off 20-80 ms. Prints p50/p99 per RPC, calls/s, every status seen and the s
 peak resident memory (VmHWM, its search workers included).
 
     python benchmarks/load.py --artifact runs/fashion --target this-cpu [--clients 32] [--seconds 30] \\
-        [--rate R [--serial-clients]]
+        [--rate R [--serial-clients]] [--search-niceness N] [--busy K [--busy-nice M]]
+
+``--busy K`` runs K busy loops (at ``--busy-nice``, default 0: a compile job) beside the server while it is loaded:
+a shared machine. ``--search-niceness`` is the server's flag.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import fingerprint  # noqa: E402
+from common import busy_loops, fingerprint  # noqa: E402
+
 from ofa_client import Client, ClientError, ResourceExhausted  # noqa: E402
 
 FETCH, SEARCH = "GetSubnetWeights (cached)", "SearchSubnet"
@@ -203,6 +207,9 @@ def main() -> None:
                    help="open loop: each client waits for its previous call before starting the next")
     p.add_argument("--search-share", type=float, default=0.5, help="share of calls that are searches")
     p.add_argument("--max-searches", type=int, default=2)
+    p.add_argument("--search-niceness", type=int, help="ofa serve --search-niceness (default: the server's)")
+    p.add_argument("--busy", type=int, default=0, help="busy loops beside the server while it is loaded")
+    p.add_argument("--busy-nice", type=int, default=0, help="the busy loops' nice value")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
     for name, ok in (("--clients", a.clients >= 1), ("--procs", a.procs >= 1), ("--seconds", a.seconds > 0),
@@ -215,7 +222,8 @@ def main() -> None:
     fingerprint()
 
     server = subprocess.Popen([sys.executable, "-m", "ofa", "serve", "--artifact", a.artifact, "--port", "0",
-                               "--max-searches", str(a.max_searches), "--workers", str(max(16, a.clients + 4))],
+                               "--max-searches", str(a.max_searches), "--workers", str(max(16, a.clients + 4)),
+                               *([] if a.search_niceness is None else ["--search-niceness", str(a.search_niceness)])],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = server.stdout.readline()
@@ -253,10 +261,11 @@ def main() -> None:
         for w in workers:
             w.start()
         ready.wait()
-        start_at.value = time.perf_counter() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
-        go.wait()
-        records = [r for _ in workers for r in queue.get()]
-        wall = time.perf_counter() - start_at.value  # to the last call's end: calls may finish after --seconds
+        with busy_loops(a.busy, a.busy_nice):
+            start_at.value = time.perf_counter() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
+            go.wait()
+            records = [r for _ in workers for r in queue.get()]
+            wall = time.perf_counter() - start_at.value  # to the last call's end: calls may finish after --seconds
         for w in workers:
             w.join()
         peak = peak_rss_mb(server.pid)
@@ -273,7 +282,8 @@ def main() -> None:
         if status == "OK":
             times[SEARCH if kind == "search" else FETCH].append(dt)
     result = {"clients": a.clients, "procs": procs, "seconds": wall, "rate_offered": a.rate,
-              "serial_clients": a.serial_clients,
+              "serial_clients": a.serial_clients, "search_niceness": a.search_niceness, "busy": a.busy,
+              "busy_nice": a.busy_nice,
               "max_searches": a.max_searches, "alone": alone, "cpu_bound_per_s": round(bound, 1), "rpcs": {},
               "statuses": {f"{k[0]} {k[1]}": v for k, v in sorted(statuses.items())},
               "server_peak_rss_mb": round(peak, 1)}

@@ -20,8 +20,7 @@ import time
 
 import numpy as np
 
-from common import fingerprint
-from latency_accuracy import busy_loops
+from common import busy_loops, fingerprint
 from ofa.predict.profile import reference_archs
 from ofa.predict.timing import Timing, subnet_part, time_parts
 from ofa.space import get_space

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from .search_worker import SEARCH_NICENESS
+
 __all__ = ["ServeConfig", "add_arguments", "config_of"]
 
 LOG_FORMATS = ("text", "json")
@@ -36,6 +38,7 @@ class ServeConfig:
     max_per_peer: int = 0  # 0: half of max_searches, at least 1
     max_search_work: int = 5_000_000  # population x generations (x points): ~100 default searches, ~10 s on 2 cores
     max_search_seconds: float = 300.0
+    search_niceness: int = SEARCH_NICENESS  # added to the search workers' nice value
     max_message_chars: int = 1000
     max_health_watches: int = 16
     body_timeout_s: float = 10.0
@@ -74,6 +77,8 @@ class ServeConfig:
             raise ValueError(f"--drain-delay-s must be in [0, 3600], got {self.drain_delay_s}")
         if not 0 < self.body_timeout_s <= 3600:
             raise ValueError(f"--body-timeout-s must be in (0, 3600], got {self.body_timeout_s}")
+        if isinstance(self.search_niceness, bool) or not 0 <= self.search_niceness <= 19:
+            raise ValueError(f"--search-niceness must be an integer in 0..19, got {self.search_niceness}")
         if self.max_per_peer < 0:
             raise ValueError(f"--max-per-peer must be >= 0 (0: half of --max-searches), got {self.max_per_peer}")
         # checked before the server starts: the file is written once it serves, too late to refuse the flag
@@ -135,6 +140,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-search-seconds", type=float, default=_D.max_search_seconds,
                    help="a search or front still running after this long is stopped, its worker replaced and "
                    "the call answered UNAVAILABLE (default 300; a call's own deadline stops it sooner)")
+    p.add_argument("--search-niceness", type=int, default=_D.search_niceness,
+                   help="added to the search workers' nice value, 0..19: higher lets weight streams take the "
+                   "cores first under saturation, and gives searches far less beside another busy process (at 10: "
+                   "7x slower); default 0, docs/service.md has both measured")
     p.add_argument("--max-message-chars", type=int, default=_D.max_message_chars,
                    help="status messages and their log lines are cut to this many characters, saying so "
                    "(they echo client input; default 1000, at least 100)")

@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # the worker imports numpy only after it has set its BLAS thr
 
 __all__ = ["Job", "ParetoJob", "SEARCH_NICENESS", "SearchJob", "Stop", "TABLES_KEPT", "Task", "worker_main"]
 
-SEARCH_NICENESS = 10  # added to the workers' nice value (CFS then weights them about 1:10)
+# added to the workers' nice value by default: none. At 10 (CFS weights them ~1:10) a search beside one busy process
+# took 7x as long (2.6 s, not 0.37 s), for no fetch latency gained below saturation (docs/service.md)
+SEARCH_NICENESS = 0
 TABLES_KEPT = 16  # registered tables a worker keeps (the most recently used)
 Stop = Callable[[], bool]
 
@@ -140,8 +142,9 @@ class _WorkerState:
                             or os.getppid() != self.parent)
 
 
-def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
-    """A worker: say ready, then run one task at a time until the pipe closes (``scorers``: pickled ones)."""
+def worker_main(conn, flags, scorers: bytes, tables_kept: int, niceness: int = SEARCH_NICENESS) -> None:
+    """A worker: say ready, then run one task at a time until the pipe closes (``scorers``: pickled ones), at
+    ``niceness`` added to its nice value."""
     # one BLAS thread per worker: the workers already run one search per core, and oversubscribed BLAS
     # threads spin against each other (set before numpy loads: the scorers are unpickled after it)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -151,9 +154,8 @@ def worker_main(conn, flags, scorers: bytes, tables_kept: int) -> None:
     os.setpgrp()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    # A search is batch work; streaming weights is waited on: at a lower priority, searches take the cores
-    # only when the server's own threads do not need them.
-    os.nice(SEARCH_NICENESS)
+    # ofa serve --search-niceness: a server may put its searches below its own threads (weight streams, health)
+    os.nice(niceness)
     state = _WorkerState(flags, tables_kept, pickle.loads(scorers))  # the parent's pipe, not a file
     try:
         conn.send(("ready", os.getpid(), state.warm_up()))

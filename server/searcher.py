@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from .search_worker import TABLES_KEPT, Job, ParetoJob, SearchJob, Stop, Task, worker_main
+from .search_worker import SEARCH_NICENESS, TABLES_KEPT, Job, ParetoJob, SearchJob, Stop, Task, worker_main
 
 if TYPE_CHECKING:
     from ofa.predict.latency import Speed
@@ -72,7 +72,8 @@ class SearchPool:
 
     def __init__(self, slots: int, scorers: Mapping[str, Scorer] | Sequence[str] = (), max_seconds: float = 300.0,
                  stop_grace: float = 5.0, start_timeout: float = 120.0,
-                 on_ready: Callable[[int], None] = lambda n: None, tables_kept: int = TABLES_KEPT) -> None:
+                 on_ready: Callable[[int], None] = lambda n: None, tables_kept: int = TABLES_KEPT,
+                 niceness: int = SEARCH_NICENESS) -> None:
         self._ctx = mp.get_context("spawn")
         if not isinstance(scorers, Mapping):
             from ofa.search.load import load_scorer
@@ -84,6 +85,7 @@ class SearchPool:
         self._on_ready = on_ready
         self._notifying = threading.Lock()
         self.tables_kept = tables_kept  # registered tables each worker keeps
+        self.niceness = niceness  # added to each worker's nice value
         self.tables_sent = 0  # registered tables sent to a worker (each crosses once per worker that keeps it)
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -111,8 +113,8 @@ class SearchPool:
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept),
-                                 daemon=True, name="ofa-search")
+        proc = self._ctx.Process(target=worker_main, daemon=True, name="ofa-search",
+                                 args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept, self.niceness))
         proc.start()
         child.close()
         return _Worker(proc, parent)

@@ -77,7 +77,8 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         self.kits = Kits()
         self.pool = SearchPool(config.max_searches, {str(sn.artifact.path): sn.scorer
                                                      for sn in registry.supernets.values()},
-                               max_seconds=config.max_search_seconds, on_ready=on_ready)
+                               max_seconds=config.max_search_seconds, on_ready=on_ready,
+                               niceness=config.search_niceness)
 
     @property
     def search_slots(self) -> Slots:

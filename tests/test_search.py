@@ -1,9 +1,11 @@
 import functools
 import json
 import multiprocessing
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -234,10 +236,13 @@ def test_the_search_workers_start_with_the_pool_ready_to_search(served):
     from ofa_server.searcher import SearchJob, SearchPool
 
     before = set(multiprocessing.active_children())
-    pool = SearchPool(2, (str(served),))
+    pool = SearchPool(2, (str(served),), niceness=3)  # ofa serve --search-niceness 3
     try:
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == 2  # both started with the pool, not by the first searches
+        for w in workers:  # below the server's threads by the niceness asked for
+            nice = int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+            assert nice == os.nice(0) + 3
         result = pool.run(SearchJob(Constraints(), "synthetic-cpu", SearchSettings(generations=5)), str(served))
         assert result.best.latency_ms is not None
     finally:

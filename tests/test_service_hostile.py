@@ -189,7 +189,7 @@ def test_sighup_reloads_tokens_and_a_drain_finishes_searches_that_ctrl_c_reached
 
     tokens = tmp_path / "tokens"
     tokens.write_text("alice first\n")
-    # a grace long enough for the search the drain finishes: a niced worker beside a busy process took 27-36 s
+    # a grace long enough for the search the drain finishes: a worker at nice 10 beside a busy process took 27-36 s
     extra = ["--token-file", str(tokens), "--drain-delay-s", "3", "--max-searches", "2", "--max-per-peer", "2",
              "--grace", "600"]
     with ServerProcess([artifact], tmp_path / "serve.log", extra=extra) as srv:

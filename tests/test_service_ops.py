@@ -94,7 +94,9 @@ def test_bad_operations_flags_are_refused():
     for change, message in (({"port": 99999}, "--port must be in 0..65535"), ({"port": -1}, "--port must be"),
                             ({"max_connection_age_s": float("inf")}, r"--max-connection-age-s must be in \[1, 1e9\]"),
                             ({"grace": float("nan")}, r"--grace must be seconds in \[0, 3600\]"),
-                            ({"threads": -1}, "--threads must be in 0..1024")):
+                            ({"threads": -1}, "--threads must be in 0..1024"),
+                            ({"search_niceness": 20}, r"--search-niceness must be an integer in 0\.\.19, got 20"),
+                            ({"search_niceness": -1}, "--search-niceness must be")):
         with pytest.raises(ValueError, match=message):
             ServeConfig(**change)
     with pytest.raises(ValueError, match=r"--log-format must be one of \['text', 'json'\], got 'xml'"):
