@@ -214,10 +214,11 @@ def main() -> None:
     a = p.parse_args()
     for name, ok in (("--clients", a.clients >= 1), ("--procs", a.procs >= 1), ("--seconds", a.seconds > 0),
                      ("--rate", a.rate >= 0), ("--search-share", 0 <= a.search_share <= 1),
-                     ("--max-searches", a.max_searches >= 1)):
+                     ("--max-searches", a.max_searches >= 1), ("--busy", a.busy >= 0),
+                     ("--busy-nice", 0 <= a.busy_nice <= 19)):
         if not ok:
-            p.error(f"{name} is out of range: clients, procs, max-searches >= 1; seconds > 0; rate >= 0; "
-                    "search-share in [0, 1]")
+            p.error(f"{name} is out of range: clients, procs, max-searches >= 1; seconds > 0; rate, busy >= 0; "
+                    "search-share in [0, 1]; busy-nice in 0..19 (a lower one needs root)")
     procs = max(1, min(a.procs, a.clients))
     fingerprint()
 

@@ -3,9 +3,9 @@
 A kit (:func:`ofa.jobs.profile.write_kit`) is what a device times to become a target with only the
 light client. Building one exports a few hundred networks (tens of seconds; int8 ones are quantized
 too), so the first request builds it while holding a build slot and later ones stream the tar from a
-folder of the server's own, removed when the server stops: a build still running then is stopped (its export
-workers killed) first. The folder holds a lock (``flock``) while its server lives; the first build of a server
-removes the folders of servers that died without removing theirs (a ``kill -9``, a power cut). The tar is deterministic (sorted names,
+folder of the server's own, removed when the server stops: a build still running once the drain's grace is over is stopped
+(its export workers killed) first. A lock file in the folder is flocked while its server lives; the first build
+of a server removes the folders of servers that died without removing theirs (a ``kill -9``, a power cut). The tar is deterministic (sorted names,
 no times or owners): the same supernet and format give the same bytes. An fp32 kit is one for every ONNX
 runtime; an int8 kit is quantized as its runtime's served int8 file is (``onnx_int8``, ``openvino_int8``).
 """
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -97,13 +98,13 @@ class Kits:
             return self._kits[key]
 
     def _build(self, artifact: Artifact, fmt: str) -> Kit:
+        if self.folder is None:  # outside the lock: removing a dead server's folder holds up no lookup
+            sweep(self.temp)
         with self._lock:
             if self._closing.is_set():
                 raise Closing("the server is stopping: no kit is built now; retry later or on another server")
             if self.folder is None:
-                sweep(self.temp)
-                self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.temp))
-                self._held = _hold(self.folder / LOCK)
+                self.folder, self._held = _own_folder(self.temp)
             self._building += 1
         try:
             return self._built(artifact, fmt)
@@ -141,8 +142,8 @@ class Kits:
         return Kit(tar, json.dumps(json.loads(manifest), sort_keys=True), tar.stat().st_size, digest.hexdigest())
 
     def close(self, wait: float = 30.0) -> None:
-        """Stop the builds still running (their workers are killed within a second), wait up to ``wait`` seconds
-        for them to end, then remove the folder."""
+        """Stop the builds still running (their export workers are killed within a second), wait up to ``wait``
+        seconds for them to end, then remove the folder. Called once, as the server stops."""
         self._closing.set()
         with self._idle:
             self._idle.wait_for(lambda: self._building == 0, timeout=wait)
@@ -153,32 +154,40 @@ class Kits:
             self._held = None
 
 
-def _hold(path: Path) -> int:
-    """Open ``path`` and hold an exclusive flock on it until the descriptor is closed (or the process ends)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+def _own_folder(temp: Path) -> tuple[Path, int]:
+    """A new kit folder in ``temp`` and the descriptor of its lock file, flocked until it is closed (or the
+    process ends); no folder is left without its lock."""
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=temp))
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    fcntl.flock(fd, fcntl.LOCK_EX)  # its own new file: nobody else holds it
+    return folder, fd
 
 
 def sweep(temp: Path) -> list[Path]:
-    """Remove the kit folders in ``temp`` whose server is gone (nobody holds their lock) and which are older than
-    :data:`STALE_AFTER_S`; the folders removed. One this user cannot read or remove is left as it is."""
-
+    """Remove the kit folders in ``temp`` whose server is gone, and return them: a real folder of this user's,
+    older than :data:`STALE_AFTER_S`, whose lock file nobody holds. A folder without a lock file (an older
+    version's server, or one being made) and anything another user owns or a link points to are left alone."""
     gone = []
     for folder in temp.glob(PREFIX + "*"):
         try:
-            if not folder.is_dir() or time.time() - folder.stat().st_mtime < STALE_AFTER_S:
+            st = os.lstat(folder)
+            if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+                    or time.time() - st.st_mtime < STALE_AFTER_S):
                 continue
-            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:  # another user's, or removed meanwhile
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # no lock file, a link, or removed meanwhile
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # its server holds it: alive
-            os.close(fd)
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        os.close(fd)
-        gone.append(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+        finally:
+            os.close(fd)
     return gone
-

@@ -1,5 +1,5 @@
 """The search worker process: the jobs it runs, what crosses the pipe to it, and its main loop. Each worker
-gets the server's scorers when it starts, lowers its priority, searches once per scorer to warm up, says it
+gets the server's scorers when it starts, takes the niceness it is given, searches once per scorer to warm up, says it
 is ready, and runs one task at a time; a slot's shared flag or the call's deadline stops a search
 (:class:`server.searcher.SearchPool` starts, feeds and replaces them).
 """

@@ -304,7 +304,7 @@ class SubnetService(pb_grpc.SubnetServiceServicer):
         return self._streamed("GetProfileKit", context, lambda: self._kit(request, context))
 
     def close(self) -> None:
-        """Stop watching the streams and stop the search workers."""
+        """Stop watching the streams, stop kit builds still running and the search workers."""
         self.streams.stop()
-        self.pool.close()
         self.kits.close()
+        self.pool.close()

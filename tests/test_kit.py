@@ -5,7 +5,6 @@ import shutil
 import tarfile
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,10 +230,11 @@ def test_the_server_hands_out_its_kit_and_a_device_registers_from_it(artifact, t
 
 
 def test_a_stopping_server_stops_its_kit_build_and_sweeps_the_folders_of_dead_servers(artifact, tmp_path):
-    """A server that stops while a kit builds kills the build's export workers and removes its folder (it used to
-    remove the folder under the running workers, log their FileNotFoundError and wait for them); the build ends
-    with ``Closing``, which a call gets as UNAVAILABLE. The first build of the next server removes the folder a
-    ``kill -9``'d server left (nobody holds its lock) and keeps a live server's and a folder just made."""
+    """A server that stops while a kit builds has the build's export workers killed and its folder removed (it
+    used to remove the folder under the running workers, log their FileNotFoundError and wait for them); the build
+    ends with ``Closing`` (UNAVAILABLE to a call). The first build of the next server removes the folder a
+    ``kill -9``'d server left (its lock file held by nobody) and keeps a live server's, one just made, one without
+    a lock file (an older version's server) and a link."""
     import contextlib
     import os
     import threading
@@ -245,12 +245,14 @@ def test_a_stopping_server_stops_its_kit_build_and_sweeps_the_folders_of_dead_se
     from ofa_server import kits
     from ofa_server.status import _status
 
-    temp = tmp_path / "tmp"
-    dead, live, young = (temp / f"{kits.PREFIX}{name}" for name in ("dead", "live", "young"))
-    for folder in (dead / "abc-onnx" / "nets", live, young):
+    temp, elsewhere = tmp_path / "tmp", tmp_path / "elsewhere"
+    dead, young, older = (temp / f"{kits.PREFIX}{name}" for name in ("dead", "young", "older"))
+    for folder in (dead / "abc-onnx" / "nets", young, older, elsewhere):
         folder.mkdir(parents=True)
-    held = kits._hold(live / kits.LOCK)  # a live server's lock (a second open file description conflicts)
-    for folder in (dead, live):
+    (dead / kits.LOCK).touch()
+    (temp / f"{kits.PREFIX}link").symlink_to(elsewhere)
+    live, held = kits._own_folder(temp)  # a live server's (a second open file description conflicts)
+    for folder in (dead, live, older, elsewhere):
         os.utime(folder, (time.time() - 2 * kits.STALE_AFTER_S,) * 2)
     k, ended = kits.Kits(str(temp)), []
 
@@ -262,36 +264,25 @@ def test_a_stopping_server_stops_its_kit_build_and_sweeps_the_folders_of_dead_se
 
     thread = threading.Thread(target=build)
     thread.start()
-    for _ in range(1200):  # until its workers have exported a network (bounded: 2 minutes)
-        if k.folder is not None and any(k.folder.glob("*/nets/*")):
-            break
-        time.sleep(0.1)
-    assert k.folder is not None and any(k.folder.glob("*/nets/*"))
-    assert not dead.exists() and live.exists() and young.exists()  # swept as the first build began
-    k.close()
-    thread.join(60)
+    try:
+        for _ in range(1200):  # until its workers have exported a network (bounded: 2 minutes)
+            if k.folder is not None and any(k.folder.glob("*/nets/*")):
+                break
+            time.sleep(0.1)
+        assert k.folder is not None and any(k.folder.glob("*/nets/*"))
+        assert not dead.exists() and all(f.exists() for f in (live, young, older))  # swept as the build began
+        assert list(elsewhere.iterdir()) == []  # the link was not followed
+    finally:
+        k.close()
+        thread.join(60)
+        os.close(held)
     assert not thread.is_alive() and not k.folder.exists()
     assert len(ended) == 1 and isinstance(ended[0], kits.Closing), ended
+    # stopped by the close, not failed by a folder removed under its workers
+    assert "workers were stopped" in str(ended[0].__cause__)
     assert _status(ended[0], None, "GetProfileKit")[0] == grpc.StatusCode.UNAVAILABLE
-    workers = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == os.getpid() and b"_timer.py" in _cmd(p)]
-    assert workers == []
     with pytest.raises(kits.Closing, match="the server is stopping"):  # a build asked for after the close
         k.kit(load_artifact(artifact), "onnx", slot=contextlib.nullcontext)
-    os.close(held)
-
-
-def _parent(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _cmd(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_int8_accuracy_is_measured_and_carried_by_an_int8_targets_answers(tiny_artifact, tmp_path, capsys,
