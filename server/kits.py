@@ -3,11 +3,12 @@
 A kit (:func:`ofa.jobs.profile.write_kit`) is what a device times to become a target with only the
 light client. Building one exports a few hundred networks (tens of seconds; int8 ones are quantized
 too), so the first request builds it while holding a build slot and later ones stream the tar from a
-folder of the server's own, removed when the server stops: a build still running once the drain's grace is over is stopped
-(its export workers killed) first. A lock file in the folder is flocked while its server lives; the first build
-of a server removes the folders of servers that died without removing theirs (a ``kill -9``, a power cut). The tar is deterministic (sorted names,
-no times or owners): the same supernet and format give the same bytes. An fp32 kit is one for every ONNX
-runtime; an int8 kit is quantized as its runtime's served int8 file is (``onnx_int8``, ``openvino_int8``).
+folder of the server's own, removed when the server stops: a build still running once the drain's grace is
+over is stopped (its export workers killed) first. A lock file in the folder is flocked while its server
+lives; the first build of a server removes the folders of servers that died without removing theirs (a
+``kill -9``, a power cut). The tar is deterministic (sorted names, no times or owners): the same supernet
+and format give the same bytes. An fp32 kit is one for every ONNX runtime; an int8 kit is quantized as its
+runtime's served int8 file is (``onnx_int8``, ``openvino_int8``).
 """
 from __future__ import annotations
 

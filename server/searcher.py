@@ -113,8 +113,8 @@ class SearchPool:
     # ---- workers ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, daemon=True, name="ofa-search",
-                                 args=(child, self._flags, pickle.dumps(self._scorers), self.tables_kept, self.niceness))
+        args = (child, self._flags, pickle.dumps(self._scorers), self.tables_kept, self.niceness)
+        proc = self._ctx.Process(target=worker_main, args=args, daemon=True, name="ofa-search")
         proc.start()
         child.close()
         return _Worker(proc, parent)

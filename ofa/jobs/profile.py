@@ -106,7 +106,8 @@ def write_kit(space: SearchSpace, folder: str | Path, subnets: int = 80, held_ou
     :data:`ofa.export.ONNX_OPSET`, static shapes, batch 1; ``precision`` int8: quantized as ``runtime``'s served
     int8 file is), and ``kit.json``: the space, each file's sha256, input shape and role, each subnet's feature
     recipe, the served format it stands for and the runtimes that run it, and the table format it makes.
-    Returns the manifest. ``stop()`` turning true kills the export workers (a :class:`ofa_client.timing.TimingError`)."""
+    Returns the manifest. ``stop()`` turning true kills the export workers (an
+    :class:`ofa_client.timing.TimingError`)."""
     from ..export import ONNX_OPSET, run_format, writable
     from ..predict.latency import TABLE_FORMAT, TABLE_VERSION, block_plan, iter_plan
     from ..predict.profile import check_profile, e2e_archs, held_out_mask, reference_archs
