@@ -97,3 +97,18 @@ def busy_loops(n: int, nice: int = 10):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def target_references(artifact: str, target: str):
+    """A target's table in ``artifact``, for scripts that re-time its references: (the space, the table's
+    reference archs, their profiled ms as an array, the table's own timing protocol)."""
+    import numpy as np
+
+    from ofa.artifact import latency_file, load_artifact
+    from ofa.predict.profile import timing_of_table
+
+    art = load_artifact(artifact)
+    table = art.files.read_json(latency_file(target))  # the artifact names its files
+    space = art.space
+    refs = [space.arch_from_json(json.dumps(r["arch"])) for r in table["references"]]
+    return space, refs, np.array([r["ms"] for r in table["references"]]), timing_of_table(table)

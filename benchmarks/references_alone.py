@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fingerprint
-from ofa.artifact import latency_file, load_artifact
-from ofa.predict.profile import timing_of_table
+from common import fingerprint, target_references
 from ofa.predict.timing import subnet_part, time_parts
 
 
@@ -31,14 +29,9 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     fp = fingerprint()
-    art = load_artifact(a.artifact)
-    table = art.files.read_json(latency_file(a.target))  # the artifact names its files
-    space = art.space
-    refs = [space.arch_from_json(json.dumps(r["arch"])) for r in table["references"]]
-    profiled = np.array([r["ms"] for r in table["references"]])
+    space, refs, profiled, timing = target_references(a.artifact, a.target)
     rng = np.random.default_rng(a.seed)
     ballast = [space.sample(rng) for _ in range(a.ballast)]
-    timing = timing_of_table(table)
     out: dict[str, list[float]] = {"alone": [], "among_ballast": []}
     for rep in range(a.repeats):
         for name, archs in (("alone", refs), ("among_ballast", refs + ballast)):

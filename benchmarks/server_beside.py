@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fingerprint
-from ofa.artifact import latency_file, load_artifact
+from common import fingerprint, target_references
 from ofa.jobs.service import ServerProcess
-from ofa.predict.profile import timing_of_table
 from ofa.predict.timing import export_folder, subnet_part, time_parts
 
 
@@ -34,12 +32,8 @@ def main() -> None:
     if a.repeats < 1:
         p.error(f"--repeats must be >= 1, got {a.repeats}")
     fp = fingerprint()
-    art = load_artifact(a.artifact)
-    table = art.files.read_json(latency_file(a.target))  # the artifact names its files
-    space = art.space
-    parts = [subnet_part(space, space.arch_from_json(json.dumps(r["arch"]))) for r in table["references"]]
-    profiled = np.array([r["ms"] for r in table["references"]])
-    timing = timing_of_table(table)
+    space, refs, profiled, timing = target_references(a.artifact, a.target)
+    parts = [subnet_part(space, x) for x in refs]
     out: dict[str, list[float]] = {"server_up": [], "server_down": []}
     with tempfile.TemporaryDirectory() as tmp, export_folder() as exported:
         for rep in range(a.repeats):
